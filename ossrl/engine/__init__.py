@@ -1,0 +1,1 @@
+"""ossrl.engine (see docs/design.md for this layer's role)."""

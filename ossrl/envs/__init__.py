@@ -1,0 +1,1 @@
+"""ossrl.envs (see docs/design.md for this layer's role)."""

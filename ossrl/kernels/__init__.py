@@ -1,0 +1,1 @@
+"""ossrl.kernels (see docs/design.md for this layer's role)."""

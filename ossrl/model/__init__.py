@@ -1,0 +1,1 @@
+"""ossrl.model (see docs/design.md for this layer's role)."""

@@ -1,0 +1,1 @@
+"""ossrl.rl (see docs/design.md for this layer's role)."""

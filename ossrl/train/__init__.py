@@ -1,0 +1,1 @@
+"""ossrl.train (see docs/design.md for this layer's role)."""
