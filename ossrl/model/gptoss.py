@@ -1,0 +1,289 @@
+"""The gpt-oss model in plain PyTorch, written as the specification (docs: gpt-oss-spec.md, section 2).
+
+Parameter names equal the Hugging Face checkpoint keys (`model.layers.N.self_attn.q_proj.weight`,
+`model.layers.N.mlp.experts.gate_up_proj_blocks`, ...), so loading and saving are a name-for-name
+copy. Experts are held either dense ([E, in, out], as transformers holds them) or as MXFP4
+(`*_blocks`/`*_scales` buffers, decoded per call on the CPU path).
+
+The one thing to know: attention sees keys by *position* (see ossrl.kernels.attention), so the
+same forward serves full sequences, packed documents and incremental decoding with `KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ossrl.kernels.attention import attention_mask, sink_attention
+from ossrl.kernels.moe import route, routed_experts_reference
+from ossrl.kernels.mxfp4 import dequantize_mxfp4
+from ossrl.model.config import GptOssConfig, YarnRope
+
+EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * w, all in fp32, cast back at the end (spec 2.2)."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def yarn_inv_freq(head_dim: int, rope: YarnRope) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies [head_dim/2] (fp32, computed on CPU with transformers' op order so
+    the tables match bit for bit) and the concentration that multiplies cos and sin (spec 2.3)."""
+    d = head_dim
+    base, factor = rope.theta, rope.factor
+
+    def correction_dim(rotations: float) -> float:
+        return (d * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, d, 2).to(dtype=torch.float) / d)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # weight of the original (extrapolated) frequency
+    inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    concentration = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [B, T, H, D]; cos, sin [B, T, D/2] already in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.window = c.window(layer_idx)
+        self.head_dim = c.head_dim
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.scale = c.head_dim ** -0.5
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=True, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=True, **kw)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=True, **kw)
+        self.sinks = nn.Parameter(torch.zeros(c.num_attention_heads, **kw))
+
+    def forward(self, h, cos, sin, masks, cache: KVCache | None = None):
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = sink_attention(q, k, v, self.sinks, masks[self.window], scale=self.scale)
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig, device=None, dtype=None):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(F.linear(x, self.weight, self.bias), self.top_k)
+
+
+class Experts(nn.Module):
+    """E expert MLPs, dense ([E, in, out] parameters) or MXFP4 ([E, out, in/32, 16] + scales buffers).
+
+    Gate and up are interleaved columns of gate_up (even = gate). The base weights are frozen
+    in RL; gradients still flow through them to the input.
+    """
+
+    def __init__(self, config: GptOssConfig, fmt: str = "bf16", device=None, dtype=None):
+        super().__init__()
+        if fmt not in EXPERT_FORMATS:
+            raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {fmt!r}")
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.format = fmt
+        self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
+        kw = dict(device=device, dtype=dtype)
+        if fmt == "bf16":
+            self.gate_up_proj = nn.Parameter(torch.zeros(E, H, 2 * I, **kw))
+            self.down_proj = nn.Parameter(torch.zeros(E, I, H, **kw))
+        else:
+            u8 = dict(device=device, dtype=torch.uint8)
+            self.register_buffer("gate_up_proj_blocks", torch.zeros(E, 2 * I, H // 32, 16, **u8))
+            self.register_buffer("gate_up_proj_scales", torch.zeros(E, 2 * I, H // 32, **u8))
+            self.register_buffer("down_proj_blocks", torch.zeros(E, H, I // 32, 16, **u8))
+            self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, **u8))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, **kw))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H, **kw))
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "bf16":
+            return x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        w = dequantize_mxfp4(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype)  # [2I, H]
+        return F.linear(x, w, self.gate_up_proj_bias[e])
+
+    def down(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        if self.format == "bf16":
+            return a @ self.down_proj[e] + self.down_proj_bias[e]
+        w = dequantize_mxfp4(self.down_proj_blocks[e], self.down_proj_scales[e], a.dtype)  # [H, I]
+        return F.linear(a, w, self.down_proj_bias[e])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GptOssConfig, expert_format: str, device=None, dtype=None):
+        super().__init__()
+        self.router = Router(config, device=device, dtype=dtype)
+        self.experts = Experts(config, expert_format, device=device, dtype=dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        weights, ids = self.router(x)
+        return self.experts(x, weights, ids).reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int, expert_format: str, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(config, layer_idx, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = MLP(config, expert_format, device, dtype)
+
+    def forward(self, x, cos, sin, masks, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """A simple growing cache (CPU-friendly; the rollout engine has its own slot cache).
+
+    Holds, per layer, rotated keys and values [B, T, Hkv, D], plus the positions of the cached
+    keys [B, T] so masks are computed from positions like everywhere else.
+    """
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def next_positions(self, batch: int, length: int, device) -> torch.Tensor:
+        start = 0 if self.positions is None else int(self.positions[:, -1].max()) + 1
+        return torch.arange(start, start + length, device=device).expand(batch, length)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        if layer_idx in self.keys:
+            k = torch.cat((self.keys[layer_idx], k), dim=1)
+            v = torch.cat((self.values[layer_idx], v), dim=1)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: GptOssConfig, expert_format: str = "bf16", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, expert_format, device, dtype) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        # Not a checkpoint tensor: computed on CPU, like transformers does (spec 2.3, 5.13).
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, device=device), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        inv_freq, self.rope_concentration = yarn_inv_freq(self.config.head_dim, self.config.rope)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq.copy_(inv_freq)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [B, T, D/2] in `dtype` for integer positions [B, T]."""
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return ((angles.cos() * self.rope_concentration).to(dtype),
+                (angles.sin() * self.rope_concentration).to(dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H] after the final norm.
+
+        positions [B, T]: absolute positions (default: continue the cache, or 0..T-1).
+        doc_ids [B, T]: packed documents; a token attends only within its document. Positions
+        should restart at 0 for each document. Not combinable with a cache.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            positions = cache.next_positions(B, T, device) if cache is not None else \
+                torch.arange(T, device=device).expand(B, T)
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+        k_pos = positions if cache is None or cache.positions is None else torch.cat((cache.positions, positions), 1)
+        masks = {
+            window: attention_mask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
+            for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
+        }
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, cache)
+        if cache is not None:
+            cache.positions = k_pos
+        return self.norm(x)
+
+
+class GptOssForCausalLM(nn.Module):
+    """gpt-oss with its (untied) unembedding. `model(input_ids)` returns logits [B, T, vocab]."""
+
+    def __init__(self, config: GptOssConfig, expert_format: str = "bf16", device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.expert_format = expert_format
+        self.model = GptOssModel(config, expert_format, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None) -> torch.Tensor:
+        hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, cache=cache)
+        return self.lm_head(hidden)

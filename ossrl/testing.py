@@ -1,0 +1,110 @@
+"""Tiny gpt-oss checkpoints for tests and the CPU demo, written in the Hugging Face layout.
+
+`write_tiny_checkpoint(path)` writes a complete model directory (config.json,
+generation_config.json, model.safetensors, tokenizer.json) that both ossrl and transformers'
+`GptOssForCausalLM` load. The architecture is exactly gpt-oss (sinks, sliding windows on even
+layers, YaRN, MoE with clamped SwiGLU); only the sizes are small. Weights are random but scaled so
+that activations stay O(1) and routing is not degenerate. Float tensors are stored in bf16 like
+the real release, so an fp32 load on either side starts from identical values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ossrl.model.config import GptOssConfig
+from ossrl.model.gptoss import GptOssForCausalLM
+from ossrl.model.loading import save_model
+
+TINY_DEFAULTS = dict(
+    vocab_size=320,  # 256 byte tokens + the harmony special tokens, padded
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=8,
+    max_position_embeddings=4096,
+    eos_token_id=None,
+    pad_token_id=None,
+    bos_token_id=None,
+)
+
+
+def tiny_config(**overrides) -> GptOssConfig:
+    """A small gpt-oss config; any field may be overridden."""
+    return GptOssConfig(**{**TINY_DEFAULTS, **overrides})
+
+
+@torch.no_grad()
+def random_model(config: GptOssConfig, *, seed: int = 0, expert_format: str = "bf16",
+                 dtype: torch.dtype = torch.float32) -> GptOssForCausalLM:
+    """A gpt-oss model with random weights whose values are exactly representable in bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    model = GptOssForCausalLM(config, expert_format=expert_format, dtype=dtype)
+
+    def normal(shape, std):
+        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16).to(dtype)
+
+    for name, p in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + normal(p.shape, 0.1))
+        elif leaf == "sinks":
+            p.copy_(normal(p.shape, 1.0))
+        elif name.endswith("embed_tokens.weight"):
+            p.copy_(normal(p.shape, 1.0))
+        elif leaf in ("bias", "gate_up_proj_bias", "down_proj_bias"):
+            p.copy_(normal(p.shape, 0.1))
+        elif leaf == "gate_up_proj" or leaf == "down_proj":  # [E, in, out]
+            p.copy_(normal(p.shape, p.shape[1] ** -0.5))
+        else:  # [out, in] linear weights (attention, router, lm_head)
+            p.copy_(normal(p.shape, p.shape[1] ** -0.5))
+    if expert_format == "mxfp4":
+        for layer in model.model.layers:
+            ex = layer.mlp.experts
+            for base in ("gate_up_proj", "down_proj"):
+                blocks = getattr(ex, f"{base}_blocks")
+                scales = getattr(ex, f"{base}_scales")
+                blocks.copy_(torch.randint(0, 256, blocks.shape, generator=gen, dtype=torch.uint8))
+                # FP4 magnitudes average ~2.3, so 2^-(log2(in)/2 + 2) keeps outputs O(1).
+                fan_in = scales.shape[-1] * 32
+                centre = 127 - int(round(0.5 * torch.log2(torch.tensor(float(fan_in))).item())) - 2
+                scales.copy_(torch.randint(centre - 1, centre + 2, scales.shape, generator=gen).to(torch.uint8))
+    return model
+
+
+def write_tiny_checkpoint(path: str | os.PathLike, *, seed: int = 0, mxfp4: bool = False,
+                          **config_overrides) -> Path:
+    """Write a complete tiny Hugging Face gpt-oss model directory and return its path."""
+    from ossrl.model.tokenizer import write_byte_level_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_byte_level_tokenizer(path)
+    ids = {name: tokenizer.token_id(name) for name in ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|call|>")}
+    overrides = dict(config_overrides)
+    overrides.setdefault("vocab_size", max(TINY_DEFAULTS["vocab_size"], len(tokenizer)))
+    if overrides["vocab_size"] < len(tokenizer):
+        raise ValueError(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    config = tiny_config(
+        eos_token_id=ids["<|return|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|startoftext|>"],
+        quantization="mxfp4" if mxfp4 else None, **overrides,
+    )
+    model = random_model(config, seed=seed, expert_format="mxfp4" if mxfp4 else "bf16", dtype=torch.bfloat16)
+    save_model(model, path)
+    generation_config = {
+        "bos_token_id": ids["<|startoftext|>"],
+        "do_sample": True,
+        "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    return path
