@@ -1,0 +1,120 @@
+"""The `ossrl` command line.
+
+    ossrl generate --model DIR [--reasoning low] [--max-new-tokens N] [--temperature T] "prompt"
+    ossrl demo                      # writes a tiny gpt-oss checkpoint and generates from it
+    ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
+
+Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ossrl.engine.naive import generate_naive
+    from ossrl.model.chat import assistant_stop_token_ids, parse_completion, render_prompt
+    from ossrl.model.loading import load_model, resolve_checkpoint
+    from ossrl.model.tokenizer import load_tokenizer
+
+    device = args.device or _default_device()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    path = resolve_checkpoint(args.model)
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    prompt = render_prompt(tokenizer, args.prompt, reasoning_effort=args.reasoning)
+    completion = generate_naive(
+        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, stop_token_ids=assistant_stop_token_ids(tokenizer), seed=args.seed,
+    )
+    parsed = parse_completion(tokenizer, completion.token_ids)
+    if args.show_analysis and parsed.analysis is not None:
+        print("[analysis]")
+        print(parsed.analysis)
+        print("[final]")
+    if parsed.final is not None:
+        print(parsed.final)
+    else:
+        # A model that never opened a final channel (e.g. random tiny weights): show what it wrote.
+        print(f"(no final channel in the completion; {len(completion.token_ids)} tokens, "
+              f"finish_reason={completion.finish_reason}; raw text follows)")
+        print(tokenizer.decode(completion.token_ids))
+    return 0
+
+
+def _demo_dir() -> Path:
+    return Path(os.environ.get("OSSRL_HOME", Path.home() / ".cache" / "ossrl")) / "tiny-gpt-oss"
+
+
+def cmd_demo(args) -> int:
+    from ossrl.testing import write_tiny_checkpoint
+
+    path = _demo_dir()
+    if not (path / "config.json").is_file():
+        write_tiny_checkpoint(path, seed=0, mxfp4=True, num_hidden_layers=4)
+        print(f"wrote a tiny gpt-oss checkpoint (random weights, MXFP4 experts) to {path}")
+    print(f"ossrl generate --model {path} --max-new-tokens 48 \"{args.prompt}\"")
+    return cmd_generate(argparse.Namespace(
+        model=str(path), prompt=args.prompt, reasoning="low", max_new_tokens=48, temperature=1.0,
+        top_p=1.0, seed=0, device="cpu", show_analysis=True))
+
+
+def cmd_write_tiny(args) -> int:
+    from ossrl.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(args.out, seed=args.seed, mxfp4=args.mxfp4)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample a completion and print its final channel")
+    g.add_argument("--model", required=True, help="checkpoint directory (or hub id when online)")
+    g.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--show-analysis", action="store_true", help="also print the analysis channel")
+    g.add_argument("prompt")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the bundled default: a tiny gpt-oss on the CPU")
+    d.add_argument("prompt", nargs="?", default="Write a 2048 strategy.")
+    d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("write-tiny", help="write a tiny random gpt-oss checkpoint (HF layout)")
+    w.add_argument("out")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--mxfp4", action="store_true")
+    w.set_defaults(func=cmd_write_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
+        print(f"ossrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
