@@ -11,6 +11,7 @@ same forward serves full sequences, packed documents and incremental decoding wi
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -137,18 +138,26 @@ class Experts(nn.Module):
             self.register_buffer("down_proj_scales", torch.zeros(E, H, I // 32, **u8))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, **kw))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, **kw))
+        self.lora = None  # an ossrl.model.lora.ExpertLoRA once adapters are applied
+
+    def _lora_on(self) -> bool:
+        return self.lora is not None and self.lora.enabled
 
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bf16":
-            return x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
-        w = dequantize_mxfp4(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype)  # [2I, H]
-        return F.linear(x, w, self.gate_up_proj_bias[e])
+            z = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        else:
+            w = dequantize_mxfp4(self.gate_up_proj_blocks[e], self.gate_up_proj_scales[e], x.dtype)  # [2I, H]
+            z = F.linear(x, w, self.gate_up_proj_bias[e])
+        return z + self.lora.gate_up_delta(e, x) if self._lora_on() else z
 
     def down(self, e: int, a: torch.Tensor) -> torch.Tensor:
         if self.format == "bf16":
-            return a @ self.down_proj[e] + self.down_proj_bias[e]
-        w = dequantize_mxfp4(self.down_proj_blocks[e], self.down_proj_scales[e], a.dtype)  # [H, I]
-        return F.linear(a, w, self.down_proj_bias[e])
+            y = a @ self.down_proj[e] + self.down_proj_bias[e]
+        else:
+            w = dequantize_mxfp4(self.down_proj_blocks[e], self.down_proj_scales[e], a.dtype)  # [H, I]
+            y = F.linear(a, w, self.down_proj_bias[e])
+        return y + self.lora.down_delta(e, a) if self._lora_on() else y
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha)
@@ -216,6 +225,8 @@ class GptOssModel(nn.Module):
             DecoderLayer(config, i, expert_format, device, dtype) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.gradient_checkpointing = False  # recompute each layer in backward (ossrl.train)
+        self.offload_activations = False  # with checkpointing: layer inputs wait in pinned CPU memory
         # Not a checkpoint tensor: computed on CPU, like transformers does (spec 2.3, 5.13).
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, device=device), persistent=False)
         self.reset_rope()
@@ -257,10 +268,18 @@ class GptOssModel(nn.Module):
             window: attention_mask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
             for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
         }
-        x = self.embed_tokens(input_ids)
+        # The table may live on the CPU (embedding offload): gather rows there, move only those.
+        x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(device)
         cos, sin = self.rope_tables(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, masks, cache)
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if checkpointing and self.offload_activations \
+                else contextlib.nullcontext():
+            for layer in self.layers:
+                if checkpointing:
+                    # Saves only the layer input; the recomputation reuses the same masks.
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, masks, cache)
         if cache is not None:
             cache.positions = k_pos
         return self.norm(x)
@@ -283,6 +302,12 @@ class GptOssForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    def adapters_disabled(self):
+        """Context manager: the base model (LoRA off), e.g. the KL reference policy. No copy."""
+        from ossrl.model.lora import adapters_disabled
+
+        return adapters_disabled(self)
 
     def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None) -> torch.Tensor:
         hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, cache=cache)

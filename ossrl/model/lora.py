@@ -1,0 +1,203 @@
+"""LoRA adapters on attention projections and on every expert, applied unmerged.
+
+`apply_lora(model, LoRAConfig(...))` swaps q/k/v/o projections for `LoRALinear` modules that hold
+the *same* base parameters (so base names stay the Hugging Face keys) plus `lora_A`/`lora_B`, and
+gives each `Experts` module an `ExpertLoRA` with a low-rank pair per expert for gate_up and for
+down. The base is frozen; only LoRA parameters train.
+
+The reference policy for KL is the same model with adapters off: `with model.adapters_disabled():`
+flips one shared switch, no copy. Names follow PEFT (`...q_proj.lora_A.weight` [r, in],
+`...lora_B.weight` [out, r]; scaling alpha/r, or alpha/sqrt(r) with rslora) so an adapter
+exports as a PEFT adapter by adding the `base_model.model.` prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_TARGETS = ("experts",)
+ALL_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = field(default_factory=lambda: ALL_TARGETS)
+    rslora: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"LoRAConfig.targets: unknown {unknown or 'empty'}; choose from {ALL_TARGETS}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class AdapterSwitch:
+    """One flag shared by every adapter of a model."""
+
+    def __init__(self):
+        self.enabled = True
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + scaling * B(A(dropout(x))), with W and b the frozen base parameters."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig, switch: AdapterSwitch, generator: torch.Generator):
+        super().__init__()
+        self.weight = base.weight  # same Parameter objects: names and storage unchanged
+        self.bias = base.bias
+        out_features, in_features = base.weight.shape
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(in_features, config.r, bias=False, **kw)
+        self.lora_B = nn.Linear(config.r, out_features, bias=False, **kw)
+        _init_pair(self.lora_A.weight, self.lora_B.weight, generator)
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.switch = switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.switch.enabled:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return y
+
+
+class ExpertLoRA(nn.Module):
+    """Low-rank pairs per expert: gate_up (A [E, H, r], B [E, r, 2I]) and down (A [E, I, r], B [E, r, H]).
+
+    Layout [E, in, r] / [E, r, out] matches the experts' own [E, in, out] convention, so the delta
+    of expert e is x @ A[e] @ B[e].
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, config: LoRAConfig,
+                 switch: AdapterSwitch, generator: torch.Generator, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        r = config.r
+        self.gate_up_A = nn.Parameter(torch.zeros(num_experts, hidden, r, **kw))
+        self.gate_up_B = nn.Parameter(torch.zeros(num_experts, r, 2 * intermediate, **kw))
+        self.down_A = nn.Parameter(torch.zeros(num_experts, intermediate, r, **kw))
+        self.down_B = nn.Parameter(torch.zeros(num_experts, r, hidden, **kw))
+        for e in range(num_experts):
+            _init_pair(self.gate_up_A.data[e].T, self.gate_up_B.data[e].T, generator)
+            _init_pair(self.down_A.data[e].T, self.down_B.data[e].T, generator)
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.switch = switch
+
+    @property
+    def enabled(self) -> bool:
+        return self.switch.enabled
+
+    def gate_up_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.gate_up_A[e]) @ self.gate_up_B[e] * self.scaling
+
+    def down_delta(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(a) @ self.down_A[e]) @ self.down_B[e] * self.scaling
+
+
+@torch.no_grad()
+def _init_pair(a_weight: torch.Tensor, b_weight: torch.Tensor, generator: torch.Generator) -> None:
+    """PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) over [r, in], B = 0 (so LoRA starts as identity)."""
+    fan_in = a_weight.shape[1]
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    values = torch.rand(a_weight.shape, generator=generator) * 2 * bound - bound
+    a_weight.copy_(values.to(a_weight.dtype))
+    b_weight.zero_()
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> dict[str, int]:
+    """Add adapters in place; freeze everything else. Returns trainable-parameter counts by module kind."""
+    from ossrl.model.gptoss import Attention, Experts
+
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("this model already has LoRA adapters")
+    model.requires_grad_(False)
+    switch = AdapterSwitch()
+    generator = torch.Generator().manual_seed(config.seed)
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, Attention):
+            for name in ATTENTION_TARGETS:
+                if name in config.targets:
+                    lora = LoRALinear(getattr(module, name), config, switch, generator)
+                    setattr(module, name, lora)
+                    counts[name] = counts.get(name, 0) + lora.lora_A.weight.numel() + lora.lora_B.weight.numel()
+        elif isinstance(module, Experts) and "experts" in config.targets:
+            E, two_i = module.gate_up_proj_bias.shape
+            H, I = module.down_proj_bias.shape[1], two_i // 2
+            module.lora = ExpertLoRA(E, H, I, config, switch, generator,
+                                     device=module.gate_up_proj_bias.device, dtype=module.gate_up_proj_bias.dtype)
+            counts["experts"] = counts.get("experts", 0) + sum(p.numel() for p in module.lora.parameters())
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    model.lora_config = config
+    model.adapter_switch = switch
+    return counts
+
+
+def lora_parameters(model: nn.Module):
+    return [p for name, p in model.named_parameters() if _is_lora_name(name)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if _is_lora_name(name)}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = {name: p for name, p in model.named_parameters() if _is_lora_name(name)}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"adapter tensor '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(p.shape)}")
+            p.copy_(state[name])
+
+
+def _is_lora_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora." in name
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    switch = getattr(model, "adapter_switch", None)
+    if switch is None:  # no adapters: the model already is the base model
+        yield model
+        return
+    previous, switch.enabled = switch.enabled, False
+    try:
+        yield model
+    finally:
+        switch.enabled = previous
+
+
+def format_trainable_counts(counts: dict[str, int], model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() * 2 for n, b in model.named_buffers()
+                                                              if n.endswith("_blocks"))
+    trainable = sum(counts.values())
+    lines = [f"LoRA trainable parameters: {trainable:,} ({100 * trainable / max(total, 1):.3f}% of {total:,})"]
+    lines += [f"  {name:<8} {n:>14,}" for name, n in sorted(counts.items())]
+    return "\n".join(lines)
