@@ -1,0 +1,151 @@
+"""Log-probs and entropies of chosen tokens without materialising [tokens x vocab] logits.
+
+`token_logprobs(hidden, lm_head_weight, targets)` runs the unembedding and log-softmax in chunks
+of rows, keeping only per-token scalars; its backward recomputes each chunk's logits and returns
+the gradient for the hidden states (and for the weight when it requires grad). Peak extra memory
+is one chunk of logits, [chunk x vocab] in fp32, instead of [tokens x vocab].
+
+`sequence_logprobs(model, batch)` applies it to a `PackedBatch` (several sequences per row,
+document masks, positions restarting per sequence): the log-prob (and entropy) of each target token
+given everything before it in its own sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK = 1024
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
+        n = hidden.shape[0]
+        logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
+        entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
+        for s in range(0, n, chunk):
+            logits = (hidden[s:s + chunk] @ weight.T).float() / temperature  # [c, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            logprobs[s:s + chunk] = logp.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            if with_entropy:
+                entropy[s:s + chunk] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logp = torch.log_softmax((h @ weight.T).float() / t, dim=-1)
+            p = logp.exp()
+            # d logp[y] / d z = onehot(y) - p
+            g = -p * grad_logprobs[s:s + chunk, None]
+            g.scatter_add_(1, targets[s:s + chunk, None], grad_logprobs[s:s + chunk, None])
+            if ctx.with_entropy and grad_entropy is not None and grad_entropy.numel():
+                # H = -sum p log p;  dH/dz_j = -p_j (log p_j + H)
+                ent = -(p * logp).sum(-1, keepdim=True)
+                g = g - grad_entropy[s:s + chunk, None] * p * (logp + ent)
+            g = (g / t).to(hidden.dtype)  # through z = logits / t
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += (g.T @ h).float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H], targets [N] -> (log p(target) [N] fp32, entropy [N] fp32 or None)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logprobs, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk), with_entropy)
+    return logprobs, (entropy if with_entropy else None)
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into rows: every tensor is [rows, T].
+
+    `target_mask[r, t]` is True where token t+1 is a trained token (e.g. a completion token): the
+    log-prob at t is of input_ids[r, t+1] given the sequence up to t. `sequence_index` maps each
+    target position to the sequence it belongs to (-1 elsewhere).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    doc_ids: torch.Tensor
+    target_mask: torch.Tensor
+    sequence_index: torch.Tensor
+    num_sequences: int
+
+    def to(self, device) -> PackedBatch:
+        return PackedBatch(self.input_ids.to(device), self.positions.to(device), self.doc_ids.to(device),
+                           self.target_mask.to(device), self.sequence_index.to(device), self.num_sequences)
+
+
+def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max_tokens: int,
+                   pad_id: int = 0) -> PackedBatch:
+    """First-fit packing of whole sequences into rows of at most max_tokens.
+
+    `trained[i][j]` says whether token j of sequence i is trained (its log-prob is wanted); token 0
+    can never be (nothing predicts it). Rows are right-padded with a separate padding document.
+    """
+    if len(sequences) != len(trained):
+        raise ValueError("sequences and trained have different lengths")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, seq in enumerate(sequences):
+        if len(seq) != len(trained[i]):
+            raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(trained[i])} trained flags")
+        if len(seq) > max_tokens:
+            raise ValueError(f"sequence {i} has {len(seq)} tokens, more than max_tokens={max_tokens}")
+        for r, free in enumerate(room):
+            if free >= len(seq):
+                rows[r].append(i)
+                room[r] -= len(seq)
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens - len(seq))
+    T = max(max_tokens - min(room), 1) if rows else 1
+    R = max(len(rows), 1)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((R, T), dtype=torch.long)
+    doc_ids = torch.full((R, T), -1, dtype=torch.long)
+    target_mask = torch.zeros((R, T), dtype=torch.bool)
+    sequence_index = torch.full((R, T), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        t = 0
+        for doc, i in enumerate(members):
+            n = len(sequences[i])
+            input_ids[r, t:t + n] = torch.tensor(sequences[i])
+            positions[r, t:t + n] = torch.arange(n)
+            doc_ids[r, t:t + n] = doc
+            flags = torch.tensor(trained[i][1:], dtype=torch.bool)  # target at t' predicts token t'+1
+            target_mask[r, t:t + n - 1] = flags
+            sequence_index[r, t:t + n - 1] = torch.where(flags, i, -1)
+            t += n
+        doc_ids[r, t:] = len(members)  # padding: its own document, never a target
+        positions[r, t:] = torch.arange(T - t)
+    return PackedBatch(input_ids, positions, doc_ids, target_mask, sequence_index, len(sequences))
+
+
+def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
+    `batch.target_mask` ([num_targets] fp32). Use `batch.sequence_index[batch.target_mask]` to
+    group them by sequence."""
+    hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)  # [R, T, H]
+    targets = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
+    h = hidden[:, :-1][batch.target_mask[:, :-1]]  # [N, H]: only rows we need go to the lm_head
+    return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
+                          with_entropy=with_entropy)
