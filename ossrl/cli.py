@@ -3,6 +3,7 @@
     ossrl generate --model DIR [--reasoning low] [--max-new-tokens N] [--temperature T] "prompt"
     ossrl demo                      # writes a tiny gpt-oss checkpoint and generates from it
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
+    ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 """
@@ -79,6 +80,13 @@ def cmd_write_tiny(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from ossrl.train.sft import sft_from_file
+
+    sft_from_file(args.config, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the bundled default: a tiny gpt-oss on the CPU")
     d.add_argument("prompt", nargs="?", default="Write a 2048 strategy.")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on harmony conversations (TOML config)")
+    s.add_argument("config", help="TOML file (see ossrl.train.sft.SFTConfig)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 lora.r=8")
+    s.set_defaults(func=cmd_sft)
 
     w = sub.add_parser("write-tiny", help="write a tiny random gpt-oss checkpoint (HF layout)")
     w.add_argument("out")

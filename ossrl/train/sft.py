@@ -1,0 +1,206 @@
+"""Supervised fine-tuning on harmony conversations: loss on assistant tokens only.
+
+    ossrl sft examples/sft-tiny.toml [key=value ...]
+
+Data is JSON lines, one conversation per line: {"messages": [{"role": "user", "content": ...},
+{"role": "assistant", "thinking": ..., "content": ...}]}. Each conversation is rendered with the
+harmony format (`render_training`), sequences are packed into rows of `max_length` tokens, and
+the loss is the mean negative log-prob of the trained (assistant) tokens, computed in chunks.
+LoRA by default; `full_finetune = true` trains every weight (small models, e.g. the demo's).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ossrl.configs import dumps_toml, load_config, to_dict
+from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters
+from ossrl.train.checkpoint import atomic_directory, save_adapter
+from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.optim import SCHEDULES, clip_gradients, make_optimizer, make_scheduler
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""
+    data: str = ""
+    output_dir: str = "runs/sft"
+    full_finetune: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_train_epochs: int = 1
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    max_length: int = 2048  # tokens per packed row; longer conversations are truncated
+    per_device_train_batch_size: int = 8  # conversations per micro-batch
+    gradient_accumulation_steps: int = 1
+    reasoning_effort: str = "medium"
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    logging_steps: int = 10
+    save_steps: int = 0
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
+        for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
+        if self.reasoning_effort not in ("low", "medium", "high"):
+            raise ValueError(f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SFT data file not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{path}:{n}: expected an object with a non-empty 'messages' list")
+        rows.append(messages)
+    if not rows:
+        raise ValueError(f"{path}: no conversations")
+    return rows
+
+
+def tokenize_conversations(tokenizer, conversations, *, reasoning_effort: str, max_length: int):
+    from ossrl.model.chat import render_training
+
+    sequences, masks, dropped = [], [], 0
+    for messages in conversations:
+        ids, mask = render_training(tokenizer, messages, reasoning_effort=reasoning_effort)
+        ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        sequences.append(ids)
+        masks.append(mask)
+    return sequences, masks, dropped
+
+
+def train_sft(config: SFTConfig, *, log=print) -> Path:
+    """Run SFT; returns the final checkpoint directory (an adapter, or a full model)."""
+    from ossrl.model.loading import load_model, resolve_checkpoint, save_model
+    from ossrl.model.tokenizer import load_tokenizer
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    base = resolve_checkpoint(config.model)
+    model = load_model(base, device=device, dtype=dtype, experts="bf16" if config.full_finetune else "auto")
+    tokenizer = load_tokenizer(base)
+    if config.full_finetune:
+        model.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        log(f"full fine-tuning: {sum(p.numel() for p in params):,} parameters")
+    else:
+        counts = apply_lora(model, config.lora)
+        params = lora_parameters(model)
+        log(format_trainable_counts(counts, model))
+    model.model.gradient_checkpointing = config.gradient_checkpointing
+    model.train()
+
+    sequences, masks, dropped = tokenize_conversations(
+        tokenizer, read_conversations(config.data), reasoning_effort=config.reasoning_effort,
+        max_length=config.max_length)
+    if dropped:
+        log(f"dropped {dropped} conversations with no assistant tokens within max_length={config.max_length}")
+    if not sequences:
+        raise ValueError(f"{config.data}: no conversation has trainable tokens")
+    B, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    micro_per_epoch = (len(sequences) + B - 1) // B
+    steps_per_epoch = max(micro_per_epoch // accum, 1)
+    total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
+
+    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, kind=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
+                               total_steps=total_steps)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dumps_toml(to_dict(config)))
+    metrics = (out / "metrics.jsonl").open("a")
+
+    def save(name: str) -> Path:
+        with atomic_directory(out / name) as tmp:
+            if config.full_finetune:
+                save_model(model, tmp)
+            else:
+                save_adapter(model, tmp / "adapter", base_model=str(base))
+            for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "generation_config.json"):
+                if (base / extra).is_file():
+                    (tmp / extra).write_bytes((base / extra).read_bytes())
+        return out / name
+
+    order: list[int] = []
+    step, start = 0, time.time()
+    while step < total_steps:
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, token_sum = 0.0, 0
+        for _ in range(accum):
+            if len(order) < B:
+                epoch = list(range(len(sequences)))
+                rng.shuffle(epoch)
+                order += epoch
+            idx, order = order[:B], order[B:]
+            batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
+                                   max_tokens=config.max_length).to(device)
+            logprobs, _ = sequence_logprobs(model, batch)
+            loss = -logprobs.mean() / accum
+            loss.backward()
+            loss_sum += float(loss.detach()) * accum
+            token_sum += logprobs.numel()
+        grad_norm = clip_gradients(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        record = {"step": step, "loss": loss_sum / accum, "grad_norm": grad_norm,
+                  "learning_rate": scheduler.get_last_lr()[0], "tokens": token_sum,
+                  "seconds": round(time.time() - start, 3)}
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if step % config.logging_steps == 0 or step == total_steps:
+            log(f"step {step}/{total_steps}  loss {record['loss']:.4f}  grad_norm {grad_norm:.3f}  "
+                f"lr {record['learning_rate']:.2e}")
+        if config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps:
+            save(f"checkpoints/step-{step}")
+    metrics.close()
+    final = save("final")
+    log(f"saved {final}")
+    return final
+
+
+def sft_from_file(path: str | Path | None, overrides=()) -> Path:
+    return train_sft(load_config(SFTConfig, path, overrides))

@@ -1,0 +1,90 @@
+"""SFT end to end on a tiny checkpoint; strict TOML configs; adapters save and load."""
+
+import json
+
+import pytest
+import torch
+
+import ossrl
+from ossrl.cli import main
+from ossrl.configs import ConfigValueError, load_config
+from ossrl.model.lora import apply_lora
+from ossrl.train.checkpoint import load_adapter, read_adapter_config
+from ossrl.train.sft import SFTConfig, train_sft
+from ossrl.testing import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"},
+                          {"role": "assistant", "thinking": "easy", "content": w}]}
+            for w in ("up", "down", "left", "right")]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_sft_lowers_the_loss_and_saves_a_loadable_adapter(tiny, data, tmp_path):
+    config = SFTConfig(model=str(tiny), data=str(data), output_dir=str(tmp_path / "run"), max_steps=30,
+                       learning_rate=3e-3, per_device_train_batch_size=4, max_length=256,
+                       lr_scheduler_type="constant", logging_steps=100)
+    final = train_sft(config, log=lambda *_: None)
+    values = losses(tmp_path / "run")
+    assert len(values) == 30
+    assert sum(values[-5:]) / 5 < 0.7 * sum(values[:5]) / 5
+    lora_config = read_adapter_config(final / "adapter")
+    assert lora_config.r == 16 and "experts" in lora_config.targets
+    # Reload: base + adapter reproduces the trained model's loss on the data.
+    model = ossrl.load_model(tiny, dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        base_logits = model(ids)
+    apply_lora(model, lora_config)
+    load_adapter(model, final / "adapter")
+    with torch.no_grad():
+        assert not torch.allclose(model(ids), base_logits)
+
+
+def test_full_finetune_sft_saves_a_checkpoint_that_loads(tiny, data, tmp_path):
+    config = SFTConfig(model=str(tiny), data=str(data), output_dir=str(tmp_path / "full"), max_steps=12,
+                       learning_rate=1e-3, full_finetune=True, per_device_train_batch_size=2,
+                       max_length=256, gradient_checkpointing=True)
+    final = train_sft(config, log=lambda *_: None)
+    values = losses(tmp_path / "full")
+    assert values[-1] < values[0]
+    assert (final / "tokenizer.json").is_file() and (final / "config.json").is_file()
+    reloaded = ossrl.load_model(final, dtype=torch.float32)
+    assert reloaded.expert_format == "bf16"
+
+
+def test_unknown_config_key_suggests_the_nearest(tmp_path):
+    path = tmp_path / "sft.toml"
+    path.write_text('model = "x"\ndata = "y"\nlearning_rat = 0.1\n')
+    with pytest.raises(ConfigValueError, match="unknown key 'learning_rat'.*did you mean 'learning_rate'"):
+        load_config(SFTConfig, path)
+    path.write_text('model = "x"\n[lora]\nrank = 4\n')
+    with pytest.raises(ConfigValueError, match="lora.rank"):
+        load_config(SFTConfig, path)
+    path.write_text('model = "x"\nmax_length = "long"\n')
+    with pytest.raises(ConfigValueError, match="max_length"):
+        load_config(SFTConfig, path)
+    path.write_text('model = "x"\nlr_scheduler_type = "warm"\n')
+    with pytest.raises(ConfigValueError, match="lr_scheduler_type"):
+        load_config(SFTConfig, path)
+
+
+def test_sft_cli_with_overrides(tiny, data, tmp_path):
+    path = tmp_path / "sft.toml"
+    path.write_text(f'model = "{tiny}"\ndata = "{data}"\noutput_dir = "{tmp_path / "cli"}"\n[lora]\nr = 4\n')
+    assert main(["sft", str(path), "max_steps=2", "lora.alpha=8"]) == 0
+    assert read_adapter_config(tmp_path / "cli" / "final" / "adapter").alpha == 8
+    assert len(losses(tmp_path / "cli")) == 2
