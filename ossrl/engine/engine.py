@@ -1,0 +1,100 @@
+"""The rollout engine: GRPO's shape (a few prompts, n samples each) from the trainer's own model.
+
+    engine = RolloutEngine(model)
+    groups = engine.generate(prompt_ids_list, n=8, params=SamplingParams(max_new_tokens=512, seed=1))
+    groups[i][j]  # Completion j of prompt i: token_ids, logprobs, sampling_logprobs, finish_reason
+
+Each distinct prompt is prefilled once; its KV is shared by its n sample slots; all active slots
+of a prompt decode together, and a slot leaves the active set the step it finishes (no compute on
+finished rows, no padding rows). The engine holds no copy of the weights: LoRA adapters apply
+unmerged, so rollouts sample from exactly the policy being trained.
+
+Seeds: completion j of prompt i is sampled with its own generator seeded `seed + i*n + j`, so a
+batched request equals the same samples requested one by one (`seed + k` for the k-th).
+
+This is the CPU path (the kernels' PyTorch twins, the model's simple KVCache). `release()` frees
+what the engine holds between rollouts (the trainer calls it before its phase).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample
+from ossrl.engine.types import Completion
+from ossrl.model.gptoss import GptOssForCausalLM, KVCache
+
+
+class RolloutEngine:
+    def __init__(self, model: GptOssForCausalLM):
+        self.model = model
+
+    def release(self) -> None:
+        """Standby: the CPU path keeps nothing between calls."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int = 1,
+                 params: SamplingParams | None = None) -> list[list[Completion]]:
+        params = params or SamplingParams()
+        if n <= 0:
+            raise ValueError(f"n must be positive, got {n}")
+        if isinstance(params.max_new_tokens, list) and len(params.max_new_tokens) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(params.max_new_tokens)} entries for {len(prompts)} prompts")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return [self._generate_group(prompt, i, n, params) for i, prompt in enumerate(prompts)]
+        finally:
+            self.model.train(was_training)
+
+    def _generate_group(self, prompt: list[int], index: int, n: int, params: SamplingParams) -> list[Completion]:
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty")
+        model, device = self.model, self.model.device
+        base_seed = 0 if params.seed is None else params.seed
+        generators = []
+        for j in range(n):
+            g = torch.Generator(device=device)
+            g.manual_seed(base_seed + index * n + j)
+            generators.append(g)
+        cache = KVCache()
+        logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # prefill once
+        _select_rows(cache, torch.zeros(n, dtype=torch.long, device=device))  # n slots share it
+        logits = logits.expand(n, -1)
+        out = [Completion([], [], [], "length") for _ in range(n)]
+        active = list(range(n))  # slot -> sample index
+        stops = set(params.stop_token_ids)
+        for _ in range(params.max_new_tokens_for(index)):
+            lp = processed_logprobs(logits, params)
+            tokens = sample(lp, [generators[j] for j in active])
+            plain = torch.log_softmax(logits.float(), -1)
+            rows = torch.arange(len(active), device=device)
+            sampled_lp = lp[rows, tokens].tolist()
+            plain_lp = plain[rows, tokens].tolist()
+            keep = []
+            for slot, j in enumerate(active):
+                token = int(tokens[slot])
+                c = out[j]
+                c.token_ids.append(token)
+                c.sampling_logprobs.append(sampled_lp[slot])
+                c.logprobs.append(plain_lp[slot])
+                if token in stops:
+                    c.finish_reason = "stop"
+                else:
+                    keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(active):  # compact: finished slots leave the batch now
+                index_t = torch.tensor(keep, device=device)
+                _select_rows(cache, index_t)
+                tokens = tokens[index_t]
+                active = [active[s] for s in keep]
+            logits = model(tokens.view(-1, 1), cache=cache)[:, -1]
+        return out
+
+
+def _select_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    for layer in cache.keys:
+        cache.keys[layer] = cache.keys[layer].index_select(0, rows)
+        cache.values[layer] = cache.values[layer].index_select(0, rows)
+    cache.positions = cache.positions.index_select(0, rows)

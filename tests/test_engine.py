@@ -1,0 +1,130 @@
+"""The rollout engine (CPU path) against naive decoding, and the sampler's distributions."""
+
+import math
+
+import pytest
+import torch
+
+from ossrl.engine.engine import RolloutEngine
+from ossrl.engine.naive import generate_naive
+from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample
+from ossrl.testing import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(num_hidden_layers=3, sliding_window=4), seed=21).eval()
+
+
+PROMPTS = [[5, 9, 33, 100, 7, 7, 81], [250, 1], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+
+
+def test_greedy_equals_naive_decoding_token_for_token(model):
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    groups = RolloutEngine(model).generate(PROMPTS, n=3, params=params)
+    for prompt, group in zip(PROMPTS, groups):
+        reference = generate_naive(model, prompt, params)
+        for c in group:
+            assert c.token_ids == reference.token_ids
+            assert c.sampling_logprobs == [0.0] * 10  # greedy: probability one
+
+
+def test_returned_logprobs_are_the_models_logprobs_of_the_sampled_tokens(model):
+    groups = RolloutEngine(model).generate(PROMPTS[:2], n=2, params=SamplingParams(max_new_tokens=8, seed=4))
+    for prompt, group in zip(PROMPTS, groups):
+        for c in group:
+            seq = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq)[0, len(prompt) - 1:-1], -1)
+            expected = logp[torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=1e-4, atol=1e-4)
+            # temperature 1, no filters: the sampling distribution is the model's
+            torch.testing.assert_close(torch.tensor(c.sampling_logprobs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_shared_samples_equal_separate_requests_with_the_same_seeds(model):
+    params = dict(temperature=0.9, top_p=0.95, max_new_tokens=12)
+    batched = RolloutEngine(model).generate([PROMPTS[0]], n=4, params=SamplingParams(seed=100, **params))[0]
+    for j, c in enumerate(batched):
+        alone = generate_naive(model, PROMPTS[0], SamplingParams(seed=100 + j, **params))
+        assert c.token_ids == alone.token_ids
+    assert len({tuple(c.token_ids) for c in batched}) > 1  # the samples differ from each other
+
+
+def test_stop_tokens_end_a_sample_and_finished_slots_leave_the_batch(model):
+    free = RolloutEngine(model).generate([PROMPTS[1]], n=6, params=SamplingParams(max_new_tokens=15, seed=7))[0]
+    stop = free[0].token_ids[3]
+    stopped = RolloutEngine(model).generate(
+        [PROMPTS[1]], n=6, params=SamplingParams(max_new_tokens=15, seed=7, stop_token_ids=[stop]))[0]
+    for a, b in zip(free, stopped):
+        if stop in a.token_ids:
+            assert b.token_ids == a.token_ids[: a.token_ids.index(stop) + 1] and b.finish_reason == "stop"
+        else:
+            assert b.token_ids == a.token_ids and b.finish_reason == "length"
+
+
+def test_max_new_tokens_per_prompt(model):
+    groups = RolloutEngine(model).generate(PROMPTS, n=2, params=SamplingParams(max_new_tokens=[3, 5, 1], seed=0))
+    assert [[len(c.token_ids) for c in g] for g in groups] == [[3, 3], [5, 5], [1, 1]]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        RolloutEngine(model).generate(PROMPTS, params=SamplingParams(max_new_tokens=[3, 5]))
+
+
+# ---------------------------------------------------------------- distributions on fixed logits
+LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+
+
+def empirical(params, draws=20000, seed=0):
+    lp = processed_logprobs(LOGITS, params)
+    g = torch.Generator().manual_seed(seed)
+    probs = lp.exp()[0]
+    counts = torch.bincount(torch.multinomial(probs, draws, replacement=True, generator=g), minlength=6)
+    return counts.float() / draws, probs
+
+
+def assert_matches(freq, probs, draws=20000):
+    # 5-sigma binomial bound per token: fails on a wrong distribution, not on noise.
+    sigma = (probs * (1 - probs) / draws).sqrt()
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-9).all(), (freq, probs)
+
+
+def test_temperature_scales_the_logits():
+    freq, probs = empirical(SamplingParams(temperature=0.5))
+    torch.testing.assert_close(probs, torch.softmax(LOGITS[0] / 0.5, -1))
+    assert_matches(freq, probs)
+
+
+def test_top_k_keeps_the_k_largest():
+    freq, probs = empirical(SamplingParams(top_k=2))
+    torch.testing.assert_close(probs, torch.tensor([math.exp(2), math.exp(1.5), 0, 0, 0, 0]) / (math.exp(2) + math.exp(1.5)))
+    assert_matches(freq, probs)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    p = torch.softmax(LOGITS[0], -1)  # sorted already: 0.43, 0.26, 0.16, ...
+    freq, probs = empirical(SamplingParams(top_p=0.75))
+    kept = 3 if p[:2].sum() < 0.75 <= p[:3].sum() else None
+    assert kept == 3
+    torch.testing.assert_close(probs, torch.cat((p[:3] / p[:3].sum(), torch.zeros(3))))
+    assert_matches(freq, probs)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    p = torch.softmax(LOGITS[0], -1)
+    freq, probs = empirical(SamplingParams(min_p=0.3))
+    keep = p >= 0.3 * p.max()
+    torch.testing.assert_close(probs, torch.where(keep, p, 0) / p[keep].sum())
+    assert_matches(freq, probs)
+
+
+def test_sampler_uses_one_generator_per_row():
+    lp = processed_logprobs(LOGITS.expand(2, -1), SamplingParams())
+    a = sample(lp, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    b = sample(lp[:1], [torch.Generator().manual_seed(1)])
+    assert a[0] == b[0]
+
+
+def test_bad_sampling_params_are_rejected():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(min_p=1.0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
