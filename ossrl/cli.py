@@ -4,6 +4,7 @@
     ossrl demo                      # writes a tiny gpt-oss checkpoint and generates from it
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
+    ossrl train CONFIG.toml [--set key=value ...]   # GRPO
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 """
@@ -87,6 +88,14 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ossrl.rl.trainer import train_from_file
+
+    final = train_from_file(args.config, args.set)
+    print(f"final checkpoint: {final}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the bundled default: a tiny gpt-oss on the CPU")
     d.add_argument("prompt", nargs="?", default="Write a 2048 strategy.")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="GRPO training from a TOML config (see ossrl.rl.config.GRPOConfig)")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on harmony conversations (TOML config)")
     s.add_argument("config", help="TOML file (see ossrl.train.sft.SFTConfig)")

@@ -108,3 +108,9 @@ def write_tiny_checkpoint(path: str | os.PathLike, *, seed: int = 0, mxfp4: bool
     }
     (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     return path
+
+
+def ascii_fraction_reward(prompts, completions, completion_ids, **columns) -> list[float]:
+    """A cheap, deterministic reward for tests and smoke runs: the fraction of completion tokens
+    that are ASCII byte tokens (ids 0..127 in the tiny tokenizer)."""
+    return [sum(1 for t in ids if t < 128) / max(len(ids), 1) for ids in completion_ids]

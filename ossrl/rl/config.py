@@ -1,0 +1,115 @@
+"""GRPOConfig: every knob of a GRPO run, named after TRL's GRPOConfig where TRL has the concept.
+
+Read from TOML with `load_config(GRPOConfig, path, overrides)` (unknown keys get a nearest-name
+hint). Differences from TRL worth knowing: `prompts_per_step` prompts are sampled per optimiser
+step (the generation batch is prompts_per_step * num_generations completions, split into
+`gradient_accumulation_steps` micro-batches for the loss); dynamic sampling and the importance
+correction are first-class options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ossrl.model.lora import LoRAConfig
+from ossrl.rl.loss import LOSS_TYPES
+
+
+@dataclass
+class GRPOConfig:
+    # what to train, on what
+    model: str = ""
+    dataset: str = ""  # a JSONL path (or pass train_dataset to GRPOTrainer)
+    reward_funcs: list[str] = field(default_factory=list)  # "module:function" or a registered name
+    reward_weights: list[float] | None = None
+    output_dir: str = "runs/grpo"
+    resume_from: str | None = None  # a checkpoint directory, or "latest"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    # optimisation
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 100
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    gradient_accumulation_steps: int = 1
+    num_iterations: int = 1
+
+    # loss
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    scale_rewards: str = "group"
+    mask_truncated_completions: bool = False
+    importance_sampling_correction: bool = True
+    importance_sampling_level: str = "token"
+    importance_sampling_cap: float = 2.0
+
+    # dynamic sampling: drop groups whose rewards are all equal and top the batch up
+    dynamic_sampling: bool = False
+    max_dynamic_sampling_retries: int = 3
+
+    # generation
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    reasoning_effort: str = "low"
+
+    # runtime, logging, checkpoints
+    seed: int = 42
+    device: str = "auto"
+    dtype: str = "auto"
+    experts: str = "auto"
+    gradient_checkpointing: bool = True
+    logging_steps: int = 1
+    save_steps: int = 0
+    save_total_limit: int | None = None
+    stop_on_reward_error: bool = False
+    progress_bar: bool = True
+    report_to: list[str] = field(default_factory=list)  # "tensorboard", "wandb", "trackio"
+
+    def __post_init__(self):
+        def check(cond, message):
+            if not cond:
+                raise ValueError(message)
+
+        check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        check(self.scale_rewards in ("group", "batch", "none"),
+              f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        check(self.importance_sampling_level in ("token", "sequence"),
+              f"importance_sampling_level must be 'token' or 'sequence', got {self.importance_sampling_level!r}")
+        check(self.lr_scheduler_type in ("constant", "linear", "cosine"),
+              f"lr_scheduler_type must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
+        check(self.reasoning_effort in ("low", "medium", "high"),
+              f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
+        for name in ("max_steps", "prompts_per_step", "num_generations", "gradient_accumulation_steps",
+                     "num_iterations", "max_prompt_length", "max_completion_length", "logging_steps"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares samples of a "
+              f"prompt), got {self.num_generations}")
+        total = self.prompts_per_step * self.num_generations
+        check(total % self.gradient_accumulation_steps == 0,
+              f"prompts_per_step * num_generations ({total}) must be divisible by gradient_accumulation_steps "
+              f"({self.gradient_accumulation_steps})")
+        check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        check(self.epsilon > 0, f"epsilon must be positive, got {self.epsilon}")
+        check(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be positive, got {self.epsilon_high}")
+        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        check(self.importance_sampling_cap >= 1, f"importance_sampling_cap must be >= 1, got {self.importance_sampling_cap}")
+        check(self.temperature > 0, f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        check(self.max_dynamic_sampling_retries >= 0, "max_dynamic_sampling_retries must be >= 0")
+        check(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit must be positive")
+        check(self.dtype in ("auto", "bfloat16", "float32", "float16"), f"dtype: unknown {self.dtype!r}")
+        check(self.experts in ("auto", "bf16", "mxfp4"), f"experts must be auto, bf16 or mxfp4, got {self.experts!r}")
+        if self.reward_weights is not None and self.reward_funcs:
+            check(len(self.reward_weights) == len(self.reward_funcs),
+                  f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")
+        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb", "trackio")]
+        check(not unknown, f"report_to: unknown {unknown}; choose from tensorboard, wandb, trackio")

@@ -1,0 +1,128 @@
+"""GRPO-family policy losses as plain functions of [B, T] tensors (TRL's documented formulas).
+
+Per token, with ratio r = exp(logp - old_logp) and advantage A of the sequence:
+
+    per_token = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)  [+ beta * KL_k3]
+    KL_k3     = exp(ref - logp) - (ref - logp) - 1
+
+Normalisation by loss_type (mask m, B sequences):
+    grpo     mean over sequences of (sum_t per_token * m / sum_t m)
+    bnpo     sum(per_token * m) / sum(m)                     (this batch's tokens)
+    dapo     sum(per_token * m) / num_items_in_batch           (tokens of the whole generation batch;
+                                                                defaults to this batch's)
+    dr_grpo  sum(per_token * m) / (B * max_completion_length)
+    gspo     grpo's normalisation with a sequence-level ratio
+             r_i = exp(sum_t m (logp - old) / sum_t m), the same for every token of sequence i
+
+`importance_weights` ([B, T] or [B, 1], no gradient) multiply the per-token loss: the truncated
+importance-sampling correction between the rollout engine's sampling distribution and the trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    max_completion_length: int | None = None,
+    importance_weights: torch.Tensor | None = None,
+    num_items_in_batch: int | float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """logprobs (with grad), old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B].
+    Returns (scalar loss, metrics: kl, clip ratios, ratio stats)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logprobs.dtype)
+    tokens_per_seq = mask.sum(-1).clamp(min=1.0)
+    adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
+
+    log_ratio = logprobs - old_logprobs
+    if loss_type == "gspo":
+        log_ratio = ((log_ratio * mask).sum(-1) / tokens_per_seq).unsqueeze(-1)  # [B, 1]
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach()
+    kl = None
+    if beta > 0:
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    per_token = per_token.expand_as(mask)
+
+    if loss_type in ("grpo", "gspo"):
+        loss = ((per_token * mask).sum(-1) / tokens_per_seq).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dapo":
+        denom = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
+        loss = (per_token * mask).sum() / denom.clamp(min=1.0)
+    else:  # dr_grpo
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+
+    with torch.no_grad():
+        r = ratio.expand_as(mask)
+        low = ((r < 1 - eps_low) & (adv < 0)).to(mask.dtype)
+        high = ((r > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        n = mask.sum().clamp(min=1.0)
+        metrics = {
+            "clip_ratio/low_mean": float((low * mask).sum() / n),
+            "clip_ratio/high_mean": float((high * mask).sum() / n),
+            "clip_ratio/region_mean": float(((low + high) * mask).sum() / n),
+            "ratio/mean": float((r * mask).sum() / n),
+        }
+        if kl is not None:
+            metrics["kl"] = float((kl.expand_as(mask) * mask).sum() / n)
+    return loss, metrics
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: str = "group",
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards [P * G] (groups contiguous) -> (advantages [P * G], per-group std [P]).
+
+    A = r - mean(group); divided by the group's std ("group"), the whole batch's std ("batch"),
+    or not at all ("none", Dr. GRPO), plus eps.
+    """
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    grouped = rewards.view(-1, num_generations)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    group_std = grouped.std(-1) if num_generations > 1 else torch.zeros(grouped.shape[0])
+    if scale_rewards == "group":
+        centred = centred / (group_std.unsqueeze(-1) + eps)
+    elif scale_rewards == "batch":
+        centred = centred / ((rewards.std() if rewards.numel() > 1 else 0.0) + eps)
+    return centred.reshape(-1), group_std
+
+
+def importance_sampling_weights(trainer_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor,
+                                mask: torch.Tensor, *, level: str = "token", cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weights min(pi_trainer / pi_sampler, cap), token level [B, T] or
+    sequence level [B, 1] (product of token ratios over the completion)."""
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance sampling level must be 'token' or 'sequence', got {level!r}")
+    log_ratio = (trainer_logprobs - sampling_logprobs) * mask
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True)
+    return torch.exp(log_ratio).clamp(max=cap)

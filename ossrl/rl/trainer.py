@@ -1,0 +1,474 @@
+"""GRPOTrainer: rollouts, rewards, advantages, the policy loss, the optimiser step; logs and checkpoints.
+
+    trainer = GRPOTrainer(model, reward_funcs=[fn, ...], train_dataset=rows, config=GRPOConfig(...))
+    trainer.train()
+
+One step: sample `prompts_per_step` rows; the engine generates `num_generations` completions for
+each from the model itself (LoRA on, unmerged); reward functions score them (TRL contract);
+group-normalised advantages; optionally drop zero-variance groups and top up (dynamic sampling);
+then `num_iterations` optimiser steps on the packed prompt+completion sequences with the chosen
+loss. A step's randomness derives from (seed, step), and checkpoints hold the optimiser, scheduler,
+RNG states and data position, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ossrl.configs import dumps_toml, to_dict
+from ossrl.engine.engine import RolloutEngine
+from ossrl.engine.sampling import SamplingParams
+from ossrl.model.chat import assistant_stop_token_ids, render_prompt
+from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters
+from ossrl.rl.config import GRPOConfig
+from ossrl.rl.logging import RunLogger
+from ossrl.rl.loss import group_advantages, importance_sampling_weights, policy_loss
+from ossrl.rl.rewards import RewardFunctionError, compute_rewards, resolve_reward_func
+from ossrl.train.checkpoint import (atomic_directory, load_adapter, rng_state, save_adapter, set_rng_state)
+from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.optim import clip_gradients, make_optimizer, make_scheduler
+from ossrl.train.sft import resolve_device_dtype
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Rollout:
+    """One group member: a prompt row and one of its completions."""
+
+    row: dict
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampling_logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+def load_dataset_rows(dataset) -> list[dict] | object:
+    """A JSONL path, a list of dicts, or anything indexable with len() (e.g. datasets.Dataset)."""
+    if isinstance(dataset, (str, Path)):
+        path = Path(dataset)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: dataset file not found")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        dataset = rows
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
+        raise ValueError("train_dataset must be a non-empty JSONL path, list of dicts, or datasets.Dataset")
+    if "prompt" not in dataset[0]:
+        raise ValueError("every dataset row needs a 'prompt' (a string or a list of chat messages)")
+    return dataset
+
+
+class GRPOTrainer:
+    def __init__(self, model=None, reward_funcs=None, train_dataset=None, config: GRPOConfig | None = None,
+                 tokenizer=None, log=print):
+        from ossrl.model.loading import load_model, resolve_checkpoint
+        from ossrl.model.tokenizer import load_tokenizer
+
+        self.config = config = config or GRPOConfig()
+        self.log = log
+        torch.manual_seed(config.seed)
+        self.device, dtype = resolve_device_dtype(config.device, config.dtype)
+        self.base_path = None
+        if model is None or isinstance(model, (str, Path)):
+            self.base_path = resolve_checkpoint(model or config.model)
+            model = load_model(self.base_path, device=self.device, dtype=dtype, experts=config.experts)
+        elif config.model:
+            self.base_path = Path(config.model)
+        self.model = model
+        self.device = str(model.device)
+        if tokenizer is None:
+            if self.base_path is None:
+                raise ValueError("pass tokenizer=..., or config.model naming the checkpoint directory")
+            tokenizer = load_tokenizer(self.base_path)
+        self.tokenizer = tokenizer
+        funcs = reward_funcs if reward_funcs is not None else config.reward_funcs
+        if not funcs:
+            raise ValueError("no reward functions: pass reward_funcs=[...] or set reward_funcs in the config")
+        self.reward_funcs = [resolve_reward_func(f) if isinstance(f, str) else f for f in funcs]
+        if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for "
+                             f"{len(self.reward_funcs)} reward functions")
+        self.dataset = load_dataset_rows(train_dataset if train_dataset is not None else config.dataset)
+
+        if getattr(model, "lora_config", None) is None:
+            counts = apply_lora(model, config.lora)
+            log(format_trainable_counts(counts, model))
+        self.params = lora_parameters(model)
+        model.model.gradient_checkpointing = config.gradient_checkpointing
+        self.engine = RolloutEngine(model)
+        self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
+                                        warmup_steps=config.warmup_steps,
+                                        total_steps=config.max_steps * config.num_iterations)
+        self.stop_ids = assistant_stop_token_ids(tokenizer)
+        self.output_dir = Path(config.output_dir)
+        self.step = 0
+        self.data_position = 0  # prompts consumed so far
+        self.skipped_long_prompts = 0
+
+    # ------------------------------------------------------------------ data
+    def _row(self, position: int) -> dict:
+        n = len(self.dataset)
+        epoch, i = divmod(position, n)
+        order = list(range(n))
+        random.Random(self.config.seed * 7919 + epoch).shuffle(order)
+        return dict(self.dataset[order[i]])
+
+    def _next_prompts(self, count: int) -> list[tuple[dict, list[int]]]:
+        out = []
+        tries = 0
+        while len(out) < count:
+            row = self._row(self.data_position)
+            self.data_position += 1
+            ids = render_prompt(self.tokenizer, row["prompt"], reasoning_effort=self.config.reasoning_effort)
+            if len(ids) > self.config.max_prompt_length:
+                self.skipped_long_prompts += 1
+                tries += 1
+                if tries > 10 * len(self.dataset):
+                    raise ValueError(f"no prompt fits max_prompt_length={self.config.max_prompt_length}")
+                continue
+            out.append((row, ids))
+        return out
+
+    # -------------------------------------------------------------- rollout
+    def _sampling_params(self, attempt: int) -> SamplingParams:
+        c = self.config
+        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
+                              max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
+                              seed=(c.seed * 1_000_003 + self.step * 10_007 + attempt * 101) % (2 ** 62))
+
+    def _generate(self, prompts, attempt: int) -> list[Rollout]:
+        G = self.config.num_generations
+        groups = self.engine.generate([ids for _, ids in prompts], n=G, params=self._sampling_params(attempt))
+        rollouts = []
+        for (row, ids), group in zip(prompts, groups):
+            for c in group:
+                rollouts.append(Rollout(row, ids, c.token_ids, c.sampling_logprobs, c.finish_reason,
+                                        self.tokenizer.decode(c.token_ids)))
+        return rollouts
+
+    def _score(self, rollouts: list[Rollout]):
+        columns: dict[str, list] = {}
+        for key in rollouts[0].row:
+            if key != "prompt":
+                columns[key] = [r.row.get(key) for r in rollouts]
+        return compute_rewards(self.reward_funcs, self.config.reward_weights,
+                               prompts=[r.row["prompt"] for r in rollouts],
+                               completions=[r.text for r in rollouts],
+                               completion_ids=[r.completion_ids for r in rollouts],
+                               columns=columns, stop_on_error=self.config.stop_on_reward_error)
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> Path:
+        c = self.config
+        if c.resume_from:
+            self.resume(c.resume_from)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.toml").write_text(dumps_toml(to_dict(c)))
+        logger = RunLogger(self.output_dir, report_to=c.report_to, progress_bar=c.progress_bar,
+                           total_steps=c.max_steps, start_step=self.step, run_name=self.output_dir.name,
+                           config=to_dict(c))
+        try:
+            while self.step < c.max_steps:
+                metrics, samples = self.train_step()
+                logger.log_step(self.step, metrics)
+                logger.log_samples(self.step, samples)
+                if c.save_steps > 0 and self.step % c.save_steps == 0 and self.step < c.max_steps:
+                    self.save_checkpoint()
+            if c.save_steps > 0 or c.resume_from:
+                self.save_checkpoint()  # the last step is resumable like any other (e.g. to train longer)
+            final = self.save_checkpoint(name="final")
+        finally:
+            logger.close()
+        return final
+
+    def train_step(self) -> tuple[dict, list[dict]]:
+        c = self.config
+        G = c.num_generations
+        model = self.model
+        t0 = time.perf_counter()
+        rollouts, rewards, advantages, kept_groups, retries = [], None, None, 0, 0
+        time_generate = time_reward = 0.0
+        generated_tokens = 0
+        errors: dict[str, str] = {}
+        per_func: dict[str, list] = {}
+        all_group_std = []
+        pending = self._next_prompts(c.prompts_per_step)
+        while True:
+            tg = time.perf_counter()
+            batch = self._generate(pending, attempt=retries)
+            time_generate += time.perf_counter() - tg
+            generated_tokens += sum(len(r.completion_ids) for r in batch)
+            tr = time.perf_counter()
+            result = self._score(batch)
+            time_reward += time.perf_counter() - tr
+            errors.update(result.errors)
+            total = torch.tensor(result.total, dtype=torch.float32)
+            _, group_std = group_advantages(total, G, scale_rewards="none")
+            all_group_std.append(group_std)
+            keep = [g for g in range(len(pending)) if not c.dynamic_sampling or group_std[g] > 0]
+            for g in keep:
+                if kept_groups >= c.prompts_per_step:
+                    break
+                rollouts += batch[g * G:(g + 1) * G]
+                rewards = _cat(rewards, total[g * G:(g + 1) * G])
+                for name, values in result.per_func.items():
+                    per_func.setdefault(name, []).extend(values[g * G:(g + 1) * G])
+                kept_groups += 1
+            if not c.dynamic_sampling or kept_groups >= c.prompts_per_step or retries >= c.max_dynamic_sampling_retries:
+                break
+            retries += 1
+            pending = self._next_prompts(c.prompts_per_step - kept_groups)
+        group_std = torch.cat(all_group_std)
+        metrics: dict = {
+            "reward_errors": len(errors),
+            "frac_reward_zero_std": float((group_std == 0).float().mean()),
+            "dynamic_sampling/retries": retries,
+            "groups_used": kept_groups,
+            "skipped_long_prompts": self.skipped_long_prompts,
+        }
+        for name, message in errors.items():
+            self.log(f"step {self.step + 1}: reward function '{name}' failed ({message}); its rewards are None")
+        if kept_groups == 0 or rewards is None:
+            self.log(f"step {self.step + 1}: every group had identical rewards after {retries} retries; "
+                     f"no learning signal, optimiser step skipped")
+            self.step += 1
+            metrics.update({"reward": float("nan"), "skipped_step": 1})
+            return metrics, []
+        if metrics["frac_reward_zero_std"] == 1.0:
+            self.log(f"step {self.step + 1}: every group has identical rewards (zero advantages)")
+        advantages, _ = group_advantages(rewards, G, scale_rewards=c.scale_rewards)
+
+        self.engine.release()  # standby: the trainer's phase
+        tt = time.perf_counter()
+        train_metrics = self._optimise(rollouts, advantages)
+        time_train = time.perf_counter() - tt
+
+        lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
+        truncated = torch.tensor([r.finish_reason == "length" for r in rollouts], dtype=torch.float32)
+        metrics.update({
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "time/generate": time_generate,
+            "time/reward": time_reward,
+            "time/train": time_train,
+            "time/step": time.perf_counter() - t0,
+            "tokens_per_second": generated_tokens / max(time_generate, 1e-9),
+            "peak_memory_gb": _peak_memory_gb(),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            **_reward_columns(per_func),
+            **train_metrics,
+        })
+        self.step += 1
+        samples = [{"prompt": r.row["prompt"], "completion": r.text, "reward": float(rewards[i]),
+                    "advantage": float(advantages[i]), "finish_reason": r.finish_reason,
+                    "rewards": {k: v[i] for k, v in per_func.items()}}
+                   for i, r in enumerate(rollouts)]
+        return metrics, samples
+
+    def _optimise(self, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
+        c = self.config
+        model = self.model
+        n = len(rollouts)
+        accum = c.gradient_accumulation_steps if n % c.gradient_accumulation_steps == 0 else 1
+        size = n // accum
+        chunks = [list(range(i, i + size)) for i in range(0, n, size)]
+        max_tokens = c.max_prompt_length + c.max_completion_length
+        packs, masks_out = [], []
+        for chunk in chunks:
+            seqs, trained = [], []
+            for i in chunk:
+                r = rollouts[i]
+                train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
+                seqs.append(r.prompt_ids + r.completion_ids)
+                trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
+            packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens).to(model.device))
+            masks_out.append(trained)
+        completion_len = [len(r.completion_ids) for r in rollouts]
+        total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
+                           for i, t in zip(chunk, tr))
+        sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
+
+        need_old = c.num_iterations > 1 or c.importance_sampling_correction
+        old, ref = {}, {}
+        with torch.no_grad():
+            for k, (chunk, pack) in enumerate(zip(chunks, packs)):
+                if need_old:
+                    lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
+                    old[k] = _unflatten(lp, pack, chunk, completion_len)
+                if c.beta > 0:
+                    with model.adapters_disabled():
+                        lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
+                    ref[k] = _unflatten(lp, pack, chunk, completion_len)
+
+        sums: dict[str, float] = {}
+        counts = 0
+        grad_norm = 0.0
+        is_stats = []
+        model.train()
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, (chunk, pack) in enumerate(zip(chunks, packs)):
+                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
+                logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
+                entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
+                old_lp = old[k] if need_old else logprobs.detach()
+                weights = None
+                if c.importance_sampling_correction:
+                    samp = torch.zeros_like(mask)
+                    for row, i in enumerate(chunk):
+                        samp[row, :completion_len[i]] = sampling[i].to(samp.device)
+                    weights = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                                                          cap=c.importance_sampling_cap)
+                    raw = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                                                      cap=float("inf"))
+                    sel = raw.expand_as(mask)[mask > 0]
+                    if sel.numel():
+                        is_stats.append(sel)
+                loss, m = policy_loss(
+                    logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
+                    epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
+                    max_completion_length=c.max_completion_length, importance_weights=weights,
+                    num_items_in_batch=total_tokens)
+                if c.loss_type != "dapo":
+                    loss = loss / len(chunks)
+                loss.backward()
+                m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else len(chunks))
+                m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+                for key, v in m.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                counts += 1
+            grad_norm = clip_gradients(self.params, c.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        out = {key: v / max(counts, 1) for key, v in sums.items()}
+        out["grad_norm"] = grad_norm
+        if is_stats:
+            allr = torch.cat(is_stats)
+            out.update({"importance_ratio/mean": float(allr.mean()), "importance_ratio/min": float(allr.min()),
+                        "importance_ratio/max": float(allr.max()),
+                        "importance_ratio/capped_frac": float((allr > c.importance_sampling_cap).float().mean())})
+        return out
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        name = name or f"step-{self.step}"
+        path = self.output_dir / ("checkpoints" if name != "final" else "") / name
+        with atomic_directory(path) as tmp:
+            save_adapter(self.model, tmp / "adapter", base_model=str(self.base_path) if self.base_path else None)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step, "data_position": self.data_position,
+                        "skipped_long_prompts": self.skipped_long_prompts, "rng": rng_state()}, tmp / STATE_FILE)
+            (tmp / "config.toml").write_text(dumps_toml(to_dict(self.config)))
+            if self.base_path is not None:
+                for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "generation_config.json"):
+                    if (self.base_path / extra).is_file():
+                        shutil.copyfile(self.base_path / extra, tmp / extra)
+        if name != "final" and self.config.save_total_limit:
+            for old in _step_dirs(self.output_dir)[: -self.config.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def resume(self, where: str | Path) -> None:
+        if str(where) == "latest":
+            dirs = _step_dirs(self.output_dir)
+            if not dirs:
+                self.log(f"resume_from=latest: no checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
+                return
+            where = dirs[-1]
+        path = Path(where)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file}: not a resumable checkpoint")
+        load_adapter(self.model, path / "adapter")
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.data_position = state["step"], state["data_position"]
+        self.skipped_long_prompts = state.get("skipped_long_prompts", 0)
+        set_rng_state(state["rng"])
+        # Lines logged after this checkpoint (a crash between logging and saving) are redone.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            log_file = self.output_dir / name
+            if log_file.is_file():
+                kept = [line for line in log_file.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                log_file.write_text("".join(line + "\n" for line in kept))
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def _step_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def _reward_columns(per_func: dict[str, list]) -> dict:
+    out = {}
+    for name, values in per_func.items():
+        present = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+        out[f"rewards/{name}/mean"] = float(present.mean()) if present.numel() else float("nan")
+        out[f"rewards/{name}/std"] = float(present.std()) if present.numel() > 1 else 0.0
+    return out
+
+
+def _cat(a, b):
+    return b.clone() if a is None else torch.cat((a, b))
+
+
+def _unflatten(flat: torch.Tensor, pack, chunk: list[int], completion_len: list[int], with_mask: bool = False):
+    """Flat per-target values (row-major over the pack) -> [len(chunk), max completion length]."""
+    b = len(chunk)
+    L = max(max(completion_len[i] for i in chunk), 1)
+    seq = pack.sequence_index[pack.target_mask]  # [N], sequence index within the chunk
+    N = seq.numel()
+    arange = torch.arange(N, device=flat.device)
+    starts = torch.full((b,), N, device=flat.device, dtype=torch.long).scatter_reduce(0, seq, arange, "amin")
+    col = arange - starts[seq]
+    out = torch.zeros(b, L, device=flat.device, dtype=flat.dtype).index_put((seq, col), flat)
+    if not with_mask:
+        return out
+    mask = torch.zeros(b, L, device=flat.device, dtype=torch.float32).index_put(
+        (seq, col), torch.ones(N, device=flat.device))
+    return out, mask
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+
+
+def train_from_file(path, overrides=()) -> Path:
+    from ossrl.configs import load_config
+
+    config = load_config(GRPOConfig, path, overrides)
+    return GRPOTrainer(config=config).train()

@@ -1,0 +1,128 @@
+"""policy_loss, advantages and importance weights against values computed by hand (TRL's formulas)."""
+
+import math
+
+import pytest
+import torch
+
+from ossrl.rl.loss import group_advantages, importance_sampling_weights, policy_loss
+
+# Two sequences, three token slots; the second sequence has two real tokens.
+LOGP = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.5, 0.0]])
+OLD = torch.tensor([[-1.2, -0.5, -1.0], [-0.2, -1.0, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ADV = torch.tensor([1.0, -2.0])
+
+
+def by_hand(eps_low=0.2, eps_high=0.2):
+    """Per-token clipped surrogate written out element by element."""
+    out = torch.zeros(2, 3)
+    for b in range(2):
+        for t in range(3):
+            r = math.exp(LOGP[b, t] - OLD[b, t])
+            a = float(ADV[b])
+            out[b, t] = -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+    return out
+
+
+def test_grpo_averages_tokens_per_sequence_then_sequences():
+    pt = by_hand()
+    expected = ((pt[0] * MASK[0]).sum() / 3 + (pt[1] * MASK[1]).sum() / 2) / 2
+    loss, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type="grpo")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bnpo_and_dapo_average_over_all_tokens():
+    pt = by_hand()
+    expected = (pt * MASK).sum() / 5
+    for loss_type in ("bnpo", "dapo"):
+        loss, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type=loss_type)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type="dapo", num_items_in_batch=20)
+    assert loss.item() == pytest.approx(((pt * MASK).sum() / 20).item(), rel=1e-6)
+
+
+def test_dr_grpo_divides_by_batch_times_max_completion_length():
+    pt = by_hand()
+    loss, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type="dr_grpo", max_completion_length=8)
+    assert loss.item() == pytest.approx(((pt * MASK).sum() / (2 * 8)).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss(LOGP, OLD, ADV, MASK, loss_type="dr_grpo")
+
+
+def test_clipping_on_both_sides_and_clip_metrics():
+    # token (0,0): r = e^0.2 = 1.221 > 1.2 with A>0 -> clipped high; token (0,2): r = e^-1 with A>0 -> no clip
+    # token (1,1): r = e^-0.5 = 0.607 < 0.8 with A<0 -> clipped low
+    loss, m = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo")
+    assert m["clip_ratio/high_mean"] == pytest.approx(1 / 5)
+    assert m["clip_ratio/low_mean"] == pytest.approx(1 / 5)
+    assert m["clip_ratio/region_mean"] == pytest.approx(2 / 5)
+    pt = by_hand()
+    assert pt[0, 0].item() == pytest.approx(-1.2)  # clipped at 1 + eps
+    assert pt[1, 1].item() == pytest.approx(-0.8 * -2.0)  # clipped at 1 - eps
+    # asymmetric epsilon_high (DAPO clip-higher) lifts the upper bound only
+    _, m2 = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo", epsilon_high=0.28)
+    assert m2["clip_ratio/high_mean"] == 0 and m2["clip_ratio/low_mean"] == pytest.approx(1 / 5)
+
+
+def test_kl_term_is_k3_and_weighted_by_beta():
+    ref = torch.tensor([[-1.1, -0.7, -1.5], [-0.3, -1.2, 0.0]])
+    base, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo")
+    loss, m = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo", ref_logprobs=ref, beta=0.1)
+    d = ref - LOGP
+    kl = torch.exp(d) - d - 1
+    expected_kl = (kl * MASK).sum() / 5
+    assert m["kl"] == pytest.approx(expected_kl.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(base.item() + 0.1 * expected_kl.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(LOGP, OLD, ADV, MASK, beta=0.1)
+
+
+def test_gspo_uses_one_sequence_level_ratio():
+    loss, m = policy_loss(LOGP, OLD, ADV, MASK, loss_type="gspo", epsilon=0.5)
+    s0 = math.exp(((LOGP[0] - OLD[0]) * MASK[0]).sum().item() / 3)
+    s1 = math.exp(((LOGP[1] - OLD[1]) * MASK[1]).sum().item() / 2)
+    l0 = -min(s0 * 1.0, min(max(s0, 0.5), 1.5) * 1.0)
+    l1 = -min(s1 * -2.0, min(max(s1, 0.5), 1.5) * -2.0)
+    assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+
+
+def test_gradient_is_zero_where_clipped_and_flows_elsewhere():
+    logp = LOGP.clone().requires_grad_(True)
+    loss, _ = policy_loss(logp, OLD, ADV, MASK, loss_type="bnpo")
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[1, 1] == 0  # clipped tokens
+    assert logp.grad[0, 1] != 0 and logp.grad[1, 2] == 0  # masked token has no gradient
+
+
+def test_importance_weights_multiply_the_token_loss():
+    w = torch.tensor([[2.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
+    loss, _ = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo", importance_weights=w)
+    assert loss.item() == pytest.approx(((by_hand() * w * MASK).sum() / 5).item(), rel=1e-6)
+
+
+def test_advantages_for_each_scale_mode():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    adv, std = group_advantages(r, 4, scale_rewards="none")
+    assert adv.tolist() == [-1.5, -0.5, 0.5, 1.5, 0, 0, 0, 0]
+    assert std[1] == 0
+    g, _ = group_advantages(r, 4, scale_rewards="group")
+    s = torch.tensor([1.0, 2, 3, 4]).std().item()
+    assert g[:4].tolist() == pytest.approx([x / (s + 1e-4) for x in (-1.5, -0.5, 0.5, 1.5)], rel=1e-6)
+    assert g[4:].abs().sum() == 0
+    b, _ = group_advantages(r, 4, scale_rewards="batch")
+    assert b[:4].tolist() == pytest.approx([x / (r.std().item() + 1e-4) for x in (-1.5, -0.5, 0.5, 1.5)], rel=1e-6)
+    with pytest.raises(ValueError):
+        group_advantages(r, 3)
+
+
+def test_importance_sampling_weights_token_and_sequence_level_truncated():
+    trainer = torch.tensor([[-1.0, -1.0], [-0.1, -3.0]])
+    sampler = torch.tensor([[-1.5, -0.9], [-2.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    tok = importance_sampling_weights(trainer, sampler, mask, level="token", cap=2.0)
+    assert tok[0].tolist() == pytest.approx([math.exp(0.5), math.exp(-0.1)])
+    assert tok[1, 0].item() == 2.0  # exp(1.9) = 6.7 truncated at the cap
+    seq = importance_sampling_weights(trainer, sampler, mask, level="sequence", cap=2.0)
+    assert seq.shape == (2, 1)
+    assert seq[0, 0].item() == pytest.approx(math.exp(0.4)) and seq[1, 0].item() == 2.0
