@@ -5,6 +5,7 @@
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
     ossrl train CONFIG.toml [--set key=value ...]   # GRPO
+    ossrl plot RUN_DIR                              # PNG curves of a run
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 """
@@ -96,6 +97,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from ossrl.rl.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN_DIR/plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("sft", help="supervised fine-tuning on harmony conversations (TOML config)")
     s.add_argument("config", help="TOML file (see ossrl.train.sft.SFTConfig)")

@@ -170,3 +170,12 @@ def test_train_cli_with_set_overrides(tiny, tmp_path):
     saved = (tmp_path / "out" / "config.toml").read_text()
     assert 'loss_type = "bnpo"' in saved and "max_steps = 1" in saved
     assert main(["train", str(cfg), "--set", "los_type=grpo"]) == 2  # clear error, no traceback
+
+
+def test_plot_writes_pngs_of_a_run(tiny, tmp_path):
+    GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                config=config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None).train()
+    assert main(["plot", str(tmp_path / "r")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "r" / "plots").iterdir())
+    assert "rewards.png" in pngs and "loss.png" in pngs
+    assert all((tmp_path / "r" / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
