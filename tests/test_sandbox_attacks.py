@@ -134,6 +134,14 @@ def attack():
         except:
             pass
 """, "timeout"),
+    Attack("swallow_the_violation", """
+def attack():
+    try:
+        __import__("o" + "s")
+    except BaseException:
+        pass
+    return "clean"
+""", "forbidden"),
     Attack("hang_on_input", "def attack():\n    return input()\n", "forbidden"),
     Attack("blocking_sleep", "import time\ndef attack():\n    time.sleep(100)\n", "timeout"),
     Attack("module_body_hangs", "while True:\n    pass\ndef attack():\n    return 1\n", "timeout"),

@@ -20,176 +20,20 @@ import concurrent.futures
 import dataclasses
 import json
 import marshal
-import math
 import os
-import select
-import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import (SandboxBadReturn, SandboxCrash, SandboxError, SandboxException,
                      SandboxForbidden, SandboxMemoryError, SandboxTimeout)
 from .policy import Policy
+from .process import WorkerGone, WorkerProcess
 from .static import check_source
 
-_WORKER_SCRIPT = str(Path(__file__).with_name("worker.py"))
-# Native libraries that start thread pools at import read these; the worker may not thread.
-_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _FAILURES = {"error": SandboxError, "bad_return": SandboxBadReturn, "memory": SandboxMemoryError,
              "forbidden": SandboxForbidden, "timeout": SandboxTimeout}
-
-
-class _Dead(Exception):
-    """The worker closed its pipe (exited or was killed)."""
-
-
-# ---------------------------------------------------------------- one worker process
-_netns_lock = threading.Lock()
-_netns_prefix_cache: dict[bool, list[str]] = {}
-
-
-def _network_prefix(isolate: bool) -> list[str]:
-    """`unshare --net` (root) or `unshare --user --net` if it works here, else nothing:
-    the worker's audit hook denies sockets either way."""
-    if not isolate or not sys.platform.startswith("linux"):
-        return []
-    with _netns_lock:
-        if isolate not in _netns_prefix_cache:
-            prefix: list[str] = []
-            tool = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
-            if tool:
-                flags = ["--net"] if os.geteuid() == 0 else ["--user", "--net"]
-                try:
-                    probe = subprocess.run([tool, *flags, "true"], capture_output=True, timeout=10)
-                    if probe.returncode == 0:
-                        prefix = [tool, *flags]
-                except (OSError, subprocess.SubprocessError):
-                    pass
-            _netns_prefix_cache[isolate] = prefix
-        return _netns_prefix_cache[isolate]
-
-
-class _Worker:
-    """Parent-side handle of one worker process: its pipes, its clock, its death."""
-
-    def __init__(self, policy: Policy):
-        config = policy.worker_config()
-        if any(m.split(".")[0] not in sys.stdlib_module_names for m in policy.allowed_modules):
-            config["extra_paths"] = [p for p in sys.path if p and os.path.isdir(p)]
-        self.argv = [*_network_prefix(policy.isolate_network), sys.executable, "-I", "-S", _WORKER_SCRIPT]
-        self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_WORKER_ENV, cwd="/", close_fds=True, start_new_session=True, bufsize=0)
-        self.pid = self.proc.pid
-        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        self.poller = select.poll()
-        self.poller.register(self.rfd, select.POLLIN)
-        self.buffer = bytearray()
-        self.killed = False
-        self.info: dict | None = None
-        self.send(json.dumps(config).encode())
-        try:
-            self.clock = os.open(f"/proc/{self.pid}/schedstat", os.O_RDONLY)
-            self.clock_in_ticks = False
-        except OSError:  # kernels without schedstat: utime+stime in clock ticks
-            self.clock = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY)
-            self.clock_in_ticks = True
-
-    def send(self, payload: bytes) -> None:
-        data = memoryview(len(payload).to_bytes(4, "big") + payload)
-        try:
-            while data:
-                data = data[os.write(self.wfd, data):]
-        except BrokenPipeError:
-            raise _Dead() from None
-
-    def recv(self, deadline: float, limit: int) -> bytes:
-        """One message, or TimeoutError at `deadline` (time.monotonic), or _Dead."""
-        buf = self.buffer
-        while True:
-            if len(buf) >= 4:
-                size = int.from_bytes(buf[:4], "big")
-                if size > limit:
-                    raise ValueError(f"message of {size} bytes is over the {limit}-byte limit")
-                if len(buf) >= 4 + size:
-                    message = bytes(buf[4:4 + size])
-                    del buf[:4 + size]
-                    return message
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.poller.poll(math.ceil(remaining * 1000)):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError()
-                continue
-            chunk = os.read(self.rfd, 1 << 20)
-            if not chunk:
-                raise _Dead()
-            buf += chunk
-
-    def cpu_ns(self) -> int:
-        """CPU time the worker has used, read from outside it (/proc)."""
-        try:
-            raw = os.pread(self.clock, 512, 0)
-        except OSError:
-            return -1
-        if not self.clock_in_ticks:
-            return int(raw.split(None, 1)[0])
-        fields = raw[raw.rindex(b")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-
-    def wait_ready(self, deadline: float) -> None:
-        if self.info is not None:
-            return
-        try:
-            message = json.loads(self.recv(deadline, 1 << 16))
-        except TimeoutError:
-            self.kill()
-            raise SandboxCrash("worker did not start in time") from None
-        except (_Dead, ValueError):
-            raise SandboxCrash(f"worker failed to start: {self.death()}") from None
-        if not (isinstance(message, list) and message[:1] == ["ready"]):
-            self.kill()
-            raise SandboxCrash(f"worker sent {message!r} instead of ready")
-        self.info = message[1]
-
-    def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.killed = True
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                f.close()
-            except OSError:
-                pass
-        if self.clock >= 0:
-            os.close(self.clock)
-            self.clock = -1
-
-    def death(self) -> str:
-        """Reap a worker that closed its pipe and say why it died."""
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = self.proc.returncode
-        stderr = b""
-        try:
-            stderr = self.proc.stderr.read(4000) if self.proc.stderr else b""
-        except (OSError, ValueError):
-            pass
-        self.kill()
-        if code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        tail = stderr.decode(errors="replace").strip().splitlines()[-1:]
-        return f"exited with status {code}" + (f" ({tail[0]})" if tail else "")
 
 
 # ---------------------------------------------------------------- the function handle
@@ -203,7 +47,7 @@ class RemoteFunction:
     further call raises the same kind of error.
     """
 
-    def __init__(self, worker: _Worker, policy: Policy, entry: str):
+    def __init__(self, worker: WorkerProcess, policy: Policy, entry: str):
         self._worker = worker
         self.policy = policy
         self.entry = entry
@@ -254,7 +98,7 @@ class RemoteFunction:
             message = json.loads(reply)
         except TimeoutError:
             raise self._stop(SandboxTimeout(f"call exceeded its {timeout:g} s wall-clock limit"))
-        except _Dead:
+        except WorkerGone:
             reason = worker.death()
             if "SIGKILL" in reason:
                 error: SandboxException = SandboxMemoryError(f"worker {reason} (memory limit?)")
@@ -339,7 +183,7 @@ class Sandbox:
         self.policy = policy or Policy()
         self.prestart = (os.cpu_count() or 1) if prestart is None else prestart
         self.start_timeout_s = start_timeout_s
-        self._idle: collections.deque[_Worker] = collections.deque()
+        self._idle: collections.deque[WorkerProcess] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
         self._refill()
@@ -347,15 +191,15 @@ class Sandbox:
     def _refill(self) -> None:
         with self._lock:
             while not self._closed and len(self._idle) < self.prestart:
-                self._idle.append(_Worker(self.policy))
+                self._idle.append(WorkerProcess(self.policy))
 
-    def _take(self) -> _Worker:
+    def _take(self) -> WorkerProcess:
         with self._lock:
             if self._closed:
                 raise RuntimeError("Sandbox is closed")
             worker = self._idle.popleft() if self._idle else None
         if worker is None:
-            worker = _Worker(self.policy)
+            worker = WorkerProcess(self.policy)
         self._refill()  # launching is cheap (fork+exec); the child warms up on its own
         return worker
 
