@@ -69,7 +69,7 @@ def cpu_model() -> str:
 def main() -> None:
     results: dict = {}
     with Sandbox(Policy(), prestart=2) as sandbox:
-        time.sleep(0.5)  # let the pool warm up
+        sandbox.wait_ready()
         for name, source, entry, args, calls in [
             ("strategy_4x4", STRATEGY, "strategy", (BOARD,), 5000),
             ("matmul_64x64", MATMUL, "matmul",
@@ -90,7 +90,7 @@ def main() -> None:
 
         warm = []
         for _ in range(10):
-            time.sleep(0.2)
+            sandbox.wait_ready()
             start = time.perf_counter()
             sandbox.open(STRATEGY, "strategy").close()
             warm.append(time.perf_counter() - start)

@@ -274,3 +274,16 @@ def test_run_function_one_shot_results_and_error():
 def test_policy_rejects_nonsense_limits():
     with pytest.raises(ValueError, match="timeout_s"):
         Policy(timeout_s=0)
+
+
+def test_close_kills_the_prestarted_workers():
+    box = Sandbox(POLICY, prestart=2)
+    box.wait_ready()
+    pids = [worker.pid for worker in box._idle]
+    box.close()
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(RuntimeError, match="closed"):
+        box.open("def f():\n    return 1\n", "f")

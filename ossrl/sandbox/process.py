@@ -76,6 +76,7 @@ class WorkerProcess:
         self.buffer = bytearray()
         self.killed = False
         self.info: dict | None = None
+        self.ready_lock = threading.Lock()  # Sandbox.wait_ready may race with open()
         self.send(json.dumps(config).encode())
         try:
             self.clock = os.open(f"/proc/{self.pid}/schedstat", os.O_RDONLY)
@@ -126,8 +127,11 @@ class WorkerProcess:
         return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self, deadline: float) -> None:
-        if self.info is not None:
-            return
+        with self.ready_lock:
+            if self.info is None:
+                self._wait_ready(deadline)
+
+    def _wait_ready(self, deadline: float) -> None:
         try:
             message = json.loads(self.recv(deadline, 1 << 16))
         except TimeoutError:

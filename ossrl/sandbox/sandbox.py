@@ -203,6 +203,13 @@ class Sandbox:
         self._refill()  # launching is cheap (fork+exec); the child warms up on its own
         return worker
 
+    def wait_ready(self) -> None:
+        """Block until every pre-started worker is up (before timing something, say)."""
+        with self._lock:
+            idle = list(self._idle)
+        for worker in idle:
+            worker.wait_ready(time.monotonic() + self.start_timeout_s)
+
     def open(self, source: str, entry: str) -> RemoteFunction:
         """Load `entry` from `source` in a fresh worker. Raises SandboxForbidden when the
         static checks refuse the source, and any SandboxException the module body causes."""
