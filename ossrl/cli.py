@@ -6,6 +6,7 @@
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
     ossrl train CONFIG.toml [--set key=value ...]   # GRPO
     ossrl plot RUN_DIR                              # PNG curves of a run
+    ossrl export CHECKPOINT --format adapter|merged-bf16|merged-mxfp4 OUT_DIR
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 """
@@ -105,6 +106,17 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from ossrl.export import export
+
+    out = export(args.checkpoint, args.out_dir, format=args.format, base_model=args.base_model,
+                 dtype=getattr(torch, args.dtype))
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write a PEFT adapter, or a merged bf16 / MXFP4 HF checkpoint")
+    e.add_argument("checkpoint", help="a run's checkpoint or final directory (or an adapter directory)")
+    e.add_argument("out_dir")
+    e.add_argument("--format", required=True, choices=("adapter", "merged-bf16", "merged-mxfp4"))
+    e.add_argument("--base-model", default=None, help="override the base model named by the adapter")
+    e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of merged non-expert weights (float32 keeps the merge exact)")
+    e.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN_DIR/plots")
     p.add_argument("run_dir")

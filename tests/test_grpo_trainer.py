@@ -90,7 +90,7 @@ import os, signal, sys, torch
 from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
 from ossrl.testing import ascii_fraction_reward
-import ossrl.train.checkpoint as ck
+import ossrl.model.adapters as ck
 original = ck.save_file
 def dying_save(tensors, path, metadata=None):
     original(tensors, path, metadata=metadata)

@@ -9,7 +9,7 @@ import ossrl
 from ossrl.cli import main
 from ossrl.configs import ConfigValueError, load_config
 from ossrl.model.lora import apply_lora
-from ossrl.train.checkpoint import load_adapter, read_adapter_config
+from ossrl.model.adapters import load_adapter, read_adapter_config
 from ossrl.train.sft import SFTConfig, train_sft
 from ossrl.testing import write_tiny_checkpoint
 

@@ -99,6 +99,9 @@ def load_model(
     if experts not in ("auto", "bf16", "mxfp4"):
         raise ValueError(f"experts must be 'auto', 'bf16' or 'mxfp4', got {experts!r}")
     ckpt = resolve_checkpoint(path_or_id)
+    adapter = _adapter_dir(ckpt)
+    if adapter is not None:
+        return _load_with_adapter(adapter, device=device, dtype=dtype, experts=experts)
     config = GptOssConfig.from_json_file(ckpt / "config.json")
     stored = _stored_expert_format(config)
     target = stored if experts == "auto" else experts
@@ -135,6 +138,34 @@ def load_model(
         raise CheckpointError(f"{ckpt}: missing tensors: {shown}")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _adapter_dir(ckpt: Path) -> Path | None:
+    """A LoRA adapter directory (or a training checkpoint holding one in adapter/) without its own model."""
+    if (ckpt / "config.json").is_file():
+        return None
+    for candidate in (ckpt, ckpt / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    return None
+
+
+def _load_with_adapter(adapter: Path, **kwargs) -> GptOssForCausalLM:
+    from ossrl.model.adapters import load_adapter, read_adapter_config
+    from ossrl.model.lora import apply_lora
+
+    config_file = adapter / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{config_file}: cannot read base_model_name_or_path ({e})") from None
+    if not base:
+        raise CheckpointError(f"{config_file}: base_model_name_or_path is empty; load the base and the adapter separately")
+    model = load_model(base, **kwargs)
+    apply_lora(model, read_adapter_config(adapter))
+    load_adapter(model, adapter)
+    model.requires_grad_(False)
+    return model
 
 
 def _check(name: str, tensor: torch.Tensor, shape, float_expected: bool, file: Path) -> None:

@@ -32,7 +32,8 @@ from ossrl.rl.config import GRPOConfig
 from ossrl.rl.logging import RunLogger
 from ossrl.rl.loss import group_advantages, importance_sampling_weights, policy_loss
 from ossrl.rl.rewards import RewardFunctionError, compute_rewards, resolve_reward_func
-from ossrl.train.checkpoint import (atomic_directory, load_adapter, rng_state, save_adapter, set_rng_state)
+from ossrl.model.adapters import load_adapter
+from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.optim import clip_gradients, make_optimizer, make_scheduler
 from ossrl.train.sft import resolve_device_dtype
