@@ -1,0 +1,196 @@
+"""One LoRA training step (forward + backward) on a gpt-oss-20b-shaped model: ossrl vs transformers + PEFT.
+
+    python benchmarks/train.py [--tokens 1024,4096,...] [--out benchmarks/results/train.json]
+
+Both sides get the same random weights, built directly on the GPU (ossrl keeps the experts
+MXFP4; transformers gets them dequantised to bf16, as it does offline). ossrl: LoRA r=16 on
+q/k/v/o and every expert, gradient checkpointing, chunked log-probs, FlexAttention with sinks.
+transformers + PEFT: LoRA r=16 on q/k/v/o, gradient checkpointing, flex attention (its best
+path), the standard causal-LM loss. Each size: one warm-up step (compilation), then the median
+of `--repeats` timed steps; peak memory from torch.cuda.max_memory_allocated; OOM is recorded.
+ossrl runs first; its model is freed before transformers' is built (memory demands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
+from ossrl.testing import random_model_on_device  # noqa: E402
+from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
+
+
+def gib(n: float) -> float:
+    return round(n / 2**30, 2)
+
+
+def timed_steps(step, repeats: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step()  # warm-up (compiles flex and the kernels for this shape)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"status": "OOM", "peak_gib": gib(torch.cuda.max_memory_allocated())}
+    return {"status": "ok", "seconds": round(statistics.median(times), 4),
+            "peak_gib": gib(torch.cuda.max_memory_allocated())}
+
+
+def single_document(T: int, vocab: int, device) -> PackedBatch:
+    g = torch.Generator(device=device).manual_seed(T)
+    ids = torch.randint(0, vocab, (1, T), device=device, generator=g)
+    target = torch.ones(1, T, dtype=torch.bool, device=device)
+    target[:, -1] = False
+    return PackedBatch(ids, torch.arange(T, device=device)[None], torch.zeros(1, T, dtype=torch.long, device=device),
+                       target, torch.where(target, 0, -1), 1)
+
+
+def bench_ossrl(config, sizes, repeats, offload: bool) -> tuple[list, object]:
+    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
+    counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
+    model.model.gradient_checkpointing = True
+    model.model.offload_activations = offload
+    model.train()
+    rows = []
+    for T in sizes:
+        batch = single_document(T, config.vocab_size, "cuda")
+
+        def step():
+            lp, _ = sequence_logprobs(model, batch)
+            (-lp.mean()).backward()
+            model.zero_grad(set_to_none=True)
+
+        r = timed_steps(step, repeats)
+        r.update(tokens=T, system="ossrl", offload=offload)
+        if r["status"] == "ok":
+            r["tokens_per_second"] = round(T / r["seconds"], 1)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    return rows, model, counts
+
+
+@torch.no_grad()
+def hf_from_ossrl(model, config, device="cuda"):
+    """transformers' model with ossrl's weights (experts dequantised, transposed to [E, in, out])."""
+    from transformers import GptOssConfig as HFConfig
+    from transformers import GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from ossrl.kernels.mxfp4 import dequantize_mxfp4
+
+    hf_config = HFConfig.from_dict({k: v for k, v in config.to_hf_dict().items() if k != "quantization_config"})
+    hf_config._attn_implementation = "flex_attention" if device == "cuda" else "eager"
+    with torch.device("meta"):
+        hf = GptOssForCausalLM(hf_config)
+    hf.to_empty(device=device)
+    hf = hf.to(model.dtype)
+    ours = {k: v for k, v in model.state_dict().items() if "lora" not in k}
+    for name, dest in hf.state_dict().items():
+        if name in ours:
+            dest.copy_(ours[name])
+        elif name.endswith(("gate_up_proj", "down_proj")):
+            blocks, scales = ours[name + "_blocks"], ours[name + "_scales"]
+            for e in range(blocks.shape[0]):
+                dest[e].copy_(dequantize_mxfp4(blocks[e], scales[e], dest.dtype).T)
+        elif "rotary" in name or "inv_freq" in name:
+            continue
+        else:
+            raise KeyError(name)
+    hf.model.rotary_emb = GptOssRotaryEmbedding(hf_config).to(device)  # non-persistent buffers: rebuild
+    return hf
+
+
+def bench_hf(hf, sizes, repeats) -> list:
+    from peft import LoraConfig, get_peft_model
+
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.enable_input_require_grads()
+    peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft_model.train()
+    rows = []
+    for T in sizes:
+        batch = single_document(T, hf.config.vocab_size, "cuda")
+
+        def step():
+            out = peft_model(input_ids=batch.input_ids, labels=batch.input_ids)
+            out.loss.backward()
+            peft_model.zero_grad(set_to_none=True)
+
+        r = timed_steps(step, repeats)
+        r.update(tokens=T, system="transformers+peft")
+        if r["status"] == "ok":
+            r["tokens_per_second"] = round(T / r["seconds"], 1)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        if r["status"] == "OOM":  # larger sizes would OOM too
+            rows += [{"tokens": t, "system": "transformers+peft", "status": "OOM (not run: smaller size OOM)"}
+                     for t in sizes if t > T]
+            break
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="1024,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--hf-tokens", default="1024,4096,8192,16384")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train.json"))
+    args = ap.parse_args()
+    config = GptOssConfig.gpt_oss_20b()
+    sizes = [int(t) for t in args.tokens.split(",")]
+    t0 = time.time()
+    ours, model, counts = bench_ossrl(config, sizes, args.repeats, args.offload)
+    theirs = []
+    if args.hf_tokens:
+        hf = hf_from_ossrl(model, config)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        theirs = bench_hf(hf, [int(t) for t in args.hf_tokens.split(",")], args.repeats)
+    import transformers
+
+    ratios = {}
+    for r in ours:
+        match = next((x for x in theirs if x["tokens"] == r["tokens"] and x.get("status") == "ok"), None)
+        if match and r.get("status") == "ok":
+            ratios[str(r["tokens"])] = {"speedup": round(match["seconds"] / r["seconds"], 2),
+                                        "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
+    result = {
+        "benchmark": "train_step",
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": "gpt-oss-20b shapes, random weights (ossrl: MXFP4 experts; transformers: dequantised bf16)",
+        "lora_trainable_params": counts,
+        "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,
+        "seconds_total": round(time.time() - t0, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()
