@@ -7,7 +7,7 @@ import torch
 
 from ossrl.engine.engine import RolloutEngine
 from ossrl.engine.naive import generate_naive
-from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample
+from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample_tokens, uniform_noise, fold_seed
 from ossrl.testing import random_model, tiny_config
 
 
@@ -75,11 +75,12 @@ LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
 
 
 def empirical(params, draws=20000, seed=0):
+    """Draw through the real sampling rule: `draws` rows with distinct seeds (and steps)."""
     lp = processed_logprobs(LOGITS, params)
-    g = torch.Generator().manual_seed(seed)
-    probs = lp.exp()[0]
-    counts = torch.bincount(torch.multinomial(probs, draws, replacement=True, generator=g), minlength=6)
-    return counts.float() / draws, probs
+    seeds = torch.arange(draws) + seed * draws
+    tokens, _, _ = sample_tokens(LOGITS.expand(draws, -1), params, seeds, seeds % 7)
+    counts = torch.bincount(tokens, minlength=6)
+    return counts.float() / draws, lp.exp()[0]
 
 
 def assert_matches(freq, probs, draws=20000):
@@ -117,11 +118,28 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top():
     assert_matches(freq, probs)
 
 
-def test_sampler_uses_one_generator_per_row():
-    lp = processed_logprobs(LOGITS.expand(2, -1), SamplingParams())
-    a = sample(lp, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
-    b = sample(lp[:1], [torch.Generator().manual_seed(1)])
-    assert a[0] == b[0]
+def test_a_rows_noise_depends_only_on_its_seed_and_step():
+    batch = sample_tokens(LOGITS.expand(3, -1), SamplingParams(), torch.tensor([5, 6, 7]), torch.tensor([0, 1, 2]))
+    alone = sample_tokens(LOGITS, SamplingParams(), torch.tensor([6]), torch.tensor([1]))
+    assert batch[0][1] == alone[0][0] and batch[1][1] == alone[1][0]
+
+
+def test_hash_noise_is_uniform_and_distinct_within_a_row():
+    u = uniform_noise(fold_seed(torch.tensor([3, 4])), torch.tensor([0, 0]), 50000)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert len(torch.unique(u[0])) > 49900  # 24-bit outputs of a bijection: almost no ties
+    assert not torch.equal(u[0], u[1])
+
+
+def test_sampling_logprobs_follow_the_filters():
+    params = SamplingParams(top_k=2, temperature=0.7)
+    tokens, plain, sampled = sample_tokens(LOGITS.expand(50, -1), params, torch.arange(50), torch.zeros(50))
+    assert set(tokens.tolist()) <= {0, 1}
+    lp = processed_logprobs(LOGITS, params)[0]
+    full = torch.log_softmax(LOGITS[0], -1)
+    torch.testing.assert_close(sampled, lp[tokens])
+    torch.testing.assert_close(plain, full[tokens])
 
 
 def test_bad_sampling_params_are_rejected():

@@ -9,8 +9,9 @@ of a prompt decode together, and a slot leaves the active set the step it finish
 finished rows, no padding rows). The engine holds no copy of the weights: LoRA adapters apply
 unmerged, so rollouts sample from exactly the policy being trained.
 
-Seeds: completion j of prompt i is sampled with its own generator seeded `seed + i*n + j`, so a
-batched request equals the same samples requested one by one (`seed + k` for the k-th).
+Seeds: completion j of prompt i is sampled with seed `seed + i*n + j` (the sampling rule in
+ossrl.engine.sampling keys its noise on the row's seed and step only), so a batched request equals
+the same samples requested one by one (`seed + k` for the k-th).
 
 This is the CPU path (the kernels' PyTorch twins, the model's simple KVCache). `release()` frees
 what the engine holds between rollouts (the trainer calls it before its phase).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample
+from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
 from ossrl.model.gptoss import GptOssForCausalLM, KVCache
 
@@ -52,11 +53,7 @@ class RolloutEngine:
             raise ValueError(f"prompt {index} is empty")
         model, device = self.model, self.model.device
         base_seed = 0 if params.seed is None else params.seed
-        generators = []
-        for j in range(n):
-            g = torch.Generator(device=device)
-            g.manual_seed(base_seed + index * n + j)
-            generators.append(g)
+        seeds = torch.arange(n, device=device) + base_seed + index * n
         cache = KVCache()
         logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # prefill once
         _select_rows(cache, torch.zeros(n, dtype=torch.long, device=device))  # n slots share it
@@ -64,21 +61,17 @@ class RolloutEngine:
         out = [Completion([], [], [], "length") for _ in range(n)]
         active = list(range(n))  # slot -> sample index
         stops = set(params.stop_token_ids)
-        for _ in range(params.max_new_tokens_for(index)):
-            lp = processed_logprobs(logits, params)
-            tokens = sample(lp, [generators[j] for j in active])
-            plain = torch.log_softmax(logits.float(), -1)
-            rows = torch.arange(len(active), device=device)
-            sampled_lp = lp[rows, tokens].tolist()
-            plain_lp = plain[rows, tokens].tolist()
+        for step in range(params.max_new_tokens_for(index)):
+            steps = torch.full((len(active),), step, device=device)
+            tokens, plain, sampled = sample_tokens(logits, params, seeds, steps)
+            tokens_list, plain_list, sampled_list = tokens.tolist(), plain.tolist(), sampled.tolist()
             keep = []
             for slot, j in enumerate(active):
-                token = int(tokens[slot])
                 c = out[j]
-                c.token_ids.append(token)
-                c.sampling_logprobs.append(sampled_lp[slot])
-                c.logprobs.append(plain_lp[slot])
-                if token in stops:
+                c.token_ids.append(tokens_list[slot])
+                c.logprobs.append(plain_list[slot])
+                c.sampling_logprobs.append(sampled_list[slot])
+                if tokens_list[slot] in stops:
                     c.finish_reason = "stop"
                 else:
                     keep.append(slot)
@@ -87,7 +80,7 @@ class RolloutEngine:
             if len(keep) < len(active):  # compact: finished slots leave the batch now
                 index_t = torch.tensor(keep, device=device)
                 _select_rows(cache, index_t)
-                tokens = tokens[index_t]
+                tokens, seeds = tokens[index_t], seeds[index_t]
                 active = [active[s] for s in keep]
             logits = model(tokens.view(-1, 1), cache=cache)[:, -1]
         return out

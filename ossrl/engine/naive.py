@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample
+from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
 from ossrl.model.gptoss import GptOssForCausalLM, KVCache
 
@@ -21,18 +21,16 @@ def generate_naive(model: GptOssForCausalLM, prompt_ids: list[int], params: Samp
     if not prompt_ids:
         raise ValueError("prompt_ids is empty")
     device = model.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(0 if params.seed is None else params.seed)
+    seed = torch.tensor([0 if params.seed is None else params.seed], device=device)
     cache = KVCache()
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[:, -1]
     out = Completion([], [], [], "length")
     stops = set(params.stop_token_ids)
-    for _ in range(params.max_new_tokens_for(0)):
-        lp = processed_logprobs(logits, params)
-        token = sample(lp, [generator])
+    for step in range(params.max_new_tokens_for(0)):
+        token, plain, sampled = sample_tokens(logits, params, seed, torch.tensor([step], device=device))
         out.token_ids.append(int(token))
-        out.sampling_logprobs.append(float(lp[0, token]))
-        out.logprobs.append(float(torch.log_softmax(logits.float(), -1)[0, token]))
+        out.logprobs.append(float(plain))
+        out.sampling_logprobs.append(float(sampled))
         if out.token_ids[-1] in stops:
             out.finish_reason = "stop"
             break

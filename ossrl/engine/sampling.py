@@ -1,11 +1,19 @@
-"""Sampling parameters and the logit processing shared by every decoder.
+"""Sampling parameters and the one sampling rule every decoder uses.
 
-`SamplingParams` follows vLLM/TRL names. `processed_logprobs(logits, params)` applies temperature,
-then top-k, top-p and min-p filters, and returns the log-probabilities of the distribution that is
-actually sampled (filtered tokens at -inf). GRPO's importance correction needs both numbers per
-sampled token: the plain temperature-1 log-prob (`Completion.logprobs`) and this one
-(`Completion.sampling_logprobs`). Temperature 0 means greedy (the sampled token has log-prob 0
-under the sampling distribution).
+`SamplingParams` follows vLLM/TRL names. A token is drawn by the Gumbel-max trick,
+
+    token = argmax_v (logp_v + G_v),   G_v = -log(-log(u_v)),   u_v = hash(seed, step, v)
+
+where `logp` are the log-probs of the distribution actually sampled (temperature, then top-k,
+top-p, min-p filters) and `u` is a counter-based hash of the row's seed, the row's step and the
+token id. No generator state: a row's noise depends only on its own (seed, step), so a completion
+is the same whether it is decoded alone or in a batch, on CPU or GPU, and a CUDA graph can
+replay the step (seeds and steps are device tensors). `ossrl.kernels.sampling` fuses this rule
+into one Triton pass over the logits for the temperature-only case.
+
+GRPO needs two numbers per sampled token: the plain temperature-1 log-prob
+(`Completion.logprobs`) and the log-prob under the sampled distribution
+(`Completion.sampling_logprobs`). Temperature 0 is greedy (sampling log-prob 0).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+MASK32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -43,6 +53,10 @@ class SamplingParams:
             return self.max_new_tokens[prompt_index]
         return self.max_new_tokens
 
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0
+
 
 def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[B, V] raw logits -> [B, V] log-probs of the sampling distribution (fp32; -inf where filtered)."""
@@ -67,7 +81,49 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(logits, -1)
 
 
-def sample(logprobs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of [B, V] sampling log-probs; row b draws from generators[b]."""
-    probs = logprobs.exp()
-    return torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])])
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow (16-bit halves of c)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser: a bijection on 32-bit integers with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def fold_seed(seed: torch.Tensor) -> torch.Tensor:
+    """int64 seeds -> 32-bit row keys."""
+    seed = seed.long()
+    return _fmix32((seed & MASK32) ^ _fmix32((seed >> 32) & MASK32))
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """u in (0, 1) of shape [B, V] from 32-bit row keys [B] and steps [B]; bijective in the token id."""
+    row = _fmix32((steps.long() & MASK32) ^ keys.long())[:, None]
+    cols = torch.arange(vocab, device=keys.device, dtype=torch.long)[None, :]
+    h = _fmix32(_mul32(cols, 0x9E3779B1) ^ row)
+    return ((h >> 8).double() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, steps: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V]; seeds, steps [B] int64. -> (tokens [B], plain log-probs [B], sampling log-probs [B]).
+
+    The plain log-prob is at temperature 1 without filters; the sampling one is under the
+    distribution sampled. Same rule as the fused kernel (ossrl.kernels.sampling).
+    """
+    lp = processed_logprobs(logits, params)
+    if params.temperature == 0:
+        tokens = logits.float().argmax(-1)
+    else:
+        gumbel = -torch.log(-torch.log(uniform_noise(fold_seed(seeds), steps, logits.shape[-1])))
+        tokens = (lp.double() + gumbel).argmax(-1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    plain = torch.log_softmax(logits.float(), -1)[rows, tokens]
+    return tokens, plain, lp[rows, tokens]
