@@ -7,7 +7,8 @@ import torch
 
 from ossrl.engine.engine import RolloutEngine
 from ossrl.engine.naive import generate_naive
-from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample_tokens, uniform_noise, fold_seed
+from ossrl.engine.sampling import SamplingParams, processed_logprobs, sample_tokens
+from ossrl.kernels.sampling import fold_seed, uniform_noise
 from ossrl.testing import random_model, tiny_config
 
 

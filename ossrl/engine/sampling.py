@@ -9,7 +9,7 @@ top-p, min-p filters) and `u` is a counter-based hash of the row's seed, the row
 token id. No generator state: a row's noise depends only on its own (seed, step), so a completion
 is the same whether it is decoded alone or in a batch, on CPU or GPU, and a CUDA graph can
 replay the step (seeds and steps are device tensors). `ossrl.kernels.sampling` fuses this rule
-into one Triton pass over the logits for the temperature-only case.
+into one Triton pass over the logits for the temperature-only case and holds the hash.
 
 GRPO needs two numbers per sampled token: the plain temperature-1 log-prob
 (`Completion.logprobs`) and the log-prob under the sampled distribution
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+from ossrl.kernels.sampling import fold_seed, gumbel_argmax, sample_temperature
 
 
 @dataclass
@@ -81,49 +81,18 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     return torch.log_softmax(logits, -1)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow (16-bit halves of c)."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & MASK32
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finaliser: a bijection on 32-bit integers with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def fold_seed(seed: torch.Tensor) -> torch.Tensor:
-    """int64 seeds -> 32-bit row keys."""
-    seed = seed.long()
-    return _fmix32((seed & MASK32) ^ _fmix32((seed >> 32) & MASK32))
-
-
-def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u in (0, 1) of shape [B, V] from 32-bit row keys [B] and steps [B]; bijective in the token id."""
-    row = _fmix32((steps.long() & MASK32) ^ keys.long())[:, None]
-    cols = torch.arange(vocab, device=keys.device, dtype=torch.long)[None, :]
-    h = _fmix32(_mul32(cols, 0x9E3779B1) ^ row)
-    return ((h >> 8).double() + 0.5) * (1.0 / (1 << 24))
-
-
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, steps: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V]; seeds, steps [B] int64. -> (tokens [B], plain log-probs [B], sampling log-probs [B]).
 
     The plain log-prob is at temperature 1 without filters; the sampling one is under the
-    distribution sampled. Same rule as the fused kernel (ossrl.kernels.sampling).
+    distribution sampled. Temperature-only sampling runs fused on CUDA (ossrl.kernels.sampling).
     """
+    keys = fold_seed(seeds)
+    if not params.filtered:
+        return sample_temperature(logits, params.temperature, keys, steps)
     lp = processed_logprobs(logits, params)
-    if params.temperature == 0:
-        tokens = logits.float().argmax(-1)
-    else:
-        gumbel = -torch.log(-torch.log(uniform_noise(fold_seed(seeds), steps, logits.shape[-1])))
-        tokens = (lp.double() + gumbel).argmax(-1)
+    tokens = gumbel_argmax(lp, keys, steps) if params.temperature > 0 else logits.float().argmax(-1)
     rows = torch.arange(logits.shape[0], device=logits.device)
     plain = torch.log_softmax(logits.float(), -1)[rows, tokens]
     return tokens, plain, lp[rows, tokens]
