@@ -6,6 +6,7 @@
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
     ossrl train CONFIG.toml [--set key=value ...]   # GRPO
     ossrl plot RUN_DIR                              # PNG curves of a run
+    ossrl play2048 strategy.py [--games N]          # watch a 2048 strategy play in the terminal
     ossrl export CHECKPOINT --format adapter|merged-bf16|merged-mxfp4 OUT_DIR
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
@@ -117,6 +118,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_play2048(args) -> int:
+    from ossrl.envs.play import play_main
+
+    return play_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype of merged non-expert weights (float32 keeps the merge exact)")
     e.set_defaults(func=cmd_export)
+
+    g2 = sub.add_parser("play2048", help="play a strategy (a .py file, a completion, or a run's samples.jsonl)",
+                        add_help=False)
+    g2.add_argument("args", nargs=argparse.REMAINDER, help="see `ossrl play2048 --help`")
+    g2.set_defaults(func=cmd_play2048)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN_DIR/plots")
     p.add_argument("run_dir")
