@@ -1,16 +1,31 @@
-"""Routed mixture-of-experts: routing and the plain-PyTorch expert loop (CPU path and oracle).
+"""Routed mixture-of-experts: routing, token grouping, and the plain-PyTorch expert loop (the twin).
 
 Routing is top-k on the raw (biased) router logits, then a softmax over the k selected values
 only (spec 2.4). Each token's output is the routing-weighted sum of its k experts' outputs, each
-expert's down bias included (spec 2.5). The loop below visits only experts that received tokens:
-it never computes an expert for a token that was not routed to it.
+expert's down bias included (spec 2.5). Nothing here computes an expert for a token that was not
+routed to it.
+
+Two paths compute the same function:
+- `routed_experts_reference` (this file): a loop over the experts that received tokens. It is the
+  CPU path and the test oracle (run it in fp32).
+- `ossrl.kernels.moe_triton.routed_experts_triton`: grouped Triton matmuls over tokens sorted by
+  expert, bf16 or native MXFP4 weights, forward and exact input gradients. `routed_experts` picks
+  it for bf16 activations on CUDA and falls back to the twin everywhere else.
+
+The one thing to know: a "slot" is one (token, choice) pair, slot = token * k + j. Grouping sorts
+the N*k slots by expert (`group_by_expert`, no host sync); kernels work in that sorted order and
+write results back by slot, so the k-sum per token is a plain deterministic reduction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from ossrl.kernels.mxfp4 import dequantize_mxfp4
 
 
 def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,3 +63,162 @@ def routed_experts_reference(
         y = down(e, a) * weights[token_idx, slot].unsqueeze(-1)
         out.index_add_(0, token_idx, y.to(x.dtype))
     return out
+
+
+def clamped_swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: float) -> torch.Tensor:
+    """d(clamped_swiglu)/dz: z [..., 2I] interleaved pre-activation, da [..., I] -> dz [..., 2I].
+
+    fp32 arithmetic, result in z's dtype. Clamp edges follow torch.clamp's backward (the gradient
+    passes where the input equals the bound), so it matches autograd through `clamped_swiglu`.
+    """
+    zf = z.float()
+    gate, up = zf[..., 0::2], zf[..., 1::2]
+    gc, uc = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    s = torch.sigmoid(gc * alpha)
+    daf = da.float()
+    dgate = daf * (uc + 1) * (s + alpha * gc * s * (1 - s)) * (gate <= limit)
+    dup = daf * (gc * s) * ((up >= -limit) & (up <= limit))
+    return torch.stack((dgate, dup), dim=-1).flatten(-2).to(z.dtype)
+
+
+@dataclass
+class ExpertGroups:
+    """The N*k slots of a batch sorted by expert (all on the device of `ids`, built without syncs)."""
+
+    order: torch.Tensor    # [S] int64: slot id (token*k + j) at each sorted position
+    token: torch.Tensor    # [S] int64: token of each sorted position
+    expert: torch.Tensor   # [S] int64: expert of each sorted position (non-decreasing)
+    offsets: torch.Tensor  # [E+1] int64: expert e owns sorted positions offsets[e]:offsets[e+1]
+    k: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def group_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """ids [N, k] expert choices -> the slots grouped by expert (stable: by token within an expert)."""
+    k = ids.shape[-1]
+    expert, order = torch.sort(ids.reshape(-1), stable=True)
+    bounds = torch.arange(num_experts + 1, device=ids.device, dtype=expert.dtype)
+    offsets = torch.searchsorted(expert, bounds)
+    return ExpertGroups(order=order, token=order // k, expert=expert, offsets=offsets, k=k)
+
+
+@dataclass
+class ExpertWeights:
+    """The frozen base of E experts, as the Experts module holds it (spec 3.1 and 3.3).
+
+    bf16 (dense, any float dtype): gate_up [E, H, 2I] and down [E, I, H], used as x @ W[e].
+    mxfp4: gate_up = blocks [E, 2I, H/32, 16] uint8 with gate_up_scales [E, 2I, H/32] uint8, and
+    down = blocks [E, H, I/32, 16] with down_scales [E, H, I/32]; rows are outputs, the 32-blocks
+    run along the input. Biases are [E, 2I] and [E, H] in every format.
+    """
+
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor
+    down: torch.Tensor
+    down_bias: torch.Tensor
+    gate_up_scales: torch.Tensor | None = None
+    down_scales: torch.Tensor | None = None
+    limit: float = 7.0
+    alpha: float = 1.702
+
+    @property
+    def format(self) -> str:
+        return "bf16" if self.gate_up_scales is None else "mxfp4"
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_bias.shape[0]
+
+    def gate_up_of(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> x @ W1_e + b1_e [n, 2I] (the twin's per-expert step)."""
+        if self.gate_up_scales is None:
+            return x @ self.gate_up[e] + self.gate_up_bias[e]
+        w = dequantize_mxfp4(self.gate_up[e], self.gate_up_scales[e], x.dtype)  # [2I, H]
+        return F.linear(x, w, self.gate_up_bias[e])
+
+    def down_of(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        """a [n, I] -> a @ W2_e + b2_e [n, H]."""
+        if self.down_scales is None:
+            return a @ self.down[e] + self.down_bias[e]
+        w = dequantize_mxfp4(self.down[e], self.down_scales[e], a.dtype)  # [H, I]
+        return F.linear(a, w, self.down_bias[e])
+
+
+def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: ExpertGroups,
+                       scaling: float, *, loop: bool = False) -> torch.Tensor:
+    """Per-expert low-rank delta on sorted rows: x [S, in] (rows of expert e at its offsets),
+    A [E, in, r], B [E, r, out] -> (x_e @ A[e] @ B[e]) * scaling [S, out]. Differentiable.
+
+    Uses torch._grouped_mm on CUDA (bf16, 16-byte aligned rank), else a loop over experts
+    (one host sync to read the offsets), or when `loop` is set.
+    """
+    r = A.shape[-1]
+    if (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and r % 8 == 0
+            and A.dtype == B.dtype == torch.bfloat16 and not loop):
+        offs = groups.offsets[1:].to(torch.int32)
+        return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs), B, offs=offs) * scaling
+    out = x.new_zeros(x.shape[0], B.shape[-1])
+    bounds = groups.offsets.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out = out.index_copy(0, torch.arange(lo, hi, device=x.device), (x[lo:hi] @ A[e]) @ B[e] * scaling)
+    return out
+
+
+def routed_experts_twin(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+                        lora=None) -> torch.Tensor:
+    """The reference loop over `experts` (plus LoRA, see `routed_experts`). The oracle: run in fp32."""
+    def gate_up(e, xe):
+        z = experts.gate_up_of(e, xe)
+        if lora is None:
+            return z
+        return z + (lora_input(lora, xe) @ lora.gate_up_A[e]) @ lora.gate_up_B[e] * lora.scaling
+
+    def down(e, a):
+        y = experts.down_of(e, a)
+        if lora is None:
+            return y
+        return y + (lora_input(lora, a) @ lora.down_A[e]) @ lora.down_B[e] * lora.scaling
+
+    return routed_experts_reference(x, weights, ids, gate_up, down, limit=experts.limit, alpha=experts.alpha)
+
+
+def lora_input(lora, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch's input: x through the adapter's dropout, if it has one."""
+    dropout = getattr(lora, "dropout", None)
+    return dropout(x) if dropout is not None else x
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def use_moe_kernels(x: torch.Tensor, experts: ExpertWeights) -> bool:
+    """The Triton path serves bf16 activations on CUDA with bf16 or MXFP4 experts; fp32 uses the twin."""
+    dense_ok = experts.format == "mxfp4" or experts.gate_up.dtype == torch.bfloat16
+    return x.is_cuda and x.dtype == torch.bfloat16 and dense_ok and triton_available()
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+                   lora=None) -> torch.Tensor:
+    """x [N, H], routing weights and expert ids [N, k] -> [N, H] = sum_j w_j * expert_{ids_j}(x).
+
+    `lora` (optional) is any object with `gate_up_A [E, H, r]`, `gate_up_B [E, r, 2I]`,
+    `down_A [E, I, r]`, `down_B [E, r, H]` and `scaling`: the delta (x @ A[e] @ B[e]) * scaling
+    is added, unmerged, to expert e's gate_up pre-activation and to its down output (before the
+    routing weight); an adapter's `dropout` module, if any, applies to the LoRA input only.
+    Gradients reach x, the routing weights and the LoRA pairs, never the base.
+    """
+    if use_moe_kernels(x, experts):
+        from ossrl.kernels.moe_triton import routed_experts_triton
+
+        return routed_experts_triton(x, weights, ids, experts, lora)
+    return routed_experts_twin(x, weights, ids, experts, lora)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ossrl.kernels.attention import attention_mask, sink_attention
-from ossrl.kernels.moe import route, routed_experts_reference
+from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.model.config import GptOssConfig, YarnRope
 
@@ -159,7 +159,21 @@ class Experts(nn.Module):
             y = F.linear(a, w, self.down_proj_bias[e])
         return y + self.lora.down_delta(e, a) if self._lora_on() else y
 
+    def expert_weights(self) -> ExpertWeights:
+        """The base as the kernels take it (views, no copies)."""
+        if self.format == "bf16":
+            return ExpertWeights(self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias,
+                                 limit=self.limit, alpha=self.alpha)
+        return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
+                             self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
+                             limit=self.limit, alpha=self.alpha)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        experts = self.expert_weights()
+        if use_moe_kernels(x, experts):  # CUDA, bf16 activations: grouped Triton matmuls, same function
+            from ossrl.kernels.moe_triton import routed_experts_triton
+
+            return routed_experts_triton(x, weights, ids, experts, self.lora if self._lora_on() else None)
         return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha)
 
 

@@ -1,0 +1,251 @@
+"""One gpt-oss-20b-shaped MoE layer (32 experts, top-4, H = I = 2880): ossrl's routed Triton kernels
+(MXFP4 and bf16 experts) against transformers' own `GptOssExperts` forward, a dense all-experts bmm
+and `torch._grouped_mm` (bf16), all on the same weights in the same run.
+
+Run on a GPU from the repo root:  PYTHONPATH=. python benchmarks/moe.py --out benchmarks/results/moe.json
+(--sweep also times several tile configurations of the ossrl kernels.)
+
+Figures per token count: forward and forward+backward (input and routing-weight gradients; the
+base is frozen) median times; bytes moved per forward (routed expert weights + x + out) and the
+achieved fraction of the measured copy bandwidth; TFLOP/s and the fraction of the measured bf16
+matmul throughput. `ossrl_*_graph` is the whole forward (routing, grouping, kernels) replayed in a
+CUDA graph; `ossrl_*_kernels` is the two matmul kernels alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from ossrl.kernels.moe import ExpertWeights, clamped_swiglu, group_by_expert, route
+from ossrl.kernels.mxfp4 import dequantize_mxfp4
+from ossrl.kernels import moe_triton
+
+E, K_TOP, H, I = 32, 4, 2880, 2880
+LIMIT, ALPHA = 7.0, 1.702
+TOKENS = [1, 8, 64, 256, 4096, 32768]
+
+
+def bench(fn, rep=100):
+    return do_bench(fn, warmup=20, rep=rep, return_mode="median")  # ms, L2 flushed between runs
+
+
+def hardware_ceilings():
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * n / (bench(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written per second
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * 8192 ** 3 / (bench(lambda: a @ b) * 1e-3)
+    del src, dst, a, b
+    return copy_bw, mm
+
+
+def make_layer(gen):
+    blocks1 = torch.randint(0, 256, (E, 2 * I, H // 32, 16), generator=gen, device="cuda", dtype=torch.uint8)
+    scales1 = torch.randint(119, 122, (E, 2 * I, H // 32), generator=gen, device="cuda", dtype=torch.uint8)
+    blocks2 = torch.randint(0, 256, (E, H, I // 32, 16), generator=gen, device="cuda", dtype=torch.uint8)
+    scales2 = torch.randint(119, 122, (E, H, I // 32), generator=gen, device="cuda", dtype=torch.uint8)
+    b1 = (torch.randn(E, 2 * I, generator=gen, device="cuda") * 0.1).bfloat16()
+    b2 = (torch.randn(E, H, generator=gen, device="cuda") * 0.1).bfloat16()
+    mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA)
+    w1 = dequantize_mxfp4(blocks1, scales1, torch.bfloat16).transpose(1, 2).contiguous()  # [E, H, 2I]
+    w2 = dequantize_mxfp4(blocks2, scales2, torch.bfloat16).transpose(1, 2).contiguous()  # [E, I, H]
+    dense = ExpertWeights(w1, b1, w2, b2, limit=LIMIT, alpha=ALPHA)
+    return mx, dense
+
+
+def hf_experts(dense: ExpertWeights):
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    cfg = GptOssConfig(num_local_experts=E, hidden_size=H, intermediate_size=I, num_experts_per_tok=K_TOP)
+    m = GptOssExperts(cfg).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    m.gate_up_proj.data, m.gate_up_proj_bias.data = dense.gate_up, dense.gate_up_bias
+    m.down_proj.data, m.down_proj_bias.data = dense.down, dense.down_bias
+    return lambda x, w, ids: m(x, router_indices=ids, routing_weights=w)
+
+
+def dense_bmm(d: ExpertWeights):
+    def fn(x, w, ids):  # every expert on every token, then the routing mask
+        N = x.shape[0]
+        z = torch.bmm(x.expand(E, N, H), d.gate_up) + d.gate_up_bias[:, None]
+        y = torch.bmm(clamped_swiglu(z, limit=LIMIT, alpha=ALPHA), d.down) + d.down_bias[:, None]
+        dense_w = torch.zeros(N, E, device=x.device, dtype=w.dtype).scatter(1, ids, w)
+        return torch.einsum("ne,enh->nh", dense_w, y)
+    return fn
+
+
+def grouped_mm(d: ExpertWeights):
+    def fn(x, w, ids):
+        N = x.shape[0]
+        g = group_by_expert(ids, E)
+        offs = g.offsets[1:].to(torch.int32)
+        z = torch._grouped_mm(x[g.token], d.gate_up, offs=offs) + d.gate_up_bias[g.expert]
+        y = torch._grouped_mm(clamped_swiglu(z, limit=LIMIT, alpha=ALPHA), d.down, offs=offs) + d.down_bias[g.expert]
+        y = y * w.reshape(-1)[g.order, None]
+        slots = torch.zeros(N * K_TOP, H, device=x.device, dtype=y.dtype).index_copy(0, g.order, y)
+        return slots.view(N, K_TOP, H).sum(1)
+    return fn
+
+
+def ossrl_fn(ex, config=None):
+    return lambda x, w, ids: moe_triton.routed_experts_triton(x, w, ids, ex, config=config)
+
+
+def weight_bytes_per_expert(fmt):
+    n1, n2 = 2 * I * H, H * I
+    w = (n1 + n2) * 2 if fmt == "bf16" else (n1 + n2) // 2 + (n1 + n2) // 32
+    return w + (2 * I + H) * 2  # + biases
+
+
+def time_fwd_bwd(fn, x, w, ids, dout):
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+    def step():
+        xg.grad = wg.grad = None
+        fn(xg, wg, ids).backward(dout)
+    return bench(step)
+
+
+def graph_time(fn, x, w, ids):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(x, w, ids)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(x, w, ids)
+    return bench(g.replay)
+
+
+def kernels_time(ex, x, w, ids, config=None):
+    groups = group_by_expert(ids, E)
+    cfg = config or moe_triton.default_config(groups.order.numel(), E, ex.format == "mxfp4")
+    plan = moe_triton._Plan(groups, ex, x.shape[0], cfg)
+    plan.tiles(cfg.BM)
+    return bench(lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w))
+
+
+def attempt(fn):
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+    except Exception as exc:  # recorded, not hidden
+        torch.cuda.empty_cache()
+        return f"error: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/moe.json")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy_bw, mm_flops = hardware_ceilings()
+    mx, dense = make_layer(gen)
+    router = (torch.randn(H, E, generator=gen, device="cuda") * 0.05).bfloat16()
+    methods = {
+        "ossrl_mxfp4": ossrl_fn(mx), "ossrl_bf16": ossrl_fn(dense), "hf_GptOssExperts_bf16": hf_experts(dense),
+        "dense_bmm_bf16": dense_bmm(dense), "grouped_mm_bf16": grouped_mm(dense),
+    }
+    fmt_of = {"ossrl_mxfp4": "mxfp4"}
+    result = {
+        "benchmark": "moe", "layer": dict(experts=E, top_k=K_TOP, hidden=H, intermediate=I),
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "copy_bandwidth_GBps": copy_bw / 1e9, "bf16_matmul_TFLOPs": mm_flops / 1e12, "rows": [],
+    }
+    try:
+        import transformers
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
+
+    for N in map(int, args.tokens.split(",")):
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        hit = int(torch.unique(ids).numel())
+        S = N * K_TOP
+        flops = 2 * S * H * 2 * I + 2 * S * I * H
+        with torch.no_grad():
+            ref = moe_triton.routed_experts_triton(x, w, ids, dense).float()
+        for name, fn in methods.items():
+            fmt = fmt_of.get(name, "bf16")
+            routed = hit if name != "dense_bmm_bf16" else E
+            nbytes = routed * weight_bytes_per_expert(fmt) + 2 * N * H * 2
+            row = dict(tokens=N, method=name, experts_hit=hit, bytes_per_forward=nbytes, forward_flops=flops)
+            with torch.no_grad():
+                out = attempt(lambda: fn(x, w, ids))
+                if isinstance(out, torch.Tensor):
+                    row["rel_diff_vs_ossrl_bf16"] = ((out.float() - ref).norm() / ref.norm()).item()
+                    del out
+                row["fwd_ms"] = attempt(lambda: bench(lambda: fn(x, w, ids)))
+                if name.startswith("ossrl") or name == "grouped_mm_bf16":
+                    row["fwd_graph_ms"] = attempt(lambda: graph_time(fn, x, w, ids))
+                if name.startswith("ossrl"):
+                    row["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx if fmt == "mxfp4" else dense, x, w, ids))
+            row["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(fn, x, w, ids, dout))
+            for key in ("fwd_ms", "fwd_graph_ms", "fwd_kernels_ms"):
+                if isinstance(row.get(key), float):
+                    stem = key[:-3]
+                    row[stem + "_bandwidth_fraction"] = nbytes / (row[key] * 1e-3) / copy_bw
+                    row[stem + "_TFLOPs"] = flops / (row[key] * 1e-3) / 1e12
+                    row[stem + "_matmul_fraction"] = row[stem + "_TFLOPs"] * 1e12 / mm_flops
+            if isinstance(row["fwd_bwd_ms"], float):
+                row["fwd_bwd_TFLOPs"] = 2 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                row["fwd_bwd_matmul_fraction"] = row["fwd_bwd_TFLOPs"] * 1e12 / mm_flops
+            result["rows"].append(row)
+            show = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
+                    if k.endswith(("_ms", "_fraction")) or k == "rel_diff_vs_ossrl_bf16"}
+            print(N, name, show, flush=True)
+            torch.cuda.empty_cache()
+
+    if args.sweep:
+        result["sweep"] = sweep(mx, dense, router, gen)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (64, 128, 64, 4, 3),
+         (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
+
+
+def sweep(mx, dense, router, gen):
+    rows = []
+    for N in (1, 64, 256, 4096, 32768):
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        for fmt, ex in (("mxfp4", mx), ("bf16", dense)):
+            for c in [c + (d,) for c in SWEEP for d in ((True, False) if fmt == "mxfp4" else (True,))]:
+                if (N <= 64 and c[0] > 32) or (N >= 4096 and c[0] < 64) or (N == 256 and c[0] == 128):
+                    continue
+                cfg = moe_triton.TileConfig(*c)
+                r = dict(tokens=N, format=fmt, config=c)
+                with torch.no_grad():
+                    r["fwd_kernels_ms"] = attempt(lambda: kernels_time(ex, x, w, ids, cfg))
+                if N >= 4096:
+                    r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(ex, cfg), x, w, ids, dout))
+                rows.append(r)
+                print("sweep", r, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Triton grouped expert matmuls for routed MoE: bf16 or native MXFP4 weights, forward and input gradient.
+
+Imported only on CUDA (through `ossrl.kernels.moe.routed_experts`); its twin and oracle is
+`ossrl.kernels.moe.routed_experts_twin`. One kernel, `_moe_matmul`, does every grouped product
+C[rows of expert e] = A[rows] @ B_e over the slots sorted by expert:
+
+    forward   gate_up: a = swiglu(x[token] @ W1_e + b1_e + lora_z)   (gather, bias, SwiGLU fused)
+              down:    buf[slot] = w_slot * (a @ W2_e + b2_e + lora_y) (bias, weight, scatter fused)
+    backward  down:    dA = dout[token] @ W2_e^T                       (gather fused)
+              gate_up: dxs[slot] = dz @ W1_e^T                         (scatter fused)
+
+Each program owns one tile of BM sorted rows of a single expert (a device-side tile table,
+built without host syncs) and BN output columns, so a routed expert's weights are read once per
+row tile and unrouted experts are never read. MXFP4 tiles are decoded in registers (E2M1 codes
+by bit arithmetic, E8M0 scale by exponent bits), never written to memory; the forward reads
+W[out, in] rows (blocks run along the contraction), the backward reads the same bytes as
+W^T (blocks run along the output columns). The k-sum per token is a deterministic reduction
+of the [N, k, H] slot buffer (no atomics).
+
+The base weights and biases get no gradients (frozen); LoRA enters as the additive `lora_z` /
+`lora_y` terms, whose gradients (dz and w*dout) the autograd functions return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ossrl.kernels.moe import (
+    ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input,
+)
+
+
+@triton.jit
+def _e2m1_to_f32(code):
+    """uint8 E2M1 codes (0..15) -> fp32 values times 2^-14 (spec 3.2 LUT, exactly).
+
+    The 3 magnitude bits placed at fp16's exponent/mantissa boundary give 2^-14 * value, with
+    code 1 (0.5) landing on an fp16 subnormal that the fp16 -> fp32 conversion keeps exact.
+    """
+    c = code.to(tl.int16)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
+                R: tl.constexpr, C: tl.constexpr):
+    """Decoded [R, C] fp32 tile of one expert: `rows` (outputs) x input columns col0..col0+C."""
+    bcols = col0 // 2 + tl.arange(0, C // 2)
+    b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
+                mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
+    groups = col0 // 32 + tl.arange(0, C // 32)
+    s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
+                mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
+    v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(R, C)  # low nibble = even column
+    scale = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s-127) * 2^14
+    return (v.reshape(R, C // 32, 32) * scale[:, :, None]).reshape(R, C)
+
+
+@triton.jit
+def _moe_matmul(
+    a_ptr, a_rows_ptr, stride_am,
+    b_ptr, scales_ptr, stride_be, stride_b1, stride_b2, stride_se, stride_srow,
+    bias_ptr, stride_bias, extra_ptr, stride_xm,
+    route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr,
+    num_tiles, N, K, limit, alpha,
+    MXFP4: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, GATHER_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
+    ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr, DOT_SCALED: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:  # the tile table is sized for the worst case; spare tiles exit
+        return
+    start = tl.load(tile_start_ptr + pid_m)
+    end = tl.load(offsets_ptr + e + 1)
+    pos = start + tl.arange(0, BM)  # sorted positions
+    m_mask = pos < end
+    if GATHER_A:
+        a_rows = tl.load(a_rows_ptr + pos, mask=m_mask, other=0)
+    else:
+        a_rows = pos
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BK)
+    e64 = e.to(tl.int64)
+    a_base = a_ptr + a_rows[:, None].to(tl.int64) * stride_am
+    b_base = b_ptr + e64 * stride_be
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BK)):
+        k0 = kt * BK
+        kk = k0 + offs_k
+        k_mask = kk < K
+        a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if MXFP4 and DOT_SCALED:  # forward only: Triton's own e2m1 upcast, scales along K
+            bcols = k0 // 2 + tl.arange(0, BK // 2)
+            wq = tl.load(b_base + offs_n[:, None] * stride_b1 + bcols[None, :],
+                         mask=n_mask[:, None] & (bcols[None, :] < K // 2), other=0)  # [BN, BK/2] uint8
+            groups = k0 // 32 + tl.arange(0, BK // 32)
+            ws = tl.load(scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow + groups[None, :],
+                         mask=n_mask[:, None] & (groups[None, :] < K // 32), other=0)  # [BN, BK/32]
+            acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
+        elif MXFP4:
+            if B_ROWS_ARE_N:  # forward: stored [N (out), K (in)], decode [BN, BK] then transpose
+                w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                                stride_b1, stride_srow, BN, BK)
+                w = tl.trans(w.to(a.dtype))
+            else:  # backward: stored [K (out), N (in)], decode [BK, BN] directly
+                w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
+                                stride_b1, stride_srow, BK, BN).to(a.dtype)
+        else:
+            w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if not (MXFP4 and DOT_SCALED):
+            acc = tl.dot(a, w, acc)
+
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e64 * stride_bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_EXTRA:
+        acc += tl.load(extra_ptr + pos[:, None].to(tl.int64) * stride_xm + offs_n[None, :],
+                       mask=mn_mask, other=0.0).to(tl.float32)
+    if STORE_Z:
+        tl.store(z_ptr + pos[:, None].to(tl.int64) * stride_zm + offs_n[None, :],
+                 acc.to(z_ptr.dtype.element_ty), mask=mn_mask)
+    if SWIGLU:  # columns interleave (gate, up); output column j = pair j
+        gate, up = tl.split(acc.reshape(BM, BN // 2, 2))
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = gate * tl.sigmoid(gate * alpha) * (up + 1.0)
+        offs_o = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        tl.store(c_ptr + pos[:, None].to(tl.int64) * stride_cm + offs_o[None, :],
+                 out.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_o[None, :] < N // 2))
+    else:
+        rows = pos
+        if ROUTE_WEIGHT or SCATTER_C:
+            slot = tl.load(slot_ptr + pos, mask=m_mask, other=0)
+            if SCATTER_C:
+                rows = slot
+            if DW_EPILOGUE:  # d w_slot += <a_slot, acc> over this tile's columns (extra_ptr holds a)
+                a_t = tl.load(extra_ptr + pos[:, None].to(tl.int64) * stride_xm + offs_n[None, :],
+                              mask=mn_mask, other=0.0).to(tl.float32)
+                tl.atomic_add(dw_ptr + pos, tl.sum(a_t * acc, axis=1), mask=m_mask)
+            if ROUTE_WEIGHT:
+                acc = acc * tl.load(route_w_ptr + slot, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=mn_mask)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+    dot_scaled: bool = True  # MXFP4 forward through tl.dot_scaled (else our own decode)
+    GROUP_M: int = 8
+
+
+def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
+    """Tile shapes by rows per expert: decode is bandwidth-bound (small BM, many column tiles),
+    training is compute-bound (128x128 tiles on the tensor cores)."""
+    per_expert = slots / num_experts  # picked from the sweep in benchmarks/moe.py (H100, 20b shapes)
+    if per_expert <= 2 and mxfp4:
+        return TileConfig(16, 32, 256, 4, 4)
+    if per_expert <= 16:
+        return TileConfig(16, 64, 128, 4, 4)
+    if per_expert <= 64:
+        return TileConfig(64, 128, 64, 4, 3, dot_scaled=False)
+    return TileConfig(128, 128, 64, 4, 4) if mxfp4 else TileConfig(128, 256, 64, 8, 3)
+
+
+@dataclass
+class _Plan:
+    """Everything both autograd functions need about one call (not tensors autograd tracks)."""
+
+    groups: ExpertGroups
+    experts: ExpertWeights
+    num_tokens: int
+    config: TileConfig
+    tables: dict = field(default_factory=dict)  # BM -> (tile_expert, tile_start, num_tiles)
+
+    def tiles(self, BM: int):
+        """Row tiles of BM sorted slots, each inside one expert: [T] expert (-1 spare), [T] start."""
+        if BM not in self.tables:
+            g = self.groups
+            E, S = self.experts.num_experts, g.order.numel()
+            counts = g.counts
+            per = (counts + BM - 1) // BM
+            ends = torch.cumsum(per, 0)
+            num_tiles = triton.cdiv(S, BM) + min(E, S)  # upper bound, no host sync
+            t = torch.arange(num_tiles, device=counts.device)
+            e = torch.searchsorted(ends, t, right=True)
+            ec = e.clamp(max=E - 1)
+            start = g.offsets[ec] + (t - (ends - per)[ec]) * BM
+            expert = torch.where(e < E, ec, -1).to(torch.int32)
+            self.tables[BM] = (expert, start.to(torch.int32), num_tiles)
+        return self.tables[BM]
+
+
+def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
+            route_w=None, scatter=False, z=None, swiglu=False, dw=None, config: TileConfig | None = None):
+    """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags."""
+    cfg = config or plan.config
+    tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
+    mxfp4 = scales is not None
+    if mxfp4:
+        stride_b1, stride_b2 = b.stride(1), 0
+        stride_se, stride_srow = scales.stride(0), scales.stride(1)
+    else:  # dense [E, in, out]: forward walks (in, out), backward (out, in)
+        stride_b1, stride_b2 = (b.stride(1), b.stride(2)) if b_rows_are_n else (b.stride(2), b.stride(1))
+        stride_se = stride_srow = 0
+    dummy = c
+    grid = (num_tiles * triton.cdiv(N, cfg.BN),)
+    _moe_matmul[grid](
+        a, a_rows if a_rows is not None else dummy, a.stride(0),
+        b, scales if mxfp4 else dummy, b.stride(0), stride_b1, stride_b2, stride_se, stride_srow,
+        bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
+        extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
+        route_w if route_w is not None else dummy, plan.groups.order,
+        c, c.stride(0), z if z is not None else dummy, z.stride(0) if z is not None else 0,
+        dw if dw is not None else dummy,
+        tile_expert, tile_start, plan.groups.offsets,
+        num_tiles, N, K, float(plan.experts.limit), float(plan.experts.alpha),
+        MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
+        HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu, STORE_Z=z is not None,
+        ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter,
+        DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return c
+
+
+def _dims(experts: ExpertWeights) -> tuple[int, int]:
+    """(H, I) from the biases: gate_up bias is [E, 2I], down bias [E, H]."""
+    return experts.down_bias.shape[1], experts.gate_up_bias.shape[1] // 2
+
+
+def gate_up_forward(plan: _Plan, x, lora_z=None, z=None):
+    """a [S, I] in sorted order: swiglu(x[token] @ W1_e + b1_e (+ lora_z)); optionally stores z [S, 2I]."""
+    ex = plan.experts
+    H, I = _dims(ex)
+    a = torch.empty(plan.groups.order.numel(), I, device=x.device, dtype=x.dtype)
+    return _launch(plan, x, ex.gate_up, ex.gate_up_scales, 2 * I, H, a, b_rows_are_n=True,
+                   a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True)
+
+
+def down_forward(plan: _Plan, a, route_w, lora_y=None):
+    """out [N, H] = sum over each token's k slots of w * (a @ W2_e + b2_e (+ lora_y))."""
+    ex = plan.experts
+    H, I = _dims(ex)
+    buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
+    _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
+            extra=lora_y, route_w=route_w.reshape(-1), scatter=True)
+    return buf.view(plan.num_tokens, plan.groups.k, H).sum(1)
+
+
+@triton.jit
+def _swiglu_backward_kernel(z_ptr, da_ptr, dz_ptr, I, limit, alpha, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
+    z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
+    gate, up = tl.split(z)
+    da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32)
+    gc = tl.minimum(gate, limit)
+    uc = tl.minimum(tl.maximum(up, -limit), limit)
+    sig = tl.sigmoid(gc * alpha)
+    dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+    dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
+    tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: float) -> torch.Tensor:
+    """`ossrl.kernels.moe.clamped_swiglu_backward` in one pass: z [S, 2I], da [S, I] -> dz [S, 2I]."""
+    S, I = da.shape
+    dz = torch.empty_like(z)
+    if S:
+        _swiglu_backward_kernel[(S, triton.cdiv(I, 1024))](z, da, dz, I, float(limit), float(alpha), BLOCK=1024)
+    return dz
+
+
+class _GateUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_z, plan):
+        needs_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
+        z = torch.empty(S, I2, device=x.device, dtype=x.dtype) if needs_z else None
+        a = gate_up_forward(plan, x, lora_z, z)
+        ctx.plan = plan
+        ctx.save_for_backward(z)
+        return a
+
+    @staticmethod
+    def backward(ctx, da):
+        (z,) = ctx.saved_tensors
+        plan = ctx.plan
+        ex = plan.experts
+        H, I = _dims(ex)
+        dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxs = torch.empty(plan.num_tokens * plan.groups.k, H, device=z.device, dtype=z.dtype)
+            _launch(plan, dz, ex.gate_up, ex.gate_up_scales, H, 2 * I, dxs, b_rows_are_n=False, scatter=True)
+            dx = dxs.view(plan.num_tokens, plan.groups.k, H).sum(1)
+        return dx, (dz if ctx.needs_input_grad[1] else None), None
+
+
+class _Down(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, route_w, lora_y, plan):
+        ctx.plan = plan
+        ctx.save_for_backward(a, route_w, lora_y)
+        return down_forward(plan, a, route_w, lora_y)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, route_w, lora_y = ctx.saved_tensors
+        plan = ctx.plan
+        g, ex = plan.groups, plan.experts
+        H, I = _dims(ex)
+        dout = dout.contiguous()
+        # da = w * (dout[token] @ W2_e^T); the same tile also gives the matmul part of d w_slot =
+        # <y_slot, dout_token> = <a_slot, dout_token @ W2_e^T> + <b2_e, dout_token> (+ <lora_y, dout>).
+        need_dw = ctx.needs_input_grad[1]
+        dw_sorted = torch.zeros(g.order.numel(), device=a.device, dtype=torch.float32) if need_dw else None
+        da = torch.empty(g.order.numel(), I, device=a.device, dtype=a.dtype)
+        _launch(plan, dout, ex.down, ex.down_scales, I, H, da, b_rows_are_n=False, a_rows=g.token,
+                route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted)
+        w_sorted = route_w.reshape(-1)[g.order].float()
+        dw = dlora_y = None
+        need_g = lora_y is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        g_sorted = dout[g.token].float() if need_g else None  # [S, H]
+        if need_dw:
+            dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
+            if lora_y is not None:
+                dw_sorted += (lora_y.float() * g_sorted).sum(-1)
+            dw = torch.empty_like(dw_sorted).index_copy_(0, g.order, dw_sorted)
+            dw = dw.view_as(route_w).to(route_w.dtype)
+        if lora_y is not None and ctx.needs_input_grad[2]:
+            dlora_y = (g_sorted * w_sorted[:, None]).to(lora_y.dtype)
+        return da, dw, dlora_y, None
+
+
+def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+                          lora=None, config: TileConfig | None = None) -> torch.Tensor:
+    """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs."""
+    N = x.shape[0]
+    x = x.contiguous()
+    groups = group_by_expert(ids, experts.num_experts)
+    cfg = config or default_config(groups.order.numel(), experts.num_experts, experts.format == "mxfp4")
+    plan = _Plan(groups, experts, N, cfg)
+    lora_z = lora_y = None
+    if lora is not None:
+        xs = lora_input(lora, x)[groups.token]
+        lora_z = grouped_lora_delta(xs, lora.gate_up_A, lora.gate_up_B, groups, lora.scaling).contiguous()
+    a = _GateUp.apply(x, lora_z, plan)
+    if lora is not None:
+        lora_y = grouped_lora_delta(lora_input(lora, a), lora.down_A, lora.down_B, groups, lora.scaling).contiguous()
+    return _Down.apply(a, route_w.contiguous(), lora_y, plan)
