@@ -95,9 +95,10 @@ class Attention(nn.Module):
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = sink_attention(q, k, v, self.sinks, masks[self.window], scale=self.scale)
+        if cache is not None:  # the cache stores k, v and attends (the engine's uses the decode kernel)
+            out = cache.attend(self.layer_idx, q, k, v, self.sinks, masks[self.window], scale=self.scale)
+        else:
+            out = sink_attention(q, k, v, self.sinks, masks[self.window], scale=self.scale)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -208,6 +209,11 @@ class KVCache:
 
     Holds, per layer, rotated keys and values [B, T, Hkv, D], plus the positions of the cached
     keys [B, T] so masks are computed from positions like everywhere else.
+
+    The cache protocol the model uses (ossrl.engine.kv_pool implements it too):
+    `next_positions(B, T, device)`, `key_positions(positions)` (positions of all keys the new
+    queries may see), `attend(layer_idx, q, k, v, sinks, mask, scale)` (store k, v and return the
+    attention output) and `advance(key_positions)` after the forward.
     """
 
     def __init__(self):
@@ -222,12 +228,18 @@ class KVCache:
         start = 0 if self.positions is None else int(self.positions[:, -1].max()) + 1
         return torch.arange(start, start + length, device=device).expand(batch, length)
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions if self.positions is None else torch.cat((self.positions, positions), 1)
+
+    def attend(self, layer_idx: int, q, k, v, sinks, mask, *, scale: float) -> torch.Tensor:
         if layer_idx in self.keys:
             k = torch.cat((self.keys[layer_idx], k), dim=1)
             v = torch.cat((self.values[layer_idx], v), dim=1)
         self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
+        return sink_attention(q, k, v, sinks, mask, scale=scale)
+
+    def advance(self, key_positions: torch.Tensor) -> None:
+        self.positions = key_positions
 
 
 class GptOssModel(nn.Module):
@@ -277,7 +289,7 @@ class GptOssModel(nn.Module):
                 torch.arange(T, device=device).expand(B, T)
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-        k_pos = positions if cache is None or cache.positions is None else torch.cat((cache.positions, positions), 1)
+        k_pos = positions if cache is None else cache.key_positions(positions)
         masks = {
             window: attention_mask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
             for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
@@ -295,7 +307,7 @@ class GptOssModel(nn.Module):
                 else:
                     x = layer(x, cos, sin, masks, cache)
         if cache is not None:
-            cache.positions = k_pos
+            cache.advance(k_pos)
         return self.norm(x)
 
 
