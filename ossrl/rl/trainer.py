@@ -30,12 +30,12 @@ from ossrl.model.chat import assistant_stop_token_ids, render_prompt
 from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters
 from ossrl.rl.config import GRPOConfig
 from ossrl.rl.logging import RunLogger
-from ossrl.rl.loss import group_advantages, importance_sampling_weights, policy_loss
-from ossrl.rl.rewards import RewardFunctionError, compute_rewards, resolve_reward_func
+from ossrl.rl.loss import group_advantages
+from ossrl.rl.rewards import compute_rewards, resolve_reward_func
+from ossrl.rl.step import optimise_policy
 from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
-from ossrl.train.logprobs import pack_sequences, sequence_logprobs
-from ossrl.train.optim import clip_gradients, make_optimizer, make_scheduler
+from ossrl.train.optim import make_optimizer, make_scheduler
 from ossrl.train.sft import resolve_device_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -201,9 +201,8 @@ class GRPOTrainer:
     def train_step(self) -> tuple[dict, list[dict]]:
         c = self.config
         G = c.num_generations
-        model = self.model
         t0 = time.perf_counter()
-        rollouts, rewards, advantages, kept_groups, retries = [], None, None, 0, 0
+        rollouts, rewards, kept_groups, retries = [], None, 0, 0
         time_generate = time_reward = 0.0
         generated_tokens = 0
         errors: dict[str, str] = {}
@@ -287,88 +286,8 @@ class GRPOTrainer:
         return metrics, samples
 
     def _optimise(self, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
-        c = self.config
-        model = self.model
-        n = len(rollouts)
-        accum = c.gradient_accumulation_steps if n % c.gradient_accumulation_steps == 0 else 1
-        size = n // accum
-        chunks = [list(range(i, i + size)) for i in range(0, n, size)]
-        max_tokens = c.max_prompt_length + c.max_completion_length
-        packs, masks_out = [], []
-        for chunk in chunks:
-            seqs, trained = [], []
-            for i in chunk:
-                r = rollouts[i]
-                train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
-                seqs.append(r.prompt_ids + r.completion_ids)
-                trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
-            packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens).to(model.device))
-            masks_out.append(trained)
-        completion_len = [len(r.completion_ids) for r in rollouts]
-        total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
-                           for i, t in zip(chunk, tr))
-        sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
-
-        need_old = c.num_iterations > 1 or c.importance_sampling_correction
-        old, ref = {}, {}
-        with torch.no_grad():
-            for k, (chunk, pack) in enumerate(zip(chunks, packs)):
-                if need_old:
-                    lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
-                    old[k] = _unflatten(lp, pack, chunk, completion_len)
-                if c.beta > 0:
-                    with model.adapters_disabled():
-                        lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
-                    ref[k] = _unflatten(lp, pack, chunk, completion_len)
-
-        sums: dict[str, float] = {}
-        counts = 0
-        grad_norm = 0.0
-        is_stats = []
-        model.train()
-        for _ in range(c.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            for k, (chunk, pack) in enumerate(zip(chunks, packs)):
-                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
-                logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
-                entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
-                old_lp = old[k] if need_old else logprobs.detach()
-                weights = None
-                if c.importance_sampling_correction:
-                    samp = torch.zeros_like(mask)
-                    for row, i in enumerate(chunk):
-                        samp[row, :completion_len[i]] = sampling[i].to(samp.device)
-                    weights = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
-                                                          cap=c.importance_sampling_cap)
-                    raw = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
-                                                      cap=float("inf"))
-                    sel = raw.expand_as(mask)[mask > 0]
-                    if sel.numel():
-                        is_stats.append(sel)
-                loss, m = policy_loss(
-                    logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
-                    epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
-                    max_completion_length=c.max_completion_length, importance_weights=weights,
-                    num_items_in_batch=total_tokens)
-                if c.loss_type != "dapo":
-                    loss = loss / len(chunks)
-                loss.backward()
-                m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else len(chunks))
-                m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                for key, v in m.items():
-                    sums[key] = sums.get(key, 0.0) + v
-                counts += 1
-            grad_norm = clip_gradients(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-        out = {key: v / max(counts, 1) for key, v in sums.items()}
-        out["grad_norm"] = grad_norm
-        if is_stats:
-            allr = torch.cat(is_stats)
-            out.update({"importance_ratio/mean": float(allr.mean()), "importance_ratio/min": float(allr.min()),
-                        "importance_ratio/max": float(allr.max()),
-                        "importance_ratio/capped_frac": float((allr > c.importance_sampling_cap).float().mean())})
-        return out
+        return optimise_policy(self.model, self.optimizer, self.scheduler, self.params, self.config,
+                               rollouts, advantages)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str | None = None) -> Path:
@@ -441,23 +360,6 @@ def _reward_columns(per_func: dict[str, list]) -> dict:
 
 def _cat(a, b):
     return b.clone() if a is None else torch.cat((a, b))
-
-
-def _unflatten(flat: torch.Tensor, pack, chunk: list[int], completion_len: list[int], with_mask: bool = False):
-    """Flat per-target values (row-major over the pack) -> [len(chunk), max completion length]."""
-    b = len(chunk)
-    L = max(max(completion_len[i] for i in chunk), 1)
-    seq = pack.sequence_index[pack.target_mask]  # [N], sequence index within the chunk
-    N = seq.numel()
-    arange = torch.arange(N, device=flat.device)
-    starts = torch.full((b,), N, device=flat.device, dtype=torch.long).scatter_reduce(0, seq, arange, "amin")
-    col = arange - starts[seq]
-    out = torch.zeros(b, L, device=flat.device, dtype=flat.dtype).index_put((seq, col), flat)
-    if not with_mask:
-        return out
-    mask = torch.zeros(b, L, device=flat.device, dtype=torch.float32).index_put(
-        (seq, col), torch.ones(N, device=flat.device))
-    return out, mask
 
 
 def _peak_memory_gb() -> float:

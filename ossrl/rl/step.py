@@ -1,0 +1,118 @@
+"""The optimisation phase of a GRPO step: packed sequences, old/reference log-probs, the policy loss.
+
+`optimise_policy` takes a step's rollouts and advantages and runs `num_iterations` optimiser steps
+over them in `gradient_accumulation_steps` micro-batches. Log-probs come from the chunked lm_head
+on packed sequences (ossrl.train.logprobs); `_unflatten` turns a pack's flat per-target values
+back into the [B, T] layout `policy_loss` takes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ossrl.rl.loss import importance_sampling_weights, policy_loss
+from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.optim import clip_gradients
+
+
+def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advantages: torch.Tensor) -> dict:
+    """rollouts: objects with prompt_ids, completion_ids, sampling_logprobs, finish_reason;
+    advantages [len(rollouts)]. Returns the phase's metrics (means over micro-batches)."""
+    c = config
+    n = len(rollouts)
+    accum = c.gradient_accumulation_steps if n % c.gradient_accumulation_steps == 0 else 1
+    size = n // accum
+    chunks = [list(range(i, i + size)) for i in range(0, n, size)]
+    max_tokens = c.max_prompt_length + c.max_completion_length
+    packs, masks_out = [], []
+    for chunk in chunks:
+        seqs, trained = [], []
+        for i in chunk:
+            r = rollouts[i]
+            train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
+            seqs.append(r.prompt_ids + r.completion_ids)
+            trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
+        packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens).to(model.device))
+        masks_out.append(trained)
+    completion_len = [len(r.completion_ids) for r in rollouts]
+    total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
+                       for i, t in zip(chunk, tr))
+    sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
+
+    need_old = c.num_iterations > 1 or c.importance_sampling_correction
+    old, ref = {}, {}
+    with torch.no_grad():
+        for k, (chunk, pack) in enumerate(zip(chunks, packs)):
+            if need_old:
+                lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
+                old[k] = _unflatten(lp, pack, chunk, completion_len)
+            if c.beta > 0:
+                with model.adapters_disabled():
+                    lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
+                ref[k] = _unflatten(lp, pack, chunk, completion_len)
+
+    sums: dict[str, float] = {}
+    counts = 0
+    grad_norm = 0.0
+    is_stats = []
+    model.train()
+    for _ in range(c.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for k, (chunk, pack) in enumerate(zip(chunks, packs)):
+            lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
+            logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
+            entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
+            old_lp = old[k] if need_old else logprobs.detach()
+            weights = None
+            if c.importance_sampling_correction:
+                samp = torch.zeros_like(mask)
+                for row, i in enumerate(chunk):
+                    samp[row, :completion_len[i]] = sampling[i].to(samp.device)
+                weights = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                                                      cap=c.importance_sampling_cap)
+                raw = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                                                  cap=float("inf"))
+                sel = raw.expand_as(mask)[mask > 0]
+                if sel.numel():
+                    is_stats.append(sel)
+            loss, m = policy_loss(
+                logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
+                epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
+                max_completion_length=c.max_completion_length, importance_weights=weights,
+                num_items_in_batch=total_tokens)
+            if c.loss_type != "dapo":
+                loss = loss / len(chunks)
+            loss.backward()
+            m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else len(chunks))
+            m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + v
+            counts += 1
+        grad_norm = clip_gradients(params, c.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    out = {key: v / max(counts, 1) for key, v in sums.items()}
+    out["grad_norm"] = grad_norm
+    if is_stats:
+        allr = torch.cat(is_stats)
+        out.update({"importance_ratio/mean": float(allr.mean()), "importance_ratio/min": float(allr.min()),
+                    "importance_ratio/max": float(allr.max()),
+                    "importance_ratio/capped_frac": float((allr > c.importance_sampling_cap).float().mean())})
+    return out
+
+
+def _unflatten(flat: torch.Tensor, pack, chunk: list[int], completion_len: list[int], with_mask: bool = False):
+    """Flat per-target values (row-major over the pack) -> [len(chunk), max completion length]."""
+    b = len(chunk)
+    L = max(max(completion_len[i] for i in chunk), 1)
+    seq = pack.sequence_index[pack.target_mask]  # [N], sequence index within the chunk
+    N = seq.numel()
+    arange = torch.arange(N, device=flat.device)
+    starts = torch.full((b,), N, device=flat.device, dtype=torch.long).scatter_reduce(0, seq, arange, "amin")
+    col = arange - starts[seq]
+    out = torch.zeros(b, L, device=flat.device, dtype=flat.dtype).index_put((seq, col), flat)
+    if not with_mask:
+        return out
+    mask = torch.zeros(b, L, device=flat.device, dtype=torch.float32).index_put(
+        (seq, col), torch.ones(N, device=flat.device))
+    return out, mask
