@@ -1,22 +1,41 @@
-"""Attention with per-head sinks: the plain-PyTorch reference (CPU path and test oracle).
+"""Attention with per-head sinks: FlexAttention on CUDA, a plain-PyTorch twin on CPU (and as oracle).
 
 gpt-oss appends one learned logit per query head (the "sink") to every softmax row; it has no
 value vector, so each row's weights sum to less than one (spec 2.3 item 6). Equivalently,
-`out = softmax_attention(q, k, v) * sigmoid(lse - sink)`, which is what the GPU kernels use.
 
-Which keys a query sees is described by positions, not by a fixed triangle, so one mask builder
-serves training on packed sequences (document ids, positions restarting per document), prefill
-that appends to a cache (query positions offset), and decode (one query per row):
+    out = softmax_attention(q, k, v) * sigmoid(lse - sink)        (lse: natural-log row logsumexp)
+
+which is what the CUDA path computes: compiled FlexAttention returns `out` and `lse`, and a small
+autograd function applies the rescale, so gradients reach q, k, v *and* the sinks (through lse).
+Memory is linear in T: no [heads x T x T] tensor exists on that path.
+
+Which keys a query sees is described by positions, not by a fixed triangle, so one mask serves
+training on packed sequences (document ids, positions restarting per document), prefill that
+appends to a cache (query positions offset) and incremental decoding:
 
     key j is visible to query i  iff  doc[i] == doc[j]  and  k_pos[j] <= q_pos[i]
                                       and (window is None or q_pos[i] - k_pos[j] < window)
 
 The window counts the query itself: a 128-window sees the current token and 127 before it.
+
+`AttentionMask` holds those positions; the model builds one per layer type per forward and every
+layer of that type (and the recomputation under gradient checkpointing) reuses it. It lazily
+builds what the device needs, once: a dense bool [B, Tq, Tk] for the twin, or a FlexAttention
+BlockMask (heads always broadcast, batch broadcast when all rows share positions) for CUDA. The
+BlockMask is computed from per-128-block minima/maxima of positions and doc ids, so building it
+costs O((T/128)^2), never O(T^2).
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
+
+BLOCK = 128  # FlexAttention's sparse block size (queries and keys)
+_FAR = 2**30  # position given to padded keys: never visible
 
 
 def attention_mask(
@@ -39,6 +58,127 @@ def attention_mask(
     if k_valid is not None:
         allowed = allowed & k_valid.unsqueeze(-2)
     return allowed
+
+
+@dataclass(eq=False)
+class AttentionMask:
+    """Which keys each query sees, by position (module docstring). Build once, use in every layer.
+
+    q_pos [B, Tq], k_pos [B, Tk] integer positions; q_doc/k_doc [B, Tq]/[B, Tk] document ids (both
+    or neither); window: the sliding window in keys including the current one, or None (causal).
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    window: int | None = None
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _block_mask: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if (self.q_doc is None) != (self.k_doc is None):
+            raise ValueError("AttentionMask: give both q_doc and k_doc, or neither")
+
+    def dense(self) -> torch.Tensor:
+        """Boolean visibility [B, Tq, Tk] (the twin's mask), built on first use."""
+        if self._dense is None:
+            self._dense = attention_mask(self.q_pos, self.k_pos, window=self.window,
+                                         q_doc=self.q_doc, k_doc=self.k_doc)
+        return self._dense
+
+    def block_mask(self):
+        """FlexAttention BlockMask on the positions' device, built on first use."""
+        if self._block_mask is None:
+            self._block_mask = build_block_mask(self)
+        return self._block_mask
+
+
+def _shared_across_batch(*tensors: torch.Tensor | None) -> bool:
+    """True when every row of each [B, T] tensor is the same view (batch size 1 or stride 0)."""
+    return all(t is None or t.shape[0] == 1 or t.stride(0) == 0 for t in tensors)
+
+
+def _pad_to_blocks(x: torch.Tensor, value: int) -> torch.Tensor:
+    """[R, T] -> int32 [R, ceil(T/128)*128], padded at the end with `value`."""
+    pad = -x.shape[1] % BLOCK
+    return F.pad(x.to(torch.int32), (0, pad), value=value)
+
+
+def _block_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, nb*128] -> per-block min and max, each [R, nb]."""
+    x = x.view(x.shape[0], -1, BLOCK)
+    return x.amin(-1), x.amax(-1)
+
+
+def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Block classification [R, nq, nk] (partial, full) and the padded index tensors for mask_mod.
+
+    `full` blocks have every (query, key) pair visible, so FlexAttention skips mask_mod there;
+    `partial` blocks may have some (a superset is fine: mask_mod decides exactly); the rest have
+    none and are skipped. R is 1 when all batch rows share their positions (broadcast), else B.
+    Padded queries get position -1 and padded keys position 2^30: they see / are seen by nothing,
+    and no block that contains padding is ever `full`.
+    """
+    m = mask
+    rows = 1 if _shared_across_batch(m.q_pos, m.k_pos, m.q_doc, m.k_doc) else m.q_pos.shape[0]
+    qp = _pad_to_blocks(m.q_pos[:rows], -1)
+    kp = _pad_to_blocks(m.k_pos[:rows], _FAR)
+    qlo, qhi = (t[:, :, None] for t in _block_min_max(qp))  # [R, nq, 1]
+    klo, khi = (t[:, None, :] for t in _block_min_max(kp))  # [R, 1, nk]
+    any_visible = klo <= qhi
+    full = khi <= qlo
+    if m.window is not None:
+        any_visible &= khi > qlo - m.window
+        full &= klo > qhi - m.window
+    qd = kd = None
+    if m.q_doc is not None:
+        qd = _pad_to_blocks(m.q_doc[:rows], -1)
+        kd = _pad_to_blocks(m.k_doc[:rows], -1)
+        qdlo, qdhi = (t[:, :, None] for t in _block_min_max(qd))
+        kdlo, kdhi = (t[:, None, :] for t in _block_min_max(kd))
+        any_visible &= (kdlo <= qdhi) & (qdlo <= kdhi)
+        full &= (qdlo == qdhi) & (kdlo == kdhi) & (qdlo == kdlo)
+    B = m.q_pos.shape[0]
+    padded = dict(q_pos=qp.expand(B, -1), k_pos=kp.expand(B, -1),
+                  q_doc=None if qd is None else qd.expand(B, -1), k_doc=None if kd is None else kd.expand(B, -1))
+    return any_visible & ~full, full, padded
+
+
+def _make_mask_mod(q_pos, k_pos, window, q_doc, k_doc):
+    """mask_mod(b, h, q, kv) over padded [B, Tpad] int32 tensors (rows may be stride-0 views)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = q_pos[b, q_idx]
+        kp = k_pos[b, kv_idx]
+        visible = kp <= qp
+        if window is not None:
+            visible = visible & (qp - kp < window)
+        if q_doc is not None:
+            visible = visible & (q_doc[b, q_idx] == k_doc[b, kv_idx])
+        return visible
+
+    return mask_mod
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [R, nq, nk] -> (count [R, 1, nq], indices [R, 1, nq, nk]) with the True blocks first."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count.unsqueeze(1), order.unsqueeze(1)
+
+
+def build_block_mask(mask: AttentionMask):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full, padded = block_layout(mask)
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+        mask_mod=_make_mask_mod(padded["q_pos"], padded["k_pos"], mask.window, padded["q_doc"], padded["k_doc"]),
+        seq_lengths=(mask.q_pos.shape[1], mask.k_pos.shape[1]),
+    )
 
 
 def sink_attention_reference(
@@ -71,6 +211,87 @@ def sink_attention_reference(
     return out.reshape(B, Tq, Hq, D).to(q.dtype)
 
 
-def sink_attention(q, k, v, sinks, allowed, *, scale):
-    """The model's one attention entry point. The GPU kernels plug in here (issue: GPU attention)."""
-    return sink_attention_reference(q, k, v, sinks, allowed, scale=scale)
+class _SinkRescale(torch.autograd.Function):
+    """out * sigmoid(lse - sink) with fp32 arithmetic, saving only what flex already keeps.
+
+    out [B, H, T, D] (input dtype), lse [B, H, T] fp32, sinks [H]. d lse = sum(g * out) * w(1-w);
+    d sink = -sum over batch and time of d lse. The fp32 temporaries are made a few heads at a
+    time (at most `chunk_elements` each), so at 128K tokens of 20b they take 1 GiB, not 6 GiB,
+    while short sequences stay one chunk (a loop of small launches costs ~1 ms at 4K tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, out, lse, sinks, chunk_elements: int = 2**26):
+        B, H, T, D = out.shape
+        step = max(1, chunk_elements // (B * T * D))
+        w = torch.sigmoid(lse - sinks.float()[:, None])  # [B, H, T]
+        ctx.save_for_backward(out, w)
+        ctx.sinks_dtype, ctx.step = sinks.dtype, step
+        if step >= H:
+            return (out.float() * w[..., None]).to(out.dtype)
+        scaled = torch.empty_like(out)
+        for h in range(0, H, step):
+            scaled[:, h:h + step] = out[:, h:h + step].float() * w[:, h:h + step, :, None]
+        return scaled
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, w = ctx.saved_tensors
+        step = ctx.step
+        if step >= out.shape[1]:
+            g = grad.float()
+            grad_out = (g * w[..., None]).to(out.dtype)
+            grad_lse = (g * out.float()).sum(-1)
+        else:
+            grad_out = torch.empty_like(out)
+            grad_lse = torch.empty_like(w)
+            for h in range(0, out.shape[1], step):
+                g = grad[:, h:h + step].float()
+                grad_out[:, h:h + step] = g * w[:, h:h + step, :, None]
+                grad_lse[:, h:h + step] = (g * out[:, h:h + step].float()).sum(-1)
+        grad_lse *= w * (1 - w)
+        grad_sinks = (-grad_lse.sum((0, 2))).to(ctx.sinks_dtype)
+        return grad_out, grad_lse, grad_sinks, None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """torch.compile(flex_attention), created on first CUDA use (compiling at import is a side effect)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled: bool = True):
+    """The CUDA path. `compiled=False` runs flex's eager (dense, inference-only) version: CPU tests."""
+    from torch.nn.attention import flex_attention as flex_module
+
+    flex = _compiled_flex_attention() if compiled else flex_module.flex_attention
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
+    kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    if hasattr(flex_module, "AuxRequest"):  # torch >= 2.9
+        out, aux = flex(qt, kt, vt, return_aux=flex_module.AuxRequest(lse=True), **kwargs)
+        lse = aux.lse
+    else:
+        out, lse = flex(qt, kt, vt, return_lse=True, **kwargs)
+    return _SinkRescale.apply(out, lse, sinks).transpose(1, 2)  # [B, Tq, Hq, D]
+
+
+def _flex_supports(q: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return q.is_cuda and d >= 16 and d & (d - 1) == 0
+
+
+def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale: float) -> torch.Tensor:
+    """The model's one attention entry point; picks the kernel by device.
+
+    q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; sinks [Hq]; mask an AttentionMask (or a dense bool
+    [B, Tq, Tk], which always takes the twin). Returns [B, Tq, Hq, D] in q's dtype.
+    CUDA (head_dim a power of two >= 16): compiled FlexAttention. Elsewhere: the fp32 twin.
+    """
+    if isinstance(mask, torch.Tensor):
+        return sink_attention_reference(q, k, v, sinks, mask, scale=scale)
+    if _flex_supports(q):
+        return _flex_sink_attention(q, k, v, sinks, mask, scale=scale)
+    return sink_attention_reference(q, k, v, sinks, mask.dense(), scale=scale)
+

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ossrl.kernels.attention import attention_mask, sink_attention
+from ossrl.kernels.attention import AttentionMask, sink_attention
 from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.model.config import GptOssConfig, YarnRope
@@ -290,8 +290,10 @@ class GptOssModel(nn.Module):
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
         k_pos = positions if cache is None else cache.key_positions(positions)
+        # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
+        # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
         masks = {
-            window: attention_mask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
+            window: AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
             for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
         }
         # The table may live on the CPU (embedding offload): gather rows there, move only those.

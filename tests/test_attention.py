@@ -1,0 +1,165 @@
+"""Sink attention on CPU: mask semantics, the BlockMask layout the CUDA path uses, the flex formula
+(out * sigmoid(lse - sink)) through flex's eager version, and the decode twin on slot/ring caches.
+
+The GPU kernels themselves are checked in test_attention_gpu.py (marked gpu).
+"""
+
+import pytest
+import torch
+
+from ossrl.kernels.attention import (
+    BLOCK, AttentionMask, _flex_sink_attention, _SinkRescale, attention_mask, block_layout, sink_attention,
+    sink_attention_reference,
+)
+from ossrl.kernels.decode_attention import append_kv, decode_attention, decode_attention_reference
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def packed_positions(lengths):
+    """positions restarting per document and doc ids, each [1, sum(lengths)]."""
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    return pos, doc
+
+
+def mask_cases():
+    """(name, AttentionMask) pairs: causal, sliding, packed, prefill offset, per-row positions."""
+    ar = lambda n, start=0: torch.arange(start, start + n).unsqueeze(0)  # noqa: E731
+    pos, doc = packed_positions([37, 190, 73, 300])
+    rows = torch.stack((torch.arange(260), torch.arange(5, 265)))  # [2, 260], rows differ
+    return [
+        ("causal", AttentionMask(ar(300), ar(300))),
+        ("sliding", AttentionMask(ar(300), ar(300), window=128)),
+        ("packed", AttentionMask(pos, pos, q_doc=doc, k_doc=doc)),
+        ("packed_sliding", AttentionMask(pos, pos, window=128, q_doc=doc, k_doc=doc)),
+        ("prefill_offset", AttentionMask(ar(150, 450), ar(600))),
+        ("prefill_offset_sliding", AttentionMask(ar(150, 450), ar(600), window=128)),
+        ("per_row_positions", AttentionMask(rows, rows, window=128)),
+        ("batch_broadcast", AttentionMask(torch.arange(200).expand(3, 200), torch.arange(200).expand(3, 200))),
+    ]
+
+
+def test_window_counts_the_current_token():
+    q_pos = torch.tensor([[200]])
+    k_pos = torch.arange(201).unsqueeze(0)
+    visible = attention_mask(q_pos, k_pos, window=128)[0, 0].nonzero().flatten()
+    assert visible.tolist() == list(range(73, 201))  # 128 keys: the current one and 127 before it
+
+
+def test_documents_do_not_see_each_other():
+    pos, doc = packed_positions([3, 4])
+    allowed = AttentionMask(pos, pos, q_doc=doc, k_doc=doc).dense()[0]
+    assert not allowed[3:, :3].any() and not allowed[:3, 3:].any()
+    assert allowed[3:, 3:].equal(torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_mask_builds_its_dense_form_once():
+    mask = AttentionMask(torch.arange(10).unsqueeze(0), torch.arange(10).unsqueeze(0))
+    assert mask.dense() is mask.dense()
+    assert mask.block_mask() is mask.block_mask()
+
+
+@pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
+def test_block_layout_covers_every_visible_pair_and_full_blocks_are_exact(name, mask):
+    partial, full, _ = block_layout(mask)
+    dense = mask.dense()  # [B, Tq, Tk]
+    B, Tq, Tk = dense.shape
+    nq, nk = -(-Tq // BLOCK), -(-Tk // BLOCK)
+    padded = torch.zeros(B, nq * BLOCK, nk * BLOCK, dtype=torch.bool)
+    padded[:, :Tq, :Tk] = dense
+    blocks = padded.view(B, nq, BLOCK, nk, BLOCK)
+    any_visible, all_visible = blocks.any(dim=(2, 4)), blocks.all(dim=(2, 4))
+    partial, full = partial.expand(B, -1, -1), full.expand(B, -1, -1)
+    assert not (partial & full).any()
+    assert (any_visible <= (partial | full)).all(), "a block with visible pairs would be skipped"
+    assert (full <= all_visible).all(), "a block marked full hides masked pairs"
+    if name in ("causal", "sliding", "packed"):
+        assert (~(partial | full)).any()  # the layout is sparse: some blocks are skipped
+    if name == "causal":
+        assert full.any()  # and below the diagonal mask_mod is not evaluated
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name,mask", mask_cases()[:6], ids=[c[0] for c in mask_cases()[:6]])
+def test_flex_formula_equals_twin(name, mask):
+    """The CUDA path's maths (BlockMask mask_mod, lse, sigmoid rescale) through flex's eager version."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(0)
+    B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
+    q = torch.randn(B, Tq, 8, 16, generator=gen)
+    k, v = torch.randn(B, Tk, 2, 16, generator=gen), torch.randn(B, Tk, 2, 16, generator=gen)
+    sinks = torch.randn(8, generator=gen) * 2
+    with torch.no_grad():
+        flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+    twin = sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.25)
+    assert rel_err(flex, twin) < 1e-5
+
+
+def test_sink_rescale_gradients_equal_autograd_of_the_formula():
+    """The CUDA path's out * sigmoid(lse - sink) with a hand-written, head-chunked backward."""
+    gen = torch.Generator().manual_seed(4)
+    out = torch.randn(2, 20, 9, 16, generator=gen, requires_grad=True)
+    lse = torch.randn(2, 20, 9, generator=gen, requires_grad=True)
+    sinks = torch.randn(20, generator=gen, requires_grad=True)
+    grad = torch.randn(2, 20, 9, 16, generator=gen)
+    plain = out * torch.sigmoid(lse - sinks[:, None])[..., None]
+    plain_grads = torch.autograd.grad(plain, (out, lse, sinks), grad)
+    for chunk_elements in (2**26, 8 * 2 * 9 * 16):  # one chunk; chunks of 8, 8 and 4 heads
+        ours = _SinkRescale.apply(out, lse, sinks, chunk_elements)
+        ours_grads = torch.autograd.grad(ours, (out, lse, sinks), grad)
+        torch.testing.assert_close(ours, plain)
+        for a, b in zip(ours_grads, plain_grads):
+            torch.testing.assert_close(a, b)
+
+
+def test_sink_attention_on_cpu_is_the_twin_with_the_dense_mask():
+    pos, doc = packed_positions([5, 9])
+    mask = AttentionMask(pos, pos, window=4, q_doc=doc, k_doc=doc)
+    q, k, v = torch.randn(1, 14, 4, 8), torch.randn(1, 14, 2, 8), torch.randn(1, 14, 2, 8)
+    sinks = torch.randn(4)
+    out = sink_attention(q, k, v, sinks, mask, scale=0.3)
+    assert torch.equal(out, sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.3))
+
+
+def fill_caches(lengths, capacity, hkv, d, gen, slot_of):
+    """Per-sequence keys/values [L, Hkv, D] and slot caches filled one token at a time via append_kv."""
+    slots = max(slot_of) + 1
+    k_cache = torch.full((slots, capacity, hkv, d), float("nan"))  # unwritten rows must never be read
+    v_cache = torch.full((slots, capacity, hkv, d), float("nan"))
+    keys = [torch.randn(n, hkv, d, generator=gen) for n in lengths]
+    values = [torch.randn(n, hkv, d, generator=gen) for n in lengths]
+    for b, n in enumerate(lengths):
+        slot = torch.tensor([slot_of[b]])
+        for p in range(n):
+            append_kv(k_cache, v_cache, keys[b][p:p + 1], values[b][p:p + 1], slot, torch.tensor([p]))
+    lens = torch.zeros(slots, dtype=torch.int32)
+    lens[torch.tensor(slot_of)] = torch.tensor(lengths, dtype=torch.int32)
+    return keys, values, k_cache, v_cache, lens
+
+
+@pytest.mark.parametrize("window", [None, 16], ids=["full_layer", "ring_layer"])
+def test_decode_twin_equals_last_row_of_full_attention(window):
+    gen = torch.Generator().manual_seed(1)
+    hq, hkv, d = 8, 2, 16
+    lengths = [1, 5, 16, 17, 40]  # ragged; with a 16-ring, 17 and 40 wrap around
+    slot_of = [3, 0, 4, 1, 5]  # rows map to arbitrary slots
+    capacity = window or 48
+    keys, values, k_cache, v_cache, lens = fill_caches(lengths, capacity, hkv, d, gen, slot_of)
+    q = torch.randn(len(lengths), hq, d, generator=gen)
+    sinks = torch.randn(hq, generator=gen)
+    out = decode_attention(q, k_cache, v_cache, sinks, torch.tensor(slot_of, dtype=torch.int32), lens, scale=0.25)
+    for b, n in enumerate(lengths):
+        pos = torch.arange(n).unsqueeze(0)
+        allowed = attention_mask(pos[:, -1:], pos, window=window)
+        ref = sink_attention_reference(q[b][None, None], keys[b][None], values[b][None], sinks, allowed, scale=0.25)
+        torch.testing.assert_close(out[b], ref[0, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_twin_of_an_empty_slot_is_zero():
+    k = torch.randn(2, 8, 1, 16)
+    out = decode_attention_reference(torch.randn(2, 4, 16), k, k, torch.randn(4), torch.tensor([0, 1]),
+                                     torch.tensor([0, 3], dtype=torch.int32), scale=0.25)
+    assert out[0].abs().max() == 0 and out[1].abs().max() > 0
