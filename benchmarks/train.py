@@ -14,7 +14,6 @@ ossrl runs first; its model is freed before transformers' is built (memory deman
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -26,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import device_info, hf_from_ossrl  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
@@ -90,37 +91,6 @@ def bench_ossrl(config, sizes, repeats, offload: bool) -> tuple[list, object]:
     return rows, model, counts
 
 
-@torch.no_grad()
-def hf_from_ossrl(model, config, device="cuda"):
-    """transformers' model with ossrl's weights (experts dequantised, transposed to [E, in, out])."""
-    from transformers import GptOssConfig as HFConfig
-    from transformers import GptOssForCausalLM
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
-
-    from ossrl.kernels.mxfp4 import dequantize_mxfp4
-
-    hf_config = HFConfig.from_dict({k: v for k, v in config.to_hf_dict().items() if k != "quantization_config"})
-    hf_config._attn_implementation = "flex_attention" if device == "cuda" else "eager"
-    with torch.device("meta"):
-        hf = GptOssForCausalLM(hf_config)
-    hf.to_empty(device=device)
-    hf = hf.to(model.dtype)
-    ours = {k: v for k, v in model.state_dict().items() if "lora" not in k}
-    for name, dest in hf.state_dict().items():
-        if name in ours:
-            dest.copy_(ours[name])
-        elif name.endswith(("gate_up_proj", "down_proj")):
-            blocks, scales = ours[name + "_blocks"], ours[name + "_scales"]
-            for e in range(blocks.shape[0]):
-                dest[e].copy_(dequantize_mxfp4(blocks[e], scales[e], dest.dtype).T)
-        elif "rotary" in name or "inv_freq" in name:
-            continue
-        else:
-            raise KeyError(name)
-    hf.model.rotary_emb = GptOssRotaryEmbedding(hf_config).to(device)  # non-persistent buffers: rebuild
-    return hf
-
-
 def bench_hf(hf, sizes, repeats) -> list:
     from peft import LoraConfig, get_peft_model
 
@@ -169,8 +139,6 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
         theirs = bench_hf(hf, [int(t) for t in args.hf_tokens.split(",")], args.repeats)
-    import transformers
-
     ratios = {}
     for r in ours:
         match = next((x for x in theirs if x["tokens"] == r["tokens"] and x.get("status") == "ok"), None)
@@ -179,9 +147,7 @@ def main():
                                         "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
     result = {
         "benchmark": "train_step",
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        **device_info(),
         "model": "gpt-oss-20b shapes, random weights (ossrl: MXFP4 experts; transformers: dequantised bf16)",
         "lora_trainable_params": counts,
         "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,

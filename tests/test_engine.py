@@ -147,3 +147,36 @@ def test_bad_sampling_params_are_rejected():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(min_p=1.0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+# ------------------------------------------------------- the slot backend (the GPU path) on CPU
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=12),
+                                    SamplingParams(temperature=1.0, max_new_tokens=12, seed=5),
+                                    SamplingParams(temperature=0.8, top_k=20, max_new_tokens=9, seed=1)],
+                         ids=["greedy", "sampled", "top_k"])
+def test_slot_backend_equals_the_simple_backend(model, params):
+    simple = RolloutEngine(model, backend="simple").generate(PROMPTS, n=3, params=params)
+    slots = RolloutEngine(model, backend="slots", sync_every=4).generate(PROMPTS, n=3, params=params)
+    for a_group, b_group in zip(simple, slots):
+        for a, b in zip(a_group, b_group):
+            assert a.token_ids == b.token_ids
+            assert a.finish_reason == b.finish_reason
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(torch.tensor(b.sampling_logprobs), torch.tensor(a.sampling_logprobs),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_slot_backend_stops_compacts_and_wraps_the_sliding_ring(model):
+    # window 4 in the fixture: 30 new tokens wrap the sliding layers' ring many times
+    free = RolloutEngine(model, backend="simple").generate([PROMPTS[2]], n=6, params=SamplingParams(max_new_tokens=30, seed=2))[0]
+    stop = free[0].token_ids[5]
+    params = SamplingParams(max_new_tokens=[30], seed=2, stop_token_ids=[stop])
+    a = RolloutEngine(model, backend="simple").generate([PROMPTS[2]], n=6, params=params)[0]
+    engine = RolloutEngine(model, backend="slots", sync_every=3)
+    b = engine.generate([PROMPTS[2]], n=6, params=params)[0]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
+    assert any(c.finish_reason == "stop" for c in b) and any(len(c.token_ids) == 30 for c in b)
+    engine.release()
+    again = engine.generate([PROMPTS[2]], n=6, params=params)[0]  # after standby: allocates anew
+    assert [c.token_ids for c in again] == [c.token_ids for c in b]

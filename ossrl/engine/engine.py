@@ -13,8 +13,10 @@ Seeds: completion j of prompt i is sampled with seed `seed + i*n + j` (the sampl
 ossrl.engine.sampling keys its noise on the row's seed and step only), so a batched request equals
 the same samples requested one by one (`seed + k` for the k-th).
 
-This is the CPU path (the kernels' PyTorch twins, the model's simple KVCache). `release()` frees
-what the engine holds between rollouts (the trainer calls it before its phase).
+Two backends: "slots" (ossrl.engine.slots: a slot-indexed KV pool, batched decode over every
+active slot, CUDA graphs; the default on CUDA) and "simple" (the model's growing KVCache, one
+prompt's group at a time; the default on CPU, and the readable reference). `release()` frees what
+the engine holds between rollouts (the trainer calls it before its phase).
 """
 
 from __future__ import annotations
@@ -27,11 +29,22 @@ from ossrl.model.gptoss import GptOssForCausalLM, KVCache
 
 
 class RolloutEngine:
-    def __init__(self, model: GptOssForCausalLM):
+    def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
+                 sync_every: int = 8):
+        if backend not in ("auto", "simple", "slots"):
+            raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
+        self.backend = backend
+        self._slots = None
+        self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every)
+
+    def _use_slots(self) -> bool:
+        return self.backend == "slots" or (self.backend == "auto" and self.model.device.type == "cuda")
 
     def release(self) -> None:
-        """Standby: the CPU path keeps nothing between calls."""
+        """Standby: free the KV pool and captured graphs (the next generate takes them again)."""
+        if self._slots is not None:
+            self._slots.release()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int = 1,
@@ -41,16 +54,23 @@ class RolloutEngine:
             raise ValueError(f"n must be positive, got {n}")
         if isinstance(params.max_new_tokens, list) and len(params.max_new_tokens) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(params.max_new_tokens)} entries for {len(prompts)} prompts")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
         was_training = self.model.training
         self.model.eval()
         try:
+            if self._use_slots():
+                if self._slots is None:
+                    from ossrl.engine.slots import SlotDecoder
+
+                    self._slots = SlotDecoder(self.model, **self._slot_options)
+                return self._slots.generate(prompts, n, params)
             return [self._generate_group(prompt, i, n, params) for i, prompt in enumerate(prompts)]
         finally:
             self.model.train(was_training)
 
     def _generate_group(self, prompt: list[int], index: int, n: int, params: SamplingParams) -> list[Completion]:
-        if not prompt:
-            raise ValueError(f"prompt {index} is empty")
         model, device = self.model, self.model.device
         base_seed = 0 if params.seed is None else params.seed
         seeds = torch.arange(n, device=device) + base_seed + index * n

@@ -1,0 +1,75 @@
+"""Shared pieces of the GPU benchmarks: device facts, measured ceilings, the transformers baseline.
+
+Every benchmark gives the Hugging Face side the same weights as ossrl's (built from ossrl's model,
+experts dequantised exactly as transformers does offline) and records what it ran on.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+
+
+def device_info() -> dict:
+    import transformers
+
+    info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus written (GB/s)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / repeats
+    del src, dst
+    return 2 * nbytes / seconds / 1e9
+
+
+@torch.no_grad()
+def hf_from_ossrl(model, config, device="cuda", attn_implementation: str | None = None):
+    """transformers' model with ossrl's weights (experts dequantised, transposed to [E, in, out])."""
+    from transformers import GptOssConfig as HFConfig
+    from transformers import GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from ossrl.kernels.mxfp4 import dequantize_mxfp4
+
+    hf_config = HFConfig.from_dict({k: v for k, v in config.to_hf_dict().items() if k != "quantization_config"})
+    hf_config._attn_implementation = attn_implementation or ("flex_attention" if device == "cuda" else "eager")
+    with torch.device("meta"):
+        hf = GptOssForCausalLM(hf_config)
+    hf.to_empty(device=device)
+    hf = hf.to(model.dtype)
+    ours = {k: v for k, v in model.state_dict().items() if "lora" not in k}
+    for name, dest in hf.state_dict().items():
+        if name in ours:
+            dest.copy_(ours[name])
+        elif name.endswith(("gate_up_proj", "down_proj")):
+            blocks, scales = ours[name + "_blocks"], ours[name + "_scales"]
+            for e in range(blocks.shape[0]):
+                dest[e].copy_(dequantize_mxfp4(blocks[e], scales[e], dest.dtype).T)
+        elif "rotary" in name or "inv_freq" in name:
+            continue
+        else:
+            raise KeyError(name)
+    hf.model.rotary_emb = GptOssRotaryEmbedding(hf_config).to(device)  # non-persistent buffers: rebuild
+    return hf
+
+

@@ -1,0 +1,161 @@
+"""Rollout generation on a gpt-oss-20b-shaped model: ossrl's engine vs transformers' generate.
+
+    python benchmarks/generate.py [--out benchmarks/results/generate.json] [--quick]
+
+Same random weights for both (built on the GPU; ossrl keeps MXFP4 experts, transformers gets them
+dequantised to bf16 as it does offline; eager attention, its default for gpt-oss). Shapes:
+batch 1, 8, 32, 64 of 128-token prompts; and GRPO's shape, 8 prompts x 8 samples with a
+max_new_tokens per prompt drawn between 64 and 1,024. ossrl runs first, then its weights are
+copied into transformers' model and freed. Random weights never emit a stop token, so every
+sequence runs to its length. Time includes prefill; tokens/s counts generated tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import copy_bandwidth_gbs, device_info, hf_from_ossrl  # noqa: E402
+from ossrl.engine.engine import RolloutEngine  # noqa: E402
+from ossrl.engine.sampling import SamplingParams  # noqa: E402
+from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
+from ossrl.testing import random_model_on_device  # noqa: E402
+
+
+def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = random.Random(seed)
+    return [[g.randrange(vocab) for _ in range(length)] for _ in range(count)]
+
+
+def decode_bytes_batch1(config: GptOssConfig) -> int:
+    """Bytes one decode step must read at batch 1: attention + router + 4 routed MXFP4 experts per
+    layer + norms + lm_head (the embedding row is negligible)."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    attn = (H * (q + 2 * kv) + q * H) * 2
+    router = config.num_local_experts * H * 2
+    per_expert = (2 * I * H) // 2 + (2 * I * H) // 32 + (H * I) // 2 + (H * I) // 32 + (2 * I + H) * 2
+    return L * (attn + router + config.num_experts_per_tok * per_expert) + config.vocab_size * H * 2
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_ossrl(model, shapes, vocab) -> list[dict]:
+    engine = RolloutEngine(model)
+    rows = []
+    for shape in shapes:
+        P, n, lengths = shape["prompts"], shape["n"], shape["max_new"]
+        ps = prompts(P, shape["prompt_len"], vocab, seed=P)
+        params = SamplingParams(temperature=1.0, max_new_tokens=lengths, seed=0)
+        warm = SamplingParams(temperature=1.0, max_new_tokens=[min(16, m) for m in lengths], seed=0)
+        engine.generate(ps, n=n, params=warm)  # allocates the pool, captures the graphs
+        torch.cuda.reset_peak_memory_stats()
+        out = []
+        seconds = timed(lambda: out.append(engine.generate(ps, n=n, params=params)))
+        tokens = sum(len(c.token_ids) for g in out[0] for c in g)
+        rows.append({**shape, "system": "ossrl", "seconds": round(seconds, 3), "generated_tokens": tokens,
+                     "tokens_per_second": round(tokens / seconds, 1),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                     "graph_failures": engine._slots.graph_failures if engine._slots else []})
+        print(json.dumps(rows[-1]), flush=True)
+    engine.release()
+    return rows
+
+
+def run_hf(hf, shapes, vocab) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        P, n = shape["prompts"], shape["n"]
+        ps = prompts(P, shape["prompt_len"], vocab, seed=P)
+        new = max(shape["hf_max_new"])
+        ids = torch.tensor([p for p in ps for _ in range(n)], device="cuda")
+        kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                      pad_token_id=0, attention_mask=torch.ones_like(ids))
+        hf.generate(ids[:, :16], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4,
+                                    "attention_mask": torch.ones_like(ids[:, :16])})
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds = timed(lambda: hf.generate(ids, **kwargs))
+        except torch.OutOfMemoryError:
+            rows.append({**shape, "system": "transformers", "status": "OOM"})
+            continue
+        # transformers pads every row of the batch to the longest: count only the tokens the
+        # shape asks for, i.e. what a GRPO user gets out of the call.
+        useful = sum(shape["hf_max_new"]) * n
+        rows.append({**shape, "system": "transformers", "seconds": round(seconds, 3),
+                     "generated_tokens": useful, "tokens_per_second": round(useful / seconds, 1),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "generate.json"))
+    ap.add_argument("--hf-new-tokens", type=int, default=64,
+                    help="transformers generates this many tokens per batch shape (its speed per token is "
+                         "flat in length; 256 x 4 shapes would take minutes of device time)")
+    ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a quick check, not a benchmark result)")
+    ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
+    ap.add_argument("--lora", action="store_true", help="ossrl with LoRA r=16 on attention and experts (unmerged)")
+    args = ap.parse_args()
+    config = GptOssConfig.gpt_oss_20b()
+    g = random.Random(0)
+    grpo_lengths = [g.randint(64, 1024) for _ in range(8)]
+    shapes = [{"name": f"batch{b}", "prompts": b, "n": 1, "prompt_len": 128, "max_new": [256] * b,
+               "hf_max_new": [args.hf_new_tokens] * b} for b in (1, 8, 32, 64)]
+    shapes.append({"name": "grpo_8x8", "prompts": 8, "n": 8, "prompt_len": 128, "max_new": grpo_lengths,
+                   "hf_max_new": grpo_lengths})
+    shapes = [s for s in shapes if s["name"] in args.shapes.split(",")]
+    t0 = time.time()
+    info = {**device_info(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1)}
+    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
+    if args.lora:
+        apply_lora(model, LoRAConfig(r=16, alpha=32))
+    ours = run_ossrl(model, shapes, config.vocab_size)
+    theirs = []
+    if not args.skip_hf:
+        hf = hf_from_ossrl(model, config, attn_implementation="eager").eval()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        theirs = run_hf(hf, shapes, config.vocab_size)
+    ratios = {}
+    for a in ours:
+        b = next((x for x in theirs if x["name"] == a["name"] and "tokens_per_second" in x), None)
+        if b:
+            ratios[a["name"]] = round(a["tokens_per_second"] / b["tokens_per_second"], 2)
+    bytes_step = decode_bytes_batch1(config)
+    b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
+    steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
+    result = {"benchmark": "generate", **info, "lora": args.lora,
+              "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
+              "ossrl": ours, "transformers": theirs, "speedup": ratios,
+              "batch1_bytes_per_step": bytes_step,
+              "batch1_bandwidth_fraction": round(bytes_step * steps_per_s / (info["copy_bandwidth_gbs"] * 1e9), 3),
+              "seconds_total": round(time.time() - t0, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"speedup": ratios, "bw_fraction_b1": result["batch1_bandwidth_fraction"]}))
+
+
+if __name__ == "__main__":
+    main()

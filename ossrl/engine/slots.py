@@ -1,0 +1,210 @@
+"""The engine's fast path: a slot-indexed KV pool, decode steps over all active slots, CUDA graphs.
+
+For P prompts x n samples: each prompt is prefilled once (FlexAttention on CUDA) and its keys and
+values are written into its n slots; then every active slot decodes together, one token per step,
+through the decode-attention kernel and the routed-MoE kernels. A step reads and writes only
+device tensors (slot ids, lengths, step counters, seeds, output buffers), so on CUDA it is captured
+once per bucketed batch size and replayed; the host looks at the generated tokens only every
+`sync_every` steps, to retire slots that hit a stop token or their length limit. Retired slots
+leave the batch at that point (their extra steps' tokens are discarded); the remaining rows are
+compacted into the next smaller bucket. Padding rows in a bucket point at a scratch slot.
+
+Same sampling rule and seeds as the CPU path (ossrl.engine.sampling), so outputs agree up to the
+numerics of the kernels.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import torch
+
+from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
+from ossrl.engine.sampling import SamplingParams, sample_tokens
+from ossrl.engine.types import Completion
+from ossrl.kernels.sampling import fold_seed
+
+
+def bucket_size(n: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return b
+
+
+class SlotDecoder:
+    def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8):
+        self.model = model
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.sync_every = sync_every
+        self.pool: KVPool | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.graphs: dict[int, tuple] = {}  # bucket -> (CUDAGraph, static slot ids)
+        self.graph_params: tuple | None = None  # the sampling rule the graphs were captured with
+        self.graph_failures: list[str] = []
+
+    def release(self) -> None:
+        """Standby: drop the KV pool, the step buffers and the captured graphs."""
+        self.pool, self.state = None, None
+        self.graphs.clear()
+        self.graph_params = None
+
+    # ------------------------------------------------------------------ buffers
+    def _prepare(self, slots: int, capacity: int, width: int, params: SamplingParams) -> None:
+        model, device = self.model, self.model.device
+        need_new = (self.pool is None or not self.pool.fits(slots + 1, capacity, model.dtype)
+                    or self.state is None or self.state["tokens"].shape[1] < width)
+        if need_new:
+            self.release()
+            self.pool = KVPool(model.config, slots=slots + 1, capacity=capacity, device=device, dtype=model.dtype)
+            S = self.pool.slots
+            self.state = {
+                "tokens": torch.zeros(S, width, dtype=torch.long, device=device),
+                "plain": torch.zeros(S, width, dtype=torch.float32, device=device),
+                "sampled": torch.zeros(S, width, dtype=torch.float32, device=device),
+                "current": torch.zeros(S, dtype=torch.long, device=device),
+                "steps": torch.zeros(S, dtype=torch.long, device=device),
+                "seeds": torch.zeros(S, dtype=torch.long, device=device),
+                "keys": torch.zeros(S, dtype=torch.long, device=device),
+            }
+        self.pool.lengths.zero_()
+        for name in ("steps", "current"):
+            self.state[name].zero_()
+        if self.graph_params != _params_key(params):
+            self.graphs.clear()  # the sampling rule is baked into captured graphs
+            self.graph_params = _params_key(params)
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, slot_ids: torch.Tensor, params: SamplingParams) -> None:
+        """One decode step for rows slot_ids (device tensor); all effects land in device buffers."""
+        st, pool = self.state, self.pool
+        scratch = pool.slots - 1
+        positions = pool.lengths[slot_ids].long()
+        pool.lengths[slot_ids] = (positions + 1).to(torch.int32)
+        view = DecodeView(pool, slot_ids, positions)
+        logits = self.model(st["current"][slot_ids][:, None], positions=positions[:, None], cache=view)[:, -1]
+        steps = st["steps"][slot_ids]
+        tokens, plain, sampled = sample_tokens(logits, params, st["seeds"][slot_ids], steps)
+        col = steps.clamp(max=st["tokens"].shape[1] - 1)
+        st["tokens"][slot_ids, col] = tokens
+        st["plain"][slot_ids, col] = plain
+        st["sampled"][slot_ids, col] = sampled
+        st["current"][slot_ids] = tokens
+        st["steps"][slot_ids] = steps + 1
+        pool.lengths[scratch:].zero_()  # padding rows never accumulate (a slice: no host scalar copy)
+        st["steps"][scratch:].zero_()
+
+    def _runner(self, bucket: int, params: SamplingParams):
+        """A callable running one step for a bucket: a replayed CUDA graph, or eager."""
+        if not self.cuda_graphs:
+            return None
+        if bucket in self.graphs:
+            return self.graphs[bucket]
+        static_ids = torch.full((bucket,), self.pool.slots - 1, dtype=torch.long, device=self.model.device)
+        saved = {k: v.clone() for k, v in self.state.items() if k in ("steps", "current")}
+        lengths = self.pool.lengths.clone()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: compile kernels, settle allocations
+                    self._step(static_ids, params)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(static_ids, params)
+        except Exception as e:  # a kernel that cannot be captured: run eagerly, say where once
+            frames = traceback.extract_tb(e.__traceback__)[-3:]
+            where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in frames)
+            self.graph_failures.append(f"bucket {bucket}: {type(e).__name__}: {e} (at {where})")
+            self.cuda_graphs = False
+            torch.cuda.synchronize()
+            return None
+        finally:  # the warm-up steps ran on the scratch slot only; undo their bookkeeping
+            for k, v in saved.items():
+                self.state[k].copy_(v)
+            self.pool.lengths.copy_(lengths)
+        self.graphs[bucket] = (graph, static_ids)
+        return self.graphs[bucket]
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        model, device = self.model, self.model.device
+        P = len(prompts)
+        slots = P * n
+        limits = [params.max_new_tokens_for(i) for i in range(P) for _ in range(n)]
+        width = max(limits) + self.sync_every
+        capacity = max(len(p) for p in prompts) + width
+        self._prepare(slots, capacity, width, params)
+        st = self.state
+        base = 0 if params.seed is None else params.seed
+        st["seeds"][:slots] = torch.arange(slots, device=device) + base
+        st["keys"].copy_(fold_seed(st["seeds"]))
+
+        for i, prompt in enumerate(prompts):  # prefill once per prompt, KV copied to its n slots
+            slot_ids = torch.arange(i * n, (i + 1) * n, device=device)
+            logits = model(torch.tensor([prompt], device=device), cache=PrefillWriter(self.pool, slot_ids))[:, -1]
+            tokens, plain, sampled = sample_tokens(logits.expand(n, -1), params, st["seeds"][slot_ids],
+                                                   st["steps"][slot_ids])
+            st["tokens"][slot_ids, 0], st["plain"][slot_ids, 0], st["sampled"][slot_ids, 0] = tokens, plain, sampled
+            st["current"][slot_ids] = tokens
+            st["steps"][slot_ids] = 1
+
+        stops = set(params.stop_token_ids)
+        done_at = [None] * slots  # number of tokens kept, once finished
+        reasons = ["length"] * slots
+        active = list(range(slots))
+        checked = 0  # tokens per slot already inspected on the host
+        generated = 1
+        while True:
+            host_tokens = st["tokens"][:slots, checked:generated].tolist()  # the one sync per round
+            still = []
+            for s in active:
+                row = host_tokens[s]
+                for offset, token in enumerate(row):
+                    count = checked + offset + 1
+                    if token in stops:
+                        done_at[s], reasons[s] = count, "stop"
+                        break
+                    if count >= limits[s]:
+                        done_at[s] = count
+                        break
+                else:
+                    still.append(s)
+            active, checked = still, generated
+            if not active:
+                break
+            bucket = bucket_size(len(active))
+            ids = torch.full((bucket,), self.pool.slots - 1, dtype=torch.long)
+            ids[: len(active)] = torch.tensor(active)
+            ids = ids.to(device, non_blocking=True)
+            runner = self._runner(bucket, params)
+            if runner is not None:
+                graph, static_ids = runner
+                static_ids.copy_(ids)
+            rounds = min(self.sync_every, max(limits[s] - checked for s in active))
+            for _ in range(rounds):
+                if runner is not None:
+                    graph.replay()
+                else:
+                    self._step(ids, params)
+            generated += rounds
+
+        tokens = st["tokens"][:slots].tolist()
+        plain = st["plain"][:slots].tolist()
+        sampled = st["sampled"][:slots].tolist()
+        out = []
+        for i in range(P):
+            group = []
+            for j in range(n):
+                s = i * n + j
+                k = done_at[s]
+                group.append(Completion(tokens[s][:k], plain[s][:k], sampled[s][:k], reasons[s]))
+            out.append(group)
+        return out
+
+
+def _params_key(params: SamplingParams) -> tuple:
+    return (params.temperature, params.top_p, params.top_k, params.min_p)
