@@ -1,0 +1,38 @@
+"""Where a decode step's time goes (20b shapes): CUDA kernel time by name, eager, batch 1 and 64.
+
+    python benchmarks/profile_decode.py   # prints the top kernels; a diagnosis tool, not a benchmark
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ossrl.engine.engine import RolloutEngine  # noqa: E402
+from ossrl.engine.sampling import SamplingParams  # noqa: E402
+from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.testing import random_model_on_device  # noqa: E402
+
+model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
+for batch in (1, 64):
+    engine = RolloutEngine(model, cuda_graphs=False)
+    prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    engine.generate(prompts, params=params)
+    dec = engine._slots
+    ids = torch.arange(batch, device="cuda")
+    for _ in range(3):
+        dec._step(ids, params)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            dec._step(ids, params)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events if e.device_time_total > 0)
+    print(f"batch {batch}: CUDA time per step {total / 5 / 1000:.2f} ms, kernels per step "
+          f"{sum(e.count for e in events if e.device_time_total > 0) // 5}")
+    print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=60))
