@@ -54,9 +54,8 @@ def hf_from_ossrl(model, config, device="cuda", attn_implementation: str | None 
     hf_config = HFConfig.from_dict({k: v for k, v in config.to_hf_dict().items() if k != "quantization_config"})
     hf_config._attn_implementation = attn_implementation or ("flex_attention" if device == "cuda" else "eager")
     with torch.device("meta"):
-        hf = GptOssForCausalLM(hf_config)
+        hf = GptOssForCausalLM(hf_config).to(model.dtype)  # cast on meta: never materialise fp32
     hf.to_empty(device=device)
-    hf = hf.to(model.dtype)
     ours = {k: v for k, v in model.state_dict().items() if "lora" not in k}
     for name, dest in hf.state_dict().items():
         if name in ours:
