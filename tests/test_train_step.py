@@ -175,3 +175,18 @@ def test_lora_state_dict_round_trips_and_rejects_mismatches():
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="missing"):
         load_lora_state_dict(b, bad)
+
+
+def test_lora_weights_and_gradients_stay_fp32_on_a_bf16_model():
+    model = random_model(tiny_config(), seed=9, dtype=torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=4))
+    params = lora_parameters(model)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    logits = model(ids)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)

@@ -174,7 +174,8 @@ class Experts(nn.Module):
         if use_moe_kernels(x, experts):  # CUDA, bf16 activations: grouped Triton matmuls, same function
             from ossrl.kernels.moe_triton import routed_experts_triton
 
-            return routed_experts_triton(x, weights, ids, experts, self.lora if self._lora_on() else None)
+            lora = self.lora.in_dtype(x.dtype) if self._lora_on() else None
+            return routed_experts_triton(x, weights, ids, experts, lora)
         return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha)
 
 

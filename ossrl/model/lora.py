@@ -9,6 +9,10 @@ The reference policy for KL is the same model with adapters off: `with model.ada
 flips one shared switch, no copy. Names follow PEFT (`...q_proj.lora_A.weight` [r, in],
 `...lora_B.weight` [out, r]; scaling alpha/r, or alpha/sqrt(r) with rslora) so an adapter
 exports as a PEFT adapter by adding the `base_model.model.` prefix.
+
+LoRA weights are kept in fp32 whatever the base dtype (bf16 LoRA weights would lose most AdamW
+updates to rounding); the forward casts them to the activation dtype, a differentiable cast, so
+gradients and optimizer states stay fp32.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight  # same Parameter objects: names and storage unchanged
         self.bias = base.bias
         out_features, in_features = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(in_features, config.r, bias=False, **kw)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, **kw)
         _init_pair(self.lora_A.weight, self.lora_B.weight, generator)
@@ -78,7 +82,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.switch.enabled:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+            y = y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
         return y
 
 
@@ -110,10 +115,23 @@ class ExpertLoRA(nn.Module):
         return self.switch.enabled
 
     def gate_up_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.gate_up_A[e]) @ self.gate_up_B[e] * self.scaling
+        return (self.dropout(x) @ self.gate_up_A[e].to(x.dtype)) @ self.gate_up_B[e].to(x.dtype) * self.scaling
 
     def down_delta(self, e: int, a: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(a) @ self.down_A[e]) @ self.down_B[e] * self.scaling
+        return (self.dropout(a) @ self.down_A[e].to(a.dtype)) @ self.down_B[e].to(a.dtype) * self.scaling
+
+    def in_dtype(self, dtype: torch.dtype) -> ExpertLoRA | _CastLoRA:
+        """This adapter as the MoE kernels take it, with weights cast (differentiably) to `dtype`."""
+        return self if self.gate_up_A.dtype == dtype else _CastLoRA(self, dtype)
+
+
+class _CastLoRA:
+    """The attributes the MoE kernels read (routed_experts' `lora` contract), cast to one dtype."""
+
+    def __init__(self, lora: ExpertLoRA, dtype: torch.dtype):
+        self.gate_up_A, self.gate_up_B = lora.gate_up_A.to(dtype), lora.gate_up_B.to(dtype)
+        self.down_A, self.down_B = lora.down_A.to(dtype), lora.down_B.to(dtype)
+        self.scaling, self.dropout = lora.scaling, lora.dropout
 
 
 @torch.no_grad()
@@ -147,7 +165,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> dict[str, int]:
             E, two_i = module.gate_up_proj_bias.shape
             H, I = module.down_proj_bias.shape[1], two_i // 2
             module.lora = ExpertLoRA(E, H, I, config, switch, generator,
-                                     device=module.gate_up_proj_bias.device, dtype=module.gate_up_proj_bias.dtype)
+                                     device=module.gate_up_proj_bias.device, dtype=torch.float32)
             counts["experts"] = counts.get("experts", 0) + sum(p.numel() for p in module.lora.parameters())
     for p in lora_parameters(model):
         p.requires_grad_(True)
