@@ -96,11 +96,12 @@ def policy_loss(
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: str = "group",
-                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float = 1e-4, batch_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards [P * G] (groups contiguous) -> (advantages [P * G], per-group std [P]).
 
-    A = r - mean(group); divided by the group's std ("group"), the whole batch's std ("batch"),
-    or not at all ("none", Dr. GRPO), plus eps.
+    A = r - mean(group); divided by the group's std ("group"), the whole batch's std ("batch";
+    `batch_std` overrides it, e.g. the std over every data-parallel rank's rewards), or not at all
+    ("none", Dr. GRPO), plus eps.
     """
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
@@ -112,7 +113,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewar
     if scale_rewards == "group":
         centred = centred / (group_std.unsqueeze(-1) + eps)
     elif scale_rewards == "batch":
-        centred = centred / ((rewards.std() if rewards.numel() > 1 else 0.0) + eps)
+        std = batch_std if batch_std is not None else (float(rewards.std()) if rewards.numel() > 1 else 0.0)
+        centred = centred / (std + eps)
     return centred.reshape(-1), group_std
 
 

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import torch
 
+from ossrl.rl.distributed import DistContext
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.optim import clip_gradients
 
 
-def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advantages: torch.Tensor) -> dict:
+def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advantages: torch.Tensor,
+                    dist: DistContext | None = None) -> dict:
     """rollouts: objects with prompt_ids, completion_ids, sampling_logprobs, finish_reason;
-    advantages [len(rollouts)]. Returns the phase's metrics (means over micro-batches)."""
+    advantages [len(rollouts)]. Returns the phase's metrics (means over micro-batches).
+
+    Under data parallelism (`dist`), this rank's micro-batches are W-th of the global ones: losses
+    use the global normalisers and the gradients are summed across ranks before the step.
+    """
     c = config
+    dist = dist or DistContext()
     n = len(rollouts)
     accum = c.gradient_accumulation_steps if n % c.gradient_accumulation_steps == 0 else 1
     size = n // accum
@@ -37,6 +44,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     completion_len = [len(r.completion_ids) for r in rollouts]
     total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
                        for i, t in zip(chunk, tr))
+    total_tokens = dist.sum(total_tokens)  # dapo normalises by the whole generation batch's tokens
+    global_chunks = len(chunks) * dist.world_size
     sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
 
     need_old = c.num_iterations > 1 or c.importance_sampling_correction
@@ -81,13 +90,14 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 max_completion_length=c.max_completion_length, importance_weights=weights,
                 num_items_in_batch=total_tokens)
             if c.loss_type != "dapo":
-                loss = loss / len(chunks)
+                loss = loss / global_chunks
             loss.backward()
-            m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else len(chunks))
+            m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else global_chunks)
             m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
             counts += 1
+        dist.all_reduce_grads(params)
         grad_norm = clip_gradients(params, c.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -29,6 +29,7 @@ from ossrl.engine.sampling import SamplingParams
 from ossrl.model.chat import assistant_stop_token_ids, render_prompt
 from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters
 from ossrl.rl.config import GRPOConfig
+from ossrl.rl.distributed import DistContext, init_distributed
 from ossrl.rl.logging import RunLogger
 from ossrl.rl.loss import group_advantages
 from ossrl.rl.rewards import compute_rewards, resolve_reward_func
@@ -81,9 +82,17 @@ class GRPOTrainer:
         from ossrl.model.tokenizer import load_tokenizer
 
         self.config = config = config or GRPOConfig()
-        self.log = log
+        self.dist = dist = init_distributed()
+        self.log = log if dist.is_main else (lambda *_: None)
+        if config.prompts_per_step % dist.world_size:
+            raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of "
+                             f"data-parallel processes ({dist.world_size}): a prompt's group stays on one rank")
+        if config.dynamic_sampling and dist.enabled:
+            raise ValueError("dynamic_sampling is not supported with several processes yet")
         torch.manual_seed(config.seed)
-        self.device, dtype = resolve_device_dtype(config.device, config.dtype)
+        device = f"cuda:{dist.local_rank}" if config.device == "auto" and dist.enabled and torch.cuda.is_available() \
+            else config.device
+        self.device, dtype = resolve_device_dtype(device, config.dtype)
         self.base_path = None
         if model is None or isinstance(model, (str, Path)):
             self.base_path = resolve_checkpoint(model or config.model)
@@ -108,7 +117,7 @@ class GRPOTrainer:
 
         if getattr(model, "lora_config", None) is None:
             counts = apply_lora(model, config.lora)
-            log(format_trainable_counts(counts, model))
+            self.log(format_trainable_counts(counts, model))
         self.params = lora_parameters(model)
         model.model.gradient_checkpointing = config.gradient_checkpointing
         self.engine = RolloutEngine(model)
@@ -147,15 +156,18 @@ class GRPOTrainer:
         return out
 
     # -------------------------------------------------------------- rollout
-    def _sampling_params(self, attempt: int) -> SamplingParams:
+    def _sampling_params(self, attempt: int, first_prompt: int = 0) -> SamplingParams:
+        """Completion j of the step's prompt i uses seed base + i*G + j, whichever rank draws it."""
         c = self.config
+        base = (c.seed * 1_000_003 + self.step * 10_007 + attempt * 101) % (2 ** 62)
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
                               max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
-                              seed=(c.seed * 1_000_003 + self.step * 10_007 + attempt * 101) % (2 ** 62))
+                              seed=base + first_prompt * c.num_generations)
 
-    def _generate(self, prompts, attempt: int) -> list[Rollout]:
+    def _generate(self, prompts, attempt: int, first_prompt: int = 0) -> list[Rollout]:
         G = self.config.num_generations
-        groups = self.engine.generate([ids for _, ids in prompts], n=G, params=self._sampling_params(attempt))
+        params = self._sampling_params(attempt, first_prompt)
+        groups = self.engine.generate([ids for _, ids in prompts], n=G, params=params)
         rollouts = []
         for (row, ids), group in zip(prompts, groups):
             for c in group:
@@ -179,23 +191,27 @@ class GRPOTrainer:
         c = self.config
         if c.resume_from:
             self.resume(c.resume_from)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.toml").write_text(dumps_toml(to_dict(c)))
-        logger = RunLogger(self.output_dir, report_to=c.report_to, progress_bar=c.progress_bar,
-                           total_steps=c.max_steps, start_step=self.step, run_name=self.output_dir.name,
-                           config=to_dict(c))
+        logger = None
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(dumps_toml(to_dict(c)))
+            logger = RunLogger(self.output_dir, report_to=c.report_to, progress_bar=c.progress_bar,
+                               total_steps=c.max_steps, start_step=self.step, run_name=self.output_dir.name,
+                               config=to_dict(c))
         try:
             while self.step < c.max_steps:
                 metrics, samples = self.train_step()
-                logger.log_step(self.step, metrics)
-                logger.log_samples(self.step, samples)
+                if logger is not None:
+                    logger.log_step(self.step, metrics)
+                    logger.log_samples(self.step, samples)
                 if c.save_steps > 0 and self.step % c.save_steps == 0 and self.step < c.max_steps:
                     self.save_checkpoint()
             if c.save_steps > 0 or c.resume_from:
                 self.save_checkpoint()  # the last step is resumable like any other (e.g. to train longer)
             final = self.save_checkpoint(name="final")
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         return final
 
     def train_step(self) -> tuple[dict, list[dict]]:
@@ -208,10 +224,13 @@ class GRPOTrainer:
         errors: dict[str, str] = {}
         per_func: dict[str, list] = {}
         all_group_std = []
-        pending = self._next_prompts(c.prompts_per_step)
+        # Every rank draws the same global prompts and keeps its contiguous share.
+        share = c.prompts_per_step // self.dist.world_size
+        first = self.dist.rank * share
+        pending = self._next_prompts(c.prompts_per_step)[first:first + share]
         while True:
             tg = time.perf_counter()
-            batch = self._generate(pending, attempt=retries)
+            batch = self._generate(pending, attempt=retries, first_prompt=first)
             time_generate += time.perf_counter() - tg
             generated_tokens += sum(len(r.completion_ids) for r in batch)
             tr = time.perf_counter()
@@ -223,17 +242,17 @@ class GRPOTrainer:
             all_group_std.append(group_std)
             keep = [g for g in range(len(pending)) if not c.dynamic_sampling or group_std[g] > 0]
             for g in keep:
-                if kept_groups >= c.prompts_per_step:
+                if kept_groups >= share:
                     break
                 rollouts += batch[g * G:(g + 1) * G]
                 rewards = _cat(rewards, total[g * G:(g + 1) * G])
                 for name, values in result.per_func.items():
                     per_func.setdefault(name, []).extend(values[g * G:(g + 1) * G])
                 kept_groups += 1
-            if not c.dynamic_sampling or kept_groups >= c.prompts_per_step or retries >= c.max_dynamic_sampling_retries:
+            if not c.dynamic_sampling or kept_groups >= share or retries >= c.max_dynamic_sampling_retries:
                 break
             retries += 1
-            pending = self._next_prompts(c.prompts_per_step - kept_groups)
+            pending = self._next_prompts(share - kept_groups)
         group_std = torch.cat(all_group_std)
         metrics: dict = {
             "reward_errors": len(errors),
@@ -252,7 +271,11 @@ class GRPOTrainer:
             return metrics, []
         if metrics["frac_reward_zero_std"] == 1.0:
             self.log(f"step {self.step + 1}: every group has identical rewards (zero advantages)")
-        advantages, _ = group_advantages(rewards, G, scale_rewards=c.scale_rewards)
+        batch_std = None
+        if c.scale_rewards == "batch" and self.dist.enabled:
+            everything = torch.tensor([r for part in self.dist.gather(rewards.tolist()) for r in part])
+            batch_std = float(everything.std())
+        advantages, _ = group_advantages(rewards, G, scale_rewards=c.scale_rewards, batch_std=batch_std)
 
         self.engine.release()  # standby: the trainer's phase
         tt = time.perf_counter()
@@ -283,16 +306,21 @@ class GRPOTrainer:
                     "advantage": float(advantages[i]), "finish_reason": r.finish_reason,
                     "rewards": {k: v[i] for k, v in per_func.items()}}
                    for i, r in enumerate(rollouts)]
+        if self.dist.enabled:
+            metrics, samples = _reduce_across_ranks(self.dist, metrics, samples)
         return metrics, samples
 
     def _optimise(self, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
         return optimise_policy(self.model, self.optimizer, self.scheduler, self.params, self.config,
-                               rollouts, advantages)
+                               rollouts, advantages, dist=self.dist)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str | None = None) -> Path:
         name = name or f"step-{self.step}"
         path = self.output_dir / ("checkpoints" if name != "final" else "") / name
+        if not self.dist.is_main:  # rank 0 writes; the others wait until it is on disk
+            self.dist.barrier()
+            return path
         with atomic_directory(path) as tmp:
             save_adapter(self.model, tmp / "adapter", base_model=str(self.base_path) if self.base_path else None)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -307,6 +335,7 @@ class GRPOTrainer:
         if name != "final" and self.config.save_total_limit:
             for old in _step_dirs(self.output_dir)[: -self.config.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return path
 
     def resume(self, where: str | Path) -> None:
@@ -328,7 +357,7 @@ class GRPOTrainer:
         self.skipped_long_prompts = state.get("skipped_long_prompts", 0)
         set_rng_state(state["rng"])
         # Lines logged after this checkpoint (a crash between logging and saving) are redone.
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl") if self.dist.is_main else ():
             log_file = self.output_dir / name
             if log_file.is_file():
                 kept = [line for line in log_file.read_text().splitlines()
@@ -347,6 +376,31 @@ def _step_dirs(output_dir: Path) -> list[Path]:
         if m and (d / STATE_FILE).is_file():
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
+
+
+def _reduce_across_ranks(dist: DistContext, metrics: dict, samples: list[dict]) -> tuple[dict, list[dict]]:
+    """Rank 0's view of a data-parallel step: reward and length statistics over every rank's
+    completions, times as the slowest rank's, other figures averaged; all samples."""
+    parts = dist.gather((metrics, samples))
+    all_samples = [x for _, rank_samples in parts for x in rank_samples]
+    merged: dict = {}
+    for key in metrics:
+        values = [m[key] for m, _ in parts if isinstance(m.get(key), (int, float))]
+        if not values:
+            continue
+        if key.startswith("time/") or key == "peak_memory_gb":
+            merged[key] = max(values)
+        elif key in ("reward_errors", "groups_used", "skipped_long_prompts", "dynamic_sampling/retries"):
+            merged[key] = sum(values)
+        elif key == "tokens_per_second":
+            merged[key] = sum(values)  # ranks generate concurrently
+        else:
+            merged[key] = sum(values) / len(values)
+    if all_samples:
+        rewards = torch.tensor([x["reward"] for x in all_samples])
+        merged["reward"] = float(rewards.mean())
+        merged["reward_std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
+    return merged, all_samples
 
 
 def _reward_columns(per_func: dict[str, list]) -> dict:

@@ -1,0 +1,67 @@
+"""Data-parallel GRPO on CPU (gloo, 2 processes under torchrun) equals one process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ossrl.testing import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, tiny, data, out, loss_type):
+    path.write_text(
+        f'model = "{tiny}"\ndataset = "{data}"\noutput_dir = "{out}"\n'
+        f'reward_funcs = ["ossrl.testing:ascii_fraction_reward"]\nprompts_per_step = 2\nnum_generations = 3\n'
+        f'max_completion_length = 8\nmax_steps = 2\nlearning_rate = 0.005\nprogress_bar = false\n'
+        f'gradient_checkpointing = false\nloss_type = "{loss_type}"\nseed = 3\n')
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny, tmp_path, loss_type):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "run.toml"
+
+    # one process: the two prompts' groups as two micro-batches
+    write_config(cfg, tiny, data, tmp_path / "single", loss_type)
+    single = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg),
+                             "--set", "gradient_accumulation_steps=2"], env=env, capture_output=True, timeout=600)
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+
+    # two processes: one group each
+    write_config(cfg, tiny, data, tmp_path / "dp", loss_type)
+    dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                         "--master-port", str(free_port()), "-m", "ossrl.cli", "train", str(cfg)],
+                        env=env, capture_output=True, timeout=600)
+    assert dp.returncode == 0, dp.stderr.decode()[-3000:]
+
+    a = load_file(tmp_path / "single" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "dp" / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    moved = 0
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+        moved += "lora_B" in name and bool(a[name].abs().sum() > 0)
+    assert moved  # training changed the adapter (B starts at zero)
+    # rank 0 logged the whole batch: both ranks' samples, rewards over all six completions
+    metrics = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    single_metrics = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward"] for m in metrics] == pytest.approx([m["reward"] for m in single_metrics])
+    assert len((tmp_path / "dp" / "samples.jsonl").read_text().splitlines()) == 2 * 6
