@@ -190,3 +190,13 @@ def test_lora_weights_and_gradients_stay_fp32_on_a_bf16_model():
     assert logits.dtype == torch.bfloat16
     logits.float().logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_memory_options_are_set_in_one_place_and_checked():
+    from ossrl.train.memory import configure_memory
+
+    model, _ = lora_model(seed=10)
+    configure_memory(model, gradient_checkpointing=True, offload_activations=True)
+    assert model.model.gradient_checkpointing and model.model.offload_activations
+    with pytest.raises(ValueError, match="needs gradient_checkpointing"):
+        configure_memory(model, gradient_checkpointing=False, offload_activations=True)

@@ -68,6 +68,8 @@ class GRPOConfig:
     dtype: str = "auto"
     experts: str = "auto"
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
+    offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
     logging_steps: int = 1
     save_steps: int = 0
     save_total_limit: int | None = None

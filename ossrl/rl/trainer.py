@@ -36,6 +36,7 @@ from ossrl.rl.rewards import compute_rewards, resolve_reward_func
 from ossrl.rl.step import optimise_policy
 from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
+from ossrl.train.memory import configure_memory
 from ossrl.train.optim import make_optimizer, make_scheduler
 from ossrl.train.sft import resolve_device_dtype
 
@@ -119,7 +120,8 @@ class GRPOTrainer:
             counts = apply_lora(model, config.lora)
             self.log(format_trainable_counts(counts, model))
         self.params = lora_parameters(model)
-        model.model.gradient_checkpointing = config.gradient_checkpointing
+        configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
+                         offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
         self.engine = RolloutEngine(model)
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,

@@ -23,6 +23,7 @@ from ossrl.configs import dumps_toml, load_config, to_dict
 from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters
 from ossrl.train.checkpoint import atomic_directory, save_adapter
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.memory import configure_memory
 from ossrl.train.optim import SCHEDULES, clip_gradients, make_optimizer, make_scheduler
 
 
@@ -45,6 +46,8 @@ class SFTConfig:
     gradient_accumulation_steps: int = 1
     reasoning_effort: str = "medium"
     gradient_checkpointing: bool = False
+    offload_activations: bool = False
+    offload_embeddings: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     logging_steps: int = 10
@@ -129,7 +132,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
         counts = apply_lora(model, config.lora)
         params = lora_parameters(model)
         log(format_trainable_counts(counts, model))
-    model.model.gradient_checkpointing = config.gradient_checkpointing
+    configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
+                     offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
     model.train()
 
     sequences, masks, dropped = tokenize_conversations(
