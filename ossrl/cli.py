@@ -124,6 +124,18 @@ def cmd_play2048(args) -> int:
     return play_main(args.args)
 
 
+def cmd_bench(args) -> int:
+    """Run a side-by-side benchmark script from a clone's benchmarks/ folder (GPU machines)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: benchmarks ship with the repository; run from a clone")
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossrl", description="GRPO for gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     g2.add_argument("args", nargs=argparse.REMAINDER, help="see `ossrl play2048 --help`")
     g2.set_defaults(func=cmd_play2048)
+
+    b = sub.add_parser("bench", help="side-by-side benchmark against Hugging Face (GPU): generate, train, ...")
+    b.add_argument("name", choices=("generate", "train", "grpo_step", "attention", "moe", "sandbox"))
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl into RUN_DIR/plots")
     p.add_argument("run_dir")
