@@ -180,3 +180,20 @@ def test_slot_backend_stops_compacts_and_wraps_the_sliding_ring(model):
     engine.release()
     again = engine.generate([PROMPTS[2]], n=6, params=params)[0]  # after standby: allocates anew
     assert [c.token_ids for c in again] == [c.token_ids for c in b]
+
+
+def test_rollouts_sample_from_the_adapted_policy_in_both_backends():
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=31).eval()
+    apply_lora(model, LoRAConfig(r=4))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    simple = RolloutEngine(model, backend="simple").generate(PROMPTS, n=2, params=params)
+    slots = RolloutEngine(model, backend="slots").generate(PROMPTS, n=2, params=params)
+    assert [[c.token_ids for c in g] for g in simple] == [[c.token_ids for c in g] for g in slots]
+    with model.adapters_disabled():
+        base = RolloutEngine(model, backend="slots").generate(PROMPTS, n=2, params=params)
+    assert [[c.token_ids for c in g] for g in base] != [[c.token_ids for c in g] for g in slots]
