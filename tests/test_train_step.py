@@ -200,3 +200,34 @@ def test_memory_options_are_set_in_one_place_and_checked():
     assert model.model.gradient_checkpointing and model.model.offload_activations
     with pytest.raises(ValueError, match="needs gradient_checkpointing"):
         configure_memory(model, gradient_checkpointing=False, offload_activations=True)
+
+
+def test_fp16_mode_keeps_outliers_above_65504_finite():
+    """Expert down-projection outputs above fp16's range: the fp16 mode (fp32 residual stream and
+    down projection) stays finite and close to fp32, where plain fp16 arithmetic overflows."""
+    config = tiny_config()
+    reference = random_model(config, seed=12)
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.mlp.experts.down_proj.mul_(32768.0)  # power of two: exact in fp16 and bf16
+    ids = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    captured = []
+    hook = reference.model.layers[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        expected = reference(ids)
+    hook.remove()
+    assert captured[0].abs().max() > 65504  # the test is about real overflow
+    half = random_model(config, seed=12, dtype=torch.float16)
+    with torch.no_grad():
+        half.load_state_dict(reference.state_dict())
+        got = half(ids)
+        assert torch.isfinite(got).all()
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 2e-2
+        # plain fp16 arithmetic on the same expert output overflows
+        assert not torch.isfinite(captured[0].half()).all()
+    # the training path works in this mode too
+    apply_lora(half, LoRAConfig(r=2))
+    batch = pack_sequences([ids[0].tolist()], [[True] * 12], max_tokens=12)
+    lp, _ = sequence_logprobs(half, batch)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all() and all(torch.isfinite(p.grad).all() for p in lora_parameters(half))

@@ -51,17 +51,18 @@ def routed_experts_reference(
     *,
     limit: float,
     alpha: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [N, H]; weights, ids [N, k]. `gate_up(e, x_e)` returns x_e @ W1_e + b1_e ([n, 2I]) and
     `down(e, a_e)` returns a_e @ W2_e + b2_e ([n, H]); the caller owns the weight format
-    (dense or MXFP4) and any LoRA. Returns [N, H] in x's dtype."""
-    out = torch.zeros_like(x)
+    (dense or MXFP4) and any LoRA. Returns [N, H] in out_dtype (default: x's dtype)."""
+    out = torch.zeros_like(x, dtype=out_dtype or x.dtype)
     num_experts_hit = torch.bincount(ids.flatten(), minlength=1)
     for e in torch.nonzero(num_experts_hit).flatten().tolist():
         token_idx, slot = torch.nonzero(ids == e, as_tuple=True)
         a = clamped_swiglu(gate_up(e, x[token_idx]), limit=limit, alpha=alpha)
         y = down(e, a) * weights[token_idx, slot].unsqueeze(-1)
-        out.index_add_(0, token_idx, y.to(x.dtype))
+        out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 
 

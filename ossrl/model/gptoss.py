@@ -7,6 +7,10 @@ copy. Experts are held either dense ([E, in, out], as transformers holds them) o
 
 The one thing to know: attention sees keys by *position* (see ossrl.kernels.attention), so the
 same forward serves full sequences, packed documents and incremental decoding with `KVCache`.
+
+fp16 weights (GPUs without bf16) switch on the fp16 compute mode: the residual stream and the
+experts' down projection (whose outputs exceed fp16's 65,504 on real weights) run in fp32; every
+other matmul runs in fp16.
 """
 
 from __future__ import annotations
@@ -153,12 +157,22 @@ class Experts(nn.Module):
         return z + self.lora.gate_up_delta(e, x) if self._lora_on() else z
 
     def down(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        if a.dtype == torch.float16:  # fp16 mode: down-projection outputs overflow fp16, so fp32
+            return self._down_fp32(e, a)
         if self.format == "bf16":
             y = a @ self.down_proj[e] + self.down_proj_bias[e]
         else:
             w = dequantize_mxfp4(self.down_proj_blocks[e], self.down_proj_scales[e], a.dtype)  # [H, I]
             y = F.linear(a, w, self.down_proj_bias[e])
         return y + self.lora.down_delta(e, a) if self._lora_on() else y
+
+    def _down_fp32(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        if self.format == "bf16":
+            w = self.down_proj[e].float().T
+        else:
+            w = dequantize_mxfp4(self.down_proj_blocks[e], self.down_proj_scales[e], torch.float32)
+        y = F.linear(a.float(), w, self.down_proj_bias[e].float())
+        return y + self.lora.down_delta(e, a).float() if self._lora_on() else y
 
     def expert_weights(self) -> ExpertWeights:
         """The base as the kernels take it (views, no copies)."""
@@ -176,7 +190,9 @@ class Experts(nn.Module):
 
             lora = self.lora.in_dtype(x.dtype) if self._lora_on() else None
             return routed_experts_triton(x, weights, ids, experts, lora)
-        return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha)
+        out_dtype = torch.float32 if x.dtype == torch.float16 else None  # fp16 mode: fp32 combine
+        return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha,
+                                        out_dtype=out_dtype)
 
 
 class MLP(nn.Module):
@@ -201,8 +217,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, expert_format, device, dtype)
 
     def forward(self, x, cos, sin, masks, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        compute = cos.dtype  # the weights' dtype; x is fp32 in the fp16 mode (no-op casts otherwise)
+        x = x + self.self_attn(self.input_layernorm(x).to(compute), cos, sin, masks, cache)
+        return x + self.mlp(self.post_attention_layernorm(x).to(compute))
 
 
 class KVCache:
@@ -300,6 +317,8 @@ class GptOssModel(nn.Module):
         # The table may live on the CPU (embedding offload): gather rows there, move only those.
         x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(device)
         cos, sin = self.rope_tables(positions, x.dtype)
+        if x.dtype == torch.float16:
+            x = x.float()  # fp16 mode: the residual stream is fp32
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if checkpointing and self.offload_activations \
                 else contextlib.nullcontext():
@@ -340,4 +359,4 @@ class GptOssForCausalLM(nn.Module):
 
     def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None) -> torch.Tensor:
         hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, cache=cache)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype))

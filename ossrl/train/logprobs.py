@@ -147,5 +147,6 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)  # [R, T, H]
     targets = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
     h = hidden[:, :-1][batch.target_mask[:, :-1]]  # [N, H]: only rows we need go to the lm_head
+    h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
                           with_entropy=with_entropy)
