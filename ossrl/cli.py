@@ -1,7 +1,7 @@
 """The `ossrl` command line.
 
     ossrl generate --model DIR [--reasoning low] [--max-new-tokens N] [--temperature T] "prompt"
-    ossrl demo                      # writes a tiny gpt-oss checkpoint and generates from it
+    ossrl demo                      # GRPO on the CPU: the bundled small gpt-oss learns 2048
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
     ossrl train CONFIG.toml [--set key=value ...]   # GRPO
@@ -59,21 +59,75 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _demo_dir() -> Path:
-    return Path(os.environ.get("OSSRL_HOME", Path.home() / ".cache" / "ossrl")) / "tiny-gpt-oss"
-
-
 def cmd_demo(args) -> int:
-    from ossrl.testing import write_tiny_checkpoint
+    """GRPO on the CPU with the bundled small gpt-oss (ossrl/demo_model) and the 2048 rewards;
+    then the reward curves, the before/after figures, and the best strategy played on a board."""
+    import json
+    import statistics
 
-    path = _demo_dir()
-    if not (path / "config.json").is_file():
-        write_tiny_checkpoint(path, seed=0, mxfp4=True, num_hidden_layers=4)
-        print(f"wrote a tiny gpt-oss checkpoint (random weights, MXFP4 experts) to {path}")
-    print(f"ossrl generate --model {path} --max-new-tokens 48 \"{args.prompt}\"")
-    return cmd_generate(argparse.Namespace(
-        model=str(path), prompt=args.prompt, reasoning="low", max_new_tokens=48, temperature=1.0,
-        top_p=1.0, seed=0, device="cpu", show_analysis=True))
+    import ossrl
+    from ossrl.configs import load_config
+    from ossrl.envs.tasks import make_2048_dataset
+    from ossrl.rl.config import GRPOConfig
+    from ossrl.rl.plots import plot_run
+    from ossrl.rl.trainer import GRPOTrainer
+
+    repo = Path(ossrl.__file__).resolve().parent.parent
+    config_path = Path(args.config) if args.config else repo / "examples" / "2048-tiny.toml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: the demo config is missing; run `ossrl demo` from a clone "
+                                "of the repository or pass --config")
+    overrides = list(args.set) + ([f"max_steps={args.steps}"] if args.steps else []) + (
+        [f"seed={args.seed}"] if args.seed is not None else [])
+    config = load_config(GRPOConfig, config_path, overrides,
+                         model=str(Path(ossrl.__file__).resolve().parent / "demo_model"),
+                         output_dir=args.output_dir)
+    prompts = repo / "examples" / "2048-prompts.jsonl"
+    dataset = str(prompts) if prompts.is_file() else make_2048_dataset(64, seed=0)  # the same rows
+    out = Path(config.output_dir)
+    if out.exists() and any(out.iterdir()) and not config.resume_from:
+        raise ValueError(f"{out} already holds a run; remove it or pass --output-dir")
+    print(f"ossrl demo: GRPO on {config.device} with the bundled model, {config.max_steps} steps of "
+          f"{config.prompts_per_step} prompts x {config.num_generations} completions ({config_path.name})")
+    trainer = GRPOTrainer(config=config, train_dataset=dataset)
+    trainer.train()
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    k = min(5, len(metrics) // 2) or 1
+
+    def mean(key, rows):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return statistics.fmean(values) if values else float("nan")
+
+    print()
+    for key, label in (("reward", "reward"), ("rewards/game2048_strategy_succeeds/mean", "strategy_succeeds"),
+                       ("rewards/game2048_function_works/mean", "function_works"),
+                       ("rewards/largest_tile/mean", "mean largest tile")):
+        print(f"{label:>18}: first {k} steps {mean(key, metrics[:k]):8.2f}   last {k} steps "
+              f"{mean(key, metrics[-k:]):8.2f}")
+    for path in plot_run(out):
+        print(f"plot: {path}")
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
+    last = max(s["step"] for s in samples)
+    best = max((s for s in samples if s["step"] > last - k), key=lambda s: s["reward"])
+    from ossrl.envs.code import extract_python_function
+
+    source = extract_python_function(best["completion"], "strategy")
+    if source is None:
+        print("no completion of the last steps holds a strategy")
+        return 0
+    best_file = out / "best_strategy.py"
+    best_file.write_text(source)
+    print(f"\nbest strategy of the last {k} steps (reward {best['reward']:.2f}, step {best['step']}), "
+          f"saved to {best_file}:\n")
+    print(source)
+    if args.no_play:
+        return 0
+    from ossrl.envs.play import play_main
+
+    animate = sys.stdout.isatty()
+    return play_main([str(best_file), "--games", "1", "--delay", "0.01"] + ([] if animate else ["--no-animate"]))
 
 
 def cmd_write_tiny(args) -> int:
@@ -152,8 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="the bundled default: a tiny gpt-oss on the CPU")
-    d.add_argument("prompt", nargs="?", default="Write a 2048 strategy.")
+    d = sub.add_parser("demo", help="the bundled default: GRPO teaches a small gpt-oss 2048 on the CPU")
+    d.add_argument("--config", default=None, help="default: examples/2048-tiny.toml of the repository")
+    d.add_argument("--steps", type=int, default=None, help="override max_steps")
+    d.add_argument("--seed", type=int, default=None, help="override the run's seed")
+    d.add_argument("--output-dir", default="runs/demo-2048")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    d.add_argument("--no-play", action="store_true", help="do not play the best strategy at the end")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="GRPO training from a TOML config (see ossrl.rl.config.GRPOConfig)")
