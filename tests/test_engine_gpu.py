@@ -82,3 +82,22 @@ def test_bf16_slot_engine_greedy_agrees_with_full_forward(model32):
     # each greedy token is the full forward's argmax up to bf16 near-ties
     assert (chosen >= full.max(-1).values - 0.05).all()
     assert out[0].token_ids == out[1].token_ids
+
+
+def test_captured_graphs_follow_the_adapter_switch():
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+
+    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4")
+    model = random_model(config, seed=4, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
+    apply_lora(model, LoRAConfig(r=8))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn_like(p) * 0.3)
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    engine = RolloutEngine(model, backend="slots", cuda_graphs=True)
+    adapted = engine.generate(PROMPTS, n=2, params=params)
+    with model.adapters_disabled():
+        base_same_engine = engine.generate(PROMPTS, n=2, params=params)
+        base_fresh = RolloutEngine(model, backend="slots", cuda_graphs=False).generate(PROMPTS, n=2, params=params)
+    tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
+    assert tokens(base_same_engine) == tokens(base_fresh) != tokens(adapted)

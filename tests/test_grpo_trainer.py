@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ossrl.cli import main
-from ossrl.model.lora import lora_state_dict
+from ossrl.model.lora import LoRAConfig, lora_state_dict
 from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
 from ossrl.testing import ascii_fraction_reward, write_tiny_checkpoint
@@ -57,21 +57,29 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
     assert (final / "trainer_state.pt").is_file() and (tmp_path / "run" / "config.toml").is_file()
 
 
-def test_resume_continues_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"lora": LoRAConfig(r=4, alpha=8, dropout=0.3), "lr_scheduler_type": "cosine",
+                                       "warmup_steps": 1}], ids=["plain", "dropout-cosine"])
+def test_resume_continues_exactly(tiny, tmp_path, extra):
     straight = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                           config=config(tiny, tmp_path / "a", max_steps=4), log=lambda *_: None)
+                           config=config(tiny, tmp_path / "a", max_steps=4, **extra), log=lambda *_: None)
     straight.train()
+    # the same 4-step run, stopped after step 2 (its schedule spans 4 steps)
     first = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                        config=config(tiny, tmp_path / "b", max_steps=2, save_steps=1), log=lambda *_: None)
-    first.train()
+                        config=config(tiny, tmp_path / "b", max_steps=4, **extra), log=lambda *_: None)
+    first.train_step()
+    first.train_step()
+    first.save_checkpoint()
+    # a crash while logging leaves half a line behind: resume drops it
+    (tmp_path / "b" / "samples.jsonl").write_text('{"step": 3, "prompt": "cut he')
     resumed = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=config(tiny, tmp_path / "b", max_steps=4, resume_from="latest"),
+                          config=config(tiny, tmp_path / "b", max_steps=4, resume_from="latest", **extra),
                           log=lambda *_: None)
     resumed.train()
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for x, y in zip(a, b):
+    assert [m["step"] for m in b] == [3, 4]
+    for x, y in zip(a[2:], b):
         assert x["reward"] == y["reward"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
+        assert x["learning_rate"] == pytest.approx(y["learning_rate"])
     sa, sb = lora_state_dict(straight.model), lora_state_dict(resumed.model)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-7)
@@ -157,6 +165,9 @@ def test_dynamic_sampling_drops_zero_variance_groups(tiny, tmp_path):
     for m in read_metrics(tmp_path / "r"):
         assert m["groups_used"] == 2
     assert sum(m["dynamic_sampling/retries"] for m in read_metrics(tmp_path / "r")) > 0
+    trained = [json.loads(x) for x in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert len(trained) == 3 * 2 * 3
+    assert all(not x["prompt"].startswith(("Task 0:", "Task 3:", "Task 6:", "Task 9:")) for x in trained)
 
 
 def test_train_cli_with_set_overrides(tiny, tmp_path):
@@ -179,3 +190,34 @@ def test_plot_writes_pngs_of_a_run(tiny, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "r" / "plots").iterdir())
     assert "rewards.png" in pngs and "loss.png" in pngs
     assert all((tmp_path / "r" / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_a_single_pass_is_on_policy_even_with_lora_dropout(tiny, tmp_path):
+    GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                config=config(tiny, tmp_path / "r", max_steps=3, lora=LoRAConfig(r=4, dropout=0.5)),
+                log=lambda *_: None).train()
+    for m in read_metrics(tmp_path / "r"):
+        assert m["ratio/mean"] == pytest.approx(1.0) and m["clip_ratio/region_mean"] == 0
+
+
+def test_grpo_continues_from_a_saved_adapter_and_records_the_real_base(tiny, tmp_path):
+    first = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                        config=config(tiny, tmp_path / "a", max_steps=1), log=lambda *_: None)
+    final = first.train()
+    second = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                         config=config(final, tmp_path / "b", max_steps=1), log=lambda *_: None)
+    start = {k: v.clone() for k, v in lora_state_dict(second.model).items()}
+    for k, v in lora_state_dict(first.model).items():
+        torch.testing.assert_close(start[k], v)  # it starts where the first run ended
+    second.train()
+    assert any(not torch.equal(start[k], v) for k, v in lora_state_dict(second.model).items())
+    adapter_cfg = json.loads((tmp_path / "b" / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny)
+
+
+def test_a_bad_dataset_row_is_named(tiny, tmp_path):
+    rows = [{"prompt": "fine"}, {"prompt": None}] * 3
+    trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=rows,
+                          config=config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"train_dataset: row [135] has no usable 'prompt'"):
+        trainer.train()

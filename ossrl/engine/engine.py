@@ -75,7 +75,7 @@ class RolloutEngine:
         base_seed = 0 if params.seed is None else params.seed
         seeds = torch.arange(n, device=device) + base_seed + index * n
         cache = KVCache()
-        logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # prefill once
+        logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1]  # prefill once
         _select_rows(cache, torch.zeros(n, dtype=torch.long, device=device))  # n slots share it
         logits = logits.expand(n, -1)
         out = [Completion([], [], [], "length") for _ in range(n)]

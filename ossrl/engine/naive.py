@@ -23,7 +23,7 @@ def generate_naive(model: GptOssForCausalLM, prompt_ids: list[int], params: Samp
     device = model.device
     seed = torch.tensor([0 if params.seed is None else params.seed], device=device)
     cache = KVCache()
-    logits = model(torch.tensor([prompt_ids], device=device), cache=cache)[:, -1]
+    logits = model(torch.tensor([prompt_ids], device=device), cache=cache, last_only=True)[:, -1]
     out = Completion([], [], [], "length")
     stops = set(params.stop_token_ids)
     for step in range(params.max_new_tokens_for(0)):

@@ -23,7 +23,6 @@ import torch
 from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.kernels.sampling import fold_seed
 
 
 def bucket_size(n: int) -> int:
@@ -66,14 +65,19 @@ class SlotDecoder:
                 "current": torch.zeros(S, dtype=torch.long, device=device),
                 "steps": torch.zeros(S, dtype=torch.long, device=device),
                 "seeds": torch.zeros(S, dtype=torch.long, device=device),
-                "keys": torch.zeros(S, dtype=torch.long, device=device),
             }
         self.pool.lengths.zero_()
         for name in ("steps", "current"):
             self.state[name].zero_()
-        if self.graph_params != _params_key(params):
-            self.graphs.clear()  # the sampling rule is baked into captured graphs
-            self.graph_params = _params_key(params)
+        key = self._graph_key(params)
+        if self.graph_params != key:
+            self.graphs.clear()  # the sampling rule and the adapters' on/off state are baked into graphs
+            self.graph_params = key
+
+    def _graph_key(self, params: SamplingParams) -> tuple:
+        switch = getattr(self.model, "adapter_switch", None)
+        return (_params_key(params), id(getattr(self.model, "lora_config", None)),
+                switch is not None and switch.enabled)
 
     # ------------------------------------------------------------------ one step
     def _step(self, slot_ids: torch.Tensor, params: SamplingParams) -> None:
@@ -141,11 +145,11 @@ class SlotDecoder:
         st = self.state
         base = 0 if params.seed is None else params.seed
         st["seeds"][:slots] = torch.arange(slots, device=device) + base
-        st["keys"].copy_(fold_seed(st["seeds"]))
 
         for i, prompt in enumerate(prompts):  # prefill once per prompt, KV copied to its n slots
             slot_ids = torch.arange(i * n, (i + 1) * n, device=device)
-            logits = model(torch.tensor([prompt], device=device), cache=PrefillWriter(self.pool, slot_ids))[:, -1]
+            logits = model(torch.tensor([prompt], device=device), cache=PrefillWriter(self.pool, slot_ids),
+                           last_only=True)[:, -1]
             tokens, plain, sampled = sample_tokens(logits.expand(n, -1), params, st["seeds"][slot_ids],
                                                    st["steps"][slot_ids])
             st["tokens"][slot_ids, 0], st["plain"][slot_ids, 0], st["sampled"][slot_ids, 0] = tokens, plain, sampled

@@ -357,6 +357,10 @@ class GptOssForCausalLM(nn.Module):
 
         return adapters_disabled(self)
 
-    def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None) -> torch.Tensor:
+    def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab]; `last_only` returns [B, 1, vocab] for the last position only (a
+        prefill needs one row, not T x 201088)."""
         hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, cache=cache)
+        if last_only:
+            hidden = hidden[:, -1:]
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))

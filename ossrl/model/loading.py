@@ -140,6 +140,15 @@ def load_model(
     return model.eval()
 
 
+def base_checkpoint(path: str | os.PathLike) -> Path:
+    """The base model directory of a checkpoint: itself, or the base an adapter directory names."""
+    path = Path(path)
+    adapter = _adapter_dir(path)
+    if adapter is None:
+        return path
+    return resolve_checkpoint(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
 def _adapter_dir(ckpt: Path) -> Path | None:
     """A LoRA adapter directory (or a training checkpoint holding one in adapter/) without its own model."""
     if (ckpt / "config.json").is_file():

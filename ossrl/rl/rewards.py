@@ -35,10 +35,8 @@ def resolve_reward_func(name: str) -> RewardFunc:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"reward function {name!r} cannot be imported ({e})") from None
     else:
-        try:
-            from ossrl.envs.registry import REWARD_FUNCS
-        except ImportError:
-            REWARD_FUNCS = {}
+        from ossrl.envs.registry import REWARD_FUNCS
+
         if name not in REWARD_FUNCS:
             known = ", ".join(sorted(REWARD_FUNCS)) or "none registered"
             raise ValueError(f"unknown reward function {name!r}; use 'module:function' or one of: {known}")

@@ -27,9 +27,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     c = config
     dist = dist or DistContext()
     n = len(rollouts)
-    accum = c.gradient_accumulation_steps if n % c.gradient_accumulation_steps == 0 else 1
-    size = n // accum
-    chunks = [list(range(i, i + size)) for i in range(0, n, size)]
+    size = -(-n // c.gradient_accumulation_steps)  # micro-batches of at most this many completions
+    chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     max_tokens = c.max_prompt_length + c.max_completion_length
     packs, masks_out = [], []
     for chunk in chunks:
@@ -48,20 +47,26 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     global_chunks = len(chunks) * dist.world_size
     sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
 
-    need_old = c.num_iterations > 1 or c.importance_sampling_correction
+    # The policy as it sampled: no dropout. With one optimisation pass and no LoRA dropout it
+    # equals the training pass's own log-probs, and no extra forward is run.
+    dropout = getattr(getattr(model, "lora_config", None), "dropout", 0.0)
+    old_pass = c.num_iterations > 1 or (c.importance_sampling_correction and dropout > 0)
     old, ref = {}, {}
-    with torch.no_grad():
-        for k, (chunk, pack) in enumerate(zip(chunks, packs)):
-            if need_old:
-                lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
-                old[k] = _unflatten(lp, pack, chunk, completion_len)
-            if c.beta > 0:
-                with model.adapters_disabled():
+    if old_pass or c.beta > 0:
+        model.eval()
+        with torch.no_grad():
+            for k, (chunk, pack) in enumerate(zip(chunks, packs)):
+                if old_pass:
                     lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
-                ref[k] = _unflatten(lp, pack, chunk, completion_len)
+                    old[k] = _unflatten(lp, pack, chunk, completion_len)
+                if c.beta > 0:
+                    with model.adapters_disabled():
+                        lp, _ = sequence_logprobs(model, pack, temperature=c.temperature)
+                    ref[k] = _unflatten(lp, pack, chunk, completion_len)
 
     sums: dict[str, float] = {}
     counts = 0
+    loss_total = 0.0  # this rank's share of the loss, summed over micro-batches and averaged over passes
     grad_norm = 0.0
     is_stats = []
     model.train()
@@ -71,15 +76,17 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
             entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
-            old_lp = old[k] if need_old else logprobs.detach()
+            behaviour = old[k] if old_pass else logprobs.detach()  # for the importance weights
+            # PPO's ratio is exactly 1 on a single pass (TRL's on-policy case), dropout or not.
+            old_lp = old[k] if c.num_iterations > 1 else logprobs.detach()
             weights = None
             if c.importance_sampling_correction:
                 samp = torch.zeros_like(mask)
                 for row, i in enumerate(chunk):
                     samp[row, :completion_len[i]] = sampling[i].to(samp.device)
-                weights = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                weights = importance_sampling_weights(behaviour, samp, mask, level=c.importance_sampling_level,
                                                       cap=c.importance_sampling_cap)
-                raw = importance_sampling_weights(old_lp, samp, mask, level=c.importance_sampling_level,
+                raw = importance_sampling_weights(behaviour, samp, mask, level=c.importance_sampling_level,
                                                   cap=float("inf"))
                 sel = raw.expand_as(mask)[mask > 0]
                 if sel.numel():
@@ -92,7 +99,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             if c.loss_type != "dapo":
                 loss = loss / global_chunks
             loss.backward()
-            m["loss"] = float(loss.detach()) * (1 if c.loss_type == "dapo" else global_chunks)
+            loss_total += float(loss.detach()) / c.num_iterations
             m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
@@ -102,6 +109,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         optimizer.step()
         scheduler.step()
     out = {key: v / max(counts, 1) for key, v in sums.items()}
+    out["loss"] = loss_total  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
     if is_stats:
         allr = torch.cat(is_stats)

@@ -79,7 +79,7 @@ def load_dataset_rows(dataset) -> list[dict] | object:
 class GRPOTrainer:
     def __init__(self, model=None, reward_funcs=None, train_dataset=None, config: GRPOConfig | None = None,
                  tokenizer=None, log=print):
-        from ossrl.model.loading import load_model, resolve_checkpoint
+        from ossrl.model.loading import base_checkpoint, load_model, resolve_checkpoint
         from ossrl.model.tokenizer import load_tokenizer
 
         self.config = config = config or GRPOConfig()
@@ -96,8 +96,9 @@ class GRPOTrainer:
         self.device, dtype = resolve_device_dtype(device, config.dtype)
         self.base_path = None
         if model is None or isinstance(model, (str, Path)):
-            self.base_path = resolve_checkpoint(model or config.model)
-            model = load_model(self.base_path, device=self.device, dtype=dtype, experts=config.experts)
+            path = resolve_checkpoint(model or config.model)
+            model = load_model(path, device=self.device, dtype=dtype, experts=config.experts)
+            self.base_path = base_checkpoint(path)  # an adapter directory names its base model
         elif config.model:
             self.base_path = Path(config.model)
         self.model = model
@@ -114,12 +115,21 @@ class GRPOTrainer:
         if config.reward_weights is not None and len(config.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for "
                              f"{len(self.reward_funcs)} reward functions")
-        self.dataset = load_dataset_rows(train_dataset if train_dataset is not None else config.dataset)
+        source = train_dataset if train_dataset is not None else config.dataset
+        self.dataset = load_dataset_rows(source)
+        self.dataset_name = str(source) if isinstance(source, (str, Path)) else "train_dataset"
+        self._order: list[int] = []
+        self._order_epoch = -1
 
         if getattr(model, "lora_config", None) is None:
             counts = apply_lora(model, config.lora)
             self.log(format_trainable_counts(counts, model))
+        else:  # a checkpoint that already carries adapters (e.g. after SFT): continue training them
+            self.log(f"continuing the model's existing LoRA adapters (r={model.lora_config.r}); "
+                     f"the config's [lora] table is ignored")
         self.params = lora_parameters(model)
+        for p in self.params:
+            p.requires_grad_(True)
         configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
         self.engine = RolloutEngine(model)
@@ -134,20 +144,28 @@ class GRPOTrainer:
         self.skipped_long_prompts = 0
 
     # ------------------------------------------------------------------ data
-    def _row(self, position: int) -> dict:
+    def _row(self, position: int) -> tuple[int, dict]:
+        """(dataset index, row) of the position-th prompt: a seeded shuffle per epoch."""
         n = len(self.dataset)
         epoch, i = divmod(position, n)
-        order = list(range(n))
-        random.Random(self.config.seed * 7919 + epoch).shuffle(order)
-        return dict(self.dataset[order[i]])
+        if self._order_epoch != epoch:
+            self._order = list(range(n))
+            random.Random(self.config.seed * 7919 + epoch).shuffle(self._order)
+            self._order_epoch = epoch
+        index = self._order[i]
+        return index, dict(self.dataset[index])
 
     def _next_prompts(self, count: int) -> list[tuple[dict, list[int]]]:
         out = []
         tries = 0
         while len(out) < count:
-            row = self._row(self.data_position)
+            index, row = self._row(self.data_position)
             self.data_position += 1
-            ids = render_prompt(self.tokenizer, row["prompt"], reasoning_effort=self.config.reasoning_effort)
+            try:
+                ids = render_prompt(self.tokenizer, row["prompt"], reasoning_effort=self.config.reasoning_effort)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{self.dataset_name}: row {index} has no usable 'prompt' (a string or a list "
+                                 f"of chat messages): {type(e).__name__}: {e}") from None
             if len(ids) > self.config.max_prompt_length:
                 self.skipped_long_prompts += 1
                 tries += 1
@@ -269,6 +287,8 @@ class GRPOTrainer:
             self.log(f"step {self.step + 1}: every group had identical rewards after {retries} retries; "
                      f"no learning signal, optimiser step skipped")
             self.step += 1
+            for _ in range(c.num_iterations):  # the schedule follows steps, trained or not
+                self.scheduler.step()
             metrics.update({"reward": float("nan"), "skipped_step": 1})
             return metrics, []
         if metrics["frac_reward_zero_std"] == 1.0:
@@ -359,13 +379,26 @@ class GRPOTrainer:
         self.skipped_long_prompts = state.get("skipped_long_prompts", 0)
         set_rng_state(state["rng"])
         # Lines logged after this checkpoint (a crash between logging and saving) are redone.
+        # A line cut by a crash mid-write does not parse: it is dropped too.
         for name in ("metrics.jsonl", "samples.jsonl") if self.dist.is_main else ():
             log_file = self.output_dir / name
             if log_file.is_file():
-                kept = [line for line in log_file.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                kept = [line for line in log_file.read_text().splitlines() if _logged_step(line) <= self.step]
                 log_file.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:  # checkpoints newer than this one belong to an abandoned timeline
+            for newer in _step_dirs(self.output_dir):
+                if int(newer.name.split("-")[1]) > self.step:
+                    shutil.rmtree(newer, ignore_errors=True)
+        self.dist.barrier()
         self.log(f"resumed from {path} at step {self.step}")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics/samples line; infinity for a line that does not parse."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def _step_dirs(output_dir: Path) -> list[Path]:
@@ -390,9 +423,9 @@ def _reduce_across_ranks(dist: DistContext, metrics: dict, samples: list[dict]) 
         values = [m[key] for m, _ in parts if isinstance(m.get(key), (int, float))]
         if not values:
             continue
-        if key.startswith("time/") or key == "peak_memory_gb":
+        if key.startswith("time/") or key in ("peak_memory_gb", "skipped_long_prompts"):  # skips are global
             merged[key] = max(values)
-        elif key in ("reward_errors", "groups_used", "skipped_long_prompts", "dynamic_sampling/retries"):
+        elif key in ("reward_errors", "groups_used", "dynamic_sampling/retries", "loss"):
             merged[key] = sum(values)
         elif key == "tokens_per_second":
             merged[key] = sum(values)  # ranks generate concurrently
