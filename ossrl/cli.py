@@ -15,7 +15,6 @@ Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
