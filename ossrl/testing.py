@@ -43,41 +43,42 @@ def tiny_config(**overrides) -> GptOssConfig:
     return GptOssConfig(**{**TINY_DEFAULTS, **overrides})
 
 
-@torch.no_grad()
-def random_model(config: GptOssConfig, *, seed: int = 0, expert_format: str = "bf16",
-                 dtype: torch.dtype = torch.float32) -> GptOssForCausalLM:
-    """A gpt-oss model with random weights whose values are exactly representable in bf16."""
-    gen = torch.Generator().manual_seed(seed)
-    model = GptOssForCausalLM(config, expert_format=expert_format, dtype=dtype)
+def _fill_random(model: GptOssForCausalLM, normal, randint) -> None:
+    """Random weights in place, scaled so activations stay O(1) and routing is not degenerate.
 
-    def normal(shape, std):
-        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16).to(dtype)
-
+    normal(shape, std) and randint(low, high, shape, dtype) draw from the caller's generator;
+    parameters and then MXFP4 buffers are visited in registration order.
+    """
     for name, p in model.named_parameters():
         leaf = name.rpartition(".")[2]
         if name.endswith("norm.weight"):
             p.copy_(1.0 + normal(p.shape, 0.1))
-        elif leaf == "sinks":
-            p.copy_(normal(p.shape, 1.0))
-        elif name.endswith("embed_tokens.weight"):
+        elif leaf == "sinks" or name.endswith("embed_tokens.weight"):
             p.copy_(normal(p.shape, 1.0))
         elif leaf in ("bias", "gate_up_proj_bias", "down_proj_bias"):
             p.copy_(normal(p.shape, 0.1))
-        elif leaf == "gate_up_proj" or leaf == "down_proj":  # [E, in, out]
+        else:  # [out, in] linear weights and [E, in, out] experts: 1/sqrt(fan-in)
             p.copy_(normal(p.shape, p.shape[1] ** -0.5))
-        else:  # [out, in] linear weights (attention, router, lm_head)
-            p.copy_(normal(p.shape, p.shape[1] ** -0.5))
-    if expert_format == "mxfp4":
-        for layer in model.model.layers:
-            ex = layer.mlp.experts
-            for base in ("gate_up_proj", "down_proj"):
-                blocks = getattr(ex, f"{base}_blocks")
-                scales = getattr(ex, f"{base}_scales")
-                blocks.copy_(torch.randint(0, 256, blocks.shape, generator=gen, dtype=torch.uint8))
-                # FP4 magnitudes average ~2.3, so 2^-(log2(in)/2 + 2) keeps outputs O(1).
-                fan_in = scales.shape[-1] * 32
-                centre = 127 - int(round(0.5 * torch.log2(torch.tensor(float(fan_in))).item())) - 2
-                scales.copy_(torch.randint(centre - 1, centre + 2, scales.shape, generator=gen).to(torch.uint8))
+    for name, b in model.named_buffers():
+        if name.endswith("_blocks"):
+            b.copy_(randint(0, 256, b.shape, torch.uint8))
+        elif name.endswith("_scales"):
+            # FP4 magnitudes average ~2.3, so 2^-(log2(in)/2 + 2) keeps outputs O(1).
+            fan_in = b.shape[-1] * 32
+            centre = 127 - int(round(0.5 * torch.log2(torch.tensor(float(fan_in))).item())) - 2
+            b.copy_(randint(centre - 1, centre + 2, b.shape, torch.int64).to(torch.uint8))
+
+
+@torch.no_grad()
+def random_model(config: GptOssConfig, *, seed: int = 0, expert_format: str = "bf16",
+                 dtype: torch.dtype = torch.float32) -> GptOssForCausalLM:
+    """A gpt-oss model with random weights whose values are exactly representable in bf16
+    (CPU generator: the same values on every machine; the demo's build script relies on it)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = GptOssForCausalLM(config, expert_format=expert_format, dtype=dtype)
+    _fill_random(model,
+                 lambda shape, std: (torch.randn(shape, generator=gen) * std).to(torch.bfloat16).to(dtype),
+                 lambda low, high, shape, dt: torch.randint(low, high, shape, generator=gen, dtype=dt))
     return model
 
 
@@ -128,21 +129,8 @@ def random_model_on_device(config: GptOssConfig, *, device: str | torch.device =
     model.to_empty(device=device)
     model.model.reset_rope()
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rpartition(".")[2]
-        if name.endswith("norm.weight"):
-            p.normal_(1.0, 0.1, generator=gen)
-        elif leaf == "sinks" or name.endswith("embed_tokens.weight"):
-            p.normal_(0.0, 1.0, generator=gen)
-        elif leaf in ("bias", "gate_up_proj_bias", "down_proj_bias"):
-            p.normal_(0.0, 0.1, generator=gen)
-        else:
-            p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
-    for name, b in model.named_buffers():
-        if name.endswith("_blocks"):
-            b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=device, dtype=torch.uint8))
-        elif name.endswith("_scales"):
-            centre = 127 - int(round(0.5 * torch.log2(torch.tensor(float(b.shape[-1] * 32))).item())) - 2
-            b.copy_(torch.randint(centre - 1, centre + 2, b.shape, generator=gen, device=device).to(torch.uint8))
+    _fill_random(model,
+                 lambda shape, std: torch.randn(shape, generator=gen, device=device) * std,
+                 lambda low, high, shape, dt: torch.randint(low, high, shape, generator=gen, device=device, dtype=dt))
     model.requires_grad_(False)
     return model.eval()
