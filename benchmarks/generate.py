@@ -7,7 +7,9 @@ dequantised to bf16 as it does offline; eager attention, its default for gpt-oss
 batch 1, 8, 32, 64 of 128-token prompts; and GRPO's shape, 8 prompts x 8 samples with a
 max_new_tokens per prompt drawn between 64 and 1,024. ossrl runs first, then its weights are
 copied into transformers' model and freed. Random weights never emit a stop token, so every
-sequence runs to its length. Time includes prefill; tokens/s counts generated tokens.
+sequence runs to its length. Time includes prefill; tokens/s counts generated tokens. ossrl is
+timed on its second call of each shape (the first allocates the KV pool and captures the CUDA
+graphs, as GRPO's first step does); transformers' generate has no such state.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def run_ossrl(model, shapes, vocab) -> list[dict]:
         P, n, lengths = shape["prompts"], shape["n"], shape["max_new"]
         ps = prompts(P, shape["prompt_len"], vocab, seed=P)
         params = SamplingParams(temperature=1.0, max_new_tokens=lengths, seed=0)
-        warm = SamplingParams(temperature=1.0, max_new_tokens=[min(16, m) for m in lengths], seed=0)
-        engine.generate(ps, n=n, params=warm)  # allocates the pool, captures the graphs
+        engine.generate(ps, n=n, params=params)  # allocates the pool, captures the graphs (steady state:
+        # GRPO generates the same shape every step)
         torch.cuda.reset_peak_memory_stats()
         out = []
         seconds = timed(lambda: out.append(engine.generate(ps, n=n, params=params)))

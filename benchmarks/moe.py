@@ -151,6 +151,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/moe.json")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--decode-sweep", action="store_true", help="only the MXFP4 decode-size tile sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -175,6 +176,12 @@ def main():
     except ImportError:
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
+
+    if args.decode_sweep:
+        result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
 
     for N in map(int, args.tokens.split(",")):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
@@ -224,6 +231,32 @@ def main():
 
 SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (64, 128, 64, 4, 3),
          (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
+
+
+def decode_sweep(mx, router, gen, copy_bw):
+    """MXFP4 forward at decode sizes over small-row tile shapes (tl.dot_scaled and our own decode)."""
+    rows = []
+    configs = [moe_triton.TileConfig(16, bn, bk, 4, st, dot_scaled=ds) for bn in (32, 64, 128) for bk in (64, 128, 256)
+               for st in (3, 4) for ds in (True, False) if bn * bk <= 16384]
+    for N in (1, 8, 64):
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        hit = int(torch.unique(ids).numel())
+        nbytes = hit * weight_bytes_per_expert("mxfp4") + 2 * N * H * 2
+        with torch.no_grad():
+            ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
+        for cfg in configs:
+            r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled)
+            with torch.no_grad():
+                out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
+                if isinstance(out, torch.Tensor):
+                    r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
+                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
+            if isinstance(r["fwd_kernels_ms"], float):
+                r["bandwidth_fraction"] = nbytes / (r["fwd_kernels_ms"] * 1e-3) / copy_bw
+            rows.append(r)
+            print("decode_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    return rows
 
 
 def sweep(mx, dense, router, gen):

@@ -36,3 +36,14 @@ for batch in (1, 64):
     print(f"batch {batch}: CUDA time per step {total / 5 / 1000:.2f} ms, kernels per step "
           f"{sum(e.count for e in events if e.device_time_total > 0) // 5}")
     print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=60))
+    dec.cuda_graphs = True  # the same step replayed from a CUDA graph: kernel time plus launch gaps
+    graph, static_ids = dec._runner(batch, params)
+    static_ids.copy_(ids)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"batch {batch}: graph replay {start.elapsed_time(end) / 20:.2f} ms per step", flush=True)

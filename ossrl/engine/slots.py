@@ -55,6 +55,13 @@ class SlotDecoder:
         need_new = (self.pool is None or not self.pool.fits(slots + 1, capacity, model.dtype)
                     or self.state is None or self.state["tokens"].shape[1] < width)
         if need_new:
+            # A new pool or buffer invalidates every captured graph, so grow in coarse steps and never
+            # shrink: GRPO's prompts and length limits vary a little from step to step.
+            if self.pool is not None and self.state is not None:
+                slots = max(slots, self.pool.slots - 1)
+                capacity = max(capacity, self.pool.capacity)
+                width = max(width, self.state["tokens"].shape[1])
+            capacity, width = _round_up(capacity, 512), _round_up(width, 256)
             self.release()
             self.pool = KVPool(model.config, slots=slots + 1, capacity=capacity, device=device, dtype=model.dtype)
             S = self.pool.slots
@@ -208,6 +215,10 @@ class SlotDecoder:
                 group.append(Completion(tokens[s][:k], plain[s][:k], sampled[s][:k], reasons[s]))
             out.append(group)
         return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _params_key(params: SamplingParams) -> tuple:

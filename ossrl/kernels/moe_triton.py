@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
     ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input,
 )
@@ -175,8 +176,12 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     """Tile shapes by rows per expert: decode is bandwidth-bound (small BM, many column tiles),
     training is compute-bound (128x128 tiles on the tensor cores)."""
     per_expert = slots / num_experts  # picked from the sweep in benchmarks/moe.py (H100, 20b shapes)
-    if per_expert <= 2 and mxfp4:
-        return TileConfig(16, 32, 256, 4, 4)
+    # MXFP4 decode sweep (benchmarks/moe.py --decode-sweep, H100, 20b layer, gate_up + down):
+    # 1 token 0.086 ms with our own decode at 16x32x256 (tl.dot_scaled's best: 0.102); 8 tokens
+    # 0.277 ms and 64 tokens 0.423 ms at 16x64x128, either decode. Both are ALU-bound on the
+    # E2M1 decode (about 33% of the copy bandwidth at 64 tokens), not on memory.
+    if per_expert <= 0.25 and mxfp4:
+        return TileConfig(16, 32, 256, 4, 3, dot_scaled=False)
     if per_expert <= 16:
         return TileConfig(16, 64, 128, 4, 4)
     if per_expert <= 64:
@@ -344,16 +349,25 @@ class _Down(torch.autograd.Function):
                 route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted)
         w_sorted = route_w.reshape(-1)[g.order].float()
         dw = dlora_y = None
-        need_g = lora_y is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        g_sorted = dout[g.token].float() if need_g else None  # [S, H]
         if need_dw:
             dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
-            if lora_y is not None:
-                dw_sorted += (lora_y.float() * g_sorted).sum(-1)
+        if lora_y is not None and (need_dw or ctx.needs_input_grad[2]):
+            # <lora_y, dout> and w * dout per sorted slot, in chunks: an fp32 [S, H] copy of dout
+            # gathered by slot would be 6 GB at 130K training tokens
+            if ctx.needs_input_grad[2]:
+                dlora_y = torch.empty_like(lora_y)
+            S = g.order.numel()
+            step = max(1, (1 << 26) // H)
+            for lo in range(0, S, step):
+                hi = min(S, lo + step)
+                g_chunk = dout[g.token[lo:hi]].float()
+                if need_dw:
+                    dw_sorted[lo:hi] += (lora_y[lo:hi].float() * g_chunk).sum(-1)
+                if dlora_y is not None:
+                    dlora_y[lo:hi] = g_chunk * w_sorted[lo:hi, None]
+        if need_dw:
             dw = torch.empty_like(dw_sorted).index_copy_(0, g.order, dw_sorted)
             dw = dw.view_as(route_w).to(route_w.dtype)
-        if lora_y is not None and ctx.needs_input_grad[2]:
-            dlora_y = (g_sorted * w_sorted[:, None]).to(lora_y.dtype)
         return da, dw, dlora_y, None
 
 
@@ -362,9 +376,14 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs."""
     N = x.shape[0]
     x = x.contiguous()
-    groups = group_by_expert(ids, experts.num_experts)
-    cfg = config or default_config(groups.order.numel(), experts.num_experts, experts.format == "mxfp4")
-    plan = _Plan(groups, experts, N, cfg)
+    S = ids.numel()
+    cfg = config or default_config(S, experts.num_experts, experts.format == "mxfp4")
+    if S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: the sort, offsets and tile table in one launch
+        groups, table = group_small(ids, experts.num_experts, cfg.BM)
+        plan = _Plan(groups, experts, N, cfg, tables={cfg.BM: table})
+    else:
+        plan = _Plan(group_by_expert(ids, experts.num_experts), experts, N, cfg)
+    groups = plan.groups
     lora_z = lora_y = None
     if lora is not None:
         xs = lora_input(lora, x)[groups.token]

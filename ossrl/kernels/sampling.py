@@ -10,7 +10,7 @@ needs, in a single streaming pass with online log-sum-exps:
     sampled = z_tok / T - logsumexp(z / T)    (the distribution sampled)
 
 The hash and the uniform mapping are the same as the PyTorch rule (there in fp64, here in fp32),
-so the kernel draws the same token unless two candidates are within rounding of each other.
+so the kernels draw the same token unless two candidates are within rounding of each other.
 `sample_temperature` runs the kernel on CUDA and the twin elsewhere.
 """
 
@@ -87,9 +87,11 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _sample_kernel(Logits, Keys, Steps, Tokens, Plain, Sampled, V, stride_row, inv_temp,
-                       GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_partial_kernel(Logits, Keys, Steps, Part, PartIdx, V, stride_row, inv_temp, chunk,
+                               GREEDY: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """One split of a row's vocabulary: its argmax candidate and both online logsumexps."""
         row = tl.program_id(0)
+        split = tl.program_id(1)
         base = Logits + row.to(tl.int64) * stride_row
         key = tl.load(Keys + row).to(tl.uint32)
         step = tl.load(Steps + row).to(tl.uint32)
@@ -101,9 +103,10 @@ if triton is not None:
         st = tl.zeros([BLOCK], tl.float32)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            valid = cols < V
+        lo = split * chunk
+        for start in range(0, chunk, BLOCK):
+            cols = lo + start + offs
+            valid = (cols < V) & (start + offs < chunk)
             z = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32)
             # online logsumexp per lane (temperature 1 and temperature T)
             m1_new = tl.maximum(m1, z)
@@ -129,10 +132,36 @@ if triton is not None:
         top = tl.max(best, 0)
         token = tl.min(tl.where(best == top, best_idx, V), 0)
         M1 = tl.max(m1, 0)
-        lse1 = M1 + tl.log(tl.sum(s1 * tl.exp(m1 - M1), 0))
+        S1 = tl.where(M1 == float("-inf"), 0.0, tl.sum(s1 * tl.exp(m1 - M1), 0))
         MT = tl.max(mt, 0)
-        lset = MT + tl.log(tl.sum(st * tl.exp(mt - MT), 0))
-        z_tok = tl.load(base + token).to(tl.float32)
+        ST = tl.where(MT == float("-inf"), 0.0, tl.sum(st * tl.exp(mt - MT), 0))
+        out = Part + (row * SPLITS + split) * 5
+        tl.store(out, top)
+        tl.store(out + 1, M1)
+        tl.store(out + 2, S1)
+        tl.store(out + 3, MT)
+        tl.store(out + 4, ST)
+        tl.store(PartIdx + row * SPLITS + split, token)
+
+    @triton.jit
+    def _sample_combine_kernel(Logits, Part, PartIdx, Tokens, Plain, Sampled, V, stride_row, inv_temp,
+                               GREEDY: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)
+        sp = tl.arange(0, SPLITS)
+        p = Part + (row * SPLITS + sp) * 5
+        best = tl.load(p)
+        idx = tl.load(PartIdx + row * SPLITS + sp)
+        top = tl.max(best, 0)
+        token = tl.min(tl.where(best == top, idx, V), 0)  # splits are in vocabulary order: first index wins
+        m1 = tl.load(p + 1)
+        s1 = tl.load(p + 2)
+        M1 = tl.max(m1, 0)
+        lse1 = M1 + tl.log(tl.sum(tl.where(s1 > 0, s1 * tl.exp(m1 - M1), 0.0), 0))
+        mt = tl.load(p + 3)
+        st = tl.load(p + 4)
+        MT = tl.max(mt, 0)
+        lset = MT + tl.log(tl.sum(tl.where(st > 0, st * tl.exp(mt - MT), 0.0), 0))
+        z_tok = tl.load(Logits + row.to(tl.int64) * stride_row + token).to(tl.float32)
         tl.store(Tokens + row, token.to(tl.int64))
         tl.store(Plain + row, z_tok - lse1)
         if GREEDY:
@@ -152,6 +181,15 @@ def sample_temperature(logits: torch.Tensor, temperature: float, keys: torch.Ten
     plain = torch.empty(B, dtype=torch.float32, device=logits.device)
     sampled = torch.empty(B, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
-    _sample_kernel[(B,)](logits, keys, steps, tokens, plain, sampled, V, logits.stride(0),
-                         1.0 if greedy else 1.0 / temperature, GREEDY=greedy, BLOCK=2048, num_warps=8)
+    inv_temp = 1.0 if greedy else 1.0 / temperature
+    # Each row's vocabulary is split over SPLITS programs (one program per row left a batch-1
+    # step's 201,088 logits to a single SM), then combined.
+    SPLITS, BLOCK = 32, 1024
+    chunk = triton.cdiv(triton.cdiv(V, SPLITS), BLOCK) * BLOCK
+    part = torch.empty(B, SPLITS, 5, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(B, SPLITS, dtype=torch.int32, device=logits.device)
+    _sample_partial_kernel[(B, SPLITS)](logits, keys, steps, part, part_idx, V, logits.stride(0), inv_temp, chunk,
+                                        GREEDY=greedy, SPLITS=SPLITS, BLOCK=BLOCK, num_warps=4)
+    _sample_combine_kernel[(B,)](logits, part, part_idx, tokens, plain, sampled, V, logits.stride(0), inv_temp,
+                                 GREEDY=greedy, SPLITS=SPLITS, num_warps=1)
     return tokens, plain, sampled

@@ -23,11 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ossrl.kernels.attention import AttentionMask, sink_attention
-from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, use_moe_kernels
+from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.model.config import GptOssConfig, YarnRope
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
+
+
+def fused_kernels(*tensors: torch.Tensor):
+    """`ossrl.kernels.fused` when its one-launch kernels may serve these tensors (CUDA, Triton, no
+    gradient needed: decoding, prefill, no-grad passes), else None (the PyTorch code runs)."""
+    if not tensors[0].is_cuda or not triton_available():
+        return None
+    from ossrl.kernels import fused
+
+    return fused if fused.fused_ok(*tensors) else None
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +49,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (fused := fused_kernels(x, self.weight)) is not None:
+            return fused.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
@@ -98,7 +110,10 @@ class Attention(nn.Module):
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if (fused := fused_kernels(q, k)) is not None:
+            q, k = fused.rotary_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # the cache stores k, v and attends (the engine's uses the decode kernel)
             out = cache.attend(self.layer_idx, q, k, v, self.sinks, masks[self.window], scale=self.scale)
         else:
@@ -114,7 +129,10 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.num_local_experts, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(F.linear(x, self.weight, self.bias), self.top_k)
+        logits = F.linear(x, self.weight, self.bias)
+        if (fused := fused_kernels(logits)) is not None:
+            return fused.route_topk(logits, self.top_k)
+        return route(logits, self.top_k)
 
 
 class Experts(nn.Module):

@@ -1,0 +1,249 @@
+"""Fused inference kernels for the per-layer glue of a forward (Triton, CUDA only, no autograd).
+
+A decode step of gpt-oss-20b at batch 1 ran about 2,000 CUDA kernels, most of them the small
+elementwise pieces of RMSNorm, rotary embeddings, the KV-cache write, top-k routing and the
+token-by-expert sort (`benchmarks/profile_decode.py`). Each piece here is one launch:
+
+    rms_norm         y = x * rsqrt(mean(x^2) + eps) * w            (fp32 inside, spec 2.2)
+    rotary_qk        q, k rotated in one launch                    (rotate-half, spec 2.3)
+    append_kv        one token per row into a slot cache or ring   (ossrl.engine.kv_pool)
+    route_topk       top-k of the router logits, softmax over the k (spec 2.4)
+    group_small      the slots sorted by expert + the MoE kernels' tile table, in one program
+
+The model calls them only when nothing needs a gradient (decoding, prefill, the trainer's
+no-grad passes); training keeps the differentiable PyTorch code. Each has a PyTorch reference
+in the module that owns the maths (`ossrl.model.gptoss`, `ossrl.kernels.moe`,
+`ossrl.kernels.decode_attention`), which the GPU tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def fused_ok(*tensors: torch.Tensor) -> bool:
+    """True when the fused kernels may replace the PyTorch code: CUDA tensors and no gradient needed."""
+    if not all(t.is_cuda for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+# ---------------------------------------------------------------------------------------- RMSNorm
+@triton.jit
+def _rms_norm_kernel(X, W, Y, H, stride_x, stride_y, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * (x * r)).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., H] -> RMSNorm(x) * weight in x's dtype (the math of `ossrl.model.gptoss.RMSNorm`)."""
+    H = x.shape[-1]
+    x2 = x.reshape(-1, H)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    if x2.shape[0]:
+        BLOCK = triton.next_power_of_2(H)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), y.stride(0), float(eps),
+                                         BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+    return y.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------- rotary
+@triton.jit
+def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)  # one (batch, time) row
+    hb = tl.program_id(1)  # head block over the q heads, then the k heads
+    d = tl.arange(0, HALF)
+    c = tl.load(Cos + t * stride_ct + d).to(tl.float32)[None, :]  # cos, sin already in q's dtype
+    s = tl.load(Sin + t * stride_ct + d).to(tl.float32)[None, :]
+    nq = tl.cdiv(HQ, BLOCK_H)
+    if hb < nq:
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (h < HQ)[:, None]
+        src = Q + t * stride_qt + h[:, None] * stride_qh + d[None, :]
+        dst = OQ + t * (HQ * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+    else:
+        h = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
+        m = (h < HK)[:, None]
+        src = K + t * stride_kt + h[:, None] * stride_kh + d[None, :]
+        dst = OK + t * (HK * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0)
+    x2 = tl.load(src + HALF, mask=m, other=0.0)
+    # the reference rounds each product to the input dtype before the sum; so does this
+    dt = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
+    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+    tl.store(dst, o1.to(OQ.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, o2.to(OQ.dtype.element_ty), mask=m)
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, T, Hq, D], k [B, T, Hk, D], cos/sin [B, T, D/2] (in q's dtype) -> rotated (q, k),
+    contiguous; the math of `ossrl.model.gptoss.apply_rotary`."""
+    B, T, HQ, D = q.shape
+    HK = k.shape[2]
+    if q.stride(-1) != 1 or q.stride(0) != T * q.stride(1):
+        q = q.contiguous()
+    if k.stride(-1) != 1 or k.stride(0) != T * k.stride(1):
+        k = k.contiguous()
+    cos = cos.expand(B, T, D // 2).contiguous()
+    sin = sin.expand(B, T, D // 2).contiguous()
+    oq, ok = torch.empty(B, T, HQ, D, device=q.device, dtype=q.dtype), torch.empty(B, T, HK, D, device=k.device,
+                                                                                    dtype=k.dtype)
+    BLOCK_H = 16
+    grid = (B * T, triton.cdiv(HQ, BLOCK_H) + triton.cdiv(HK, BLOCK_H))
+    if B * T:
+        _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+                             cos.stride(1), HALF=D // 2, BLOCK_H=BLOCK_H, num_warps=4)
+    return oq, ok
+
+
+# ---------------------------------------------------------------------------------------- KV write
+@triton.jit
+def _append_kv_kernel(K, V, KC, VC, SlotIds, Positions, ROWS, W,
+                      stride_kb, stride_vb, stride_cs, stride_cr, stride_vs, stride_vr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    slot = tl.load(SlotIds + b).to(tl.int64)
+    row = (tl.load(Positions + b).to(tl.int64) % ROWS)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < W
+    k = tl.load(K + b.to(tl.int64) * stride_kb + offs, mask=m)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + offs, mask=m)
+    tl.store(KC + slot * stride_cs + row * stride_cr + offs, k, mask=m)
+    tl.store(VC + slot * stride_vs + row * stride_vr + offs, v, mask=m)
+
+
+def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
+    """`ossrl.kernels.decode_attention.append_kv` in one launch: k, v [B, Hkv, D] into row
+    positions % rows of slot slot_ids (caches [slots, rows, Hkv, D], contiguous per row)."""
+    B = k.shape[0]
+    W = k.shape[1] * k.shape[2]
+    k2, v2 = k.reshape(B, W), v.reshape(B, W)
+    if k2.stride(-1) != 1:
+        k2 = k2.contiguous()
+    if v2.stride(-1) != 1:
+        v2 = v2.contiguous()
+    BLOCK = min(1024, triton.next_power_of_2(W))
+    _append_kv_kernel[(B, triton.cdiv(W, BLOCK))](
+        k2, v2, k_cache, v_cache, slot_ids, positions, k_cache.shape[1], W, k2.stride(0), v2.stride(0),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), BLOCK=BLOCK, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------- routing
+@triton.jit
+def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, EP: tl.constexpr,
+                       R: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    cols = tl.arange(0, EP)
+    rmask = rows < N
+    z = tl.load(Logits + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+                mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+    kk = tl.arange(0, K)
+    vals = tl.zeros([R, K], tl.float32)
+    ids = tl.zeros([R, K], tl.int32)
+    for j in tl.static_range(K):  # largest first; ties go to the lower expert id
+        m = tl.max(z, 1)
+        i = tl.min(tl.where(z == m[:, None], cols[None, :], EP), 1)
+        vals = tl.where(kk[None, :] == j, m[:, None], vals)
+        ids = tl.where(kk[None, :] == j, i[:, None], ids)
+        z = tl.where(cols[None, :] == i[:, None], float("-inf"), z)
+    p = tl.exp(vals - tl.max(vals, 1)[:, None])
+    w = p / tl.sum(p, 1)[:, None]
+    out = rows[:, None].to(tl.int64) * K + kk[None, :]
+    tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=rmask[:, None])
+    tl.store(Ids + out, ids.to(tl.int64), mask=rmask[:, None])
+
+
+def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ossrl.kernels.moe.route` in one launch: [N, E] -> (weights [N, k] in the logits' dtype,
+    ids [N, k] int64), largest first."""
+    N, E = router_logits.shape
+    weights = torch.empty(N, k, device=router_logits.device, dtype=router_logits.dtype)
+    ids = torch.empty(N, k, device=router_logits.device, dtype=torch.long)
+    if N:
+        R = 16
+        _route_topk_kernel[(triton.cdiv(N, R),)](router_logits, weights, ids, N, E, router_logits.stride(0),
+                                                 K=k, EP=triton.next_power_of_2(E), R=R, num_warps=4)
+    return weights, ids
+
+
+# ---------------------------------------------------------------------------------------- grouping
+SMALL_GROUP_MAX_SLOTS = 8192  # above this the sort-based grouping is as fast; one program is not
+
+
+@triton.jit
+def _group_small_kernel(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES,
+                        K: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
+    ecols = tl.arange(0, EP)
+    evalid = ecols < E
+    counts = tl.zeros([EP], tl.int32)
+    for c0 in range(0, n_slots, CH):
+        s = c0 + tl.arange(0, CH)
+        e = tl.load(Ids + s, mask=s < n_slots, other=EP).to(tl.int32)
+        counts += tl.sum((e[:, None] == ecols[None, :]).to(tl.int32), 0)
+    incl = tl.cumsum(counts, 0)
+    excl = incl - counts
+    tl.store(Offsets + 1 + ecols, incl.to(tl.int64), mask=evalid)
+    tl.store(Offsets + ecols, excl.to(tl.int64), mask=ecols == 0)
+    running = excl
+    for c0 in range(0, n_slots, CH):  # stable: within an expert, slots keep their order
+        s = c0 + tl.arange(0, CH)
+        valid = s < n_slots
+        e = tl.load(Ids + s, mask=valid, other=EP).to(tl.int32)
+        hot = (e[:, None] == ecols[None, :]).to(tl.int32)
+        rank = tl.cumsum(hot, 0) - hot
+        pos = tl.sum(hot * (rank + running[None, :]), 1)
+        running += tl.sum(hot, 0)
+        tl.store(Order + pos, s.to(tl.int64), mask=valid)
+        tl.store(Token + pos, (s // K).to(tl.int64), mask=valid)
+        tl.store(Expert + pos, e.to(tl.int64), mask=valid)
+    # tiles of BM sorted rows inside one expert: expert e owns tiles [tend - per, tend)
+    per = tl.where(evalid, (counts + BM - 1) // BM, 0)
+    tend = tl.cumsum(per, 0)
+    tend_valid = tl.where(evalid, tend, 2147483647)
+    base = excl - (tend - per) * BM  # start of tile t of expert e = base[e] + t * BM
+    for t0 in range(0, NUM_TILES, CH):
+        t = t0 + tl.arange(0, CH)
+        e_of_t = tl.sum((tend_valid[None, :] <= t[:, None]).to(tl.int32), 1)
+        ec = tl.minimum(e_of_t, E - 1)
+        sel = (ecols[None, :] == ec[:, None]).to(tl.int32)
+        start = tl.sum(sel * base[None, :], 1) + t * BM
+        tm = t < NUM_TILES
+        tl.store(TileExpert + t, tl.where(e_of_t < E, ec, -1), mask=tm)
+        tl.store(TileStart + t, start, mask=tm)
+
+
+def group_small(ids: torch.Tensor, num_experts: int, BM: int):
+    """`ossrl.kernels.moe.group_by_expert` for a few thousand slots in one launch, plus the tile
+    table of `ossrl.kernels.moe_triton._Plan.tiles(BM)`. -> (ExpertGroups, (tile_expert,
+    tile_start, num_tiles))."""
+    from ossrl.kernels.moe import ExpertGroups
+
+    k = ids.shape[-1]
+    flat = ids.reshape(-1)
+    S = flat.numel()
+    dev = ids.device
+    order = torch.empty(S, dtype=torch.long, device=dev)
+    token = torch.empty(S, dtype=torch.long, device=dev)
+    expert = torch.empty(S, dtype=torch.long, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.long, device=dev)
+    num_tiles = triton.cdiv(S, BM) + min(num_experts, S)
+    tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=dev)
+    tile_start = torch.empty(num_tiles, dtype=torch.int32, device=dev)
+    _group_small_kernel[(1,)](flat, order, token, expert, offsets, tile_expert, tile_start, S, num_experts,
+                              num_tiles, K=k, BM=BM, EP=max(16, triton.next_power_of_2(num_experts)), CH=128,
+                              num_warps=4)
+    groups = ExpertGroups(order=order, token=token, expert=expert, offsets=offsets, k=k)
+    return groups, (tile_expert, tile_start, num_tiles)
