@@ -31,6 +31,7 @@ from _common import device_info, hf_from_ossrl  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
+from ossrl.train.memory import configure_memory  # noqa: E402
 from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
 
 
@@ -69,12 +70,14 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
                        target, torch.where(target, 0, -1), 1)
 
 
-def bench_ossrl(config, sizes, repeats, offload: bool) -> tuple[list, object]:
+def bench_ossrl(config, sizes, repeats, offload: bool, offload_embeddings: bool = False) -> tuple[list, object]:
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
-    model.model.gradient_checkpointing = True
-    model.model.offload_activations = offload
+    configure_memory(model, gradient_checkpointing=True, offload_activations=offload,
+                     offload_embeddings=offload_embeddings)
     model.train()
+    resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters, before any step
+    print(json.dumps({"resident_gib_before_step": round(resident, 2)}), flush=True)
     rows = []
     for T in sizes:
         batch = single_document(T, config.vocab_size, "cuda")
@@ -85,7 +88,8 @@ def bench_ossrl(config, sizes, repeats, offload: bool) -> tuple[list, object]:
             model.zero_grad(set_to_none=True)
 
         r = timed_steps(step, repeats)
-        r.update(tokens=T, system="ossrl", offload=offload)
+        r.update(tokens=T, system="ossrl", offload=offload, offload_embeddings=offload_embeddings,
+                 resident_gib_before_step=round(resident, 2))
         if r["status"] == "ok":
             r["tokens_per_second"] = round(T / r["seconds"], 1)
         print(json.dumps(r), flush=True)
@@ -127,15 +131,17 @@ def main():
     ap.add_argument("--tokens", default="1024,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--hf-tokens", default="1024,4096,8192,16384")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--offload", action="store_true", help="activation checkpoints in pinned CPU memory")
+    ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
+    ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train.json"))
     args = ap.parse_args()
     config = GptOssConfig.gpt_oss_20b()
     sizes = [int(t) for t in args.tokens.split(",")]
     t0 = time.time()
-    ours, model, counts = bench_ossrl(config, sizes, args.repeats, args.offload)
+    ours, model, counts = bench_ossrl(config, sizes, args.repeats, args.offload, args.offload_embeddings)
     theirs = []
-    if args.hf_tokens:
+    if args.hf_tokens and not args.skip_hf:
         hf = hf_from_ossrl(model, config)
         del model
         gc.collect()

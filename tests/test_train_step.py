@@ -231,3 +231,18 @@ def test_fp16_mode_keeps_outliers_above_65504_finite():
     lp, _ = sequence_logprobs(half, batch)
     lp.sum().backward()
     assert torch.isfinite(lp).all() and all(torch.isfinite(p.grad).all() for p in lora_parameters(half))
+
+
+def test_pack_pad_to_rounds_the_row_length_and_changes_no_logprob():
+    torch.manual_seed(3)
+    model = random_model(tiny_config(), seed=3, dtype=torch.float32)
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    trained = [[False, True, True, True, True], [False, True, True]]
+    plain = pack_sequences(seqs, trained, max_tokens=16)
+    padded = pack_sequences(seqs, trained, max_tokens=16, pad_to=6)
+    assert plain.input_ids.shape[1] == 8 and padded.input_ids.shape[1] == 12
+    assert pack_sequences(seqs, trained, max_tokens=10, pad_to=64).input_ids.shape[1] == 10  # capped
+    with torch.no_grad():
+        a, _ = sequence_logprobs(model, plain)
+        b, _ = sequence_logprobs(model, padded)
+    torch.testing.assert_close(a, b)

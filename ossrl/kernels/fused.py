@@ -58,6 +58,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- rotary
 @triton.jit
+def _round(x, dt: tl.constexpr):
+    """fp32 -> dt -> fp32 (round to nearest even, Triton's default, as PyTorch rounds each op)."""
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
                    HALF: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -83,10 +89,10 @@ def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
     dt = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
-    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
-    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-    tl.store(dst, o1.to(OQ.dtype.element_ty), mask=m)
-    tl.store(dst + HALF, o2.to(OQ.dtype.element_ty), mask=m)
+    o1 = _round(x1 * c, dt) - _round(x2 * s, dt)
+    o2 = _round(x2 * c, dt) + _round(x1 * s, dt)
+    tl.store(dst, _round(o1, dt).to(dt), mask=m)
+    tl.store(dst + HALF, _round(o2, dt).to(dt), mask=m)
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -38,7 +38,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
             seqs.append(r.prompt_ids + r.completion_ids)
             trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
-        packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens).to(model.device))
+        pad_to = 256 if model.device.type == "cuda" else 1  # a few shapes for compiled FlexAttention
+        packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens, pad_to=pad_to).to(model.device))
         masks_out.append(trained)
     completion_len = [len(r.completion_ids) for r in rollouts]
     total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
