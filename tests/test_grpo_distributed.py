@@ -65,3 +65,40 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny, tmp_p
     single_metrics = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [m["reward"] for m in metrics] == pytest.approx([m["reward"] for m in single_metrics])
     assert len((tmp_path / "dp" / "samples.jsonl").read_text().splitlines()) == 2 * 6
+
+
+def test_resume_with_a_different_world_size(tiny, tmp_path):
+    """Steps 1-2 on two gloo ranks, steps 3-4 resumed in one process == 4 steps in one process.
+
+    The checkpoint holds the global state only (adapter, optimizer, schedule, step, data position;
+    seeds are global), so the world size may change at a resume as long as the global batch stays
+    the same (here: 2 ranks x 1 micro-batch, then 1 process x 2 micro-batches)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "run.toml"
+    single_cmd = [sys.executable, "-m", "ossrl.cli", "train", str(cfg), "--set", "gradient_accumulation_steps=2"]
+
+    write_config(cfg, tiny, data, tmp_path / "straight", "grpo")
+    straight = subprocess.run(single_cmd + ["--set", "max_steps=4"], env=env, capture_output=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr.decode()[-3000:]
+
+    write_config(cfg, tiny, data, tmp_path / "moved", "grpo")
+    dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                         "--master-port", str(free_port()), "-m", "ossrl.cli", "train", str(cfg),
+                         "--set", "save_steps=2"], env=env, capture_output=True, timeout=600)
+    assert dp.returncode == 0, dp.stderr.decode()[-3000:]
+    assert (tmp_path / "moved" / "checkpoints" / "step-2").is_dir()
+    resumed = subprocess.run(single_cmd + ["--set", "max_steps=4", "--set", "resume_from=latest"],
+                             env=env, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+
+    a = load_file(tmp_path / "straight" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "moved" / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    ma = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [m["reward"] for m in mb] == pytest.approx([m["reward"] for m in ma])
