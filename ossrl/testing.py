@@ -117,6 +117,13 @@ def ascii_fraction_reward(prompts, completions, completion_ids, **columns) -> li
     return [sum(1 for t in ids if t < 128) / max(len(ids), 1) for ids in completion_ids]
 
 
+def ascii_fraction_unless_flat(prompts, completions, completion_ids, flat=None, **columns) -> list[float]:
+    """`ascii_fraction_reward`, but 0 for every completion of a row whose `flat` column is true:
+    such groups have zero reward variance (tests of dynamic sampling)."""
+    flat = flat or [False] * len(completion_ids)
+    return [0.0 if f else r for f, r in zip(flat, ascii_fraction_reward(prompts, completions, completion_ids))]
+
+
 @torch.no_grad()
 def random_model_on_device(config: GptOssConfig, *, device: str | torch.device = "cuda",
                            dtype: torch.dtype = torch.bfloat16, expert_format: str = "mxfp4",

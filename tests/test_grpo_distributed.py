@@ -102,3 +102,40 @@ def test_resume_with_a_different_world_size(tiny, tmp_path):
     mb = [json.loads(x) for x in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in mb] == [1, 2, 3, 4]
     assert [m["reward"] for m in mb] == pytest.approx([m["reward"] for m in ma])
+
+
+def test_dynamic_sampling_across_ranks_equals_one_process(tiny, tmp_path):
+    """Groups with equal rewards are dropped and topped up from the global prompt stream: two gloo
+    ranks end with the same adapter and per-step rewards as one process (every third task is flat)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}", "flat": i % 3 == 0}) for i in range(12)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cfg = tmp_path / "run.toml"
+    extra = ["--set", "dynamic_sampling=true", "--set", "max_dynamic_sampling_retries=4", "--set", "max_steps=3",
+             "--set", 'reward_funcs=["ossrl.testing:ascii_fraction_unless_flat"]']
+
+    write_config(cfg, tiny, data, tmp_path / "single", "grpo")
+    single = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg),
+                             "--set", "gradient_accumulation_steps=2", *extra],
+                            env=env, capture_output=True, timeout=600)
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+    write_config(cfg, tiny, data, tmp_path / "dp", "grpo")
+    dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                         "--master-port", str(free_port()), "-m", "ossrl.cli", "train", str(cfg), *extra],
+                        env=env, capture_output=True, timeout=600)
+    assert dp.returncode == 0, dp.stderr.decode()[-3000:]
+
+    ms = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    md = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m["dynamic_sampling/retries"] for m in ms) > 0  # the top-up path ran
+    for a, b in zip(ms, md):
+        assert b["groups_used"] == a["groups_used"] == 2
+        assert b["dynamic_sampling/retries"] == a["dynamic_sampling/retries"]
+        assert b["reward"] == pytest.approx(a["reward"])
+        assert b["frac_reward_zero_std"] == pytest.approx(a["frac_reward_zero_std"])
+    trained = [json.loads(x)["prompt"] for x in (tmp_path / "dp" / "samples.jsonl").read_text().splitlines()]
+    assert not any(p in ("Task 0", "Task 3", "Task 6", "Task 9") for p in trained)
+    a = load_file(tmp_path / "single" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "dp" / "final" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)

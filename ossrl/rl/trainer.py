@@ -88,8 +88,6 @@ class GRPOTrainer:
         if config.prompts_per_step % dist.world_size:
             raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be divisible by the number of "
                              f"data-parallel processes ({dist.world_size}): a prompt's group stays on one rank")
-        if config.dynamic_sampling and dist.enabled:
-            raise ValueError("dynamic_sampling is not supported with several processes yet")
         torch.manual_seed(config.seed)
         device = f"cuda:{dist.local_rank}" if config.device == "auto" and dist.enabled and torch.cuda.is_available() \
             else config.device
@@ -249,34 +247,55 @@ class GRPOTrainer:
         first = self.dist.rank * share
         pending = self._next_prompts(c.prompts_per_step)[first:first + share]
         while True:
-            tg = time.perf_counter()
-            batch = self._generate(pending, attempt=retries, first_prompt=first)
-            time_generate += time.perf_counter() - tg
-            generated_tokens += sum(len(r.completion_ids) for r in batch)
-            tr = time.perf_counter()
-            result = self._score(batch)
-            time_reward += time.perf_counter() - tr
-            errors.update(result.errors)
-            total = torch.tensor(result.total, dtype=torch.float32)
-            _, group_std = group_advantages(total, G, scale_rewards="none")
-            all_group_std.append(group_std)
-            keep = [g for g in range(len(pending)) if not c.dynamic_sampling or group_std[g] > 0]
-            for g in keep:
-                if kept_groups >= share:
-                    break
-                rollouts += batch[g * G:(g + 1) * G]
-                rewards = _cat(rewards, total[g * G:(g + 1) * G])
-                for name, values in result.per_func.items():
-                    per_func.setdefault(name, []).extend(values[g * G:(g + 1) * G])
-                kept_groups += 1
-            if not c.dynamic_sampling or kept_groups >= share or retries >= c.max_dynamic_sampling_retries:
+            if pending:  # under data parallelism a rank may have nothing to top up this round
+                tg = time.perf_counter()
+                batch = self._generate(pending, attempt=retries, first_prompt=first)
+                time_generate += time.perf_counter() - tg
+                generated_tokens += sum(len(r.completion_ids) for r in batch)
+                tr = time.perf_counter()
+                result = self._score(batch)
+                time_reward += time.perf_counter() - tr
+                errors.update(result.errors)
+                total = torch.tensor(result.total, dtype=torch.float32)
+                _, group_std = group_advantages(total, G, scale_rewards="none")
+                all_group_std.append(group_std)
+                keep = [g for g in range(len(pending)) if not c.dynamic_sampling or group_std[g] > 0]
+                for g in keep:
+                    if kept_groups >= share:
+                        break
+                    rollouts += batch[g * G:(g + 1) * G]
+                    rewards = _cat(rewards, total[g * G:(g + 1) * G])
+                    for name, values in result.per_func.items():
+                        per_func.setdefault(name, []).extend(values[g * G:(g + 1) * G])
+                    kept_groups += 1
+            if not c.dynamic_sampling:
+                break
+            # Top-up, decided together: the ranks' missing groups are drawn from the global prompt
+            # stream in rank order, so the prompts and seeds are those one process would draw.
+            missing = self.dist.gather(share - kept_groups)
+            if sum(missing) == 0 or retries >= c.max_dynamic_sampling_retries:
                 break
             retries += 1
-            pending = self._next_prompts(share - kept_groups)
-        group_std = torch.cat(all_group_std)
+            drawn = self._next_prompts(sum(missing))
+            first = sum(missing[:self.dist.rank])
+            pending = drawn[first:first + missing[self.dist.rank]]
+        if c.dynamic_sampling and self.dist.enabled:
+            # Retries ran out with ranks holding different numbers of groups: every rank trains on
+            # the smallest count, so the micro-batches and loss normalisers stay global.
+            least = min(self.dist.gather(kept_groups))
+            if least < kept_groups:
+                self.log(f"step {self.step + 1}: dynamic sampling left ranks with different group counts; "
+                         f"each trains on {least}")
+                rollouts = rollouts[:least * G]
+                rewards = rewards[:least * G] if least else None
+                per_func = {k: v[:least * G] for k, v in per_func.items()}
+                kept_groups = least
+        group_std = torch.cat(all_group_std) if all_group_std else torch.zeros(0)
         metrics: dict = {
             "reward_errors": len(errors),
-            "frac_reward_zero_std": float((group_std == 0).float().mean()),
+            "frac_reward_zero_std": float((group_std == 0).float().mean()) if group_std.numel() else 0.0,
+            "groups_scored": int(group_std.numel()),
+            "groups_zero_std": int((group_std == 0).sum()),
             "dynamic_sampling/retries": retries,
             "groups_used": kept_groups,
             "skipped_long_prompts": self.skipped_long_prompts,
@@ -423,14 +442,17 @@ def _reduce_across_ranks(dist: DistContext, metrics: dict, samples: list[dict]) 
         values = [m[key] for m, _ in parts if isinstance(m.get(key), (int, float))]
         if not values:
             continue
-        if key.startswith("time/") or key in ("peak_memory_gb", "skipped_long_prompts"):  # skips are global
+        if key.startswith("time/") or key in ("peak_memory_gb", "skipped_long_prompts",  # global counts
+                                              "dynamic_sampling/retries"):
             merged[key] = max(values)
-        elif key in ("reward_errors", "groups_used", "dynamic_sampling/retries", "loss"):
+        elif key in ("reward_errors", "groups_used", "groups_scored", "groups_zero_std", "loss"):
             merged[key] = sum(values)
         elif key == "tokens_per_second":
             merged[key] = sum(values)  # ranks generate concurrently
         else:
             merged[key] = sum(values) / len(values)
+    if merged.get("groups_scored"):
+        merged["frac_reward_zero_std"] = merged["groups_zero_std"] / merged["groups_scored"]
     if all_samples:
         rewards = torch.tensor([x["reward"] for x in all_samples])
         merged["reward"] = float(rewards.mean())
