@@ -234,10 +234,11 @@ SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128
 
 
 def decode_sweep(mx, router, gen, copy_bw):
-    """MXFP4 forward at decode sizes over small-row tile shapes (tl.dot_scaled and our own decode)."""
+    """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab)."""
     rows = []
-    configs = [moe_triton.TileConfig(16, bn, bk, 4, st, dot_scaled=ds) for bn in (32, 64, 128) for bk in (64, 128, 256)
-               for st in (3, 4) for ds in (True, False) if bn * bk <= 16384]
+    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False), moe_triton.TileConfig(16, 64, 128, 4, 4)]
+    configs += [moe_triton.TileConfig(16, bn, bk, 4, st, dot_scaled=False, swap_ab=True)
+                for bn in (32, 64, 128) for bk in (64, 128, 256) for st in (3, 4) if bn * bk <= 16384]
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
@@ -246,7 +247,8 @@ def decode_sweep(mx, router, gen, copy_bw):
         with torch.no_grad():
             ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
         for cfg in configs:
-            r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled)
+            r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
+                     swap_ab=cfg.swap_ab)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
                 if isinstance(out, torch.Tensor):

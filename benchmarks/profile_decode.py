@@ -1,6 +1,7 @@
 """Where a decode step's time goes (20b shapes): CUDA kernel time by name, eager, batch 1 and 64.
 
     python benchmarks/profile_decode.py   # prints the top kernels; a diagnosis tool, not a benchmark
+    python benchmarks/profile_decode.py --moe-sweep moe_decode_sweep.json   # with that sweep's best tiles
 """
 
 import sys
@@ -15,6 +16,32 @@ from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
+
+if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchmarks/moe.py --decode-sweep` result
+    import dataclasses
+    import json
+
+    from ossrl.kernels import moe_triton
+
+    rows = json.loads(Path(sys.argv[sys.argv.index("--moe-sweep") + 1]).read_text())["decode_sweep"]
+
+    def best(tokens):
+        r = min((r for r in rows if r["tokens"] == tokens and isinstance(r.get("fwd_kernels_ms"), float)),
+                key=lambda r: r["fwd_kernels_ms"])
+        bm, bn, bk, warps, stages = r["config"]
+        return moe_triton.TileConfig(bm, bn, bk, warps, stages, dot_scaled=r["dot_scaled"], swap_ab=r["swap_ab"])
+
+    picks = {1: best(1), 8: best(8), 64: best(64)}
+    print("MoE decode tiles:", {k: dataclasses.astuple(v) for k, v in picks.items()}, flush=True)
+    default = moe_triton.default_config
+
+    def picked(slots, num_experts, mxfp4):
+        per_expert = slots / num_experts
+        if not mxfp4 or per_expert > 16:
+            return default(slots, num_experts, mxfp4)
+        return picks[1] if per_expert <= 0.25 else picks[8] if per_expert <= 2 else picks[64]
+
+    moe_triton.default_config = picked
 
 model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
 for batch in (1, 64):

@@ -109,7 +109,8 @@ def test_lora_gradients_match_twin(fmt, N):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg", [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 64, 256, 4, 3),
                                  (16, 32, 256, 4, 4, False), (64, 128, 64, 4, 3, False),
-                                 (128, 256, 64, 8, 3), (128, 128, 64, 4, 4, False)])  # False: own MXFP4 decode
+                                 (128, 256, 64, 8, 3), (128, 128, 64, 4, 4, False),  # False: own MXFP4 decode
+                                 (16, 64, 128, 4, 3, False, 8, True), (16, 32, 256, 4, 4, False, 8, True)])  # swap_ab
 def test_every_tile_config_is_correct(fmt, cfg):
     check(fmt, 150, 8, 4, H=352, I=224, config=moe_triton.TileConfig(*cfg), seed=sum(cfg))
 

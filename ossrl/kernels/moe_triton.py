@@ -73,7 +73,7 @@ def _moe_matmul(
     MXFP4: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, GATHER_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr, DOT_SCALED: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together.
     pid = tl.program_id(0)
@@ -100,13 +100,23 @@ def _moe_matmul(
     e64 = e.to(tl.int64)
     a_base = a_ptr + a_rows[:, None].to(tl.int64) * stride_am
     b_base = b_ptr + e64 * stride_be
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP_AB:  # C^T = W a^T: the decoded weights are the MMA's first operand, kept in registers
+        acc_t = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BK)):
         k0 = kt * BK
         kk = k0 + offs_k
         k_mask = kk < K
-        a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if MXFP4 and DOT_SCALED:  # forward only: Triton's own e2m1 upcast, scales along K
+        if SWAP_AB:  # MXFP4 forward with our own decode, a [BK, BM] loaded transposed
+            at = tl.load(a_ptr + a_rows[None, :].to(tl.int64) * stride_am + kk[:, None],
+                         mask=m_mask[None, :] & k_mask[:, None], other=0.0)
+            w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                            stride_b1, stride_srow, BN, BK)
+            acc_t = tl.dot(w.to(at.dtype), at, acc_t)
+        else:
+            a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if not SWAP_AB and MXFP4 and DOT_SCALED:  # forward only: Triton's own e2m1 upcast, scales along K
             bcols = k0 // 2 + tl.arange(0, BK // 2)
             wq = tl.load(b_base + offs_n[:, None] * stride_b1 + bcols[None, :],
                          mask=n_mask[:, None] & (bcols[None, :] < K // 2), other=0)  # [BN, BK/2] uint8
@@ -114,7 +124,7 @@ def _moe_matmul(
             ws = tl.load(scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow + groups[None, :],
                          mask=n_mask[:, None] & (groups[None, :] < K // 32), other=0)  # [BN, BK/32]
             acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
-        elif MXFP4:
+        elif not SWAP_AB and MXFP4:
             if B_ROWS_ARE_N:  # forward: stored [N (out), K (in)], decode [BN, BK] then transpose
                 w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
                                 stride_b1, stride_srow, BN, BK)
@@ -122,11 +132,13 @@ def _moe_matmul(
             else:  # backward: stored [K (out), N (in)], decode [BK, BN] directly
                 w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
                                 stride_b1, stride_srow, BK, BN).to(a.dtype)
-        else:
+        elif not SWAP_AB:
             w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if not (MXFP4 and DOT_SCALED):
+        if not (MXFP4 and DOT_SCALED) and not SWAP_AB:
             acc = tl.dot(a, w, acc)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
 
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
@@ -170,18 +182,22 @@ class TileConfig:
     num_stages: int
     dot_scaled: bool = True  # MXFP4 forward through tl.dot_scaled (else our own decode)
     GROUP_M: int = 8
+    swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     """Tile shapes by rows per expert: decode is bandwidth-bound (small BM, many column tiles),
     training is compute-bound (128x128 tiles on the tensor cores)."""
     per_expert = slots / num_experts  # picked from the sweep in benchmarks/moe.py (H100, 20b shapes)
-    # MXFP4 decode sweep (benchmarks/moe.py --decode-sweep, H100, 20b layer, gate_up + down):
-    # 1 token 0.086 ms with our own decode at 16x32x256 (tl.dot_scaled's best: 0.102); 8 tokens
-    # 0.277 ms and 64 tokens 0.423 ms at 16x64x128, either decode. Both are ALU-bound on the
-    # E2M1 decode (about 33% of the copy bandwidth at 64 tokens), not on memory.
+    # MXFP4 decode sweeps (benchmarks/moe.py --decode-sweep, H100, 20b layer, gate_up + down; the
+    # 1-token times vary between runs by up to 2x, the others by a few %):
+    # 1 token: our own decode at 16x32x256 (0.086 ms in one run; tl.dot_scaled 0.102). 8 and 64
+    # tokens: C^T = W a^T at 16x64x128 (0.266 / 0.398 ms against 0.280 / 0.424 for tl.dot_scaled);
+    # batch-64 decode steps 13.3 -> 12.6 ms. All are ALU-bound on the E2M1 decode.
     if per_expert <= 0.25 and mxfp4:
         return TileConfig(16, 32, 256, 4, 3, dot_scaled=False)
+    if per_expert <= 16 and mxfp4:
+        return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True)
     if per_expert <= 16:
         return TileConfig(16, 64, 128, 4, 4)
     if per_expert <= 64:
@@ -244,7 +260,8 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
         HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu, STORE_Z=z is not None,
         ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter,
-        DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled,
+        DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
+        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
