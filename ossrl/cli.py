@@ -145,9 +145,11 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ossrl.rl.distributed import shutdown_distributed
     from ossrl.rl.trainer import train_from_file
 
     final = train_from_file(args.config, args.set)
+    shutdown_distributed()  # under torchrun: every rank leaves the group before exiting
     print(f"final checkpoint: {final}")
     return 0
 

@@ -82,3 +82,12 @@ def init_distributed() -> DistContext:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group in order (all ranks, then destroy). A gloo rank that exited with its
+    group alive could abort at interpreter teardown ("terminate called without an active
+    exception", exit -6), failing a run that had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
