@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.model.gptoss import inference_kernels  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
 
 if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchmarks/moe.py --decode-sweep` result
@@ -44,6 +45,8 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
     moe_triton.default_config = picked
 
 model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
+kernels = inference_kernels()  # as the engine's generate runs the step: the fused glue kernels
+kernels.__enter__()
 for batch in (1, 64):
     engine = RolloutEngine(model, cuda_graphs=False)
     prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]

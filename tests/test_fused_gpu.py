@@ -27,21 +27,25 @@ def test_rms_norm_matches_the_module(dtype, rows, H):
     x = (torch.randn(rows, H, generator=g, device=DEV) * 3).to(dtype)
     norm = RMSNorm(H, 1e-5, device=DEV, dtype=dtype)
     norm.weight.data = torch.randn(H, generator=g, device=DEV).to(dtype)
-    with torch.enable_grad():  # a weight that requires grad keeps the PyTorch code: the reference
-        ref = norm(x)
+    ref = norm(x)  # outside the engine's inference_kernels context: the PyTorch code
     got = fused.rms_norm(x, norm.weight, 1e-5)
     assert got.dtype == dtype
     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[dtype]
     assert ((got.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-6).all()
 
 
-def test_model_modules_pick_the_fused_path_only_without_grad():
+def test_model_modules_pick_the_fused_path_only_in_the_engine_and_without_grad():
     x = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
     norm = RMSNorm(64, 1e-5, device=DEV, dtype=torch.bfloat16)
     from ossrl.model import gptoss
-    assert gptoss.fused_kernels(x, norm.weight) is None  # the weight requires grad
+    with torch.no_grad():  # the trainer's no-grad passes: the same PyTorch code as its training pass
+        assert gptoss.fused_kernels(x, norm.weight) is None
+    with gptoss.inference_kernels():
+        assert gptoss.fused_kernels(x, norm.weight) is None  # the weight requires grad
+        with torch.no_grad():
+            assert gptoss.fused_kernels(x, norm.weight) is fused
     with torch.no_grad():
-        assert gptoss.fused_kernels(x, norm.weight) is fused
+        assert gptoss.fused_kernels(x, norm.weight) is None  # the context restored the flag
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (5, 1), (1, 300), (2, 7)])

@@ -25,7 +25,7 @@ import torch
 
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.model.gptoss import GptOssForCausalLM, KVCache
+from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels
 
 
 class RolloutEngine:
@@ -60,15 +60,19 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self._use_slots():
-                if self._slots is None:
-                    from ossrl.engine.slots import SlotDecoder
-
-                    self._slots = SlotDecoder(self.model, **self._slot_options)
-                return self._slots.generate(prompts, n, params)
-            return [self._generate_group(prompt, i, n, params) for i, prompt in enumerate(prompts)]
+            with inference_kernels():  # one-launch glue kernels on CUDA; the trainer's passes keep PyTorch's
+                return self._generate(prompts, n, params)
         finally:
             self.model.train(was_training)
+
+    def _generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        if self._use_slots():
+            if self._slots is None:
+                from ossrl.engine.slots import SlotDecoder
+
+                self._slots = SlotDecoder(self.model, **self._slot_options)
+            return self._slots.generate(prompts, n, params)
+        return [self._generate_group(prompt, i, n, params) for i, prompt in enumerate(prompts)]
 
     def _generate_group(self, prompt: list[int], index: int, n: int, params: SamplingParams) -> list[Completion]:
         model, device = self.model, self.model.device

@@ -66,21 +66,22 @@ def _round(x, dt: tl.constexpr):
 @triton.jit
 def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                   HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)  # one (batch, time) row
     hb = tl.program_id(1)  # head block over the q heads, then the k heads
-    d = tl.arange(0, HALF)
-    c = tl.load(Cos + t * stride_ct + d).to(tl.float32)[None, :]  # cos, sin already in q's dtype
-    s = tl.load(Sin + t * stride_ct + d).to(tl.float32)[None, :]
+    d = tl.arange(0, HALF_P)  # HALF padded to a power of two
+    dm = d < HALF
+    c = tl.load(Cos + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)[None, :]  # in q's dtype
+    s = tl.load(Sin + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     nq = tl.cdiv(HQ, BLOCK_H)
     if hb < nq:
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        m = (h < HQ)[:, None]
+        m = (h < HQ)[:, None] & dm[None, :]
         src = Q + t * stride_qt + h[:, None] * stride_qh + d[None, :]
         dst = OQ + t * (HQ * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
     else:
         h = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
-        m = (h < HK)[:, None]
+        m = (h < HK)[:, None] & dm[None, :]
         src = K + t * stride_kt + h[:, None] * stride_kh + d[None, :]
         dst = OK + t * (HK * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
     x1 = tl.load(src, mask=m, other=0.0)
@@ -112,7 +113,8 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     grid = (B * T, triton.cdiv(HQ, BLOCK_H) + triton.cdiv(HK, BLOCK_H))
     if B * T:
         _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
-                             cos.stride(1), HALF=D // 2, BLOCK_H=BLOCK_H, num_warps=4)
+                             cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
+                             num_warps=4)
     return oq, ok
 
 
@@ -136,6 +138,9 @@ def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
     positions % rows of slot slot_ids (caches [slots, rows, Hkv, D], contiguous per row)."""
     B = k.shape[0]
     W = k.shape[1] * k.shape[2]
+    for cache in (k_cache, v_cache):  # one token's [Hkv, D] is written as W contiguous values
+        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+            raise ValueError(f"append_kv needs caches contiguous within a row, got strides {cache.stride()}")
     k2, v2 = k.reshape(B, W), v.reshape(B, W)
     if k2.stride(-1) != 1:
         k2 = k2.contiguous()
@@ -149,39 +154,44 @@ def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
 
 # ---------------------------------------------------------------------------------------- routing
 @triton.jit
-def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, EP: tl.constexpr,
-                       R: tl.constexpr):
+def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, KP: tl.constexpr,
+                       EP: tl.constexpr, R: tl.constexpr):
     rows = tl.program_id(0) * R + tl.arange(0, R)
     cols = tl.arange(0, EP)
     rmask = rows < N
     z = tl.load(Logits + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
                 mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
-    kk = tl.arange(0, K)
-    vals = tl.zeros([R, K], tl.float32)
-    ids = tl.zeros([R, K], tl.int32)
+    kk = tl.arange(0, KP)  # K padded to a power of two; the padding keeps -inf and weight 0
+    vals = tl.full([R, KP], float("-inf"), tl.float32)
+    ids = tl.zeros([R, KP], tl.int32)
     for j in tl.static_range(K):  # largest first; ties go to the lower expert id
         m = tl.max(z, 1)
         i = tl.min(tl.where(z == m[:, None], cols[None, :], EP), 1)
+        i = tl.minimum(i, E - 1)  # a NaN row matches nothing: keep the id in range (its weight is NaN)
         vals = tl.where(kk[None, :] == j, m[:, None], vals)
         ids = tl.where(kk[None, :] == j, i[:, None], ids)
         z = tl.where(cols[None, :] == i[:, None], float("-inf"), z)
     p = tl.exp(vals - tl.max(vals, 1)[:, None])
     w = p / tl.sum(p, 1)[:, None]
     out = rows[:, None].to(tl.int64) * K + kk[None, :]
-    tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=rmask[:, None])
-    tl.store(Ids + out, ids.to(tl.int64), mask=rmask[:, None])
+    omask = rmask[:, None] & (kk[None, :] < K)
+    tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=omask)
+    tl.store(Ids + out, ids.to(tl.int64), mask=omask)
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`ossrl.kernels.moe.route` in one launch: [N, E] -> (weights [N, k] in the logits' dtype,
     ids [N, k] int64), largest first."""
     N, E = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
     weights = torch.empty(N, k, device=router_logits.device, dtype=router_logits.dtype)
     ids = torch.empty(N, k, device=router_logits.device, dtype=torch.long)
     if N:
         R = 16
         _route_topk_kernel[(triton.cdiv(N, R),)](router_logits, weights, ids, N, E, router_logits.stride(0),
-                                                 K=k, EP=triton.next_power_of_2(E), R=R, num_warps=4)
+                                                 K=k, KP=triton.next_power_of_2(k), EP=triton.next_power_of_2(E),
+                                                 R=R, num_warps=4)
     return weights, ids
 
 

@@ -153,6 +153,7 @@ if triton is not None:
         idx = tl.load(PartIdx + row * SPLITS + sp)
         top = tl.max(best, 0)
         token = tl.min(tl.where(best == top, idx, V), 0)  # splits are in vocabulary order: first index wins
+        token = tl.minimum(token, V - 1)  # NaN logits match nothing: stay inside the row
         m1 = tl.load(p + 1)
         s1 = tl.load(p + 2)
         M1 = tl.max(m1, 0)
@@ -177,6 +178,8 @@ def sample_temperature(logits: torch.Tensor, temperature: float, keys: torch.Ten
     if triton is None or not logits.is_cuda:
         return _sample_temperature_twin(logits, temperature, keys, steps)
     B, V = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     plain = torch.empty(B, dtype=torch.float32, device=logits.device)
     sampled = torch.empty(B, dtype=torch.float32, device=logits.device)

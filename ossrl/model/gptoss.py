@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,26 @@ from ossrl.model.config import GptOssConfig, YarnRope
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
 
 
+_INFERENCE_KERNELS = threading.local()
+
+
+@contextlib.contextmanager
+def inference_kernels():
+    """Within this context (the rollout engine's), CUDA forwards that need no gradient use the
+    one-launch kernels of `ossrl.kernels.fused`. Outside it the PyTorch code runs, so the trainer's
+    no-grad passes (old and reference log-probs) compute exactly what its training pass computes."""
+    previous = getattr(_INFERENCE_KERNELS, "on", False)
+    _INFERENCE_KERNELS.on = True
+    try:
+        yield
+    finally:
+        _INFERENCE_KERNELS.on = previous
+
+
 def fused_kernels(*tensors: torch.Tensor):
-    """`ossrl.kernels.fused` when its one-launch kernels may serve these tensors (CUDA, Triton, no
-    gradient needed: decoding, prefill, no-grad passes), else None (the PyTorch code runs)."""
-    if not tensors[0].is_cuda or not triton_available():
+    """`ossrl.kernels.fused` when its kernels may serve these tensors (inside `inference_kernels`,
+    CUDA, Triton, no gradient needed), else None (the PyTorch code runs)."""
+    if not getattr(_INFERENCE_KERNELS, "on", False) or not tensors[0].is_cuda or not triton_available():
         return None
     from ossrl.kernels import fused
 
