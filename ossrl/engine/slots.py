@@ -56,7 +56,8 @@ class SlotDecoder:
                     or self.state is None or self.state["tokens"].shape[1] < width)
         if need_new:
             # A new pool or buffer invalidates every captured graph, so grow in coarse steps and never
-            # shrink: GRPO's prompts and length limits vary a little from step to step.
+            # shrink while the pool is held: calls with slightly different prompt lengths or limits
+            # (dynamic-sampling retries, evaluation) reuse it. `release()` drops it altogether.
             if self.pool is not None and self.state is not None:
                 slots = max(slots, self.pool.slots - 1)
                 capacity = max(capacity, self.pool.capacity)
