@@ -1,0 +1,50 @@
+"""The training step on CUDA in the fp16 compute mode (GPUs without bf16), against fp32 on the same
+weights (run: pytest -m gpu tests/test_train_gpu.py)."""
+
+import pytest
+import torch
+
+from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+from ossrl.testing import random_model, tiny_config
+from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+
+@pytest.mark.parametrize("expert_format", ["bf16", "mxfp4"])
+def test_fp16_mode_on_cuda_matches_fp32_with_outliers_above_65504(expert_format):
+    config = tiny_config()
+    reference = random_model(config, seed=12, expert_format=expert_format).cuda()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            experts = layer.mlp.experts
+            if expert_format == "bf16":
+                experts.down_proj.mul_(32768.0)  # a power of two: exact in fp16
+            else:
+                experts.down_proj_scales.add_(15)  # E8M0 exponents: x 2^15
+    apply_lora(reference, LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for p in lora_parameters(reference):
+            p.normal_(0, 0.02)  # B is zero at init: give the adapter something to differentiate
+    half = random_model(config, seed=12, expert_format=expert_format, dtype=torch.float16).cuda()
+    apply_lora(half, LoRAConfig(r=4, alpha=8))
+    half.load_state_dict({k: v.to(half.state_dict()[k].dtype) for k, v in reference.state_dict().items()})
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (17, 9, 30)]
+    batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=64).to("cuda")
+    captured = []
+    hook = reference.model.layers[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o))
+    lp32, _ = sequence_logprobs(reference, batch)
+    hook.remove()
+    assert captured[0].abs().max() > 65504  # the test is about real overflow
+    lp16, _ = sequence_logprobs(half, batch)
+    assert torch.isfinite(lp16).all()
+    assert ((lp16.float() - lp32).norm() / lp32.norm()).item() < 2e-2
+    lp32.sum().backward()
+    lp16.sum().backward()
+    for a, b in zip(lora_parameters(reference), lora_parameters(half)):
+        assert torch.isfinite(b.grad).all()
+        assert ((b.grad.float() - a.grad).norm() / a.grad.norm()).item() < 5e-2
