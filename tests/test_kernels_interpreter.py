@@ -1,0 +1,147 @@
+"""The Triton kernels' logic on CPU, in Triton's interpreter (fp32; set up by tests/conftest.py).
+
+The GPU tests (`-m gpu`) check the same kernels compiled, in bf16, on CUDA; these run in CI on any
+machine with the `triton` test extra, so a session without a GPU still catches a kernel's indexing,
+masking or maths regressions. The interpreter rounds fp32 -> bf16 by truncation, so only fp32
+results are compared tightly here.
+"""
+
+import os
+
+import pytest
+import torch
+
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("interpreter tests run where there is no CUDA (the gpu tests cover CUDA)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from ossrl.kernels import fused, moe_triton  # noqa: E402
+from ossrl.kernels import sampling as sampling_kernels  # noqa: E402
+from ossrl.kernels.decode_attention import _decode_triton, append_kv, decode_attention_reference  # noqa: E402
+from ossrl.kernels.moe import ExpertWeights, group_by_expert, route, routed_experts_twin  # noqa: E402
+from ossrl.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
+from ossrl.model.gptoss import RMSNorm, apply_rotary  # noqa: E402
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_rms_norm():
+    x = torch.randn(5, 200) * 3
+    norm = RMSNorm(200, 1e-5)
+    norm.weight.data = torch.randn(200)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: half not a power of two (padded)
+def test_rotary_on_views_of_one_projection(head_dim):
+    qkv = torch.randn(2, 3, 7 * head_dim)
+    q = qkv[..., : 4 * head_dim].view(2, 3, 4, head_dim)
+    k = qkv[..., 4 * head_dim: 6 * head_dim].view(2, 3, 2, head_dim)
+    ang = torch.randn(2, 3, head_dim // 2)
+    oq, ok = fused.rotary_qk(q, k, ang.cos(), ang.sin())
+    torch.testing.assert_close(oq, apply_rotary(q, ang.cos(), ang.sin()))
+    torch.testing.assert_close(ok, apply_rotary(k, ang.cos(), ang.sin()))
+
+
+def test_append_kv_into_a_ring():
+    kc, vc = torch.zeros(4, 5, 2, 8), torch.zeros(4, 5, 2, 8)
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots, pos = torch.tensor([2, 0, 3]), torch.tensor([7, 1, 4])
+    kr, vr = kc.clone(), vc.clone()
+    append_kv(kr, vr, k, v, slots, pos)
+    fused.append_kv(kc, vc, k, v, slots, pos)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 32, 4), (37, 32, 4), (9, 6, 3), (5, 4, 1)])
+def test_route_topk(N, E, k):
+    logits = torch.randn(N, E)
+    w, ids = fused.route_topk(logits, k)
+    wr, idr = route(logits, k)
+    assert torch.equal(ids, idr)
+    torch.testing.assert_close(w, wr)
+
+
+def test_route_topk_nan_row_keeps_ids_in_range():
+    logits = torch.randn(3, 8)
+    logits[1, 4] = float("nan")
+    _, ids = fused.route_topk(logits, 2)
+    assert ((ids >= 0) & (ids < 8)).all()
+
+
+@pytest.mark.parametrize("shape,E,BM", [((1, 4), 32, 16), ((64, 4), 32, 16), ((700, 4), 32, 64), ((50, 1), 8, 16)])
+def test_group_small_equals_the_sort_and_tile_table(shape, E, BM):
+    ids = torch.randint(0, E, shape, generator=torch.Generator().manual_seed(shape[0]))
+    if shape[0] == 50:
+        ids[:] = 3
+    groups, (te, ts, nt) = fused.group_small(ids, E, BM)
+    ref = group_by_expert(ids, E)
+    for f in ("order", "token", "expert", "offsets"):
+        assert torch.equal(getattr(groups, f), getattr(ref, f)), f
+
+    class _E:
+        num_experts = E
+    re, rs, rn = moe_triton._Plan(ref, _E(), shape[0], moe_triton.TileConfig(BM, 64, 64, 4, 3)).tiles(BM)
+    assert nt == rn and torch.equal(te, re) and torch.equal(ts[re >= 0], rs[re >= 0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_split_sampling_kernels(temperature):
+    logits = torch.randn(3, 3000) * 3
+    keys = sampling_kernels.fold_seed(torch.tensor([1, 2, 3]))
+    steps = torch.tensor([0, 5, 9])
+    B, V = logits.shape
+    tokens, plain, sampled = torch.empty(B, dtype=torch.long), torch.empty(B), torch.empty(B)
+    greedy = temperature == 0
+    inv = 1.0 if greedy else 1 / temperature
+    splits, block = 32, 64
+    chunk = -(-(-(-V // splits)) // block) * block
+    part, part_idx = torch.empty(B, splits, 5), torch.empty(B, splits, dtype=torch.int32)
+    sampling_kernels._sample_partial_kernel[(B, splits)](logits, keys, steps, part, part_idx, V, logits.stride(0),
+                                                         inv, chunk, GREEDY=greedy, SPLITS=splits, BLOCK=block)
+    sampling_kernels._sample_combine_kernel[(B,)](logits, part, part_idx, tokens, plain, sampled, V,
+                                                  logits.stride(0), inv, GREEDY=greedy, SPLITS=splits)
+    rt, rp, rs = sampling_kernels._sample_temperature_twin(logits, temperature, keys, steps)
+    assert torch.equal(tokens, rt)
+    torch.testing.assert_close(plain, rp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sampled, rs, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_kernel():
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(3, 40, 2, 16, generator=g), torch.randn(3, 40, 2, 16, generator=g)
+    q, sinks = torch.randn(2, 4, 16, generator=g), torch.randn(4, generator=g)
+    slots, lengths = torch.tensor([2, 0], dtype=torch.int32), torch.tensor([17, 0, 33], dtype=torch.int32)
+    got = _decode_triton(q, kc, vc, sinks, slots, lengths, scale=0.25, num_splits=3, block_n=16)
+    torch.testing.assert_close(got, decode_attention_reference(q, kc, vc, sinks, slots, lengths, scale=0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _experts(E=4, H=96, I=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    (q1, s1), (q2, s2) = quantize_mxfp4(torch.randn(E, 2 * I, H, generator=g) * 0.1), \
+        quantize_mxfp4(torch.randn(E, H, I, generator=g) * 0.1)
+    return ExpertWeights(q1, torch.randn(E, 2 * I, generator=g) * 0.1, q2, torch.randn(E, H, generator=g) * 0.1,
+                         s1, s2)
+
+
+@pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True)],
+                         ids=["own-decode", "swap_ab"])
+@pytest.mark.parametrize("N", [1, 40])
+def test_mxfp4_moe_forward_and_input_gradient(cfg, N):
+    ex = _experts()
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, 96, generator=g)
+    w, ids = route(torch.randn(N, 4, generator=g), 2)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = moe_triton.routed_experts_triton(x1, w, ids, ex, config=cfg)
+    ref = routed_experts_twin(x2, w, ids, ex)
+    assert rel(out, ref) < 1e-5
+    dout = torch.randn(N, 96, generator=g)
+    out.backward(dout)
+    ref.backward(dout)
+    assert rel(x1.grad, x2.grad) < 1e-5
