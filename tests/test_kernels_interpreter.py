@@ -132,16 +132,33 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True)],
                          ids=["own-decode", "swap_ab"])
 @pytest.mark.parametrize("N", [1, 40])
-def test_mxfp4_moe_forward_and_input_gradient(cfg, N):
+def test_mxfp4_moe_forward_and_gradients(cfg, N):
+    """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
     ex = _experts()
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, 96, generator=g)
     w, ids = route(torch.randn(N, 4, generator=g), 2)
+
+    class LoRA:
+        scaling = 2.0
+
+        def __init__(self, src=None):
+            shapes = {"gate_up_A": (4, 96, 4), "gate_up_B": (4, 4, 128), "down_A": (4, 64, 4), "down_B": (4, 4, 96)}
+            for name, shape in shapes.items():
+                value = getattr(src, name).detach().clone() if src else torch.randn(*shape, generator=g) * 0.1
+                setattr(self, name, value.requires_grad_(True))
+
+    lora1 = LoRA()
+    lora2 = LoRA(lora1)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = moe_triton.routed_experts_triton(x1, w, ids, ex, config=cfg)
-    ref = routed_experts_twin(x2, w, ids, ex)
+    w1, w2 = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = moe_triton.routed_experts_triton(x1, w1, ids, ex, lora1, config=cfg)
+    ref = routed_experts_twin(x2, w2, ids, ex, lora2)
     assert rel(out, ref) < 1e-5
     dout = torch.randn(N, 96, generator=g)
     out.backward(dout)
     ref.backward(dout)
     assert rel(x1.grad, x2.grad) < 1e-5
+    assert rel(w1.grad, w2.grad) < 1e-5
+    for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
+        assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
