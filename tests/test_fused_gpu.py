@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ossrl.kernels.decode_attention import append_kv as append_kv_reference
+from ossrl.kernels.decode_attention import append_kv_reference
 from ossrl.kernels.moe import group_by_expert, route
 from ossrl.model.gptoss import RMSNorm, apply_rotary
 

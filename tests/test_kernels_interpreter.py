@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from ossrl.kernels import fused, moe_triton  # noqa: E402
 from ossrl.kernels import sampling as sampling_kernels  # noqa: E402
-from ossrl.kernels.decode_attention import _decode_triton, append_kv, decode_attention_reference  # noqa: E402
+from ossrl.kernels.decode_attention import _decode_triton, append_kv_reference, decode_attention_reference  # noqa: E402
 from ossrl.kernels.moe import ExpertWeights, group_by_expert, route, routed_experts_twin  # noqa: E402
 from ossrl.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
 from ossrl.model.gptoss import RMSNorm, apply_rotary  # noqa: E402
@@ -51,7 +51,7 @@ def test_append_kv_into_a_ring():
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     slots, pos = torch.tensor([2, 0, 3]), torch.tensor([7, 1, 4])
     kr, vr = kc.clone(), vc.clone()
-    append_kv(kr, vr, k, v, slots, pos)
+    append_kv_reference(kr, vr, k, v, slots, pos)
     fused.append_kv(kc, vc, k, v, slots, pos)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
@@ -93,17 +93,7 @@ def test_split_sampling_kernels(temperature):
     logits = torch.randn(3, 3000) * 3
     keys = sampling_kernels.fold_seed(torch.tensor([1, 2, 3]))
     steps = torch.tensor([0, 5, 9])
-    B, V = logits.shape
-    tokens, plain, sampled = torch.empty(B, dtype=torch.long), torch.empty(B), torch.empty(B)
-    greedy = temperature == 0
-    inv = 1.0 if greedy else 1 / temperature
-    splits, block = 32, 64
-    chunk = -(-(-(-V // splits)) // block) * block
-    part, part_idx = torch.empty(B, splits, 5), torch.empty(B, splits, dtype=torch.int32)
-    sampling_kernels._sample_partial_kernel[(B, splits)](logits, keys, steps, part, part_idx, V, logits.stride(0),
-                                                         inv, chunk, GREEDY=greedy, SPLITS=splits, BLOCK=block)
-    sampling_kernels._sample_combine_kernel[(B,)](logits, part, part_idx, tokens, plain, sampled, V,
-                                                  logits.stride(0), inv, GREEDY=greedy, SPLITS=splits)
+    tokens, plain, sampled = sampling_kernels._sample_triton(logits, temperature, keys, steps, splits=32, block=64)
     rt, rp, rs = sampling_kernels._sample_temperature_twin(logits, temperature, keys, steps)
     assert torch.equal(tokens, rt)
     torch.testing.assert_close(plain, rp, rtol=1e-5, atol=1e-5)
@@ -162,3 +152,22 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
     assert rel(w1.grad, w2.grad) < 1e-5
     for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("N", [3, 40])
+def test_dense_moe_forward_and_input_gradient(N):
+    """The dense-weight ([E, in, out]) path of the same kernel."""
+    g = torch.Generator().manual_seed(N)
+    ex = ExpertWeights(torch.randn(4, 96, 128, generator=g) * 0.1, torch.randn(4, 128, generator=g) * 0.1,
+                       torch.randn(4, 64, 96, generator=g) * 0.1, torch.randn(4, 96, generator=g) * 0.1)
+    x = torch.randn(N, 96, generator=g)
+    w, ids = route(torch.randn(N, 4, generator=g), 2)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    cfg = moe_triton.TileConfig(16, 32, 32, 4, 1)
+    out = moe_triton.routed_experts_triton(x1, w, ids, ex, config=cfg)
+    ref = routed_experts_twin(x2, w, ids, ex)
+    assert rel(out, ref) < 1e-5
+    dout = torch.randn(N, 96, generator=g)
+    out.backward(dout)
+    ref.backward(dout)
+    assert rel(x1.grad, x2.grad) < 1e-5

@@ -19,7 +19,6 @@ import torch
 
 from ossrl.kernels.attention import sink_attention
 from ossrl.kernels.decode_attention import append_kv, decode_attention
-from ossrl.kernels.moe import triton_available
 
 
 class KVPool:
@@ -88,12 +87,7 @@ class DecodeView:
 
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
         kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        if kc.is_cuda and triton_available():
-            from ossrl.kernels import fused
-
-            fused.append_kv(kc, vc, k[:, 0], v[:, 0], self.slot_ids, self.positions)  # one launch
-        else:
-            append_kv(kc, vc, k[:, 0], v[:, 0], self.slot_ids, self.positions)
+        append_kv(kc, vc, k[:, 0], v[:, 0], self.slot_ids, self.positions)
         out = decode_attention(q[:, 0], kc, vc, sinks, self.slot_ids, self.pool.lengths, scale=scale)
         return out[:, None]
 

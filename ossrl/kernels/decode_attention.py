@@ -59,8 +59,18 @@ def decode_attention_reference(q, k_cache, v_cache, sinks, slot_ids, lengths, *,
 def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
     """Write one token per row: k, v [B, Hkv, D] at position positions [B] of slot slot_ids [B].
 
-    Row positions % S, so a cache with S = window is a ring. Does not touch `lengths`.
+    Row positions % S, so a cache with S = window is a ring. Does not touch `lengths`. CUDA: one
+    Triton launch (`ossrl.kernels.fused.append_kv`); elsewhere the reference.
     """
+    if k_cache.is_cuda and triton is not None:
+        from ossrl.kernels.fused import append_kv as append_kv_triton
+
+        return append_kv_triton(k_cache, v_cache, k, v, slot_ids, positions)
+    return append_kv_reference(k_cache, v_cache, k, v, slot_ids, positions)
+
+
+def append_kv_reference(k_cache, v_cache, k, v, slot_ids, positions) -> None:
+    """`append_kv` in PyTorch (indexing), the oracle of the kernel."""
     S = k_cache.shape[1]
     rows = positions.long() % S
     k_cache[slot_ids.long(), rows] = k

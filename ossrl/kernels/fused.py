@@ -10,8 +10,9 @@ token-by-expert sort (`benchmarks/profile_decode.py`). Each piece here is one la
     route_topk       top-k of the router logits, softmax over the k (spec 2.4)
     group_small      the slots sorted by expert + the MoE kernels' tile table, in one program
 
-The model calls them only when nothing needs a gradient (decoding, prefill, the trainer's
-no-grad passes); training keeps the differentiable PyTorch code. Each has a PyTorch reference
+The model calls them only inside `ossrl.model.gptoss.inference_kernels()` (the rollout engine's
+forwards) and when nothing needs a gradient; training and the trainer's no-grad passes keep the
+PyTorch code. `append_kv` serves `ossrl.kernels.decode_attention.append_kv` on CUDA. Each has a PyTorch reference
 in the module that owns the maths (`ossrl.model.gptoss`, `ossrl.kernels.moe`,
 `ossrl.kernels.decode_attention`), which the GPU tests compare against.
 """
@@ -134,7 +135,7 @@ def _append_kv_kernel(K, V, KC, VC, SlotIds, Positions, ROWS, W,
 
 
 def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
-    """`ossrl.kernels.decode_attention.append_kv` in one launch: k, v [B, Hkv, D] into row
+    """`ossrl.kernels.decode_attention.append_kv_reference` in one launch: k, v [B, Hkv, D] into row
     positions % rows of slot slot_ids (caches [slots, rows, Hkv, D], contiguous per row)."""
     B = k.shape[0]
     W = k.shape[1] * k.shape[2]

@@ -116,27 +116,26 @@ def _moe_matmul(
             acc_t = tl.dot(w.to(at.dtype), at, acc_t)
         else:
             a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if not SWAP_AB and MXFP4 and DOT_SCALED:  # forward only: Triton's own e2m1 upcast, scales along K
-            bcols = k0 // 2 + tl.arange(0, BK // 2)
-            wq = tl.load(b_base + offs_n[:, None] * stride_b1 + bcols[None, :],
-                         mask=n_mask[:, None] & (bcols[None, :] < K // 2), other=0)  # [BN, BK/2] uint8
-            groups = k0 // 32 + tl.arange(0, BK // 32)
-            ws = tl.load(scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow + groups[None, :],
-                         mask=n_mask[:, None] & (groups[None, :] < K // 32), other=0)  # [BN, BK/32]
-            acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
-        elif not SWAP_AB and MXFP4:
-            if B_ROWS_ARE_N:  # forward: stored [N (out), K (in)], decode [BN, BK] then transpose
-                w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
-                                stride_b1, stride_srow, BN, BK)
-                w = tl.trans(w.to(a.dtype))
-            else:  # backward: stored [K (out), N (in)], decode [BK, BN] directly
-                w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
-                                stride_b1, stride_srow, BK, BN).to(a.dtype)
-        elif not SWAP_AB:
-            w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if not (MXFP4 and DOT_SCALED) and not SWAP_AB:
-            acc = tl.dot(a, w, acc)
+            if MXFP4 and DOT_SCALED:  # forward only: Triton's own e2m1 upcast, scales along K
+                bcols = k0 // 2 + tl.arange(0, BK // 2)
+                wq = tl.load(b_base + offs_n[:, None] * stride_b1 + bcols[None, :],
+                             mask=n_mask[:, None] & (bcols[None, :] < K // 2), other=0)  # [BN, BK/2] uint8
+                groups = k0 // 32 + tl.arange(0, BK // 32)
+                ws = tl.load(scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow + groups[None, :],
+                             mask=n_mask[:, None] & (groups[None, :] < K // 32), other=0)  # [BN, BK/32]
+                acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
+            else:
+                if not MXFP4:
+                    w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
+                                mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                elif B_ROWS_ARE_N:  # forward: stored [N (out), K (in)], decode [BN, BK] then transpose
+                    w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                                    stride_b1, stride_srow, BN, BK)
+                    w = tl.trans(w.to(a.dtype))
+                else:  # backward: stored [K (out), N (in)], decode [BK, BN] directly
+                    w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
+                                    stride_b1, stride_srow, BK, BN).to(a.dtype)
+                acc = tl.dot(a, w, acc)
     if SWAP_AB:
         acc = tl.trans(acc_t)
 

@@ -177,6 +177,12 @@ def sample_temperature(logits: torch.Tensor, temperature: float, keys: torch.Ten
     sampling log-probs), temperature 0 greedy. Triton on CUDA, the twin elsewhere."""
     if triton is None or not logits.is_cuda:
         return _sample_temperature_twin(logits, temperature, keys, steps)
+    return _sample_triton(logits, temperature, keys, steps)
+
+
+def _sample_triton(logits, temperature, keys, steps, *, splits: int = 32, block: int = 1024):
+    """The CUDA path of `sample_temperature`. Each row's vocabulary is split over `splits` programs
+    (one program per row left a batch-1 step's 201,088 logits to a single SM), then combined."""
     B, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -185,14 +191,11 @@ def sample_temperature(logits: torch.Tensor, temperature: float, keys: torch.Ten
     sampled = torch.empty(B, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
     inv_temp = 1.0 if greedy else 1.0 / temperature
-    # Each row's vocabulary is split over SPLITS programs (one program per row left a batch-1
-    # step's 201,088 logits to a single SM), then combined.
-    SPLITS, BLOCK = 32, 1024
-    chunk = triton.cdiv(triton.cdiv(V, SPLITS), BLOCK) * BLOCK
-    part = torch.empty(B, SPLITS, 5, dtype=torch.float32, device=logits.device)
-    part_idx = torch.empty(B, SPLITS, dtype=torch.int32, device=logits.device)
-    _sample_partial_kernel[(B, SPLITS)](logits, keys, steps, part, part_idx, V, logits.stride(0), inv_temp, chunk,
-                                        GREEDY=greedy, SPLITS=SPLITS, BLOCK=BLOCK, num_warps=4)
+    chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
+    part = torch.empty(B, splits, 5, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(B, splits, dtype=torch.int32, device=logits.device)
+    _sample_partial_kernel[(B, splits)](logits, keys, steps, part, part_idx, V, logits.stride(0), inv_temp, chunk,
+                                        GREEDY=greedy, SPLITS=splits, BLOCK=block, num_warps=4)
     _sample_combine_kernel[(B,)](logits, part, part_idx, tokens, plain, sampled, V, logits.stride(0), inv_temp,
-                                 GREEDY=greedy, SPLITS=SPLITS, num_warps=1)
+                                 GREEDY=greedy, SPLITS=splits, num_warps=1)
     return tokens, plain, sampled

@@ -30,6 +30,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     size = -(-n // c.gradient_accumulation_steps)  # micro-batches of at most this many completions
     chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     max_tokens = c.max_prompt_length + c.max_completion_length
+    pad_to = 256 if model.device.type == "cuda" else 1  # a few shapes for compiled FlexAttention
     packs, masks_out = [], []
     for chunk in chunks:
         seqs, trained = [], []
@@ -38,7 +39,6 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
             seqs.append(r.prompt_ids + r.completion_ids)
             trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
-        pad_to = 256 if model.device.type == "cuda" else 1  # a few shapes for compiled FlexAttention
         packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens, pad_to=pad_to).to(model.device))
         masks_out.append(trained)
     completion_len = [len(r.completion_ids) for r in rollouts]
