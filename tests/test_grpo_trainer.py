@@ -58,7 +58,8 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora": LoRAConfig(r=4, alpha=8, dropout=0.3), "lr_scheduler_type": "cosine",
-                                       "warmup_steps": 1}], ids=["plain", "dropout-cosine"])
+                                       "warmup_steps": 1}, {"dtype": "float16"}],
+                         ids=["plain", "dropout-cosine", "fp16-loss-scaled"])
 def test_resume_continues_exactly(tiny, tmp_path, extra):
     straight = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
                            config=config(tiny, tmp_path / "a", max_steps=4, **extra), log=lambda *_: None)

@@ -1,5 +1,5 @@
 """The training step on CUDA in the fp16 compute mode (GPUs without bf16), against fp32 on the same
-weights (run: pytest -m gpu tests/test_train_gpu.py)."""
+weights, with the loss scaling the trainers use (run: pytest -m gpu tests/test_train_gpu.py)."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
 from ossrl.testing import random_model, tiny_config
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.optim import make_loss_scaler, make_optimizer
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -25,9 +26,10 @@ def test_fp16_mode_on_cuda_matches_fp32_with_outliers_above_65504(expert_format)
             else:
                 experts.down_proj_scales.add_(15)  # E8M0 exponents: x 2^15
     apply_lora(reference, LoRAConfig(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in lora_parameters(reference):
-            p.normal_(0, 0.02)  # B is zero at init: give the adapter something to differentiate
+        for p in lora_parameters(reference):  # B is zero at init: give the adapter something to differentiate
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     half = random_model(config, seed=12, expert_format=expert_format, dtype=torch.float16).cuda()
     apply_lora(half, LoRAConfig(r=4, alpha=8))
     half.load_state_dict({k: v.to(half.state_dict()[k].dtype) for k, v in reference.state_dict().items()})
@@ -35,16 +37,28 @@ def test_fp16_mode_on_cuda_matches_fp32_with_outliers_above_65504(expert_format)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (17, 9, 30)]
     batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=64).to("cuda")
-    captured = []
+    captured, routes32, routes16 = [], [], []
     hook = reference.model.layers[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o))
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: routes32.append(o[1].sort(-1).values))
+             for layer in reference.model.layers]
+    hooks += [layer.mlp.router.register_forward_hook(lambda m, i, o: routes16.append(o[1].sort(-1).values))
+              for layer in half.model.layers]
     lp32, _ = sequence_logprobs(reference, batch)
     hook.remove()
     assert captured[0].abs().max() > 65504  # the test is about real overflow
     lp16, _ = sequence_logprobs(half, batch)
+    for h in hooks:
+        h.remove()
     assert torch.isfinite(lp16).all()
     assert ((lp16.float() - lp32).norm() / lp32.norm()).item() < 2e-2
-    lp32.sum().backward()
-    lp16.sum().backward()
+    # A token routed to other experts in fp16 (near-tied router logits) changes their gradients by
+    # 20-30% whatever the precision of the backward: this test is about the backward.
+    assert all(torch.equal(a, b) for a, b in zip(routes32, routes16)), "fp16 routed a token differently"
+    (-lp32.mean()).backward()  # SFT's loss: the mean over trained tokens
+    scaler = make_loss_scaler(half)  # as SFT and GRPO use it: the gradients are unscaled before the step
+    scaler.scale(-lp16.mean()).backward()
+    scaler.unscale_(make_optimizer(lora_parameters(half), lr=1e-3))
     for a, b in zip(lora_parameters(reference), lora_parameters(half)):
         assert torch.isfinite(b.grad).all()
-        assert ((b.grad.float() - a.grad).norm() / a.grad.norm()).item() < 5e-2
+        # 15 LoRA seeds, both formats: 0.27-0.42% on CPU, 0.29-0.46% on an H100 (87-113% unscaled)
+        assert ((b.grad.float() - a.grad).norm() / a.grad.norm()).item() < 1e-2

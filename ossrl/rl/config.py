@@ -65,7 +65,7 @@ class GRPOConfig:
     # runtime, logging, checkpoints
     seed: int = 42
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     experts: str = "auto"
     gradient_checkpointing: bool = True
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory

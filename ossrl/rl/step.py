@@ -13,19 +13,22 @@ import torch
 from ossrl.rl.distributed import DistContext
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
-from ossrl.train.optim import clip_gradients
+from ossrl.train.optim import optimizer_step
 
 
 def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advantages: torch.Tensor,
-                    dist: DistContext | None = None) -> dict:
+                    dist: DistContext | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """rollouts: objects with prompt_ids, completion_ids, sampling_logprobs, finish_reason;
     advantages [len(rollouts)]. Returns the phase's metrics (means over micro-batches).
 
     Under data parallelism (`dist`), this rank's micro-batches are W-th of the global ones: losses
     use the global normalisers and the gradients are summed across ranks before the step.
+    `scaler` (ossrl.train.optim.make_loss_scaler; None: no loss scaling) scales the losses in the
+    fp16 mode; the metrics then hold `loss_scale` and `overflow_steps` (optimizer steps skipped).
     """
     c = config
     dist = dist or DistContext()
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(model.device.type, enabled=False)
     n = len(rollouts)
     size = -(-n // c.gradient_accumulation_steps)  # micro-batches of at most this many completions
     chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
@@ -69,6 +72,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     counts = 0
     loss_total = 0.0  # this rank's share of the loss, summed over micro-batches and averaged over passes
     grad_norm = 0.0
+    update: dict = {}
+    overflow_steps = 0
     is_stats = []
     model.train()
     for _ in range(c.num_iterations):
@@ -99,19 +104,22 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 num_items_in_batch=total_tokens)
             if c.loss_type != "dapo":
                 loss = loss / global_chunks
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_total += float(loss.detach()) / c.num_iterations
             m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
             counts += 1
-        dist.all_reduce_grads(params)
-        grad_norm = clip_gradients(params, c.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        dist.all_reduce_grads(params)  # scaled gradients: an overflow on any rank reaches every rank
+        update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
+        grad_norm = update["grad_norm"]
+        overflow_steps += update.get("overflow", 0)
     out = {key: v / max(counts, 1) for key, v in sums.items()}
     out["loss"] = loss_total  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
+    if scaler.is_enabled():
+        out["loss_scale"] = update["loss_scale"]  # the last optimizer step's
+        out["overflow_steps"] = overflow_steps
     if is_stats:
         allr = torch.cat(is_stats)
         out.update({"importance_ratio/mean": float(allr.mean()), "importance_ratio/min": float(allr.min()),

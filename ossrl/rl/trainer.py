@@ -7,8 +7,9 @@ One step: sample `prompts_per_step` rows; the engine generates `num_generations`
 each from the model itself (LoRA on, unmerged); reward functions score them (TRL contract);
 group-normalised advantages; optionally drop zero-variance groups and top up (dynamic sampling);
 then `num_iterations` optimiser steps on the packed prompt+completion sequences with the chosen
-loss. A step's randomness derives from (seed, step), and checkpoints hold the optimiser, scheduler,
-RNG states and data position, so a resumed run continues exactly.
+loss (dynamically loss-scaled in the fp16 mode). A step's randomness derives from (seed, step), and
+checkpoints hold the optimiser, scheduler, loss scale, RNG states and data position, so a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ossrl.rl.step import optimise_policy
 from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.memory import configure_memory
-from ossrl.train.optim import make_optimizer, make_scheduler
+from ossrl.train.optim import make_loss_scaler, make_optimizer, make_scheduler
 from ossrl.train.sft import resolve_device_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -135,6 +136,7 @@ class GRPOTrainer:
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
                                         warmup_steps=config.warmup_steps,
                                         total_steps=config.max_steps * config.num_iterations)
+        self.scaler = make_loss_scaler(model)  # fp16 mode only; a pass-through otherwise
         self.stop_ids = assistant_stop_token_ids(tokenizer)
         self.output_dir = Path(config.output_dir)
         self.step = 0
@@ -322,6 +324,10 @@ class GRPOTrainer:
         tt = time.perf_counter()
         train_metrics = self._optimise(rollouts, advantages)
         time_train = time.perf_counter() - tt
+        if train_metrics.get("overflow_steps"):
+            self.log(f"step {self.step + 1}: fp16 gradients overflowed (inf/NaN) in {train_metrics['overflow_steps']} "
+                     f"of {c.num_iterations} optimizer steps, which were skipped; loss scale now "
+                     f"{self.scaler.get_scale():g}")
 
         lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
         truncated = torch.tensor([r.finish_reason == "length" for r in rollouts], dtype=torch.float32)
@@ -353,7 +359,7 @@ class GRPOTrainer:
 
     def _optimise(self, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
         return optimise_policy(self.model, self.optimizer, self.scheduler, self.params, self.config,
-                               rollouts, advantages, dist=self.dist)
+                               rollouts, advantages, dist=self.dist, scaler=self.scaler)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str | None = None) -> Path:
@@ -365,7 +371,7 @@ class GRPOTrainer:
         with atomic_directory(path) as tmp:
             save_adapter(self.model, tmp / "adapter", base_model=str(self.base_path) if self.base_path else None)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step, "data_position": self.data_position,
+                        "scaler": self.scaler.state_dict(), "step": self.step, "data_position": self.data_position,
                         "skipped_long_prompts": self.skipped_long_prompts, "rng": rng_state()}, tmp / STATE_FILE)
             (tmp / "config.toml").write_text(dumps_toml(to_dict(self.config)))
             if self.base_path is not None:
@@ -394,6 +400,8 @@ class GRPOTrainer:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when saved without loss scaling (bf16/fp32): keep the fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.data_position = state["step"], state["data_position"]
         self.skipped_long_prompts = state.get("skipped_long_prompts", 0)
         set_rng_state(state["rng"])

@@ -24,7 +24,7 @@ from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lo
 from ossrl.train.checkpoint import atomic_directory, save_adapter
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import configure_memory
-from ossrl.train.optim import SCHEDULES, clip_gradients, make_optimizer, make_scheduler
+from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
 
 
 @dataclass
@@ -49,7 +49,7 @@ class SFTConfig:
     offload_activations: bool = False
     offload_embeddings: bool = False
     device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     logging_steps: int = 10
     save_steps: int = 0
     seed: int = 42
@@ -67,6 +67,10 @@ class SFTConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         if self.reasoning_effort not in ("low", "medium", "high"):
             raise ValueError(f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
+        if self.full_finetune and self.dtype == "float16":
+            raise ValueError("full_finetune with dtype float16 is not supported: the weights would be fp16 "
+                             "AdamW masters, whose small updates and optimizer state underflow. Train LoRA "
+                             "adapters (fp32 masters) or use dtype bfloat16 / float32")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
@@ -151,6 +155,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, kind=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
                                total_steps=total_steps)
+    scaler = make_loss_scaler(model)  # fp16 mode only; a pass-through otherwise
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dumps_toml(to_dict(config)))
@@ -183,16 +188,20 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                                    max_tokens=config.max_length).to(device)
             logprobs, _ = sequence_logprobs(model, batch)
             loss = -logprobs.mean() / accum
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_sum += float(loss.detach()) * accum
             token_sum += logprobs.numel()
-        grad_norm = clip_gradients(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        update = optimizer_step(optimizer, scheduler, scaler, params, config.max_grad_norm)
+        grad_norm = update["grad_norm"]
         step += 1
         record = {"step": step, "loss": loss_sum / accum, "grad_norm": grad_norm,
                   "learning_rate": scheduler.get_last_lr()[0], "tokens": token_sum,
                   "seconds": round(time.time() - start, 3)}
+        if scaler.is_enabled():
+            record.update(loss_scale=update["loss_scale"], overflow_steps=update["overflow"])
+            if update["overflow"]:
+                log(f"step {step}: fp16 gradients overflowed (inf/NaN); optimizer step skipped, "
+                    f"loss scale {update['loss_scale']:g} -> {scaler.get_scale():g}")
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if step % config.logging_steps == 0 or step == total_steps:
