@@ -129,7 +129,7 @@ def graph_time(fn, x, w, ids):
 
 def kernels_time(ex, x, w, ids, config=None):
     groups = group_by_expert(ids, E)
-    cfg = config or moe_triton.default_config(groups.order.numel(), E, ex.format == "mxfp4")
+    cfg = config or moe_triton.choose_config(groups.order.numel(), ex)
     plan = moe_triton._Plan(groups, ex, x.shape[0], cfg)
     plan.tiles(cfg.BM)
     return bench(lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w))
@@ -152,6 +152,7 @@ def main():
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--decode-sweep", action="store_true", help="only the MXFP4 decode-size tile sweep")
+    parser.add_argument("--train-sweep", action="store_true", help="only the MXFP4 training-size sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -177,8 +178,11 @@ def main():
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.decode_sweep:
-        result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw)
+    if args.decode_sweep or args.train_sweep:
+        if args.decode_sweep:
+            result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw)
+        if args.train_sweep:
+            result["train_sweep"] = train_sweep(mx, router, gen, mm_flops)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         return
@@ -236,7 +240,9 @@ SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128
 def decode_sweep(mx, router, gen, copy_bw):
     """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab)."""
     rows = []
-    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False), moe_triton.TileConfig(16, 64, 128, 4, 4)]
+    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False),
+               moe_triton.TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True, packed=False),
+               moe_triton.TileConfig(16, 64, 128, 4, 4), moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False)]
     configs += [moe_triton.TileConfig(16, bn, bk, 4, st, dot_scaled=False, swap_ab=True)
                 for bn in (32, 64, 128) for bk in (64, 128, 256) for st in (3, 4) if bn * bk <= 16384]
     for N in (1, 8, 64):
@@ -248,7 +254,7 @@ def decode_sweep(mx, router, gen, copy_bw):
             ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     swap_ab=cfg.swap_ab)
+                     swap_ab=cfg.swap_ab, packed=cfg.packed)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
                 if isinstance(out, torch.Tensor):
@@ -258,6 +264,33 @@ def decode_sweep(mx, router, gen, copy_bw):
                 r["bandwidth_fraction"] = nbytes / (r["fwd_kernels_ms"] * 1e-3) / copy_bw
             rows.append(r)
             print("decode_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    return rows
+
+
+def train_sweep(mx, router, gen, mm_flops):
+    """MXFP4 at training sizes: tl.dot_scaled, the packed own decode, and a transient bf16 copy
+    (dequant) feeding the dense kernel; forward and forward+backward."""
+    configs = [moe_triton.TileConfig(128, 128, 64, 4, 4), moe_triton.TileConfig(128, 128, 64, 4, 4, dot_scaled=False),
+               moe_triton.TileConfig(64, 128, 64, 4, 3, dot_scaled=False),
+               moe_triton.TileConfig(64, 128, 64, 4, 3, dot_scaled=False, packed=False),
+               moe_triton.TileConfig(128, 256, 64, 8, 3, dequant=True), moe_triton.TileConfig(128, 128, 64, 4, 4, dequant=True),
+               moe_triton.TileConfig(64, 128, 64, 4, 3, dequant=True)]
+    rows = []
+    for N in (256, 512, 1024, 2048, 4096, 32768):
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        flops = 2 * N * K_TOP * (2 * I * H + H * I)
+        for cfg in configs:
+            r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
+                     packed=cfg.packed, dequant=cfg.dequant)
+            with torch.no_grad():
+                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
+            r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(mx, cfg), x, w, ids, dout))
+            if isinstance(r["fwd_kernels_ms"], float):
+                r["fwd_matmul_fraction"] = flops / (r["fwd_kernels_ms"] * 1e-3) / mm_flops
+            rows.append(r)
+            print("train_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     return rows
 
 

@@ -134,9 +134,13 @@ def main():
     ap.add_argument("--offload", action="store_true", help="activation checkpoints in pinned CPU memory")
     ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
+    ap.add_argument("--model", default="20b", choices=("20b", "120b"),
+                    help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train.json"))
     args = ap.parse_args()
-    config = GptOssConfig.gpt_oss_20b()
+    config = GptOssConfig.gpt_oss_20b() if args.model == "20b" else GptOssConfig.gpt_oss_120b()
+    if args.model == "120b":
+        args.skip_hf = True
     sizes = [int(t) for t in args.tokens.split(",")]
     t0 = time.time()
     ours, model, counts = bench_ossrl(config, sizes, args.repeats, args.offload, args.offload_embeddings)
@@ -156,7 +160,9 @@ def main():
     result = {
         "benchmark": "train_step",
         **device_info(),
-        "model": "gpt-oss-20b shapes, random weights (ossrl: MXFP4 experts; transformers: dequantised bf16)",
+        "model": f"gpt-oss-{args.model} shapes, random weights (ossrl: MXFP4 experts; transformers: dequantised bf16)",
+        "note": "peak is one forward+backward with LoRA gradients; an AdamW optimizer adds two fp32 states per "
+                "trainable parameter (8 bytes each) on top",
         "lora_trainable_params": counts,
         "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,
         "seconds_total": round(time.time() - t0, 1),

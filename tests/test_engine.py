@@ -166,6 +166,19 @@ def test_slot_backend_equals_the_simple_backend(model, params):
                                        rtol=1e-4, atol=1e-4)
 
 
+def test_packed_prefill_equals_one_prompt_at_a_time(model):
+    """Prompts prefilled together as documents of one row (ring wrap included: window 4, a
+    10-token prompt) give what prefilling them one per forward gives."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3)
+    together = RolloutEngine(model, backend="slots").generate(PROMPTS, n=2, params=params)
+    apart = RolloutEngine(model, backend="slots", prefill_tokens=1).generate(PROMPTS, n=2, params=params)
+    split = RolloutEngine(model, backend="slots", prefill_tokens=10).generate(PROMPTS, n=2, params=params)  # [7+2], [10]
+    for a_group, b_group, c_group in zip(together, apart, split):
+        for a, b, c in zip(a_group, b_group, c_group):
+            assert a.token_ids == b.token_ids == c.token_ids
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
+
+
 def test_slot_backend_stops_compacts_and_wraps_the_sliding_ring(model):
     # window 4 in the fixture: 30 new tokens wrap the sliding layers' ring many times
     free = RolloutEngine(model, backend="simple").generate([PROMPTS[2]], n=6, params=SamplingParams(max_new_tokens=30, seed=2))[0]

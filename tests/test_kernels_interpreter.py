@@ -19,7 +19,7 @@ from ossrl.kernels import fused, moe_triton  # noqa: E402
 from ossrl.kernels import sampling as sampling_kernels  # noqa: E402
 from ossrl.kernels.decode_attention import _decode_triton, append_kv_reference, decode_attention_reference  # noqa: E402
 from ossrl.kernels.moe import ExpertWeights, group_by_expert, route, routed_experts_twin  # noqa: E402
-from ossrl.kernels.mxfp4 import quantize_mxfp4  # noqa: E402
+from ossrl.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 from ossrl.model.gptoss import RMSNorm, apply_rotary  # noqa: E402
 
 
@@ -119,8 +119,11 @@ def _experts(E=4, H=96, I=64, seed=0):
 
 
 @pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False),
-                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True)],
-                         ids=["own-decode", "swap_ab"])
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True),
+                                 moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, packed=False),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, packed=False),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)],
+                         ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
@@ -152,6 +155,29 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
     assert rel(w1.grad, w2.grad) < 1e-5
     for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
+
+
+def test_dequantize_experts_matches_the_reference_decode():
+    """The transient dense copy (training sizes): [E, out, in] MXFP4 -> [E, in, out], exactly."""
+    g = torch.Generator().manual_seed(3)
+    blocks, scales = quantize_mxfp4(torch.randn(3, 80, 96, generator=g))  # 80 and 96: not multiples of 64
+    scales[0, 0, 0] = 0  # the smallest and a large E8M0 exponent decode too
+    scales[1, 2, 1] = 140
+    dense = moe_triton.dequantize_experts(blocks, scales, torch.float32)
+    assert torch.equal(dense, dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2))
+
+
+def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
+    """From 256 rows per expert MXFP4 layers decode once to a bf16 copy (20b: 1.06 GB), but not a
+    120b layer (4.2 GB): it keeps the per-tile decode."""
+    def layer(E):  # only the shapes matter here
+        u8, bias = torch.empty(0, dtype=torch.uint8), torch.empty(E, 5760)
+        return ExpertWeights(u8, bias, u8, torch.empty(E, 2880), u8, u8)
+
+    assert moe_triton.choose_config(4096 * 4, layer(32)).dequant  # 20b, 4K tokens: 512 rows per expert
+    assert not moe_triton.choose_config(1024 * 4, layer(32)).dequant  # 128 rows per expert
+    big = moe_triton.choose_config(16384 * 4, layer(128))  # 120b, 16K tokens
+    assert not big.dequant and not big.dot_scaled and big.packed
 
 
 @pytest.mark.parametrize("N", [3, 40])

@@ -94,6 +94,35 @@ def test_forward_and_gradients_match_twin(fmt, N, E, k):
     check(fmt, N, E, k, H=352, I=224, seed=N + E)  # widths not multiples of 64/128
 
 
+def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
+    """The PTX pair decode (and the transient dense copy) against the reference decode, bit for bit:
+    all 256 byte values (both nibbles, signs, the subnormal 0.5) under E8M0 scales 0..254."""
+    import triton
+    import triton.language as tl
+
+    from ossrl.kernels.mxfp4 import dequantize_mxfp4
+
+    @triton.jit
+    def decode(blocks_ptr, scales_ptr, lo_ptr, hi_ptr, R: tl.constexpr, C: tl.constexpr):
+        rows = tl.arange(0, R)
+        lo, hi = moe_triton._mxfp4_pairs(blocks_ptr, scales_ptr, rows, rows < R, 0, C, C // 2, C // 32, R, C, True)
+        offs = rows[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
+        tl.store(lo_ptr + offs, lo)
+        tl.store(hi_ptr + offs, hi)
+
+    R, C = 256, 512  # row r holds the 256 byte values; its 16 blocks get 16 different scales
+    blocks = (torch.arange(R * C // 2, device=DEV) % 256).to(torch.uint8).reshape(R, C // 32, 16)
+    scales = (torch.arange(R * C // 32, device=DEV) % 255).to(torch.uint8).reshape(R, C // 32)
+    lo = torch.empty(R, C // 2, device=DEV, dtype=torch.bfloat16)
+    hi = torch.empty_like(lo)
+    decode[(1,)](blocks, scales, lo, hi, R=R, C=C)
+    ref = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    assert torch.equal(lo, ref[:, 0::2]) and torch.equal(hi, ref[:, 1::2])
+    assert torch.equal(lo.view(torch.int16), ref[:, 0::2].view(torch.int16))  # signs of zero too
+    dense = moe_triton.dequantize_experts(blocks[None], scales[None], torch.bfloat16)
+    assert torch.equal(dense[0], ref.T)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_all_tokens_on_one_expert(fmt):
     ids = torch.full((300, 1), 5, device=DEV)
@@ -110,7 +139,9 @@ def test_lora_gradients_match_twin(fmt, N):
 @pytest.mark.parametrize("cfg", [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 64, 256, 4, 3),
                                  (16, 32, 256, 4, 4, False), (64, 128, 64, 4, 3, False),
                                  (128, 256, 64, 8, 3), (128, 128, 64, 4, 4, False),  # False: own MXFP4 decode
-                                 (16, 64, 128, 4, 3, False, 8, True), (16, 32, 256, 4, 4, False, 8, True)])  # swap_ab
+                                 (16, 64, 128, 4, 3, False, 8, True), (16, 32, 256, 4, 4, False, 8, True),  # swap_ab
+                                 (16, 64, 128, 4, 3, False, 8, True, False), (16, 32, 256, 4, 3, False, 8, False, False),
+                                 (128, 256, 64, 8, 3, True, 8, False, True, True)])  # unpacked decode; dequant
 def test_every_tile_config_is_correct(fmt, cfg):
     check(fmt, 150, 8, 4, H=352, I=224, config=moe_triton.TileConfig(*cfg), seed=sum(cfg))
 

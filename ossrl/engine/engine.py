@@ -30,13 +30,15 @@ from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels
 
 class RolloutEngine:
     def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
-                 sync_every: int = 8):
+                 sync_every: int = 8, prefill_tokens: int = 16384):
         if backend not in ("auto", "simple", "slots"):
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
         self.backend = backend
         self._slots = None
-        self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every)
+        if prefill_tokens <= 0:
+            raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
+        self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
 
     def _use_slots(self) -> bool:
         return self.backend == "slots" or (self.backend == "auto" and self.model.device.type == "cuda")

@@ -6,9 +6,9 @@ Layout (one pair of tensors per layer; see ossrl.kernels.decode_attention):
     sliding layer          k, v  [slots, window,   Hkv, D]   token p at row p % window (a ring)
     lengths                [slots] int32, tokens written per slot (on the device)
 
-`PrefillWriter` is the cache for prefilling one prompt: the model attends normally (FlexAttention
-on CUDA) and every layer's keys/values are also written to each of the prompt's n sample slots
-(the prefix is computed once and copied n times). `DecodeView` is the cache for one decode step of
+`PrefillWriter` is the cache for prefilling prompts packed into one row, each its own document:
+the model attends normally (FlexAttention on CUDA) and every layer's keys/values are also written
+to each prompt's n sample slots (a prefix is computed once and copied n times). `DecodeView` is the cache for one decode step of
 B active rows: it appends each row's new key/value to its slot and runs the decode kernel, which
 reads only that slot's valid entries. Neither reads anything back to the host.
 """
@@ -46,31 +46,49 @@ class KVPool:
 
 
 class PrefillWriter:
-    """Cache view for prefilling one prompt [1, T] into `slot_ids` (the prompt's n sample slots)."""
+    """Cache view for prefilling several prompts packed into one row [1, T]: prompt i occupies
+    tokens starts[i]..starts[i]+lengths[i]-1 as its own document (positions restart at 0, it
+    attends only to itself), and its keys/values go to each of its sample slots `slot_groups[i]`.
 
-    def __init__(self, pool: KVPool, slot_ids: torch.Tensor):
-        self.pool, self.slot_ids = pool, slot_ids.long()
+    The copies are one indexed write per layer: the (slot, row, token) targets are built once
+    per cache depth (full layers keep every token, sliding layers the last `window` in a ring).
+    """
 
-    def next_positions(self, batch, length, device):
-        return torch.arange(length, device=device).expand(batch, length)
+    packed_documents = True  # the model accepts doc_ids together with this cache
+
+    def __init__(self, pool: KVPool, lengths: list[int], slot_groups: list[torch.Tensor]):
+        self.pool, self.lengths = pool, lengths
+        self.slot_groups = [s.long() for s in slot_groups]
+        self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        self._targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def key_positions(self, positions):
         return positions
 
+    def targets(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot, row, token) index tensors for a cache of `rows` rows per slot."""
+        if rows not in self._targets:
+            slot, row, token = [], [], []
+            for start, length, slots in zip(self.starts, self.lengths, self.slot_groups):
+                keep = min(length, rows)
+                pos = torch.arange(length - keep, length, device=device)
+                n = slots.numel()
+                slot.append(slots.to(device).repeat_interleave(keep))
+                row.append((pos % rows).repeat(n))
+                token.append((pos + start).repeat(n))
+            self._targets[rows] = (torch.cat(slot), torch.cat(row), torch.cat(token))
+        return self._targets[rows]
+
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
-        T = k.shape[1]
         kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        rows = kc.shape[1]
-        keep = min(T, rows)  # a ring keeps the last `window` tokens; a full layer keeps all
-        pos = torch.arange(T - keep, T, device=k.device)
-        idx = pos % rows
-        for_slots = self.slot_ids[:, None]
-        kc[for_slots, idx[None, :]] = k[0, T - keep:].unsqueeze(0)
-        vc[for_slots, idx[None, :]] = v[0, T - keep:].unsqueeze(0)
+        slot, row, token = self.targets(kc.shape[1], k.device)
+        kc[slot, row] = k[0, token]
+        vc[slot, row] = v[0, token]
         return sink_attention(q, k, v, sinks, mask, scale=scale)
 
     def advance(self, key_positions):
-        self.pool.lengths[self.slot_ids] = key_positions.shape[1]
+        for length, slots in zip(self.lengths, self.slot_groups):
+            self.pool.lengths[slots.to(self.pool.lengths.device)] = length
 
 
 class DecodeView:

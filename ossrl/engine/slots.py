@@ -1,8 +1,9 @@
 """The engine's fast path: a slot-indexed KV pool, decode steps over all active slots, CUDA graphs.
 
-For P prompts x n samples: each prompt is prefilled once (FlexAttention on CUDA) and its keys and
-values are written into its n slots; then every active slot decodes together, one token per step,
-through the decode-attention kernel and the routed-MoE kernels. A step reads and writes only
+For P prompts x n samples: the prompts are prefilled once each, packed into one forward as separate
+documents (FlexAttention on CUDA), and each prompt's keys and values are written into its n slots;
+then every active slot decodes together, one token per step, through the decode-attention kernel
+and the routed-MoE kernels. A step reads and writes only
 device tensors (slot ids, lengths, step counters, seeds, output buffers), so on CUDA it is captured
 once per bucketed batch size and replayed; the host looks at the generated tokens only every
 `sync_every` steps, to retire slots that hit a stop token or their length limit. Retired slots
@@ -33,10 +34,11 @@ def bucket_size(n: int) -> int:
 
 
 class SlotDecoder:
-    def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8):
+    def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8, prefill_tokens: int = 16384):
         self.model = model
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.sync_every = sync_every
+        self.prefill_tokens = prefill_tokens  # prompts are prefilled packed, up to this many tokens per forward
         self.pool: KVPool | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.graphs: dict[int, tuple] = {}  # bucket -> (CUDAGraph, static slot ids)
@@ -154,11 +156,18 @@ class SlotDecoder:
         base = 0 if params.seed is None else params.seed
         st["seeds"][:slots] = torch.arange(slots, device=device) + base
 
-        for i, prompt in enumerate(prompts):  # prefill once per prompt, KV copied to its n slots
-            slot_ids = torch.arange(i * n, (i + 1) * n, device=device)
-            logits = model(torch.tensor([prompt], device=device), cache=PrefillWriter(self.pool, slot_ids),
-                           last_only=True)[:, -1]
-            tokens, plain, sampled = sample_tokens(logits.expand(n, -1), params, st["seeds"][slot_ids],
+        for group in _pack([len(p) for p in prompts], self.prefill_tokens):  # each prompt once, KV to its n slots
+            lengths = [len(prompts[i]) for i in group]
+            ids = torch.tensor([[t for i in group for t in prompts[i]]], device=device)
+            positions = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
+            docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None].to(device)
+            slot_groups = [torch.arange(i * n, (i + 1) * n, device=device) for i in group]
+            hidden = model.model(ids, positions=positions, doc_ids=docs,
+                                 cache=PrefillWriter(self.pool, lengths, slot_groups))
+            last = torch.tensor(lengths).cumsum(0) - 1  # each prompt's last token: only these rows' logits
+            logits = model.lm_head(hidden[0, last.to(device)].to(model.lm_head.weight.dtype))
+            slot_ids = torch.cat(slot_groups)
+            tokens, plain, sampled = sample_tokens(logits.repeat_interleave(n, 0), params, st["seeds"][slot_ids],
                                                    st["steps"][slot_ids])
             st["tokens"][slot_ids, 0], st["plain"][slot_ids, 0], st["sampled"][slot_ids, 0] = tokens, plain, sampled
             st["current"][slot_ids] = tokens
@@ -216,6 +225,21 @@ class SlotDecoder:
                 group.append(Completion(tokens[s][:k], plain[s][:k], sampled[s][:k], reasons[s]))
             out.append(group)
         return out
+
+
+def _pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive prompt indices grouped so that each group's total length stays within `budget`
+    (a longer prompt gets a group of its own)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, length in enumerate(lengths):
+        if groups and total + length <= budget:
+            groups[-1].append(i)
+            total += length
+        else:
+            groups.append([i])
+            total = length
+    return groups
 
 
 def _round_up(n: int, multiple: int) -> int:

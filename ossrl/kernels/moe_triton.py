@@ -62,6 +62,104 @@ def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
     return (v.reshape(R, C // 32, 32) * scale[:, :, None]).reshape(R, C)
 
 
+# E2M1 pairs with packed integer ops (PTX), four bytes per instance: each code's 3 magnitude bits
+# go to bf16 bits 6-8 and its sign to bit 15, which is the value times 2^-126 exactly (code 1,
+# 0.5, lands on a bf16 subnormal); then x 2^126 and x the block scale, two elements per multiply.
+# Outputs: $0 $1 = low nibbles of bytes (0, 1), (2, 3); $2 $3 = high nibbles; inputs: $4 the four
+# bytes, $5 $6 the bf16 scale bits of bytes (0, 1), (2, 3).
+_E2M1_PAIRS_PTX = tl.constexpr("""
+{
+.reg .b32 t0, t1, u, v, k;
+mov.b32 k, 0x7E807E80;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shl.b32 u, t0, 6;
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t0, 12;
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+mul.rn.bf16x2 u, u, k;
+mul.rn.bf16x2 $0, u, $5;
+shl.b32 u, t1, 6;
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t1, 12;
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+mul.rn.bf16x2 u, u, k;
+mul.rn.bf16x2 $1, u, $6;
+shl.b32 u, t0, 2;
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t0, 8;
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+mul.rn.bf16x2 u, u, k;
+mul.rn.bf16x2 $2, u, $5;
+shl.b32 u, t1, 2;
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t1, 8;
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+mul.rn.bf16x2 u, u, k;
+mul.rn.bf16x2 $3, u, $6;
+}
+""")
+
+
+@triton.jit
+def _mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
+                 R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr):
+    """Decoded [R, C/2] tiles of one expert, `rows` (outputs) x input columns col0..col0+C split by
+    parity: (even columns, odd columns), bf16 from PTX, fp32 from the interpreter fallback. No
+    interleave is needed: callers contract them against the activations' even and odd columns."""
+    bcols = col0 // 2 + tl.arange(0, C // 2)
+    b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
+                mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
+    groups = col0 // 32 + tl.arange(0, C // 32)
+    s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
+                mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
+    if PTX:
+        si = s.to(tl.int16)
+        bits = tl.where(si == 0, 0x40, si << 7)  # 2^(s-127) as bf16 (s = 0: the subnormal 2^-127)
+        bits = tl.broadcast_to(bits[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
+        lo, hi = tl.inline_asm_elementwise(_E2M1_PAIRS_PTX, "=r,=r,=r,=r,r,r,r", [b, bits],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:  # the Triton interpreter (CPU tests): the same values by fp32 arithmetic
+        scale = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s-127) * 2^14
+        scale = tl.broadcast_to(scale[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
+        lo = _e2m1_to_f32(b & 15) * scale
+        hi = _e2m1_to_f32(b >> 4) * scale
+    return lo, hi
+
+
+@triton.jit
+def _dequant_kernel(blocks_ptr, scales_ptr, out_ptr, R, C, stride_be, stride_brow, stride_se, stride_srow,
+                    stride_oe, stride_ok, BR: tl.constexpr, BC: tl.constexpr, PTX: tl.constexpr):
+    """One expert's MXFP4 [R (out), C (in)] tile -> out[e, in, out] (the dense experts' layout)."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    col0 = tl.program_id(1) * BC
+    lo, hi = _mxfp4_pairs(blocks_ptr + e * stride_be, scales_ptr + e * stride_se, rows, rows < R, col0, C,
+                          stride_brow, stride_srow, BR, BC, PTX)
+    even = col0 + 2 * tl.arange(0, BC // 2)  # input columns of the low nibbles; the high ones are even + 1
+    ptrs = out_ptr + e * stride_oe + even[:, None].to(tl.int64) * stride_ok + rows[None, :]
+    mask = (even[:, None] < C) & (rows[None, :] < R)
+    tl.store(ptrs, tl.trans(lo).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs + stride_ok, tl.trans(hi).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 experts, blocks [E, out, in/32, 16] and scales [E, out, in/32] -> dense [E, in, out]
+    of `dtype` (as bf16 experts are stored), in one pass on the GPU."""
+    E, R, G = scales.shape
+    C = G * 32
+    out = torch.empty(E, C, R, device=blocks.device, dtype=dtype)
+    BR, BC = 64, 64
+    _dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), E)](
+        blocks, scales, out, R, C, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+        out.stride(0), out.stride(1), BR=BR, BC=BC, PTX=blocks.is_cuda)
+    return out
+
+
 @triton.jit
 def _moe_matmul(
     a_ptr, a_rows_ptr, stride_am,
@@ -73,7 +171,7 @@ def _moe_matmul(
     MXFP4: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, GATHER_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr, DOT_SCALED: tl.constexpr,
-    SWAP_AB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, PACKED: tl.constexpr, PTX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together.
     pid = tl.program_id(0)
@@ -108,7 +206,14 @@ def _moe_matmul(
         k0 = kt * BK
         kk = k0 + offs_k
         k_mask = kk < K
-        if SWAP_AB:  # MXFP4 forward with our own decode, a [BK, BM] loaded transposed
+        if SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
+            a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
+            w_lo, w_hi = _mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                                      stride_b1, stride_srow, BN, BK, PTX)
+            acc_t = tl.dot(w_lo.to(a.dtype), tl.trans(a_even), acc_t)
+            acc_t = tl.dot(w_hi.to(a.dtype), tl.trans(a_odd), acc_t)
+        elif SWAP_AB:  # MXFP4 forward with our own decode, a [BK, BM] loaded transposed
             at = tl.load(a_ptr + a_rows[None, :].to(tl.int64) * stride_am + kk[:, None],
                          mask=m_mask[None, :] & k_mask[:, None], other=0.0)
             w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
@@ -124,6 +229,12 @@ def _moe_matmul(
                 ws = tl.load(scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow + groups[None, :],
                              mask=n_mask[:, None] & (groups[None, :] < K // 32), other=0)  # [BN, BK/32]
                 acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
+            elif MXFP4 and B_ROWS_ARE_N and PACKED:  # forward, packed decode: even and odd input columns apart
+                a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
+                w_lo, w_hi = _mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                                          stride_b1, stride_srow, BN, BK, PTX)
+                acc = tl.dot(a_even, tl.trans(w_lo.to(a.dtype)), acc)
+                acc = tl.dot(a_odd, tl.trans(w_hi.to(a.dtype)), acc)
             else:
                 if not MXFP4:
                     w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
@@ -182,6 +293,8 @@ class TileConfig:
     dot_scaled: bool = True  # MXFP4 forward through tl.dot_scaled (else our own decode)
     GROUP_M: int = 8
     swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
+    packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
+    dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -193,15 +306,29 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # 1 token: our own decode at 16x32x256 (0.086 ms in one run; tl.dot_scaled 0.102). 8 and 64
     # tokens: C^T = W a^T at 16x64x128 (0.266 / 0.398 ms against 0.280 / 0.424 for tl.dot_scaled);
     # batch-64 decode steps 13.3 -> 12.6 ms. All are ALU-bound on the E2M1 decode.
+    # Packed E2M1 pairs (PTX), same sweep: 8 tokens 0.265 -> 0.209 ms, 64 tokens 0.396 -> 0.313 ms
+    # (45% of bandwidth) at 16x64x128 swap_ab; 1 token 0.101 ms at 16x32x128 swap_ab (the
+    # unpacked 16x32x256 read 0.158 in that run, 0.084 in the one before).
     if per_expert <= 0.25 and mxfp4:
-        return TileConfig(16, 32, 256, 4, 3, dot_scaled=False)
+        return TileConfig(16, 32, 128, 4, 3, dot_scaled=False, swap_ab=True)
     if per_expert <= 16 and mxfp4:
         return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True)
     if per_expert <= 16:
         return TileConfig(16, 64, 128, 4, 4)
+    # Training sizes (benchmarks/moe.py --train-sweep, H100, 20b layer, forward / forward+backward
+    # ms; results/moe_train_sweep.json): from 256 rows per expert a transient bf16 copy of each
+    # projection feeding the dense tiles beats decoding per row tile: 2,048 tokens 1.64 / 3.68
+    # against 1.86 / 3.96 (tl.dot_scaled) and 1.66 / 3.81 (packed decode, 128x128), 4,096 tokens
+    # 2.43 / 5.14 against 3.30 / 6.91 and 2.90 / 6.69, 32,768 tokens 13.0 / 26.3 against 22.0 /
+    # 46.7 and 19.8 / 45.1 (11.5 / 25.5 in an earlier run). Below that the packed decode at
+    # 64x128x64 wins: 256 / 512 / 1,024 tokens 0.44 / 0.61 / 0.96 ms forward against 0.83 / 0.84
+    # / 1.24 (tl.dot_scaled) and 1.46 at 1,024 for the copy.
+    if mxfp4:
+        return TileConfig(128, 256, 64, 8, 3, dequant=True) if per_expert >= 256 else \
+            TileConfig(64, 128, 64, 4, 3, dot_scaled=False)
     if per_expert <= 64:
-        return TileConfig(64, 128, 64, 4, 3, dot_scaled=False)
-    return TileConfig(128, 128, 64, 4, 4) if mxfp4 else TileConfig(128, 256, 64, 8, 3)
+        return TileConfig(64, 128, 64, 4, 3)
+    return TileConfig(128, 256, 64, 8, 3)
 
 
 @dataclass
@@ -237,6 +364,8 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
+    if scales is not None and cfg.dequant:  # compute-bound sizes: the decode once, not per row tile
+        b, scales = dequantize_experts(b, scales, a.dtype), None
     mxfp4 = scales is not None
     if mxfp4:
         stride_b1, stride_b2 = b.stride(1), 0
@@ -260,10 +389,28 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu, STORE_Z=z is not None,
         ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter,
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
-        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab,
+        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=a.is_cuda,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
+
+
+DEQUANT_MAX_BYTES = 2 << 30  # the largest transient bf16 copy of one projection (20b gate_up: 1.06 GB)
+
+
+def _dense_copy_bytes(experts: ExpertWeights) -> int:
+    """Bytes of the larger projection's bf16 copy (gate_up: E x H x 2I)."""
+    H, I = _dims(experts)
+    return experts.num_experts * H * 2 * I * 2
+
+
+def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
+    """`default_config`, except that a transient bf16 copy larger than DEQUANT_MAX_BYTES (a 120b
+    layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode."""
+    cfg = default_config(slots, experts.num_experts, experts.format == "mxfp4")
+    if cfg.dequant and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:
+        return TileConfig(64, 128, 64, 4, 3, dot_scaled=False)
+    return cfg
 
 
 def _dims(experts: ExpertWeights) -> tuple[int, int]:
@@ -393,7 +540,7 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     N = x.shape[0]
     x = x.contiguous()
     S = ids.numel()
-    cfg = config or default_config(S, experts.num_experts, experts.format == "mxfp4")
+    cfg = config or choose_config(S, experts)
     if S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: the sort, offsets and tile table in one launch
         groups, table = group_small(ids, experts.num_experts, cfg.BM)
         plan = _Plan(groups, experts, N, cfg, tables={cfg.BM: table})

@@ -333,15 +333,16 @@ class GptOssModel(nn.Module):
 
         positions [B, T]: absolute positions (default: continue the cache, or 0..T-1).
         doc_ids [B, T]: packed documents; a token attends only within its document. Positions
-        should restart at 0 for each document. Not combinable with a cache.
+        should restart at 0 for each document. Not combinable with a cache, except one that
+        prefills packed prompts (`packed_documents`, the engine's PrefillWriter).
         """
         B, T = input_ids.shape
         device = input_ids.device
         if positions is None:
             positions = cache.next_positions(B, T, device) if cache is not None else \
                 torch.arange(T, device=device).expand(B, T)
-        if cache is not None and doc_ids is not None:
-            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+        if cache is not None and doc_ids is not None and not getattr(cache, "packed_documents", False):
+            raise ValueError("doc_ids (packed documents) cannot be combined with this KV cache")
         k_pos = positions if cache is None else cache.key_positions(positions)
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
