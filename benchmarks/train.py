@@ -136,8 +136,11 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_120b.json for 120b)")
     args = ap.parse_args()
+    if args.out is None:
+        name = "train.json" if args.model == "20b" else f"train_{args.model}.json"
+        args.out = os.path.join(os.environ.get("OUT", "benchmarks/results"), name)
     config = GptOssConfig.gpt_oss_20b() if args.model == "20b" else GptOssConfig.gpt_oss_120b()
     if args.model == "120b":
         args.skip_hf = True

@@ -161,10 +161,58 @@ def test_dequantize_experts_matches_the_reference_decode():
     """The transient dense copy (training sizes): [E, out, in] MXFP4 -> [E, in, out], exactly."""
     g = torch.Generator().manual_seed(3)
     blocks, scales = quantize_mxfp4(torch.randn(3, 80, 96, generator=g))  # 80 and 96: not multiples of 64
-    scales[0, 0, 0] = 0  # the smallest and a large E8M0 exponent decode too
-    scales[1, 2, 1] = 140
+    scales = (torch.arange(scales.numel()) % 255).to(torch.uint8).reshape(scales.shape)  # every E8M0 exponent
     dense = moe_triton.dequantize_experts(blocks, scales, torch.float32)
     assert torch.equal(dense, dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2))
+
+
+_COMPILE_FOR = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ossrl.kernels import moe_triton
+
+kernel, cap, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if kernel == "dequant":
+    fn, ptr = moe_triton._dequant_kernel, {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16"}
+    const = dict(BR=64, BC=64, PTX=ptx)
+else:
+    fn = moe_triton._moe_matmul
+    ptr = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr")}
+    ptr.update(b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
+               tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64")
+    const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
+                 STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
+                 SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8)
+sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
+       for n in fn.arg_names}
+triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
+"""
+
+
+@pytest.mark.parametrize("kernel", ["moe_matmul", "dequant"])
+def test_kernels_compile_for_gpus_before_hopper(kernel):
+    """sm_80/89 have no mul.bf16x2: there the decode takes the arithmetic path (PTX off), and the
+    kernels compile (Triton's ptxas runs on this CPU machine; outside the interpreter, hence a
+    subprocess). The PTX path is refused for sm_80 and compiles for sm_90."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def compiles(cap, ptx):
+        run = subprocess.run([sys.executable, "-c", _COMPILE_FOR, kernel, str(cap), "1" if ptx else "0"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        return run.returncode == 0, run.stderr[-2000:]
+
+    for cap in (80, 89):
+        ok, err = compiles(cap, ptx=False)
+        assert ok, err
+    ok, err = compiles(80, ptx=True)
+    assert not ok and "sm_90" in err
+    ok, err = compiles(90, ptx=True)
+    assert ok, err
 
 
 def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
@@ -177,7 +225,7 @@ def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
     assert moe_triton.choose_config(4096 * 4, layer(32)).dequant  # 20b, 4K tokens: 512 rows per expert
     assert not moe_triton.choose_config(1024 * 4, layer(32)).dequant  # 128 rows per expert
     big = moe_triton.choose_config(16384 * 4, layer(128))  # 120b, 16K tokens
-    assert not big.dequant and not big.dot_scaled and big.packed
+    assert not big.dequant and not big.dot_scaled and big.packed and big.BM == 128
 
 
 @pytest.mark.parametrize("N", [3, 40])

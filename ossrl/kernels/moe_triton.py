@@ -12,9 +12,10 @@ C[rows of expert e] = A[rows] @ B_e over the slots sorted by expert:
 Each program owns one tile of BM sorted rows of a single expert (a device-side tile table,
 built without host syncs) and BN output columns, so a routed expert's weights are read once per
 row tile and unrouted experts are never read. MXFP4 tiles are decoded in registers (E2M1 codes
-by bit arithmetic, E8M0 scale by exponent bits), never written to memory; the forward reads
-W[out, in] rows (blocks run along the contraction), the backward reads the same bytes as
-W^T (blocks run along the output columns). The k-sum per token is a deterministic reduction
+by bit arithmetic, packed PTX on sm_90; E8M0 scale by exponent bits); the forward reads W[out, in]
+rows (blocks run along the contraction), the backward reads the same bytes as W^T (blocks run
+along the output columns). At training sizes each projection is instead decoded once per call to
+a transient bf16 copy (`dequantize_experts`) that the dense path reads. The k-sum per token is a deterministic reduction
 of the [N, k, H] slot buffer (no atomics).
 
 The base weights and biases get no gradients (frozen); LoRA enters as the additive `lora_z` /
@@ -48,6 +49,13 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
+def _e8m0_to_f32(s):
+    """E8M0 exponents (uint8, 0..254) -> 2^(s-127) in fp32, exactly (s = 0: the subnormal 2^-127)."""
+    si = s.to(tl.int32)
+    return tl.where(si == 0, 5.877471754111438e-39, (si << 23).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
                 R: tl.constexpr, C: tl.constexpr):
     """Decoded [R, C] fp32 tile of one expert: `rows` (outputs) x input columns col0..col0+C."""
@@ -57,9 +65,8 @@ def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
     groups = col0 // 32 + tl.arange(0, C // 32)
     s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
                 mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
-    v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(R, C)  # low nibble = even column
-    scale = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s-127) * 2^14
-    return (v.reshape(R, C // 32, 32) * scale[:, :, None]).reshape(R, C)
+    v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(R, C) * 16384.0  # low nibble = even column
+    return (v.reshape(R, C // 32, 32) * _e8m0_to_f32(s)[:, :, None]).reshape(R, C)
 
 
 # E2M1 pairs with packed integer ops (PTX), four bytes per instance: each code's 3 magnitude bits
@@ -123,11 +130,10 @@ def _mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_br
         bits = tl.broadcast_to(bits[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
         lo, hi = tl.inline_asm_elementwise(_E2M1_PAIRS_PTX, "=r,=r,=r,=r,r,r,r", [b, bits],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:  # the Triton interpreter (CPU tests): the same values by fp32 arithmetic
-        scale = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s-127) * 2^14
-        scale = tl.broadcast_to(scale[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
-        lo = _e2m1_to_f32(b & 15) * scale
-        hi = _e2m1_to_f32(b >> 4) * scale
+    else:  # GPUs before sm_90 (no mul.bf16x2) and the interpreter: the same values by fp32 arithmetic
+        scale = tl.broadcast_to(_e8m0_to_f32(s)[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
+        lo = _e2m1_to_f32(b & 15) * 16384.0 * scale
+        hi = _e2m1_to_f32(b >> 4) * 16384.0 * scale
     return lo, hi
 
 
@@ -147,6 +153,11 @@ def _dequant_kernel(blocks_ptr, scales_ptr, out_ptr, R, C, stride_be, stride_bro
     tl.store(ptrs + stride_ok, tl.trans(hi).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def ptx_decode(t: torch.Tensor) -> bool:
+    """Whether the PTX pair decode can run for tensors like t: it needs sm_90 (`mul.bf16x2`)."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
+
+
 def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """MXFP4 experts, blocks [E, out, in/32, 16] and scales [E, out, in/32] -> dense [E, in, out]
     of `dtype` (as bf16 experts are stored), in one pass on the GPU."""
@@ -156,7 +167,7 @@ def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.
     BR, BC = 64, 64
     _dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), E)](
         blocks, scales, out, R, C, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), BR=BR, BC=BC, PTX=blocks.is_cuda)
+        out.stride(0), out.stride(1), BR=BR, BC=BC, PTX=ptx_decode(blocks))
     return out
 
 
@@ -320,7 +331,7 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # projection feeding the dense tiles beats decoding per row tile: 2,048 tokens 1.64 / 3.68
     # against 1.86 / 3.96 (tl.dot_scaled) and 1.66 / 3.81 (packed decode, 128x128), 4,096 tokens
     # 2.43 / 5.14 against 3.30 / 6.91 and 2.90 / 6.69, 32,768 tokens 13.0 / 26.3 against 22.0 /
-    # 46.7 and 19.8 / 45.1 (11.5 / 25.5 in an earlier run). Below that the packed decode at
+    # 46.7 and 19.8 / 45.1 (11.5 / 25.5 in the first sweep, moe_train_sweep_first.json). Below that the packed decode at
     # 64x128x64 wins: 256 / 512 / 1,024 tokens 0.44 / 0.61 / 0.96 ms forward against 0.83 / 0.84
     # / 1.24 (tl.dot_scaled) and 1.46 at 1,024 for the copy.
     if mxfp4:
@@ -389,7 +400,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu, STORE_Z=z is not None,
         ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter,
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
-        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=a.is_cuda,
+        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
@@ -408,8 +419,8 @@ def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
     """`default_config`, except that a transient bf16 copy larger than DEQUANT_MAX_BYTES (a 120b
     layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode."""
     cfg = default_config(slots, experts.num_experts, experts.format == "mxfp4")
-    if cfg.dequant and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:
-        return TileConfig(64, 128, 64, 4, 3, dot_scaled=False)
+    if cfg.dequant and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:  # from 256 rows per expert (sweep: 512
+        return TileConfig(128, 128, 64, 4, 4, dot_scaled=False)       # rows, 2.90 / 6.69 ms against 3.10 / 7.55)
     return cfg
 
 
