@@ -25,6 +25,16 @@ def packed_positions(lengths):
     return pos, doc
 
 
+def branched_positions(prefix, branches, other=50):
+    """A document of a shared prefix and its branches (positions continue from the prefix), then a
+    plain document: positions, doc ids and branch ids, each [1, T]."""
+    pos = [torch.arange(prefix)] + [torch.arange(prefix, prefix + n) for n in branches] + [torch.arange(other)]
+    doc = [torch.zeros(prefix + sum(branches), dtype=torch.long), torch.ones(other, dtype=torch.long)]
+    branch = [torch.zeros(prefix, dtype=torch.long)] + [torch.full((n,), b + 1) for b, n in enumerate(branches)]
+    branch.append(torch.zeros(other, dtype=torch.long))
+    return torch.cat(pos)[None], torch.cat(doc)[None], torch.cat(branch)[None]
+
+
 def mask_cases():
     """(name, AttentionMask) pairs: causal, sliding, packed, prefill offset, per-row positions."""
     ar = lambda n, start=0: torch.arange(start, start + n).unsqueeze(0)  # noqa: E731
@@ -39,7 +49,30 @@ def mask_cases():
         ("prefill_offset_sliding", AttentionMask(ar(150, 450), ar(600), window=128)),
         ("per_row_positions", AttentionMask(rows, rows, window=128)),
         ("batch_broadcast", AttentionMask(torch.arange(200).expand(3, 200), torch.arange(200).expand(3, 200))),
+    ] + branch_cases()
+
+
+def branch_cases():
+    bpos, bdoc, br = branched_positions(200, [150, 90, 260])
+    return [
+        ("branches", AttentionMask(bpos, bpos, q_doc=bdoc, k_doc=bdoc, q_branch=br, k_branch=br)),
+        ("branches_sliding", AttentionMask(bpos, bpos, window=128, q_doc=bdoc, k_doc=bdoc, q_branch=br, k_branch=br)),
     ]
+
+
+def test_a_branch_sees_the_shared_prefix_and_itself_only():
+    """Each branch's attention equals its sequence's own causal mask (prefix + branch)."""
+    prefix, branches = 3, [2, 4]
+    pos, doc, branch = branched_positions(prefix, branches, other=2)
+    allowed = AttentionMask(pos, pos, q_doc=doc, k_doc=doc, q_branch=branch, k_branch=branch).dense()[0]
+    for b, n in enumerate(branches):
+        start = prefix + sum(branches[:b])
+        rows = list(range(prefix)) + list(range(start, start + n))  # the tokens of sequence b
+        seq = allowed[rows][:, rows]
+        assert seq.equal(torch.ones(len(rows), len(rows), dtype=torch.bool).tril())
+        others = [i for i in range(allowed.shape[1]) if i not in rows]
+        assert not allowed[start:start + n, others].any()
+    assert not allowed[:prefix, prefix:].any()  # the prefix sees no branch
 
 
 def test_window_counts_the_current_token():
@@ -96,6 +129,12 @@ def test_flex_formula_equals_twin(name, mask):
         flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
     twin = sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.25)
     assert rel_err(flex, twin) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name,mask", branch_cases(), ids=[c[0] for c in branch_cases()])
+def test_flex_formula_with_branches_equals_twin(name, mask):
+    test_flex_formula_equals_twin(name, mask)
 
 
 def test_sink_rescale_gradients_equal_autograd_of_the_formula():

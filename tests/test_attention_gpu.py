@@ -42,6 +42,12 @@ def ar(n, start=0, rows=1):
 def training_cases():
     pos, doc = packed([300, 77, 513, 131])
     per_row = torch.stack((torch.arange(700), torch.arange(37, 737))).to(DEV)
+    # a shared 300-token prefix with branches of 200, 90 and 260 tokens, then a 150-token document
+    bpos = torch.cat([torch.arange(300)] + [torch.arange(300, 300 + n) for n in (200, 90, 260)]
+                     + [torch.arange(150)])[None].to(DEV)
+    bdoc = torch.cat([torch.zeros(850, dtype=torch.long), torch.ones(150, dtype=torch.long)])[None].to(DEV)
+    br = torch.cat([torch.zeros(300, dtype=torch.long)] + [torch.full((n,), b + 1) for b, n in enumerate((200, 90, 260))]
+                   + [torch.zeros(150, dtype=torch.long)])[None].to(DEV)
     return {
         "full": AttentionMask(ar(1000), ar(1000)),
         "sliding": AttentionMask(ar(1000), ar(1000), window=128),
@@ -51,6 +57,8 @@ def training_cases():
         "prefill_offset_sliding": AttentionMask(ar(333, 667), ar(1000), window=128),
         "per_row_positions_batch2": AttentionMask(per_row, per_row, window=128),
         "broadcast_batch3": AttentionMask(ar(500, rows=3), ar(500, rows=3)),
+        "branches_full": AttentionMask(bpos, bpos, q_doc=bdoc, k_doc=bdoc, q_branch=br, k_branch=br),
+        "branches_sliding": AttentionMask(bpos, bpos, window=128, q_doc=bdoc, k_doc=bdoc, q_branch=br, k_branch=br),
     }
 
 

@@ -246,3 +246,67 @@ def test_pack_pad_to_rounds_the_row_length_and_changes_no_logprob():
         a, _ = sequence_logprobs(model, plain)
         b, _ = sequence_logprobs(model, padded)
     torch.testing.assert_close(a, b)
+
+
+def _grouped_rollouts(g):
+    """Two prompts x three completions (GRPO's shape) and a plain sequence; prompts untrained."""
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (21, 30)]
+    seqs, trained = [], []
+    for p in prompts:
+        for n in (5, 9, 1):
+            completion = torch.randint(3, 200, (n,), generator=g).tolist()
+            seqs.append(p + completion)
+            trained.append([False] * len(p) + [True] * n)
+    seqs.append(torch.randint(3, 200, (12,), generator=g).tolist())
+    trained.append([False] + [True] * 11)
+    return seqs, trained
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_shared_prompt_packing_equals_separate_sequences_with_gradients(sliding_window):
+    """GRPO's completions of one prompt packed as branches of one prompt copy: the same log-probs
+    and LoRA gradients as packing every sequence whole, with fewer tokens."""
+    overrides = {} if sliding_window is None else {"sliding_window": sliding_window}
+    model, _ = lora_model(seed=3, **overrides)
+    g = torch.Generator().manual_seed(5)
+    seqs, trained = _grouped_rollouts(g)
+    plain = pack_sequences(seqs, trained, max_tokens=200)
+    shared = pack_sequences(seqs, trained, max_tokens=200, share_prefixes=True)
+    assert (shared.doc_ids >= 0).sum() < (plain.doc_ids >= 0).sum()  # padding aside: fewer tokens
+    assert int(shared.branch_ids.max()) == 3
+    results = []
+    for batch in (plain, shared):
+        lp, ent = sequence_logprobs(model, batch, with_entropy=True)
+        seq = batch.sequence_index[batch.target_mask]
+        per_seq = [lp[seq == i] for i in range(len(seqs))]
+        model.zero_grad(set_to_none=True)
+        sum(((i + 1) * x).sum() for i, x in enumerate(per_seq)).backward()  # weights: order matters
+        grads = [p.grad.clone() for p in lora_parameters(model)]
+        results.append((per_seq, grads, [ent[seq == i] for i in range(len(seqs))]))
+    (a_lp, a_g, a_e), (b_lp, b_g, b_e) = results
+    # and GRPO's [completions x length] view of them (ossrl.rl.step) is the same
+    from ossrl.rl.step import _unflatten
+
+    lengths = [sum(t) for t in trained]
+    with torch.no_grad():
+        views = [_unflatten(sequence_logprobs(model, b)[0], b, list(range(len(seqs))), lengths, with_mask=True)
+                 for b in (plain, shared)]
+    torch.testing.assert_close(views[1][0], views[0][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(views[1][1], views[0][1])
+    for x, y in zip(a_lp, b_lp):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    for x, y in zip(a_e, b_e):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    for x, y in zip(a_g, b_g):  # summation order differs (the prefix's gradient arrives at once)
+        assert ((y - x).norm() / x.norm()).item() < 1e-5
+
+
+def test_prefix_sharing_respects_trained_tokens_and_the_row_limit():
+    g = torch.Generator().manual_seed(6)
+    seqs, trained = _grouped_rollouts(g)
+    trained[1] = [False] * 10 + [True] * (len(seqs[1]) - 10)  # a trained token inside the prompt
+    batch = pack_sequences(seqs, trained, max_tokens=60, share_prefixes=True)
+    assert batch.input_ids.shape[1] <= 60
+    # every trained token is a target exactly once, whatever the grouping
+    counts = torch.bincount(batch.sequence_index[batch.target_mask], minlength=len(seqs))
+    assert counts.tolist() == [sum(t[1:]) for t in trained]

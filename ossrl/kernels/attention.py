@@ -46,8 +46,12 @@ def attention_mask(
     q_doc: torch.Tensor | None = None,
     k_doc: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    q_branch: torch.Tensor | None = None,
+    k_branch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean visibility [B, Tq, Tk] from positions [B, Tq], [B, Tk] (and optional doc ids)."""
+    """Boolean visibility [B, Tq, Tk] from positions [B, Tq], [B, Tk] (and optional doc ids and
+    branch ids: a key of branch 0 is seen by every branch of its document, any other key only by
+    its own branch)."""
     qp = q_pos.unsqueeze(-1)
     kp = k_pos.unsqueeze(-2)
     allowed = kp <= qp
@@ -55,6 +59,9 @@ def attention_mask(
         allowed = allowed & (qp - kp < window)
     if q_doc is not None and k_doc is not None:
         allowed = allowed & (q_doc.unsqueeze(-1) == k_doc.unsqueeze(-2))
+    if q_branch is not None and k_branch is not None:
+        kb = k_branch.unsqueeze(-2)
+        allowed = allowed & ((kb == 0) | (kb == q_branch.unsqueeze(-1)))
     if k_valid is not None:
         allowed = allowed & k_valid.unsqueeze(-2)
     return allowed
@@ -66,6 +73,9 @@ class AttentionMask:
 
     q_pos [B, Tq], k_pos [B, Tk] integer positions; q_doc/k_doc [B, Tq]/[B, Tk] document ids (both
     or neither); window: the sliding window in keys including the current one, or None (causal).
+    q_branch/k_branch (with documents): a document whose sequences share a prefix holds the prefix
+    once as branch 0 and each continuation as branch 1, 2, ...; a query sees its own branch and
+    branch 0 (positions continue from the prefix, so the causal rule is unchanged).
     """
 
     q_pos: torch.Tensor
@@ -73,18 +83,22 @@ class AttentionMask:
     window: int | None = None
     q_doc: torch.Tensor | None = None
     k_doc: torch.Tensor | None = None
+    q_branch: torch.Tensor | None = None
+    k_branch: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if (self.q_doc is None) != (self.k_doc is None):
             raise ValueError("AttentionMask: give both q_doc and k_doc, or neither")
+        if (self.q_branch is None) != (self.k_branch is None) or (self.q_branch is not None and self.q_doc is None):
+            raise ValueError("AttentionMask: branch ids need both q_branch and k_branch, and document ids")
 
     def dense(self) -> torch.Tensor:
         """Boolean visibility [B, Tq, Tk] (the twin's mask), built on first use."""
         if self._dense is None:
-            self._dense = attention_mask(self.q_pos, self.k_pos, window=self.window,
-                                         q_doc=self.q_doc, k_doc=self.k_doc)
+            self._dense = attention_mask(self.q_pos, self.k_pos, window=self.window, q_doc=self.q_doc,
+                                         k_doc=self.k_doc, q_branch=self.q_branch, k_branch=self.k_branch)
         return self._dense
 
     def block_mask(self):
@@ -121,7 +135,7 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     and no block that contains padding is ever `full`.
     """
     m = mask
-    rows = 1 if _shared_across_batch(m.q_pos, m.k_pos, m.q_doc, m.k_doc) else m.q_pos.shape[0]
+    rows = 1 if _shared_across_batch(m.q_pos, m.k_pos, m.q_doc, m.k_doc, m.q_branch, m.k_branch) else m.q_pos.shape[0]
     qp = _pad_to_blocks(m.q_pos[:rows], -1)
     kp = _pad_to_blocks(m.k_pos[:rows], _FAR)
     qlo, qhi = (t[:, :, None] for t in _block_min_max(qp))  # [R, nq, 1]
@@ -139,13 +153,22 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
         kdlo, kdhi = (t[:, None, :] for t in _block_min_max(kd))
         any_visible &= (kdlo <= qdhi) & (qdlo <= kdhi)
         full &= (qdlo == qdhi) & (kdlo == kdhi) & (qdlo == kdlo)
+    qb = kb = None
+    if m.q_branch is not None:  # padding gets branch -1: never branch 0, and its positions hide it anyway
+        qb = _pad_to_blocks(m.q_branch[:rows], -1)
+        kb = _pad_to_blocks(m.k_branch[:rows], -1)
+        qblo, qbhi = (t[:, :, None] for t in _block_min_max(qb))
+        kblo, kbhi = (t[:, None, :] for t in _block_min_max(kb))
+        any_visible &= ((kblo <= 0) & (kbhi >= 0)) | ((kblo <= qbhi) & (qblo <= kbhi))
+        full &= ((kblo == 0) & (kbhi == 0)) | ((qblo == qbhi) & (kblo == kbhi) & (qblo == kblo))
     B = m.q_pos.shape[0]
     padded = dict(q_pos=qp.expand(B, -1), k_pos=kp.expand(B, -1),
-                  q_doc=None if qd is None else qd.expand(B, -1), k_doc=None if kd is None else kd.expand(B, -1))
+                  q_doc=None if qd is None else qd.expand(B, -1), k_doc=None if kd is None else kd.expand(B, -1),
+                  q_branch=None if qb is None else qb.expand(B, -1), k_branch=None if kb is None else kb.expand(B, -1))
     return any_visible & ~full, full, padded
 
 
-def _make_mask_mod(q_pos, k_pos, window, q_doc, k_doc):
+def _make_mask_mod(q_pos, k_pos, window, q_doc, k_doc, q_branch=None, k_branch=None):
     """mask_mod(b, h, q, kv) over padded [B, Tpad] int32 tensors (rows may be stride-0 views)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -156,6 +179,9 @@ def _make_mask_mod(q_pos, k_pos, window, q_doc, k_doc):
             visible = visible & (qp - kp < window)
         if q_doc is not None:
             visible = visible & (q_doc[b, q_idx] == k_doc[b, kv_idx])
+        if q_branch is not None:
+            kb = k_branch[b, kv_idx]
+            visible = visible & ((kb == 0) | (kb == q_branch[b, q_idx]))
         return visible
 
     return mask_mod
@@ -176,7 +202,8 @@ def build_block_mask(mask: AttentionMask):
     full_num, full_idx = _ordered(full)
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-        mask_mod=_make_mask_mod(padded["q_pos"], padded["k_pos"], mask.window, padded["q_doc"], padded["k_doc"]),
+        mask_mod=_make_mask_mod(padded["q_pos"], padded["k_pos"], mask.window, padded["q_doc"], padded["k_doc"],
+                                padded["q_branch"], padded["k_branch"]),
         seq_lengths=(mask.q_pos.shape[1], mask.k_pos.shape[1]),
     )
 

@@ -327,6 +327,7 @@ class GptOssModel(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after the final norm.
@@ -335,6 +336,9 @@ class GptOssModel(nn.Module):
         doc_ids [B, T]: packed documents; a token attends only within its document. Positions
         should restart at 0 for each document. Not combinable with a cache, except one that
         prefills packed prompts (`packed_documents`, the engine's PrefillWriter).
+        branch_ids [B, T] (with doc_ids): sequences of a document that share a prefix hold it once as
+        branch 0, each continuation as branch 1, 2, ... (positions continuing from the prefix); a
+        token sees branch 0 and its own branch (ossrl.kernels.attention.AttentionMask).
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -347,7 +351,8 @@ class GptOssModel(nn.Module):
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
         masks = {
-            window: AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids)
+            window: AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids,
+                                  q_branch=branch_ids, k_branch=branch_ids)
             for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
         }
         # The table may live on the CPU (embedding offload): gather rows there, move only those.
@@ -393,10 +398,11 @@ class GptOssForCausalLM(nn.Module):
 
         return adapters_disabled(self)
 
-    def forward(self, input_ids, *, positions=None, doc_ids=None, cache=None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids, *, positions=None, doc_ids=None, branch_ids=None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab]; `last_only` returns [B, 1, vocab] for the last position only (a
         prefill needs one row, not T x 201088)."""
-        hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, cache=cache)
+        hidden = self.model(input_ids, positions=positions, doc_ids=doc_ids, branch_ids=branch_ids, cache=cache)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden.to(self.lm_head.weight.dtype))

@@ -42,7 +42,11 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             train_this = not (c.mask_truncated_completions and r.finish_reason == "length")
             seqs.append(r.prompt_ids + r.completion_ids)
             trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
-        packs.append(pack_sequences(seqs, trained, max_tokens=max_tokens, pad_to=pad_to).to(model.device))
+        # One row per micro-batch (documents keep sequences apart), where a prompt's completions share
+        # its tokens: the prompt is forwarded once (ossrl.train.logprobs.pack_sequences).
+        row = max(max_tokens, sum(len(q) for q in seqs))
+        packs.append(pack_sequences(seqs, trained, max_tokens=row, pad_to=pad_to,
+                                    share_prefixes=True).to(model.device))
         masks_out.append(trained)
     completion_len = [len(r.completion_ids) for r in rollouts]
     total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)

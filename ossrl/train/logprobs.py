@@ -88,7 +88,9 @@ class PackedBatch:
 
     `target_mask[r, t]` is True where token t+1 is a trained token (e.g. a completion token): the
     log-prob at t is of input_ids[r, t+1] given the sequence up to t. `sequence_index` maps each
-    target position to the sequence it belongs to (-1 elsewhere).
+    target position to the sequence it belongs to (-1 elsewhere). `branch_ids` (optional): where
+    sequences share an untrained prefix it is stored once (branch 0) and each sequence continues
+    as its own branch (see `pack_sequences`).
     """
 
     input_ids: torch.Tensor
@@ -97,14 +99,17 @@ class PackedBatch:
     target_mask: torch.Tensor
     sequence_index: torch.Tensor
     num_sequences: int
+    branch_ids: torch.Tensor | None = None
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.positions.to(device), self.doc_ids.to(device),
-                           self.target_mask.to(device), self.sequence_index.to(device), self.num_sequences)
+                           self.target_mask.to(device), self.sequence_index.to(device), self.num_sequences,
+                           None if self.branch_ids is None else self.branch_ids.to(device))
 
 
 def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max_tokens: int,
-                   pad_id: int = 0, pad_to: int = 1) -> PackedBatch:
+                   pad_id: int = 0, pad_to: int = 1, share_prefixes: bool = False,
+                   min_shared: int = 16) -> PackedBatch:
     """First-fit packing of whole sequences into rows of at most max_tokens.
 
     `pad_to` rounds the row length up to a multiple (at most to max_tokens), so that successive
@@ -112,46 +117,116 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
 
     `trained[i][j]` says whether token j of sequence i is trained (its log-prob is wanted); token 0
     can never be (nothing predicts it). Rows are right-padded with a separate padding document.
+
+    `share_prefixes`: consecutive sequences that start with the same untrained tokens (GRPO's
+    completions of one prompt) are packed as one document: the common prefix once (branch 0), then
+    each sequence's remainder as its own branch, which sees the prefix and itself. The prefix's
+    last token is repeated at the start of every branch, so each branch's first target is still
+    predicted from the row before it. Log-probs equal those of separate packing; a group of k
+    sequences with an L-token shared prefix trains (k - 1) * (L - 1) fewer tokens.
     """
     if len(sequences) != len(trained):
         raise ValueError("sequences and trained have different lengths")
-    rows: list[list[int]] = []
-    room: list[int] = []
     for i, seq in enumerate(sequences):
         if len(seq) != len(trained[i]):
             raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(trained[i])} trained flags")
         if len(seq) > max_tokens:
             raise ValueError(f"sequence {i} has {len(seq)} tokens, more than max_tokens={max_tokens}")
+    units = _prefix_groups(sequences, trained, max_tokens, min_shared) if share_prefixes else \
+        [(0, [i]) for i in range(len(sequences))]
+    rows: list[list[tuple[int, list[int]]]] = []
+    room: list[int] = []
+    for unit in units:
+        size = _unit_tokens(unit, sequences)
         for r, free in enumerate(room):
-            if free >= len(seq):
-                rows[r].append(i)
-                room[r] -= len(seq)
+            if free >= size:
+                rows[r].append(unit)
+                room[r] -= size
                 break
         else:
-            rows.append([i])
-            room.append(max_tokens - len(seq))
+            rows.append([unit])
+            room.append(max_tokens - size)
     T = max(max_tokens - min(room), 1) if rows else 1
     T = max(T, min(-(-T // pad_to) * pad_to, max_tokens))
     R = max(len(rows), 1)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     positions = torch.zeros((R, T), dtype=torch.long)
     doc_ids = torch.full((R, T), -1, dtype=torch.long)
+    branch_ids = torch.zeros((R, T), dtype=torch.long)
     target_mask = torch.zeros((R, T), dtype=torch.bool)
     sequence_index = torch.full((R, T), -1, dtype=torch.long)
+
+    def place(r: int, t: int, i: int, start: int, doc: int, branch: int) -> int:
+        """Tokens start.. of sequence i at row r from column t (positions start..); returns the end."""
+        seq, n = sequences[i], len(sequences[i]) - start
+        input_ids[r, t:t + n] = torch.tensor(seq[start:])
+        positions[r, t:t + n] = torch.arange(start, start + n)
+        doc_ids[r, t:t + n] = doc
+        branch_ids[r, t:t + n] = branch
+        flags = torch.tensor(trained[i][start + 1:], dtype=torch.bool)  # target at t' predicts token t'+1
+        target_mask[r, t:t + n - 1] = flags
+        sequence_index[r, t:t + n - 1] = torch.where(flags, i, -1)
+        return t + n
+
     for r, members in enumerate(rows):
         t = 0
-        for doc, i in enumerate(members):
-            n = len(sequences[i])
-            input_ids[r, t:t + n] = torch.tensor(sequences[i])
-            positions[r, t:t + n] = torch.arange(n)
-            doc_ids[r, t:t + n] = doc
-            flags = torch.tensor(trained[i][1:], dtype=torch.bool)  # target at t' predicts token t'+1
-            target_mask[r, t:t + n - 1] = flags
-            sequence_index[r, t:t + n - 1] = torch.where(flags, i, -1)
-            t += n
+        for doc, (shared, group) in enumerate(members):
+            if shared == 0:
+                t = place(r, t, group[0], 0, doc, 0)
+                continue
+            prefix = sequences[group[0]][:shared - 1]  # the branches repeat token shared - 1
+            input_ids[r, t:t + shared - 1] = torch.tensor(prefix)
+            positions[r, t:t + shared - 1] = torch.arange(shared - 1)
+            doc_ids[r, t:t + shared - 1] = doc
+            t += shared - 1
+            for b, i in enumerate(group):
+                t = place(r, t, i, shared - 1, doc, b + 1)
         doc_ids[r, t:] = len(members)  # padding: its own document, never a target
         positions[r, t:] = torch.arange(T - t)
-    return PackedBatch(input_ids, positions, doc_ids, target_mask, sequence_index, len(sequences))
+    return PackedBatch(input_ids, positions, doc_ids, target_mask, sequence_index, len(sequences),
+                       branch_ids if share_prefixes else None)
+
+
+def _prefix_groups(sequences, trained, max_tokens: int, min_shared: int) -> list[tuple[int, list[int]]]:
+    """Consecutive sequences sharing at least `min_shared` leading untrained tokens, as
+    (shared length, members); shared length 0 for a sequence packed alone."""
+    def untrained_lead(i: int) -> int:
+        flags = trained[i]
+        return next((j for j in range(1, len(flags)) if flags[j]), len(flags))
+
+    units: list[tuple[int, list[int]]] = []
+    i = 0
+    while i < len(sequences):
+        group, shared = [i], untrained_lead(i)
+        j = i + 1
+        while j < len(sequences):
+            common = min(shared, untrained_lead(j), _common_prefix(sequences[i], sequences[j]))
+            # every branch keeps at least one token of its own (a target needs the row before it)
+            common = min(common, min(len(sequences[m]) for m in group + [j]) - 1)
+            candidate = (common, group + [j])
+            if common < min_shared or _unit_tokens(candidate, sequences) > max_tokens:
+                break
+            group, shared = group + [j], common
+            j += 1
+        units.append((shared, group) if len(group) > 1 else (0, group))
+        i = j
+    return units
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _unit_tokens(unit: tuple[int, list[int]], sequences) -> int:
+    shared, group = unit
+    if shared == 0:
+        return len(sequences[group[0]])
+    return shared - 1 + sum(len(sequences[i]) - (shared - 1) for i in group)
 
 
 def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
@@ -159,7 +234,8 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
     `batch.target_mask` ([num_targets] fp32). Use `batch.sequence_index[batch.target_mask]` to
     group them by sequence."""
-    hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids)  # [R, T, H]
+    hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
+                         branch_ids=batch.branch_ids)  # [R, T, H]
     targets = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
     h = hidden[:, :-1][batch.target_mask[:, :-1]]  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
