@@ -222,3 +222,30 @@ def test_a_bad_dataset_row_is_named(tiny, tmp_path):
                           config=config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None)
     with pytest.raises(ValueError, match=r"train_dataset: row [135] has no usable 'prompt'"):
         trainer.train()
+
+
+def test_shared_prompt_packing_trains_exactly_like_whole_sequences(tiny, tmp_path, monkeypatch):
+    """A GRPO step forwards each prompt once for its completions (branches); the LoRA weights after
+    two steps equal those of packing every completion with its own prompt copy."""
+    import ossrl.rl.step as step_module
+
+    real = step_module.pack_sequences
+    branches = []
+
+    def packing(share):
+        def pack(*args, **kwargs):
+            batch = real(*args, **{**kwargs, "share_prefixes": share})
+            branches.append(0 if batch.branch_ids is None else int(batch.branch_ids.max()))
+            return batch
+        return pack
+
+    weights = []
+    for share in (True, False):
+        monkeypatch.setattr(step_module, "pack_sequences", packing(share))
+        trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                              config=config(tiny, tmp_path / f"run-{share}"), log=lambda *_: None)
+        trainer.train()
+        weights.append(lora_state_dict(trainer.model))
+    assert max(branches) >= 3  # sharing happened (the chat template makes all 6 sequences share a prefix)
+    for name, value in weights[1].items():
+        assert ((weights[0][name] - value).norm() / value.norm().clamp(min=1e-12)).item() < 1e-4, name

@@ -44,7 +44,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             trained.append([False] * len(r.prompt_ids) + [train_this] * len(r.completion_ids))
         # One row per micro-batch (documents keep sequences apart), where a prompt's completions share
         # its tokens: the prompt is forwarded once (ossrl.train.logprobs.pack_sequences).
-        row = max(max_tokens, sum(len(q) for q in seqs))
+        row = max(max_tokens, -(-sum(len(q) for q in seqs) // pad_to) * pad_to)  # rounded: few flex shapes
         packs.append(pack_sequences(seqs, trained, max_tokens=row, pad_to=pad_to,
                                     share_prefixes=True).to(model.device))
         masks_out.append(trained)
