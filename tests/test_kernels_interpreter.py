@@ -15,7 +15,7 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests run where there is no CUDA (the gpu tests cover CUDA)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from ossrl.kernels import fused, moe_triton  # noqa: E402
+from ossrl.kernels import fused, moe_triton, mxfp4_triton  # noqa: E402
 from ossrl.kernels import sampling as sampling_kernels  # noqa: E402
 from ossrl.kernels.decode_attention import _decode_triton, append_kv_reference, decode_attention_reference  # noqa: E402
 from ossrl.kernels.moe import ExpertWeights, group_by_expert, route, routed_experts_twin  # noqa: E402
@@ -162,7 +162,7 @@ def test_dequantize_experts_matches_the_reference_decode():
     g = torch.Generator().manual_seed(3)
     blocks, scales = quantize_mxfp4(torch.randn(3, 80, 96, generator=g))  # 80 and 96: not multiples of 64
     scales = (torch.arange(scales.numel()) % 255).to(torch.uint8).reshape(scales.shape)  # every E8M0 exponent
-    dense = moe_triton.dequantize_experts(blocks, scales, torch.float32)
+    dense = mxfp4_triton.dequantize_experts(blocks, scales, torch.float32)
     assert torch.equal(dense, dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2))
 
 
@@ -171,11 +171,11 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ossrl.kernels import moe_triton
+from ossrl.kernels import moe_triton, mxfp4_triton
 
 kernel, cap, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if kernel == "dequant":
-    fn, ptr = moe_triton._dequant_kernel, {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16"}
+    fn, ptr = mxfp4_triton._dequant_kernel, {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16"}
     const = dict(BR=64, BC=64, PTX=ptx)
 else:
     fn = moe_triton._moe_matmul

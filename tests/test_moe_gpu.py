@@ -16,6 +16,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 moe_triton = pytest.importorskip("ossrl.kernels.moe_triton")
+mxfp4_triton = pytest.importorskip("ossrl.kernels.mxfp4_triton")
 
 LIMIT, ALPHA = 7.0, 1.702
 DEV = "cuda"
@@ -105,7 +106,7 @@ def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
     @triton.jit
     def decode(blocks_ptr, scales_ptr, lo_ptr, hi_ptr, R: tl.constexpr, C: tl.constexpr):
         rows = tl.arange(0, R)
-        lo, hi = moe_triton._mxfp4_pairs(blocks_ptr, scales_ptr, rows, rows < R, 0, C, C // 2, C // 32, R, C, True)
+        lo, hi = mxfp4_triton.mxfp4_pairs(blocks_ptr, scales_ptr, rows, rows < R, 0, C, C // 2, C // 32, R, C, True)
         offs = rows[:, None] * (C // 2) + tl.arange(0, C // 2)[None, :]
         tl.store(lo_ptr + offs, lo)
         tl.store(hi_ptr + offs, hi)
@@ -120,7 +121,7 @@ def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
     assert torch.equal(lo, ref[:, 0::2]) and torch.equal(hi, ref[:, 1::2])
     bits = ref.view(torch.int16)  # signs of zero too
     assert torch.equal(lo.view(torch.int16), bits[:, 0::2]) and torch.equal(hi.view(torch.int16), bits[:, 1::2])
-    dense = moe_triton.dequantize_experts(blocks[None], scales[None], torch.bfloat16)
+    dense = mxfp4_triton.dequantize_experts(blocks[None], scales[None], torch.bfloat16)
     assert torch.equal(dense[0].view(torch.int16), bits.T)
 
 

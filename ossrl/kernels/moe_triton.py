@@ -34,141 +34,7 @@ from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
     ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input,
 )
-
-
-@triton.jit
-def _e2m1_to_f32(code):
-    """uint8 E2M1 codes (0..15) -> fp32 values times 2^-14 (spec 3.2 LUT, exactly).
-
-    The 3 magnitude bits placed at fp16's exponent/mantissa boundary give 2^-14 * value, with
-    code 1 (0.5) landing on an fp16 subnormal that the fp16 -> fp32 conversion keeps exact.
-    """
-    c = code.to(tl.int16)
-    bits = ((c & 7) << 9) | ((c & 8) << 12)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _e8m0_to_f32(s):
-    """E8M0 exponents (uint8, 0..254) -> 2^(s-127) in fp32, exactly (s = 0: the subnormal 2^-127)."""
-    si = s.to(tl.int32)
-    return tl.where(si == 0, 5.877471754111438e-39, (si << 23).to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
-                R: tl.constexpr, C: tl.constexpr):
-    """Decoded [R, C] fp32 tile of one expert: `rows` (outputs) x input columns col0..col0+C."""
-    bcols = col0 // 2 + tl.arange(0, C // 2)
-    b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
-                mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
-    groups = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
-                mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
-    v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(R, C) * 16384.0  # low nibble = even column
-    return (v.reshape(R, C // 32, 32) * _e8m0_to_f32(s)[:, :, None]).reshape(R, C)
-
-
-# E2M1 pairs with packed integer ops (PTX), four bytes per instance: each code's 3 magnitude bits
-# go to bf16 bits 6-8 and its sign to bit 15, which is the value times 2^-126 exactly (code 1,
-# 0.5, lands on a bf16 subnormal); then x 2^126 and x the block scale, two elements per multiply.
-# Outputs: $0 $1 = low nibbles of bytes (0, 1), (2, 3); $2 $3 = high nibbles; inputs: $4 the four
-# bytes, $5 $6 the bf16 scale bits of bytes (0, 1), (2, 3).
-_E2M1_PAIRS_PTX = tl.constexpr("""
-{
-.reg .b32 t0, t1, u, v, k;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shl.b32 u, t0, 6;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t0, 12;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $0, u, $5;
-shl.b32 u, t1, 6;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t1, 12;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $1, u, $6;
-shl.b32 u, t0, 2;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t0, 8;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $2, u, $5;
-shl.b32 u, t1, 2;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t1, 8;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $3, u, $6;
-}
-""")
-
-
-@triton.jit
-def _mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
-                 R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr):
-    """Decoded [R, C/2] tiles of one expert, `rows` (outputs) x input columns col0..col0+C split by
-    parity: (even columns, odd columns), bf16 from PTX, fp32 from the interpreter fallback. No
-    interleave is needed: callers contract them against the activations' even and odd columns."""
-    bcols = col0 // 2 + tl.arange(0, C // 2)
-    b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
-                mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
-    groups = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
-                mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
-    if PTX:
-        si = s.to(tl.int16)
-        bits = tl.where(si == 0, 0x40, si << 7)  # 2^(s-127) as bf16 (s = 0: the subnormal 2^-127)
-        bits = tl.broadcast_to(bits[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
-        lo, hi = tl.inline_asm_elementwise(_E2M1_PAIRS_PTX, "=r,=r,=r,=r,r,r,r", [b, bits],
-                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    else:  # GPUs before sm_90 (no mul.bf16x2) and the interpreter: the same values by fp32 arithmetic
-        scale = tl.broadcast_to(_e8m0_to_f32(s)[:, :, None], (R, C // 32, 16)).reshape(R, C // 2)
-        lo = _e2m1_to_f32(b & 15) * 16384.0 * scale
-        hi = _e2m1_to_f32(b >> 4) * 16384.0 * scale
-    return lo, hi
-
-
-@triton.jit
-def _dequant_kernel(blocks_ptr, scales_ptr, out_ptr, R, C, stride_be, stride_brow, stride_se, stride_srow,
-                    stride_oe, stride_ok, BR: tl.constexpr, BC: tl.constexpr, PTX: tl.constexpr):
-    """One expert's MXFP4 [R (out), C (in)] tile -> out[e, in, out] (the dense experts' layout)."""
-    e = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    col0 = tl.program_id(1) * BC
-    lo, hi = _mxfp4_pairs(blocks_ptr + e * stride_be, scales_ptr + e * stride_se, rows, rows < R, col0, C,
-                          stride_brow, stride_srow, BR, BC, PTX)
-    even = col0 + 2 * tl.arange(0, BC // 2)  # input columns of the low nibbles; the high ones are even + 1
-    ptrs = out_ptr + e * stride_oe + even[:, None].to(tl.int64) * stride_ok + rows[None, :]
-    mask = (even[:, None] < C) & (rows[None, :] < R)
-    tl.store(ptrs, tl.trans(lo).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptrs + stride_ok, tl.trans(hi).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def ptx_decode(t: torch.Tensor) -> bool:
-    """Whether the PTX pair decode can run for tensors like t: it needs sm_90 (`mul.bf16x2`)."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
-
-
-def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 experts, blocks [E, out, in/32, 16] and scales [E, out, in/32] -> dense [E, in, out]
-    of `dtype` (as bf16 experts are stored), in one pass on the GPU."""
-    E, R, G = scales.shape
-    C = G * 32
-    out = torch.empty(E, C, R, device=blocks.device, dtype=dtype)
-    BR, BC = 64, 64
-    _dequant_kernel[(triton.cdiv(R, BR), triton.cdiv(C, BC), E)](
-        blocks, scales, out, R, C, blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), BR=BR, BC=BC, PTX=ptx_decode(blocks))
-    return out
+from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
 
 
 @triton.jit
@@ -220,14 +86,14 @@ def _moe_matmul(
         if SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
             a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
-            w_lo, w_hi = _mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+            w_lo, w_hi = mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
                                       stride_b1, stride_srow, BN, BK, PTX)
             acc_t = tl.dot(w_lo.to(a.dtype), tl.trans(a_even), acc_t)
             acc_t = tl.dot(w_hi.to(a.dtype), tl.trans(a_odd), acc_t)
         elif SWAP_AB:  # MXFP4 forward with our own decode, a [BK, BM] loaded transposed
             at = tl.load(a_ptr + a_rows[None, :].to(tl.int64) * stride_am + kk[:, None],
                          mask=m_mask[None, :] & k_mask[:, None], other=0.0)
-            w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+            w = mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
                             stride_b1, stride_srow, BN, BK)
             acc_t = tl.dot(w.to(at.dtype), at, acc_t)
         else:
@@ -242,7 +108,7 @@ def _moe_matmul(
                 acc = tl.dot_scaled(a, None, "bf16", tl.trans(wq), ws, "e2m1", acc)
             elif MXFP4 and B_ROWS_ARE_N and PACKED:  # forward, packed decode: even and odd input columns apart
                 a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
-                w_lo, w_hi = _mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                w_lo, w_hi = mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
                                           stride_b1, stride_srow, BN, BK, PTX)
                 acc = tl.dot(a_even, tl.trans(w_lo.to(a.dtype)), acc)
                 acc = tl.dot(a_odd, tl.trans(w_hi.to(a.dtype)), acc)
@@ -251,11 +117,11 @@ def _moe_matmul(
                     w = tl.load(b_base + kk[:, None] * stride_b1 + offs_n[None, :] * stride_b2,
                                 mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 elif B_ROWS_ARE_N:  # forward: stored [N (out), K (in)], decode [BN, BK] then transpose
-                    w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
+                    w = mxfp4_tile(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
                                     stride_b1, stride_srow, BN, BK)
                     w = tl.trans(w.to(a.dtype))
                 else:  # backward: stored [K (out), N (in)], decode [BK, BN] directly
-                    w = _mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
+                    w = mxfp4_tile(b_base, scales_ptr + e64 * stride_se, kk, k_mask, pid_n * BN, N,
                                     stride_b1, stride_srow, BK, BN).to(a.dtype)
                 acc = tl.dot(a, w, acc)
     if SWAP_AB:
