@@ -249,3 +249,25 @@ def test_shared_prompt_packing_trains_exactly_like_whole_sequences(tiny, tmp_pat
     assert max(branches) >= 3  # sharing happened (the chat template makes all 6 sequences share a prefix)
     for name, value in weights[1].items():
         assert ((weights[0][name] - value).norm() / value.norm().clamp(min=1e-12)).item() < 1e-4, name
+
+
+def test_engine_standby_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path, monkeypatch):
+    """engine_standby=False skips the release between phases; the training is unchanged."""
+    from ossrl.engine.engine import RolloutEngine
+
+    releases = []
+    real_release = RolloutEngine.release
+    monkeypatch.setattr(RolloutEngine, "release", lambda self: (releases.append(1), real_release(self)))
+    weights = []
+    for standby in (True, False):
+        releases.clear()
+        trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                              config=config(tiny, tmp_path / f"run-{standby}", engine_standby=standby,
+                                            prefill_tokens=64), log=lambda *_: None)
+        trainer.train()
+        assert len(releases) == (2 if standby else 0)
+        weights.append(lora_state_dict(trainer.model))
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    with pytest.raises(ValueError, match="prefill_tokens must be positive"):
+        config(tiny, tmp_path / "bad", prefill_tokens=0)

@@ -70,6 +70,11 @@ class GRPOConfig:
     gradient_checkpointing: bool = True
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
+    # The rollout engine's KV pool and CUDA graphs are freed for each training phase (TRL's
+    # vllm_enable_sleep_mode, on by default here: memory is the scarce thing); False keeps them
+    # across steps, which saves re-allocating and re-capturing each step where memory allows.
+    engine_standby: bool = True
+    prefill_tokens: int = 16384  # prompts prefilled together per forward (at most this many tokens)
     logging_steps: int = 1
     save_steps: int = 0
     save_total_limit: int | None = None
@@ -92,7 +97,8 @@ class GRPOConfig:
         check(self.reasoning_effort in ("low", "medium", "high"),
               f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
         for name in ("max_steps", "prompts_per_step", "num_generations", "gradient_accumulation_steps",
-                     "num_iterations", "max_prompt_length", "max_completion_length", "logging_steps"):
+                     "num_iterations", "max_prompt_length", "max_completion_length", "logging_steps",
+                     "prefill_tokens"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares samples of a "
               f"prompt), got {self.num_generations}")

@@ -131,7 +131,7 @@ class GRPOTrainer:
             p.requires_grad_(True)
         configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
-        self.engine = RolloutEngine(model)
+        self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
                                         warmup_steps=config.warmup_steps,
@@ -320,7 +320,8 @@ class GRPOTrainer:
             batch_std = float(everything.std())
         advantages, _ = group_advantages(rewards, G, scale_rewards=c.scale_rewards, batch_std=batch_std)
 
-        self.engine.release()  # standby: the trainer's phase
+        if c.engine_standby:
+            self.engine.release()  # the KV pool and graphs' memory go to the training phase
         tt = time.perf_counter()
         train_metrics = self._optimise(rollouts, advantages)
         time_train = time.perf_counter() - tt
