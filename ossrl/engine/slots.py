@@ -3,12 +3,11 @@
 For P prompts x n samples: the prompts are prefilled once each, packed into one forward as separate
 documents (FlexAttention on CUDA), and each prompt's keys and values are written into its n slots;
 then every active slot decodes together, one token per step, through the decode-attention kernel
-and the routed-MoE kernels. A step reads and writes only
-device tensors (slot ids, lengths, step counters, seeds, output buffers), so on CUDA it is captured
-once per bucketed batch size and replayed; the host looks at the generated tokens only every
-`sync_every` steps, to retire slots that hit a stop token or their length limit. Retired slots
-leave the batch at that point (their extra steps' tokens are discarded); the remaining rows are
-compacted into the next smaller bucket. Padding rows in a bucket point at a scratch slot.
+and the routed-MoE kernels. A step reads and writes only device tensors (slot ids, lengths, step
+counters, seeds, output buffers), so on CUDA it is captured once per bucketed batch size and
+replayed; the host looks at the generated tokens only every `sync_every` steps, to retire slots
+that hit a stop token or their length limit. Retired slots leave the batch at that point (their
+extra steps' tokens are discarded); the remaining rows are compacted into the next smaller bucket. Padding rows in a bucket point at a scratch slot.
 
 Same sampling rule and seeds as the CPU path (ossrl.engine.sampling), so outputs agree up to the
 numerics of the kernels.
