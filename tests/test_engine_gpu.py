@@ -101,3 +101,34 @@ def test_captured_graphs_follow_the_adapter_switch():
         base_fresh = RolloutEngine(model, backend="slots", cuda_graphs=False).generate(PROMPTS, n=2, params=params)
     tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
     assert tokens(base_same_engine) == tokens(base_fresh) != tokens(adapted)
+
+
+def test_kept_graphs_sample_from_the_updated_adapter():
+    """GRPO with enable_sleep_mode=False keeps the pool and graphs across steps while the optimizer
+    changes the LoRA weights in place (and a resume loads them in place): the replayed graphs must
+    sample what a fresh engine samples from the updated policy."""
+    from ossrl.model.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict
+    from ossrl.train.optim import make_optimizer
+
+    model = random_model(tiny_config(), seed=0, dtype=torch.bfloat16).cuda()
+    apply_lora(model, LoRAConfig(r=4, seed=0))
+    params = lora_parameters(model)
+    optimizer = make_optimizer(params, lr=0.05)
+    engine = RolloutEngine(model)
+    prompts, params_s = [[1, 2, 3, 4, 5], [7, 8, 9]], SamplingParams(temperature=1.0, max_new_tokens=40, seed=3)
+
+    def same(a, b):
+        return [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+
+    before = engine.generate(prompts, 4, params_s)
+    graphs = dict(engine._slots.graphs)
+    assert graphs and not engine._slots.graph_failures
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    after = engine.generate(prompts, 4, params_s)
+    assert all(engine._slots.graphs.get(k) is g for k, g in graphs.items())  # replayed, not re-captured
+    assert not same(before, after)  # the update changed the policy
+    assert same(after, RolloutEngine(model).generate(prompts, 4, params_s))
+    load_lora_state_dict(model, {k: torch.randn_like(v) * 0.1 for k, v in lora_state_dict(model).items()})
+    assert same(engine.generate(prompts, 4, params_s), RolloutEngine(model).generate(prompts, 4, params_s))

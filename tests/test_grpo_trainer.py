@@ -246,13 +246,13 @@ def test_shared_prompt_packing_trains_exactly_like_whole_sequences(tiny, tmp_pat
                               config=config(tiny, tmp_path / f"run-{share}"), log=lambda *_: None)
         trainer.train()
         weights.append(lora_state_dict(trainer.model))
-    assert max(branches) >= 3  # sharing happened (the chat template makes all 6 sequences share a prefix)
+    assert max(branches) >= 3  # sharing happened (these prompts differ in one digit: groups may span both)
     for name, value in weights[1].items():
         assert ((weights[0][name] - value).norm() / value.norm().clamp(min=1e-12)).item() < 1e-4, name
 
 
-def test_engine_standby_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path, monkeypatch):
-    """engine_standby=False skips the release between phases; the training is unchanged."""
+def test_enable_sleep_mode_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path, monkeypatch):
+    """enable_sleep_mode=False skips the release between phases; the training is unchanged."""
     from ossrl.engine.engine import RolloutEngine
 
     releases = []
@@ -262,7 +262,7 @@ def test_engine_standby_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path, m
     for standby in (True, False):
         releases.clear()
         trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                              config=config(tiny, tmp_path / f"run-{standby}", engine_standby=standby,
+                              config=config(tiny, tmp_path / f"run-{standby}", enable_sleep_mode=standby,
                                             prefill_tokens=64), log=lambda *_: None)
         trainer.train()
         assert len(releases) == (2 if standby else 0)

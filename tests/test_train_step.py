@@ -310,3 +310,29 @@ def test_prefix_sharing_respects_trained_tokens_and_the_row_limit():
     # every trained token is a target exactly once, whatever the grouping
     counts = torch.bincount(batch.sequence_index[batch.target_mask], minlength=len(seqs))
     assert counts.tolist() == [sum(t[1:]) for t in trained]
+
+
+def test_prefix_groups_stay_per_prompt_when_prompts_share_only_a_header():
+    """Two prompts with a common 20-token header (the chat template's) and 3 completions each:
+    two groups sharing their whole prompts, not one group sharing the header."""
+    g = torch.Generator().manual_seed(7)
+    header = torch.randint(3, 200, (20,), generator=g).tolist()
+    seqs, trained = [], []
+    for _ in range(2):
+        prompt = header + torch.randint(3, 200, (30,), generator=g).tolist()
+        for _ in range(3):
+            seqs.append(prompt + torch.randint(3, 200, (6,), generator=g).tolist())
+            trained.append([False] * 50 + [True] * 6)
+    batch = pack_sequences(seqs, trained, max_tokens=1000, share_prefixes=True)
+    assert batch.input_ids.shape == (1, 2 * (49 + 3 * 7))  # each prompt once, then branches of 7 tokens
+    assert batch.doc_ids[0].unique().tolist() == [0, 1] and int(batch.branch_ids.max()) == 3
+    with pytest.raises(ValueError, match="min_shared"):
+        pack_sequences(seqs, trained, max_tokens=1000, share_prefixes=True, min_shared=0)
+    assert pack_sequences(seqs[:1], trained[:1], max_tokens=100, share_prefixes=True).branch_ids is None
+
+
+def test_branch_ids_need_documents_and_no_cache():
+    model, _ = lora_model(seed=1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="branch_ids need doc_ids"):
+        model(ids, branch_ids=torch.zeros(1, 4, dtype=torch.long))

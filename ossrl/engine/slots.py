@@ -7,7 +7,8 @@ and the routed-MoE kernels. A step reads and writes only device tensors (slot id
 counters, seeds, output buffers), so on CUDA it is captured once per bucketed batch size and
 replayed; the host looks at the generated tokens only every `sync_every` steps, to retire slots
 that hit a stop token or their length limit. Retired slots leave the batch at that point (their
-extra steps' tokens are discarded); the remaining rows are compacted into the next smaller bucket. Padding rows in a bucket point at a scratch slot.
+extra steps' tokens are discarded); the remaining rows are compacted into the next smaller bucket.
+Padding rows in a bucket point at a scratch slot.
 
 Same sampling rule and seeds as the CPU path (ossrl.engine.sampling), so outputs agree up to the
 numerics of the kernels.

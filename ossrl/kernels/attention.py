@@ -304,9 +304,13 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     return _SinkRescale.apply(out, lse, sinks).transpose(1, 2)  # [B, Tq, Hq, D]
 
 
+def flex_supported(head_dim: int) -> bool:
+    """Whether CUDA attention of this head size runs on FlexAttention (else the dense twin)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _flex_supports(q: torch.Tensor) -> bool:
-    d = q.shape[-1]
-    return q.is_cuda and d >= 16 and d & (d - 1) == 0
+    return q.is_cuda and flex_supported(q.shape[-1])
 
 
 def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale: float) -> torch.Tensor:

@@ -347,6 +347,8 @@ class GptOssModel(nn.Module):
                 torch.arange(T, device=device).expand(B, T)
         if cache is not None and doc_ids is not None and not getattr(cache, "packed_documents", False):
             raise ValueError("doc_ids (packed documents) cannot be combined with this KV cache")
+        if branch_ids is not None and (doc_ids is None or cache is not None):
+            raise ValueError("branch_ids need doc_ids and no KV cache (they describe a packed training batch)")
         k_pos = positions if cache is None else cache.key_positions(positions)
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.

@@ -70,10 +70,10 @@ class GRPOConfig:
     gradient_checkpointing: bool = True
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
-    # The rollout engine's KV pool and CUDA graphs are freed for each training phase (TRL's
-    # vllm_enable_sleep_mode, on by default here: memory is the scarce thing); False keeps them
-    # across steps, which saves re-allocating and re-capturing each step where memory allows.
-    engine_standby: bool = True
+    # The rollout engine sleeps during each training phase: its KV pool and CUDA graphs are freed
+    # (TRL's vllm_enable_sleep_mode; on by default here, memory being the scarce thing). False keeps
+    # them across steps, which saves re-allocating and re-capturing each step where memory allows.
+    enable_sleep_mode: bool = True
     prefill_tokens: int = 16384  # prompts prefilled together per forward (at most this many tokens)
     logging_steps: int = 1
     save_steps: int = 0

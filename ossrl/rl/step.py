@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ossrl.kernels.attention import flex_supported
 from ossrl.rl.distributed import DistContext
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
@@ -34,6 +35,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     max_tokens = c.max_prompt_length + c.max_completion_length
     pad_to = 256 if model.device.type == "cuda" else 1  # a few shapes for compiled FlexAttention
+    flex_path = model.device.type == "cuda" and flex_supported(model.config.head_dim)  # else the dense twin
     packs, masks_out = [], []
     for chunk in chunks:
         seqs, trained = [], []
@@ -48,7 +50,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         # the CPU twin's dense attention is quadratic in the row, so there rows stay max_tokens long
         # (the demo's micro-batch: 5.3 s as one row against 1.8 s in rows of 1,152).
         row = max_tokens
-        if model.device.type == "cuda":
+        if flex_path:
             row = max(max_tokens, -(-sum(len(q) for q in seqs) // pad_to) * pad_to)  # rounded: few flex shapes
         packs.append(pack_sequences(seqs, trained, max_tokens=row, pad_to=pad_to,
                                     share_prefixes=True).to(model.device))

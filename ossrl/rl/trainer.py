@@ -320,7 +320,7 @@ class GRPOTrainer:
             batch_std = float(everything.std())
         advantages, _ = group_advantages(rewards, G, scale_rewards=c.scale_rewards, batch_std=batch_std)
 
-        if c.engine_standby:
+        if c.enable_sleep_mode:
             self.engine.release()  # the KV pool and graphs' memory go to the training phase
         tt = time.perf_counter()
         train_metrics = self._optimise(rollouts, advantages)

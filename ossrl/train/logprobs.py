@@ -127,6 +127,8 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
     """
     if len(sequences) != len(trained):
         raise ValueError("sequences and trained have different lengths")
+    if share_prefixes and min_shared < 1:
+        raise ValueError(f"min_shared must be at least 1, got {min_shared}")
     for i, seq in enumerate(sequences):
         if len(seq) != len(trained[i]):
             raise ValueError(f"sequence {i}: {len(seq)} tokens but {len(trained[i])} trained flags")
@@ -183,8 +185,9 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
                 t = place(r, t, i, shared - 1, doc, b + 1)
         doc_ids[r, t:] = len(members)  # padding: its own document, never a target
         positions[r, t:] = torch.arange(T - t)
+    shared_any = share_prefixes and bool((branch_ids > 0).any())  # no branches: no branch masking at all
     return PackedBatch(input_ids, positions, doc_ids, target_mask, sequence_index, len(sequences),
-                       branch_ids if share_prefixes else None)
+                       branch_ids if shared_any else None)
 
 
 def _prefix_groups(sequences, trained, max_tokens: int, min_shared: int) -> list[tuple[int, list[int]]]:
@@ -205,6 +208,10 @@ def _prefix_groups(sequences, trained, max_tokens: int, min_shared: int) -> list
             common = min(common, min(len(sequences[m]) for m in group + [j]) - 1)
             candidate = (common, group + [j])
             if common < min_shared or _unit_tokens(candidate, sequences) > max_tokens:
+                break
+            # Joining saves j's common - 1 prefix tokens but re-forwards shared - common tokens for
+            # each other member: completions of another prompt (the same chat header only) stay apart.
+            if len(group) > 1 and common - 1 <= (len(group) - 1) * (shared - common):
                 break
             group, shared = group + [j], common
             j += 1
