@@ -34,74 +34,53 @@ def _e8m0_to_f32(s):
 
 
 @triton.jit
-def mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
-                R: tl.constexpr, C: tl.constexpr):
-    """Decoded [R, C] fp32 tile of one expert: `rows` (outputs) x input columns col0..col0+C."""
+def _load_codes(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow, C: tl.constexpr):
+    """One expert's codes for `rows` x input columns col0..col0+C: bytes [R, C/2] (two codes each)
+    and E8M0 scales [R, C/32], zero where masked."""
     bcols = col0 // 2 + tl.arange(0, C // 2)
     b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
                 mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
     groups = col0 // 32 + tl.arange(0, C // 32)
     s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
                 mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
+    return b, s
+
+
+@triton.jit
+def mxfp4_tile(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
+                R: tl.constexpr, C: tl.constexpr):
+    """Decoded [R, C] fp32 tile of one expert: `rows` (outputs) x input columns col0..col0+C."""
+    b, s = _load_codes(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow, C)
     v = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(R, C) * 16384.0  # low nibble = even column
     return (v.reshape(R, C // 32, 32) * _e8m0_to_f32(s)[:, :, None]).reshape(R, C)
 
 
-# E2M1 pairs with packed integer ops (PTX), four bytes per instance: each code's 3 magnitude bits
-# go to bf16 bits 6-8 and its sign to bit 15, which is the value times 2^-126 exactly (code 1,
-# 0.5, lands on a bf16 subnormal); then x 2^126 and x the block scale, two elements per multiply.
-# Outputs: $0 $1 = low nibbles of bytes (0, 1), (2, 3); $2 $3 = high nibbles; inputs: $4 the four
-# bytes, $5 $6 the bf16 scale bits of bytes (0, 1), (2, 3).
-_E2M1_PAIRS_PTX = tl.constexpr("""
-{
-.reg .b32 t0, t1, u, v, k;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shl.b32 u, t0, 6;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t0, 12;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $0, u, $5;
-shl.b32 u, t1, 6;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t1, 12;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $1, u, $6;
-shl.b32 u, t0, 2;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t0, 8;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $2, u, $5;
-shl.b32 u, t1, 2;
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t1, 8;
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-mul.rn.bf16x2 u, u, k;
-mul.rn.bf16x2 $3, u, $6;
-}
-""")
+# E2M1 pairs with packed integer ops (PTX), four bytes per instance: prmt spreads bytes (0, 1) and
+# (2, 3) into the 16-bit halves of t0 and t1; then for each output pair, each code's 3 magnitude
+# bits go to bf16 bits 6-8 and its sign to bit 15, which is the value times 2^-126 exactly (code 1,
+# 0.5, lands on a bf16 subnormal); then x 2^126 (k) and x the block scale, two elements per multiply.
+# Outputs: $0 $1 = low nibbles of bytes (0, 1), (2, 3); $2 $3 = high nibbles (shifted 4 less);
+# inputs: $4 the four bytes, $5 $6 the bf16 scale bits of bytes (0, 1), (2, 3).
+def _e2m1_pair_ptx(out: str, src: str, shift: int, scale: str) -> str:
+    return (f"shl.b32 u, {src}, {shift};\nand.b32 u, u, 0x01C001C0;\n"  # magnitude to bits 6-8
+            f"shl.b32 v, {src}, {shift + 6};\nand.b32 v, v, 0x80008000;\n"  # sign to bit 15
+            f"or.b32 u, u, v;\nmul.rn.bf16x2 u, u, k;\nmul.rn.bf16x2 {out}, u, {scale};\n")
+
+
+_E2M1_PAIRS_PTX = tl.constexpr(
+    "\n{\n.reg .b32 t0, t1, u, v, k;\nmov.b32 k, 0x7E807E80;\n"
+    "prmt.b32 t0, $4, 0, 0x4140;\nprmt.b32 t1, $4, 0, 0x4342;\n"
+    + _e2m1_pair_ptx("$0", "t0", 6, "$5") + _e2m1_pair_ptx("$1", "t1", 6, "$6")
+    + _e2m1_pair_ptx("$2", "t0", 2, "$5") + _e2m1_pair_ptx("$3", "t1", 2, "$6") + "}\n")
 
 
 @triton.jit
 def mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow,
                  R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr):
     """Decoded [R, C/2] tiles of one expert, `rows` (outputs) x input columns col0..col0+C split by
-    parity: (even columns, odd columns), bf16 from PTX, fp32 from the interpreter fallback. No
+    parity: (even columns, odd columns), bf16 from PTX, fp32 from the arithmetic fallback. No
     interleave is needed: callers contract them against the activations' even and odd columns."""
-    bcols = col0 // 2 + tl.arange(0, C // 2)
-    b = tl.load(blocks_ptr + rows[:, None] * stride_brow + bcols[None, :],
-                mask=row_mask[:, None] & (bcols[None, :] < n_cols // 2), other=0)
-    groups = col0 // 32 + tl.arange(0, C // 32)
-    s = tl.load(scales_ptr + rows[:, None] * stride_srow + groups[None, :],
-                mask=row_mask[:, None] & (groups[None, :] < n_cols // 32), other=0)
+    b, s = _load_codes(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_brow, stride_srow, C)
     if PTX:
         si = s.to(tl.int16)
         bits = tl.where(si == 0, 0x40, si << 7)  # 2^(s-127) as bf16 (s = 0: the subnormal 2^-127)
