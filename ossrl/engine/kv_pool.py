@@ -8,9 +8,9 @@ Layout (one pair of tensors per layer; see ossrl.kernels.decode_attention):
 
 `PrefillWriter` is the cache for prefilling prompts packed into one row, each its own document:
 the model attends normally (FlexAttention on CUDA) and every layer's keys/values are also written
-to each prompt's n sample slots (a prefix is computed once and copied n times). `DecodeView` is the cache for one decode step of
-B active rows: it appends each row's new key/value to its slot and runs the decode kernel, which
-reads only that slot's valid entries. Neither reads anything back to the host.
+to each prompt's n sample slots (a prefix is computed once and copied n times). `DecodeView` is
+the cache for one decode step of B active rows: it appends each row's new key/value to its slot
+and runs the decode kernel, which reads only that slot's valid entries. Neither reads anything back to the host.
 """
 
 from __future__ import annotations

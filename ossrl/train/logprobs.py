@@ -158,14 +158,16 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
     target_mask = torch.zeros((R, T), dtype=torch.bool)
     sequence_index = torch.full((R, T), -1, dtype=torch.long)
 
-    def place(r: int, t: int, i: int, start: int, doc: int, branch: int) -> int:
-        """Tokens start.. of sequence i at row r from column t (positions start..); returns the end."""
-        seq, n = sequences[i], len(sequences[i]) - start
-        input_ids[r, t:t + n] = torch.tensor(seq[start:])
-        positions[r, t:t + n] = torch.arange(start, start + n)
+    def place(r: int, t: int, i: int, start: int, stop: int, doc: int, branch: int) -> int:
+        """Tokens start..stop-1 of sequence i at row r from column t (positions start..); returns the
+        end column. The last token's target is the sequence's next token, so it is set only when the
+        sequence ends here (a shared prefix stops before untrained tokens: no targets there anyway)."""
+        n = stop - start
+        input_ids[r, t:t + n] = torch.tensor(sequences[i][start:stop])
+        positions[r, t:t + n] = torch.arange(start, stop)
         doc_ids[r, t:t + n] = doc
         branch_ids[r, t:t + n] = branch
-        flags = torch.tensor(trained[i][start + 1:], dtype=torch.bool)  # target at t' predicts token t'+1
+        flags = torch.tensor(trained[i][start + 1:stop], dtype=torch.bool)  # target at t' predicts token t'+1
         target_mask[r, t:t + n - 1] = flags
         sequence_index[r, t:t + n - 1] = torch.where(flags, i, -1)
         return t + n
@@ -174,15 +176,11 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
         t = 0
         for doc, (shared, group) in enumerate(members):
             if shared == 0:
-                t = place(r, t, group[0], 0, doc, 0)
+                t = place(r, t, group[0], 0, len(sequences[group[0]]), doc, 0)
                 continue
-            prefix = sequences[group[0]][:shared - 1]  # the branches repeat token shared - 1
-            input_ids[r, t:t + shared - 1] = torch.tensor(prefix)
-            positions[r, t:t + shared - 1] = torch.arange(shared - 1)
-            doc_ids[r, t:t + shared - 1] = doc
-            t += shared - 1
+            t = place(r, t, group[0], 0, shared - 1, doc, 0)  # the prefix; the branches repeat token shared - 1
             for b, i in enumerate(group):
-                t = place(r, t, i, shared - 1, doc, b + 1)
+                t = place(r, t, i, shared - 1, len(sequences[i]), doc, b + 1)
         doc_ids[r, t:] = len(members)  # padding: its own document, never a target
         positions[r, t:] = torch.arange(T - t)
     shared_any = share_prefixes and bool((branch_ids > 0).any())  # no branches: no branch masking at all
