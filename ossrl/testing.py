@@ -141,3 +141,44 @@ def random_model_on_device(config: GptOssConfig, *, device: str | torch.device =
                  lambda low, high, shape, dt: torch.randint(low, high, shape, generator=gen, device=device, dtype=dt))
     model.requires_grad_(False)
     return model.eval()
+
+
+def tiny_grpo_config(model_dir, output_dir, **overrides):
+    """A GRPOConfig for 2-step GRPO runs of a tiny checkpoint in tests (2 prompts x 3 completions of
+    up to 12 tokens, no checkpointing, no progress bar); `overrides` replace any field."""
+    from ossrl.rl.config import GRPOConfig
+
+    base = dict(model=str(model_dir), output_dir=str(output_dir), max_steps=2, prompts_per_step=2,
+                num_generations=3, max_completion_length=12, max_prompt_length=400, learning_rate=5e-3,
+                progress_bar=False, gradient_checkpointing=False, seed=1)
+    return GRPOConfig(**{**base, **overrides})
+
+
+def fp16_outlier_models(expert_format: str, lora_seed: int = 0):
+    """(fp32 model, fp16-mode copy, packed batch) on the CPU: one tiny model whose expert outputs
+    exceed fp16's 65,504 (down projection x 2^15), both with the same non-zero LoRA weights, and
+    three short sequences. The fp16 mode's tests compare the two."""
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+    from ossrl.train.logprobs import pack_sequences
+
+    config = tiny_config()
+    reference = random_model(config, seed=12, expert_format=expert_format)
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            experts = layer.mlp.experts
+            if expert_format == "bf16":
+                experts.down_proj.mul_(32768.0)  # a power of two: exact in fp16
+            else:
+                experts.down_proj_scales.add_(15)  # E8M0 exponents: x 2^15
+    apply_lora(reference, LoRAConfig(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(lora_seed)
+    with torch.no_grad():
+        for p in lora_parameters(reference):  # B is zero at init: give the adapter something to differentiate
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    half = random_model(config, seed=12, expert_format=expert_format, dtype=torch.float16)
+    apply_lora(half, LoRAConfig(r=4, alpha=8))
+    half.load_state_dict({k: v.to(half.state_dict()[k].dtype) for k, v in reference.state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (17, 9, 30)]
+    batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=64)
+    return reference, half, batch

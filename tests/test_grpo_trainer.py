@@ -11,9 +11,8 @@ import torch
 
 from ossrl.cli import main
 from ossrl.model.lora import LoRAConfig, lora_state_dict
-from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
-from ossrl.testing import ascii_fraction_reward, write_tiny_checkpoint
+from ossrl.testing import ascii_fraction_reward, tiny_grpo_config, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +23,6 @@ def tiny(tmp_path_factory):
 ROWS = [{"prompt": f"Task {i}: write something", "difficulty": i % 3} for i in range(10)]
 
 
-def config(tiny, out, **kw):
-    base = dict(model=str(tiny), output_dir=str(out), max_steps=2, prompts_per_step=2, num_generations=3,
-                max_completion_length=12, max_prompt_length=400, learning_rate=5e-3, progress_bar=False,
-                gradient_checkpointing=False, seed=1)
-    base.update(kw)
-    return GRPOConfig(**base)
-
-
 def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -39,7 +30,7 @@ def read_metrics(run):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "gspo"])
 def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_type):
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=config(tiny, tmp_path / "run", loss_type=loss_type, beta=0.05,
+                          config=tiny_grpo_config(tiny, tmp_path / "run", loss_type=loss_type, beta=0.05,
                                         num_iterations=2), log=lambda *_: None)
     before = {k: v.clone() for k, v in lora_state_dict(trainer.model).items()}
     final = trainer.train()
@@ -62,18 +53,18 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
                          ids=["plain", "dropout-cosine", "fp16-loss-scaled"])
 def test_resume_continues_exactly(tiny, tmp_path, extra):
     straight = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                           config=config(tiny, tmp_path / "a", max_steps=4, **extra), log=lambda *_: None)
+                           config=tiny_grpo_config(tiny, tmp_path / "a", max_steps=4, **extra), log=lambda *_: None)
     straight.train()
     # the same 4-step run, stopped after step 2 (its schedule spans 4 steps)
     first = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                        config=config(tiny, tmp_path / "b", max_steps=4, **extra), log=lambda *_: None)
+                        config=tiny_grpo_config(tiny, tmp_path / "b", max_steps=4, **extra), log=lambda *_: None)
     first.train_step()
     first.train_step()
     first.save_checkpoint()
     # a crash while logging leaves half a line behind: resume drops it
     (tmp_path / "b" / "samples.jsonl").write_text('{"step": 3, "prompt": "cut he')
     resumed = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=config(tiny, tmp_path / "b", max_steps=4, resume_from="latest", **extra),
+                          config=tiny_grpo_config(tiny, tmp_path / "b", max_steps=4, resume_from="latest", **extra),
                           log=lambda *_: None)
     resumed.train()
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
@@ -88,7 +79,7 @@ def test_resume_continues_exactly(tiny, tmp_path, extra):
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tiny, tmp_path):
     GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                config=config(tiny, tmp_path / "r", max_steps=4, save_steps=1, save_total_limit=2),
+                config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=4, save_steps=1, save_total_limit=2),
                 log=lambda *_: None).train()
     names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
     assert names == ["step-3", "step-4"]  # the last step is always saved
@@ -121,7 +112,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(ti
     dirs = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert dirs == ["step-1"]  # step-2 never appeared under its final name
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=[{"prompt": f"Task {i}"} for i in range(10)],
-                          config=config(tiny, run, max_steps=3, resume_from="latest", max_completion_length=8),
+                          config=tiny_grpo_config(tiny, run, max_steps=3, resume_from="latest", max_completion_length=8),
                           log=lambda *_: None)
     trainer.train()
     assert trainer.step == 3
@@ -133,7 +124,7 @@ def test_a_raising_reward_function_is_reported_and_the_step_goes_on(tiny, tmp_pa
 
     messages = []
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward, broken_reward], train_dataset=ROWS,
-                          config=config(tiny, tmp_path / "r", max_steps=1), log=messages.append)
+                          config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=1), log=messages.append)
     trainer.train()
     assert any("broken_reward" in m and "boom" in m for m in messages)
     m = read_metrics(tmp_path / "r")[0]
@@ -149,7 +140,7 @@ def test_dataset_columns_reach_the_reward_function(tiny, tmp_path):
         seen.append((len(prompts), list(difficulty)))
         return [float(d) for d in difficulty]
 
-    GRPOTrainer(reward_funcs=[column_reward], train_dataset=ROWS, config=config(tiny, tmp_path / "r", max_steps=1),
+    GRPOTrainer(reward_funcs=[column_reward], train_dataset=ROWS, config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=1),
                 log=lambda *_: None).train()
     n, difficulty = seen[0]
     assert n == 6 and len(difficulty) == 6 and difficulty[0] == difficulty[1] == difficulty[2]
@@ -161,7 +152,7 @@ def test_dynamic_sampling_drops_zero_variance_groups(tiny, tmp_path):
                 for d, ids in zip(difficulty, completion_ids)]
 
     GRPOTrainer(reward_funcs=[constant_for_even_tasks], train_dataset=ROWS,
-                config=config(tiny, tmp_path / "r", max_steps=3, dynamic_sampling=True,
+                config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=3, dynamic_sampling=True,
                               max_dynamic_sampling_retries=4), log=lambda *_: None).train()
     for m in read_metrics(tmp_path / "r"):
         assert m["groups_used"] == 2
@@ -186,7 +177,7 @@ def test_train_cli_with_set_overrides(tiny, tmp_path):
 
 def test_plot_writes_pngs_of_a_run(tiny, tmp_path):
     GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                config=config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None).train()
+                config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None).train()
     assert main(["plot", str(tmp_path / "r")]) == 0
     pngs = sorted(p.name for p in (tmp_path / "r" / "plots").iterdir())
     assert "rewards.png" in pngs and "loss.png" in pngs
@@ -195,7 +186,7 @@ def test_plot_writes_pngs_of_a_run(tiny, tmp_path):
 
 def test_a_single_pass_is_on_policy_even_with_lora_dropout(tiny, tmp_path):
     GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                config=config(tiny, tmp_path / "r", max_steps=3, lora=LoRAConfig(r=4, dropout=0.5)),
+                config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=3, lora=LoRAConfig(r=4, dropout=0.5)),
                 log=lambda *_: None).train()
     for m in read_metrics(tmp_path / "r"):
         assert m["ratio/mean"] == pytest.approx(1.0) and m["clip_ratio/region_mean"] == 0
@@ -203,10 +194,10 @@ def test_a_single_pass_is_on_policy_even_with_lora_dropout(tiny, tmp_path):
 
 def test_grpo_continues_from_a_saved_adapter_and_records_the_real_base(tiny, tmp_path):
     first = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                        config=config(tiny, tmp_path / "a", max_steps=1), log=lambda *_: None)
+                        config=tiny_grpo_config(tiny, tmp_path / "a", max_steps=1), log=lambda *_: None)
     final = first.train()
     second = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                         config=config(final, tmp_path / "b", max_steps=1), log=lambda *_: None)
+                         config=tiny_grpo_config(final, tmp_path / "b", max_steps=1), log=lambda *_: None)
     start = {k: v.clone() for k, v in lora_state_dict(second.model).items()}
     for k, v in lora_state_dict(first.model).items():
         torch.testing.assert_close(start[k], v)  # it starts where the first run ended
@@ -219,7 +210,7 @@ def test_grpo_continues_from_a_saved_adapter_and_records_the_real_base(tiny, tmp
 def test_a_bad_dataset_row_is_named(tiny, tmp_path):
     rows = [{"prompt": "fine"}, {"prompt": None}] * 3
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=rows,
-                          config=config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None)
+                          config=tiny_grpo_config(tiny, tmp_path / "r", max_steps=2), log=lambda *_: None)
     with pytest.raises(ValueError, match=r"train_dataset: row [135] has no usable 'prompt'"):
         trainer.train()
 
@@ -243,7 +234,7 @@ def test_shared_prompt_packing_trains_exactly_like_whole_sequences(tiny, tmp_pat
     for share in (True, False):
         monkeypatch.setattr(step_module, "pack_sequences", packing(share))
         trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                              config=config(tiny, tmp_path / f"run-{share}"), log=lambda *_: None)
+                              config=tiny_grpo_config(tiny, tmp_path / f"run-{share}"), log=lambda *_: None)
         trainer.train()
         weights.append(lora_state_dict(trainer.model))
     assert max(branches) >= 3  # sharing happened (these prompts differ in one digit: groups may span both)
@@ -262,7 +253,7 @@ def test_enable_sleep_mode_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path
     for standby in (True, False):
         releases.clear()
         trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                              config=config(tiny, tmp_path / f"run-{standby}", enable_sleep_mode=standby,
+                              config=tiny_grpo_config(tiny, tmp_path / f"run-{standby}", enable_sleep_mode=standby,
                                             prefill_tokens=64), log=lambda *_: None)
         trainer.train()
         assert len(releases) == (2 if standby else 0)
@@ -270,4 +261,4 @@ def test_enable_sleep_mode_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
     with pytest.raises(ValueError, match="prefill_tokens must be positive"):
-        config(tiny, tmp_path / "bad", prefill_tokens=0)
+        tiny_grpo_config(tiny, tmp_path / "bad", prefill_tokens=0)

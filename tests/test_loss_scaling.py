@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
 from ossrl.rl.distributed import DistContext
-from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
-from ossrl.testing import ascii_fraction_reward, random_model, tiny_config, write_tiny_checkpoint
+from ossrl.testing import (ascii_fraction_reward, fp16_outlier_models, random_model, tiny_config,
+                           tiny_grpo_config, write_tiny_checkpoint)
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.optim import (clip_gradients, make_loss_scaler, make_optimizer, make_scheduler,
                                optimizer_step)
@@ -27,40 +27,6 @@ def tiny(tmp_path_factory):
 
 
 ROWS = [{"prompt": f"Task {i}: write something"} for i in range(10)]
-
-
-def grpo_config(tiny, out, **kw):
-    base = dict(model=str(tiny), output_dir=str(out), max_steps=2, prompts_per_step=2, num_generations=3,
-                max_completion_length=12, max_prompt_length=400, learning_rate=5e-3, progress_bar=False,
-                gradient_checkpointing=False, seed=1)
-    base.update(kw)
-    return GRPOConfig(**base)
-
-
-def outlier_models(expert_format: str, lora_seed: int = 0):
-    """fp32 and fp16-mode copies of one tiny model whose expert outputs exceed fp16's 65,504
-    (tests/test_train_gpu.py's setup), with the same non-zero LoRA weights."""
-    config = tiny_config()
-    reference = random_model(config, seed=12, expert_format=expert_format)
-    with torch.no_grad():
-        for layer in reference.model.layers:
-            experts = layer.mlp.experts
-            if expert_format == "bf16":
-                experts.down_proj.mul_(32768.0)  # a power of two: exact in fp16
-            else:
-                experts.down_proj_scales.add_(15)  # E8M0 exponents: x 2^15
-    apply_lora(reference, LoRAConfig(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(lora_seed)
-    with torch.no_grad():
-        for p in lora_parameters(reference):  # B is zero at init: give the adapter something to differentiate
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    half = random_model(config, seed=12, expert_format=expert_format, dtype=torch.float16)
-    apply_lora(half, LoRAConfig(r=4, alpha=8))
-    half.load_state_dict({k: v.to(half.state_dict()[k].dtype) for k, v in reference.state_dict().items()})
-    g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (17, 9, 30)]
-    batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=64)
-    return reference, half, batch
 
 
 def logprobs_and_routes(model, batch):
@@ -80,7 +46,7 @@ def worst_relative_error(reference, half, scale: float = 1.0) -> float:
 
 @pytest.mark.parametrize("expert_format", ["bf16", "mxfp4"])
 def test_fp16_lora_gradients_match_fp32_within_1pct_only_with_loss_scaling(expert_format):
-    reference, half, batch = outlier_models(expert_format)
+    reference, half, batch = fp16_outlier_models(expert_format)
     lp32, routes32 = logprobs_and_routes(reference, batch)
     (-lp32.mean()).backward()  # SFT's loss: the mean over trained tokens
 
@@ -106,7 +72,7 @@ def test_fp16_lora_gradients_match_fp32_within_1pct_only_with_loss_scaling(exper
 
 def test_an_fp16_overflow_skips_the_step_halves_the_scale_and_keeps_the_weights(tiny, tmp_path):
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=grpo_config(tiny, tmp_path / "run", dtype="float16", num_iterations=2),
+                          config=tiny_grpo_config(tiny, tmp_path / "run", dtype="float16", num_iterations=2),
                           log=lambda *_: None)
     trainer.scaler = make_loss_scaler(trainer.model, init_scale=2.0 ** 100)  # gradients overflow fp16
     before = {k: v.clone() for k, v in lora_state_dict(trainer.model).items()}
@@ -121,12 +87,12 @@ def test_an_fp16_overflow_skips_the_step_halves_the_scale_and_keeps_the_weights(
 
 def test_a_grpo_checkpoint_restores_the_loss_scale(tiny, tmp_path):
     first = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                        config=grpo_config(tiny, tmp_path / "run", dtype="float16"), log=lambda *_: None)
+                        config=tiny_grpo_config(tiny, tmp_path / "run", dtype="float16"), log=lambda *_: None)
     first.scaler = make_loss_scaler(first.model, init_scale=2.0 ** 100)
     first.train_step()  # overflows: the scale halves
     first.save_checkpoint()
     resumed = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=grpo_config(tiny, tmp_path / "run", dtype="float16", resume_from="latest"),
+                          config=tiny_grpo_config(tiny, tmp_path / "run", dtype="float16", resume_from="latest"),
                           log=lambda *_: None)
     assert resumed.scaler.get_scale() == 2.0 ** 16
     resumed.resume("latest")
@@ -214,7 +180,7 @@ def test_only_the_fp16_mode_logs_a_loss_scale(tiny, tmp_path):
                             max_steps=2, per_device_train_batch_size=2, max_length=256, dtype=dtype),
                   log=lambda *_: None)
         GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                    config=grpo_config(tiny, tmp_path / f"grpo-{dtype}", dtype=dtype, max_steps=1),
+                    config=tiny_grpo_config(tiny, tmp_path / f"grpo-{dtype}", dtype=dtype, max_steps=1),
                     log=lambda *_: None).train()
         for run in (f"sft-{dtype}", f"grpo-{dtype}"):
             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines():

@@ -4,9 +4,9 @@ weights, with the loss scaling the trainers use (run: pytest -m gpu tests/test_t
 import pytest
 import torch
 
-from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
-from ossrl.testing import random_model, tiny_config
-from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.model.lora import lora_parameters
+from ossrl.testing import fp16_outlier_models
+from ossrl.train.logprobs import sequence_logprobs
 from ossrl.train.optim import make_loss_scaler, make_optimizer
 
 pytestmark = pytest.mark.gpu
@@ -16,27 +16,8 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("expert_format", ["bf16", "mxfp4"])
 def test_fp16_mode_on_cuda_matches_fp32_with_outliers_above_65504(expert_format):
-    config = tiny_config()
-    reference = random_model(config, seed=12, expert_format=expert_format).cuda()
-    with torch.no_grad():
-        for layer in reference.model.layers:
-            experts = layer.mlp.experts
-            if expert_format == "bf16":
-                experts.down_proj.mul_(32768.0)  # a power of two: exact in fp16
-            else:
-                experts.down_proj_scales.add_(15)  # E8M0 exponents: x 2^15
-    apply_lora(reference, LoRAConfig(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(reference):  # B is zero at init: give the adapter something to differentiate
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    half = random_model(config, seed=12, expert_format=expert_format, dtype=torch.float16).cuda()
-    apply_lora(half, LoRAConfig(r=4, alpha=8))
-    half.load_state_dict({k: v.to(half.state_dict()[k].dtype) for k, v in reference.state_dict().items()})
-
-    g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (17, 9, 30)]
-    batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=64).to("cuda")
+    reference, half, batch = fp16_outlier_models(expert_format)
+    reference, half, batch = reference.cuda(), half.cuda(), batch.to("cuda")
     captured, routes32, routes16 = [], [], []
     hook = reference.model.layers[0].mlp.register_forward_hook(lambda m, i, o: captured.append(o))
     hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: routes32.append(o[1].sort(-1).values))
