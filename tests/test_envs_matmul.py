@@ -18,7 +18,12 @@ def test_naive_kernel_is_correct_with_speedup_near_one(naive):
     assert naive.ok and naive.correct and naive.error is None
     assert naive.max_abs_err < 1e-12
     assert naive.shapes_checked == naive.shapes_correct == len(CORRECTNESS_SHAPES) + 5
-    assert 0.75 < naive.speedup < 1.33, naive.speedups
+    # Timed, like the test below: a fresh-clone CI run read 0.68x once, so up to two more
+    # measurements; one of the three must land in the band.
+    speedups = [naive.speedup]
+    while not 0.75 < speedups[-1] < 1.33 and len(speedups) < 3:
+        speedups.append(evaluate_kernel(NAIVE_KERNEL, sizes=(48,), trials=5).speedup)
+    assert 0.75 < speedups[-1] < 1.33, speedups
 
 
 def test_transposing_kernel_is_faster():
