@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-completion-length", type=int, default=1024)
     ap.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation: 64 / this completions each")
+    ap.add_argument("--no-sleep-mode", action="store_true", help="keep the engine's KV pool and graphs between phases")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -48,7 +49,7 @@ def main():
     config = GRPOConfig(output_dir=str(work / "run"), max_steps=args.steps, prompts_per_step=8, num_generations=8,
                         max_completion_length=args.max_completion_length, max_prompt_length=4096,
                         loss_type="dapo", learning_rate=1e-5, progress_bar=False, gradient_checkpointing=True,
-                        gradient_accumulation_steps=args.micro_batches,
+                        gradient_accumulation_steps=args.micro_batches, enable_sleep_mode=not args.no_sleep_mode,
                         reward_funcs=["2048.function_works", "2048.no_cheating", "2048.strategy_succeeds"])
     trainer = GRPOTrainer(model, train_dataset=make_2048_dataset(64, seed=0), config=config, tokenizer=tokenizer)
     t0 = time.time()
@@ -58,6 +59,7 @@ def main():
             "completions/mean_length", "peak_memory_gb")
     result = {"benchmark": "grpo_step", **device_info(), "shape": "8 prompts x 8 generations, 20b, MXFP4 experts",
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
+              "enable_sleep_mode": not args.no_sleep_mode,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs

@@ -4,7 +4,10 @@
 
 Both sides get the same random weights, built directly on the GPU (ossrl keeps the experts
 MXFP4; transformers gets them dequantised to bf16, as it does offline). ossrl: LoRA r=16 on
-q/k/v/o and every expert, gradient checkpointing, chunked log-probs, FlexAttention with sinks.
+q/k/v/o and every expert, gradient checkpointing "auto" (the library default: only the layers
+whose activations do not fit in free memory are recomputed; `checkpointed_layers` in each row),
+chunked log-probs, FlexAttention with sinks; plus rows with every layer checkpointed (the lean
+mode a 16 GB GPU gets) at --full-checkpoint-tokens.
 transformers + PEFT: LoRA r=16 on q/k/v/o, gradient checkpointing, flex attention (its best
 path), the standard causal-LM loss. Each size: one warm-up step (compilation), then the median
 of `--repeats` timed steps; peak memory from torch.cuda.max_memory_allocated; OOM is recorded.
@@ -70,16 +73,17 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
                        target, torch.where(target, 0, -1), 1)
 
 
-def bench_ossrl(config, sizes, repeats, offload: bool, offload_embeddings: bool = False) -> tuple[list, object]:
+def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False) -> tuple[list, object]:
+    """runs: (tokens, gradient_checkpointing) pairs."""
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
-    configure_memory(model, gradient_checkpointing=True, offload_activations=offload,
-                     offload_embeddings=offload_embeddings)
     model.train()
     resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters, before any step
     print(json.dumps({"resident_gib_before_step": round(resident, 2)}), flush=True)
     rows = []
-    for T in sizes:
+    for T, checkpointing in runs:
+        configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
+                         offload_embeddings=offload_embeddings)
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
@@ -88,8 +92,9 @@ def bench_ossrl(config, sizes, repeats, offload: bool, offload_embeddings: bool 
             model.zero_grad(set_to_none=True)
 
         r = timed_steps(step, repeats)
-        r.update(tokens=T, system="ossrl", offload=offload, offload_embeddings=offload_embeddings,
-                 resident_gib_before_step=round(resident, 2))
+        r.update(tokens=T, system="ossrl", gradient_checkpointing=checkpointing,
+                 checkpointed_layers=model.model.checkpointed_layers, offload=offload,
+                 offload_embeddings=offload_embeddings, resident_gib_before_step=round(resident, 2))
         if r["status"] == "ok":
             r["tokens_per_second"] = round(T / r["seconds"], 1)
         print(json.dumps(r), flush=True)
@@ -131,6 +136,10 @@ def main():
     ap.add_argument("--tokens", default="1024,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--hf-tokens", default="1024,4096,8192,16384")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"),
+                    help="ossrl's gradient checkpointing for the --tokens rows")
+    ap.add_argument("--full-checkpoint-tokens", default="1024,4096",
+                    help="extra ossrl rows with every layer checkpointed (the memory-lean mode)")
     ap.add_argument("--offload", action="store_true", help="activation checkpoints in pinned CPU memory")
     ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
@@ -146,7 +155,11 @@ def main():
         args.skip_hf = True
     sizes = [int(t) for t in args.tokens.split(",")]
     t0 = time.time()
-    ours, model, counts = bench_ossrl(config, sizes, args.repeats, args.offload, args.offload_embeddings)
+    mode = True if args.checkpointing == "true" else "auto"
+    runs = [(T, mode) for T in sizes]
+    if mode == "auto" and args.full_checkpoint_tokens:
+        runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]
+    ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings)
     theirs = []
     if args.hf_tokens and not args.skip_hf:
         hf = hf_from_ossrl(model, config)
@@ -157,7 +170,7 @@ def main():
     ratios = {}
     for r in ours:
         match = next((x for x in theirs if x["tokens"] == r["tokens"] and x.get("status") == "ok"), None)
-        if match and r.get("status") == "ok":
+        if match and r.get("status") == "ok" and r["gradient_checkpointing"] == mode:
             ratios[str(r["tokens"])] = {"speedup": round(match["seconds"] / r["seconds"], 2),
                                         "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
     result = {

@@ -11,6 +11,7 @@ import torch
 
 from ossrl.cli import main
 from ossrl.model.lora import LoRAConfig, lora_state_dict
+from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
 from ossrl.testing import ascii_fraction_reward, tiny_grpo_config, write_tiny_checkpoint
 
@@ -87,6 +88,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny, tmp_path):
 
 KILL_SCRIPT = r"""
 import os, signal, sys, torch
+from ossrl.rl.config import GRPOConfig
 from ossrl.rl.config import GRPOConfig
 from ossrl.rl.trainer import GRPOTrainer
 from ossrl.testing import ascii_fraction_reward
@@ -262,3 +264,12 @@ def test_enable_sleep_mode_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path
         assert torch.equal(value, weights[1][name]), name
     with pytest.raises(ValueError, match="prefill_tokens must be positive"):
         tiny_grpo_config(tiny, tmp_path / "bad", prefill_tokens=0)
+
+
+def test_memory_options_are_validated(tiny, tmp_path):
+    for bad, match in (({"gradient_checkpointing": "always"}, "gradient_checkpointing must be true, false or 'auto'"),
+                       ({"activation_budget_gb": -1.0}, "activation_budget_gb must be >= 0"),
+                       ({"gradient_checkpointing": False, "offload_activations": True}, "offload_activations needs")):
+        with pytest.raises(ValueError, match=match):
+            tiny_grpo_config(tiny, tmp_path / "bad", **bad)
+    assert GRPOConfig().gradient_checkpointing == "auto"

@@ -43,3 +43,37 @@ def test_fp16_mode_on_cuda_matches_fp32_with_outliers_above_65504(expert_format)
         assert torch.isfinite(b.grad).all()
         # 15 LoRA seeds, both formats: 0.27-0.42% on CPU, 0.29-0.46% on an H100 (87-113% unscaled)
         assert ((b.grad.float() - a.grad).norm() / a.grad.norm()).item() < 1e-2
+
+
+def test_auto_checkpointing_on_cuda_measures_layers_and_keeps_gradients():
+    """"auto" on CUDA measures the first layer through the allocator and, within a budget of two and
+    a half layers, keeps two layers' activations and recomputes the rest, with the gradients of a
+    fully checkpointed step (same kernels, so equal up to atomics' summation order)."""
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    seqs = [list(range(1, 300)), list(range(7, 200))]
+    batch = pack_sequences(seqs, [[j >= 5 for j in range(len(s))] for s in seqs], max_tokens=512).to("cuda")
+    grads, counts, layer_bytes = [], [], 0
+    for mode, budget in ((True, None), ("auto", None), ("auto", 2.5)):
+        model = random_model(tiny_config(num_hidden_layers=4), seed=3, dtype=torch.bfloat16).cuda()
+        apply_lora(model, LoRAConfig(r=4, seed=0))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.normal_(std=0.05)
+        configure_memory(model, gradient_checkpointing=mode)
+        if budget:
+            model.model.activation_budget = int(budget * layer_bytes)
+        lp, _ = sequence_logprobs(model, batch)
+        (-lp.mean()).backward()
+        layer_bytes = layer_bytes or model.model.layer_activation_bytes
+        counts.append(model.model.checkpointed_layers)
+        grads.append([p.grad.float() for p in lora_parameters(model)])
+    assert layer_bytes > 0
+    assert counts == [4, 0, 2]  # a tiny model fits whole in free memory; 2.5 layers' budget keeps 2
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-2

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from ossrl.kernels.attention import AttentionMask
+from ossrl.model.checkpointing import plain_layer_count, saved_bytes
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict, load_lora_state_dict
 from ossrl.testing import random_model, tiny_config
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs, token_logprobs
+from ossrl.train.memory import configure_memory
 
 
 def lora_model(seed=0, expert_format="bf16", **overrides):
@@ -150,6 +153,72 @@ def test_checkpointing_and_offload_do_not_change_gradients():
     for other in results[1:]:
         for n, g in results[0].items():
             torch.testing.assert_close(other[n], g, rtol=1e-5, atol=1e-7)
+
+
+def _layer_calls(model):
+    calls = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i))  # recompute may stop early
+    return calls
+
+
+@pytest.mark.parametrize("budget_layers", [0, 2.5, 100])
+def test_auto_checkpointing_recomputes_only_the_layers_over_budget(budget_layers):
+    """"auto" keeps as many layers' activations as the budget holds (at least the measured first
+    one) and recomputes the others in backward; gradients equal the plain step's."""
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref, _ = lora_model(seed=5, num_hidden_layers=4)
+    full_logits_logprobs(ref, ids).sum().backward()
+
+    model, _ = lora_model(seed=5, num_hidden_layers=4)
+    layer = model.model.layers[0]
+    x = model.model.embed_tokens(ids)
+    cos, sin = model.model.rope_tables(torch.arange(11).expand(2, 11), x.dtype)
+    masks = {w: AttentionMask(torch.arange(11).expand(2, 11), torch.arange(11).expand(2, 11), window=w)
+             for w in {model.config.window(i) for i in range(4)}}
+    with saved_bytes(layer, x.device) as measured:
+        layer(x, cos, sin, masks, None)
+    assert measured.bytes > 0
+    model.model.gradient_checkpointing = "auto"
+    model.model.activation_budget = int(budget_layers * measured.bytes)
+    calls = _layer_calls(model)
+    full_logits_logprobs(model, ids).sum().backward()
+    plain = min(4, max(1, int(budget_layers)))
+    assert model.model.checkpointed_layers == 4 - plain
+    assert calls == [0, 1, 2, 3] + list(range(3, plain - 1, -1))  # backward recomputes the last ones first
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_checkpointing_with_offload_and_measured_budget():
+    model, _ = lora_model(seed=5, num_hidden_layers=3)
+    ref, _ = lora_model(seed=5, num_hidden_layers=3)
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(2))
+    configure_memory(model, gradient_checkpointing="auto", offload_activations=True)
+    full_logits_logprobs(model, ids).sum().backward()
+    full_logits_logprobs(ref, ids).sum().backward()
+    assert model.model.checkpointed_layers == 0  # a tiny model fits in this machine's free memory
+    with torch.no_grad():
+        model(ids)  # no gradient: nothing is measured or checkpointed
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true, false or 'auto'"):
+        configure_memory(model, gradient_checkpointing="always")
+    with pytest.raises(ValueError, match="offload_activations needs"):
+        configure_memory(model, gradient_checkpointing=False, offload_activations=True)
+
+
+def test_saved_bytes_counts_what_autograd_keeps_but_not_parameters():
+    linear = torch.nn.Linear(10, 10)
+    x = torch.randn(4, 10, requires_grad=True)
+    with saved_bytes(linear, x.device) as measured:
+        linear(x)
+    assert measured.bytes == 4 * 10 * 4  # the input only; the weight is the module's own
+    assert plain_layer_count(100, 24, 0) == 1 and plain_layer_count(100, 24, 950) == 9
+    assert plain_layer_count(100, 24, 10**9) == 24 and plain_layer_count(0, 24, 0) == 24
 
 
 def test_embedding_table_on_another_device_changes_nothing():

@@ -26,6 +26,7 @@ from torch import nn
 from ossrl.kernels.attention import AttentionMask, sink_attention
 from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
+from ossrl.model.checkpointing import activation_budget, plain_layer_count, saved_bytes
 from ossrl.model.config import GptOssConfig, YarnRope
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
@@ -304,8 +305,14 @@ class GptOssModel(nn.Module):
             DecoderLayer(config, i, expert_format, device, dtype) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.gradient_checkpointing = False  # recompute each layer in backward (ossrl.train)
+        # Recompute layers in backward (ossrl.train.memory): False, True (every layer) or "auto" (only
+        # the layers whose activations do not fit in memory); `checkpointed_layers` says how many the
+        # last training forward recomputed.
+        self.gradient_checkpointing: bool | str = False
         self.offload_activations = False  # with checkpointing: layer inputs wait in pinned CPU memory
+        self.activation_budget: int | None = None  # "auto": bytes for kept activations (None: measured)
+        self.checkpointed_layers = 0
+        self.layer_activation_bytes = 0  # "auto": what the first layer kept in the last training forward
         # Not a checkpoint tensor: computed on CPU, like transformers does (spec 2.3, 5.13).
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, device=device), persistent=False)
         self.reset_rope()
@@ -362,18 +369,35 @@ class GptOssModel(nn.Module):
         cos, sin = self.rope_tables(positions, x.dtype)
         if x.dtype == torch.float16:
             x = x.float()  # fp16 mode: the residual stream is fp32
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        with torch.autograd.graph.save_on_cpu(pin_memory=True) if checkpointing and self.offload_activations \
-                else contextlib.nullcontext():
-            for layer in self.layers:
-                if checkpointing:
+        mode = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else False
+        plain = len(self.layers) if not mode else 0  # layers that keep their activations (no recompute)
+        for i, layer in enumerate(self.layers):
+            if mode == "auto" and i == 0:
+                x, plain = self._measured_first_layer(layer, x, cos, sin, masks)
+            elif i < plain:
+                x = layer(x, cos, sin, masks, cache)
+            else:
+                with torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_activations \
+                        else contextlib.nullcontext():
                     # Saves only the layer input; the recomputation reuses the same masks.
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, masks, cache)
+        if mode:
+            self.checkpointed_layers = len(self.layers) - plain
         if cache is not None:
             cache.advance(k_pos)
         return self.norm(x)
+
+    def _measured_first_layer(self, layer, x, cos, sin, masks) -> tuple[torch.Tensor, int]:
+        """Checkpointing "auto": run the first layer keeping its activations, measure what it keeps,
+        and return its output with the number of layers (this one included) that can keep theirs
+        within the activation budget; the others are recomputed in backward."""
+        with saved_bytes(layer, x.device) as measured:
+            x = layer(x, cos, sin, masks, None)
+        self.layer_activation_bytes = measured.bytes
+        budget = self.activation_budget
+        if budget is None:
+            budget = activation_budget(x.device, measured.bytes)
+        return x, plain_layer_count(measured.bytes, len(self.layers), budget)
 
 
 class GptOssForCausalLM(nn.Module):

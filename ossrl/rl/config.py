@@ -67,7 +67,10 @@ class GRPOConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     experts: str = "auto"
-    gradient_checkpointing: bool = True
+    # true: recompute every layer in backward; "auto": only the layers whose activations do not fit
+    # in free memory (measured each step); false: keep all activations
+    gradient_checkpointing: bool | str = "auto"
+    activation_budget_gb: float | None = None  # "auto": GiB for kept activations (default: measured)
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
     # The rollout engine sleeps during each training phase: its KV pool and CUDA graphs are freed
@@ -115,6 +118,12 @@ class GRPOConfig:
         check(self.max_dynamic_sampling_retries >= 0, "max_dynamic_sampling_retries must be >= 0")
         check(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit must be positive")
         check(self.dtype in ("auto", "bfloat16", "float32", "float16"), f"dtype: unknown {self.dtype!r}")
+        check(isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto",
+              f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
+        check(self.activation_budget_gb is None or self.activation_budget_gb >= 0,
+              f"activation_budget_gb must be >= 0, got {self.activation_budget_gb}")
+        check(not self.offload_activations or self.gradient_checkpointing,
+              "offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
         check(self.experts in ("auto", "bf16", "mxfp4"), f"experts must be auto, bf16 or mxfp4, got {self.experts!r}")
         if self.reward_weights is not None and self.reward_funcs:
             check(len(self.reward_weights) == len(self.reward_funcs),

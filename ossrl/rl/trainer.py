@@ -130,7 +130,8 @@ class GRPOTrainer:
         for p in self.params:
             p.requires_grad_(True)
         configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
-                         offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
+                         offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
+                         activation_budget_gb=config.activation_budget_gb)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
@@ -345,6 +346,7 @@ class GRPOTrainer:
             "time/step": time.perf_counter() - t0,
             "tokens_per_second": generated_tokens / max(time_generate, 1e-9),
             "peak_memory_gb": _peak_memory_gb(),
+            "checkpointed_layers": self.model.model.checkpointed_layers,  # in the last training forward
             "learning_rate": self.scheduler.get_last_lr()[0],
             **_reward_columns(per_func),
             **train_metrics,
@@ -451,7 +453,7 @@ def _reduce_across_ranks(dist: DistContext, metrics: dict, samples: list[dict]) 
         values = [m[key] for m, _ in parts if isinstance(m.get(key), (int, float))]
         if not values:
             continue
-        if key.startswith("time/") or key in ("peak_memory_gb", "skipped_long_prompts",  # global counts
+        if key.startswith("time/") or key in ("peak_memory_gb", "skipped_long_prompts", "checkpointed_layers",  # global counts
                                               "dynamic_sampling/retries"):
             merged[key] = max(values)
         elif key in ("reward_errors", "groups_used", "groups_scored", "groups_zero_std", "loss"):

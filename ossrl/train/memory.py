@@ -1,8 +1,12 @@
 """Memory options of the training step, set on a model in one place (SFT and GRPO share them).
 
-- gradient_checkpointing: each decoder layer saves only its input and recomputes in backward.
-- offload_activations: with checkpointing, those saved inputs wait in pinned CPU memory
-  (torch.autograd.graph.save_on_cpu) instead of on the GPU.
+- gradient_checkpointing: True recomputes every decoder layer in backward, saving only its input;
+  "auto" recomputes only the layers whose activations do not fit in free memory (measured on the
+  first layer each forward: ossrl.model.checkpointing), so short contexts on a large GPU skip the
+  recompute (about a third of the step's compute) and long ones fall back to checkpointing;
+  False keeps every activation.
+- offload_activations: with checkpointing, the checkpointed layers' saved inputs wait in pinned
+  CPU memory (torch.autograd.graph.save_on_cpu) instead of on the GPU.
 - offload_embeddings: the embedding table (201088 x 2880 bf16, 1.16 GB for gpt-oss) stays on the
   CPU; rows are gathered there and only they move to the GPU. The table is frozen (LoRA does not
   touch it). Rollouts then cannot use CUDA graphs (a CPU gather is not captured): the engine falls
@@ -13,12 +17,18 @@ from __future__ import annotations
 
 import torch
 
-
-def configure_memory(model, *, gradient_checkpointing: bool, offload_activations: bool = False,
-                     offload_embeddings: bool = False) -> None:
+def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activations: bool = False,
+                     offload_embeddings: bool = False, activation_budget_gb: float | None = None) -> None:
+    """activation_budget_gb: with "auto", the bytes kept activations may take (default: measured
+    free memory less a headroom)."""
+    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
+        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {gradient_checkpointing!r}")
     if offload_activations and not gradient_checkpointing:
         raise ValueError("offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
+    if activation_budget_gb is not None and activation_budget_gb < 0:
+        raise ValueError(f"activation_budget_gb must be >= 0, got {activation_budget_gb}")
     model.model.gradient_checkpointing = gradient_checkpointing
     model.model.offload_activations = offload_activations
+    model.model.activation_budget = None if activation_budget_gb is None else int(activation_budget_gb * (1 << 30))
     if offload_embeddings and model.device.type == "cuda":
         model.model.embed_tokens.to(torch.device("cpu"))

@@ -45,7 +45,10 @@ class SFTConfig:
     per_device_train_batch_size: int = 8  # conversations per micro-batch
     gradient_accumulation_steps: int = 1
     reasoning_effort: str = "medium"
-    gradient_checkpointing: bool = False
+    # true: recompute every layer in backward; "auto": only the layers whose activations do not fit
+    # in free memory (measured each step); false: keep all activations
+    gradient_checkpointing: bool | str = "auto"
+    activation_budget_gb: float | None = None  # "auto": GiB for kept activations (default: measured)
     offload_activations: bool = False
     offload_embeddings: bool = False
     device: str = "auto"
@@ -55,6 +58,8 @@ class SFTConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
         if self.lr_scheduler_type not in SCHEDULES:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
         for name in ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -137,7 +142,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
         params = lora_parameters(model)
         log(format_trainable_counts(counts, model))
     configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
-                     offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings)
+                     offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
+                     activation_budget_gb=config.activation_budget_gb)
     model.train()
 
     sequences, masks, dropped = tokenize_conversations(
