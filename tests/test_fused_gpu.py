@@ -27,11 +27,47 @@ def test_rms_norm_matches_the_module(dtype, rows, H):
     x = (torch.randn(rows, H, generator=g, device=DEV) * 3).to(dtype)
     norm = RMSNorm(H, 1e-5, device=DEV, dtype=dtype)
     norm.weight.data = torch.randn(H, generator=g, device=DEV).to(dtype)
-    ref = norm(x)  # outside the engine's inference_kernels context: the PyTorch code
+    ref = rms_norm_reference(x, norm.weight, 1e-5)
     got = fused.rms_norm(x, norm.weight, 1e-5)
     assert got.dtype == dtype
     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 2 ** -22}[dtype]
     assert ((got.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-6).all()
+
+
+def rms_norm_reference(x, weight, eps):
+    """The module's PyTorch code (on CUDA the module itself runs the kernels)."""
+    xf = x.float()
+    return (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,H", [(37, 2880), (3, 5000)])
+def test_training_rms_norm_and_rotary_gradients_match_autograd(dtype, rows, H):
+    """The training path's one-kernel backwards against autograd through the PyTorch code: within
+    2 ulp of the dtype for RMSNorm (fp32 inside both), and for rotary within the reference's own
+    bf16 rounding of each product (the same pattern as the forward test below)."""
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    x = (torch.randn(rows, H, generator=g, device=DEV) * 3).to(dtype).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = torch.randn(H, generator=g, device=DEV).to(dtype)
+    dy = torch.randn(rows, H, generator=g, device=DEV).to(dtype)
+    fused.rms_norm_autograd(x, w, 1e-5).backward(dy)
+    rms_norm_reference(x_ref, w, 1e-5).backward(dy)
+    exact = x_ref.grad.float()
+    ulp = {torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
+    assert ((x.grad.float() - exact).abs() <= 2 * ulp * exact.abs() + 1e-5 * exact.abs().max()).all()
+
+    q = torch.randn(2, rows, 64, 64, generator=g, device=DEV).to(dtype).requires_grad_(True)
+    k = torch.randn(2, rows, 8, 64, generator=g, device=DEV).to(dtype).requires_grad_(True)
+    q_ref, k_ref = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+    ang = torch.randn(2, rows, 32, generator=g, device=DEV)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    oq, ok = fused.rotary_qk_autograd(q, k, cos, sin)
+    torch.autograd.backward((oq, ok), (dq, dk))
+    torch.autograd.backward((apply_rotary(q_ref, cos, sin), apply_rotary(k_ref, cos, sin)), (dq, dk))
+    for got, ref in ((q.grad, q_ref.grad), (k.grad, k_ref.grad)):
+        assert ((got.float() - ref.float()).abs() <= 3 * ulp * (dq.float().abs().max() + 1)).all()
 
 
 def test_model_modules_pick_the_fused_path_only_in_the_engine_and_without_grad():

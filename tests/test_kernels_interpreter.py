@@ -35,6 +35,36 @@ def test_rms_norm():
         torch.testing.assert_close(fused.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("trained_weight", [False, True])
+def test_rms_norm_backward(trained_weight):
+    x = (torch.randn(2, 5, 200) * 3).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    norm = RMSNorm(200, 1e-5)
+    norm.weight.data = torch.randn(200)
+    norm.weight.requires_grad_(trained_weight)
+    weight = norm.weight.detach().clone().requires_grad_(trained_weight)
+    dy = torch.randn(2, 5, 200)
+    fused.rms_norm_autograd(x, weight, 1e-5).backward(dy)
+    norm(x_ref).backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    if trained_weight:
+        torch.testing.assert_close(weight.grad, norm.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_backward_is_the_rotation_by_minus_the_angle():
+    qkv = torch.randn(2, 3, 7 * 64)
+    q = qkv[..., : 4 * 64].view(2, 3, 4, 64).requires_grad_(True)
+    k = qkv[..., 4 * 64: 6 * 64].view(2, 3, 2, 64).clone().requires_grad_(True)
+    q_ref, k_ref = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+    ang = torch.randn(2, 3, 32)
+    oq, ok = fused.rotary_qk_autograd(q, k, ang.cos(), ang.sin())
+    dq, dk = torch.randn_like(oq), torch.randn_like(ok)
+    (oq * dq).sum().add((ok * dk).sum()).backward()
+    (apply_rotary(q_ref, ang.cos(), ang.sin()) * dq).sum().add((apply_rotary(k_ref, ang.cos(), ang.sin()) * dk).sum()).backward()
+    torch.testing.assert_close(q.grad, q_ref.grad)
+    torch.testing.assert_close(k.grad, k_ref.grad)
+
+
 @pytest.mark.parametrize("head_dim", [64, 48])  # 48: half not a power of two (padded)
 def test_rotary_on_views_of_one_projection(head_dim):
     qkv = torch.randn(2, 3, 7 * head_dim)

@@ -5,7 +5,7 @@ import torch
 
 from ossrl.kernels.moe import (
     ExpertWeights, clamped_swiglu, clamped_swiglu_backward, group_by_expert, grouped_lora_delta, route,
-    routed_experts, routed_experts_twin,
+    routed_experts, routed_experts_twin, token_lora_delta,
 )
 from ossrl.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
@@ -118,6 +118,24 @@ def test_grouped_lora_delta_loop_matches_per_row_formula():
     ours = grouped_lora_delta(xs, A, B, g, 2.0)
     ref = torch.stack([xs[i] @ A[g.expert[i]] @ B[g.expert[i]] * 2.0 for i in range(N * k)])
     assert rel_err(ours, ref) < 1e-6
+
+
+@pytest.mark.parametrize("E,r", [(5, 4), (40, 32)])  # all experts' A at once (E * r <= 1024); gathered rows
+def test_token_lora_delta_equals_the_gathered_rows_with_gradients(E, r):
+    gen = torch.Generator().manual_seed(4)
+    N, k = 11, 3
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+    g = group_by_expert(ids, E)
+    x = torch.randn(N, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(E, 16, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(E, r, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(N * k, 8, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: token_lora_delta(x, A, B, g, 0.5), lambda: grouped_lora_delta(x[g.token], A, B, g, 0.5)):
+        out = fn()
+        grads.append((out, *torch.autograd.grad(out, (x, A, B), dout)))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_routed_experts_on_cpu_is_the_twin_with_gradients_to_x_and_weights():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ossrl.kernels.attention import AttentionMask
-from ossrl.model.checkpointing import plain_layer_count, saved_bytes
+from ossrl.model.checkpointing import measure_saved_bytes, plain_layer_count
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict, load_lora_state_dict
 from ossrl.testing import random_model, tiny_config
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs, token_logprobs
@@ -164,32 +164,35 @@ def _layer_calls(model):
 
 @pytest.mark.parametrize("budget_layers", [0, 2.5, 100])
 def test_auto_checkpointing_recomputes_only_the_layers_over_budget(budget_layers):
-    """"auto" keeps as many layers' activations as the budget holds (at least the measured first
-    one) and recomputes the others in backward; gradients equal the plain step's."""
+    """"auto" keeps as many layers' activations as the budget holds and recomputes the others in
+    backward; gradients equal the plain step's. The bytes a layer keeps are measured once (a
+    forward of layer 0 whose saved tensors are dropped), then scaled by the token count."""
     ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
     ref, _ = lora_model(seed=5, num_hidden_layers=4)
     full_logits_logprobs(ref, ids).sum().backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
 
     model, _ = lora_model(seed=5, num_hidden_layers=4)
-    layer = model.model.layers[0]
     x = model.model.embed_tokens(ids)
-    cos, sin = model.model.rope_tables(torch.arange(11).expand(2, 11), x.dtype)
-    masks = {w: AttentionMask(torch.arange(11).expand(2, 11), torch.arange(11).expand(2, 11), window=w)
-             for w in {model.config.window(i) for i in range(4)}}
-    with saved_bytes(layer, x.device) as measured:
-        layer(x, cos, sin, masks, None)
-    assert measured.bytes > 0
+    pos = torch.arange(11).expand(2, 11)
+    cos, sin = model.model.rope_tables(pos, x.dtype)
+    masks = {w: AttentionMask(pos, pos, window=w) for w in {model.config.window(i) for i in range(4)}}
+    layer_bytes = measure_saved_bytes(model.model.layers[0], x, cos, sin, masks, None)
+    assert layer_bytes > x.numel() * 4  # more than the output alone
     model.model.gradient_checkpointing = "auto"
-    model.model.activation_budget = int(budget_layers * measured.bytes)
+    model.model.activation_budget = int(budget_layers * layer_bytes)
     calls = _layer_calls(model)
-    full_logits_logprobs(model, ids).sum().backward()
-    plain = min(4, max(1, int(budget_layers)))
-    assert model.model.checkpointed_layers == 4 - plain
-    assert calls == [0, 1, 2, 3] + list(range(3, plain - 1, -1))  # backward recomputes the last ones first
-    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7)
+    plain = min(4, int(budget_layers))
+    for step in range(2):
+        calls.clear()
+        full_logits_logprobs(model, ids).sum().backward()
+        assert model.model.layer_activation_bytes == layer_bytes
+        assert model.model.checkpointed_layers == 4 - plain
+        measured = [0] if step == 0 else []  # the measuring forward, the first time only
+        assert calls == measured + [0, 1, 2, 3] + list(range(3, plain - 1, -1))  # recomputed last first
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[n] * (step + 1), rtol=1e-5, atol=1e-7)
 
 
 def test_auto_checkpointing_with_offload_and_measured_budget():
@@ -211,13 +214,13 @@ def test_auto_checkpointing_with_offload_and_measured_budget():
         configure_memory(model, gradient_checkpointing=False, offload_activations=True)
 
 
-def test_saved_bytes_counts_what_autograd_keeps_but_not_parameters():
-    linear = torch.nn.Linear(10, 10)
+def test_measured_bytes_count_what_autograd_keeps_but_not_parameters_or_inputs():
+    linear = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Tanh())
     x = torch.randn(4, 10, requires_grad=True)
-    with saved_bytes(linear, x.device) as measured:
-        linear(x)
-    assert measured.bytes == 4 * 10 * 4  # the input only; the weight is the module's own
-    assert plain_layer_count(100, 24, 0) == 1 and plain_layer_count(100, 24, 950) == 9
+    # Linear saves its input (an input here: not counted) and its weight (the module's own);
+    # Tanh saves its output [4, 10], and the output is counted as the next layer's input
+    assert measure_saved_bytes(linear, x) == 4 * 10 * 4
+    assert plain_layer_count(100, 24, 0) == 0 and plain_layer_count(100, 24, 950) == 9
     assert plain_layer_count(100, 24, 10**9) == 24 and plain_layer_count(0, 24, 0) == 24
 
 

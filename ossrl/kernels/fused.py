@@ -10,9 +10,11 @@ token-by-expert sort (`benchmarks/profile_decode.py`). Each piece here is one la
     route_topk       top-k of the router logits, softmax over the k (spec 2.4)
     group_small      the slots sorted by expert + the MoE kernels' tile table, in one program
 
-The model calls them only inside `ossrl.model.gptoss.inference_kernels()` (the rollout engine's
-forwards) and when nothing needs a gradient; training and the trainer's no-grad passes keep the
-PyTorch code. `append_kv` serves `ossrl.kernels.decode_attention.append_kv` on CUDA. Each has a PyTorch reference
+The model calls them inside `ossrl.model.gptoss.inference_kernels()` (the rollout engine's
+forwards) when nothing needs a gradient. Training (and the trainer's no-grad passes, so that they
+compute what the training pass computes) uses `rms_norm_autograd` and `rotary_qk_autograd`: the
+same forward kernels with a one-kernel backward (RMSNorm's recomputes the row's rms; rotary's is
+the rotation by -angle); the other pieces keep the PyTorch code there. `append_kv` serves `ossrl.kernels.decode_attention.append_kv` on CUDA. Each has a PyTorch reference
 in the module that owns the maths (`ossrl.model.gptoss`, `ossrl.kernels.moe`,
 `ossrl.kernels.decode_attention`), which the GPU tests compare against.
 """
@@ -43,6 +45,26 @@ def _rms_norm_kernel(X, W, Y, H, stride_x, stride_y, eps, BLOCK: tl.constexpr):
     tl.store(Y + row * stride_y + cols, (w * (x * r)).to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rms_norm_backward_kernel(X, W, DY, DX, H, stride_x, stride_dy, stride_dx, eps, BLOCK: tl.constexpr):
+    """dx = r * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * r (r recomputed from x)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32) * w
+    xhat = x * r
+    dx = r * (g - xhat * (tl.sum(g * xhat, 0) / H))
+    tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] -> RMSNorm(x) * weight in x's dtype (the math of `ossrl.model.gptoss.RMSNorm`)."""
     H = x.shape[-1]
@@ -55,6 +77,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), y.stride(0), float(eps),
                                          BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
     return y.view(x.shape)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        x2, dy2 = _rows(x), _rows(dy)
+        H = x2.shape[-1]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+            if x2.shape[0]:
+                BLOCK = triton.next_power_of_2(H)
+                _rms_norm_backward_kernel[(x2.shape[0],)](x2, weight, dy2, dx, H, x2.stride(0), dy2.stride(0),
+                                                          dx.stride(0), float(ctx.eps), BLOCK=BLOCK,
+                                                          num_warps=4 if BLOCK <= 4096 else 8)
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:  # a trained norm weight (full fine-tuning): PyTorch, off the LoRA path
+            xf = x2.float()
+            xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+            dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` with a backward (one kernel each way): the training path on CUDA."""
+    return _RMSNorm.apply(x, weight, eps)
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -117,6 +172,29 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                              cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
                              num_warps=4)
     return oq, ok
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotation is orthogonal per (x1, x2) pair: its backward is the rotation by -angle."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = q.shape, k.shape
+        return rotary_qk(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq = dq if dq is not None else cos.new_zeros(ctx.shapes[0])
+        dk = dk if dk is not None else cos.new_zeros(ctx.shapes[1])
+        dq, dk = rotary_qk(dq, dk, cos, -sin)
+        return dq, dk, None, None
+
+
+def rotary_qk_autograd(q, k, cos, sin):
+    """`rotary_qk` with a backward (the same kernel at -angle): the training path on CUDA."""
+    return _Rotary.apply(q, k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------- KV write

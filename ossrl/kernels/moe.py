@@ -148,25 +148,50 @@ class ExpertWeights:
         return F.linear(a, w, self.down_bias[e])
 
 
+def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm serves bf16 on CUDA with 16-byte aligned inner sizes."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights))
+
+
 def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: ExpertGroups,
                        scaling: float, *, loop: bool = False) -> torch.Tensor:
     """Per-expert low-rank delta on sorted rows: x [S, in] (rows of expert e at its offsets),
-    A [E, in, r], B [E, r, out] -> (x_e @ A[e] @ B[e]) * scaling [S, out]. Differentiable.
+    A [E, in, r], B [E, r, out] -> (x_e @ A[e] * scaling) @ B[e] [S, out]. Differentiable.
 
     Uses torch._grouped_mm on CUDA (bf16, 16-byte aligned rank), else a loop over experts
     (one host sync to read the offsets), or when `loop` is set.
     """
-    r = A.shape[-1]
-    if (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and r % 8 == 0
-            and A.dtype == B.dtype == torch.bfloat16 and not loop):
+    if _grouped_mm_ok(x, A, B) and not loop:
         offs = groups.offsets[1:].to(torch.int32)
-        return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs), B, offs=offs) * scaling
-    out = x.new_zeros(x.shape[0], B.shape[-1])
+        return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs) * scaling, B, offs=offs)
+    return _grouped_rows(x, groups, lambda e, rows: (rows @ A[e] * scaling) @ B[e], B.shape[-1])
+
+
+def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: ExpertGroups,
+                     scaling: float, *, loop: bool = False) -> torch.Tensor:
+    """The gate_up delta of `grouped_lora_delta` from the unsorted token rows x [N, in]: with few
+    experts times rank (E * r <= 1024) the down-projection to rank r runs for every token against
+    all experts' A at once ([N, in] @ [in, E * r], one dense matmul) and each slot picks its expert's
+    r columns; no [S, in] gather of the inputs (and no scatter-add of its gradient) is needed.
+    Otherwise the rows are gathered and `grouped_lora_delta` runs."""
+    E, H, r = A.shape
+    if E * r > 1024:
+        return grouped_lora_delta(x[groups.token], A, B, groups, scaling, loop=loop)
+    u = (x @ A.permute(1, 0, 2).reshape(H, E * r)).view(-1, E, r)[groups.token, groups.expert] * scaling
+    if _grouped_mm_ok(u, B) and not loop:
+        return torch._grouped_mm(u, B, offs=groups.offsets[1:].to(torch.int32))
+    return _grouped_rows(u, groups, lambda e, rows: rows @ B[e], B.shape[-1])
+
+
+def _grouped_rows(x: torch.Tensor, groups: ExpertGroups, fn, width: int) -> torch.Tensor:
+    """fn(e, rows of expert e) for each expert with rows, placed at its offsets (one host sync)."""
+    out = x.new_zeros(x.shape[0], width)
     bounds = groups.offsets.tolist()
     for e in range(len(bounds) - 1):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
-            out = out.index_copy(0, torch.arange(lo, hi, device=x.device), (x[lo:hi] @ A[e]) @ B[e] * scaling)
+            out = out.index_copy(0, torch.arange(lo, hi, device=x.device), fn(e, x[lo:hi]))
     return out
 
 
@@ -177,13 +202,13 @@ def routed_experts_twin(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
         z = experts.gate_up_of(e, xe)
         if lora is None:
             return z
-        return z + (lora_input(lora, xe) @ lora.gate_up_A[e]) @ lora.gate_up_B[e] * lora.scaling
+        return z + (lora_input(lora, xe) @ lora.gate_up_A[e] * lora.scaling) @ lora.gate_up_B[e]
 
     def down(e, a):
         y = experts.down_of(e, a)
         if lora is None:
             return y
-        return y + (lora_input(lora, a) @ lora.down_A[e]) @ lora.down_B[e] * lora.scaling
+        return y + (lora_input(lora, a) @ lora.down_A[e] * lora.scaling) @ lora.down_B[e]
 
     return routed_experts_reference(x, weights, ids, gate_up, down, limit=experts.limit, alpha=experts.alpha)
 
@@ -213,7 +238,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ex
     """x [N, H], routing weights and expert ids [N, k] -> [N, H] = sum_j w_j * expert_{ids_j}(x).
 
     `lora` (optional) is any object with `gate_up_A [E, H, r]`, `gate_up_B [E, r, 2I]`,
-    `down_A [E, I, r]`, `down_B [E, r, H]` and `scaling`: the delta (x @ A[e] @ B[e]) * scaling
+    `down_A [E, I, r]`, `down_B [E, r, H]` and `scaling`: the delta (x @ A[e] * scaling) @ B[e]
     is added, unmerged, to expert e's gate_up pre-activation and to its down output (before the
     routing weight); an adapter's `dropout` module, if any, applies to the LoRA input only.
     Gradients reach x, the routing weights and the LoRA pairs, never the base.

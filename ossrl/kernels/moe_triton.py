@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
-    ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input,
+    ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input, token_lora_delta,
 )
 from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
 
@@ -341,6 +341,40 @@ def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: f
     return dz
 
 
+@triton.jit
+def _down_lora_backward_kernel(dout_ptr, token_ptr, y_ptr, w_ptr, dw_ptr, dy_ptr, H: tl.constexpr,
+                               NEED_DW: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
+    """Per sorted slot s of token t: dw[s] += <lora_y[s], dout[t]> and dlora_y[s] = w[s] * dout[t]."""
+    s = tl.program_id(0).to(tl.int64)
+    t = tl.load(token_ptr + s).to(tl.int64)
+    w = tl.load(w_ptr + s)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for lo in range(0, H, BLOCK):
+        cols = lo + tl.arange(0, BLOCK)
+        mask = cols < H
+        g = tl.load(dout_ptr + t * H + cols, mask=mask, other=0.0).to(tl.float32)
+        if NEED_DW:
+            acc += tl.load(y_ptr + s * H + cols, mask=mask, other=0.0).to(tl.float32) * g
+        if NEED_DY:
+            tl.store(dy_ptr + s * H + cols, (g * w).to(dy_ptr.dtype.element_ty), mask=mask)
+    if NEED_DW:
+        tl.store(dw_ptr + s, tl.load(dw_ptr + s) + tl.sum(acc))
+
+
+def down_lora_backward(dout: torch.Tensor, token: torch.Tensor, lora_y: torch.Tensor, w_sorted: torch.Tensor,
+                       dw_sorted: torch.Tensor | None, need_dy: bool) -> torch.Tensor | None:
+    """The LoRA part of the down projection's backward in one pass over the sorted slots:
+    dw_sorted += <lora_y, dout[token]> (when given) and returns w * dout[token] (when need_dy)."""
+    S, H = lora_y.shape
+    dy = torch.empty_like(lora_y) if need_dy else None
+    if S and (dw_sorted is not None or need_dy):
+        _down_lora_backward_kernel[(S,)](
+            dout, token, lora_y, w_sorted, dw_sorted if dw_sorted is not None else w_sorted,
+            dy if dy is not None else lora_y, H, NEED_DW=dw_sorted is not None, NEED_DY=need_dy,
+            BLOCK=min(1024, triton.next_power_of_2(H)))
+    return dy
+
+
 class _GateUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_z, plan):
@@ -393,19 +427,9 @@ class _Down(torch.autograd.Function):
         if need_dw:
             dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
         if lora_y is not None and (need_dw or ctx.needs_input_grad[2]):
-            # <lora_y, dout> and w * dout per sorted slot, in chunks: an fp32 [S, H] copy of dout
-            # gathered by slot would be 6 GB at 130K training tokens
-            if ctx.needs_input_grad[2]:
-                dlora_y = torch.empty_like(lora_y)
-            S = g.order.numel()
-            step = max(1, (1 << 26) // H)
-            for lo in range(0, S, step):
-                hi = min(S, lo + step)
-                g_chunk = dout[g.token[lo:hi]].float()
-                if need_dw:
-                    dw_sorted[lo:hi] += (lora_y[lo:hi].float() * g_chunk).sum(-1)
-                if dlora_y is not None:
-                    dlora_y[lo:hi] = g_chunk * w_sorted[lo:hi, None]
+            # <lora_y, dout> and w * dout per sorted slot, reading dout by token (no [S, H] gather)
+            dlora_y = down_lora_backward(dout, g.token, lora_y, w_sorted.contiguous(), dw_sorted,
+                                         ctx.needs_input_grad[2])
         if need_dw:
             dw = torch.empty_like(dw_sorted).index_copy_(0, g.order, dw_sorted)
             dw = dw.view_as(route_w).to(route_w.dtype)
@@ -427,8 +451,8 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     groups = plan.groups
     lora_z = lora_y = None
     if lora is not None:
-        xs = lora_input(lora, x)[groups.token]
-        lora_z = grouped_lora_delta(xs, lora.gate_up_A, lora.gate_up_B, groups, lora.scaling).contiguous()
+        lora_z = token_lora_delta(lora_input(lora, x), lora.gate_up_A, lora.gate_up_B, groups, lora.scaling)
+        lora_z = lora_z.contiguous()
     a = _GateUp.apply(x, lora_z, plan)
     if lora is not None:
         lora_y = grouped_lora_delta(lora_input(lora, a), lora.down_A, lora.down_B, groups, lora.scaling).contiguous()

@@ -3,16 +3,20 @@
 Full checkpointing saves each decoder layer's input and runs every layer's forward twice, about a
 third more compute than a step that keeps all activations. Where memory allows (short and medium
 contexts on a large GPU, or after the rollout engine has released its KV pool) that recompute buys
-nothing. "auto" runs the first layer keeping its activations, measures what it kept, and lets as
-many layers as fit within the activation budget keep theirs; the rest are checkpointed. Layers of
-one model keep about the same bytes per token (sliding and full attention differ only in the mask),
-so one measurement per forward suffices.
+nothing. "auto" measures the bytes a layer keeps for backward (`measure_saved_bytes`: one forward of
+the first layer, before any activation is held, whose saved tensors are counted and then dropped;
+it holds one layer's activations for a moment, less than the recompute of a checkpointed layer
+holds later in backward) and lets as many layers as fit within
+the activation budget keep theirs; the rest are checkpointed. Layers of one model keep about the
+same bytes per token (sliding and full attention differ only in the mask), so one layer speaks for
+all, and the figure scales with the token count until a forward has more than twice the tokens last
+measured (the model measures again then).
 
-The budget, unless given: what the device has free after the first layer (CUDA: free device memory
-plus what the caching allocator holds unused; CPU: MemAvailable), less a headroom for what the
-step still allocates (the recompute and backward of one layer, about twice the layer's activations,
-the loss, the LoRA gradients and optimizer states, allocator fragmentation): twice the layer's bytes
-plus the larger of 2 GiB and 10% of the device's memory.
+The budget, unless given: what the device has free before the layers run (CUDA: free device memory
+plus what the caching allocator holds unused; CPU: MemAvailable), less a headroom for what the step
+still allocates (the recompute and backward of one layer, about twice the layer's activations, the
+loss, the LoRA gradients and optimizer states, allocator fragmentation): twice the layer's bytes plus
+the larger of 2 GiB and 10% of the device's memory.
 """
 
 from __future__ import annotations
@@ -26,34 +30,33 @@ import torch
 GiB = 1 << 30
 
 
-class _Measured:
-    bytes = 0
+class _Dropped:
+    """What a measuring forward saved instead of a tensor: there is no backward through it."""
 
 
-@contextlib.contextmanager
-def saved_bytes(module: torch.nn.Module, device: torch.device):
-    """Measure the bytes a forward of `module` inside the block keeps alive for backward (its
-    output included, the counterpart of the input a checkpoint would save). CUDA: the allocator's
-    growth across the block. Elsewhere: the distinct storages autograd saves that are not the
-    module's own parameters or buffers, plus nothing for tensors kept outside autograd's hooks."""
-    measured = _Measured()
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated(device)
-        yield measured
-        measured.bytes = max(torch.cuda.memory_allocated(device) - before, 0)
-        return
+def _unpack(_):
+    raise RuntimeError("a measuring forward (gradient checkpointing 'auto') has no backward")
+
+
+def measure_saved_bytes(module: torch.nn.Module, *args) -> int:
+    """Bytes that `module(*args)` keeps for backward: the distinct storages autograd saves, other
+    than the module's own parameters and buffers and the inputs (a checkpoint keeps those anyway),
+    plus the output (the counterpart of the saved input). The saved tensors and the output are
+    dropped once counted; there is no backward through this forward."""
     own = {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers())}
-    seen: dict[int, int] = {}
+    own |= {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    held: dict[int, torch.Tensor] = {}  # alive until counted, so that no address is reused meanwhile
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own and t.device.type != "meta":
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and t.device.type != "meta":
+            held[ptr] = t
+        return _Dropped
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield measured
-    measured.bytes = sum(seen.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        out = module(*args)
+    held[out.untyped_storage().data_ptr()] = out
+    return sum(t.untyped_storage().nbytes() for t in held.values())
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -72,16 +75,14 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return pages * size, os.sysconf("SC_PHYS_PAGES") * size
 
 
-def activation_budget(device: torch.device, first_layer_bytes: int) -> int:
-    """Bytes all kept activations may take (the first layer's, already allocated, included)."""
+def activation_budget(device: torch.device, layer_bytes: int) -> int:
+    """Bytes all kept activations may take: free memory less the headroom (module docstring)."""
     free, total = device_memory(device)
-    headroom = 2 * first_layer_bytes + max(2 * GiB, total // 10)
-    return first_layer_bytes + max(free - headroom, 0)
+    return max(free - 2 * layer_bytes - max(2 * GiB, total // 10), 0)
 
 
 def plain_layer_count(layer_bytes: int, num_layers: int, budget: int) -> int:
-    """How many layers keep their activations: as many as fit in `budget`, at least the measured
-    first one, at most all."""
+    """How many layers keep their activations: as many as fit in `budget`, at most all."""
     if layer_bytes <= 0:
         return num_layers
-    return max(1, min(num_layers, budget // layer_bytes))
+    return max(0, min(num_layers, budget // layer_bytes))

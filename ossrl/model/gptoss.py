@@ -26,7 +26,7 @@ from torch import nn
 from ossrl.kernels.attention import AttentionMask, sink_attention
 from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
-from ossrl.model.checkpointing import activation_budget, plain_layer_count, saved_bytes
+from ossrl.model.checkpointing import activation_budget, measure_saved_bytes, plain_layer_count
 from ossrl.model.config import GptOssConfig, YarnRope
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
@@ -38,8 +38,9 @@ _INFERENCE_KERNELS = threading.local()
 @contextlib.contextmanager
 def inference_kernels():
     """Within this context (the rollout engine's), CUDA forwards that need no gradient use the
-    one-launch kernels of `ossrl.kernels.fused`. Outside it the PyTorch code runs, so the trainer's
-    no-grad passes (old and reference log-probs) compute exactly what its training pass computes."""
+    one-launch kernels of `ossrl.kernels.fused`. Outside it, RMSNorm and rotary use the same kernels
+    with a backward (`training_kernels`) and the rest runs PyTorch's code, so the trainer's no-grad
+    passes (old and reference log-probs) compute exactly what its training pass computes."""
     previous = getattr(_INFERENCE_KERNELS, "on", False)
     _INFERENCE_KERNELS.on = True
     try:
@@ -58,6 +59,17 @@ def fused_kernels(*tensors: torch.Tensor):
     return fused if fused.fused_ok(*tensors) else None
 
 
+def training_kernels(x: torch.Tensor):
+    """`ossrl.kernels.fused` outside `inference_kernels` on CUDA with Triton: RMSNorm and rotary
+    run as one kernel forward and one backward (autograd Functions whose forward is the inference
+    kernel), in the trainer's gradient and no-gradient passes alike; else None (PyTorch)."""
+    if not x.is_cuda or not triton_available():
+        return None
+    from ossrl.kernels import fused
+
+    return fused
+
+
 class RMSNorm(nn.Module):
     """y = x * rsqrt(mean(x^2) + eps) * w, all in fp32, cast back at the end (spec 2.2)."""
 
@@ -69,6 +81,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (fused := fused_kernels(x, self.weight)) is not None:
             return fused.rms_norm(x, self.weight, self.eps)
+        if (kernels := training_kernels(x)) is not None:
+            return kernels.rms_norm_autograd(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
@@ -130,6 +144,8 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         if (fused := fused_kernels(q, k)) is not None:
             q, k = fused.rotary_qk(q, k, cos, sin)
+        elif (kernels := training_kernels(q)) is not None:
+            q, k = kernels.rotary_qk_autograd(q, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # the cache stores k, v and attends (the engine's uses the decode kernel)
@@ -312,7 +328,8 @@ class GptOssModel(nn.Module):
         self.offload_activations = False  # with checkpointing: layer inputs wait in pinned CPU memory
         self.activation_budget: int | None = None  # "auto": bytes for kept activations (None: measured)
         self.checkpointed_layers = 0
-        self.layer_activation_bytes = 0  # "auto": what the first layer kept in the last training forward
+        self.layer_activation_bytes = 0  # "auto": what a layer keeps, as estimated for the last forward
+        self._measured: tuple[int, int] | None = None  # "auto": (tokens, bytes a layer kept) when measured
         # Not a checkpoint tensor: computed on CPU, like transformers does (spec 2.3, 5.13).
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, device=device), persistent=False)
         self.reset_rope()
@@ -371,10 +388,10 @@ class GptOssModel(nn.Module):
             x = x.float()  # fp16 mode: the residual stream is fp32
         mode = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else False
         plain = len(self.layers) if not mode else 0  # layers that keep their activations (no recompute)
+        if mode == "auto":
+            plain = self._layers_that_fit(x, cos, sin, masks)
         for i, layer in enumerate(self.layers):
-            if mode == "auto" and i == 0:
-                x, plain = self._measured_first_layer(layer, x, cos, sin, masks)
-            elif i < plain:
+            if i < plain:
                 x = layer(x, cos, sin, masks, cache)
             else:
                 with torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_activations \
@@ -387,17 +404,20 @@ class GptOssModel(nn.Module):
             cache.advance(k_pos)
         return self.norm(x)
 
-    def _measured_first_layer(self, layer, x, cos, sin, masks) -> tuple[torch.Tensor, int]:
-        """Checkpointing "auto": run the first layer keeping its activations, measure what it keeps,
-        and return its output with the number of layers (this one included) that can keep theirs
-        within the activation budget; the others are recomputed in backward."""
-        with saved_bytes(layer, x.device) as measured:
-            x = layer(x, cos, sin, masks, None)
-        self.layer_activation_bytes = measured.bytes
+    def _layers_that_fit(self, x, cos, sin, masks) -> int:
+        """Checkpointing "auto": how many layers (the first ones) keep their activations within the
+        activation budget; the others are recomputed in backward. The bytes per token a layer keeps
+        are measured on the first layer (a forward whose saved tensors are counted and dropped) once,
+        and again when a forward has more than twice the tokens last measured."""
+        tokens = x.shape[0] * x.shape[1]
+        if self._measured is None or tokens > 2 * self._measured[0]:
+            self._measured = (tokens, measure_saved_bytes(self.layers[0], x, cos, sin, masks, None))
+        layer_bytes = -(-self._measured[1] * tokens // self._measured[0])
+        self.layer_activation_bytes = layer_bytes
         budget = self.activation_budget
         if budget is None:
-            budget = activation_budget(x.device, measured.bytes)
-        return x, plain_layer_count(measured.bytes, len(self.layers), budget)
+            budget = activation_budget(x.device, layer_bytes)
+        return plain_layer_count(layer_bytes, len(self.layers), budget)
 
 
 class GptOssForCausalLM(nn.Module):

@@ -81,10 +81,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.switch.enabled:
-            a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-            y = y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
-        return y
+        if not self.switch.enabled:
+            return y
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        # The scaling on the rank-r intermediate and the add in the matmul's epilogue: no pass over
+        # the [tokens, out] output beyond the two matmuls.
+        u = F.linear(self.dropout(x), a) * self.scaling
+        return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
 
 
 class ExpertLoRA(nn.Module):
@@ -115,10 +118,10 @@ class ExpertLoRA(nn.Module):
         return self.switch.enabled
 
     def gate_up_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.gate_up_A[e].to(x.dtype)) @ self.gate_up_B[e].to(x.dtype) * self.scaling
+        return (self.dropout(x) @ self.gate_up_A[e].to(x.dtype) * self.scaling) @ self.gate_up_B[e].to(x.dtype)
 
     def down_delta(self, e: int, a: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(a) @ self.down_A[e].to(a.dtype)) @ self.down_B[e].to(a.dtype) * self.scaling
+        return (self.dropout(a) @ self.down_A[e].to(a.dtype) * self.scaling) @ self.down_B[e].to(a.dtype)
 
     def in_dtype(self, dtype: torch.dtype) -> ExpertLoRA | _CastLoRA:
         """This adapter as the MoE kernels take it, with weights cast (differentiably) to `dtype`."""
