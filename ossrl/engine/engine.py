@@ -16,7 +16,9 @@ the same samples requested one by one (`seed + k` for the k-th).
 Two backends: "slots" (ossrl.engine.slots: a slot-indexed KV pool, batched decode over every
 active slot, CUDA graphs; the default on CUDA) and "simple" (the model's growing KVCache, one
 prompt's group at a time; the default on CPU, and the readable reference). `release()` frees what
-the engine holds between rollouts (the trainer calls it before its phase).
+the engine holds between rollouts (the trainer calls it before its phase). A model sharded over
+ranks (ossrl.train.sharding) always takes the slots backend, in lockstep with the other ranks:
+every rank must then call `generate` as often as the others, with no prompts if it has none.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ class RolloutEngine:
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
         self.backend = backend
+        self.lockstep = bool(getattr(model, "sharded", False))  # forwards gather shards: ranks step together
         self._slots = None
         if prefill_tokens <= 0:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
         self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
 
     def _use_slots(self) -> bool:
-        return self.backend == "slots" or (self.backend == "auto" and self.model.device.type == "cuda")
+        return (self.lockstep or self.backend == "slots"
+                or (self.backend == "auto" and self.model.device.type == "cuda"))
 
     def release(self) -> None:
         """Standby: free the KV pool and captured graphs (the next generate takes them again)."""
@@ -72,7 +76,7 @@ class RolloutEngine:
             if self._slots is None:
                 from ossrl.engine.slots import SlotDecoder
 
-                self._slots = SlotDecoder(self.model, **self._slot_options)
+                self._slots = SlotDecoder(self.model, lockstep=self.lockstep, **self._slot_options)
             return self._slots.generate(prompts, n, params)
         return [self._generate_group(prompt, i, n, params) for i, prompt in enumerate(prompts)]
 

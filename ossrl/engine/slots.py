@@ -12,6 +12,13 @@ Padding rows in a bucket point at a scratch slot.
 
 Same sampling rule and seeds as the CPU path (ossrl.engine.sampling), so outputs agree up to the
 numerics of the kernels.
+
+Lockstep (a model sharded over ranks, ossrl.train.sharding): every forward gathers each layer's
+parameters with a collective, so all ranks must run the same number of forwards. The ranks agree
+on the number of prefill forwards and, each round, on the number of decode steps (the largest any
+rank needs; one small all-reduce per round); a rank with nothing left steps its scratch slot, and
+a rank with no prompts at all still takes part. No CUDA graphs then (the gathers happen in the
+layers' hooks, outside what a graph replays).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
 from ossrl.engine.sampling import SamplingParams, sample_tokens
@@ -34,9 +42,11 @@ def bucket_size(n: int) -> int:
 
 
 class SlotDecoder:
-    def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8, prefill_tokens: int = 16384):
+    def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8, prefill_tokens: int = 16384,
+                 lockstep: bool = False):
         self.model = model
-        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.lockstep = lockstep  # step together with the other ranks (module docstring)
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda" and not lockstep
         self.sync_every = sync_every
         self.prefill_tokens = prefill_tokens  # prompts are prefilled packed, up to this many tokens per forward
         self.pool: KVPool | None = None
@@ -149,14 +159,17 @@ class SlotDecoder:
         P = len(prompts)
         slots = P * n
         limits = [params.max_new_tokens_for(i) for i in range(P) for _ in range(n)]
-        width = max(limits) + self.sync_every
-        capacity = max(len(p) for p in prompts) + width
+        width = max(limits, default=0) + self.sync_every
+        capacity = max((len(p) for p in prompts), default=1) + width
         self._prepare(slots, capacity, width, params)
         st = self.state
         base = 0 if params.seed is None else params.seed
         st["seeds"][:slots] = torch.arange(slots, device=device) + base
 
-        for group in _pack([len(p) for p in prompts], self.prefill_tokens):  # each prompt once, KV to its n slots
+        packs = _pack([len(p) for p in prompts], self.prefill_tokens)
+        for _ in range(self._agree(len(packs)) - len(packs)):  # lockstep: as many forwards as the busiest rank
+            model.model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        for group in packs:  # each prompt once, KV to its n slots
             lengths = [len(prompts[i]) for i in group]
             ids = torch.tensor([[t for i in group for t in prompts[i]]], device=device)
             positions = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
@@ -195,17 +208,18 @@ class SlotDecoder:
                 else:
                     still.append(s)
             active, checked = still, generated
-            if not active:
+            rounds = min(self.sync_every, max((limits[s] - checked for s in active), default=0))
+            rounds = self._agree(rounds)  # lockstep: the most any rank needs (its extra tokens are dropped)
+            if rounds == 0:
                 break
-            bucket = bucket_size(len(active))
+            bucket = bucket_size(max(len(active), 1))  # a finished rank in lockstep steps its scratch slot
             ids = torch.full((bucket,), self.pool.slots - 1, dtype=torch.long)
-            ids[: len(active)] = torch.tensor(active)
+            ids[: len(active)] = torch.tensor(active, dtype=torch.long)
             ids = ids.to(device, non_blocking=True)
             runner = self._runner(bucket, params)
             if runner is not None:
                 graph, static_ids = runner
                 static_ids.copy_(ids)
-            rounds = min(self.sync_every, max(limits[s] - checked for s in active))
             for _ in range(rounds):
                 if runner is not None:
                     graph.replay()
@@ -225,6 +239,15 @@ class SlotDecoder:
                 group.append(Completion(tokens[s][:k], plain[s][:k], sampled[s][:k], reasons[s]))
             out.append(group)
         return out
+
+    def _agree(self, value: int) -> int:
+        """The largest `value` over the ranks in lockstep (one all-reduce), else `value`."""
+        if not self.lockstep:
+            return value
+        on_gpu = dist.get_backend() == "nccl"
+        t = torch.tensor([value], dtype=torch.long, device=self.model.device if on_gpu else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
 
 def _pack(lengths: list[int], budget: int) -> list[list[int]]:

@@ -98,14 +98,18 @@ def adapter_config_dict(config: LoRAConfig, base_model: str | None) -> dict:
     }
 
 
-def write_adapter(model, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors into an existing directory."""
+def write_adapter(model, path: str | os.PathLike, *, base_model: str | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors into an existing directory.
+    `state`: the tensors of `lora_state_dict(model)` when the caller gathered them already (a
+    sharded model's rank 0 writes what every rank gathered)."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("the model has no LoRA adapters to save")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = to_peft_names({name: t.detach().cpu() for name, t in lora_state_dict(model).items()})
+    state = lora_state_dict(model) if state is None else state
+    tensors = to_peft_names({name: t.detach().cpu() for name, t in state.items()})
     save_file(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(config, base_model), indent=2) + "\n")
     return path

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ossrl.model.sharded import shaped_like, whole_tensor
+
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("experts",)
 ALL_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS
@@ -182,7 +184,9 @@ def lora_parameters(model: nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if _is_lora_name(name)}
+    """The adapter tensors by parameter name, whole (a sharded model's are gathered: every rank
+    must call this then)."""
+    return {name: whole_tensor(p.detach()) for name, p in model.named_parameters() if _is_lora_name(name)}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -195,7 +199,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             if tuple(state[name].shape) != tuple(p.shape):
                 raise ValueError(f"adapter tensor '{name}' has shape {tuple(state[name].shape)}, "
                                  f"expected {tuple(p.shape)}")
-            p.copy_(state[name])
+            p.copy_(shaped_like(state[name], p))
 
 
 def _is_lora_name(name: str) -> bool:

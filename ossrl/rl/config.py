@@ -77,6 +77,9 @@ class GRPOConfig:
     # (TRL's vllm_enable_sleep_mode; on by default here, memory being the scarce thing). False keeps
     # them across steps, which saves re-allocating and re-capturing each step where memory allows.
     enable_sleep_mode: bool = True
+    # Under torchrun: shard the frozen base and the adapters over the ranks (FSDP2, ossrl.train.sharding)
+    # for models one GPU cannot hold; rollouts then decode in lockstep. False: every rank holds the model.
+    fsdp: bool = False
     prefill_tokens: int = 16384  # prompts prefilled together per forward (at most this many tokens)
     logging_steps: int = 1
     save_steps: int = 0
@@ -125,6 +128,9 @@ class GRPOConfig:
         check(not self.offload_activations or self.gradient_checkpointing,
               "offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
         check(self.experts in ("auto", "bf16", "mxfp4"), f"experts must be auto, bf16 or mxfp4, got {self.experts!r}")
+        check(not (self.fsdp and self.dtype == "float16"),
+              "fsdp with dtype float16 is not supported (loss scaling over sharded gradients is untested); "
+              "use bfloat16 or float32")
         if self.reward_weights is not None and self.reward_funcs:
             check(len(self.reward_weights) == len(self.reward_funcs),
                   f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} reward_funcs")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -34,8 +35,10 @@ class DistContext:
         return self.world_size > 1
 
     def all_reduce_grads(self, params) -> None:
-        """Sum the gradients of `params` across ranks (one flattened all-reduce)."""
-        if not self.enabled:
+        """Sum the gradients of `params` across ranks (one flattened all-reduce). Sharded parameters
+        (DTensors: ossrl.train.sharding) are skipped: FSDP already reduce-scattered their sums."""
+        params = [p for p in params if not isinstance(p, DTensor)]
+        if not self.enabled or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])

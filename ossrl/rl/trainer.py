@@ -28,7 +28,7 @@ from ossrl.configs import dumps_toml, to_dict
 from ossrl.engine.engine import RolloutEngine
 from ossrl.engine.sampling import SamplingParams
 from ossrl.model.chat import assistant_stop_token_ids, render_prompt
-from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters
+from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters, lora_state_dict
 from ossrl.rl.config import GRPOConfig
 from ossrl.rl.distributed import DistContext, init_distributed
 from ossrl.rl.logging import RunLogger
@@ -39,6 +39,7 @@ from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.memory import configure_memory
 from ossrl.train.optim import make_loss_scaler, make_optimizer, make_scheduler
+from ossrl.train.sharding import full_optimizer_state, load_optimizer_state, shard_model
 from ossrl.train.sft import resolve_device_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -126,12 +127,17 @@ class GRPOTrainer:
         else:  # a checkpoint that already carries adapters (e.g. after SFT): continue training them
             self.log(f"continuing the model's existing LoRA adapters (r={model.lora_config.r}); "
                      f"the config's [lora] table is ignored")
-        self.params = lora_parameters(model)
-        for p in self.params:
+        for p in lora_parameters(model):
             p.requires_grad_(True)
         configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                          activation_budget_gb=config.activation_budget_gb)
+        if config.fsdp:
+            if not dist.enabled:
+                raise ValueError("fsdp = true needs several processes: torchrun --nproc-per-node N ossrl train ...")
+            shard_model(model)  # parameters become shards: collected below
+            self.log(f"FSDP: the model is sharded over {dist.world_size} ranks; rollouts decode in lockstep")
+        self.params = lora_parameters(model)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
@@ -250,11 +256,14 @@ class GRPOTrainer:
         first = self.dist.rank * share
         pending = self._next_prompts(c.prompts_per_step)[first:first + share]
         while True:
-            if pending:  # under data parallelism a rank may have nothing to top up this round
+            # Under data parallelism a rank may have nothing to top up this round; a sharded model's
+            # ranks still all generate (their forwards gather shards together), some with no prompts.
+            if pending or self.engine.lockstep:
                 tg = time.perf_counter()
                 batch = self._generate(pending, attempt=retries, first_prompt=first)
                 time_generate += time.perf_counter() - tg
                 generated_tokens += sum(len(r.completion_ids) for r in batch)
+            if pending:
                 tr = time.perf_counter()
                 result = self._score(batch)
                 time_reward += time.perf_counter() - tr
@@ -368,12 +377,15 @@ class GRPOTrainer:
     def save_checkpoint(self, name: str | None = None) -> Path:
         name = name or f"step-{self.step}"
         path = self.output_dir / ("checkpoints" if name != "final" else "") / name
+        # A sharded model's adapter and optimizer state are gathered whole on every rank (collectives).
+        adapter, optimizer = lora_state_dict(self.model), full_optimizer_state(self.optimizer)
         if not self.dist.is_main:  # rank 0 writes; the others wait until it is on disk
             self.dist.barrier()
             return path
         with atomic_directory(path) as tmp:
-            save_adapter(self.model, tmp / "adapter", base_model=str(self.base_path) if self.base_path else None)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            save_adapter(self.model, tmp / "adapter", base_model=str(self.base_path) if self.base_path else None,
+                         state=adapter)
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict(), "step": self.step, "data_position": self.data_position,
                         "skipped_long_prompts": self.skipped_long_prompts, "rng": rng_state()}, tmp / STATE_FILE)
             (tmp / "config.toml").write_text(dumps_toml(to_dict(self.config)))
@@ -401,7 +413,7 @@ class GRPOTrainer:
             raise FileNotFoundError(f"{state_file}: not a resumable checkpoint")
         load_adapter(self.model, path / "adapter")
         state = torch.load(state_file, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # sharded like the parameters, if they are
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # empty when saved without loss scaling (bf16/fp32): keep the fresh scale
             self.scaler.load_state_dict(state["scaler"])

@@ -39,9 +39,10 @@ def atomic_directory(path: str | os.PathLike):
         raise
 
 
-def save_adapter(model, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
+def save_adapter(model, path: str | os.PathLike, *, base_model: str | None = None, state=None) -> Path:
+    """`state`: the adapter tensors when already gathered (ossrl.model.lora.lora_state_dict)."""
     with atomic_directory(path) as tmp:
-        write_adapter(model, tmp, base_model=base_model)
+        write_adapter(model, tmp, base_model=base_model, state=state)
     return Path(path)
 
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ossrl.model.sharded import whole_tensor
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -52,8 +54,10 @@ def clip_gradients(params, max_norm: float | None) -> float:
     if not params:
         return 0.0
     if max_norm is None or max_norm <= 0:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.get_total_norm([p.grad.detach() for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(whole_tensor(norm))  # a sharded model's norm is a DTensor over the ranks
 
 
 def make_loss_scaler(model, *, init_scale: float = 2.0 ** 16) -> torch.amp.GradScaler:

@@ -1,0 +1,125 @@
+"""FSDP2-sharded GRPO on CPU (gloo, 2 processes under torchrun) equals one process with the same global batch.
+
+The model's layers are sharded over the ranks (ossrl.train.sharding): every forward gathers each
+layer's shards, the rollout engine decodes in lockstep, gradients are reduce-scattered as sums and
+checkpoints hold whole tensors. Gradients differ from one process's in their last bits (summation
+order, the slot engine's sampling log-probs against the simple engine's: grad norms agree to 1e-6),
+and Adam divides each gradient element by its own magnitude, so an element whose gradient is near
+zero can move by a visible fraction of a step (one of 3,072 by 15% of lr, seen). Adapters are
+therefore compared per tensor by relative norm; summing wrongly (FSDP's default average) is 50% off.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ossrl.testing import write_tiny_checkpoint
+from test_grpo_distributed import free_port, write_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_mxfp4(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny4"), seed=0, mxfp4=True)
+
+
+def single(cfg, *extra):
+    run = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg), "--set", "gradient_accumulation_steps=2",
+                          *extra], env=ENV, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    return run
+
+
+def sharded(cfg, *extra):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "ossrl.cli", "train", str(cfg),
+                          "--set", "fsdp=true", *extra], env=ENV, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    return run
+
+
+def adapters_close(a_dir, b_dir):
+    a = load_file(a_dir / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(b_dir / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        error = float((b[name] - a[name]).norm() / a[name].norm().clamp(min=1e-12))
+        assert error < 1e-3, (name, error)
+    assert any("lora_B" in name and float(a[name].abs().max()) > 1e-3 for name in a)  # training moved B off zero
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointing(tiny_mxfp4, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
+    cfg = tmp_path / "run.toml"
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "dapo")
+    single(cfg, "--set", "gradient_checkpointing=true")
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "dapo")
+    run = sharded(cfg, "--set", "gradient_checkpointing=true")
+    assert "sharded over 2 ranks" in run.stdout.decode()
+
+    adapters_close(tmp_path / "single", tmp_path / "fsdp")
+    ms, mf = lines(tmp_path / "single" / "metrics.jsonl"), lines(tmp_path / "fsdp" / "metrics.jsonl")
+    assert [m["reward"] for m in mf] == pytest.approx([m["reward"] for m in ms])
+    assert [m["grad_norm"] for m in mf] == pytest.approx([m["grad_norm"] for m in ms], rel=1e-4)
+    # the lockstep engine sampled exactly what one process sampled
+    ss, sf = lines(tmp_path / "single" / "samples.jsonl"), lines(tmp_path / "fsdp" / "samples.jsonl")
+    assert sorted(s["completion"] for s in sf) == sorted(s["completion"] for s in ss)
+
+
+def test_sharded_dynamic_sampling_keeps_idle_ranks_in_lockstep(tiny_mxfp4, tmp_path):
+    """Top-up rounds where one rank has no prompts: it still takes part in every gathered forward."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}", "flat": i % 3 == 0}) for i in range(12)))
+    cfg = tmp_path / "run.toml"
+    extra = ["--set", "dynamic_sampling=true", "--set", "max_dynamic_sampling_retries=4", "--set", "max_steps=3",
+             "--set", 'reward_funcs=["ossrl.testing:ascii_fraction_unless_flat"]']
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "grpo")
+    single(cfg, *extra)
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "grpo")
+    sharded(cfg, *extra)
+    ms, mf = lines(tmp_path / "single" / "metrics.jsonl"), lines(tmp_path / "fsdp" / "metrics.jsonl")
+    assert sum(m["dynamic_sampling/retries"] for m in ms) > 0
+    for a, b in zip(ms, mf):
+        assert b["groups_used"] == a["groups_used"] == 2
+        assert b["reward"] == pytest.approx(a["reward"])
+    adapters_close(tmp_path / "single", tmp_path / "fsdp")
+
+
+def test_sharded_checkpoints_resume_in_one_process_and_back(tiny_mxfp4, tmp_path):
+    """Checkpoints hold whole tensors: steps 1-2 sharded, 3-4 in one process, 5-6 sharded again
+    == 6 steps in one process (adapter, optimizer moments, schedule, data position)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
+    cfg = tmp_path / "run.toml"
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "straight", "grpo")
+    single(cfg, "--set", "max_steps=6")
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "moved", "grpo")
+    sharded(cfg, "--set", "save_steps=2")
+    single(cfg, "--set", "max_steps=4", "--set", "resume_from=latest", "--set", "save_steps=2")
+    sharded(cfg, "--set", "max_steps=6", "--set", "resume_from=latest")
+    adapters_close(tmp_path / "straight", tmp_path / "moved")
+    ma, mb = lines(tmp_path / "straight" / "metrics.jsonl"), lines(tmp_path / "moved" / "metrics.jsonl")
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
+    assert [m["reward"] for m in mb] == pytest.approx([m["reward"] for m in ma])
+
+
+def test_fsdp_needs_several_processes(tiny_mxfp4, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Task"}))
+    cfg = tmp_path / "run.toml"
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "one", "grpo")
+    run = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg), "--set", "fsdp=true"],
+                         env=ENV, capture_output=True, timeout=600)
+    assert run.returncode != 0
+    assert "torchrun --nproc-per-node" in run.stderr.decode()
