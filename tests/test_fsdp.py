@@ -123,3 +123,47 @@ def test_fsdp_needs_several_processes(tiny_mxfp4, tmp_path):
                          env=ENV, capture_output=True, timeout=600)
     assert run.returncode != 0
     assert "torchrun --nproc-per-node" in run.stderr.decode()
+
+
+@pytest.mark.parametrize("experts", ["bf16", "mxfp4"])
+def test_loading_sharded_keeps_only_each_ranks_part_and_computes_the_same_model(tiny_mxfp4, tmp_path, experts):
+    """The MXFP4 checkpoint loaded sharded (bf16: experts decoded at load, the case FSDP is for), and
+    a saved adapter loaded over it: each rank holds about half of the layers, and the logits and
+    adapter equal an unsharded load's."""
+    from ossrl.model.adapters import write_adapter
+    from ossrl.model.loading import load_model
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_state_dict
+
+    probe = os.path.join(os.path.dirname(__file__), "fsdp_load_probe.py")
+    tokens = torch.arange(3, 19)[None]
+    plain = load_model(tiny_mxfp4, device="cpu", dtype=torch.float32, experts=experts)
+    apply_lora(plain, LoRAConfig(r=4, seed=5))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name or name.endswith("_B"):
+                p.normal_(0, 0.05)  # an adapter that changes the output
+        expected = plain(tokens)
+    adapter_dir = tmp_path / "adapter"
+    write_adapter(plain, adapter_dir, base_model=str(tiny_mxfp4))
+    for source in (tiny_mxfp4, adapter_dir):  # the base alone (fresh adapters), then base + saved adapter
+        out = tmp_path / "probe.pt"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(free_port()), probe, str(source), experts, str(out)],
+                             env=ENV, capture_output=True, timeout=600)
+        assert run.returncode == 0, run.stderr.decode()[-3000:]
+        got = torch.load(out)
+        assert got["held"] < 0.55 * got["whole"]  # dim-0 shards, padded at most a row per tensor
+        state = lora_state_dict(plain)
+        if source == adapter_dir:
+            torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+            for name, t in state.items():
+                torch.testing.assert_close(got["adapter"][name], t)
+        else:  # fresh adapters: the same A as apply_lora draws unsharded, B zero, so the base model's logits
+            with torch.no_grad(), plain.adapters_disabled():
+                base = plain(tokens)
+            torch.testing.assert_close(got["logits"], base, rtol=1e-5, atol=1e-5)
+            for name, t in state.items():
+                if "lora_A" in name or name.endswith("_A"):
+                    torch.testing.assert_close(got["adapter"][name], t)
+                else:
+                    assert not got["adapter"][name].any()

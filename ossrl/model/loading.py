@@ -21,9 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torch.distributed.tensor import DTensor
+
 from ossrl.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from ossrl.model.config import GptOssConfig
 from ossrl.model.gptoss import GptOssForCausalLM
+from ossrl.model.lora import apply_lora, init_lora_weights, is_lora_name
+from ossrl.model.sharded import shaped_like
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -90,18 +94,23 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     experts: str = "auto",
+    prepare=None,
 ) -> GptOssForCausalLM:
     """Load a Hugging Face gpt-oss checkpoint.
 
     experts: "auto" (as stored), "bf16" (dense in `dtype`; MXFP4 decoded at load, exactly) or
     "mxfp4" (kept packed; dense checkpoints are quantized per spec 3.5).
+    prepare: called with the model while it is still on the meta device (no memory yet), before it
+    is materialised and filled: e.g. to add adapters and shard it over ranks (ossrl.train.sharding),
+    so that a rank only ever holds its shards (each checkpoint tensor is read whole on the CPU, one
+    at a time, and each rank keeps its part). Adapters it adds are initialised after the load.
     """
     if experts not in ("auto", "bf16", "mxfp4"):
         raise ValueError(f"experts must be 'auto', 'bf16' or 'mxfp4', got {experts!r}")
     ckpt = resolve_checkpoint(path_or_id)
     adapter = _adapter_dir(ckpt)
     if adapter is not None:
-        return _load_with_adapter(adapter, device=device, dtype=dtype, experts=experts)
+        return _load_with_adapter(adapter, device=device, dtype=dtype, experts=experts, prepare=prepare)
     config = GptOssConfig.from_json_file(ckpt / "config.json")
     stored = _stored_expert_format(config)
     target = stored if experts == "auto" else experts
@@ -109,9 +118,12 @@ def load_model(
 
     with torch.device("meta"):
         model = GptOssForCausalLM(config, expert_format=target, dtype=dtype)
+    model.requires_grad_(False)
+    if prepare is not None:
+        prepare(model)
     model.to_empty(device=device)
     model.model.reset_rope()  # non-persistent buffer: not in the checkpoint, left empty by to_empty
-    expected = dict(model.state_dict())
+    expected = {name: t for name, t in model.state_dict().items() if not is_lora_name(name)}
     loaded: set[str] = set()
 
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -136,7 +148,8 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt}: missing tensors: {shown}")
-    model.requires_grad_(False)
+    if getattr(model, "lora_config", None) is not None:  # adapters added by `prepare`
+        init_lora_weights(model)
     return model.eval()
 
 
@@ -159,9 +172,8 @@ def _adapter_dir(ckpt: Path) -> Path | None:
     return None
 
 
-def _load_with_adapter(adapter: Path, **kwargs) -> GptOssForCausalLM:
+def _load_with_adapter(adapter: Path, *, prepare=None, **kwargs) -> GptOssForCausalLM:
     from ossrl.model.adapters import load_adapter, read_adapter_config
-    from ossrl.model.lora import apply_lora
 
     config_file = adapter / "adapter_config.json"
     try:
@@ -170,8 +182,14 @@ def _load_with_adapter(adapter: Path, **kwargs) -> GptOssForCausalLM:
         raise CheckpointError(f"{config_file}: cannot read base_model_name_or_path ({e})") from None
     if not base:
         raise CheckpointError(f"{config_file}: base_model_name_or_path is empty; load the base and the adapter separately")
-    model = load_model(base, **kwargs)
-    apply_lora(model, read_adapter_config(adapter))
+    lora_config = read_adapter_config(adapter)
+
+    def add_adapter(model):  # on the meta device: the adapter's layout, then the caller's `prepare`
+        apply_lora(model, lora_config)
+        if prepare is not None:
+            prepare(model)
+
+    model = load_model(base, prepare=add_adapter, **kwargs)
     load_adapter(model, adapter)
     model.requires_grad_(False)
     return model
@@ -196,7 +214,7 @@ def _load_tensor(expected, name, tensor, stored, target, config, file) -> set[st
                                   f"with this config.json)")
         dest = expected[name]
         _check(name, tensor, dest.shape, dest.is_floating_point(), file)
-        dest.copy_(tensor)
+        dest.copy_(shaped_like(tensor, dest))
         return {name}
 
     if stored == "mxfp4" and target == "bf16":
@@ -216,8 +234,7 @@ def _load_tensor(expected, name, tensor, stored, target, config, file) -> set[st
                 raise CheckpointError(f"{file}: tensor '{scales_name}' missing (needed with '{name}')")
             scales = f.get_tensor(scales_name)
         _check(scales_name, scales, (E, n_out, n_in // 32), False, file)
-        for e in range(E):  # one expert at a time keeps the temporary small
-            dest[e].copy_(dequantize_mxfp4(tensor[e], scales[e], torch.float32).T)
+        _fill_per_expert(dest, E, lambda e: dequantize_mxfp4(tensor[e], scales[e], torch.float32).T)
         return {dest_name}
 
     # stored dense, target mxfp4: quantize [E, in, out] -> blocks over `in`.
@@ -227,11 +244,21 @@ def _load_tensor(expected, name, tensor, stored, target, config, file) -> set[st
     blocks, scales = expected[dest_blocks], expected[f"{prefix}.{leaf}_scales"]
     E, n_out, groups, _ = blocks.shape
     _check(name, tensor, (E, groups * 32, n_out), True, file)
-    for e in range(E):
+    for e in range(E):  # buffers: never sharded
         b, s = quantize_mxfp4(tensor[e].T.float())
         blocks[e].copy_(b)
         scales[e].copy_(s)
     return {dest_blocks, f"{prefix}.{leaf}_scales"}
+
+
+def _fill_per_expert(dest: torch.Tensor, num_experts: int, value_of) -> None:
+    """dest[e] = value_of(e) for every expert, one at a time (a small temporary); a sharded `dest`
+    is filled from the whole tensor built on the CPU, each rank keeping its part."""
+    if isinstance(dest, DTensor):
+        dest.copy_(shaped_like(torch.stack([value_of(e).to(dest.dtype) for e in range(num_experts)]), dest))
+        return
+    for e in range(num_experts):
+        dest[e].copy_(value_of(e))
 
 
 def save_model(model: GptOssForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> Path:

@@ -68,7 +68,7 @@ class AdapterSwitch:
 class LoRALinear(nn.Module):
     """y = x W^T + b + scaling * B(A(dropout(x))), with W and b the frozen base parameters."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, switch: AdapterSwitch, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, config: LoRAConfig, switch: AdapterSwitch):
         super().__init__()
         self.weight = base.weight  # same Parameter objects: names and storage unchanged
         self.bias = base.bias
@@ -76,7 +76,6 @@ class LoRALinear(nn.Module):
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Linear(in_features, config.r, bias=False, **kw)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, **kw)
-        _init_pair(self.lora_A.weight, self.lora_B.weight, generator)
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.switch = switch
@@ -100,7 +99,7 @@ class ExpertLoRA(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, config: LoRAConfig,
-                 switch: AdapterSwitch, generator: torch.Generator, device=None, dtype=None):
+                 switch: AdapterSwitch, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         r = config.r
@@ -108,9 +107,6 @@ class ExpertLoRA(nn.Module):
         self.gate_up_B = nn.Parameter(torch.zeros(num_experts, r, 2 * intermediate, **kw))
         self.down_A = nn.Parameter(torch.zeros(num_experts, intermediate, r, **kw))
         self.down_B = nn.Parameter(torch.zeros(num_experts, r, hidden, **kw))
-        for e in range(num_experts):
-            _init_pair(self.gate_up_A.data[e].T, self.gate_up_B.data[e].T, generator)
-            _init_pair(self.down_A.data[e].T, self.down_B.data[e].T, generator)
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.switch = switch
@@ -139,14 +135,35 @@ class _CastLoRA:
         self.scaling, self.dropout = lora.scaling, lora.dropout
 
 
+def _init_a(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default for A [r, in]: kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)). B starts at 0."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return torch.rand(shape, generator=generator) * 2 * bound - bound
+
+
 @torch.no_grad()
-def _init_pair(a_weight: torch.Tensor, b_weight: torch.Tensor, generator: torch.Generator) -> None:
-    """PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) over [r, in], B = 0 (so LoRA starts as identity)."""
-    fan_in = a_weight.shape[1]
-    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    values = torch.rand(a_weight.shape, generator=generator) * 2 * bound - bound
-    a_weight.copy_(values.to(a_weight.dtype))
-    b_weight.zero_()
+def init_lora_weights(model: nn.Module) -> None:
+    """(Re)initialise every adapter as PEFT does (A random, B zero, so LoRA starts as the identity),
+    drawing in module order from the LoRA config's seed: the same values on any device and in any
+    layout (a model sharded over ranks keeps each rank's shard of them). Called by `apply_lora`, and
+    by the loader after a model built on the meta device is materialised."""
+    generator = torch.Generator().manual_seed(model.lora_config.seed)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            pairs = [(module.lora_A.weight, module.lora_B.weight, _init_a(module.lora_A.weight.shape, generator))]
+        elif isinstance(module, ExpertLoRA):
+            E, H, r = module.gate_up_A.shape
+            I = module.down_A.shape[1]
+            gate_up, down = torch.empty(E, H, r), torch.empty(E, I, r)
+            for e in range(E):  # [E, in, r] holds A^T per expert: draw A [r, in] as PEFT would
+                gate_up[e] = _init_a((r, H), generator).T
+                down[e] = _init_a((r, I), generator).T
+            pairs = [(module.gate_up_A, module.gate_up_B, gate_up), (module.down_A, module.down_B, down)]
+        else:
+            continue
+        for a, b, values in pairs:
+            a.copy_(shaped_like(values, a))
+            b.zero_()
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> dict[str, int]:
@@ -157,40 +174,40 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> dict[str, int]:
         raise ValueError("this model already has LoRA adapters")
     model.requires_grad_(False)
     switch = AdapterSwitch()
-    generator = torch.Generator().manual_seed(config.seed)
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, Attention):
             for name in ATTENTION_TARGETS:
                 if name in config.targets:
-                    lora = LoRALinear(getattr(module, name), config, switch, generator)
+                    lora = LoRALinear(getattr(module, name), config, switch)
                     setattr(module, name, lora)
                     counts[name] = counts.get(name, 0) + lora.lora_A.weight.numel() + lora.lora_B.weight.numel()
         elif isinstance(module, Experts) and "experts" in config.targets:
             E, two_i = module.gate_up_proj_bias.shape
             H, I = module.down_proj_bias.shape[1], two_i // 2
-            module.lora = ExpertLoRA(E, H, I, config, switch, generator,
-                                     device=module.gate_up_proj_bias.device, dtype=torch.float32)
+            module.lora = ExpertLoRA(E, H, I, config, switch, device=module.gate_up_proj_bias.device,
+                                     dtype=torch.float32)
             counts["experts"] = counts.get("experts", 0) + sum(p.numel() for p in module.lora.parameters())
     for p in lora_parameters(model):
         p.requires_grad_(True)
     model.lora_config = config
     model.adapter_switch = switch
+    init_lora_weights(model)
     return counts
 
 
 def lora_parameters(model: nn.Module):
-    return [p for name, p in model.named_parameters() if _is_lora_name(name)]
+    return [p for name, p in model.named_parameters() if is_lora_name(name)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors by parameter name, whole (a sharded model's are gathered: every rank
     must call this then)."""
-    return {name: whole_tensor(p.detach()) for name, p in model.named_parameters() if _is_lora_name(name)}
+    return {name: whole_tensor(p.detach()) for name, p in model.named_parameters() if is_lora_name(name)}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    own = {name: p for name, p in model.named_parameters() if _is_lora_name(name)}
+    own = {name: p for name, p in model.named_parameters() if is_lora_name(name)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"adapter does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -202,7 +219,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             p.copy_(shaped_like(state[name], p))
 
 
-def _is_lora_name(name: str) -> bool:
+def is_lora_name(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or ".lora." in name
 
 

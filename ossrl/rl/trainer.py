@@ -39,7 +39,7 @@ from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.memory import configure_memory
 from ossrl.train.optim import make_loss_scaler, make_optimizer, make_scheduler
-from ossrl.train.sharding import full_optimizer_state, load_optimizer_state, shard_model
+from ossrl.train.sharding import full_optimizer_state, is_sharded, load_optimizer_state, shard_model
 from ossrl.train.sft import resolve_device_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -95,9 +95,20 @@ class GRPOTrainer:
             else config.device
         self.device, dtype = resolve_device_dtype(device, config.dtype)
         self.base_path = None
+        if config.fsdp and not dist.enabled:
+            raise ValueError("fsdp = true needs several processes: torchrun --nproc-per-node N ossrl train ...")
+        new_lora: dict[str, int] | None = None
+
+        def shard_on_load(m):  # on the meta device: no rank ever holds the whole model
+            nonlocal new_lora
+            if getattr(m, "lora_config", None) is None:
+                new_lora = apply_lora(m, config.lora)
+            shard_model(m)
+
         if model is None or isinstance(model, (str, Path)):
             path = resolve_checkpoint(model or config.model)
-            model = load_model(path, device=self.device, dtype=dtype, experts=config.experts)
+            model = load_model(path, device=self.device, dtype=dtype, experts=config.experts,
+                               prepare=shard_on_load if config.fsdp else None)
             self.base_path = base_checkpoint(path)  # an adapter directory names its base model
         elif config.model:
             self.base_path = Path(config.model)
@@ -124,6 +135,8 @@ class GRPOTrainer:
         if getattr(model, "lora_config", None) is None:
             counts = apply_lora(model, config.lora)
             self.log(format_trainable_counts(counts, model))
+        elif new_lora is not None:  # added while loading (fsdp)
+            self.log(format_trainable_counts(new_lora, model))
         else:  # a checkpoint that already carries adapters (e.g. after SFT): continue training them
             self.log(f"continuing the model's existing LoRA adapters (r={model.lora_config.r}); "
                      f"the config's [lora] table is ignored")
@@ -133,9 +146,8 @@ class GRPOTrainer:
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                          activation_budget_gb=config.activation_budget_gb)
         if config.fsdp:
-            if not dist.enabled:
-                raise ValueError("fsdp = true needs several processes: torchrun --nproc-per-node N ossrl train ...")
-            shard_model(model)  # parameters become shards: collected below
+            if not is_sharded(model):  # a model passed in whole
+                shard_model(model)  # parameters become shards: collected below
             self.log(f"FSDP: the model is sharded over {dist.world_size} ranks; rollouts decode in lockstep")
         self.params = lora_parameters(model)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)

@@ -27,6 +27,8 @@ def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activ
         raise ValueError("offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
     if activation_budget_gb is not None and activation_budget_gb < 0:
         raise ValueError(f"activation_budget_gb must be >= 0, got {activation_budget_gb}")
+    if gradient_checkpointing == "auto" and getattr(model, "sharded", False):
+        gradient_checkpointing = True  # the same recompute on every rank (ossrl.train.sharding)
     model.model.gradient_checkpointing = gradient_checkpointing
     model.model.offload_activations = offload_activations
     model.model.activation_budget = None if activation_budget_gb is None else int(activation_budget_gb * (1 << 30))
