@@ -15,10 +15,13 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed
+from torch.distributed.tensor import DTensor
 
 from ossrl.model.config import GptOssConfig
 from ossrl.model.gptoss import GptOssForCausalLM
 from ossrl.model.loading import save_model
+from ossrl.model.lora import init_lora_weights, is_lora_name
 
 TINY_DEFAULTS = dict(
     vocab_size=320,  # 256 byte tokens + the harmony special tokens, padded
@@ -47,18 +50,22 @@ def _fill_random(model: GptOssForCausalLM, normal, randint) -> None:
     """Random weights in place, scaled so activations stay O(1) and routing is not degenerate.
 
     normal(shape, std) and randint(low, high, shape, dtype) draw from the caller's generator;
-    parameters and then MXFP4 buffers are visited in registration order.
+    parameters and then MXFP4 buffers are visited in registration order. Adapters are left alone
+    (`init_lora_weights`); a sharded parameter (a DTensor) gets random values in its own shard.
     """
     for name, p in model.named_parameters():
+        if is_lora_name(name):
+            continue
         leaf = name.rpartition(".")[2]
+        local = p.to_local() if isinstance(p, DTensor) else p
         if name.endswith("norm.weight"):
-            p.copy_(1.0 + normal(p.shape, 0.1))
+            local.copy_(1.0 + normal(local.shape, 0.1))
         elif leaf == "sinks" or name.endswith("embed_tokens.weight"):
-            p.copy_(normal(p.shape, 1.0))
+            local.copy_(normal(local.shape, 1.0))
         elif leaf in ("bias", "gate_up_proj_bias", "down_proj_bias"):
-            p.copy_(normal(p.shape, 0.1))
+            local.copy_(normal(local.shape, 0.1))
         else:  # [out, in] linear weights and [E, in, out] experts: 1/sqrt(fan-in)
-            p.copy_(normal(p.shape, p.shape[1] ** -0.5))
+            local.copy_(normal(local.shape, p.shape[1] ** -0.5))
     for name, b in model.named_buffers():
         if name.endswith("_blocks"):
             b.copy_(randint(0, 256, b.shape, torch.uint8))
@@ -127,19 +134,27 @@ def ascii_fraction_unless_flat(prompts, completions, completion_ids, flat=None, 
 @torch.no_grad()
 def random_model_on_device(config: GptOssConfig, *, device: str | torch.device = "cuda",
                            dtype: torch.dtype = torch.bfloat16, expert_format: str = "mxfp4",
-                           seed: int = 0) -> GptOssForCausalLM:
+                           seed: int = 0, prepare=None) -> GptOssForCausalLM:
     """A full-size model with random weights made directly on `device` (benchmarks: 20b/120b
     shapes without 13+ GB of host traffic). Same scales as `random_model`; deterministic per seed
-    and device."""
+    and device. `prepare(model)` runs on the meta device first, as in `load_model` (adapters,
+    sharding: each rank then draws only its shards, from the generator of seed + rank, so a
+    sharded model's values differ from an unsharded one's)."""
     with torch.device("meta"):
         model = GptOssForCausalLM(config, expert_format=expert_format, dtype=dtype)
+    model.requires_grad_(False)
+    if prepare is not None:
+        prepare(model)
+        if torch.distributed.is_initialized():
+            seed += torch.distributed.get_rank()
     model.to_empty(device=device)
     model.model.reset_rope()
     gen = torch.Generator(device=device).manual_seed(seed)
     _fill_random(model,
                  lambda shape, std: torch.randn(shape, generator=gen, device=device) * std,
                  lambda low, high, shape, dt: torch.randint(low, high, shape, generator=gen, device=device, dtype=dt))
-    model.requires_grad_(False)
+    if getattr(model, "lora_config", None) is not None:  # adapters added by `prepare`
+        init_lora_weights(model)
     return model.eval()
 
 

@@ -167,3 +167,25 @@ def test_loading_sharded_keeps_only_each_ranks_part_and_computes_the_same_model(
                     torch.testing.assert_close(got["adapter"][name], t)
                 else:
                     assert not got["adapter"][name].any()
+
+
+def test_multigpu_benchmark_runs_on_cpu_processes(tmp_path):
+    """benchmarks/multigpu.py (written for several GPUs) on a tiny model under gloo: the FSDP memory
+    mode on 2 ranks and the GRPO mode in one process, merged with a scaling-efficiency table."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multigpu.py")
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), script, "fsdp", "--model", "tiny", "--device", "cpu",
+                           "--tokens", "64,128", "--out", str(tmp_path / "fsdp_2.json")],
+                          env=ENV, capture_output=True, timeout=600)
+    assert fsdp.returncode == 0, fsdp.stderr.decode()[-3000:]
+    grpo = subprocess.run([sys.executable, script, "grpo", "--model", "tiny", "--device", "cpu", "--steps", "2",
+                           "--max-completion-length", "8", "--out", str(tmp_path / "grpo_1.json")],
+                          env=ENV, capture_output=True, timeout=600)
+    assert grpo.returncode == 0, grpo.stderr.decode()[-3000:]
+    merged = tmp_path / "multigpu.json"
+    subprocess.run([sys.executable, script, "merge", str(tmp_path / "fsdp_2.json"), str(tmp_path / "grpo_1.json"),
+                    "--out", str(merged)], env=ENV, check=True, capture_output=True, timeout=600)
+    result = json.loads(merged.read_text())
+    assert [r["tokens_per_rank"] for r in result["fsdp"][0]["rows"]] == [64, 128]
+    assert result["fsdp"][0]["gpus"] == 2
+    assert result["grpo_scaling_efficiency"]["1"]["time/step"] == 1.0
