@@ -58,10 +58,16 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointing(tiny_mxfp4, tmp_path):
+def prompts(tmp_path, count=8, **columns) -> tuple:
+    """(the JSONL dataset of `count` tasks, the run config path); columns: name -> fn(i)."""
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
-    cfg = tmp_path / "run.toml"
+    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}", **{k: f(i) for k, f in columns.items()}})
+                              for i in range(count)))
+    return data, tmp_path / "run.toml"
+
+
+def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointing(tiny_mxfp4, tmp_path):
+    data, cfg = prompts(tmp_path)
     write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "dapo")
     single(cfg, "--set", "gradient_checkpointing=true")
     write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "dapo")
@@ -79,9 +85,7 @@ def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointi
 
 def test_sharded_dynamic_sampling_keeps_idle_ranks_in_lockstep(tiny_mxfp4, tmp_path):
     """Top-up rounds where one rank has no prompts: it still takes part in every gathered forward."""
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}", "flat": i % 3 == 0}) for i in range(12)))
-    cfg = tmp_path / "run.toml"
+    data, cfg = prompts(tmp_path, 12, flat=lambda i: i % 3 == 0)
     extra = ["--set", "dynamic_sampling=true", "--set", "max_dynamic_sampling_retries=4", "--set", "max_steps=3",
              "--set", 'reward_funcs=["ossrl.testing:ascii_fraction_unless_flat"]']
     write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "grpo")
@@ -99,9 +103,7 @@ def test_sharded_dynamic_sampling_keeps_idle_ranks_in_lockstep(tiny_mxfp4, tmp_p
 def test_sharded_checkpoints_resume_in_one_process_and_back(tiny_mxfp4, tmp_path):
     """Checkpoints hold whole tensors: steps 1-2 sharded, 3-4 in one process, 5-6 sharded again
     == 6 steps in one process (adapter, optimizer moments, schedule, data position)."""
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
-    cfg = tmp_path / "run.toml"
+    data, cfg = prompts(tmp_path)
     write_config(cfg, tiny_mxfp4, data, tmp_path / "straight", "grpo")
     single(cfg, "--set", "max_steps=6")
     write_config(cfg, tiny_mxfp4, data, tmp_path / "moved", "grpo")
@@ -115,9 +117,7 @@ def test_sharded_checkpoints_resume_in_one_process_and_back(tiny_mxfp4, tmp_path
 
 
 def test_fsdp_needs_several_processes(tiny_mxfp4, tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"prompt": "Task"}))
-    cfg = tmp_path / "run.toml"
+    data, cfg = prompts(tmp_path, 1)
     write_config(cfg, tiny_mxfp4, data, tmp_path / "one", "grpo")
     run = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg), "--set", "fsdp=true"],
                          env=ENV, capture_output=True, timeout=600)
