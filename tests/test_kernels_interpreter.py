@@ -245,6 +245,38 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert ok, err
 
 
+_COMPILE_TRAINING_KERNEL = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ossrl.kernels import fused, moe_triton
+
+if sys.argv[1] == "rms_norm_backward":
+    fn, const = fused._rms_norm_backward_kernel, dict(BLOCK=4096)
+    types = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "eps": "fp32"}
+else:
+    fn, const = moe_triton._down_lora_backward_kernel, dict(H=2880, NEED_DW=True, NEED_DY=True, BLOCK=1024)
+    types = {"dout_ptr": "*bf16", "token_ptr": "*i64", "y_ptr": "*bf16", "w_ptr": "*fp32", "dw_ptr": "*fp32",
+             "dy_ptr": "*bf16"}
+sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.parametrize("kernel", ["rms_norm_backward", "down_lora_backward"])
+def test_training_backward_kernels_compile_for_hopper(kernel):
+    """The training path's one-kernel backwards compile for sm_90 with Triton's ptxas (20b sizes),
+    which the interpreter (their logic's tests above) never does."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_TRAINING_KERNEL, kernel], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
     """From 256 rows per expert MXFP4 layers decode once to a bf16 copy (20b: 1.06 GB), but not a
     120b layer (4.2 GB): it keeps the per-tile decode."""
