@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed
 from torch.distributed.tensor import DTensor
 
 from ossrl.model.config import GptOssConfig
@@ -138,15 +137,14 @@ def random_model_on_device(config: GptOssConfig, *, device: str | torch.device =
     """A full-size model with random weights made directly on `device` (benchmarks: 20b/120b
     shapes without 13+ GB of host traffic). Same scales as `random_model`; deterministic per seed
     and device. `prepare(model)` runs on the meta device first, as in `load_model` (adapters,
-    sharding: each rank then draws only its shards, from the generator of seed + rank, so a
-    sharded model's values differ from an unsharded one's)."""
+    sharding: each rank then draws only its shards' shapes from the same generator, so every rank
+    holds the same whole tensors and shards repeat across ranks; a benchmark's model, not the
+    unsharded model's values)."""
     with torch.device("meta"):
         model = GptOssForCausalLM(config, expert_format=expert_format, dtype=dtype)
     model.requires_grad_(False)
     if prepare is not None:
         prepare(model)
-        if torch.distributed.is_initialized():
-            seed += torch.distributed.get_rank()
     model.to_empty(device=device)
     model.model.reset_rope()
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -134,8 +134,8 @@ def load_adapter(model, path: str | os.PathLike) -> None:
     file = Path(path) / ADAPTER_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"{file}: adapter weights not found")
-    device = next(model.parameters()).device
-    state = {k: v.to(device) for k, v in from_peft_names(load_file(file), model.config.num_local_experts).items()}
+    # On the CPU: each tensor moves (a sharded model's: only its rank's part) as it is copied in.
+    state = from_peft_names(load_file(file), model.config.num_local_experts)
     try:
         load_lora_state_dict(model, state)
     except ValueError as e:

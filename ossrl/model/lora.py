@@ -201,8 +201,8 @@ def lora_parameters(model: nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors by parameter name, whole (a sharded model's are gathered: every rank
-    must call this then)."""
+    """The adapter tensors by parameter name, whole (a sharded model's are gathered onto the CPU
+    one at a time: every rank must call this then)."""
     return {name: whole_tensor(p.detach()) for name, p in model.named_parameters() if is_lora_name(name)}
 
 

@@ -128,6 +128,9 @@ class GRPOConfig:
         check(not self.offload_activations or self.gradient_checkpointing,
               "offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
         check(self.experts in ("auto", "bf16", "mxfp4"), f"experts must be auto, bf16 or mxfp4, got {self.experts!r}")
+        check(not (self.fsdp and self.activation_budget_gb is not None),
+              "activation_budget_gb applies to gradient_checkpointing = 'auto', which fsdp replaces by "
+              "checkpointing every layer (the same on every rank); remove one of them")
         check(not (self.fsdp and self.dtype == "float16"),
               "fsdp with dtype float16 is not supported (loss scaling over sharded gradients is untested); "
               "use bfloat16 or float32")

@@ -146,6 +146,9 @@ class GRPOTrainer:
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                          activation_budget_gb=config.activation_budget_gb)
         if config.fsdp:
+            if model.dtype == torch.float16:  # each rank would find overflows in its own shard only
+                raise ValueError("fsdp with an fp16 model is not supported (loss scaling over sharded "
+                                 "gradients); use bfloat16 or float32")
             if not is_sharded(model):  # a model passed in whole
                 shard_model(model)  # parameters become shards: collected below
             self.log(f"FSDP: the model is sharded over {dist.world_size} ranks; rollouts decode in lockstep")

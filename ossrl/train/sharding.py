@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-
 from ossrl.model.sharded import shaped_like, whole_tensor
 
 
@@ -65,7 +63,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` with every sharded state tensor gathered whole, on the CPU (a
     collective). Loadable by `load_optimizer_state` on any number of ranks, or by a plain optimizer."""
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
-    state["state"] = {i: {key: whole_tensor(v).cpu() if isinstance(v, DTensor) else v for key, v in values.items()}
+    state["state"] = {i: {key: whole_tensor(v) for key, v in values.items()}
                       for i, values in state["state"].items()}
     return state
 
