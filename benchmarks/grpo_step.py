@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--max-completion-length", type=int, default=1024)
     ap.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation: 64 / this completions each")
     ap.add_argument("--no-sleep-mode", action="store_true", help="keep the engine's KV pool and graphs between phases")
+    ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"),
+                    help="gradient_checkpointing: auto (the library default) or every layer recomputed")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -48,7 +50,8 @@ def main():
     model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
     config = GRPOConfig(output_dir=str(work / "run"), max_steps=args.steps, prompts_per_step=8, num_generations=8,
                         max_completion_length=args.max_completion_length, max_prompt_length=4096,
-                        loss_type="dapo", learning_rate=1e-5, progress_bar=False, gradient_checkpointing=True,
+                        loss_type="dapo", learning_rate=1e-5, progress_bar=False,
+                        gradient_checkpointing="auto" if args.checkpointing == "auto" else True,
                         gradient_accumulation_steps=args.micro_batches, enable_sleep_mode=not args.no_sleep_mode,
                         reward_funcs=["2048.function_works", "2048.no_cheating", "2048.strategy_succeeds"])
     trainer = GRPOTrainer(model, train_dataset=make_2048_dataset(64, seed=0), config=config, tokenizer=tokenizer)
@@ -56,10 +59,10 @@ def main():
     trainer.train()
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = ("time/step", "time/generate", "time/reward", "time/train", "tokens_per_second",
-            "completions/mean_length", "peak_memory_gb")
+            "completions/mean_length", "peak_memory_gb", "checkpointed_layers")
     result = {"benchmark": "grpo_step", **device_info(), "shape": "8 prompts x 8 generations, 20b, MXFP4 experts",
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
-              "enable_sleep_mode": not args.no_sleep_mode,
+              "enable_sleep_mode": not args.no_sleep_mode, "gradient_checkpointing": args.checkpointing,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs

@@ -273,3 +273,44 @@ def test_memory_options_are_validated(tiny, tmp_path):
         with pytest.raises(ValueError, match=match):
             tiny_grpo_config(tiny, tmp_path / "bad", **bad)
     assert GRPOConfig().gradient_checkpointing == "auto"
+
+
+def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_checkpointed(tiny, tmp_path, monkeypatch):
+    """An OOM in the training pass under gradient_checkpointing "auto" (simulated: the first log-prob
+    forward of step 1 raises) is not the end of the run: the pass is redone from zeroed gradients
+    with every layer checkpointed, and the run trains exactly like one checkpointed from the start."""
+    import ossrl.rl.step as step
+
+    real, raised = step.sequence_logprobs, []
+
+    def fails_once(model, *args, **kwargs):
+        if kwargs.get("with_entropy") and model.model.gradient_checkpointing == "auto" and not raised:
+            raised.append(1)
+            lp, _ = real(model, *args, **kwargs)  # a pass that got partway, as a real OOM would
+            lp.sum().backward()  # leaves gradients behind: the retry must start from zero
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(step, "sequence_logprobs", fails_once)
+    logged = []
+    trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                          config=tiny_grpo_config(tiny, tmp_path / "auto", gradient_checkpointing="auto"),
+                          log=logged.append)
+    trainer.train()
+    monkeypatch.setattr(step, "sequence_logprobs", real)
+    full = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                       config=tiny_grpo_config(tiny, tmp_path / "full", gradient_checkpointing=True),
+                       log=lambda *_: None)
+    full.train()
+    assert raised and trainer.model.model.gradient_checkpointing is True
+    assert any("ran out of memory" in line for line in logged)
+    metrics = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["oom_fallbacks"] == 1 and "oom_fallbacks" not in metrics[1]
+    a, b = lora_state_dict(trainer.model), lora_state_dict(full.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(torch.OutOfMemoryError):  # not "auto": an OOM is the user's to see
+        monkeypatch.setattr(step, "sequence_logprobs", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+        GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
+                    config=tiny_grpo_config(tiny, tmp_path / "true", gradient_checkpointing=True),
+                    log=lambda *_: None).train()

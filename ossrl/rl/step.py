@@ -8,6 +8,8 @@ back into the [B, T] layout `policy_loss` takes.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ossrl.kernels.attention import flex_supported
@@ -87,8 +89,11 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     overflow_steps = 0
     is_stats = []
     model.train()
-    for _ in range(c.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
+
+    def micro_batches() -> tuple[dict, int, float, list]:
+        """One pass over this rank's micro-batches, gradients accumulated: (metric sums, count,
+        loss, importance ratios)."""
+        sums, counts, loss_total, is_stats = {}, 0, 0.0, []
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
             lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
@@ -121,6 +126,31 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
             counts += 1
+        return sums, counts, loss_total, is_stats
+
+    oom_fallbacks = 0
+    for _ in range(c.num_iterations):
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                part = micro_batches()
+                break
+            except torch.OutOfMemoryError:
+                # "auto" checkpointing kept more activations than fit (its estimate is one layer's
+                # bytes times the layers, against free memory less a headroom): recompute every
+                # layer from now on and redo this pass, rather than lose the run.
+                if model.model.gradient_checkpointing != "auto":
+                    raise
+                model.model.gradient_checkpointing = True
+                oom_fallbacks += 1
+            gc.collect()  # the failed pass's tensors, released with the exception
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        for key, v in part[0].items():
+            sums[key] = sums.get(key, 0.0) + v
+        counts += part[1]
+        loss_total += part[2]
+        is_stats += part[3]
         dist.all_reduce_grads(params)  # scaled gradients: an overflow on any rank reaches every rank
         update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
         grad_norm = update["grad_norm"]
@@ -128,6 +158,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     out = {key: v / max(counts, 1) for key, v in sums.items()}
     out["loss"] = loss_total  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
+    if oom_fallbacks:
+        out["oom_fallbacks"] = oom_fallbacks  # "auto" checkpointing ran out of memory: now every layer
     if scaler.is_enabled():
         out["loss_scale"] = update["loss_scale"]  # the last optimizer step's
         out["overflow_steps"] = overflow_steps

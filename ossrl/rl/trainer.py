@@ -354,6 +354,9 @@ class GRPOTrainer:
             self.log(f"step {self.step + 1}: fp16 gradients overflowed (inf/NaN) in {train_metrics['overflow_steps']} "
                      f"of {c.num_iterations} optimizer steps, which were skipped; loss scale now "
                      f"{self.scaler.get_scale():g}")
+        if train_metrics.get("oom_fallbacks"):
+            self.log(f"step {self.step + 1}: gradient_checkpointing 'auto' ran out of memory; the pass was redone "
+                     f"with every layer checkpointed, which stays on for the rest of the run")
 
         lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
         truncated = torch.tensor([r.finish_reason == "length" for r in rollouts], dtype=torch.float32)
