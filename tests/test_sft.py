@@ -88,3 +88,42 @@ def test_sft_cli_with_overrides(tiny, data, tmp_path):
     assert main(["sft", str(path), "max_steps=2", "lora.alpha=8"]) == 0
     assert read_adapter_config(tmp_path / "cli" / "final" / "adapter").alpha == 8
     assert len(losses(tmp_path / "cli")) == 2
+
+
+def test_auto_checkpointing_out_of_memory_redoes_the_step_with_every_layer_checkpointed(tiny, data, tmp_path,
+                                                                                      monkeypatch):
+    """A simulated OOM in the third step (a refill of the shuffled order happens inside it) under
+    "auto": the step is redone from zeroed gradients and the order it started with, and the run
+    equals one checkpointed from the start."""
+    import ossrl.train.sft as sft
+
+    real, calls = sft.sequence_logprobs, []
+
+    def fails_once(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5 and model.model.gradient_checkpointing == "auto":
+            lp, _ = real(model, *args, **kwargs)
+            lp.sum().backward()  # partial gradients left behind
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, *args, **kwargs)
+
+    def run(name, checkpointing):
+        config = SFTConfig(model=str(tiny), data=str(data), output_dir=str(tmp_path / name), max_steps=4,
+                           learning_rate=3e-3, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                           max_length=256, gradient_checkpointing=checkpointing)
+        logged = []
+        final = train_sft(config, log=logged.append)
+        return final, logged
+
+    monkeypatch.setattr(sft, "sequence_logprobs", fails_once)
+    auto, logged = run("auto", "auto")
+    monkeypatch.setattr(sft, "sequence_logprobs", real)
+    full, _ = run("full", True)
+    assert any("ran out of memory" in line for line in logged)
+    records = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("oom_fallbacks", 0) for r in records] == [0, 0, 1, 0]
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
+    from safetensors.torch import load_file
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (auto, full))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)

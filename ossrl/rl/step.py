@@ -8,14 +8,13 @@ back into the [B, T] layout `policy_loss` takes.
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from ossrl.kernels.attention import flex_supported
 from ossrl.rl.distributed import DistContext
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+from ossrl.train.memory import with_checkpointing_fallback
 from ossrl.train.optim import optimizer_step
 
 
@@ -91,8 +90,9 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     model.train()
 
     def micro_batches() -> tuple[dict, int, float, list]:
-        """One pass over this rank's micro-batches, gradients accumulated: (metric sums, count,
+        """One pass over this rank's micro-batches from zeroed gradients: (metric sums, count,
         loss, importance ratios)."""
+        optimizer.zero_grad(set_to_none=True)
         sums, counts, loss_total, is_stats = {}, 0, 0.0, []
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
             lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
@@ -130,22 +130,9 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
 
     oom_fallbacks = 0
     for _ in range(c.num_iterations):
-        while True:
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                part = micro_batches()
-                break
-            except torch.OutOfMemoryError:
-                # "auto" checkpointing kept more activations than fit (its estimate is one layer's
-                # bytes times the layers, against free memory less a headroom): recompute every
-                # layer from now on and redo this pass, rather than lose the run.
-                if model.model.gradient_checkpointing != "auto":
-                    raise
-                model.model.gradient_checkpointing = True
-                oom_fallbacks += 1
-            gc.collect()  # the failed pass's tensors, released with the exception
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # "auto" checkpointing that runs out of memory redoes the pass with every layer checkpointed
+        part, fell_back = with_checkpointing_fallback(model, micro_batches)
+        oom_fallbacks += fell_back
         for key, v in part[0].items():
             sums[key] = sums.get(key, 0.0) + v
         counts += part[1]

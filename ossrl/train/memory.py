@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activations: bool = False,
@@ -34,3 +36,21 @@ def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activ
     model.model.activation_budget = None if activation_budget_gb is None else int(activation_budget_gb * (1 << 30))
     if offload_embeddings and model.device.type == "cuda":
         model.model.embed_tokens.to(torch.device("cpu"))
+
+
+def with_checkpointing_fallback(model, run_pass):
+    """run_pass() -> (its result, whether it ran out of memory first). The pass must start from
+    zeroed gradients and state it restores itself. Under gradient_checkpointing "auto" an
+    out-of-memory error (the estimate kept more activations than fit) switches the model to
+    checkpointing every layer for the rest of the run, and the pass runs again; otherwise the
+    error is the caller's."""
+    try:
+        return run_pass(), False
+    except torch.OutOfMemoryError:
+        if model.model.gradient_checkpointing != "auto":
+            raise
+        model.model.gradient_checkpointing = True
+    gc.collect()  # the failed pass's tensors went with the exception
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return run_pass(), True

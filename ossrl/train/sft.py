@@ -23,7 +23,7 @@ from ossrl.configs import dumps_toml, load_config, to_dict
 from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters
 from ossrl.train.checkpoint import atomic_directory, save_adapter
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
-from ossrl.train.memory import configure_memory
+from ossrl.train.memory import configure_memory, with_checkpointing_fallback
 from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
 
 
@@ -182,27 +182,43 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
     order: list[int] = []
     step, start = 0, time.time()
     while step < total_steps:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, token_sum = 0.0, 0
-        for _ in range(accum):
-            if len(order) < B:
-                epoch = list(range(len(sequences)))
-                rng.shuffle(epoch)
-                order += epoch
-            idx, order = order[:B], order[B:]
-            batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
-                                   max_tokens=config.max_length).to(device)
-            logprobs, _ = sequence_logprobs(model, batch)
-            loss = -logprobs.mean() / accum
-            scaler.scale(loss).backward()
-            loss_sum += float(loss.detach()) * accum
-            token_sum += logprobs.numel()
+        at_start = list(order), rng.getstate()
+
+        def micro_batches() -> tuple[float, int]:
+            """One step's micro-batches from zeroed gradients (and from the data order the step
+            started with, when redone): (loss, trained tokens)."""
+            nonlocal order
+            order = list(at_start[0])
+            rng.setstate(at_start[1])
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, token_sum = 0.0, 0
+            for _ in range(accum):
+                if len(order) < B:
+                    epoch = list(range(len(sequences)))
+                    rng.shuffle(epoch)
+                    order += epoch
+                idx, order = order[:B], order[B:]
+                batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
+                                       max_tokens=config.max_length).to(device)
+                logprobs, _ = sequence_logprobs(model, batch)
+                loss = -logprobs.mean() / accum
+                scaler.scale(loss).backward()
+                loss_sum += float(loss.detach()) * accum
+                token_sum += logprobs.numel()
+            return loss_sum, token_sum
+
+        (loss_sum, token_sum), fell_back = with_checkpointing_fallback(model, micro_batches)
+        if fell_back:
+            log(f"step {step + 1}: gradient_checkpointing 'auto' ran out of memory; the step was redone with "
+                f"every layer checkpointed, which stays on for the rest of the run")
         update = optimizer_step(optimizer, scheduler, scaler, params, config.max_grad_norm)
         grad_norm = update["grad_norm"]
         step += 1
         record = {"step": step, "loss": loss_sum / accum, "grad_norm": grad_norm,
                   "learning_rate": scheduler.get_last_lr()[0], "tokens": token_sum,
                   "seconds": round(time.time() - start, 3)}
+        if fell_back:
+            record["oom_fallbacks"] = 1
         if scaler.is_enabled():
             record.update(loss_scale=update["loss_scale"], overflow_steps=update["overflow"])
             if update["overflow"]:
