@@ -160,7 +160,7 @@ def test_datasets_have_per_row_seeds_and_the_shipped_jsonl_is_current():
     assert "Reasoning: high" in text and text.endswith("<|start|>assistant")
 
 
-@pytest.mark.parametrize("name", ["2048.toml", "2048-tiny.toml"])
+@pytest.mark.parametrize("name", ["2048.toml", "2048-tiny.toml", "2048-120b-fsdp.toml"])
 def test_example_configs_are_valid_grpo_configs(name):
     config = load_config(GRPOConfig, ROOT / "examples" / name, [])
     funcs = [resolve_reward_func(f) for f in config.reward_funcs]  # every name resolves
