@@ -275,10 +275,13 @@ def test_memory_options_are_validated(tiny, tmp_path):
     assert GRPOConfig().gradient_checkpointing == "auto"
 
 
-def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_checkpointed(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_checkpointed(tiny, tmp_path, monkeypatch,
+                                                                                      dropout):
     """An OOM in the training pass under gradient_checkpointing "auto" (simulated: the first log-prob
     forward of step 1 raises) is not the end of the run: the pass is redone from zeroed gradients
-    with every layer checkpointed, and the run trains exactly like one checkpointed from the start."""
+    (and, with LoRA dropout, the same random masks) with every layer checkpointed, and the run
+    trains exactly like one checkpointed from the start."""
     import ossrl.rl.step as step
 
     real, raised = step.sequence_logprobs, []
@@ -294,12 +297,14 @@ def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_check
     monkeypatch.setattr(step, "sequence_logprobs", fails_once)
     logged = []
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                          config=tiny_grpo_config(tiny, tmp_path / "auto", gradient_checkpointing="auto"),
+                          config=tiny_grpo_config(tiny, tmp_path / "auto", gradient_checkpointing="auto",
+                                                  lora=LoRAConfig(r=8, dropout=dropout)),
                           log=logged.append)
     trainer.train()
     monkeypatch.setattr(step, "sequence_logprobs", real)
     full = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
-                       config=tiny_grpo_config(tiny, tmp_path / "full", gradient_checkpointing=True),
+                       config=tiny_grpo_config(tiny, tmp_path / "full", gradient_checkpointing=True,
+                                               lora=LoRAConfig(r=8, dropout=dropout)),
                        log=lambda *_: None)
     full.train()
     assert raised and trainer.model.model.gradient_checkpointing is True

@@ -177,12 +177,14 @@ def test_auto_checkpointing_recomputes_only_the_layers_over_budget(budget_layers
     pos = torch.arange(11).expand(2, 11)
     cos, sin = model.model.rope_tables(pos, x.dtype)
     masks = {w: AttentionMask(pos, pos, window=w) for w in {model.config.window(i) for i in range(4)}}
-    layer_bytes = measure_saved_bytes(model.model.layers[0], x, cos, sin, masks, None)
+    # measured as a later layer sees it: its input needs a gradient
+    layer_bytes = measure_saved_bytes(model.model.layers[0], x.detach().requires_grad_(True), cos, sin, masks, None)
     assert layer_bytes > x.numel() * 4  # more than the output alone
     model.model.gradient_checkpointing = "auto"
-    model.model.activation_budget = int(budget_layers * layer_bytes)
-    calls = _layer_calls(model)
     plain = min(4, int(budget_layers))
+    # the budget also pays for the inputs the checkpointed layers keep
+    model.model.activation_budget = int(budget_layers * layer_bytes) + (4 - plain) * x.numel() * 4
+    calls = _layer_calls(model)
     for step in range(2):
         calls.clear()
         full_logits_logprobs(model, ids).sum().backward()
@@ -222,6 +224,29 @@ def test_measured_bytes_count_what_autograd_keeps_but_not_parameters_or_inputs()
     assert measure_saved_bytes(linear, x) == 4 * 10 * 4
     assert plain_layer_count(100, 24, 0) == 0 and plain_layer_count(100, 24, 950) == 9
     assert plain_layer_count(100, 24, 10**9) == 24 and plain_layer_count(0, 24, 0) == 24
+    # checkpointed layers keep their inputs (10 each): 9 plain layers cost 900 + 15 * 10
+    assert plain_layer_count(100, 24, 1050, input_bytes=10) == 9
+    assert plain_layer_count(100, 24, 1049, input_bytes=10) == 8
+    assert plain_layer_count(100, 24, 100, input_bytes=10) == 0  # not even the inputs fit: all checkpointed
+
+
+def test_auto_checkpointing_measures_a_layer_whose_input_needs_a_gradient():
+    """With LoRA on the experts only, the first layer's attention keeps nothing for its input's
+    gradient (the embedding output needs none) but every later layer's does: "auto" must count what
+    a later layer keeps (measured here directly on layer 1's real inputs), not what layer 0 does."""
+    model = random_model(tiny_config(num_hidden_layers=3), seed=4)
+    apply_lora(model, LoRAConfig(r=4, targets=("experts",)))
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    hook = model.model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(args))
+    full_logits_logprobs(model, ids).sum().backward()  # no checkpointing: layer 1's real inputs
+    hook.remove()
+    layer1 = measure_saved_bytes(model.model.layers[1], *seen[0])
+    x = seen[0][0].detach()  # what layer 0 keeps for an input without a gradient is less
+    assert measure_saved_bytes(model.model.layers[0], x, *seen[0][1:]) < layer1
+    configure_memory(model, gradient_checkpointing="auto")
+    full_logits_logprobs(model, ids).sum().backward()
+    assert model.model.layer_activation_bytes == layer1
 
 
 def test_embedding_table_on_another_device_changes_nothing():

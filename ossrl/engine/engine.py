@@ -66,7 +66,7 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with inference_kernels():  # one-launch glue kernels on CUDA; the trainer's passes keep PyTorch's
+            with inference_kernels():  # one-launch glue kernels on CUDA (ossrl.model.gptoss.inference_kernels)
                 return self._generate(prompts, n, params)
         finally:
             self.model.train(was_training)

@@ -4,10 +4,11 @@ Full checkpointing saves each decoder layer's input and runs every layer's forwa
 third more compute than a step that keeps all activations. Where memory allows (short and medium
 contexts on a large GPU, or after the rollout engine has released its KV pool) that recompute buys
 nothing. "auto" measures the bytes a layer keeps for backward (`measure_saved_bytes`: one forward of
-the first layer, before any activation is held, whose saved tensors are counted and then dropped;
+the first layer, its input marked as needing a gradient as every later layer's does, before any
+activation is held, whose saved tensors are counted and then dropped;
 it holds one layer's activations for a moment, less than the recompute of a checkpointed layer
 holds later in backward) and lets as many layers as fit within
-the activation budget keep theirs; the rest are checkpointed. Layers of one model keep about the
+the activation budget keep theirs, counting the inputs the checkpointed rest still keep. Layers of one model keep about the
 same bytes per token (sliding and full attention differ only in the mask), so one layer speaks for
 all, and the figure scales with the token count until a forward has more than twice the tokens last
 measured (the model measures again then).
@@ -81,8 +82,10 @@ def activation_budget(device: torch.device, layer_bytes: int) -> int:
     return max(free - 2 * layer_bytes - max(2 * GiB, total // 10), 0)
 
 
-def plain_layer_count(layer_bytes: int, num_layers: int, budget: int) -> int:
-    """How many layers keep their activations: as many as fit in `budget`, at most all."""
-    if layer_bytes <= 0:
+def plain_layer_count(layer_bytes: int, num_layers: int, budget: int, input_bytes: int = 0) -> int:
+    """How many layers keep their activations: the most p with p * layer_bytes plus the
+    (num_layers - p) * input_bytes the checkpointed layers still keep (their inputs) within
+    `budget`, at most all."""
+    if layer_bytes <= input_bytes:
         return num_layers
-    return max(0, min(num_layers, budget // layer_bytes))
+    return max(0, min(num_layers, (budget - num_layers * input_bytes) // (layer_bytes - input_bytes)))

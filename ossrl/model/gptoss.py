@@ -411,13 +411,17 @@ class GptOssModel(nn.Module):
         and again when a forward has more than twice the tokens last measured."""
         tokens = x.shape[0] * x.shape[1]
         if self._measured is None or tokens > 2 * self._measured[0]:
-            self._measured = (tokens, measure_saved_bytes(self.layers[0], x, cos, sin, masks, None))
+            # The embedding output needs no gradient, but every later layer's input does, and a layer
+            # whose input needs one keeps more (its attention's tensors when LoRA is on experts only).
+            probe = x.detach().requires_grad_(True)
+            self._measured = (tokens, measure_saved_bytes(self.layers[0], probe, cos, sin, masks, None))
         layer_bytes = -(-self._measured[1] * tokens // self._measured[0])
         self.layer_activation_bytes = layer_bytes
         budget = self.activation_budget
         if budget is None:
             budget = activation_budget(x.device, layer_bytes)
-        return plain_layer_count(layer_bytes, len(self.layers), budget)
+        # a checkpointed layer still keeps its input: tokens x hidden of the residual stream
+        return plain_layer_count(layer_bytes, len(self.layers), budget, input_bytes=x.numel() * x.element_size())
 
 
 class GptOssForCausalLM(nn.Module):

@@ -40,10 +40,11 @@ def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activ
 
 def with_checkpointing_fallback(model, run_pass):
     """run_pass() -> (its result, whether it ran out of memory first). The pass must start from
-    zeroed gradients and state it restores itself. Under gradient_checkpointing "auto" an
-    out-of-memory error (the estimate kept more activations than fit) switches the model to
-    checkpointing every layer for the rest of the run, and the pass runs again; otherwise the
-    error is the caller's."""
+    zeroed gradients and restore any state of its own (data order); torch's random state (LoRA
+    dropout) is restored here. Under gradient_checkpointing "auto" an out-of-memory error (the
+    estimate kept more activations than fit) switches the model to checkpointing every layer for
+    the rest of the run, and the pass runs again; otherwise the error is the caller's."""
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         return run_pass(), False
     except torch.OutOfMemoryError:
@@ -51,6 +52,8 @@ def with_checkpointing_fallback(model, run_pass):
             raise
         model.model.gradient_checkpointing = True
     gc.collect()  # the failed pass's tensors went with the exception
-    if torch.cuda.is_available():
+    if rng[1] is not None:
         torch.cuda.empty_cache()
+        torch.cuda.set_rng_state_all(rng[1])
+    torch.set_rng_state(rng[0])
     return run_pass(), True
