@@ -83,6 +83,21 @@ def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointi
     assert sorted(s["completion"] for s in sf) == sorted(s["completion"] for s in ss)
 
 
+def test_sharded_ranks_with_a_kl_reference_and_two_optimisation_passes(tiny_mxfp4, tmp_path):
+    """beta > 0 (reference log-probs with the adapters switched off) and num_iterations = 2 (old
+    log-probs, two optimizer steps per batch): more no-grad forwards, each gathering shards."""
+    data, cfg = prompts(tmp_path)
+    extra = ["--set", "beta=0.04", "--set", "num_iterations=2"]
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "grpo")
+    single(cfg, *extra)
+    write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "grpo")
+    sharded(cfg, *extra)
+    ms, mf = lines(tmp_path / "single" / "metrics.jsonl"), lines(tmp_path / "fsdp" / "metrics.jsonl")
+    assert [m["kl"] for m in mf] == pytest.approx([m["kl"] for m in ms], rel=1e-4, abs=1e-9)
+    assert any(m["kl"] > 0 for m in ms)  # the second pass and step moved the policy off the reference
+    adapters_close(tmp_path / "single", tmp_path / "fsdp")
+
+
 def test_sharded_dynamic_sampling_keeps_idle_ranks_in_lockstep(tiny_mxfp4, tmp_path):
     """Top-up rounds where one rank has no prompts: it still takes part in every gathered forward."""
     data, cfg = prompts(tmp_path, 12, flat=lambda i: i % 3 == 0)
