@@ -204,3 +204,37 @@ def test_multigpu_benchmark_runs_on_cpu_processes(tmp_path):
     assert [r["tokens_per_rank"] for r in result["fsdp"][0]["rows"]] == [64, 128]
     assert result["fsdp"][0]["gpus"] == 2
     assert result["grpo_scaling_efficiency"]["1"]["time/step"] == 1.0
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sft_on_two_ranks_equals_one_process_with_twice_the_micro_batches(tiny_mxfp4, tmp_path, fsdp):
+    """`ossrl sft` under torchrun: each rank trains every other micro-batch of the global order
+    (plain data parallelism: gradients all-reduced; fsdp: the layers sharded), against one process
+    with twice the gradient accumulation; 12 conversations, so steps cross an epoch's reshuffle."""
+    words = ["up", "down", "left", "right", "red", "blue", "one", "two", "cat", "dog", "yes", "no"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                       {"role": "assistant", "thinking": "easy", "content": w}]})
+                              for w in words))
+
+    def config(name, accum):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'model = "{tiny_mxfp4}"\ndata = "{data}"\noutput_dir = "{tmp_path / name}"\n'
+                        f"max_steps = 4\nper_device_train_batch_size = 2\ngradient_accumulation_steps = {accum}\n"
+                        f"learning_rate = 5e-3\nmax_length = 256\ngradient_checkpointing = true\n"
+                        f"[lora]\nr = 4\n")
+        return path
+
+    one = subprocess.run([sys.executable, "-m", "ossrl.cli", "sft", str(config("single", 4))], env=ENV,
+                         capture_output=True, timeout=600)
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "ossrl.cli", "sft", str(config("dp", 2)),
+                          f"fsdp={'true' if fsdp else 'false'}"], env=ENV, capture_output=True, timeout=600)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    ms, md = lines(tmp_path / "single" / "metrics.jsonl"), lines(tmp_path / "dp" / "metrics.jsonl")
+    assert [m["step"] for m in md] == [1, 2, 3, 4]  # rank 0 alone logged
+    assert [m["loss"] for m in md] == pytest.approx([m["loss"] for m in ms], rel=1e-5)
+    assert [m["tokens"] for m in md] == [m["tokens"] for m in ms]
+    assert [m["grad_norm"] for m in md] == pytest.approx([m["grad_norm"] for m in ms], rel=1e-4)
+    adapters_close(tmp_path / "single", tmp_path / "dp")

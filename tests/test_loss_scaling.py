@@ -11,7 +11,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict
-from ossrl.rl.distributed import DistContext
+from ossrl.train.distributed import DistContext
 from ossrl.rl.trainer import GRPOTrainer
 from ossrl.testing import (ascii_fraction_reward, fp16_outlier_models, random_model, tiny_config,
                            tiny_grpo_config, write_tiny_checkpoint)

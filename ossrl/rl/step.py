@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ossrl.kernels.attention import flex_supported
-from ossrl.rl.distributed import DistContext
+from ossrl.train.distributed import DistContext
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import with_checkpointing_fallback

@@ -30,7 +30,7 @@ from ossrl.engine.sampling import SamplingParams
 from ossrl.model.chat import assistant_stop_token_ids, render_prompt
 from ossrl.model.lora import apply_lora, format_trainable_counts, lora_parameters, lora_state_dict
 from ossrl.rl.config import GRPOConfig
-from ossrl.rl.distributed import DistContext, init_distributed
+from ossrl.train.distributed import DistContext, init_distributed
 from ossrl.rl.logging import RunLogger
 from ossrl.rl.loss import group_advantages
 from ossrl.rl.rewards import compute_rewards, resolve_reward_func

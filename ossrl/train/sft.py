@@ -7,6 +7,10 @@ Data is JSON lines, one conversation per line: {"messages": [{"role": "user", "c
 harmony format (`render_training`), sequences are packed into rows of `max_length` tokens, and
 the loss is the mean negative log-prob of the trained (assistant) tokens, computed in chunks.
 LoRA by default; `full_finetune = true` trains every weight (small models, e.g. the demo's).
+
+Under torchrun each rank trains its share of every step's micro-batches (ossrl.train.distributed:
+N ranks with gradient_accumulation_steps A train like one process with N*A micro-batches), and
+`fsdp = true` shards the model's layers over the ranks (ossrl.train.sharding; LoRA only).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from pathlib import Path
 import torch
 
 from ossrl.configs import dumps_toml, load_config, to_dict
-from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters
+from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters, lora_state_dict
 from ossrl.train.checkpoint import atomic_directory, save_adapter
+from ossrl.train.distributed import init_distributed
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import configure_memory, with_checkpointing_fallback
 from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
+from ossrl.train.sharding import shard_model
 
 
 @dataclass
@@ -56,6 +62,7 @@ class SFTConfig:
     logging_steps: int = 10
     save_steps: int = 0
     seed: int = 42
+    fsdp: bool = False  # under torchrun: shard the layers over the ranks (LoRA only)
 
     def __post_init__(self):
         if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
@@ -72,6 +79,10 @@ class SFTConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         if self.reasoning_effort not in ("low", "medium", "high"):
             raise ValueError(f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
+        if self.fsdp and (self.full_finetune or self.dtype == "float16" or self.activation_budget_gb is not None):
+            raise ValueError("fsdp trains LoRA adapters in bfloat16 or float32 with every layer checkpointed the "
+                             "same way on every rank: it excludes full_finetune, dtype float16 and "
+                             "activation_budget_gb")
         if self.full_finetune and self.dtype == "float16":
             raise ValueError("full_finetune with dtype float16 is not supported: the weights would be fp16 "
                              "AdamW masters, whose small updates and optimizer state underflow. Train LoRA "
@@ -127,24 +138,40 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
     from ossrl.model.loading import load_model, resolve_checkpoint, save_model
     from ossrl.model.tokenizer import load_tokenizer
 
+    ctx = init_distributed()
+    if config.fsdp and not ctx.enabled:
+        raise ValueError("fsdp = true needs several processes: torchrun --nproc-per-node N ossrl sft ...")
+    log = log if ctx.is_main else (lambda *_: None)
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    rng = random.Random(config.seed)  # the same data order on every rank: each takes its share
+    device = config.device
+    if device == "auto" and ctx.enabled and torch.cuda.is_available():
+        device = f"cuda:{ctx.local_rank}"
+    device, dtype = resolve_device_dtype(device, config.dtype)
     base = resolve_checkpoint(config.model)
-    model = load_model(base, device=device, dtype=dtype, experts="bf16" if config.full_finetune else "auto")
+    counts = {}
+
+    def shard_on_load(m):  # on the meta device: no rank ever holds the whole model
+        counts.update(apply_lora(m, config.lora))
+        shard_model(m)
+
+    model = load_model(base, device=device, dtype=dtype, experts="bf16" if config.full_finetune else "auto",
+                       prepare=shard_on_load if config.fsdp else None)
     tokenizer = load_tokenizer(base)
     if config.full_finetune:
         model.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         log(f"full fine-tuning: {sum(p.numel() for p in params):,} parameters")
     else:
-        counts = apply_lora(model, config.lora)
+        if not config.fsdp:
+            counts = apply_lora(model, config.lora)
         params = lora_parameters(model)
         log(format_trainable_counts(counts, model))
     configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                      offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                      activation_budget_gb=config.activation_budget_gb)
     model.train()
+    W = ctx.world_size
 
     sequences, masks, dropped = tokenize_conversations(
         tokenizer, read_conversations(config.data), reasoning_effort=config.reasoning_effort,
@@ -155,7 +182,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
         raise ValueError(f"{config.data}: no conversation has trainable tokens")
     B, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
     micro_per_epoch = (len(sequences) + B - 1) // B
-    steps_per_epoch = max(micro_per_epoch // accum, 1)
+    steps_per_epoch = max(micro_per_epoch // (accum * W), 1)  # a step: accum micro-batches on each rank
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
 
     optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -163,20 +190,27 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                                total_steps=total_steps)
     scaler = make_loss_scaler(model)  # fp16 mode only; a pass-through otherwise
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dumps_toml(to_dict(config)))
-    metrics = (out / "metrics.jsonl").open("a")
+    metrics = None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dumps_toml(to_dict(config)))
+        metrics = (out / "metrics.jsonl").open("a")
 
     def save(name: str) -> Path:
+        adapter = None if config.full_finetune else lora_state_dict(model)  # gathered on every rank if sharded
+        if not ctx.is_main:  # rank 0 writes; the others wait until it is on disk
+            ctx.barrier()
+            return out / name
         with atomic_directory(out / name) as tmp:
             if config.full_finetune:
                 save_model(model, tmp)
             else:
-                save_adapter(model, tmp / "adapter", base_model=str(base))
+                save_adapter(model, tmp / "adapter", base_model=str(base), state=adapter)
             for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                           "generation_config.json"):
                 if (base / extra).is_file():
                     (tmp / extra).write_bytes((base / extra).read_bytes())
+        ctx.barrier()
         return out / name
 
     order: list[int] = []
@@ -192,18 +226,20 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             rng.setstate(at_start[1])
             optimizer.zero_grad(set_to_none=True)
             loss_sum, token_sum = 0.0, 0
-            for _ in range(accum):
+            for j in range(accum * W):  # the step's micro-batches in the global order; this rank's share
                 if len(order) < B:
                     epoch = list(range(len(sequences)))
                     rng.shuffle(epoch)
                     order += epoch
                 idx, order = order[:B], order[B:]
+                if j % W != ctx.rank:
+                    continue
                 batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
                                        max_tokens=config.max_length).to(device)
                 logprobs, _ = sequence_logprobs(model, batch)
-                loss = -logprobs.mean() / accum
+                loss = -logprobs.mean() / (accum * W)
                 scaler.scale(loss).backward()
-                loss_sum += float(loss.detach()) * accum
+                loss_sum += float(loss.detach()) * accum * W
                 token_sum += logprobs.numel()
             return loss_sum, token_sum
 
@@ -211,10 +247,12 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
         if fell_back:
             log(f"step {step + 1}: gradient_checkpointing 'auto' ran out of memory; the step was redone with "
                 f"every layer checkpointed, which stays on for the rest of the run")
+        ctx.all_reduce_grads(params)  # sums (a sharded model's were reduce-scattered already)
         update = optimizer_step(optimizer, scheduler, scaler, params, config.max_grad_norm)
         grad_norm = update["grad_norm"]
         step += 1
-        record = {"step": step, "loss": loss_sum / accum, "grad_norm": grad_norm,
+        loss_sum, token_sum = ctx.sum(loss_sum), int(ctx.sum(token_sum))
+        record = {"step": step, "loss": loss_sum / (accum * W), "grad_norm": grad_norm,
                   "learning_rate": scheduler.get_last_lr()[0], "tokens": token_sum,
                   "seconds": round(time.time() - start, 3)}
         if fell_back:
@@ -224,14 +262,16 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             if update["overflow"]:
                 log(f"step {step}: fp16 gradients overflowed (inf/NaN); optimizer step skipped, "
                     f"loss scale {update['loss_scale']:g} -> {scaler.get_scale():g}")
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
         if step % config.logging_steps == 0 or step == total_steps:
             log(f"step {step}/{total_steps}  loss {record['loss']:.4f}  grad_norm {grad_norm:.3f}  "
                 f"lr {record['learning_rate']:.2e}")
         if config.save_steps > 0 and step % config.save_steps == 0 and step < total_steps:
             save(f"checkpoints/step-{step}")
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     final = save("final")
     log(f"saved {final}")
     return final

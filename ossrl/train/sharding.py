@@ -13,7 +13,7 @@ lm_head stay whole on every rank: the embedding's rows are gathered and the chun
 the lm_head outside any layer's forward, and together they are two of 120b's 117 billion
 parameters. Gradients are reduce-scattered as sums (divide factor 1): the trainer's losses already
 carry the global batch's normalisers, exactly as under plain data parallelism
-(ossrl.rl.distributed), so N sharded ranks train like one process with the global batch.
+(ossrl.train.distributed), so N sharded ranks train like one process with the global batch.
 
 The one thing to know: every rank must run the same sequence of layer forwards and backwards,
 because each gathers its parameters with a collective. The trainer's micro-batches are equal in

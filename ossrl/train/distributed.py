@@ -1,12 +1,15 @@
-"""Data-parallel GRPO through torch.distributed (torchrun): one process per GPU, or gloo on CPU.
+"""Data parallelism through torch.distributed (torchrun) for the trainers: one process per GPU,
+or gloo on CPU.
 
-    torchrun --nproc-per-node N ossrl train CONFIG.toml
+    torchrun --nproc-per-node N ossrl train CONFIG.toml     # GRPO (ossrl.rl.trainer)
+    torchrun --nproc-per-node N ossrl sft CONFIG.toml       # SFT (ossrl.train.sft)
 
-Each rank generates and scores the groups of its share of the step's prompts (a prompt's group
-never spans ranks, so advantages stay per group), computes its loss with the normalisers of the
-global batch, and the LoRA gradients are summed across ranks before the optimiser step, so every
-rank applies the same update to the same weights. W ranks each with gradient_accumulation_steps A
-compute what one process computes with W*A micro-batches. Only rank 0 logs and writes checkpoints.
+Each rank computes its share of the step (GRPO: the groups of its share of the prompts, a prompt's
+group never spanning ranks, so advantages stay per group; SFT: its share of the micro-batches) with
+the normalisers of the global batch, and the trained gradients are summed across ranks before the
+optimiser step, so every rank applies the same update to the same weights. W ranks each with
+gradient_accumulation_steps A compute what one process computes with W*A micro-batches. Only rank 0
+logs and writes checkpoints.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
 """
 
