@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
-from ossrl.rl.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from ossrl.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from ossrl.testing import random_model_on_device, tiny_config  # noqa: E402
 from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402

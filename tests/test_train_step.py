@@ -249,6 +249,20 @@ def test_auto_checkpointing_measures_a_layer_whose_input_needs_a_gradient():
     assert model.model.layer_activation_bytes == layer1
 
 
+def test_measuring_forward_frees_what_it_measured():
+    """The measuring forward's graph holds the pack hook, whose closure held the output: a cycle
+    through C++ that gc does not break, leaking one layer's activations per measurement."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16))
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    assert measure_saved_bytes(model, torch.randn(8, 16, requires_grad=True)) > 0
+    gc.collect()
+    assert outputs and outputs[0]() is None
+
+
 def test_embedding_table_on_another_device_changes_nothing():
     model, _ = lora_model(seed=6)
     ids = torch.randint(0, model.config.vocab_size, (1, 9))

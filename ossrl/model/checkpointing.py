@@ -54,10 +54,15 @@ def measure_saved_bytes(module: torch.nn.Module, *args) -> int:
             held[ptr] = t
         return _Dropped
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-        out = module(*args)
-    held[out.untyped_storage().data_ptr()] = out
-    return sum(t.untyped_storage().nbytes() for t in held.values())
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            out = module(*args)
+        held[out.untyped_storage().data_ptr()] = out
+        return sum(t.untyped_storage().nbytes() for t in held.values())
+    finally:
+        # The graph keeps the hook, whose closure keeps `held`, which keeps the output and with it
+        # the graph: a cycle through C++ that gc cannot break. Emptying `held` frees everything.
+        held.clear()
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:

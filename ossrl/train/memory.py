@@ -1,8 +1,9 @@
 """Memory options of the training step, set on a model in one place (SFT and GRPO share them).
 
 - gradient_checkpointing: True recomputes every decoder layer in backward, saving only its input;
-  "auto" recomputes only the layers whose activations do not fit in free memory (measured on the
-  first layer each forward: ossrl.model.checkpointing), so short contexts on a large GPU skip the
+  "auto" recomputes only the layers whose activations do not fit in free memory (a layer's bytes
+  measured on the first training forward, and again when the token count more than doubles:
+  ossrl.model.checkpointing), so short contexts on a large GPU skip the
   recompute (about a third of the step's compute) and long ones fall back to checkpointing;
   False keeps every activation.
 - offload_activations: with checkpointing, the checkpointed layers' saved inputs wait in pinned
@@ -44,7 +45,7 @@ def with_checkpointing_fallback(model, run_pass):
     dropout) is restored here. Under gradient_checkpointing "auto" an out-of-memory error (the
     estimate kept more activations than fit) switches the model to checkpointing every layer for
     the rest of the run, and the pass runs again; otherwise the error is the caller's."""
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         return run_pass(), False
     except torch.OutOfMemoryError:
