@@ -84,10 +84,11 @@ def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointi
 
 
 def test_sharded_ranks_with_a_kl_reference_and_two_optimisation_passes(tiny_mxfp4, tmp_path):
-    """beta > 0 (reference log-probs with the adapters switched off) and num_iterations = 2 (old
-    log-probs, two optimizer steps per batch): more no-grad forwards, each gathering shards."""
+    """beta > 0 (reference log-probs with the adapters switched off), num_iterations = 2 (old
+    log-probs, two optimizer steps per batch) and LoRA dropout (its masks keyed on the global
+    micro-batch, not the rank): more no-grad forwards, each gathering shards."""
     data, cfg = prompts(tmp_path)
-    extra = ["--set", "beta=0.04", "--set", "num_iterations=2"]
+    extra = ["--set", "beta=0.04", "--set", "num_iterations=2", "--set", "lora.dropout=0.2"]
     write_config(cfg, tiny_mxfp4, data, tmp_path / "single", "grpo")
     single(cfg, *extra)
     write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "grpo")
@@ -210,7 +211,8 @@ def test_multigpu_benchmark_runs_on_cpu_processes(tmp_path):
 def test_sft_on_two_ranks_equals_one_process_with_twice_the_micro_batches(tiny_mxfp4, tmp_path, fsdp):
     """`ossrl sft` under torchrun: each rank trains every other micro-batch of the global order
     (plain data parallelism: gradients all-reduced; fsdp: the layers sharded), against one process
-    with twice the gradient accumulation; 12 conversations, so steps cross an epoch's reshuffle."""
+    with twice the gradient accumulation; 12 conversations, so steps cross an epoch's reshuffle;
+    LoRA dropout, whose masks follow the global micro-batch, not the rank."""
     words = ["up", "down", "left", "right", "red", "blue", "one", "two", "cat", "dog", "yes", "no"]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
@@ -222,7 +224,7 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_micro_batches(tiny_m
         path.write_text(f'model = "{tiny_mxfp4}"\ndata = "{data}"\noutput_dir = "{tmp_path / name}"\n'
                         f"max_steps = 4\nper_device_train_batch_size = 2\ngradient_accumulation_steps = {accum}\n"
                         f"learning_rate = 5e-3\nmax_length = 256\ngradient_checkpointing = true\n"
-                        f"[lora]\nr = 4\n")
+                        f"[lora]\nr = 4\ndropout = 0.2\n")
         return path
 
     one = subprocess.run([sys.executable, "-m", "ossrl.cli", "sft", str(config("single", 4))], env=ENV,
@@ -238,3 +240,34 @@ def test_sft_on_two_ranks_equals_one_process_with_twice_the_micro_batches(tiny_m
     assert [m["tokens"] for m in md] == [m["tokens"] for m in ms]
     assert [m["grad_norm"] for m in md] == pytest.approx([m["grad_norm"] for m in ms], rel=1e-4)
     adapters_close(tmp_path / "single", tmp_path / "dp")
+
+
+def _all_reduce_in_buckets(rank, init_file, out):
+    import torch.distributed as dist
+
+    from ossrl.train.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n, dtype in ((3, torch.float32), (7, torch.bfloat16),
+                                                                              (1, torch.float32), (5, torch.float32))]
+    for i, p in enumerate(params):
+        if not (rank == 1 and i == 2):  # rank 1 has no gradient for one parameter
+            p.grad = (torch.arange(p.numel()) + 10 * i + 100 * rank).to(p.dtype)
+    DistContext(rank=rank, world_size=2).all_reduce_grads(params, bucket_elements=4)  # several buckets
+    if rank == 0:
+        torch.save([p.grad for p in params], out)
+    dist.destroy_process_group()
+
+
+def test_gradient_all_reduce_sums_in_buckets_in_place(tmp_path):
+    """Buckets of about 4 elements over gradients of 3, 7 (bf16), 1 and 5: each gradient is the sum
+    over ranks, in its own dtype, and a gradient missing on one rank counts as zero there."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_all_reduce_in_buckets, args=(str(tmp_path / "init"), str(out)), nprocs=2)
+    grads = torch.load(out)
+    for i, (n, dtype) in enumerate(((3, torch.float32), (7, torch.bfloat16), (1, torch.float32), (5, torch.float32))):
+        expected = (torch.arange(n) + 10 * i) + (0 if i == 2 else torch.arange(n) + 10 * i + 100)
+        assert grads[i].dtype == dtype
+        torch.testing.assert_close(grads[i].float(), expected.float())

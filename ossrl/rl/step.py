@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ossrl.kernels.attention import flex_supported
-from ossrl.train.distributed import DistContext
+from ossrl.train.distributed import DistContext, micro_batch_rng
 from ossrl.rl.loss import importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import with_checkpointing_fallback
@@ -95,7 +95,10 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         optimizer.zero_grad(set_to_none=True)
         sums, counts, loss_total, is_stats = {}, 0, 0.0, []
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
-            lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
+            # LoRA dropout masks keyed on the global micro-batch, whichever rank trains it (a
+            # checkpointed layer's recompute restores the same state by itself)
+            with micro_batch_rng(c.seed, scheduler.last_epoch, dist.rank * len(chunks) + k, enabled=dropout > 0):
+                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
             entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
             behaviour = old[k] if old_pass else logprobs.detach()  # for the importance weights
@@ -145,6 +148,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     out = {key: v / max(counts, 1) for key, v in sums.items()}
     out["loss"] = loss_total  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
+    oom_fallbacks = int(dist.sum(oom_fallbacks))  # on any rank: rank 0 logs it
     if oom_fallbacks:
         out["oom_fallbacks"] = oom_fallbacks  # "auto" checkpointing ran out of memory: now every layer
     if scaler.is_enabled():

@@ -15,6 +15,7 @@ NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -37,20 +38,30 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce_grads(self, params) -> None:
-        """Sum the gradients of `params` across ranks (one flattened all-reduce). Sharded parameters
-        (DTensors: ossrl.train.sharding) are skipped: FSDP already reduce-scattered their sums."""
+    def all_reduce_grads(self, params, bucket_elements: int = 1 << 25) -> None:
+        """Sum the gradients of `params` across ranks, in fp32, in buckets of about
+        `bucket_elements` (128 MiB of fp32: the extra memory is one bucket, not a copy of every
+        gradient), written back in place. Sharded parameters (DTensors: ossrl.train.sharding) are
+        skipped: FSDP already reduce-scattered their sums."""
         params = [p for p in params if not isinstance(p, DTensor)]
         if not self.enabled or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
-            offset += n
+        for p in params:
+            if p.grad is None:  # a parameter another rank may have a gradient for
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, p in enumerate(params):
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= bucket_elements or i == len(params) - 1:
+                flat = torch.cat([g.reshape(-1).float() for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                offset = 0
+                for g in bucket:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                bucket, size = [], 0
 
     def sum(self, value: float) -> float:
         if not self.enabled:
@@ -72,6 +83,21 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, step: int, index: int, enabled: bool = True):
+    """Within the block torch's random state (LoRA dropout masks) is keyed on the global
+    micro-batch (the run's seed, the optimizer step, the micro-batch's index in the global batch),
+    not on the rank that trains it or on what ran before: the same masks in one process and on N
+    ranks. The state outside the block is left as it was. A no-op unless `enabled`."""
+    if not enabled:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + step) * 10_007 + index)
+        yield
 
 
 def init_distributed() -> DistContext:

@@ -26,7 +26,7 @@ import torch
 from ossrl.configs import dumps_toml, load_config, to_dict
 from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters, lora_state_dict
 from ossrl.train.checkpoint import atomic_directory, save_adapter
-from ossrl.train.distributed import init_distributed
+from ossrl.train.distributed import init_distributed, micro_batch_rng
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import configure_memory, with_checkpointing_fallback
 from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
@@ -172,6 +172,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                      activation_budget_gb=config.activation_budget_gb)
     model.train()
     W = ctx.world_size
+    dropout = 0.0 if config.full_finetune else config.lora.dropout
 
     sequences, masks, dropped = tokenize_conversations(
         tokenizer, read_conversations(config.data), reasoning_effort=config.reasoning_effort,
@@ -236,7 +237,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                     continue
                 batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
                                        max_tokens=config.max_length).to(device)
-                logprobs, _ = sequence_logprobs(model, batch)
+                with micro_batch_rng(config.seed, step, j, enabled=dropout > 0):  # masks per global micro-batch
+                    logprobs, _ = sequence_logprobs(model, batch)
                 loss = -logprobs.mean() / (accum * W)
                 scaler.scale(loss).backward()
                 loss_sum += float(loss.detach()) * accum * W
@@ -244,6 +246,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             return loss_sum, token_sum
 
         (loss_sum, token_sum), fell_back = with_checkpointing_fallback(model, micro_batches)
+        fell_back = ctx.sum(int(fell_back)) > 0  # on any rank: logged by rank 0
         if fell_back:
             log(f"step {step + 1}: gradient_checkpointing 'auto' ran out of memory; the step was redone with "
                 f"every layer checkpointed, which stays on for the rest of the run")
