@@ -8,10 +8,9 @@ frozen base (attention, router, bf16 experts) and its LoRA pairs, are split acro
 their first dimension, gathered for the layer's forward (and again for its backward), and freed
 after. MXFP4 expert blocks and scales are buffers, which FSDP does not shard: they stay whole on
 every rank (gpt-oss-120b in MXFP4 is 61 GiB; sharding is for its bf16 experts, 215 GiB of layers).
-`GptOssModel` is the root unit (the final norm). The embedding table and the
-lm_head stay whole on every rank: the embedding's rows are gathered and the chunked log-probs run
-the lm_head outside any layer's forward, and together they are two of 120b's 117 billion
-parameters. Gradients are reduce-scattered as sums (divide factor 1): the trainer's losses already
+`GptOssModel` is the root unit (the final norm). The embedding table and the lm_head stay whole
+on every rank: the embedding's rows are gathered and the chunked log-probs run the lm_head outside
+any layer's forward, and together they are 1.2 of 120b's 117 billion parameters. Gradients are reduce-scattered as sums (divide factor 1): the trainer's losses already
 carry the global batch's normalisers, exactly as under plain data parallelism
 (ossrl.train.distributed), so N sharded ranks train like one process with the global batch.
 
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from ossrl.model.sharded import shaped_like, whole_tensor
 
 
