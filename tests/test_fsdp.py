@@ -72,7 +72,9 @@ def test_sharded_ranks_train_like_one_process_with_mxfp4_experts_and_checkpointi
     single(cfg, "--set", "gradient_checkpointing=true")
     write_config(cfg, tiny_mxfp4, data, tmp_path / "fsdp", "dapo")
     run = sharded(cfg, "--set", "gradient_checkpointing=true")
-    assert "sharded over 2 ranks" in run.stdout.decode()
+    summary = next(line for line in run.stdout.decode().splitlines() if line.startswith("FSDP over 2 ranks"))
+    held, whole = summary.split("holds ")[1].split(" of layer")[0].split(" of ")
+    assert held != whole and "MXFP4 expert blocks" in summary  # (the shares: test_loading_sharded_...)
 
     adapters_close(tmp_path / "single", tmp_path / "fsdp")
     ms, mf = lines(tmp_path / "single" / "metrics.jsonl"), lines(tmp_path / "fsdp" / "metrics.jsonl")

@@ -39,7 +39,9 @@ from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.memory import configure_memory
 from ossrl.train.optim import make_loss_scaler, make_optimizer, make_scheduler
-from ossrl.train.sharding import full_optimizer_state, is_sharded, load_optimizer_state, shard_model
+from ossrl.train.sharding import (
+    full_optimizer_state, is_sharded, load_optimizer_state, shard_model, sharding_summary,
+)
 from ossrl.train.sft import resolve_device_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -151,7 +153,7 @@ class GRPOTrainer:
                                  "gradients); use bfloat16 or float32")
             if not is_sharded(model):  # a model passed in whole
                 shard_model(model)  # parameters become shards: collected below
-            self.log(f"FSDP: the model is sharded over {dist.world_size} ranks; rollouts decode in lockstep")
+            self.log(sharding_summary(model))
         self.params = lora_parameters(model)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -30,7 +30,7 @@ from ossrl.train.distributed import init_distributed, micro_batch_rng
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import configure_memory, with_checkpointing_fallback
 from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
-from ossrl.train.sharding import shard_model
+from ossrl.train.sharding import shard_model, sharding_summary
 
 
 @dataclass
@@ -167,6 +167,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             counts = apply_lora(model, config.lora)
         params = lora_parameters(model)
         log(format_trainable_counts(counts, model))
+        if config.fsdp:
+            log(sharding_summary(model))
     configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                      offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                      activation_budget_gb=config.activation_budget_gb)

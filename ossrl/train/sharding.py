@@ -59,6 +59,28 @@ def is_sharded(model) -> bool:
     return bool(getattr(model, "sharded", False))
 
 
+def sharding_summary(model) -> str:
+    """One line for the log: what this rank holds of the layers, and what stays whole."""
+    params = list(model.model.layers.parameters())
+    held = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
+               for p in params)
+    whole = sum(p.numel() * p.element_size() for p in params)
+    buffers = sum(b.numel() * b.element_size() for name, b in model.model.layers.named_buffers()
+                  if name.endswith(("_blocks", "_scales")))
+    line = (f"FSDP over {dist.get_world_size()} ranks: this rank holds {_size(held)} of {_size(whole)} of layer "
+            f"parameters")
+    if buffers:
+        line += f"; MXFP4 expert blocks and scales ({_size(buffers)}) stay whole on every rank"
+    return line + "; rollouts decode in lockstep"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` with every sharded state tensor gathered whole, on the CPU (a
     collective). Loadable by `load_optimizer_state` on any number of ranks, or by a plain optimizer."""
