@@ -5,13 +5,13 @@ third more compute than a step that keeps all activations. Where memory allows (
 contexts on a large GPU, or after the rollout engine has released its KV pool) that recompute buys
 nothing. "auto" measures the bytes a layer keeps for backward (`measure_saved_bytes`: one forward of
 the first layer, its input marked as needing a gradient as every later layer's does, before any
-activation is held, whose saved tensors are counted and then dropped;
-it holds one layer's activations for a moment, less than the recompute of a checkpointed layer
-holds later in backward) and lets as many layers as fit within
-the activation budget keep theirs, counting the inputs the checkpointed rest still keep. Layers of one model keep about the
-same bytes per token (sliding and full attention differ only in the mask), so one layer speaks for
-all, and the figure scales with the token count until a forward has more than twice the tokens last
-measured (the model measures again then).
+activation is held, whose saved tensors are counted and then dropped; it holds one layer's
+activations for a moment, less than the recompute of a checkpointed layer holds later in backward)
+and lets as many layers as fit within the activation budget keep theirs, counting the inputs the
+checkpointed rest still keep. Layers of one model keep about the same bytes per token (sliding and
+full attention differ only in the mask), so one layer speaks for all, and the figure scales with the
+token count until a forward has more than twice the tokens last measured (the model measures again
+then).
 
 The budget, unless given: what the device has free before the layers run (CUDA: free device memory
 plus what the caching allocator holds unused; CPU: MemAvailable), less a headroom for what the step

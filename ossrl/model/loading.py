@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from torch.distributed.tensor import DTensor
 
 from ossrl.kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ossrl.model.sharded import shaped_like, whole_tensor
 
@@ -62,8 +63,7 @@ def is_sharded(model) -> bool:
 def sharding_summary(model) -> str:
     """One line for the log: what this rank holds of the layers, and what stays whole."""
     params = list(model.model.layers.parameters())
-    held = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
-               for p in params)
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in params)
     whole = sum(p.numel() * p.element_size() for p in params)
     buffers = sum(b.numel() * b.element_size() for name, b in model.model.layers.named_buffers()
                   if name.endswith(("_blocks", "_scales")))
