@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
-from ossrl.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from ossrl.train.distributed import exit_distributed_process, init_distributed  # noqa: E402
 from ossrl.testing import random_model_on_device, tiny_config  # noqa: E402
 from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
@@ -160,7 +160,7 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({**facts(args.device, ctx.world_size), **result}, indent=2) + "\n")
         print(json.dumps(result.get("mean_steady", result.get("rows"))), flush=True)
-    shutdown_distributed()
+    exit_distributed_process()  # under torchrun (a gloo rank can abort at interpreter teardown)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -138,36 +137,22 @@ def cmd_write_tiny(args) -> int:
     return 0
 
 
-def _leave_process_group() -> None:
-    """Under torchrun: leave the group together, then exit without interpreter finalisation. On
-    CPU (gloo) a rank aborted during teardown in 3 of 5 full CI runs ("terminate called without an
-    active exception", exit -6) after the run had finished and been saved. Files are closed by
-    now, and sandbox workers exit when their pipes close."""
-    import torch.distributed as dist
-
-    from ossrl.train.distributed import shutdown_distributed
-
-    if dist.is_available() and dist.is_initialized():
-        shutdown_distributed()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
 def cmd_sft(args) -> int:
+    from ossrl.train.distributed import exit_distributed_process
     from ossrl.train.sft import sft_from_file
 
     sft_from_file(args.config, args.overrides)
-    _leave_process_group()
+    exit_distributed_process()  # under torchrun; returns in a single process
     return 0
 
 
 def cmd_train(args) -> int:
     from ossrl.rl.trainer import train_from_file
+    from ossrl.train.distributed import exit_distributed_process
 
     final = train_from_file(args.config, args.set)
     print(f"final checkpoint: {final}")
-    _leave_process_group()
+    exit_distributed_process()  # under torchrun; returns in a single process
     return 0
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ossrl.model.loading import load_model
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_state_dict
+from ossrl.train.distributed import exit_distributed_process
 from ossrl.train.sharding import shard_model
 
 checkpoint, experts, out = sys.argv[1:4]
@@ -28,5 +29,4 @@ with torch.no_grad():
 adapter = lora_state_dict(model)  # a collective: every rank
 if dist.get_rank() == 0:
     torch.save({"logits": logits, "held": held, "whole": whole, "adapter": adapter}, out)
-dist.barrier()
-dist.destroy_process_group()
+exit_distributed_process()  # not interpreter teardown: a gloo rank can abort there (exit -6)
