@@ -37,7 +37,7 @@ from ossrl.envs.strategy import StrategyResult, evaluate_strategy
 
 # Defaults of one evaluation inside training (a dataset column overrides each).
 GAME_DEFAULTS = {"games": 8, "board_size": 4, "target": 2048, "max_moves": 2000}
-MATMUL_DEFAULTS = {"sizes": (32, 64), "trials": 5}
+MATMUL_DEFAULTS = {"sizes": (32, 64), "trials": 7}
 FATAL = ("timeout", "memory", "crash", "forbidden")  # the worker was killed mid-evaluation
 
 
