@@ -135,6 +135,24 @@ def kernels_time(ex, x, w, ids, config=None):
     return bench(lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w))
 
 
+def graph_time(ex, x, w, ids, config):
+    """`kernels_time` replayed from a CUDA graph, as the engine's decode runs it: no Python launch
+    gaps between the kernels (at 1 token these dominate eager timings)."""
+    groups = group_by_expert(ids, E)
+    plan = moe_triton._Plan(groups, ex, x.shape[0], config)
+    plan.tiles(config.BM)
+    fn = lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 def attempt(fn):
     try:
         return fn()
@@ -240,11 +258,15 @@ SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128
 def decode_sweep(mx, router, gen, copy_bw):
     """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab)."""
     rows = []
-    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False),
-               moe_triton.TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True, packed=False),
-               moe_triton.TileConfig(16, 64, 128, 4, 4), moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False)]
-    configs += [moe_triton.TileConfig(16, bn, bk, 4, st, dot_scaled=False, swap_ab=True)
-                for bn in (32, 64, 128) for bk in (64, 128, 256) for st in (3, 4) if bn * bk <= 16384]
+    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False),  # the reference output
+               moe_triton.TileConfig(16, 64, 128, 4, 4)]  # tl.dot_scaled
+    # C^T = W a^T with the packed decode (the defaults are among these; moe_decode_sweep_packed.json
+    # has the wider grid of session 3)
+    configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True)
+                for bn in (32, 64) for bk in (64, 128)]
+    # K cut in parts (fp32 partials + an epilogue kernel): more, shorter programs at decode sizes
+    configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True, split_k=sk)
+                for bn, bk in ((32, 128), (64, 128), (32, 64)) for sk in (2, 4, 8)]
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
@@ -254,14 +276,17 @@ def decode_sweep(mx, router, gen, copy_bw):
             ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     swap_ab=cfg.swap_ab, packed=cfg.packed)
+                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
                 if isinstance(out, torch.Tensor):
                     r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
                 r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
+                r["fwd_graph_ms"] = attempt(lambda: graph_time(mx, x, w, ids, cfg))
             if isinstance(r["fwd_kernels_ms"], float):
                 r["bandwidth_fraction"] = nbytes / (r["fwd_kernels_ms"] * 1e-3) / copy_bw
+            if isinstance(r["fwd_graph_ms"], float):
+                r["graph_bandwidth_fraction"] = nbytes / (r["fwd_graph_ms"] * 1e-3) / copy_bw
             rows.append(r)
             print("decode_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     return rows

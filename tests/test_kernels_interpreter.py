@@ -152,8 +152,10 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True),
                                  moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, packed=False),
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, packed=False),
-                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)],
-                         ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant"])
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, split_k=3)],
+                         ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
@@ -214,7 +216,7 @@ else:
                tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64")
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
-                 SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8)
+                 SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1)
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
        for n in fn.arg_names}
 triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
@@ -255,6 +257,21 @@ from ossrl.kernels import fused, moe_triton
 if sys.argv[1] == "rms_norm_backward":
     fn, const = fused._rms_norm_backward_kernel, dict(BLOCK=4096)
     types = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "eps": "fp32"}
+elif sys.argv[1] == "moe_matmul_split_k":  # decode-sized forward: fp32 partials, no epilogue
+    fn = moe_triton._moe_matmul
+    types = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "z_ptr")}
+    types.update(c_ptr="*fp32", b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
+                 tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", limit="fp32", alpha="fp32")
+    const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=False, HAS_EXTRA=False, SWIGLU=False,
+                 STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
+                 SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=32, BK=128, GROUP_M=8, SPLIT_K=4)
+elif sys.argv[1] == "split_k_epilogue":
+    fn = moe_triton._split_k_epilogue
+    types = {n: "*bf16" for n in ("bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr")}
+    types.update(parts_ptr="*fp32", slot_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32",
+                 offsets_ptr="*i64", limit="fp32", alpha="fp32")
+    const = dict(HAS_BIAS=True, HAS_EXTRA=True, SWIGLU=True, STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False,
+                 SPLIT_K=4, BM=16, BN=32)
 else:
     fn, const = moe_triton._down_lora_backward_kernel, dict(H=2880, NEED_DW=True, NEED_DY=True, BLOCK=1024)
     types = {"dout_ptr": "*bf16", "token_ptr": "*i64", "y_ptr": "*bf16", "w_ptr": "*fp32", "dw_ptr": "*fp32",
@@ -264,10 +281,11 @@ triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarg
 """
 
 
-@pytest.mark.parametrize("kernel", ["rms_norm_backward", "down_lora_backward"])
+@pytest.mark.parametrize("kernel", ["rms_norm_backward", "down_lora_backward", "moe_matmul_split_k",
+                                    "split_k_epilogue"])
 def test_training_backward_kernels_compile_for_hopper(kernel):
-    """The training path's one-kernel backwards compile for sm_90 with Triton's ptxas (20b sizes),
-    which the interpreter (their logic's tests above) never does."""
+    """The training path's one-kernel backwards and the split-K decode pair compile for sm_90 with
+    Triton's ptxas (20b sizes), which the interpreter (their logic's tests above) never does."""
     import subprocess
     import sys
 

@@ -143,7 +143,9 @@ def test_lora_gradients_match_twin(fmt, N):
                                  (128, 256, 64, 8, 3), (128, 128, 64, 4, 4, False),  # False: own MXFP4 decode
                                  (16, 64, 128, 4, 3, False, 8, True), (16, 32, 256, 4, 4, False, 8, True),  # swap_ab
                                  (16, 64, 128, 4, 3, False, 8, True, False), (16, 32, 256, 4, 3, False, 8, False, False),
-                                 (128, 256, 64, 8, 3, True, 8, False, True, True)])  # unpacked decode; dequant
+                                 (128, 256, 64, 8, 3, True, 8, False, True, True),  # unpacked decode; dequant
+                                 (16, 32, 128, 4, 3, False, 8, True, True, False, 4),  # split-K
+                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 3)])
 def test_every_tile_config_is_correct(fmt, cfg):
     check(fmt, 150, 8, 4, H=352, I=224, config=moe_triton.TileConfig(*cfg), seed=sum(cfg))
 

@@ -49,10 +49,14 @@ def _moe_matmul(
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr, DOT_SCALED: tl.constexpr,
     SWAP_AB: tl.constexpr, PACKED: tl.constexpr, PTX: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together.
+    # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
+    # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
+    # partial product to c[part, pos] for `_split_k_epilogue` (decode: more programs, shorter loops).
     pid = tl.program_id(0)
+    part = pid % SPLIT_K
+    pid = pid // SPLIT_K
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
@@ -80,7 +84,9 @@ def _moe_matmul(
         acc_t = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BK)):
+    k_tiles = tl.cdiv(K, BK)
+    per_part = tl.cdiv(k_tiles, SPLIT_K)
+    for kt in range(part * per_part, tl.minimum(k_tiles, (part + 1) * per_part)):
         k0 = kt * BK
         kk = k0 + offs_k
         k_mask = kk < K
@@ -127,7 +133,52 @@ def _moe_matmul(
                 acc = tl.dot(a, w, acc)
     if SWAP_AB:
         acc = tl.trans(acc_t)
+    if SPLIT_K > 1:  # c is the fp32 partials [SPLIT_K, rows, N]: part stride in stride_zm
+        tl.store(c_ptr + part.to(tl.int64) * stride_zm + pos[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
+                 acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr, stride_xm,
+                  route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit, alpha,
+                  HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, DW_EPILOGUE, BM, BN)
 
+
+@triton.jit
+def _split_k_epilogue(
+    parts_ptr, stride_part, stride_prow, bias_ptr, stride_bias, extra_ptr, stride_xm,
+    route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr, N, limit, alpha,
+    HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
+    ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """The sum of `_moe_matmul`'s SPLIT_K fp32 partials (in a fixed order: deterministic), then its epilogue."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    start = tl.load(tile_start_ptr + pid_m)
+    end = tl.load(offsets_ptr + e + 1)
+    pos = start + tl.arange(0, BM)
+    m_mask = pos < end
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    ptrs = parts_ptr + pos[:, None].to(tl.int64) * stride_prow + offs_n[None, :]
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    acc = tl.load(ptrs, mask=mn_mask, other=0.0)
+    for part in range(1, SPLIT_K):
+        acc += tl.load(ptrs + part * stride_part, mask=mn_mask, other=0.0)
+    _epilogue(acc, e.to(tl.int64), pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr,
+              stride_xm, route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, c_ptr, limit, alpha,
+              HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, False, BM, BN)
+
+
+@triton.jit
+def _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr, stride_xm,
+              route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit, alpha,
+              HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
+              ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr):
+    """Bias, LoRA term, z store, SwiGLU, routing weight and scatter of one fp32 [BM, BN] tile."""
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e64 * stride_bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -173,6 +224,7 @@ class TileConfig:
     swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
     packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
+    split_k: int = 1  # forward: K cut in parts (fp32 partials, then `_split_k_epilogue`); decode sizes
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -252,24 +304,42 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         stride_b1, stride_b2 = (b.stride(1), b.stride(2)) if b_rows_are_n else (b.stride(2), b.stride(1))
         stride_se = stride_srow = 0
     dummy = c
-    grid = (num_tiles * triton.cdiv(N, cfg.BN),)
+    limit, alpha = float(plan.experts.limit), float(plan.experts.alpha)
+    split = cfg.split_k if dw is None else 1  # the d(routing weight) epilogue needs whole sums
+    epilogue = dict(HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu,
+                    STORE_Z=z is not None, ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter)
+    target, target_stride, z_stride = c, c.stride(0), z.stride(0) if z is not None else 0
+    if split > 1:  # fp32 partials [split, sorted rows, N]; the epilogue runs in `_split_k_epilogue`
+        parts = torch.empty(split, plan.groups.order.numel(), N, device=a.device, dtype=torch.float32)
+        target, target_stride, z_stride = parts, parts.stride(1), parts.stride(0)
+    grid = (num_tiles * triton.cdiv(N, cfg.BN) * split,)
     _moe_matmul[grid](
         a, a_rows if a_rows is not None else dummy, a.stride(0),
         b, scales if mxfp4 else dummy, b.stride(0), stride_b1, stride_b2, stride_se, stride_srow,
         bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
         extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
         route_w if route_w is not None else dummy, plan.groups.order,
-        c, c.stride(0), z if z is not None else dummy, z.stride(0) if z is not None else 0,
+        target, target_stride, z if z is not None else dummy, z_stride,
         dw if dw is not None else dummy,
         tile_expert, tile_start, plan.groups.offsets,
-        num_tiles, N, K, float(plan.experts.limit), float(plan.experts.alpha),
+        num_tiles, N, K, limit, alpha,
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
-        HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu, STORE_Z=z is not None,
-        ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter,
+        **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
+            parts, parts.stride(0), parts.stride(1),
+            bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
+            extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
+            route_w if route_w is not None else dummy, plan.groups.order,
+            c, c.stride(0), z if z is not None else dummy, z.stride(0) if z is not None else 0,
+            tile_expert, tile_start, plan.groups.offsets, N, limit, alpha,
+            **epilogue, SPLIT_K=split, BM=cfg.BM, BN=cfg.BN, num_warps=4,
+        )
     return c
 
 
