@@ -77,3 +77,27 @@ def test_auto_checkpointing_on_cuda_measures_layers_and_keeps_gradients():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 1e-2
+
+
+def test_auto_budget_leaves_out_blocks_held_by_cuda_graph_pools():
+    """A CUDA graph's private pool keeps its blocks after capture (the engine's graphs, kept between
+    phases when sleep mode is off); ordinary allocations cannot use them, so "auto" must not count
+    them as free, as reserved - allocated does."""
+    from ossrl.model.checkpointing import device_memory
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize()
+    before = device_memory(device)[0]
+    out = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch = torch.ones(1 << 28, device=device)  # 1 GiB in the graph's pool, free once captured
+        out.add_(scratch[:1])
+        del scratch
+    torch.cuda.synchronize()
+    free, _ = torch.cuda.mem_get_info(device)
+    naive = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    assert abs(naive - before) < 2 ** 27  # the old figure does not see the graph's 1 GiB
+    assert before - device_memory(device)[0] > 0.9 * 2 ** 30
+    graph.replay()
+    assert out.item() == 1.0

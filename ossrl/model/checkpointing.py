@@ -14,7 +14,8 @@ token count until a forward has more than twice the tokens last measured (the mo
 then).
 
 The budget, unless given: what the device has free before the layers run (CUDA: free device memory
-plus what the caching allocator holds unused; CPU: MemAvailable), less a headroom for what the step
+plus what the caching allocator holds unused outside private pools such as CUDA graphs'; CPU:
+MemAvailable), less a headroom for what the step
 still allocates (the recompute and backward of one layer, about twice the layer's activations, the
 loss, the LoRA gradients and optimizer states, allocator fragmentation): twice the layer's bytes plus
 the larger of 2 GiB and 10% of the device's memory.
@@ -69,7 +70,7 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     """(bytes free for new tensors, bytes in total) on `device`."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+        return free + _default_pool_unused(device), total
     info = {}
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         for line in f:
@@ -79,6 +80,21 @@ def device_memory(device: torch.device) -> tuple[int, int]:
         return info["MemAvailable"], info["MemTotal"]
     pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     return pages * size, os.sysconf("SC_PHYS_PAGES") * size
+
+
+def _default_pool_unused(device: torch.device) -> int:
+    """Bytes the caching allocator holds unused in its default pool. Blocks of private pools (the
+    rollout engine's CUDA graphs, kept between phases when sleep mode is off) are not counted:
+    ordinary allocations cannot use them. Without private pools this is reserved - allocated."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    unused = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    if unused == 0:
+        return 0
+    private = 0
+    for segment in torch.cuda.memory_snapshot():
+        if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0):
+            private += segment["total_size"] - segment["allocated_size"]
+    return max(unused - private, 0)
 
 
 def activation_budget(device: torch.device, layer_bytes: int) -> int:
