@@ -26,11 +26,12 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
 
     rows = json.loads(Path(sys.argv[sys.argv.index("--moe-sweep") + 1]).read_text())["decode_sweep"]
 
-    def best(tokens):
-        r = min((r for r in rows if r["tokens"] == tokens and isinstance(r.get("fwd_kernels_ms"), float)),
-                key=lambda r: r["fwd_kernels_ms"])
+    def best(tokens):  # by CUDA-graph time where the sweep has it (the engine replays graphs)
+        key = "fwd_graph_ms" if any("fwd_graph_ms" in r for r in rows) else "fwd_kernels_ms"
+        r = min((r for r in rows if r["tokens"] == tokens and isinstance(r.get(key), float)), key=lambda r: r[key])
         bm, bn, bk, warps, stages = r["config"]
-        return moe_triton.TileConfig(bm, bn, bk, warps, stages, dot_scaled=r["dot_scaled"], swap_ab=r["swap_ab"])
+        return moe_triton.TileConfig(bm, bn, bk, warps, stages, dot_scaled=r["dot_scaled"], swap_ab=r["swap_ab"],
+                                     packed=r.get("packed", True), split_k=r.get("split_k", 1))
 
     picks = {1: best(1), 8: best(8), 64: best(64)}
     print("MoE decode tiles:", {k: dataclasses.astuple(v) for k, v in picks.items()}, flush=True)
