@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py   # prints the top kernels; a diagnosis tool, not a benchmark
     python benchmarks/profile_decode.py --moe-sweep moe_decode_sweep.json   # with that sweep's best tiles
+    python benchmarks/profile_decode.py --lora   # with LoRA r=16 on attention and experts (GRPO rollouts)
 """
 
 import sys
@@ -46,6 +47,11 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
     moe_triton.default_config = picked
 
 model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
+if "--lora" in sys.argv:  # as GRPO rollouts run: r=16 on attention and experts, unmerged
+    from ossrl.model.lora import LoRAConfig, apply_lora
+
+    apply_lora(model, LoRAConfig(r=16, alpha=32))
+    print("LoRA r=16 on attention and experts", flush=True)
 kernels = inference_kernels()  # as the engine's generate runs the step: the fused glue kernels
 kernels.__enter__()
 for batch in (1, 64):
