@@ -211,3 +211,59 @@ def test_rollouts_sample_from_the_adapted_policy_in_both_backends():
     with model.adapters_disabled():
         base = RolloutEngine(model, backend="slots").generate(PROMPTS, n=2, params=params)
     assert [[c.token_ids for c in g] for g in base] != [[c.token_ids for c in g] for g in slots]
+
+
+def test_rollout_copies_give_the_same_samples_and_follow_weight_updates(monkeypatch):
+    """In a bf16 model the adapters' weights are cast once per generate (rollout copies), not in
+    every forward: the same completions and log-probs bit for bit as casting per forward; the
+    copies keep their storage across calls (captured graphs read it) and take in-place updates
+    (the optimizer's) at the next generate; release() frees them; a forward with autograd inside
+    the context still trains the fp32 weights."""
+    import contextlib
+
+    import ossrl.engine.engine as engine_module
+    from ossrl.model.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, rollout_copies
+
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=31, dtype=torch.bfloat16).eval()
+    apply_lora(model, LoRAConfig(r=4))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+
+    def run(engine):
+        return [[(c.token_ids, c.logprobs, c.sampling_logprobs) for c in g] for g in engine.generate(PROMPTS, 2, params)]
+
+    for backend in ("simple", "slots"):
+        engine = RolloutEngine(model, backend=backend)
+        with_copies = run(engine)
+        q = next(m for m in model.modules() if isinstance(m, LoRALinear))
+        assert q.rollout_copy is not None and q.rollout_copy[0].dtype == torch.bfloat16
+        address = q.rollout_copy[1].data_ptr()
+        with monkeypatch.context() as patch:
+            patch.setattr(engine_module, "rollout_copies", lambda m: contextlib.nullcontext())
+            assert run(RolloutEngine(model, backend=backend)) == with_copies  # casting per forward
+        with torch.no_grad():  # an optimizer step, in place
+            for p in lora_parameters(model):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        updated = run(engine)
+        assert q.rollout_copy[1].data_ptr() == address
+        assert updated == run(RolloutEngine(model, backend=backend)) and updated != with_copies
+        engine.release()
+        assert q.rollout_copy is None and all(
+            getattr(m, "lora", None) is None or m.lora.rollout_copy is None for m in model.modules())
+
+    ids = torch.tensor([PROMPTS[0]])
+    experts = next(m for m in model.modules() if getattr(m, "lora", None) is not None)
+    with rollout_copies(model), torch.no_grad():  # the forwards read the copies, for both kinds of adapter
+        reference = model(ids)
+        q.rollout_copy[1].zero_()
+        assert not torch.equal(model(ids), reference)
+        reference = model(ids)
+        experts.lora.rollout_copy.gate_up_B.zero_()
+        assert not torch.equal(model(ids), reference)
+    model.train()
+    with rollout_copies(model):  # autograd inside: the fp32 weights, differentiably
+        model(torch.tensor([PROMPTS[0]])).float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))

@@ -28,6 +28,7 @@ import torch
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
 from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels
+from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
 class RolloutEngine:
@@ -48,9 +49,11 @@ class RolloutEngine:
                 or (self.backend == "auto" and self.model.device.type == "cuda"))
 
     def release(self) -> None:
-        """Standby: free the KV pool and captured graphs (the next generate takes them again)."""
+        """Standby: free the KV pool, captured graphs and the adapters' rollout copies (the next
+        generate takes them again)."""
         if self._slots is not None:
             self._slots.release()
+        release_rollout_copies(self.model)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int = 1,
@@ -66,7 +69,9 @@ class RolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with inference_kernels():  # one-launch glue kernels on CUDA (ossrl.model.gptoss.inference_kernels)
+            # One-launch glue kernels on CUDA (ossrl.model.gptoss.inference_kernels); LoRA weights
+            # cast once per call, not in every forward (ossrl.model.lora.rollout_copies).
+            with inference_kernels(), rollout_copies(self.model):
                 return self._generate(prompts, n, params)
         finally:
             self.model.train(was_training)

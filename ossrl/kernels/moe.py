@@ -168,17 +168,23 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     return _grouped_rows(x, groups, lambda e, rows: (rows @ A[e] * scaling) @ B[e], B.shape[-1])
 
 
+TOKEN_LORA_MAX_COLUMNS = 1024  # token_lora_delta multiplies by all experts' A at once up to E * r columns
+
+
 def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: ExpertGroups,
-                     scaling: float, *, loop: bool = False) -> torch.Tensor:
+                     scaling: float, *, loop: bool = False, A_flat: torch.Tensor | None = None) -> torch.Tensor:
     """The gate_up delta of `grouped_lora_delta` from the unsorted token rows x [N, in]: with few
     experts times rank (E * r <= 1024) the down-projection to rank r runs for every token against
     all experts' A at once ([N, in] @ [in, E * r], one dense matmul) and each slot picks its expert's
     r columns; no [S, in] gather of the inputs (and no scatter-add of its gradient) is needed.
-    Otherwise the rows are gathered and `grouped_lora_delta` runs."""
+    Otherwise the rows are gathered and `grouped_lora_delta` runs. `A_flat`, if given, is A already
+    in that [in, E * r] layout (the adapters' rollout copies keep it so)."""
     E, H, r = A.shape
-    if E * r > 1024:
+    if E * r > TOKEN_LORA_MAX_COLUMNS:
         return grouped_lora_delta(x[groups.token], A, B, groups, scaling, loop=loop)
-    u = (x @ A.permute(1, 0, 2).reshape(H, E * r)).view(-1, E, r)[groups.token, groups.expert] * scaling
+    if A_flat is None:
+        A_flat = A.permute(1, 0, 2).reshape(H, E * r)
+    u = (x @ A_flat).view(-1, E, r)[groups.token, groups.expert] * scaling
     if _grouped_mm_ok(u, B) and not loop:
         return torch._grouped_mm(u, B, offs=groups.offsets[1:].to(torch.int32))
     return _grouped_rows(u, groups, lambda e, rows: rows @ B[e], B.shape[-1])

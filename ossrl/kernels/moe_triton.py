@@ -521,7 +521,8 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     groups = plan.groups
     lora_z = lora_y = None
     if lora is not None:
-        lora_z = token_lora_delta(lora_input(lora, x), lora.gate_up_A, lora.gate_up_B, groups, lora.scaling)
+        lora_z = token_lora_delta(lora_input(lora, x), lora.gate_up_A, lora.gate_up_B, groups, lora.scaling,
+                                  A_flat=getattr(lora, "gate_up_A_flat", None))
         lora_z = lora_z.contiguous()
     a = _GateUp.apply(x, lora_z, plan)
     if lora is not None:

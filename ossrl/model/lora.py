@@ -12,7 +12,10 @@ exports as a PEFT adapter by adding the `base_model.model.` prefix.
 
 LoRA weights are kept in fp32 whatever the base dtype (bf16 LoRA weights would lose most AdamW
 updates to rounding); the forward casts them to the activation dtype, a differentiable cast, so
-gradients and optimizer states stay fp32.
+gradients and optimizer states stay fp32. Rollouts run thousands of forwards on unchanged weights:
+inside `with rollout_copies(model):` (the engine's generate) the adapters read copies cast once on
+entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step), the same values,
+so the same outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torch.distributed.tensor import DTensor
 
 from ossrl.model.sharded import shaped_like, whole_tensor
 
@@ -59,10 +64,17 @@ class LoRAConfig:
 
 
 class AdapterSwitch:
-    """One flag shared by every adapter of a model."""
+    """One flag shared by every adapter of a model, and the dtype of the rollout copies in use
+    (`rollout_copies`; None outside it)."""
 
     def __init__(self):
         self.enabled = True
+        self.rollout_dtype: torch.dtype | None = None
+
+    def copies_for(self, dtype: torch.dtype) -> bool:
+        """Whether a forward in `dtype` reads the rollout copies: inside `rollout_copies` for that
+        dtype and without autograd (the copies carry no gradient to the fp32 weights)."""
+        return self.rollout_dtype == dtype and not torch.is_grad_enabled()
 
 
 class LoRALinear(nn.Module):
@@ -79,12 +91,24 @@ class LoRALinear(nn.Module):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.switch = switch
+        self.rollout_copy: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B) cast (`rollout_copies`)
+
+    def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
+        """Cast A and B into `rollout_copy`, in place when it exists (CUDA graphs keep its address)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.rollout_copy is None or self.rollout_copy[0].dtype != dtype:
+            self.rollout_copy = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
+        self.rollout_copy[0].copy_(a)
+        self.rollout_copy[1].copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if not self.switch.enabled:
             return y
-        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        if self.rollout_copy is not None and self.switch.copies_for(x.dtype):
+            a, b = self.rollout_copy
+        else:
+            a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         # The scaling on the rank-r intermediate and the add in the matmul's epilogue: no pass over
         # the [tokens, out] output beyond the two matmuls.
         u = F.linear(self.dropout(x), a) * self.scaling
@@ -110,19 +134,33 @@ class ExpertLoRA(nn.Module):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.switch = switch
+        self.rollout_copy: _RolloutLoRA | None = None  # the pairs cast (`rollout_copies`)
 
     @property
     def enabled(self) -> bool:
         return self.switch.enabled
 
+    def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
+        if self.rollout_copy is None or self.rollout_copy.dtype != dtype:
+            self.rollout_copy = _RolloutLoRA(self, dtype)
+        self.rollout_copy.refresh(self)
+
+    def _weights(self, dtype: torch.dtype) -> ExpertLoRA | _RolloutLoRA:
+        return self.rollout_copy if self.rollout_copy is not None and self.switch.copies_for(dtype) else self
+
     def gate_up_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.gate_up_A[e].to(x.dtype) * self.scaling) @ self.gate_up_B[e].to(x.dtype)
+        w = self._weights(x.dtype)
+        return (self.dropout(x) @ w.gate_up_A[e].to(x.dtype) * self.scaling) @ w.gate_up_B[e].to(x.dtype)
 
     def down_delta(self, e: int, a: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(a) @ self.down_A[e].to(a.dtype) * self.scaling) @ self.down_B[e].to(a.dtype)
+        w = self._weights(a.dtype)
+        return (self.dropout(a) @ w.down_A[e].to(a.dtype) * self.scaling) @ w.down_B[e].to(a.dtype)
 
-    def in_dtype(self, dtype: torch.dtype) -> ExpertLoRA | _CastLoRA:
-        """This adapter as the MoE kernels take it, with weights cast (differentiably) to `dtype`."""
+    def in_dtype(self, dtype: torch.dtype) -> ExpertLoRA | _CastLoRA | _RolloutLoRA:
+        """This adapter as the MoE kernels take it, with weights cast (differentiably) to `dtype`,
+        or its rollout copy inside `rollout_copies`."""
+        if self.rollout_copy is not None and self.switch.copies_for(dtype):
+            return self.rollout_copy
         return self if self.gate_up_A.dtype == dtype else _CastLoRA(self, dtype)
 
 
@@ -133,6 +171,65 @@ class _CastLoRA:
         self.gate_up_A, self.gate_up_B = lora.gate_up_A.to(dtype), lora.gate_up_B.to(dtype)
         self.down_A, self.down_B = lora.down_A.to(dtype), lora.down_B.to(dtype)
         self.scaling, self.dropout = lora.scaling, lora.dropout
+
+
+class _RolloutLoRA:
+    """An ExpertLoRA's pairs cast to one dtype, refreshed in place (the `lora` contract of
+    routed_experts). With few experts times rank, gate_up_A lives in the [H, E * r] layout that
+    `token_lora_delta` multiplies by (`gate_up_A_flat`; gate_up_A is a view of it)."""
+
+    def __init__(self, lora: ExpertLoRA, dtype: torch.dtype):
+        from ossrl.kernels.moe import TOKEN_LORA_MAX_COLUMNS
+
+        E, H, r = lora.gate_up_A.shape
+        kw = dict(device=lora.gate_up_A.device, dtype=dtype)
+        self.dtype = dtype
+        self.gate_up_A_flat = None
+        if E * r <= TOKEN_LORA_MAX_COLUMNS:
+            self.gate_up_A_flat = torch.empty(H, E * r, **kw)
+            self.gate_up_A = self.gate_up_A_flat.view(H, E, r).permute(1, 0, 2)
+        else:
+            self.gate_up_A = torch.empty(E, H, r, **kw)
+        self.gate_up_B = torch.empty(lora.gate_up_B.shape, **kw)
+        self.down_A = torch.empty(lora.down_A.shape, **kw)
+        self.down_B = torch.empty(lora.down_B.shape, **kw)
+        self.scaling, self.dropout = lora.scaling, lora.dropout
+
+    def refresh(self, lora: ExpertLoRA) -> None:
+        for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
+            getattr(self, name).copy_(getattr(lora, name))
+
+
+@contextlib.contextmanager
+def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
+    """Inside, adapters read copies of their weights cast to `dtype` (default: the model's dtype)
+    once on entry, instead of casting them in every forward; without autograd only (training
+    forwards inside still cast and differentiate). The weights must not change inside. The copies
+    stay allocated, refreshed in place on the next entry (a captured CUDA graph reads them), until
+    `release_rollout_copies`. Nothing to do for fp32 models or models without adapters, nor for a
+    sharded model (its adapters are gathered per layer in each forward)."""
+    switch = getattr(model, "adapter_switch", None)
+    dtype = dtype or next(model.parameters()).dtype
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
+    if switch is None or dtype == torch.float32 or getattr(model, "sharded", False) or \
+            any(isinstance(p, DTensor) for m in modules for p in m.parameters()):
+        yield model
+        return
+    with torch.no_grad():
+        for module in modules:
+            module.refresh_rollout_copy(dtype)
+    previous, switch.rollout_dtype = switch.rollout_dtype, dtype
+    try:
+        yield model
+    finally:
+        switch.rollout_dtype = previous
+
+
+def release_rollout_copies(model: nn.Module) -> None:
+    """Free the copies `rollout_copies` keeps (the engine's standby, with its graphs)."""
+    for module in model.modules():
+        if isinstance(module, (LoRALinear, ExpertLoRA)):
+            module.rollout_copy = None
 
 
 def _init_a(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
