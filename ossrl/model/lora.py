@@ -14,7 +14,7 @@ LoRA weights are kept in fp32 whatever the base dtype (bf16 LoRA weights would l
 updates to rounding); the forward casts them to the activation dtype, a differentiable cast, so
 gradients and optimizer states stay fp32. Rollouts run thousands of forwards on unchanged weights:
 inside `with rollout_copies(model):` (the engine's generate) the adapters read copies cast once on
-entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step), the same values,
+entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step, arithmetic), the same values,
 so the same outputs bit for bit.
 """
 
