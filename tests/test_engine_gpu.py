@@ -132,3 +132,30 @@ def test_kept_graphs_sample_from_the_updated_adapter():
     assert same(after, RolloutEngine(model).generate(prompts, 4, params_s))
     load_lora_state_dict(model, {k: torch.randn_like(v) * 0.1 for k, v in lora_state_dict(model).items()})
     assert same(engine.generate(prompts, 4, params_s), RolloutEngine(model).generate(prompts, 4, params_s))
+
+
+def test_graphs_recapture_after_another_engine_frees_the_rollout_copies():
+    """Captured graphs read the adapters' rollout copies by address. Another engine's release()
+    frees them; this engine's next generate must capture anew (not replay reads of freed memory,
+    here refilled with NaN) and sample what it sampled before."""
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+
+    model = random_model(tiny_config(), seed=2, dtype=torch.bfloat16).cuda()
+    apply_lora(model, LoRAConfig(r=4, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn_like(p) * 0.2)
+    prompts, params = [[1, 2, 3, 4, 5], [7, 8, 9]], SamplingParams(temperature=1.0, max_new_tokens=24, seed=5)
+    tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
+    engine, other = RolloutEngine(model), RolloutEngine(model)
+    first = tokens(engine.generate(prompts, 4, params))
+    graphs = dict(engine._slots.graphs)
+    assert graphs
+    other.generate(prompts, 4, params)
+    other.release()
+    torch.cuda.empty_cache()
+    filler = torch.full((1 << 26,), float("nan"), device="cuda", dtype=torch.bfloat16)  # reuse freed blocks
+    again = tokens(engine.generate(prompts, 4, params))
+    del filler
+    assert again == first
+    assert not any(engine._slots.graphs.get(k) is g for k, g in graphs.items())  # captured anew

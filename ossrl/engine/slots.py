@@ -97,7 +97,9 @@ class SlotDecoder:
     def _graph_key(self, params: SamplingParams) -> tuple:
         switch = getattr(self.model, "adapter_switch", None)
         return (_params_key(params), id(getattr(self.model, "lora_config", None)),
-                switch is not None and switch.enabled)
+                switch is not None and switch.enabled,
+                # graphs read the adapters' rollout copies by address: new copies, new graphs
+                switch is not None and switch.rollout_dtype, switch is not None and switch.rollout_epoch)
 
     # ------------------------------------------------------------------ one step
     def _step(self, slot_ids: torch.Tensor, params: SamplingParams) -> None:

@@ -70,6 +70,7 @@ class AdapterSwitch:
     def __init__(self):
         self.enabled = True
         self.rollout_dtype: torch.dtype | None = None
+        self.rollout_epoch = 0  # counts allocations of rollout copies (captured graphs read their addresses)
 
     def copies_for(self, dtype: torch.dtype) -> bool:
         """Whether a forward in `dtype` reads the rollout copies: inside `rollout_copies` for that
@@ -98,6 +99,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.rollout_copy is None or self.rollout_copy[0].dtype != dtype:
             self.rollout_copy = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
+            self.switch.rollout_epoch += 1
         self.rollout_copy[0].copy_(a)
         self.rollout_copy[1].copy_(b)
 
@@ -143,6 +145,7 @@ class ExpertLoRA(nn.Module):
     def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
         if self.rollout_copy is None or self.rollout_copy.dtype != dtype:
             self.rollout_copy = _RolloutLoRA(self, dtype)
+            self.switch.rollout_epoch += 1
         self.rollout_copy.refresh(self)
 
     def _weights(self, dtype: torch.dtype) -> ExpertLoRA | _RolloutLoRA:
@@ -206,7 +209,8 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
     once on entry, instead of casting them in every forward; without autograd only (training
     forwards inside still cast and differentiate). The weights must not change inside. The copies
     stay allocated, refreshed in place on the next entry (a captured CUDA graph reads them), until
-    `release_rollout_copies`. Nothing to do for fp32 models or models without adapters, nor for a
+    `release_rollout_copies` (any engine's release: an engine whose graphs read freed copies sees
+    `switch.rollout_epoch` move on and captures anew). Nothing to do for fp32 models or models without adapters, nor for a
     sharded model (its adapters are gathered per layer in each forward)."""
     switch = getattr(model, "adapter_switch", None)
     dtype = dtype or next(model.parameters()).dtype
