@@ -28,7 +28,7 @@ if [[ $what == *" sweep "* ]]; then
 fi
 if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64): default tiles, then the sweep's best
     timeout 150 python benchmarks/profile_decode.py 2>&1 | tee "$out/profile_decode.log" | grep -E "graph replay|CUDA time"
-    timeout 150 python benchmarks/profile_decode.py --lora 2>&1 | tee "$out/profile_decode_lora.log" \
+    timeout 200 python benchmarks/profile_decode.py --lora 2>&1 | tee "$out/profile_decode_lora.log" \
         | grep -E "graph replay|CUDA time"
     if [[ -f $out/moe_decode_sweep_split.json ]]; then
         timeout 150 python benchmarks/profile_decode.py --moe-sweep "$out/moe_decode_sweep_split.json" 2>&1 \

@@ -2,9 +2,11 @@
 
     python benchmarks/profile_decode.py   # prints the top kernels; a diagnosis tool, not a benchmark
     python benchmarks/profile_decode.py --moe-sweep moe_decode_sweep.json   # with that sweep's best tiles
-    python benchmarks/profile_decode.py --lora   # with LoRA r=16 on attention and experts (GRPO rollouts)
+    python benchmarks/profile_decode.py --lora   # LoRA r=16 on attention and experts (GRPO rollouts),
+                                                 # with rollout copies and with a cast per forward
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.gptoss import inference_kernels  # noqa: E402
+from ossrl.model.lora import rollout_copies  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
 
 if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchmarks/moe.py --decode-sweep` result
@@ -54,33 +57,46 @@ if "--lora" in sys.argv:  # as GRPO rollouts run: r=16 on attention and experts,
     print("LoRA r=16 on attention and experts", flush=True)
 kernels = inference_kernels()  # as the engine's generate runs the step: the fused glue kernels
 kernels.__enter__()
-for batch in (1, 64):
+
+
+def run(batch, copies):
+    """Profile eager steps, then time graph replays, of one decode batch."""
     engine = RolloutEngine(model, cuda_graphs=False)
     prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]
     params = SamplingParams(max_new_tokens=8, seed=0)
     engine.generate(prompts, params=params)
     dec = engine._slots
     ids = torch.arange(batch, device="cuda")
-    for _ in range(3):
-        dec._step(ids, params)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    label = f"batch {batch}" + ("" if not lora else ", LoRA copies" if copies else ", LoRA cast per forward")
+    # generate() enters rollout_copies itself; these direct steps enter it as generate does
+    with rollout_copies(model) if copies else contextlib.nullcontext():
+        for _ in range(3):
             dec._step(ids, params)
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.device_time_total for e in events if e.device_time_total > 0)
-    print(f"batch {batch}: CUDA time per step {total / 5 / 1000:.2f} ms, kernels per step "
-          f"{sum(e.count for e in events if e.device_time_total > 0) // 5}")
-    print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=60))
-    dec.cuda_graphs = True  # the same step replayed from a CUDA graph: kernel time plus launch gaps
-    graph, static_ids = dec._runner(batch, params)
-    static_ids.copy_(ids)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(20):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                dec._step(ids, params)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total = sum(e.device_time_total for e in events if e.device_time_total > 0)
+        print(f"{label}: CUDA time per step {total / 5 / 1000:.2f} ms, kernels per step "
+              f"{sum(e.count for e in events if e.device_time_total > 0) // 5}")
+        print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=60))
+        dec.cuda_graphs = True  # the same step replayed from a CUDA graph: kernel time plus launch gaps
+        graph, static_ids = dec._runner(batch, params)
+        static_ids.copy_(ids)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"batch {batch}: graph replay {start.elapsed_time(end) / 20:.2f} ms per step", flush=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"{label}: graph replay {start.elapsed_time(end) / 20:.2f} ms per step", flush=True)
+    engine.release()
+
+
+lora = "--lora" in sys.argv
+for batch in (1, 64):
+    for copies in ((True, False) if lora else (True,)):
+        run(batch, copies)
