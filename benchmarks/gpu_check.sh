@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [decode] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
-# decode-size tile sweep of benchmarks/moe.py; decode: benchmarks/profile_decode.py with the default
-# tiles and (after sweep) the sweep's fastest; generate: benchmarks/generate.py. Logs and JSON go
+# decode-size tile sweep of benchmarks/moe.py; decode: benchmarks/profile_decode.py --lora (rollout
+# copies against a cast per forward) and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -26,8 +26,7 @@ if [[ $what == *" sweep "* ]]; then
     timeout 240 python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \
         | tee "$out/moe_sweep.log" | grep -v "^decode_sweep" | tail -20
 fi
-if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64): default tiles, then the sweep's best
-    timeout 150 python benchmarks/profile_decode.py 2>&1 | tee "$out/profile_decode.log" | grep -E "graph replay|CUDA time"
+if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: copies vs cast; the sweep's tiles
     timeout 200 python benchmarks/profile_decode.py --lora 2>&1 | tee "$out/profile_decode_lora.log" \
         | grep -E "graph replay|CUDA time"
     if [[ -f $out/moe_decode_sweep_split.json ]]; then
