@@ -97,6 +97,7 @@ def run(batch, copies):
 
 
 lora = "--lora" in sys.argv
+torch.set_grad_enabled(False)  # as generate runs (rollout copies serve forwards without autograd only)
 for batch in (1, 64):
     for copies in ((True, False) if lora else (True,)):
         run(batch, copies)
