@@ -254,6 +254,11 @@ def test_rollout_copies_give_the_same_samples_and_follow_weight_updates(monkeypa
         assert q.rollout_copy is None and all(
             getattr(m, "lora", None) is None or m.lora.rollout_copy is None for m in model.modules())
 
+    engine = RolloutEngine(model)
+    with torch.inference_mode():  # copies made there stay usable outside it (no inference tensors)
+        inside = run(engine)
+    assert run(engine) == inside
+
     ids = torch.tensor([PROMPTS[0]])
     experts = next(m for m in model.modules() if getattr(m, "lora", None) is not None)
     with rollout_copies(model), torch.no_grad():  # the forwards read the copies, for both kinds of adapter

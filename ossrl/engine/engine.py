@@ -54,6 +54,11 @@ class RolloutEngine:
         if self._slots is not None:
             self._slots.release()
         release_rollout_copies(self.model)
+        if self.model.device.type == "cuda":
+            # The destroyed graphs' private pools are only freed here (or by an allocation that
+            # would fail without them); until then the "auto" checkpointing budget, which counts
+            # the default pool's free blocks only, would not see them.
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int = 1,

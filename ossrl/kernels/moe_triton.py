@@ -165,8 +165,9 @@ def _split_k_epilogue(
     ptrs = parts_ptr + pos[:, None].to(tl.int64) * stride_prow + offs_n[None, :]
     mn_mask = m_mask[:, None] & n_mask[None, :]
     acc = tl.load(ptrs, mask=mn_mask, other=0.0)
-    for part in range(1, SPLIT_K):
-        acc += tl.load(ptrs + part * stride_part, mask=mn_mask, other=0.0)
+    for _ in range(1, SPLIT_K):  # a running 64-bit pointer: part * stride_part may pass 2^31
+        ptrs += stride_part
+        acc += tl.load(ptrs, mask=mn_mask, other=0.0)
     _epilogue(acc, e.to(tl.int64), pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr,
               stride_xm, route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, c_ptr, limit, alpha,
               HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, False, BM, BN)
@@ -224,7 +225,7 @@ class TileConfig:
     swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
     packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
-    split_k: int = 1  # forward: K cut in parts (fp32 partials, then `_split_k_epilogue`); decode sizes
+    split_k: int = 1  # K cut in parts (fp32 partials, then `_split_k_epilogue`); not with DW_EPILOGUE
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:

@@ -90,8 +90,12 @@ def _default_pool_unused(device: torch.device) -> int:
     unused = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
     if unused == 0:
         return 0
+    try:
+        segments = torch.cuda.memory_snapshot(include_traces=False)  # no allocation history: cheap
+    except TypeError:  # torch without include_traces
+        segments = torch.cuda.memory_snapshot()
     private = 0
-    for segment in torch.cuda.memory_snapshot():
+    for segment in segments:
         if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0):
             private += segment["total_size"] - segment["allocated_size"]
     return max(unused - private, 0)

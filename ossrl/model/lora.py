@@ -97,8 +97,10 @@ class LoRALinear(nn.Module):
     def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
         """Cast A and B into `rollout_copy`, in place when it exists (CUDA graphs keep its address)."""
         a, b = self.lora_A.weight, self.lora_B.weight
-        if self.rollout_copy is None or self.rollout_copy[0].dtype != dtype:
-            self.rollout_copy = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
+        copy = self.rollout_copy
+        if copy is None or copy[0].dtype != dtype or copy[0].device != a.device:
+            with torch.inference_mode(False):  # normal tensors: a later refresh outside inference mode works
+                self.rollout_copy = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
             self.switch.rollout_epoch += 1
         self.rollout_copy[0].copy_(a)
         self.rollout_copy[1].copy_(b)
@@ -143,8 +145,10 @@ class ExpertLoRA(nn.Module):
         return self.switch.enabled
 
     def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
-        if self.rollout_copy is None or self.rollout_copy.dtype != dtype:
-            self.rollout_copy = _RolloutLoRA(self, dtype)
+        copy = self.rollout_copy
+        if copy is None or copy.dtype != dtype or copy.down_B.device != self.down_B.device:
+            with torch.inference_mode(False):  # normal tensors: a later refresh outside inference mode works
+                self.rollout_copy = _RolloutLoRA(self, dtype)
             self.switch.rollout_epoch += 1
         self.rollout_copy.refresh(self)
 
