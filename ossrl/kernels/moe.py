@@ -19,6 +19,8 @@ write results back by slot, so the k-sum per token is a plain deterministic redu
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +98,11 @@ class ExpertGroups:
     def counts(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    @functools.cached_property
+    def ends_int32(self) -> torch.Tensor:
+        """offsets[1:] as int32, torch._grouped_mm's `offs` (converted once per grouping, not per call)."""
+        return self.offsets[1:].to(torch.int32)
+
 
 def group_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertGroups:
     """ids [N, k] expert choices -> the slots grouped by expert (stable: by token within an expert)."""
@@ -163,7 +170,7 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     (one host sync to read the offsets), or when `loop` is set.
     """
     if _grouped_mm_ok(x, A, B) and not loop:
-        offs = groups.offsets[1:].to(torch.int32)
+        offs = groups.ends_int32
         return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs) * scaling, B, offs=offs)
     return _grouped_rows(x, groups, lambda e, rows: (rows @ A[e] * scaling) @ B[e], B.shape[-1])
 
@@ -186,7 +193,7 @@ def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: 
         A_flat = A.permute(1, 0, 2).reshape(H, E * r)
     u = (x @ A_flat).view(-1, E, r)[groups.token, groups.expert] * scaling
     if _grouped_mm_ok(u, B) and not loop:
-        return torch._grouped_mm(u, B, offs=groups.offsets[1:].to(torch.int32))
+        return torch._grouped_mm(u, B, offs=groups.ends_int32)
     return _grouped_rows(u, groups, lambda e, rows: rows @ B[e], B.shape[-1])
 
 
