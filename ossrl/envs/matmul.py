@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import statistics
 import time
@@ -148,6 +149,7 @@ def _evaluate(source, result, sandbox, sizes, seed, trials, shapes, timeout) -> 
         if result.shapes_correct < result.shapes_checked or result.error or not sizes:
             return
         with sandbox.open(REFERENCE_KERNEL, "matmul") as reference:
+            pin_to_one_cpu(reference.pid, candidate.pid)
             warm = random_matrix(rng, 2, 2)
             reference.call((warm, warm), timeout=timeout)
             ratios = []
@@ -172,6 +174,18 @@ def _evaluate(source, result, sandbox, sizes, seed, trials, shapes, timeout) -> 
                 ratios.append(result.speedups[name])
             if result.shapes_correct == result.shapes_checked:
                 result.speedup = math.exp(statistics.fmean(math.log(r) for r in ratios))
+
+
+def pin_to_one_cpu(*pids: int) -> None:
+    """Run the timed workers on one and the same CPU, so that a CPU's load or clock (a busy
+    neighbour, a sibling hyper-thread) weighs on both sides of the ratio alike. Best effort: where
+    affinity cannot be set (not Linux, not permitted), the workers stay unpinned."""
+    try:
+        cpu = max(os.sched_getaffinity(0))
+        for pid in pids:
+            os.sched_setaffinity(pid, {cpu})
+    except (AttributeError, OSError):
+        pass
 
 
 # ---------------------------------------------------------------- reference kernels
