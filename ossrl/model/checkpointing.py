@@ -95,9 +95,9 @@ def _default_pool_unused(device: torch.device) -> int:
     except TypeError:  # torch without include_traces
         segments = torch.cuda.memory_snapshot()
     private = 0
-    for segment in segments:
-        if segment["device"] == index and tuple(segment["segment_pool_id"]) != (0, 0):
-            private += segment["total_size"] - segment["allocated_size"]
+    for segment in segments:  # an estimate: a snapshot without the fields leaves the figure as it was
+        if segment.get("device") == index and tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0):
+            private += segment.get("total_size", 0) - segment.get("allocated_size", 0)
     return max(unused - private, 0)
 
 
