@@ -13,7 +13,13 @@ mkdir -p "$out"
 what=" ${*:-tests grpo} "
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [[ $what == *" tests "* ]]; then
-    timeout 300 python -m pytest -m gpu -q -p no:cacheprovider --durations=12 -rfE 2>&1 | tee "$out/gpu_tests.log" | tail -60
+    # -v: each test's name and result as it ends (a run cut by its limit still says which failed);
+    # the files whose code changed most recently first. The whole set takes over 5 minutes (session
+    # 5: 29 tests in 300 s, torch.compile of FlexAttention and Triton compiles dominate).
+    timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu -v -p no:cacheprovider --durations=15 -rfE \
+        tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_moe_gpu.py tests/test_fsdp_gpu.py \
+        tests/test_fused_gpu.py tests/test_attention_gpu.py 2>&1 | tee "$out/gpu_tests.log" \
+        | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
 fi
 if [[ $what == *" grpo "* ]]; then
     timeout 240 python benchmarks/grpo_step.py --steps 2 --out "$out/grpo_step.json" 2>&1 | tee "$out/grpo_step.log" | tail -8

@@ -111,7 +111,7 @@ def test_kept_graphs_sample_from_the_updated_adapter():
     from ossrl.train.optim import make_optimizer
 
     model = random_model(tiny_config(), seed=0, dtype=torch.bfloat16).cuda()
-    apply_lora(model, LoRAConfig(r=4, seed=0))
+    apply_lora(model, LoRAConfig(r=8, seed=0))  # r=4: see the unaligned-rank test
     params = lora_parameters(model)
     optimizer = make_optimizer(params, lr=0.05)
     engine = RolloutEngine(model)
@@ -141,7 +141,7 @@ def test_graphs_recapture_after_another_engine_frees_the_rollout_copies():
     from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
 
     model = random_model(tiny_config(), seed=2, dtype=torch.bfloat16).cuda()
-    apply_lora(model, LoRAConfig(r=4, seed=0))
+    apply_lora(model, LoRAConfig(r=8, seed=0))  # r=4: see the unaligned-rank test
     with torch.no_grad():
         for p in lora_parameters(model):
             p.add_(torch.randn_like(p) * 0.2)
@@ -159,3 +159,23 @@ def test_graphs_recapture_after_another_engine_frees_the_rollout_copies():
     del filler
     assert again == first
     assert not any(engine._slots.graphs.get(k) is g for k, g in graphs.items())  # captured anew
+
+
+def test_unaligned_lora_rank_decodes_in_cuda_graphs():
+    """A rank whose bf16 rows are not 16-byte aligned (r=4) is not served by torch._grouped_mm; the
+    expert LoRA then takes the per-slot product (no host sync), so decoding still captures in CUDA
+    graphs (the loop over experts reads the offsets on the host and cannot be captured), with the
+    tokens of eager decoding."""
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+
+    model = random_model(tiny_config(), seed=0, dtype=torch.bfloat16).cuda()
+    apply_lora(model, LoRAConfig(r=4, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn_like(p) * 0.2)
+    prompts, params = [[1, 2, 3, 4, 5], [7, 8, 9]], SamplingParams(temperature=1.0, max_new_tokens=24, seed=3)
+    engine = RolloutEngine(model)
+    graphed = engine.generate(prompts, 4, params)
+    assert engine._slots.graphs and not engine._slots.graph_failures
+    eager = RolloutEngine(model, cuda_graphs=False).generate(prompts, 4, params)
+    assert [[c.token_ids for c in g] for g in graphed] == [[c.token_ids for c in g] for g in eager]

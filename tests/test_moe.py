@@ -138,6 +138,35 @@ def test_token_lora_delta_equals_the_gathered_rows_with_gradients(E, r):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("E,r", [(5, 4), (40, 32)])
+def test_per_slot_products_equal_the_expert_loop_with_gradients(E, r, monkeypatch):
+    """The sync-free per-slot path (CUDA at decode sizes, for ranks torch._grouped_mm does not take;
+    forced here on the CPU) equals the loop over experts, values and gradients."""
+    import ossrl.kernels.moe as moe
+
+    gen = torch.Generator().manual_seed(6)
+    N, k = 9, 3
+    g = group_by_expert(torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)]), E)
+    x = torch.randn(N, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(E, 16, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(E, r, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(N * k, 8, generator=gen, dtype=torch.float64)
+    results = []
+    for forced in (False, True):
+        monkeypatch.setattr(moe, "_per_slot_ok", lambda x, W: forced)
+        calls = []
+        monkeypatch.setattr(moe, "_per_slot", lambda *a, f=moe._per_slot: calls.append(1) or f(*a))
+        for fn in (token_lora_delta, lambda *a: grouped_lora_delta(a[0][g.token], *a[1:])):
+            out = fn(x, A, B, g, 0.5)
+            results.append((forced, (out, *torch.autograd.grad(out, (x, A, B), dout))))
+        assert bool(calls) == forced
+    plain = [r for forced, r in results if not forced]
+    per_slot = [r for forced, r in results if forced]
+    for ours_all, ref_all in zip(per_slot, plain):
+        for ours, ref in zip(ours_all, ref_all):
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_routed_experts_on_cpu_is_the_twin_with_gradients_to_x_and_weights():
     gen = torch.Generator().manual_seed(3)
     E, H, I, N = 4, 32, 64, 6

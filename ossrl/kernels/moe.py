@@ -166,12 +166,16 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     """Per-expert low-rank delta on sorted rows: x [S, in] (rows of expert e at its offsets),
     A [E, in, r], B [E, r, out] -> (x_e @ A[e] * scaling) @ B[e] [S, out]. Differentiable.
 
-    Uses torch._grouped_mm on CUDA (bf16, 16-byte aligned rank), else a loop over experts
-    (one host sync to read the offsets), or when `loop` is set.
+    Uses torch._grouped_mm on CUDA (bf16, 16-byte aligned rank); else, on CUDA at decode sizes,
+    one batched product per slot against its expert's gathered weights (`_per_slot`: no host sync,
+    so it captures in a CUDA graph); else a loop over experts (one host sync to read the offsets),
+    or when `loop` is set.
     """
     if _grouped_mm_ok(x, A, B) and not loop:
         offs = groups.ends_int32
         return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs) * scaling, B, offs=offs)
+    if not loop and _per_slot_ok(x, A) and _per_slot_ok(x, B):
+        return _per_slot(_per_slot(x, A, groups) * scaling, B, groups)
     return _grouped_rows(x, groups, lambda e, rows: (rows @ A[e] * scaling) @ B[e], B.shape[-1])
 
 
@@ -194,7 +198,23 @@ def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: 
     u = (x @ A_flat).view(-1, E, r)[groups.token, groups.expert] * scaling
     if _grouped_mm_ok(u, B) and not loop:
         return torch._grouped_mm(u, B, offs=groups.ends_int32)
+    if not loop and _per_slot_ok(u, B):
+        return _per_slot(u, B, groups)
     return _grouped_rows(u, groups, lambda e, rows: rows @ B[e], B.shape[-1])
+
+
+PER_SLOT_MAX_BYTES = 64 << 20  # the gathered [S, in, out] weights of `_per_slot`
+
+
+def _per_slot_ok(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """`_per_slot` serves CUDA where its gathered weights stay small (decode sizes)."""
+    return x.is_cuda and x.shape[0] * W[0].numel() * W.element_size() <= PER_SLOT_MAX_BYTES
+
+
+def _per_slot(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """x [S, in] sorted rows -> x[s] @ W[expert of s] [S, out], one batched product over the slots'
+    gathered weights: no host sync (graph capture), for ranks torch._grouped_mm does not take."""
+    return torch.bmm(x.unsqueeze(1), W[groups.expert]).squeeze(1)
 
 
 def _grouped_rows(x: torch.Tensor, groups: ExpertGroups, fn, width: int) -> torch.Tensor:
