@@ -207,8 +207,12 @@ PER_SLOT_MAX_BYTES = 64 << 20  # the gathered [S, in, out] weights of `_per_slot
 
 
 def _per_slot_ok(x: torch.Tensor, W: torch.Tensor) -> bool:
-    """`_per_slot` serves CUDA where its gathered weights stay small (decode sizes)."""
-    return x.is_cuda and x.shape[0] * W[0].numel() * W.element_size() <= PER_SLOT_MAX_BYTES
+    """`_per_slot` serves CUDA forwards without autograd (rollouts, which capture CUDA graphs)
+    where its gathered weights stay small (decode sizes). Training keeps the loop over experts,
+    whose weight gradients are summed in a fixed order (the gather's backward accumulates by
+    atomics)."""
+    return (x.is_cuda and not torch.is_grad_enabled()
+            and x.shape[0] * W[0].numel() * W.element_size() <= PER_SLOT_MAX_BYTES)
 
 
 def _per_slot(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
