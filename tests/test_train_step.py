@@ -447,3 +447,26 @@ def test_branch_ids_need_documents_and_no_cache():
     ids = torch.tensor([[1, 2, 3, 4]])
     with pytest.raises(ValueError, match="branch_ids need doc_ids"):
         model(ids, branch_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_cuda_free_memory_figure_leaves_out_private_pools(monkeypatch):
+    """The arithmetic of the CUDA figure (the GPU test checks it against a real graph): unused
+    bytes of segments owned by a private pool (a CUDA graph's) and of other devices' segments are
+    left out of reserved - allocated; a snapshot without the pool field changes nothing."""
+    import ossrl.model.checkpointing as ckpt
+
+    MiB = 1 << 20
+    segments = [
+        dict(device=0, segment_pool_id=(0, 0), total_size=100 * MiB, allocated_size=40 * MiB),
+        dict(device=0, segment_pool_id=(0, 1), total_size=50 * MiB, allocated_size=10 * MiB),  # a graph's pool
+        dict(device=1, segment_pool_id=(0, 1), total_size=80 * MiB, allocated_size=0),  # another GPU
+        dict(device=0, total_size=8 * MiB, allocated_size=0),  # no pool field: counted as the default pool
+    ]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * MiB, 4000 * MiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 158 * MiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 50 * MiB)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    free, total = ckpt.device_memory(torch.device("cuda", 0))
+    assert (free, total) == ((1000 + 158 - 50 - 40) * MiB, 4000 * MiB)
+    segments[1]["segment_pool_id"] = (0, 0)  # the same block in the default pool is usable
+    assert ckpt.device_memory(torch.device("cuda", 0))[0] == (1000 + 108) * MiB
