@@ -14,8 +14,8 @@ LoRA weights are kept in fp32 whatever the base dtype (bf16 LoRA weights would l
 updates to rounding); the forward casts them to the activation dtype, a differentiable cast, so
 gradients and optimizer states stay fp32. Rollouts run thousands of forwards on unchanged weights:
 inside `with rollout_copies(model):` (the engine's generate) the adapters read copies cast once on
-entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step, arithmetic), the same values,
-so the same outputs bit for bit.
+entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step, arithmetic):
+the same values, so the same outputs bit for bit.
 """
 
 from __future__ import annotations
@@ -214,8 +214,9 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
     forwards inside still cast and differentiate). The weights must not change inside. The copies
     stay allocated, refreshed in place on the next entry (a captured CUDA graph reads them), until
     `release_rollout_copies` (any engine's release: an engine whose graphs read freed copies sees
-    `switch.rollout_epoch` move on and captures anew). Nothing to do for fp32 models or models without adapters, nor for a
-    sharded model (its adapters are gathered per layer in each forward)."""
+    `switch.rollout_epoch` move on and captures anew). Nothing to do for fp32 models or models
+    without adapters, nor for a sharded model (its adapters are gathered per layer in each
+    forward)."""
     switch = getattr(model, "adapter_switch", None)
     dtype = dtype or next(model.parameters()).dtype
     modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
