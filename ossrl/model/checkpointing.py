@@ -15,10 +15,10 @@ then).
 
 The budget, unless given: what the device has free before the layers run (CUDA: free device memory
 plus what the caching allocator holds unused outside private pools such as CUDA graphs'; CPU:
-MemAvailable), less a headroom for what the step
-still allocates (the recompute and backward of one layer, about twice the layer's activations, the
-loss, the LoRA gradients and optimizer states, allocator fragmentation): twice the layer's bytes plus
-the larger of 2 GiB and 10% of the device's memory.
+MemAvailable), less a headroom for what the step still allocates (the recompute and backward of one
+layer, about twice the layer's activations, the loss, the LoRA gradients and optimizer states,
+allocator fragmentation): twice the layer's bytes plus the larger of 2 GiB and 10% of the device's
+memory.
 """
 
 from __future__ import annotations
