@@ -127,30 +127,18 @@ def graph_time(fn, x, w, ids):
     return bench(g.replay)
 
 
-def kernels_time(ex, x, w, ids, config=None):
+def plan_kernels(ex, x, ids, config=None):
+    """The two matmul kernels alone, planned once: a function of (x, w, ids) as `graph_time` takes."""
     groups = group_by_expert(ids, E)
     cfg = config or moe_triton.choose_config(groups.order.numel(), ex)
     plan = moe_triton._Plan(groups, ex, x.shape[0], cfg)
     plan.tiles(cfg.BM)
-    return bench(lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w))
+    return lambda x, w, ids: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w)
 
 
-def graph_time(ex, x, w, ids, config):
-    """`kernels_time` replayed from a CUDA graph, as the engine's decode runs it: no Python launch
-    gaps between the kernels (at 1 token these dominate eager timings)."""
-    groups = group_by_expert(ids, E)
-    plan = moe_triton._Plan(groups, ex, x.shape[0], config)
-    plan.tiles(config.BM)
-    fn = lambda: moe_triton.down_forward(plan, moe_triton.gate_up_forward(plan, x), w)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+def kernels_time(ex, x, w, ids, config=None):
+    fn = plan_kernels(ex, x, ids, config)
+    return bench(lambda: fn(x, w, ids))
 
 
 def attempt(fn):
@@ -282,7 +270,9 @@ def decode_sweep(mx, router, gen, copy_bw):
                 if isinstance(out, torch.Tensor):
                     r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
                 r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
-                r["fwd_graph_ms"] = attempt(lambda: graph_time(mx, x, w, ids, cfg))
+                # replayed from a CUDA graph, as the engine's decode runs it: no Python launch gaps
+                # between the kernels (at 1 token these dominate eager timings)
+                r["fwd_graph_ms"] = attempt(lambda: graph_time(plan_kernels(mx, x, ids, cfg), x, w, ids))
             if isinstance(r["fwd_kernels_ms"], float):
                 r["bandwidth_fraction"] = nbytes / (r["fwd_kernels_ms"] * 1e-3) / copy_bw
             if isinstance(r["fwd_graph_ms"], float):
