@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch.distributed.tensor import DTensor
-
 from ossrl.model.sharded import shaped_like, whole_tensor
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -152,8 +150,12 @@ class ExpertLoRA(nn.Module):
             self.switch.rollout_epoch += 1
         self.rollout_copy.refresh(self)
 
+    def _active_copy(self, dtype: torch.dtype) -> _RolloutLoRA | None:
+        """The rollout copy when a forward in `dtype` reads it (`AdapterSwitch.copies_for`)."""
+        return self.rollout_copy if self.rollout_copy is not None and self.switch.copies_for(dtype) else None
+
     def _weights(self, dtype: torch.dtype) -> ExpertLoRA | _RolloutLoRA:
-        return self.rollout_copy if self.rollout_copy is not None and self.switch.copies_for(dtype) else self
+        return self._active_copy(dtype) or self
 
     def gate_up_delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w = self._weights(x.dtype)
@@ -166,8 +168,9 @@ class ExpertLoRA(nn.Module):
     def in_dtype(self, dtype: torch.dtype) -> ExpertLoRA | _CastLoRA | _RolloutLoRA:
         """This adapter as the MoE kernels take it, with weights cast (differentiably) to `dtype`,
         or its rollout copy inside `rollout_copies`."""
-        if self.rollout_copy is not None and self.switch.copies_for(dtype):
-            return self.rollout_copy
+        copy = self._active_copy(dtype)
+        if copy is not None:
+            return copy
         return self if self.gate_up_A.dtype == dtype else _CastLoRA(self, dtype)
 
 
@@ -220,8 +223,7 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
     switch = getattr(model, "adapter_switch", None)
     dtype = dtype or next(model.parameters()).dtype
     modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
-    if switch is None or dtype == torch.float32 or getattr(model, "sharded", False) or \
-            any(isinstance(p, DTensor) for m in modules for p in m.parameters()):
+    if switch is None or dtype == torch.float32 or getattr(model, "sharded", False):  # set by shard_model
         yield model
         return
     with torch.no_grad():
