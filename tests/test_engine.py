@@ -272,3 +272,41 @@ def test_rollout_copies_give_the_same_samples_and_follow_weight_updates(monkeypa
     with rollout_copies(model):  # autograd inside: the fp32 weights, differentiably
         model(torch.tensor([PROMPTS[0]])).float().logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
+
+
+@pytest.mark.parametrize("alpha", [6.0, 0.5])
+def test_rollout_copies_carry_any_scaling(alpha):
+    """The copies hold scaling * A (no multiply per forward). With a scaling that is not a power of
+    two they round differently from casting per forward, so this compares per module (a whole bf16
+    model amplifies any rounding through its routing): the copies' LoRA deltas equal the cast
+    path's to bf16 rounding, where a dropped or doubled scaling would be off by a third or more."""
+    from ossrl.kernels.moe import routed_experts_twin
+    from ossrl.model.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters, rollout_copies
+
+    model = random_model(tiny_config(num_hidden_layers=1), seed=31, dtype=torch.bfloat16).eval()
+    apply_lora(model, LoRAConfig(r=4, alpha=alpha))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    q = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    experts = next(m for m in model.modules() if getattr(m, "lora", None) is not None)
+    x = torch.randn(6, q.weight.shape[1], generator=gen).bfloat16()
+    ids = torch.randint(0, experts.lora.gate_up_A.shape[0], (6, 2), generator=gen)
+    route_w = torch.rand(6, 2, generator=gen).bfloat16()
+
+    def outputs():
+        lora = experts.lora.in_dtype(torch.bfloat16) if model.adapter_switch.enabled else None
+        return q(x).float(), routed_experts_twin(x, route_w, ids, experts.expert_weights(), lora).float()
+
+    with torch.no_grad():
+        cast = outputs()
+        with rollout_copies(model):
+            copies = outputs()
+        assert q.rollout_copy is not None and experts.lora.rollout_copy.scaling == 1
+        with model.adapters_disabled():
+            base = outputs()
+    for c, k, b in zip(copies, cast, base):
+        delta = (k - b).abs().max()
+        assert delta > 0.1 * b.abs().max()  # the adapters matter
+        assert (c - k).abs().max() <= 0.05 * delta

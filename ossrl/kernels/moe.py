@@ -173,10 +173,15 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     """
     if _grouped_mm_ok(x, A, B) and not loop:
         offs = groups.ends_int32
-        return torch._grouped_mm(torch._grouped_mm(x, A, offs=offs) * scaling, B, offs=offs)
+        return torch._grouped_mm(_scaled(torch._grouped_mm(x, A, offs=offs), scaling), B, offs=offs)
     if not loop and _per_slot_ok(x, A) and _per_slot_ok(x, B):
-        return _per_slot(_per_slot(x, A, groups) * scaling, B, groups)
-    return _grouped_rows(x, groups, lambda e, rows: (rows @ A[e] * scaling) @ B[e], B.shape[-1])
+        return _per_slot(_scaled(_per_slot(x, A, groups), scaling), B, groups)
+    return _grouped_rows(x, groups, lambda e, rows: _scaled(rows @ A[e], scaling) @ B[e], B.shape[-1])
+
+
+def _scaled(u: torch.Tensor, scaling: float) -> torch.Tensor:
+    """u * scaling, with no kernel where scaling is 1 (rollout copies carry it in A)."""
+    return u if scaling == 1 else u * scaling
 
 
 TOKEN_LORA_MAX_COLUMNS = 1024  # token_lora_delta multiplies by all experts' A at once up to E * r columns
@@ -195,7 +200,7 @@ def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: 
         return grouped_lora_delta(x[groups.token], A, B, groups, scaling, loop=loop)
     if A_flat is None:
         A_flat = A.permute(1, 0, 2).reshape(H, E * r)
-    u = (x @ A_flat).view(-1, E, r)[groups.token, groups.expert] * scaling
+    u = _scaled((x @ A_flat).view(-1, E, r)[groups.token, groups.expert], scaling)
     if _grouped_mm_ok(u, B) and not loop:
         return torch._grouped_mm(u, B, offs=groups.ends_int32)
     if not loop and _per_slot_ok(u, B):
