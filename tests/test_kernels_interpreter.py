@@ -189,6 +189,36 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2)],
+                         ids=["packed", "packed-swap_ab", "dequant", "split2"])
+@pytest.mark.parametrize("r,by_token", [(4, True), (16, True), (4, False), (24, True)])
+def test_mxfp4_moe_lora_in_the_epilogue_without_autograd(cfg, r, by_token, monkeypatch):
+    """Forwards without autograd (rollouts) add u @ B_e in the matmuls' epilogues instead of a
+    precomputed [slots, out] delta: the same outputs as the twin, for ranks below, at and above the
+    MMA's 16 (zero-padded) and with gate_up's u by token (x @ all experts' A) or by sorted slot."""
+    if not by_token:
+        monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+    ex = _experts()
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(40, 96, generator=g)
+    w, ids = route(torch.randn(40, 4, generator=g), 2)
+
+    class LoRA:
+        scaling = 1.5
+        gate_up_A, gate_up_B = torch.randn(4, 96, r, generator=g) * 0.2, torch.randn(4, r, 128, generator=g) * 0.2
+        down_A, down_B = torch.randn(4, 64, r, generator=g) * 0.2, torch.randn(4, r, 96, generator=g) * 0.2
+
+    with torch.no_grad():
+        out = moe_triton.routed_experts_triton(x, w, ids, ex, LoRA, config=cfg)
+        ref = routed_experts_twin(x, w, ids, ex, LoRA)
+        base = routed_experts_twin(x, w, ids, ex)
+    assert rel(ref, base) > 0.05  # the LoRA term is not negligible
+    assert rel(out, ref) < 1e-5
+
+
 def test_dequantize_experts_matches_the_reference_decode():
     """The transient dense copy (training sizes): [E, out, in] MXFP4 -> [E, in, out], exactly."""
     g = torch.Generator().manual_seed(3)
@@ -211,12 +241,14 @@ if kernel == "dequant":
     const = dict(BR=64, BC=64, PTX=ptx)
 else:
     fn = moe_triton._moe_matmul
-    ptr = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr")}
+    ptr = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr",
+                                "lb_ptr")}
     ptr.update(b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
                tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64")
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
-                 SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1)
+                 SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1,
+                 LORA_R=16, LORA_RP=16, LORA_BY_TOKEN=True)  # a rollout's gate_up, LoRA in the epilogue
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
        for n in fn.arg_names}
 triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
@@ -257,21 +289,25 @@ from ossrl.kernels import fused, moe_triton
 if sys.argv[1] == "rms_norm_backward":
     fn, const = fused._rms_norm_backward_kernel, dict(BLOCK=4096)
     types = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "eps": "fp32"}
-elif sys.argv[1] == "moe_matmul_split_k":  # decode-sized forward: fp32 partials, no epilogue
+elif sys.argv[1] in ("moe_matmul_split_k", "moe_matmul_lora"):  # decode-sized forwards
     fn = moe_triton._moe_matmul
-    types = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "z_ptr")}
+    types = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
     types.update(c_ptr="*fp32", b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
                  tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", limit="fp32", alpha="fp32")
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=False, HAS_EXTRA=False, SWIGLU=False,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
-                 SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=32, BK=128, GROUP_M=8, SPLIT_K=4)
+                 SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=32, BK=128, GROUP_M=8, SPLIT_K=4,
+                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False)
+    if sys.argv[1] == "moe_matmul_lora":  # gate_up of a rollout: the LoRA B product in the epilogue (fp32 partials
+        types["c_ptr"] = "*bf16"          # no more: bf16 output, SwiGLU)
+        const.update(HAS_BIAS=True, SWIGLU=True, SPLIT_K=1, BN=64, LORA_R=16, LORA_BY_TOKEN=True)
 elif sys.argv[1] == "split_k_epilogue":
     fn = moe_triton._split_k_epilogue
-    types = {n: "*bf16" for n in ("bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr")}
+    types = {n: "*bf16" for n in ("bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
     types.update(parts_ptr="*fp32", slot_ptr="*i64", tile_expert_ptr="*i32", tile_start_ptr="*i32",
-                 offsets_ptr="*i64", limit="fp32", alpha="fp32")
-    const = dict(HAS_BIAS=True, HAS_EXTRA=True, SWIGLU=True, STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False,
-                 SPLIT_K=4, BM=16, BN=32)
+                 offsets_ptr="*i64", lora_rows_ptr="*i64", limit="fp32", alpha="fp32")
+    const = dict(HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True, STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False,
+                 SPLIT_K=4, BM=16, BN=32, LORA_R=4, LORA_RP=16, LORA_BY_TOKEN=True)
 else:
     fn, const = moe_triton._down_lora_backward_kernel, dict(H=2880, NEED_DW=True, NEED_DY=True, BLOCK=1024)
     types = {"dout_ptr": "*bf16", "token_ptr": "*i64", "y_ptr": "*bf16", "w_ptr": "*fp32", "dw_ptr": "*fp32",
@@ -282,7 +318,7 @@ triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarg
 
 
 @pytest.mark.parametrize("kernel", ["rms_norm_backward", "down_lora_backward", "moe_matmul_split_k",
-                                    "split_k_epilogue"])
+                                    "moe_matmul_lora", "split_k_epilogue"])
 def test_training_backward_kernels_compile_for_hopper(kernel):
     """The training path's one-kernel backwards and the split-K decode pair compile for sm_90 with
     Triton's ptxas (20b sizes), which the interpreter (their logic's tests above) never does."""

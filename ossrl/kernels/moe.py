@@ -173,13 +173,13 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     """
     if _grouped_mm_ok(x, A, B) and not loop:
         offs = groups.ends_int32
-        return torch._grouped_mm(_scaled(torch._grouped_mm(x, A, offs=offs), scaling), B, offs=offs)
+        return torch._grouped_mm(scaled(torch._grouped_mm(x, A, offs=offs), scaling), B, offs=offs)
     if not loop and _per_slot_ok(x, A) and _per_slot_ok(x, B):
-        return _per_slot(_scaled(_per_slot(x, A, groups), scaling), B, groups)
-    return _grouped_rows(x, groups, lambda e, rows: _scaled(rows @ A[e], scaling) @ B[e], B.shape[-1])
+        return _per_slot(scaled(_per_slot(x, A, groups), scaling), B, groups)
+    return _grouped_rows(x, groups, lambda e, rows: scaled(rows @ A[e], scaling) @ B[e], B.shape[-1])
 
 
-def _scaled(u: torch.Tensor, scaling: float) -> torch.Tensor:
+def scaled(u: torch.Tensor, scaling: float) -> torch.Tensor:
     """u * scaling, with no kernel where scaling is 1 (rollout copies carry it in A)."""
     return u if scaling == 1 else u * scaling
 
@@ -200,12 +200,18 @@ def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: 
         return grouped_lora_delta(x[groups.token], A, B, groups, scaling, loop=loop)
     if A_flat is None:
         A_flat = A.permute(1, 0, 2).reshape(H, E * r)
-    u = _scaled((x @ A_flat).view(-1, E, r)[groups.token, groups.expert], scaling)
-    if _grouped_mm_ok(u, B) and not loop:
-        return torch._grouped_mm(u, B, offs=groups.ends_int32)
-    if not loop and _per_slot_ok(u, B):
-        return _per_slot(u, B, groups)
-    return _grouped_rows(u, groups, lambda e, rows: rows @ B[e], B.shape[-1])
+    u = scaled((x @ A_flat).view(-1, E, r)[groups.token, groups.expert], scaling)
+    return grouped_product(u, B, groups, loop=loop)
+
+
+def grouped_product(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups, *, loop: bool = False) -> torch.Tensor:
+    """x [S, in] sorted rows -> x_e @ W[e] [S, out]: torch._grouped_mm where it serves, else one
+    batched product per slot (CUDA, decode sizes, no autograd), else the loop over experts."""
+    if _grouped_mm_ok(x, W) and not loop:
+        return torch._grouped_mm(x, W, offs=groups.ends_int32)
+    if not loop and _per_slot_ok(x, W):
+        return _per_slot(x, W, groups)
+    return _grouped_rows(x, groups, lambda e, rows: rows @ W[e], W.shape[-1])
 
 
 PER_SLOT_MAX_BYTES = 64 << 20  # the gathered [S, in, out] weights of `_per_slot`

@@ -19,7 +19,9 @@ a transient bf16 copy (`dequantize_experts`) that the dense path reads. The k-su
 of the [N, k, H] slot buffer (no atomics).
 
 The base weights and biases get no gradients (frozen); LoRA enters as the additive `lora_z` /
-`lora_y` terms, whose gradients (dz and w*dout) the autograd functions return.
+`lora_y` terms, whose gradients (dz and w*dout) the autograd functions return. Without autograd
+(rollouts) the epilogues compute the LoRA term themselves from the rank-r intermediate and B_e
+(`_routed_experts_lora_epilogue`): no [slots, out] delta, two launches fewer per layer.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
-    ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, lora_input, token_lora_delta,
+    TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, scaled, group_by_expert, grouped_lora_delta,
+    grouped_product, lora_input, token_lora_delta,
 )
 from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
 
@@ -43,6 +46,7 @@ def _moe_matmul(
     b_ptr, scales_ptr, stride_be, stride_b1, stride_b2, stride_se, stride_srow,
     bias_ptr, stride_bias, extra_ptr, stride_xm,
     route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr,
+    lu_ptr, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles, N, K, limit, alpha,
     MXFP4: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, GATHER_A: tl.constexpr,
@@ -50,6 +54,7 @@ def _moe_matmul(
     ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr, DOT_SCALED: tl.constexpr,
     SWAP_AB: tl.constexpr, PACKED: tl.constexpr, PTX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -137,18 +142,23 @@ def _moe_matmul(
         tl.store(c_ptr + part.to(tl.int64) * stride_zm + pos[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
                  acc, mask=m_mask[:, None] & n_mask[None, :])
     else:
+        lu_rows = a_rows if LORA_BY_TOKEN else pos
         _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr, stride_xm,
                   route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit, alpha,
-                  HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, DW_EPILOGUE, BM, BN)
+                  lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
+                  HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, DW_EPILOGUE, BM, BN,
+                  LORA_R, LORA_RP)
 
 
 @triton.jit
 def _split_k_epilogue(
     parts_ptr, stride_part, stride_prow, bias_ptr, stride_bias, extra_ptr, stride_xm,
     route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm,
+    lu_ptr, lora_rows_ptr, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
     tile_expert_ptr, tile_start_ptr, offsets_ptr, N, limit, alpha,
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
     ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
 ):
     """The sum of `_moe_matmul`'s SPLIT_K fp32 partials (in a fixed order: deterministic), then its epilogue."""
     pid_m = tl.program_id(0)
@@ -168,24 +178,43 @@ def _split_k_epilogue(
     for _ in range(1, SPLIT_K):  # a running 64-bit pointer: part * stride_part may pass 2^31
         ptrs += stride_part
         acc += tl.load(ptrs, mask=mn_mask, other=0.0)
+    if LORA_BY_TOKEN:
+        lu_rows = tl.load(lora_rows_ptr + pos, mask=m_mask, other=0)
+    else:
+        lu_rows = pos
     _epilogue(acc, e.to(tl.int64), pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr,
               stride_xm, route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, c_ptr, limit, alpha,
-              HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, False, BM, BN)
+              lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
+              HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, False, BM, BN, LORA_R, LORA_RP)
 
 
 @triton.jit
 def _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr, stride_xm,
               route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit, alpha,
+              lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
               HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
               ROUTE_WEIGHT: tl.constexpr, SCATTER_C: tl.constexpr, DW_EPILOGUE: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr):
-    """Bias, LoRA term, z store, SwiGLU, routing weight and scatter of one fp32 [BM, BN] tile."""
+              BM: tl.constexpr, BN: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr):
+    """Bias, LoRA term, z store, SwiGLU, routing weight and scatter of one fp32 [BM, BN] tile.
+
+    The LoRA term is either a precomputed [rows, N] delta (HAS_EXTRA, training: autograd owns it)
+    or, with LORA_R > 0 (forwards without autograd: rollouts), computed here from the rank-r
+    intermediate u (row lu_rows, columns from e * lu_col_e) and expert e's B [r, N]: no [rows, N]
+    delta is written or read, and no launch computes it."""
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e64 * stride_bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_EXTRA:
         acc += tl.load(extra_ptr + pos[:, None].to(tl.int64) * stride_xm + offs_n[None, :],
                        mask=mn_mask, other=0.0).to(tl.float32)
+    if LORA_R > 0:  # ranks below 16 are zero-padded to the MMA's smallest K
+        rr = tl.arange(0, LORA_RP)
+        r_mask = rr < LORA_R
+        u = tl.load(lu_ptr + lu_rows[:, None].to(tl.int64) * stride_lu + e64 * lu_col_e + rr[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        lb = tl.load(lb_ptr + e64 * stride_lbe + rr[:, None] * stride_lbr + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(u, lb.to(u.dtype))
     if STORE_Z:
         tl.store(z_ptr + pos[:, None].to(tl.int64) * stride_zm + offs_n[None, :],
                  acc.to(z_ptr.dtype.element_ty), mask=mn_mask)
@@ -290,8 +319,20 @@ class _Plan:
         return self.tables[BM]
 
 
+@dataclass(frozen=True)
+class _LoRATerm:
+    """A LoRA term the epilogue computes: u @ B[e] for a row, u [rows, *] (the row's token when
+    `by_token`, else its sorted position; expert e's r columns from e * col_e) and B [E, r, N]."""
+
+    u: torch.Tensor
+    B: torch.Tensor
+    by_token: bool
+    col_e: int
+
+
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
-            route_w=None, scatter=False, z=None, swiglu=False, dw=None, config: TileConfig | None = None):
+            route_w=None, scatter=False, z=None, swiglu=False, dw=None, lora: _LoRATerm | None = None,
+            config: TileConfig | None = None):
     """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
@@ -310,6 +351,11 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     epilogue = dict(HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu,
                     STORE_Z=z is not None, ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter)
     target, target_stride, z_stride = c, c.stride(0), z.stride(0) if z is not None else 0
+    r = lora.B.shape[1] if lora is not None else 0
+    lora_args = (lora.u, lora.u.stride(0), lora.col_e, lora.B, lora.B.stride(0), lora.B.stride(1)) \
+        if lora is not None else (dummy, 0, 0, dummy, 0, 0)
+    lora_flags = dict(LORA_R=r, LORA_RP=max(16, triton.next_power_of_2(r)) if r else 16,
+                      LORA_BY_TOKEN=lora is not None and lora.by_token)
     if split > 1:  # fp32 partials [split, sorted rows, N]; the epilogue runs in `_split_k_epilogue`
         parts = torch.empty(split, plan.groups.order.numel(), N, device=a.device, dtype=torch.float32)
         target, target_stride, z_stride = parts, parts.stride(1), parts.stride(0)
@@ -321,7 +367,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
         route_w if route_w is not None else dummy, plan.groups.order,
         target, target_stride, z if z is not None else dummy, z_stride,
-        dw if dw is not None else dummy,
+        dw if dw is not None else dummy, *(lora_args if split == 1 else (dummy, 0, 0, dummy, 0, 0)),
         tile_expert, tile_start, plan.groups.offsets,
         num_tiles, N, K, limit, alpha,
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
@@ -329,7 +375,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a),
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
@@ -338,8 +384,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
             extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
             route_w if route_w is not None else dummy, plan.groups.order,
             c, c.stride(0), z if z is not None else dummy, z.stride(0) if z is not None else 0,
+            lora_args[0], a_rows if a_rows is not None else dummy, *lora_args[1:],
             tile_expert, tile_start, plan.groups.offsets, N, limit, alpha,
-            **epilogue, SPLIT_K=split, BM=cfg.BM, BN=cfg.BN, num_warps=4,
+            **epilogue, SPLIT_K=split, BM=cfg.BM, BN=cfg.BN, **lora_flags, num_warps=4,
         )
     return c
 
@@ -367,22 +414,23 @@ def _dims(experts: ExpertWeights) -> tuple[int, int]:
     return experts.down_bias.shape[1], experts.gate_up_bias.shape[1] // 2
 
 
-def gate_up_forward(plan: _Plan, x, lora_z=None, z=None):
-    """a [S, I] in sorted order: swiglu(x[token] @ W1_e + b1_e (+ lora_z)); optionally stores z [S, 2I]."""
+def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None = None):
+    """a [S, I] in sorted order: swiglu(x[token] @ W1_e + b1_e (+ lora_z or the `lora` term));
+    optionally stores z [S, 2I]."""
     ex = plan.experts
     H, I = _dims(ex)
     a = torch.empty(plan.groups.order.numel(), I, device=x.device, dtype=x.dtype)
     return _launch(plan, x, ex.gate_up, ex.gate_up_scales, 2 * I, H, a, b_rows_are_n=True,
-                   a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True)
+                   a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True, lora=lora)
 
 
-def down_forward(plan: _Plan, a, route_w, lora_y=None):
-    """out [N, H] = sum over each token's k slots of w * (a @ W2_e + b2_e (+ lora_y))."""
+def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = None):
+    """out [N, H] = sum over each token's k slots of w * (a @ W2_e + b2_e (+ lora_y or the `lora` term))."""
     ex = plan.experts
     H, I = _dims(ex)
     buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
     _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
-            extra=lora_y, route_w=route_w.reshape(-1), scatter=True)
+            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora)
     return buf.view(plan.num_tokens, plan.groups.k, H).sum(1)
 
 
@@ -520,6 +568,8 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     else:
         plan = _Plan(group_by_expert(ids, experts.num_experts), experts, N, cfg)
     groups = plan.groups
+    if lora is not None and not torch.is_grad_enabled():  # rollouts: the LoRA B products in the epilogues
+        return _routed_experts_lora_epilogue(x, route_w, plan, lora)
     lora_z = lora_y = None
     if lora is not None:
         lora_z = token_lora_delta(lora_input(lora, x), lora.gate_up_A, lora.gate_up_B, groups, lora.scaling,
@@ -529,3 +579,25 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     if lora is not None:
         lora_y = grouped_lora_delta(lora_input(lora, a), lora.down_A, lora.down_B, groups, lora.scaling).contiguous()
     return _Down.apply(a, route_w.contiguous(), lora_y, plan)
+
+
+def _routed_experts_lora_epilogue(x, route_w, plan: _Plan, lora) -> torch.Tensor:
+    """`routed_experts_triton` without autograd: each expert matmul's epilogue adds u @ B_e from the
+    rank-r intermediate u (gate_up: x @ [all experts' A] by token when E * r is small, as
+    `token_lora_delta` does; down: the per-expert a_e @ A_e), so no [slots, out] LoRA delta is
+    written, read back or launched for. Same sums as the autograd path, in fp32 until the output."""
+    groups = plan.groups
+    E, H, r = lora.gate_up_A.shape
+    xl = lora_input(lora, x)
+    A_flat = getattr(lora, "gate_up_A_flat", None)
+    if E * r <= TOKEN_LORA_MAX_COLUMNS:
+        if A_flat is None:
+            A_flat = lora.gate_up_A.permute(1, 0, 2).reshape(H, E * r)
+        up = _LoRATerm(scaled(xl @ A_flat.to(x.dtype), lora.scaling), lora.gate_up_B.contiguous(), True, r)
+    else:
+        u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
+        up = _LoRATerm(scaled(u, lora.scaling), lora.gate_up_B.contiguous(), False, 0)
+    a = gate_up_forward(plan, x, lora=up)
+    u = grouped_product(lora_input(lora, a), lora.down_A, groups)
+    down = _LoRATerm(scaled(u, lora.scaling), lora.down_B.contiguous(), False, 0)
+    return down_forward(plan, a, route_w.contiguous(), lora=down)
