@@ -269,8 +269,11 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # Packed E2M1 pairs (PTX), same sweep: 8 tokens 0.265 -> 0.209 ms, 64 tokens 0.396 -> 0.313 ms
     # (45% of bandwidth) at 16x64x128 swap_ab; 1 token 0.101 ms at 16x32x128 swap_ab (the
     # unpacked 16x32x256 read 0.158 in that run, 0.084 in the one before).
+    # Split-K (session 6 sweep on an H100, CUDA-graph replay, results/moe_decode_sweep_split.json):
+    # 1 token 16x64x128 swap_ab packed in 4 K parts 0.0706 ms against 0.0784 unsplit and more
+    # for the old 16x32x128 pick; batch-1 decode step 4.37 -> 3.68 ms. 8 and 64 tokens: no split wins.
     if per_expert <= 0.25 and mxfp4:
-        return TileConfig(16, 32, 128, 4, 3, dot_scaled=False, swap_ab=True)
+        return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True, split_k=4)
     if per_expert <= 16 and mxfp4:
         return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True)
     if per_expert <= 16:
