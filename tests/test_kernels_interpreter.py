@@ -196,9 +196,10 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
                          ids=["packed", "packed-swap_ab", "dequant", "split2"])
 @pytest.mark.parametrize("r,by_token", [(4, True), (16, True), (4, False), (24, True)])
 def test_mxfp4_moe_lora_in_the_epilogue_without_autograd(cfg, r, by_token, monkeypatch):
-    """Forwards without autograd (rollouts) add u @ B_e in the matmuls' epilogues instead of a
-    precomputed [slots, out] delta: the same outputs as the twin, for ranks below, at and above the
-    MMA's 16 (zero-padded) and with gate_up's u by token (x @ all experts' A) or by sorted slot."""
+    """Rollout forwards (no autograd, `lora_epilogue`) add u @ B_e in the matmuls' epilogues instead
+    of a precomputed [slots, out] delta: the same outputs as the twin, for ranks below, at and above
+    the MMA's 16 (zero-padded) and with gate_up's u by token (x @ all experts' A) or by sorted slot.
+    Without the flag a no-grad forward is bit for bit the autograd path's."""
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
     ex = _experts()
@@ -212,11 +213,15 @@ def test_mxfp4_moe_lora_in_the_epilogue_without_autograd(cfg, r, by_token, monke
         down_A, down_B = torch.randn(4, 64, r, generator=g) * 0.2, torch.randn(4, r, 96, generator=g) * 0.2
 
     with torch.no_grad():
-        out = moe_triton.routed_experts_triton(x, w, ids, ex, LoRA, config=cfg)
+        out = moe_triton.routed_experts_triton(x, w, ids, ex, LoRA, config=cfg, lora_epilogue=True)
         ref = routed_experts_twin(x, w, ids, ex, LoRA)
         base = routed_experts_twin(x, w, ids, ex)
     assert rel(ref, base) > 0.05  # the LoRA term is not negligible
     assert rel(out, ref) < 1e-5
+    with torch.no_grad():  # the trainer's no-grad passes (old log-probs): exactly its training pass
+        plain = moe_triton.routed_experts_triton(x, w, ids, ex, LoRA, config=cfg)
+    assert torch.equal(plain, moe_triton.routed_experts_triton(x.requires_grad_(True), w, ids, ex, LoRA,
+                                                               config=cfg).detach())
 
 
 def test_dequantize_experts_matches_the_reference_decode():

@@ -194,7 +194,7 @@ def test_lora_in_the_epilogue_without_autograd(fmt, N, r):
     lora = LoRA(32, 2880, 2880, r, gen, torch.bfloat16, scaling=8.0)
     lora32 = LoRA(32, 2880, 2880, r, gen, torch.float32, scaling=8.0, src=lora)
     with torch.no_grad():
-        out = moe_triton.routed_experts_triton(x, w, ids, ours_w, lora)
+        out = moe_triton.routed_experts_triton(x, w, ids, ours_w, lora, lora_epilogue=True)
         ref = routed_experts_twin(x.float(), w.float(), ids, ref_w, lora32)
         base = routed_experts_twin(x.float(), w.float(), ids, ref_w)
         assert rel_err(ref, base) > 0.05  # the adapters matter
@@ -202,11 +202,11 @@ def test_lora_in_the_epilogue_without_autograd(fmt, N, r):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            moe_triton.routed_experts_triton(x, w, ids, ours_w, lora)
+            moe_triton.routed_experts_triton(x, w, ids, ours_w, lora, lora_epilogue=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = moe_triton.routed_experts_triton(x, w, ids, ours_w, lora)
+            static_out = moe_triton.routed_experts_triton(x, w, ids, ours_w, lora, lora_epilogue=True)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, out)

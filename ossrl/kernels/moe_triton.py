@@ -559,8 +559,13 @@ class _Down(torch.autograd.Function):
 
 
 def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
-                          lora=None, config: TileConfig | None = None) -> torch.Tensor:
-    """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs."""
+                          lora=None, config: TileConfig | None = None, *, lora_epilogue: bool = False) -> torch.Tensor:
+    """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs.
+
+    `lora_epilogue` (rollouts: the model sets it inside `inference_kernels`) lets a forward without
+    autograd compute the LoRA B products in the matmuls' epilogues; it rounds differently from the
+    autograd path, so the trainer's own no-grad passes (old log-probs) leave it off and compute
+    exactly what its training pass computes."""
     N = x.shape[0]
     x = x.contiguous()
     S = ids.numel()
@@ -571,7 +576,7 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     else:
         plan = _Plan(group_by_expert(ids, experts.num_experts), experts, N, cfg)
     groups = plan.groups
-    if lora is not None and not torch.is_grad_enabled():  # rollouts: the LoRA B products in the epilogues
+    if lora is not None and lora_epilogue and not torch.is_grad_enabled():  # rollouts: LoRA B in the epilogues
         return _routed_experts_lora_epilogue(x, route_w, plan, lora)
     lora_z = lora_y = None
     if lora is not None:

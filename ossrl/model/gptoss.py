@@ -49,10 +49,15 @@ def inference_kernels():
         _INFERENCE_KERNELS.on = previous
 
 
+def inference_kernels_on() -> bool:
+    """Whether this thread is inside `inference_kernels` (the rollout engine's forwards)."""
+    return getattr(_INFERENCE_KERNELS, "on", False)
+
+
 def fused_kernels(*tensors: torch.Tensor):
     """`ossrl.kernels.fused` when its kernels may serve these tensors (inside `inference_kernels`,
     CUDA, Triton, no gradient needed), else None (the PyTorch code runs)."""
-    if not getattr(_INFERENCE_KERNELS, "on", False) or not tensors[0].is_cuda or not triton_available():
+    if not inference_kernels_on() or not tensors[0].is_cuda or not triton_available():
         return None
     from ossrl.kernels import fused
 
@@ -241,7 +246,7 @@ class Experts(nn.Module):
             from ossrl.kernels.moe_triton import routed_experts_triton
 
             lora = self.lora.in_dtype(x.dtype) if self._lora_on() else None
-            return routed_experts_triton(x, weights, ids, experts, lora)
+            return routed_experts_triton(x, weights, ids, experts, lora, lora_epilogue=inference_kernels_on())
         out_dtype = torch.float32 if x.dtype == torch.float16 else None  # fp16 mode: fp32 combine
         return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha,
                                         out_dtype=out_dtype)

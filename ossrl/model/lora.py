@@ -14,8 +14,9 @@ LoRA weights are kept in fp32 whatever the base dtype (bf16 LoRA weights would l
 updates to rounding); the forward casts them to the activation dtype, a differentiable cast, so
 gradients and optimizer states stay fp32. Rollouts run thousands of forwards on unchanged weights:
 inside `with rollout_copies(model):` (the engine's generate) the adapters read copies cast once on
-entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step, arithmetic):
-the same values, so the same outputs bit for bit.
+entry instead (for 20b, r=16, the per-forward casts moved about 1 GB per decode step, arithmetic),
+with the scaling folded into the copies of A (no multiply per forward): the same outputs bit for
+bit where the scaling is a power of two (the default alpha = 2r), to bf16 rounding otherwise.
 """
 
 from __future__ import annotations
