@@ -10,7 +10,7 @@
     once) as a fraction of the device's measured copy bandwidth; transformers' eager attention on
     the same cache as the baseline. A small sweep of kernel configurations at 64 x 8K comes first.
 
-Run on a GPU from the repo root:  PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
+Run on a GPU from the repo root:  python benchmarks/attention.py --out benchmarks/results/attention.json
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ import datetime
 import json
 import platform
 import statistics
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import triton
 import triton.testing
 
-from ossrl.kernels.attention import AttentionMask, sink_attention, sink_attention_reference
-from ossrl.kernels.decode_attention import decode_attention, decode_attention_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ossrl, without PYTHONPATH
+
+from ossrl.kernels.attention import AttentionMask, sink_attention, sink_attention_reference  # noqa: E402
+from ossrl.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
 HQ, HKV, D, SCALE = 64, 8, 64, 0.125
 DEV = "cuda"

@@ -2,7 +2,7 @@
 (MXFP4 and bf16 experts) against transformers' own `GptOssExperts` forward, a dense all-experts bmm
 and `torch._grouped_mm` (bf16), all on the same weights in the same run.
 
-Run on a GPU from the repo root:  PYTHONPATH=. python benchmarks/moe.py --out benchmarks/results/moe.json
+Run on a GPU from the repo root:  python benchmarks/moe.py --out benchmarks/results/moe.json
 (--sweep also times several tile configurations of the ossrl kernels.)
 
 Figures per token count: forward and forward+backward (input and routing-weight gradients; the
@@ -18,14 +18,18 @@ import argparse
 import datetime
 import json
 import platform
+import sys
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from ossrl.kernels.moe import ExpertWeights, clamped_swiglu, group_by_expert, route
-from ossrl.kernels.mxfp4 import dequantize_mxfp4
-from ossrl.kernels import moe_triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ossrl, without PYTHONPATH
+
+from ossrl.kernels.moe import ExpertWeights, clamped_swiglu, group_by_expert, route  # noqa: E402
+from ossrl.kernels.mxfp4 import dequantize_mxfp4  # noqa: E402
+from ossrl.kernels import moe_triton  # noqa: E402
 
 E, K_TOP, H, I = 32, 4, 2880, 2880
 LIMIT, ALPHA = 7.0, 1.702
