@@ -274,6 +274,47 @@ def test_rollout_copies_give_the_same_samples_and_follow_weight_updates(monkeypa
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")])
+def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, monkeypatch):
+    """Inside rollout_copies the q/k/v adapters' A copies are rows of one buffer and a forward
+    multiplies by it once: the same outputs as one matmul per projection (q and v only: k runs
+    plain), the buffer is what is read, and release frees it. With LoRA dropout active in a
+    no-grad training-mode forward each projection keeps its own mask (no sharing)."""
+    from ossrl.model.lora import LoRAConfig, SharedRolloutA, apply_lora, lora_parameters, release_rollout_copies, \
+        rollout_copies
+
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=31, dtype=torch.bfloat16).eval()
+    apply_lora(model, LoRAConfig(r=4, targets=targets))
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    ids = torch.tensor([PROMPTS[0]])
+    attn = model.model.layers[0].self_attn
+    call = SharedRolloutA.__call__
+    with rollout_copies(model), torch.no_grad():
+        shared = attn.shared_lora_a
+        assert shared is not None and shared.buffer.shape[0] == 4 * (len(targets) - ("o_proj" in targets))
+        assert shared.serves(torch.zeros(1, dtype=torch.bfloat16))
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(SharedRolloutA, "__call__", lambda self, x: calls.append(1) or call(self, x))
+            out = model(ids)
+        assert len(calls) == 2  # one shared A matmul per layer
+        with monkeypatch.context() as patch:
+            patch.setattr(SharedRolloutA, "serves", lambda self, x: False)
+            assert torch.equal(model(ids), out)  # one A matmul per projection
+        shared.buffer[-4:].zero_()  # the last member's A rows (v)
+        assert not torch.equal(model(ids), out)
+    release_rollout_copies(model)
+    assert getattr(attn, "shared_lora_a", None) is None
+
+    dropped = random_model(tiny_config(num_hidden_layers=1), seed=31, dtype=torch.bfloat16)
+    apply_lora(dropped, LoRAConfig(r=4, dropout=0.5))
+    with rollout_copies(dropped), torch.no_grad():
+        assert dropped.model.layers[0].self_attn.shared_lora_a.serves(torch.zeros(1, dtype=torch.bfloat16)) is False
+
+
 @pytest.mark.parametrize("alpha", [6.0, 0.5])
 def test_rollout_copies_carry_any_scaling(alpha):
     """The copies hold scaling * A (no multiply per forward). With a scaling that is not a power of

@@ -144,9 +144,12 @@ class Attention(nn.Module):
 
     def forward(self, h, cos, sin, masks, cache: KVCache | None = None):
         B, T, _ = h.shape
-        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        shared = getattr(self, "shared_lora_a", None)  # rollouts with LoRA: one A matmul for q, k, v
+        q, k, v = shared(h) if shared is not None and shared.serves(h) else (self.q_proj(h), self.k_proj(h),
+                                                                              self.v_proj(h))
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if (fused := fused_kernels(q, k)) is not None:
             q, k = fused.rotary_qk(q, k, cos, sin)
         elif (kernels := training_kernels(q)) is not None:
