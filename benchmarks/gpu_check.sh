@@ -15,7 +15,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [[ $what == *" tests "* ]]; then
     # -v: each test's name and result as it ends (a run cut by its limit still says which failed);
     # the files whose code changed most recently first. The whole set takes over 5 minutes (session
-    # 5: 29 tests in 300 s, torch.compile of FlexAttention and Triton compiles dominate).
+    # 5: 29 tests in 300 s, torch.compile of FlexAttention and Triton compiles dominate; session 6:
+    # test_moe_gpu.py + test_engine_gpu.py alone, 69 tests, 210 s on an H100).
     # TEST_FILES (optional) names a subset, e.g. leaving out files whose code has not changed since they passed.
     files=${TEST_FILES:-"tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_moe_gpu.py tests/test_fsdp_gpu.py
         tests/test_fused_gpu.py tests/test_attention_gpu.py"}

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
-    TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, scaled, group_by_expert, grouped_lora_delta,
-    grouped_product, lora_input, token_lora_delta,
+    TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, grouped_product,
+    lora_input, scaled, token_lora_delta,
 )
 from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
 
