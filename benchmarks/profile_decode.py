@@ -4,6 +4,9 @@
     python benchmarks/profile_decode.py --moe-sweep moe_decode_sweep.json   # with that sweep's best tiles
     python benchmarks/profile_decode.py --lora   # LoRA r=16 on attention and experts (GRPO rollouts),
                                                  # with rollout copies and with a cast per forward
+    python benchmarks/profile_decode.py --lora --lora-a-tiles 16x16x128x4,16x16x128x8
+        # and again with the expert LoRA A products on _moe_matmul's dense path (BMxBNxBKxSPLIT_K),
+        # against torch._grouped_mm in the same process (moe_triton.LORA_A_TILES)
 """
 
 import contextlib
@@ -59,7 +62,7 @@ kernels = inference_kernels()  # as the engine's generate runs the step: the fus
 kernels.__enter__()
 
 
-def run(batch, copies):
+def run(batch, copies, note=""):
     """Profile eager steps, then time graph replays, of one decode batch."""
     engine = RolloutEngine(model, cuda_graphs=False)
     prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]
@@ -67,7 +70,7 @@ def run(batch, copies):
     engine.generate(prompts, params=params)
     dec = engine._slots
     ids = torch.arange(batch, device="cuda")
-    label = f"batch {batch}" + ("" if not lora else ", LoRA copies" if copies else ", LoRA cast per forward")
+    label = f"batch {batch}" + ("" if not lora else ", LoRA copies" if copies else ", LoRA cast per forward") + note
     # generate() enters rollout_copies itself; these direct steps enter it as generate does
     with rollout_copies(model) if copies else contextlib.nullcontext():
         for _ in range(3):
@@ -97,7 +100,18 @@ def run(batch, copies):
 
 
 lora = "--lora" in sys.argv
+a_tiles = []
+if "--lora-a-tiles" in sys.argv:
+    from ossrl.kernels import moe_triton
+
+    for spec in sys.argv[sys.argv.index("--lora-a-tiles") + 1].split(","):
+        bm, bn, bk, split = (int(v) for v in spec.split("x"))
+        a_tiles.append(moe_triton.TileConfig(bm, bn, bk, 4, 3, split_k=split))
 torch.set_grad_enabled(False)  # as generate runs (rollout copies serve forwards without autograd only)
 for batch in (1, 64):
     for copies in ((True, False) if lora else (True,)):
         run(batch, copies)
+    for cfg in a_tiles:  # the expert LoRA A products on the kernel's dense path, same process
+        moe_triton.LORA_A_TILES = cfg
+        run(batch, True, note=f", LoRA A by _moe_matmul {cfg.BM}x{cfg.BN}x{cfg.BK} split {cfg.split_k}")
+        moe_triton.LORA_A_TILES = None

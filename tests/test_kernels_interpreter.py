@@ -200,8 +200,23 @@ def test_mxfp4_moe_lora_in_the_epilogue_without_autograd(cfg, r, by_token, monke
     of a precomputed [slots, out] delta: the same outputs as the twin, for ranks below, at and above
     the MMA's 16 (zero-padded) and with gate_up's u by token (x @ all experts' A) or by sorted slot.
     Without the flag a no-grad forward is bit for bit the autograd path's."""
+    _check_lora_epilogue(cfg, r, by_token, None, monkeypatch)
+
+
+@pytest.mark.parametrize("a_tiles", [moe_triton.TileConfig(16, 16, 32, 4, 1),
+                                     moe_triton.TileConfig(16, 16, 32, 4, 1, split_k=3)], ids=["unsplit", "split3"])
+@pytest.mark.parametrize("r,by_token", [(4, True), (24, False)])
+def test_lora_a_products_on_the_kernels_dense_path(a_tiles, r, by_token, monkeypatch):
+    """The rollouts' expert LoRA A products by `_moe_matmul`'s dense path (`LORA_A_TILES`): slot rows,
+    or token rows gathered in the kernel (gate_up when E * r is large), ranks fitted into BN."""
+    _check_lora_epilogue(moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True), r, by_token,
+                         a_tiles, monkeypatch)
+
+
+def _check_lora_epilogue(cfg, r, by_token, a_tiles, monkeypatch):
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+    monkeypatch.setattr(moe_triton, "LORA_A_TILES", a_tiles)  # None: grouped products (the loop on CPU)
     ex = _experts()
     g = torch.Generator().manual_seed(r)
     x = torch.randn(40, 96, generator=g)

@@ -589,6 +589,26 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     return _Down.apply(a, route_w.contiguous(), lora_y, plan)
 
 
+# The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]): None runs
+# `grouped_product` (torch._grouped_mm at r = 16, measured at 14-17 us per call at decode sizes on
+# an H100, session 6); a TileConfig runs them on the dense path of `_moe_matmul` with those tiles
+# (BN fitted to the rank). A candidate, not yet timed: `benchmarks/profile_decode.py --lora-a-tiles`.
+LORA_A_TILES: TileConfig | None = None
+
+
+def lora_a_product(plan: _Plan, x: torch.Tensor, A: torch.Tensor, config: TileConfig,
+                   a_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """u [slots, r] = x[row] @ A[expert] for every sorted slot (x's rows are the slots themselves, or
+    `a_rows` of them: the tokens), by the dense path of `_moe_matmul`: A [E, in, r] is the dense
+    experts' [E, in, out] layout. No host sync."""
+    import dataclasses
+
+    r = A.shape[-1]
+    cfg = dataclasses.replace(config, BN=max(16, triton.next_power_of_2(r)), dequant=False)
+    u = torch.empty(plan.groups.order.numel(), r, device=x.device, dtype=x.dtype)
+    return _launch(plan, x, A.contiguous(), None, r, A.shape[1], u, b_rows_are_n=True, a_rows=a_rows, config=cfg)
+
+
 def _routed_experts_lora_epilogue(x, route_w, plan: _Plan, lora) -> torch.Tensor:
     """`routed_experts_triton` without autograd: each expert matmul's epilogue adds u @ B_e from the
     rank-r intermediate u (gate_up: x @ [all experts' A] by token when E * r is small, as
@@ -603,9 +623,14 @@ def _routed_experts_lora_epilogue(x, route_w, plan: _Plan, lora) -> torch.Tensor
             A_flat = lora.gate_up_A.permute(1, 0, 2).reshape(H, E * r)
         up = _LoRATerm(scaled(xl @ A_flat.to(x.dtype), lora.scaling), lora.gate_up_B.contiguous(), True, r)
     else:
-        u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
+        if LORA_A_TILES is not None:
+            u = lora_a_product(plan, xl, lora.gate_up_A, LORA_A_TILES, a_rows=groups.token)
+        else:
+            u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
         up = _LoRATerm(scaled(u, lora.scaling), lora.gate_up_B.contiguous(), False, 0)
     a = gate_up_forward(plan, x, lora=up)
-    u = grouped_product(lora_input(lora, a), lora.down_A, groups)
+    al = lora_input(lora, a)
+    u = lora_a_product(plan, al, lora.down_A, LORA_A_TILES) if LORA_A_TILES is not None else \
+        grouped_product(al, lora.down_A, groups)
     down = _LoRATerm(scaled(u, lora.scaling), lora.down_B.contiguous(), False, 0)
     return down_forward(plan, a, route_w.contiguous(), lora=down)
