@@ -26,7 +26,7 @@ The base weights and biases get no gradients (frozen); LoRA enters as the additi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -601,10 +601,8 @@ def lora_a_product(plan: _Plan, x: torch.Tensor, A: torch.Tensor, config: TileCo
     """u [slots, r] = x[row] @ A[expert] for every sorted slot (x's rows are the slots themselves, or
     `a_rows` of them: the tokens), by the dense path of `_moe_matmul`: A [E, in, r] is the dense
     experts' [E, in, out] layout. No host sync."""
-    import dataclasses
-
     r = A.shape[-1]
-    cfg = dataclasses.replace(config, BN=max(16, triton.next_power_of_2(r)), dequant=False)
+    cfg = replace(config, BN=max(16, triton.next_power_of_2(r)), dequant=False)
     u = torch.empty(plan.groups.order.numel(), r, device=x.device, dtype=x.dtype)
     return _launch(plan, x, A.contiguous(), None, r, A.shape[1], u, b_rows_are_n=True, a_rows=a_rows, config=cfg)
 
