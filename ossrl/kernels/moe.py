@@ -195,13 +195,19 @@ def token_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: 
     r columns; no [S, in] gather of the inputs (and no scatter-add of its gradient) is needed.
     Otherwise the rows are gathered and `grouped_lora_delta` runs. `A_flat`, if given, is A already
     in that [in, E * r] layout (the adapters' rollout copies keep it so)."""
-    E, H, r = A.shape
+    E, _, r = A.shape
     if E * r > TOKEN_LORA_MAX_COLUMNS:
         return grouped_lora_delta(x[groups.token], A, B, groups, scaling, loop=loop)
     if A_flat is None:
-        A_flat = A.permute(1, 0, 2).reshape(H, E * r)
+        A_flat = all_experts_A(A)
     u = scaled((x @ A_flat).view(-1, E, r)[groups.token, groups.expert], scaling)
     return grouped_product(u, B, groups, loop=loop)
+
+
+def all_experts_A(A: torch.Tensor) -> torch.Tensor:
+    """Every expert's LoRA A [E, in, r] side by side as [in, E * r] (expert e's r columns from e * r)."""
+    E, H, r = A.shape
+    return A.permute(1, 0, 2).reshape(H, E * r)
 
 
 def grouped_product(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups, *, loop: bool = False) -> torch.Tensor:

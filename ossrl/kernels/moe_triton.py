@@ -34,8 +34,8 @@ import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
 from ossrl.kernels.moe import (
-    TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, group_by_expert, grouped_lora_delta, grouped_product,
-    lora_input, scaled, token_lora_delta,
+    TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
+    grouped_product, lora_input, scaled, token_lora_delta,
 )
 from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
 
@@ -355,8 +355,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
                     STORE_Z=z is not None, ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter)
     target, target_stride, z_stride = c, c.stride(0), z.stride(0) if z is not None else 0
     r = lora.B.shape[1] if lora is not None else 0
+    no_lora = (dummy, 0, 0, dummy, 0, 0)
     lora_args = (lora.u, lora.u.stride(0), lora.col_e, lora.B, lora.B.stride(0), lora.B.stride(1)) \
-        if lora is not None else (dummy, 0, 0, dummy, 0, 0)
+        if lora is not None else no_lora
     lora_flags = dict(LORA_R=r, LORA_RP=max(16, triton.next_power_of_2(r)) if r else 16,
                       LORA_BY_TOKEN=lora is not None and lora.by_token)
     if split > 1:  # fp32 partials [split, sorted rows, N]; the epilogue runs in `_split_k_epilogue`
@@ -370,7 +371,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
         route_w if route_w is not None else dummy, plan.groups.order,
         target, target_stride, z if z is not None else dummy, z_stride,
-        dw if dw is not None else dummy, *(lora_args if split == 1 else (dummy, 0, 0, dummy, 0, 0)),
+        dw if dw is not None else dummy, *(lora_args if split == 1 else no_lora),
         tile_expert, tile_start, plan.groups.offsets,
         num_tiles, N, K, limit, alpha,
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
@@ -612,23 +613,24 @@ def _routed_experts_lora_epilogue(x, route_w, plan: _Plan, lora) -> torch.Tensor
     rank-r intermediate u (gate_up: x @ [all experts' A] by token when E * r is small, as
     `token_lora_delta` does; down: the per-expert a_e @ A_e), so no [slots, out] LoRA delta is
     written, read back or launched for. Same sums as the autograd path, in fp32 until the output."""
-    groups = plan.groups
     E, H, r = lora.gate_up_A.shape
     xl = lora_input(lora, x)
-    A_flat = getattr(lora, "gate_up_A_flat", None)
     if E * r <= TOKEN_LORA_MAX_COLUMNS:
-        if A_flat is None:
-            A_flat = lora.gate_up_A.permute(1, 0, 2).reshape(H, E * r)
+        A_flat = getattr(lora, "gate_up_A_flat", None)
+        A_flat = all_experts_A(lora.gate_up_A) if A_flat is None else A_flat
         up = _LoRATerm(scaled(xl @ A_flat.to(x.dtype), lora.scaling), lora.gate_up_B.contiguous(), True, r)
     else:
-        if LORA_A_TILES is not None:
-            u = lora_a_product(plan, xl, lora.gate_up_A, LORA_A_TILES, a_rows=groups.token)
-        else:
-            u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
+        u = _slot_lora_a(plan, xl, lora.gate_up_A, a_rows=plan.groups.token)
         up = _LoRATerm(scaled(u, lora.scaling), lora.gate_up_B.contiguous(), False, 0)
     a = gate_up_forward(plan, x, lora=up)
-    al = lora_input(lora, a)
-    u = lora_a_product(plan, al, lora.down_A, LORA_A_TILES) if LORA_A_TILES is not None else \
-        grouped_product(al, lora.down_A, groups)
+    u = _slot_lora_a(plan, lora_input(lora, a), lora.down_A)
     down = _LoRATerm(scaled(u, lora.scaling), lora.down_B.contiguous(), False, 0)
     return down_forward(plan, a, route_w.contiguous(), lora=down)
+
+
+def _slot_lora_a(plan: _Plan, x: torch.Tensor, A: torch.Tensor, a_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[slots, r] = x[row] @ A[expert] per sorted slot (rows: the slots, or `a_rows` of x): on the
+    kernel's dense path with `LORA_A_TILES`, else `grouped_product` on the gathered rows."""
+    if LORA_A_TILES is not None:
+        return lora_a_product(plan, x, A, LORA_A_TILES, a_rows=a_rows)
+    return grouped_product(x if a_rows is None else x[a_rows], A, plan.groups)

@@ -286,10 +286,10 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
     forward)."""
     switch = getattr(model, "adapter_switch", None)
     dtype = dtype or next(model.parameters()).dtype
-    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
     if switch is None or dtype == torch.float32 or getattr(model, "sharded", False):  # set by shard_model
         yield model
         return
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
     with torch.no_grad():
         for module in model.modules():
             projections = [getattr(module, name, None) for name in SHARED_INPUT_PROJECTIONS]
