@@ -4,8 +4,8 @@
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; decode: benchmarks/profile_decode.py --lora (rollout
-# copies against a cast per forward, and the expert LoRA A products on the kernel's dense path
-# against torch._grouped_mm) and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
+# copies against a cast per forward, and the expert LoRA A products by torch._grouped_mm against
+# the kernel's dense path, the default) and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -37,7 +37,7 @@ if [[ $what == *" sweep "* ]]; then
         | tee "$out/moe_sweep.log" | grep -v "^decode_sweep" | tail -20
 fi
 if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: copies vs cast; the sweep's tiles
-    timeout 260 python benchmarks/profile_decode.py --lora --lora-a-tiles 16x16x128x4,16x16x128x8 2>&1 \
+    timeout 260 python benchmarks/profile_decode.py --lora --lora-a-tiles grouped 2>&1 \
         | tee "$out/profile_decode_lora.log" \
         | grep -E "graph replay|CUDA time"
     if [[ -f $out/moe_decode_sweep_split.json ]]; then

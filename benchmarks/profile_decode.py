@@ -4,9 +4,10 @@
     python benchmarks/profile_decode.py --moe-sweep moe_decode_sweep.json   # with that sweep's best tiles
     python benchmarks/profile_decode.py --lora   # LoRA r=16 on attention and experts (GRPO rollouts),
                                                  # with rollout copies and with a cast per forward
-    python benchmarks/profile_decode.py --lora --lora-a-tiles 16x16x128x4,16x16x128x8
-        # and again with the expert LoRA A products on _moe_matmul's dense path (BMxBNxBKxSPLIT_K),
-        # against torch._grouped_mm in the same process (moe_triton.LORA_A_TILES)
+    python benchmarks/profile_decode.py --lora --lora-a-tiles grouped,16x16x128x8
+        # and again with the expert LoRA A products by torch._grouped_mm ("grouped") or on
+        # _moe_matmul's dense path with other tiles (BMxBNxBKxSPLIT_K), in the same process
+        # (moe_triton.LORA_A_TILES; the default is 16x16x128x4)
 """
 
 import contextlib
@@ -105,13 +106,17 @@ if "--lora-a-tiles" in sys.argv:
     from ossrl.kernels import moe_triton
 
     for spec in sys.argv[sys.argv.index("--lora-a-tiles") + 1].split(","):
+        if spec == "grouped":  # torch._grouped_mm (moe_triton.LORA_A_TILES = None)
+            a_tiles.append(None)
+            continue
         bm, bn, bk, split = (int(v) for v in spec.split("x"))
         a_tiles.append(moe_triton.TileConfig(bm, bn, bk, 4, 3, split_k=split))
 torch.set_grad_enabled(False)  # as generate runs (rollout copies serve forwards without autograd only)
 for batch in (1, 64):
     for copies in ((True, False) if lora else (True,)):
         run(batch, copies)
-    for cfg in a_tiles:  # the expert LoRA A products on the kernel's dense path, same process
-        moe_triton.LORA_A_TILES = cfg
-        run(batch, True, note=f", LoRA A by _moe_matmul {cfg.BM}x{cfg.BN}x{cfg.BK} split {cfg.split_k}")
-        moe_triton.LORA_A_TILES = None
+    for cfg in a_tiles:  # the expert LoRA A products: other tiles, or grouped_mm, in the same process
+        default, moe_triton.LORA_A_TILES = moe_triton.LORA_A_TILES, cfg
+        run(batch, True, note=", LoRA A by torch._grouped_mm" if cfg is None else
+            f", LoRA A by _moe_matmul {cfg.BM}x{cfg.BN}x{cfg.BK} split {cfg.split_k}")
+        moe_triton.LORA_A_TILES = default

@@ -590,11 +590,14 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     return _Down.apply(a, route_w.contiguous(), lora_y, plan)
 
 
-# The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]): None runs
-# `grouped_product` (torch._grouped_mm at r = 16, measured at 14-17 us per call at decode sizes on
-# an H100, session 6); a TileConfig runs them on the dense path of `_moe_matmul` with those tiles
-# (BN fitted to the rank). A candidate, not yet timed: `benchmarks/profile_decode.py --lora-a-tiles`.
-LORA_A_TILES: TileConfig | None = None
+# The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]) on the dense path of
+# `_moe_matmul` with these tiles (BN fitted to the rank); None runs `grouped_product`
+# (torch._grouped_mm at r = 16). Measured by `benchmarks/profile_decode.py --lora --lora-a-tiles`
+# (H100, 20b, r = 16, session 7), decode-step graph replay: batch 1 5.10 -> 4.79 ms, batch 64
+# 12.13 -> 11.68 ms; split-K 8 gave the same times. Up to LORA_A_MAX_SLOTS sorted slots (decode
+# sizes, where it was timed); prefills above that keep grouped_mm.
+LORA_A_TILES: TileConfig | None = TileConfig(16, 16, 128, 4, 3, split_k=4)
+LORA_A_MAX_SLOTS = 1024
 
 
 def lora_a_product(plan: _Plan, x: torch.Tensor, A: torch.Tensor, config: TileConfig,
@@ -631,6 +634,6 @@ def _routed_experts_lora_epilogue(x, route_w, plan: _Plan, lora) -> torch.Tensor
 def _slot_lora_a(plan: _Plan, x: torch.Tensor, A: torch.Tensor, a_rows: torch.Tensor | None = None) -> torch.Tensor:
     """[slots, r] = x[row] @ A[expert] per sorted slot (rows: the slots, or `a_rows` of x): on the
     kernel's dense path with `LORA_A_TILES`, else `grouped_product` on the gathered rows."""
-    if LORA_A_TILES is not None:
+    if LORA_A_TILES is not None and plan.groups.order.numel() <= LORA_A_MAX_SLOTS:
         return lora_a_product(plan, x, A, LORA_A_TILES, a_rows=a_rows)
     return grouped_product(x if a_rows is None else x[a_rows], A, plan.groups)
