@@ -274,12 +274,69 @@ def test_rollout_copies_give_the_same_samples_and_follow_weight_updates(monkeypa
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
 
 
+def test_q_k_v_laid_out_side_by_side_run_as_one_matmul(monkeypatch):
+    """`lay_out_qkv` (the engine's first generate) puts each layer's q, k, v weights and biases back
+    to back in one buffer, values and Parameter objects unchanged; inside `inference_kernels`
+    without autograd a forward then multiplies by the fused view once per layer, with the same
+    outputs. A parameter moved to new storage undoes it (three matmuls, same outputs); weights that
+    need gradients never take it."""
+    import torch.nn.functional as F
+
+    from ossrl.model.gptoss import inference_kernels, lay_out_qkv
+
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=5, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([PROMPTS[1]])
+    attn = model.model.layers[1].self_attn
+    params = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.v_proj.bias]
+    values = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        separate = model(ids)
+    assert attn.fused_qkv() is None
+    RolloutEngine(model).generate([PROMPTS[0]], 1, SamplingParams(max_new_tokens=2, temperature=0))
+    assert lay_out_qkv(model) == 0  # the engine did it; nothing left to do
+    now = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.v_proj.bias]
+    assert all(p is q and torch.equal(p, v) for p, q, v in zip(now, params, values))
+    with torch.no_grad():
+        weight, bias = attn.fused_qkv()
+    assert weight.data_ptr() == attn.q_proj.weight.data_ptr() and weight.shape[0] == sum(p.shape[0] for p in params[:3])
+    assert torch.equal(weight[-attn.v_proj.weight.shape[0]:], attn.v_proj.weight)
+    assert torch.equal(bias[-attn.v_proj.bias.shape[0]:], attn.v_proj.bias)
+
+    linear, weights_seen = F.linear, []
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: weights_seen.append(w) or linear(x, w, b))
+    with torch.no_grad(), inference_kernels():
+        assert torch.equal(model(ids), separate)
+    q_weights = [layer.self_attn.q_proj.weight for layer in model.model.layers]
+    fused_calls = [w for w in weights_seen if w.shape == weight.shape and w.data_ptr() in {q.data_ptr() for q in q_weights}]
+    assert len(fused_calls) == 2 and not any(w is q for w in weights_seen for q in q_weights)
+    weights_seen.clear()
+    with torch.no_grad():  # outside the engine's kernels: as before
+        assert torch.equal(model(ids), separate)
+    assert sum(w is q for w in weights_seen for q in q_weights) == 2 and weight.shape not in [w.shape for w in weights_seen]
+
+    attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # new storage: no longer side by side
+    with torch.no_grad():
+        assert attn.fused_qkv() is None
+    with torch.no_grad(), inference_kernels():
+        assert torch.equal(model(ids), separate)
+    assert lay_out_qkv(model) == 1
+    model.requires_grad_(True)
+    with inference_kernels():
+        assert attn.fused_qkv() is None  # autograd into the weights: three matmuls
+        model(ids).float().sum().backward()
+    assert attn.k_proj.weight.grad is not None and attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("laid_out", [False, True], ids=["apart", "laid_out"])
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")])
-def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, monkeypatch):
+def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypatch):
     """Inside rollout_copies the q/k/v adapters' A copies are rows of one buffer and a forward
     multiplies by it once: the same outputs as one matmul per projection (q and v only: k runs
-    plain), the buffer is what is read, and release frees it. With LoRA dropout active in a
-    no-grad training-mode forward each projection keeps its own mask (no sharing)."""
+    plain), the buffer is what is read, and release frees it. With the base weights laid out side
+    by side (`lay_out_qkv`, inside `inference_kernels`) the base is one matmul and the B copies one
+    addmm (their block-diagonal buffer is what is read). With LoRA dropout active in a no-grad
+    training-mode forward each projection keeps its own mask (no sharing)."""
+    from ossrl.model.gptoss import inference_kernels, lay_out_qkv
     from ossrl.model.lora import LoRAConfig, SharedRolloutA, apply_lora, lora_parameters, release_rollout_copies, \
         rollout_copies
 
@@ -289,22 +346,32 @@ def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, monkeypatch):
     with torch.no_grad():
         for p in lora_parameters(model):
             p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    ids = torch.tensor([PROMPTS[0]])
+        separate = model(ids := torch.tensor([PROMPTS[0]]))
+    if laid_out:
+        assert lay_out_qkv(model) == 2
     attn = model.model.layers[0].self_attn
     call = SharedRolloutA.__call__
-    with rollout_copies(model), torch.no_grad():
+    with rollout_copies(model), inference_kernels(), torch.no_grad():
         shared = attn.shared_lora_a
         assert shared is not None and shared.buffer.shape[0] == 4 * (len(targets) - ("o_proj" in targets))
         assert shared.serves(torch.zeros(1, dtype=torch.bfloat16))
         calls = []
         with monkeypatch.context() as patch:
-            patch.setattr(SharedRolloutA, "__call__", lambda self, x: calls.append(1) or call(self, x))
+            patch.setattr(SharedRolloutA, "__call__", lambda self, x, fused=None: calls.append(fused) or
+                          call(self, x, fused))
             out = model(ids)
         assert len(calls) == 2  # one shared A matmul per layer
+        assert all((fused is not None) == laid_out for fused in calls)
         with monkeypatch.context() as patch:
             patch.setattr(SharedRolloutA, "serves", lambda self, x: False)
             assert torch.equal(model(ids), out)  # one A matmul per projection
+        assert torch.equal(out, separate)
         shared.buffer[-4:].zero_()  # the last member's A rows (v)
+        assert not torch.equal(model(ids), out)
+        for m in shared.members:
+            m.refresh_rollout_copy(torch.bfloat16)
+        assert torch.equal(model(ids), out)
+        shared.b_buffer[-8:].zero_()  # the v rows of the B copies
         assert not torch.equal(model(ids), out)
     release_rollout_copies(model)
     assert getattr(attn, "shared_lora_a", None) is None

@@ -34,6 +34,20 @@ def test_rms_norm_matches_the_module(dtype, rows, H):
     assert ((got.float() - ref.float()).abs() <= 2 * ulp * ref.float().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_add_rms_norm_is_the_add_then_the_kernel_norm(rows):
+    """bf16, 20b's hidden size: the residual sum bit for bit `x + a`, the norm the rms_norm
+    kernel's on that sum (the same code and launch; compared to a bf16 rounding)."""
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    x = (torch.randn(rows, 2880, generator=g, device=DEV) * 3).bfloat16()
+    a = torch.randn(rows, 2880, generator=g, device=DEV).bfloat16()
+    weight = torch.randn(2880, generator=g, device=DEV).bfloat16()
+    s, y = fused.add_rms_norm(x, a, weight, 1e-5)
+    assert torch.equal(s, x + a)
+    ref = fused.rms_norm(x + a, weight, 1e-5)
+    assert ((y.float() - ref.float()).abs() <= 2 ** -8 * ref.float().abs()).all()
+
+
 def rms_norm_reference(x, weight, eps):
     """The module's PyTorch code (on CUDA the module itself runs the kernels)."""
     xf = x.float()
@@ -129,6 +143,27 @@ def test_route_topk_matches_route(N, E, k):
     torch.testing.assert_close(w, wr, rtol=0, atol=0)
     distinct = (logits.float().unsqueeze(-1) == logits.float().unsqueeze(-2)).sum((1, 2)) == E
     assert torch.equal(ids[distinct], idr[distinct])
+
+
+@pytest.mark.parametrize("N,E,k", [(1, 32, 4), (64, 32, 4), (256, 128, 4), (7, 4, 2)])
+def test_router_topk_matches_linear_then_route(N, E, k):
+    """bf16, 20b's hidden size: the experts F.linear + route picks where no two logits are within
+    a bf16 rounding of each other (the kernel's fp32 sums run in another order than cuBLAS's), and
+    weights equal to bf16 rounding."""
+    g = torch.Generator(device=DEV).manual_seed(N + E)
+    H = 2880
+    x = torch.randn(N, H, generator=g, device=DEV).bfloat16()
+    weight = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
+    bias = torch.randn(E, generator=g, device=DEV).bfloat16()
+    w, ids = fused.router_topk(x, weight, bias, k)
+    logits = torch.nn.functional.linear(x, weight, bias)
+    wr, idr = route(logits, k)
+    exact = x.float() @ weight.float().T + bias.float()
+    top = exact.topk(k + 1, dim=1).values
+    clear = ((top[:, :-1] - top[:, 1:]).abs() > 0.05).all(1)  # no near-tie among the top k + 1
+    assert clear.float().mean() > 0.5
+    assert torch.equal(ids[clear], idr[clear])
+    torch.testing.assert_close(w[clear].float(), wr[clear].float(), rtol=0.02, atol=0.01)
 
 
 @pytest.mark.parametrize("ids_shape,E,BM", [((1, 4), 32, 16), ((64, 4), 32, 16), ((64, 4), 32, 1),

@@ -35,6 +35,16 @@ def test_rms_norm():
         torch.testing.assert_close(fused.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=1e-5, atol=1e-6)
 
 
+def test_add_rms_norm_equals_the_add_then_the_norm():
+    x, a = torch.randn(2, 3, 200) * 3, torch.randn(2, 3, 200)
+    norm = RMSNorm(200, 1e-5)
+    norm.weight.data = torch.randn(200)
+    s, y = fused.add_rms_norm(x, a, norm.weight, 1e-5)
+    assert torch.equal(s, x + a)
+    with torch.no_grad():
+        torch.testing.assert_close(y, norm(x + a), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("trained_weight", [False, True])
 def test_rms_norm_backward(trained_weight):
     x = (torch.randn(2, 5, 200) * 3).requires_grad_(True)
@@ -93,6 +103,19 @@ def test_route_topk(N, E, k):
     wr, idr = route(logits, k)
     assert torch.equal(ids, idr)
     torch.testing.assert_close(w, wr)
+
+
+@pytest.mark.parametrize("N,E,H,k", [(1, 32, 300, 4), (37, 32, 600, 4), (9, 6, 70, 3), (5, 128, 96, 4)])
+def test_router_topk_equals_linear_then_route(N, E, H, k):
+    """The router's logits computed in the top-k kernel (H not a multiple of the chunk, E padded
+    to the dot's 16 columns, several programs of 16 rows): the same experts and weights as
+    F.linear followed by `route`."""
+    g = torch.Generator().manual_seed(N * E)
+    x, weight, bias = torch.randn(N, H, generator=g), torch.randn(E, H, generator=g) / 8, torch.randn(E, generator=g)
+    w, ids = fused.router_topk(x, weight, bias, k)
+    wr, idr = route(torch.nn.functional.linear(x, weight, bias), k)
+    assert torch.equal(ids, idr)
+    torch.testing.assert_close(w, wr, rtol=1e-5, atol=1e-6)
 
 
 def test_route_topk_nan_row_keeps_ids_in_range():

@@ -27,7 +27,7 @@ import torch
 
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels
+from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels, lay_out_qkv
 from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
@@ -71,6 +71,11 @@ class RolloutEngine:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
+        # q, k, v weights side by side: one matmul for the three in every forward. A model whose
+        # parameters moved since (new storage) is laid out again, and graphs captured on the old
+        # addresses are dropped with the KV pool.
+        if lay_out_qkv(self.model) and self._slots is not None:
+            self._slots.release()
         was_training = self.model.training
         self.model.eval()
         try:

@@ -46,6 +46,21 @@ def _rms_norm_kernel(X, W, Y, H, stride_x, stride_y, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add_rms_norm_kernel(X, A, W, S, Y, H, stride_x, stride_a, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) + \
+        tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+    s = s.to(S.dtype.element_ty)  # the residual stream as `x + a` rounds it
+    tl.store(S + row * H + cols, s, mask=mask)
+    x = s.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * H + cols, (w * (x * r)).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_backward_kernel(X, W, DY, DX, H, stride_x, stride_dy, stride_dx, eps, BLOCK: tl.constexpr):
     """dx = r * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * r (r recomputed from x)."""
     row = tl.program_id(0).to(tl.int64)
@@ -63,6 +78,20 @@ def _rms_norm_backward_kernel(X, W, DY, DX, H, stride_x, stride_dy, stride_dx, e
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(s, RMSNorm(s) * weight) for s = x + a (x, a [..., H] of one dtype), in one launch: a decoder
+    layer's residual add and the next norm, the same bits as the two apart."""
+    H = x.shape[-1]
+    x2, a2 = _rows(x), _rows(a)
+    s = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    y = torch.empty_like(s)
+    if x2.shape[0]:
+        BLOCK = triton.next_power_of_2(H)  # as rms_norm launches: the same reduction order
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, a2, weight, s, y, H, x2.stride(0), a2.stride(0), float(eps),
+                                             BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+    return s.view(x.shape), y.view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -233,13 +262,9 @@ def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
 
 # ---------------------------------------------------------------------------------------- routing
 @triton.jit
-def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, KP: tl.constexpr,
-                       EP: tl.constexpr, R: tl.constexpr):
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    cols = tl.arange(0, EP)
-    rmask = rows < N
-    z = tl.load(Logits + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
-                mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+def _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K: tl.constexpr, KP: tl.constexpr,
+                        EP: tl.constexpr, R: tl.constexpr):
+    """z [R, EP] fp32 logits (-inf past E) -> the top K per row, softmaxed, stored [N, K]."""
     kk = tl.arange(0, KP)  # K padded to a power of two; the padding keeps -inf and weight 0
     vals = tl.full([R, KP], float("-inf"), tl.float32)
     ids = tl.zeros([R, KP], tl.int32)
@@ -256,6 +281,59 @@ def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, KP
     omask = rmask[:, None] & (kk[None, :] < K)
     tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=omask)
     tl.store(Ids + out, ids.to(tl.int64), mask=omask)
+
+
+@triton.jit
+def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, KP: tl.constexpr,
+                       EP: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    cols = tl.arange(0, EP)
+    rmask = rows < N
+    z = tl.load(Logits + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+                mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+    _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K, KP, EP, R)
+
+
+@triton.jit
+def _router_topk_kernel(X, W, Bias, Weights, Ids, N, E, H, stride_x, stride_w, K: tl.constexpr,
+                        KP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, BH: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    cols = tl.arange(0, EP)
+    rmask = rows < N
+    cmask = cols < E
+    acc = tl.zeros([R, EP], tl.float32)
+    for h0 in range(0, H, BH):
+        hs = h0 + tl.arange(0, BH)
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + hs[None, :], mask=rmask[:, None] & (hs[None, :] < H),
+                    other=0.0)
+        w = tl.load(W + cols[:, None] * stride_w + hs[None, :], mask=cmask[:, None] & (hs[None, :] < H), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    acc += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    z = acc.to(Weights.dtype.element_ty).to(tl.float32)  # the logits in the model's dtype, as F.linear gives them
+    z = tl.where(cmask[None, :], z, float("-inf"))
+    _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K, KP, EP, R)
+
+
+ROUTER_TOPK_MAX_TOKENS = 256  # one program per 16 tokens reads the whole router: decode sizes only
+
+
+def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, weight, bias), k)` in one launch, for decode-sized x [N, H] (weight [E, H],
+    bias [E]; up to ROUTER_TOPK_MAX_TOKENS rows): the logits (fp32 sums, rounded to x's dtype as
+    F.linear rounds them) never leave registers; at batch 1 this replaces a cuBLAS split-K GEMV,
+    its reduce and the top-k launch. -> (weights [N, k] in x's dtype, ids [N, k] int64), largest
+    first."""
+    N, H = x.shape
+    E = weight.shape[0]
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    weights = torch.empty(N, k, device=x.device, dtype=x.dtype)
+    ids = torch.empty(N, k, device=x.device, dtype=torch.long)
+    if N:
+        R, EP = 16, max(16, triton.next_power_of_2(E))  # tl.dot needs 16 rows and columns
+        _router_topk_kernel[(triton.cdiv(N, R),)](x, weight, bias, weights, ids, N, E, H, x.stride(0), weight.stride(0),
+                                                  K=k, KP=triton.next_power_of_2(k), EP=EP, R=R,
+                                                  BH=256 if EP <= 32 else 64, num_warps=4)
+    return weights, ids
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -435,7 +435,30 @@ def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = 
     buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
     _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
             extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora)
-    return buf.view(plan.num_tokens, plan.groups.k, H).sum(1)
+    return combine_slots(buf.view(plan.num_tokens, plan.groups.k, H))
+
+
+@triton.jit
+def _combine_kernel(Y, Out, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(Y + (row * K + j) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * H + cols, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def combine_slots(y: torch.Tensor) -> torch.Tensor:
+    """[N, k, H] (each token's k weighted expert outputs, contiguous) -> [N, H], summed in fp32 in
+    slot order: `y.sum(1)` in one light launch (PyTorch's reduction took 4.7 us per layer at batch
+    1 on an H100, the largest of a decode step's small kernels)."""
+    N, K, H = y.shape
+    out = torch.empty(N, H, device=y.device, dtype=y.dtype)
+    if N:
+        BLOCK = min(1024, triton.next_power_of_2(H))
+        _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, out, H, K=K, BLOCK=BLOCK, num_warps=4)
+    return out
 
 
 @triton.jit

@@ -142,11 +142,34 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=True, **kw)
         self.sinks = nn.Parameter(torch.zeros(c.num_attention_heads, **kw))
 
+    def input_projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The q, k and v weights [q+k+v, hidden] and biases as single tensors (views, no copy) when
+        `lay_out_qkv` put them side by side and they need no gradient here; else None."""
+        ps = self.input_projections()
+        if torch.is_grad_enabled() and any(p.weight.requires_grad or p.bias.requires_grad for p in ps):
+            return None
+        weight, bias = _side_by_side([p.weight for p in ps]), _side_by_side([p.bias for p in ps])
+        return None if weight is None or bias is None else (weight, bias)
+
+    def project_qkv(self, h: torch.Tensor):
+        """q, k, v for h. In rollouts (inside `inference_kernels`, no autograd) with the weights laid
+        out by `lay_out_qkv`: one matmul for the three (and with adapters, one rank-r matmul for
+        their A and one for their B: `ossrl.model.lora.SharedRolloutA`)."""
+        fused = self.fused_qkv() if inference_kernels_on() and not torch.is_grad_enabled() else None
+        shared = getattr(self, "shared_lora_a", None)  # rollouts with LoRA: one A matmul for q, k, v
+        if shared is not None and shared.serves(h):
+            return shared(h, fused)
+        ps = self.input_projections()
+        if fused is not None and not any(getattr(p, "switch", None) is not None and p.switch.enabled for p in ps):
+            return F.linear(h, *fused).split([p.weight.shape[0] for p in ps], dim=-1)
+        return tuple(p(h) for p in ps)
+
     def forward(self, h, cos, sin, masks, cache: KVCache | None = None):
         B, T, _ = h.shape
-        shared = getattr(self, "shared_lora_a", None)  # rollouts with LoRA: one A matmul for q, k, v
-        q, k, v = shared(h) if shared is not None and shared.serves(h) else (self.q_proj(h), self.k_proj(h),
-                                                                              self.v_proj(h))
+        q, k, v = self.project_qkv(h)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -163,6 +186,53 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
 
+def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one [sum of rows, ...] view of their storage when they lie there back to back
+    (contiguous, same dtype and device, each starting where the previous ends); else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:] or t.storage_offset() != offset
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
+
+
+@torch.no_grad()
+def lay_out_qkv(model: nn.Module) -> int:
+    """Put each attention layer's q, k and v weights, and their biases, back to back in one buffer
+    (values and Parameter objects unchanged; the old storage is freed), so that rollouts compute the
+    three projections with one matmul (`Attention.project_qkv`). The rollout engine calls it. Layers
+    already laid out, on the meta device or sharded are left alone; moving parameters later (`.to`,
+    `to_empty`) undoes it harmlessly (three matmuls again). Returns the number of layers laid out."""
+    if getattr(model, "sharded", False):
+        return 0
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Attention):
+            continue
+        ps = module.input_projections()
+        for name in ("weight", "bias"):
+            params = [getattr(p, name) for p in ps]
+            if params[0].device.type == "meta" or _side_by_side(params) is not None:
+                continue
+            if any(type(t) is not nn.Parameter for t in params):  # e.g. DTensor shards
+                break
+            with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
+                buffer = torch.empty((sum(t.shape[0] for t in params),) + tuple(params[0].shape[1:]),
+                                     dtype=params[0].dtype, device=params[0].device)
+                row = 0
+                for t in params:
+                    buffer[row:row + t.shape[0]].copy_(t)
+                    t.data = buffer[row:row + t.shape[0]]
+                    row += t.shape[0]
+            count += name == "weight"
+    return count
+
+
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig, device=None, dtype=None):
         super().__init__()
@@ -171,6 +241,9 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.num_local_experts, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = fused_kernels(x, self.weight, self.bias)
+        if fused is not None and x.shape[0] <= fused.ROUTER_TOPK_MAX_TOKENS:  # decode: logits stay in registers
+            return fused.router_topk(x, self.weight, self.bias, self.top_k)
         logits = F.linear(x, self.weight, self.bias)
         if (fused := fused_kernels(logits)) is not None:
             return fused.route_topk(logits, self.top_k)
@@ -278,8 +351,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache=None):
         compute = cos.dtype  # the weights' dtype; x is fp32 in the fp16 mode (no-op casts otherwise)
-        x = x + self.self_attn(self.input_layernorm(x).to(compute), cos, sin, masks, cache)
-        return x + self.mlp(self.post_attention_layernorm(x).to(compute))
+        a = self.self_attn(self.input_layernorm(x).to(compute), cos, sin, masks, cache)
+        norm = self.post_attention_layernorm
+        if (fused := fused_kernels(x, a, norm.weight)) is not None and x.dtype == a.dtype == norm.weight.dtype:
+            x, h = fused.add_rms_norm(x, a, norm.weight, norm.eps)  # one launch, the same bits
+        else:
+            x = x + a
+            h = norm(x).to(compute)
+        return x + self.mlp(h)
 
 
 class KVCache:

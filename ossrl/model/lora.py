@@ -222,32 +222,41 @@ class _RolloutLoRA:
 
 
 class SharedRolloutA:
-    """Rollout copies of the LoRA A of several projections of one input (an attention layer's q, k
-    and v), kept as row blocks of one [sum of ranks, in] buffer so that a decode step computes all
-    their rank-r intermediates with one matmul instead of one per projection (at batch 1 each was a
-    cuBLAS split-K GEMV plus its reduce, about 6 us, measured). Installed on the module as
-    `shared_lora_a` by `rollout_copies` where two or more of the projections have adapters; each
-    member's `rollout_copy[0]` is a view of the buffer and is refreshed in place like any copy."""
+    """Rollout copies of the LoRA pairs of several projections of one input (an attention layer's q,
+    k and v), kept in two buffers: the A copies as row blocks of one [sum of ranks, in] matrix, so a
+    decode step computes all their rank-r intermediates u with one matmul instead of one per
+    projection (at batch 1 each was a cuBLAS split-K GEMV plus its reduce, about 6 us, measured),
+    and the B copies as the diagonal blocks of one [sum of outputs, sum of ranks] matrix (zeros
+    elsewhere; a projection without adapter has zero rows), so that where the base weights lie side
+    by side (`Attention.fused_qkv`) the three deltas are one addmm onto the one base matmul.
+    Installed on the module as `shared_lora_a` by `rollout_copies` where two or more of the
+    projections have adapters; each member's `rollout_copy` holds views of the buffers and is
+    refreshed in place like any copy."""
 
     def __init__(self, projections: list[nn.Module], dtype: torch.dtype):
         self.projections = projections
         members = [p for p in projections if isinstance(p, LoRALinear)]
         first = members[0].lora_A.weight
+        self.sizes = [p.weight.shape[0] for p in projections]
         with torch.inference_mode(False):
             self.buffer = torch.empty(sum(m.lora_A.weight.shape[0] for m in members), first.shape[1],
                                       device=first.device, dtype=dtype)
-            row = 0
-            for m in members:
-                r = m.lora_A.weight.shape[0]
-                m.rollout_copy = (self.buffer[row:row + r], torch.empty_like(m.lora_B.weight, dtype=dtype))
-                row += r
+            self.b_buffer = torch.zeros(sum(self.sizes), self.buffer.shape[0], device=first.device, dtype=dtype)
+            col = row = 0
+            for p, size in zip(projections, self.sizes):
+                if isinstance(p, LoRALinear):
+                    r = p.lora_A.weight.shape[0]
+                    p.rollout_copy = (self.buffer[col:col + r], self.b_buffer[row:row + size, col:col + r])
+                    col += r
+                row += size
         self.members = members
         members[0].switch.rollout_epoch += 1
 
     def holds(self, dtype: torch.dtype) -> bool:
-        """Whether the members' copies are still this buffer's rows, in `dtype` on its device."""
+        """Whether the members' copies are still views of these buffers, in `dtype` on their device."""
         return self.buffer.dtype == dtype and all(
             m.rollout_copy is not None and m.rollout_copy[0]._base is self.buffer
+            and m.rollout_copy[1]._base is self.b_buffer
             and m.rollout_copy[0].device == m.lora_A.weight.device for m in self.members)
 
     def serves(self, x: torch.Tensor) -> bool:
@@ -257,9 +266,14 @@ class SharedRolloutA:
         return (m.switch.enabled and m.switch.copies_for(x.dtype) and self.holds(x.dtype)
                 and all(not (mm.training and isinstance(mm.dropout, nn.Dropout)) for mm in self.members))
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each projection's output for x, with one matmul for the members' rank-r intermediates."""
+    def __call__(self, x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each projection's output for x, with one matmul for the members' rank-r intermediates; with
+        `fused` (the projections' weight and bias side by side) one for the base and one for all B."""
         u = F.linear(x, self.buffer)
+        if fused is not None:
+            y = F.linear(x, *fused)
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.b_buffer.t())
+            return list(y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1))
         outputs, col = [], 0
         for p in self.projections:
             if isinstance(p, LoRALinear):
