@@ -147,21 +147,24 @@ def test_route_topk_matches_route(N, E, k):
 
 @pytest.mark.parametrize("N,E,k", [(1, 32, 4), (64, 32, 4), (256, 128, 4), (7, 4, 2)])
 def test_router_topk_matches_linear_then_route(N, E, k):
-    """bf16, 20b's hidden size: the experts F.linear + route picks where no two logits are within
-    a bf16 rounding of each other (the kernel's fp32 sums run in another order than cuBLAS's), and
-    weights equal to bf16 rounding."""
+    """bf16, 20b's hidden size: in every row experts whose exact logits equal those F.linear + route
+    picks to the logits' bf16 rounding (the kernel's fp32 sums run in another order than cuBLAS's);
+    where no two of the top k + 1 are that close, the same experts and weights."""
     g = torch.Generator(device=DEV).manual_seed(N + E)
     H = 2880
     x = torch.randn(N, H, generator=g, device=DEV).bfloat16()
     weight = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
-    bias = torch.randn(E, generator=g, device=DEV).bfloat16()
+    bias = (torch.randn(E, generator=g, device=DEV) * 3).bfloat16()  # spread logits: fewer near-ties
     w, ids = fused.router_topk(x, weight, bias, k)
     logits = torch.nn.functional.linear(x, weight, bias)
     wr, idr = route(logits, k)
     exact = x.float() @ weight.float().T + bias.float()
+    # every row: the experts chosen are F.linear + route's up to the logits' bf16 rounding (|logit| < 16)
+    torch.testing.assert_close(exact.gather(1, ids).sort(1).values, exact.gather(1, idr).sort(1).values,
+                               rtol=0, atol=0.15)
     top = exact.topk(k + 1, dim=1).values
-    clear = ((top[:, :-1] - top[:, 1:]).abs() > 0.05).all(1)  # no near-tie among the top k + 1
-    assert clear.float().mean() > 0.5
+    clear = ((top[:, :-1] - top[:, 1:]).abs() > 0.15).all(1)  # no near-tie among the top k + 1
+    assert clear.sum() >= N // 4  # enough rows compared exactly (session 7: 38-45% at a spread of 1.4)
     assert torch.equal(ids[clear], idr[clear])
     torch.testing.assert_close(w[clear].float(), wr[clear].float(), rtol=0.02, atol=0.01)
 
