@@ -153,18 +153,20 @@ def test_router_topk_matches_linear_then_route(N, E, k):
     g = torch.Generator(device=DEV).manual_seed(N + E)
     H = 2880
     x = torch.randn(N, H, generator=g, device=DEV).bfloat16()
-    weight = (torch.randn(E, H, generator=g, device=DEV) / H ** 0.5).bfloat16()
-    bias = (torch.randn(E, generator=g, device=DEV) * 3).bfloat16()  # spread logits: fewer near-ties
+    weight = (torch.randn(E, H, generator=g, device=DEV) * 0.25 / H ** 0.5).bfloat16()  # x . w: std 0.25
+    # biases 0.75 apart (|logit| < 64: bf16 spacing <= 0.25), so most rows have no near-tie (session 7:
+    # at a spread of 1.4 only 38-45% of rows with 32 experts had none, fewer with 128)
+    bias = ((torch.randperm(E, generator=g, device=DEV) - E / 2) * 0.75).bfloat16()
     w, ids = fused.router_topk(x, weight, bias, k)
     logits = torch.nn.functional.linear(x, weight, bias)
     wr, idr = route(logits, k)
     exact = x.float() @ weight.float().T + bias.float()
-    # every row: the experts chosen are F.linear + route's up to the logits' bf16 rounding (|logit| < 16)
+    # every row: the experts chosen are F.linear + route's up to the logits' bf16 rounding
     torch.testing.assert_close(exact.gather(1, ids).sort(1).values, exact.gather(1, idr).sort(1).values,
-                               rtol=0, atol=0.15)
+                               rtol=0, atol=0.3)
     top = exact.topk(k + 1, dim=1).values
-    clear = ((top[:, :-1] - top[:, 1:]).abs() > 0.15).all(1)  # no near-tie among the top k + 1
-    assert clear.sum() >= N // 4  # enough rows compared exactly (session 7: 38-45% at a spread of 1.4)
+    clear = ((top[:, :-1] - top[:, 1:]).abs() > 0.3).all(1)  # no near-tie among the top k + 1
+    assert clear.sum() >= N // 4  # enough rows compared exactly
     assert torch.equal(ids[clear], idr[clear])
     torch.testing.assert_close(w[clear].float(), wr[clear].float(), rtol=0.02, atol=0.01)
 

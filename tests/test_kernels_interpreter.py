@@ -86,6 +86,21 @@ def test_rotary_on_views_of_one_projection(head_dim):
     torch.testing.assert_close(ok, apply_rotary(k, ang.cos(), ang.sin()))
 
 
+@pytest.mark.parametrize("B,T", [(5, 1), (1, 3)])
+def test_rotary_on_decode_views_reads_them_in_place(B, T):
+    """A decode step's q and k are slices of the fused q/k/v output whose size-1 dim may carry any
+    stride: the kernel reads them where they are (no copy) and rotates them right."""
+    D = 64
+    qkv = torch.randn(B, T, 7 * D)
+    q = qkv[..., : 4 * D].as_strided((B, T, 4, D), (T * 7 * D, 4 * D if T == 1 else 7 * D, D, 1))
+    k = qkv[..., 4 * D: 6 * D].view(B, T, 2, D)
+    assert fused._row_stride(q) is not None and fused._row_stride(k) is not None
+    ang = torch.randn(B, T, D // 2)
+    oq, ok = fused.rotary_qk(q, k, ang.cos(), ang.sin())
+    torch.testing.assert_close(oq, apply_rotary(q, ang.cos(), ang.sin()))
+    torch.testing.assert_close(ok, apply_rotary(k, ang.cos(), ang.sin()))
+
+
 def test_append_kv_into_a_ring():
     kc, vc = torch.zeros(4, 5, 2, 8), torch.zeros(4, 5, 2, 8)
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)

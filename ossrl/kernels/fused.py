@@ -181,14 +181,26 @@ def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
     tl.store(dst + HALF, _round(o2, dt).to(dt), mask=m)
 
 
+def _row_stride(x: torch.Tensor) -> int | None:
+    """The stride between consecutive (batch, time) rows of x [B, T, H, D] (row b * T + t), or None
+    when they are not evenly spaced or D is not contiguous. A decode step's q and k (T = 1) are
+    slices of the fused q/k/v output: rows stride(0) apart, whatever stride the size-1 dim has."""
+    B, T = x.shape[:2]
+    if x.stride(-1) != 1:
+        return None
+    if T == 1:
+        return x.stride(0)
+    return x.stride(1) if B == 1 or x.stride(0) == T * x.stride(1) else None
+
+
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q [B, T, Hq, D], k [B, T, Hk, D], cos/sin [B, T, D/2] (in q's dtype) -> rotated (q, k),
     contiguous; the math of `ossrl.model.gptoss.apply_rotary`."""
     B, T, HQ, D = q.shape
     HK = k.shape[2]
-    if q.stride(-1) != 1 or q.stride(0) != T * q.stride(1):
+    if _row_stride(q) is None:
         q = q.contiguous()
-    if k.stride(-1) != 1 or k.stride(0) != T * k.stride(1):
+    if _row_stride(k) is None:
         k = k.contiguous()
     cos = cos.expand(B, T, D // 2).contiguous()
     sin = sin.expand(B, T, D // 2).contiguous()
@@ -197,7 +209,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     BLOCK_H = 16
     grid = (B * T, triton.cdiv(HQ, BLOCK_H) + triton.cdiv(HK, BLOCK_H))
     if B * T:
-        _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+        _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, _row_stride(q), q.stride(2), _row_stride(k), k.stride(2),
                              cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
                              num_warps=4)
     return oq, ok
@@ -295,45 +307,42 @@ def _route_topk_kernel(Logits, Weights, Ids, N, E, stride_l, K: tl.constexpr, KP
 
 
 @triton.jit
-def _router_topk_kernel(X, W, Bias, Weights, Ids, N, E, H, stride_x, stride_w, K: tl.constexpr,
-                        KP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr, BH: tl.constexpr):
+def _router_partial_kernel(X, W, Part, N, E, H, stride_x, stride_w, H_PER, R: tl.constexpr, EP: tl.constexpr,
+                           BH: tl.constexpr):
+    """Part[split, row, expert] = x[row, split's columns] . w[expert, split's columns] (fp32)."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
+    split = tl.program_id(1)
     cols = tl.arange(0, EP)
     rmask = rows < N
     cmask = cols < E
     acc = tl.zeros([R, EP], tl.float32)
-    for h0 in range(0, H, BH):
+    h_end = tl.minimum((split + 1) * H_PER, H)
+    for h0 in range(split * H_PER, h_end, BH):
         hs = h0 + tl.arange(0, BH)
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + hs[None, :], mask=rmask[:, None] & (hs[None, :] < H),
+        hm = hs < h_end
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + hs[None, :], mask=rmask[:, None] & hm[None, :],
                     other=0.0)
-        w = tl.load(W + cols[:, None] * stride_w + hs[None, :], mask=cmask[:, None] & (hs[None, :] < H), other=0.0)
+        w = tl.load(W + cols[:, None] * stride_w + hs[None, :], mask=cmask[:, None] & hm[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    acc += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    z = acc.to(Weights.dtype.element_ty).to(tl.float32)  # the logits in the model's dtype, as F.linear gives them
+    out = Part + (split * N + rows[:, None].to(tl.int64)) * EP + cols[None, :]
+    tl.store(out, acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, SPLITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                        EP: tl.constexpr, R: tl.constexpr):
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    cols = tl.arange(0, EP)
+    rmask = rows < N
+    cmask = cols < E
+    z = tl.zeros([R, EP], tl.float32)
+    for split in tl.static_range(SPLITS):  # a fixed order: the same logits on every run
+        z += tl.load(Part + (split * N + rows[:, None].to(tl.int64)) * EP + cols[None, :], mask=rmask[:, None],
+                     other=0.0)
+    z += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    z = z.to(Weights.dtype.element_ty).to(tl.float32)  # the logits in the model's dtype, as F.linear gives them
     z = tl.where(cmask[None, :], z, float("-inf"))
     _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K, KP, EP, R)
-
-
-ROUTER_TOPK_MAX_TOKENS = 256  # one program per 16 tokens reads the whole router: decode sizes only
-
-
-def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route(F.linear(x, weight, bias), k)` in one launch, for decode-sized x [N, H] (weight [E, H],
-    bias [E]; up to ROUTER_TOPK_MAX_TOKENS rows): the logits (fp32 sums, rounded to x's dtype as
-    F.linear rounds them) never leave registers; at batch 1 this replaces a cuBLAS split-K GEMV,
-    its reduce and the top-k launch. -> (weights [N, k] in x's dtype, ids [N, k] int64), largest
-    first."""
-    N, H = x.shape
-    E = weight.shape[0]
-    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    weights = torch.empty(N, k, device=x.device, dtype=x.dtype)
-    ids = torch.empty(N, k, device=x.device, dtype=torch.long)
-    if N:
-        R, EP = 16, max(16, triton.next_power_of_2(E))  # tl.dot needs 16 rows and columns
-        _router_topk_kernel[(triton.cdiv(N, R),)](x, weight, bias, weights, ids, N, E, H, x.stride(0), weight.stride(0),
-                                                  K=k, KP=triton.next_power_of_2(k), EP=EP, R=R,
-                                                  BH=256 if EP <= 32 else 64, num_warps=4)
-    return weights, ids
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +358,34 @@ def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
         _route_topk_kernel[(triton.cdiv(N, R),)](router_logits, weights, ids, N, E, router_logits.stride(0),
                                                  K=k, KP=triton.next_power_of_2(k), EP=triton.next_power_of_2(E),
                                                  R=R, num_warps=4)
+    return weights, ids
+
+
+ROUTER_TOPK_MAX_TOKENS = 256  # decode sizes; prefills keep F.linear (cuBLAS) and route_topk
+
+
+def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route(F.linear(x, weight, bias), k)` for decode-sized x [N, H] (weight [E, H], bias [E]; up to
+    ROUTER_TOPK_MAX_TOKENS rows) in two launches: fp32 partial logits over slices of H (many
+    programs, so the 184 KB router of 20b is read at more than one SM's bandwidth; one program per
+    16 rows looping over H took 9.6 us on an H100, more than cuBLAS's GEMV, its split-K reduce
+    and route_topk together), then their sum in a fixed order with the bias, rounded to x's dtype
+    as F.linear rounds it, and the top k. -> (weights [N, k] in x's dtype, ids [N, k] int64),
+    largest first."""
+    N, H = x.shape
+    E = weight.shape[0]
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    weights = torch.empty(N, k, device=x.device, dtype=x.dtype)
+    ids = torch.empty(N, k, device=x.device, dtype=torch.long)
+    if N:
+        R, EP = 16, max(16, triton.next_power_of_2(E))  # tl.dot needs 16 rows and columns
+        BH = 256 if EP <= 32 else 64
+        splits = triton.cdiv(H, BH)
+        part = torch.empty(splits, N, EP, device=x.device, dtype=torch.float32)
+        _router_partial_kernel[(triton.cdiv(N, R), splits)](x, weight, part, N, E, H, x.stride(0), weight.stride(0),
+                                                            BH, R=R, EP=EP, BH=BH, num_warps=4)
+        _router_topk_kernel[(triton.cdiv(N, R),)](part, bias, weights, ids, N, E, SPLITS=splits, K=k,
+                                                  KP=triton.next_power_of_2(k), EP=EP, R=R, num_warps=4)
     return weights, ids
 
 
