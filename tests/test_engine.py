@@ -327,6 +327,44 @@ def test_q_k_v_laid_out_side_by_side_run_as_one_matmul(monkeypatch):
     assert attn.k_proj.weight.grad is not None and attn.q_proj.weight.grad is not None
 
 
+def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graphs(monkeypatch):
+    """Parameters made in inference mode (their storage cannot be swapped) and q/k/v of different
+    dtypes are left alone, and the model still runs; a bias alone on new storage counts as a moved
+    layer, so the engine drops the graphs and pool that read the old addresses."""
+    from ossrl.engine.slots import SlotDecoder
+    from ossrl.model.gptoss import lay_out_qkv
+
+    with torch.inference_mode():
+        frozen = random_model(tiny_config(num_hidden_layers=1), seed=2, dtype=torch.bfloat16).eval()
+    assert lay_out_qkv(frozen) == 0
+    with torch.no_grad():
+        frozen(torch.tensor([PROMPTS[0]]))
+    RolloutEngine(frozen).generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=2, seed=1))
+
+    mixed = random_model(tiny_config(num_hidden_layers=1), seed=2, dtype=torch.bfloat16).eval()
+    attn = mixed.model.layers[0].self_attn
+    attn.k_proj.float()  # k's weight and bias in fp32, q's and v's in bf16
+    k_weight = attn.k_proj.weight.detach().clone()
+    assert lay_out_qkv(mixed) == 0
+    assert attn.k_proj.weight.dtype == torch.float32 and torch.equal(attn.k_proj.weight, k_weight)
+    with torch.no_grad():
+        assert attn.fused_qkv() is None
+
+    model = random_model(tiny_config(num_hidden_layers=2), seed=2, dtype=torch.bfloat16).eval()
+    engine = RolloutEngine(model, backend="slots")
+    params = SamplingParams(max_new_tokens=3, seed=4)
+    first = engine.generate([PROMPTS[0]], 2, params)
+    releases = []
+    release = SlotDecoder.release
+    monkeypatch.setattr(SlotDecoder, "release", lambda self: releases.append(1) or release(self))
+    assert engine.generate([PROMPTS[0]], 2, params) == first and not releases  # nothing moved
+    attn = model.model.layers[1].self_attn
+    attn.q_proj.bias.data = attn.q_proj.bias.data.clone()  # one bias on new storage
+    assert engine.generate([PROMPTS[0]], 2, params) == first and releases  # dropped (then allocated anew)
+    with torch.no_grad():
+        assert attn.fused_qkv() is not None
+
+
 @pytest.mark.parametrize("laid_out", [False, True], ids=["apart", "laid_out"])
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")])
 def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypatch):
@@ -371,7 +409,7 @@ def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypa
         for m in shared.members:
             m.refresh_rollout_copy(torch.bfloat16)
         assert torch.equal(model(ids), out)
-        shared.b_buffer[-8:].zero_()  # the v rows of the B copies
+        shared.b_buffer[-8:].zero_()  # the last rows of v's block of the B copies
         assert not torch.equal(model(ids), out)
     release_rollout_copies(model)
     assert getattr(attn, "shared_lora_a", None) is None

@@ -365,8 +365,8 @@ ROUTER_TOPK_MAX_TOKENS = 256  # decode sizes; prefills keep F.linear (cuBLAS) an
 
 
 def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`route(F.linear(x, weight, bias), k)` for decode-sized x [N, H] (weight [E, H], bias [E]; up to
-    ROUTER_TOPK_MAX_TOKENS rows) in two launches: fp32 partial logits over slices of H (many
+    """`route(F.linear(x, weight, bias), k)` for decode-sized bf16 or fp16 x [N, H] (weight [E, H],
+    bias [E]; up to ROUTER_TOPK_MAX_TOKENS rows; fp32 would run tl.dot in TF32) in two launches: fp32 partial logits over slices of H (many
     programs, so the 184 KB router of 20b is read at more than one SM's bandwidth; one program per
     16 rows looping over H took 9.6 us on an H100, more than cuBLAS's GEMV, its split-K reduce
     and route_topk together), then their sum in a fixed order with the bias, rounded to x's dtype

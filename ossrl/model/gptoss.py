@@ -206,30 +206,34 @@ def lay_out_qkv(model: nn.Module) -> int:
     """Put each attention layer's q, k and v weights, and their biases, back to back in one buffer
     (values and Parameter objects unchanged; the old storage is freed), so that rollouts compute the
     three projections with one matmul (`Attention.project_qkv`). The rollout engine calls it. Layers
-    already laid out, on the meta device or sharded are left alone; moving parameters later (`.to`,
-    `to_empty`) undoes it harmlessly (three matmuls again). Returns the number of layers laid out."""
+    already laid out, on the meta device, sharded, created in inference mode (their storage cannot
+    be swapped) or whose three tensors differ in dtype, device or width are left alone; moving
+    parameters later (`.to`, `to_empty`) undoes it harmlessly (three matmuls again). Returns the
+    number of layers whose weights or biases moved."""
     if getattr(model, "sharded", False):
         return 0
     count = 0
     for module in model.modules():
         if not isinstance(module, Attention):
             continue
-        ps = module.input_projections()
+        moved = False
         for name in ("weight", "bias"):
-            params = [getattr(p, name) for p in ps]
-            if params[0].device.type == "meta" or _side_by_side(params) is not None:
-                continue
-            if any(type(t) is not nn.Parameter for t in params):  # e.g. DTensor shards
-                break
+            params = [getattr(p, name) for p in module.input_projections()]
+            first = params[0]
+            if (first.device.type == "meta" or _side_by_side(params) is not None
+                    or any(type(t) is not nn.Parameter or t.is_inference() or t.dtype != first.dtype
+                           or t.device != first.device or t.shape[1:] != first.shape[1:] for t in params)):
+                continue  # laid out already, or not ours to move (e.g. DTensor shards)
             with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
-                buffer = torch.empty((sum(t.shape[0] for t in params),) + tuple(params[0].shape[1:]),
-                                     dtype=params[0].dtype, device=params[0].device)
+                buffer = torch.empty((sum(t.shape[0] for t in params),) + tuple(first.shape[1:]),
+                                     dtype=first.dtype, device=first.device)
                 row = 0
                 for t in params:
                     buffer[row:row + t.shape[0]].copy_(t)
                     t.data = buffer[row:row + t.shape[0]]
                     row += t.shape[0]
-            count += name == "weight"
+            moved = True
+        count += moved
     return count
 
 
@@ -242,7 +246,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fused = fused_kernels(x, self.weight, self.bias)
-        if fused is not None and x.shape[0] <= fused.ROUTER_TOPK_MAX_TOKENS:  # decode: logits stay in registers
+        # decode: the logits by Triton (bf16/fp16: tl.dot on fp32 would run in TF32, unlike F.linear)
+        if fused is not None and x.shape[0] <= fused.ROUTER_TOPK_MAX_TOKENS and x.dtype != torch.float32:
             return fused.router_topk(x, self.weight, self.bias, self.top_k)
         logits = F.linear(x, self.weight, self.bias)
         if (fused := fused_kernels(logits)) is not None:
