@@ -82,7 +82,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
     """(s, RMSNorm(s) * weight) for s = x + a (x, a [..., H] of one dtype), in one launch: a decoder
-    layer's residual add and the next norm, the same bits as the two apart."""
+    layer's residual add and the next norm. s is rounded as `x + a` rounds it; the norm is
+    `rms_norm`'s code with its launch (the GPU test compares the two to a bf16 rounding)."""
     H = x.shape[-1]
     x2, a2 = _rows(x), _rows(a)
     s = torch.empty(x2.shape, device=x.device, dtype=x.dtype)

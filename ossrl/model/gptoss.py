@@ -359,7 +359,7 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(x).to(compute), cos, sin, masks, cache)
         norm = self.post_attention_layernorm
         if (fused := fused_kernels(x, a, norm.weight)) is not None and x.dtype == a.dtype == norm.weight.dtype:
-            x, h = fused.add_rms_norm(x, a, norm.weight, norm.eps)  # one launch, the same bits
+            x, h = fused.add_rms_norm(x, a, norm.weight, norm.eps)  # one launch: x + a's rounding, rms_norm's math
         else:
             x = x + a
             h = norm(x).to(compute)
