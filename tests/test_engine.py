@@ -307,12 +307,14 @@ def test_q_k_v_laid_out_side_by_side_run_as_one_matmul(monkeypatch):
     with torch.no_grad(), inference_kernels():
         assert torch.equal(model(ids), separate)
     q_weights = [layer.self_attn.q_proj.weight for layer in model.model.layers]
-    fused_calls = [w for w in weights_seen if w.shape == weight.shape and w.data_ptr() in {q.data_ptr() for q in q_weights}]
+    starts = {q.data_ptr() for q in q_weights}
+    fused_calls = [w for w in weights_seen if w.shape == weight.shape and w.data_ptr() in starts]
     assert len(fused_calls) == 2 and not any(w is q for w in weights_seen for q in q_weights)
     weights_seen.clear()
     with torch.no_grad():  # outside the engine's kernels: as before
         assert torch.equal(model(ids), separate)
-    assert sum(w is q for w in weights_seen for q in q_weights) == 2 and weight.shape not in [w.shape for w in weights_seen]
+    assert sum(w is q for w in weights_seen for q in q_weights) == 2
+    assert weight.shape not in [w.shape for w in weights_seen]
 
     attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # new storage: no longer side by side
     with torch.no_grad():

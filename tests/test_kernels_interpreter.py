@@ -437,8 +437,12 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
 
     monkeypatch.setattr(fused, "fused_ok", lambda *t: not (torch.is_grad_enabled() and any(x.requires_grad for x in t)))
     monkeypatch.setattr(gptoss, "fused_kernels", on_cpu)
+    def counted(name):
+        kernel = getattr(fused, name)
+        return lambda *args, **kwargs: used.add(name) or kernel(*args, **kwargs)
+
     for name in ("rms_norm", "add_rms_norm", "rotary_qk", "router_topk"):
-        monkeypatch.setattr(fused, name, (lambda f, n: lambda *a, **k: used.add(n) or f(*a, **k))(getattr(fused, name), name))
+        monkeypatch.setattr(fused, name, counted(name))
     model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=3, dtype=dtype).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -367,12 +367,12 @@ ROUTER_TOPK_MAX_TOKENS = 256  # decode sizes; prefills keep F.linear (cuBLAS) an
 
 def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`route(F.linear(x, weight, bias), k)` for decode-sized bf16 or fp16 x [N, H] (weight [E, H],
-    bias [E]; up to ROUTER_TOPK_MAX_TOKENS rows; fp32 would run tl.dot in TF32) in two launches: fp32 partial logits over slices of H (many
-    programs, so the 184 KB router of 20b is read at more than one SM's bandwidth; one program per
-    16 rows looping over H took 9.6 us on an H100, more than cuBLAS's GEMV, its split-K reduce
-    and route_topk together), then their sum in a fixed order with the bias, rounded to x's dtype
-    as F.linear rounds it, and the top k. -> (weights [N, k] in x's dtype, ids [N, k] int64),
-    largest first."""
+    bias [E]; up to ROUTER_TOPK_MAX_TOKENS rows; in fp32 tl.dot would run in TF32) in two launches:
+    fp32 partial logits over slices of H by many programs (the 184 KB router of 20b is read faster
+    than one SM can: one program per 16 rows looping over H took 9.6 us on an H100, more than
+    cuBLAS's GEMV, its split-K reduce and route_topk together), then their sum in a fixed order
+    with the bias, rounded to x's dtype as F.linear rounds it, and the top k.
+    -> (weights [N, k] in x's dtype, ids [N, k] int64), largest first."""
     N, H = x.shape
     E = weight.shape[0]
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
