@@ -25,6 +25,25 @@ def test_truncated_safetensors_names_the_file(ckpt):
         load_model(ckpt)
 
 
+def test_a_model_with_q_k_v_laid_out_saves_each_tensor_alone(tmp_path, monkeypatch):
+    """After the rollout engine's `lay_out_qkv` the q/k/v weights are views of one buffer: each is
+    written as its own tensor (safetensors refuses shared memory in some versions) and loads back."""
+    from ossrl.model import loading
+    from ossrl.model.gptoss import lay_out_qkv
+
+    model = random_model(tiny_config(num_hidden_layers=2), seed=0)
+    assert lay_out_qkv(model) == 2
+    written = {}
+    monkeypatch.setattr(loading, "save_file",
+                        lambda tensors, *args, **kwargs: written.update(tensors) or save_file(tensors, *args, **kwargs))
+    save_model(model, tmp_path)
+    q = written["model.layers.0.self_attn.q_proj.weight"]
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
+    loaded = load_model(tmp_path, dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_missing_shard_names_the_shard(tmp_path):
     save_model(random_model(tiny_config(), seed=0), tmp_path, max_shard_bytes=20_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

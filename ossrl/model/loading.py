@@ -264,13 +264,19 @@ def _fill_per_expert(dest: torch.Tensor, num_experts: int, value_of) -> None:
         dest[e].copy_(value_of(e))
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it where it is a view of a larger storage (q/k/v laid out side by side by
+    `lay_out_qkv`): safetensors refuses tensors that share memory in some versions."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: GptOssForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> Path:
     """Write config.json and safetensors (sharded with an index past max_shard_bytes)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(model.config, quantization="mxfp4" if model.expert_format == "mxfp4" else None)
     (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
