@@ -149,7 +149,8 @@ class Attention(nn.Module):
         """The q, k and v weights [q+k+v, hidden] and biases as single tensors (views, no copy) when
         `lay_out_qkv` put them side by side and they need no gradient here; else None."""
         ps = self.input_projections()
-        if torch.is_grad_enabled() and any(p.weight.requires_grad or p.bias.requires_grad for p in ps):
+        if any(p.bias is None for p in ps) or (torch.is_grad_enabled() and any(
+                p.weight.requires_grad or p.bias.requires_grad for p in ps)):
             return None
         weight, bias = _side_by_side([p.weight for p in ps]), _side_by_side([p.bias for p in ps])
         return None if weight is None or bias is None else (weight, bias)
@@ -201,6 +202,19 @@ def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
 
 
+def _movable(params: list) -> bool:
+    """Whether `lay_out_qkv` may move these tensors into one buffer: ordinary parameters (not
+    DTensor shards, not made in inference mode, not on the meta device) of one dtype, device and
+    width, not side by side already."""
+    first = params[0]
+    if any(t is None or type(t) is not nn.Parameter for t in params) or first.device.type == "meta":
+        return False
+    if any(t.is_inference() or t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:]
+           for t in params):
+        return False
+    return _side_by_side(params) is None
+
+
 @torch.no_grad()
 def lay_out_qkv(model: nn.Module) -> int:
     """Put each attention layer's q, k and v weights, and their biases, back to back in one buffer
@@ -219,11 +233,9 @@ def lay_out_qkv(model: nn.Module) -> int:
         moved = False
         for name in ("weight", "bias"):
             params = [getattr(p, name) for p in module.input_projections()]
+            if not _movable(params):
+                continue
             first = params[0]
-            if (first.device.type == "meta" or _side_by_side(params) is not None
-                    or any(type(t) is not nn.Parameter or t.is_inference() or t.dtype != first.dtype
-                           or t.device != first.device or t.shape[1:] != first.shape[1:] for t in params)):
-                continue  # laid out already, or not ours to move (e.g. DTensor shards)
             with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
                 buffer = torch.empty((sum(t.shape[0] for t in params),) + tuple(first.shape[1:]),
                                      dtype=first.dtype, device=first.device)
