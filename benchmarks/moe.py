@@ -259,6 +259,10 @@ def decode_sweep(mx, router, gen, copy_bw):
     # K cut in parts (fp32 partials + an epilogue kernel): more, shorter programs at decode sizes
     configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True, split_k=sk)
                 for bn, bk in ((32, 128), (64, 128), (32, 64)) for sk in (2, 4, 8)]
+    # the defaults' tile (16x64x128, whole K and split-K 4) with other warp counts and pipeline
+    # depths (session 7: every swap_ab row above ran 4 warps, 3 stages)
+    configs += [moe_triton.TileConfig(16, 64, 128, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk)
+                for sk in (1, 4) for warps, stages in ((4, 2), (4, 4), (4, 5), (8, 3), (2, 3))]
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
