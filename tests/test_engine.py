@@ -368,7 +368,7 @@ def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graph
 
 
 @pytest.mark.parametrize("laid_out", [False, True], ids=["apart", "laid_out"])
-@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")])
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj"), ("v_proj",)])
 def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypatch):
     """Inside rollout_copies the q/k/v adapters' A copies are rows of one buffer and a forward
     multiplies by it once: the same outputs as one matmul per projection (q and v only: k runs

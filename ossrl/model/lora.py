@@ -229,9 +229,10 @@ class SharedRolloutA:
     and the B copies as the diagonal blocks of one [sum of outputs, sum of ranks] matrix (zeros
     elsewhere; a projection without adapter has zero rows), so that where the base weights lie side
     by side (`Attention.fused_qkv`) the three deltas are one addmm onto the one base matmul.
-    Installed on the module as `shared_lora_a` by `rollout_copies` where two or more of the
-    projections have adapters; each member's `rollout_copy` holds views of the buffers and is
-    refreshed in place like any copy."""
+    Installed on the module as `shared_lora_a` by `rollout_copies` where any of the projections
+    has an adapter (with one, its A matmul is the same, and the base still runs as one matmul);
+    each member's `rollout_copy` holds views of the buffers and is refreshed in place like any
+    copy."""
 
     def __init__(self, projections: list[nn.Module], dtype: torch.dtype):
         self.projections = projections
@@ -308,7 +309,7 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
         for module in model.modules():
             projections = [getattr(module, name, None) for name in SHARED_INPUT_PROJECTIONS]
             if all(p is not None for p in projections) and \
-                    sum(isinstance(p, LoRALinear) for p in projections) >= 2:
+                    any(isinstance(p, LoRALinear) for p in projections):
                 shared = getattr(module, "shared_lora_a", None)
                 if shared is None or not shared.holds(dtype):
                     module.shared_lora_a = SharedRolloutA(projections, dtype)
