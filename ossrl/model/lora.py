@@ -311,7 +311,8 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
             if all(p is not None for p in projections) and \
                     any(isinstance(p, LoRALinear) for p in projections):
                 shared = getattr(module, "shared_lora_a", None)
-                if shared is None or not shared.holds(dtype):
+                if shared is None or not shared.holds(dtype) or \
+                        any(a is not b for a, b in zip(shared.projections, projections)):  # adapters added since
                     module.shared_lora_a = SharedRolloutA(projections, dtype)
         for module in modules:
             module.refresh_rollout_copy(dtype)
