@@ -35,14 +35,20 @@ def fused_ok(*tensors: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------------- RMSNorm
 @triton.jit
+def _rms_normed(x, W, cols, mask, H, eps):
+    """One fp32 row x (zero past H) -> RMSNorm(x) * w in fp32 (spec 2.2)."""
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return w * (x * r)
+
+
+@triton.jit
 def _rms_norm_kernel(X, W, Y, H, stride_x, stride_y, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * (x * r)).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y + cols, _rms_normed(x, W, cols, mask, H, eps).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -54,10 +60,8 @@ def _add_rms_norm_kernel(X, A, W, S, Y, H, stride_x, stride_a, eps, BLOCK: tl.co
         tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
     s = s.to(S.dtype.element_ty)  # the residual stream as `x + a` rounds it
     tl.store(S + row * H + cols, s, mask=mask)
-    x = s.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * H + cols, (w * (x * r)).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * H + cols, _rms_normed(s.to(tl.float32), W, cols, mask, H, eps).to(Y.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -80,6 +84,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _row_launch(H: int) -> dict:
+    """Launch options of the one-program-per-row norm kernels (forward, backward, with the add)."""
+    BLOCK = triton.next_power_of_2(H)
+    return dict(BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+
+
 def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float):
     """(s, RMSNorm(s) * weight) for s = x + a (x, a [..., H] of one dtype), in one launch: a decoder
     layer's residual add and the next norm. s is rounded as `x + a` rounds it; the norm is
@@ -89,23 +99,18 @@ def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: fl
     s = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     y = torch.empty_like(s)
     if x2.shape[0]:
-        BLOCK = triton.next_power_of_2(H)  # as rms_norm launches: the same reduction order
         _add_rms_norm_kernel[(x2.shape[0],)](x2, a2, weight, s, y, H, x2.stride(0), a2.stride(0), float(eps),
-                                             BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+                                             **_row_launch(H))
     return s.view(x.shape), y.view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., H] -> RMSNorm(x) * weight in x's dtype (the math of `ossrl.model.gptoss.RMSNorm`)."""
     H = x.shape[-1]
-    x2 = x.reshape(-1, H)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     y = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     if x2.shape[0]:
-        BLOCK = triton.next_power_of_2(H)
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), y.stride(0), float(eps),
-                                         BLOCK=BLOCK, num_warps=4 if BLOCK <= 4096 else 8)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, H, x2.stride(0), y.stride(0), float(eps), **_row_launch(H))
     return y.view(x.shape)
 
 
@@ -125,10 +130,8 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
             if x2.shape[0]:
-                BLOCK = triton.next_power_of_2(H)
                 _rms_norm_backward_kernel[(x2.shape[0],)](x2, weight, dy2, dx, H, x2.stride(0), dy2.stride(0),
-                                                          dx.stride(0), float(ctx.eps), BLOCK=BLOCK,
-                                                          num_warps=4 if BLOCK <= 4096 else 8)
+                                                          dx.stride(0), float(ctx.eps), **_row_launch(H))
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[1]:  # a trained norm weight (full fine-tuning): PyTorch, off the LoRA path
             xf = x2.float()
