@@ -262,9 +262,7 @@ class Router(nn.Module):
         if fused is not None and x.shape[0] <= fused.ROUTER_TOPK_MAX_TOKENS and x.dtype != torch.float32:
             return fused.router_topk(x, self.weight, self.bias, self.top_k)
         logits = F.linear(x, self.weight, self.bias)
-        if (fused := fused_kernels(logits)) is not None:
-            return fused.route_topk(logits, self.top_k)
-        return route(logits, self.top_k)
+        return route(logits, self.top_k) if fused is None else fused.route_topk(logits, self.top_k)
 
 
 class Experts(nn.Module):
