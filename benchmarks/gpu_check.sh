@@ -33,7 +33,7 @@ if [[ $what == *" train "* ]]; then
         --full-checkpoint-tokens 4096 --out "$out/train.json" 2>&1 | tee "$out/train.log" | tail -20
 fi
 if [[ $what == *" sweep "* ]]; then
-    timeout 240 python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \
+    timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \
         | tee "$out/moe_sweep.log" | grep -v "^decode_sweep" | tail -20
 fi
 if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: copies vs cast; the sweep's tiles

@@ -258,11 +258,13 @@ def decode_sweep(mx, router, gen, copy_bw):
                 for bn in (32, 64) for bk in (64, 128)]
     # K cut in parts (fp32 partials + an epilogue kernel): more, shorter programs at decode sizes
     configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True, split_k=sk)
-                for bn, bk in ((32, 128), (64, 128), (32, 64)) for sk in (2, 4, 8)]
-    # the defaults' tile (16x64x128, whole K and split-K 4) with other warp counts and pipeline
-    # depths (session 7: every swap_ab row above ran 4 warps, 3 stages)
-    configs += [moe_triton.TileConfig(16, 64, 128, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk)
-                for sk in (1, 4) for warps, stages in ((4, 2), (4, 4), (4, 5), (8, 3), (2, 3))]
+                for bn, bk in ((32, 128), (64, 128)) for sk in (2, 4, 8)]
+    # codes read as 32-bit words, K permuted in 32-blocks (`mxfp4_words`, session 8): tiles, K parts,
+    # pipeline depths (session 7's warp/stage rows for the pair decode: moe_decode_sweep_split.json)
+    configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
+                for bn, bk in ((64, 128), (64, 64), (64, 256), (128, 128)) for sk in (1, 2, 4)]
+    configs += [moe_triton.TileConfig(16, 64, 128, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk,
+                                      words=True) for sk in (1, 4) for warps, stages in ((4, 4), (8, 3))]
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
@@ -272,7 +274,7 @@ def decode_sweep(mx, router, gen, copy_bw):
             ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k)
+                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
                 if isinstance(out, torch.Tensor):

@@ -39,7 +39,8 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
         r = min((r for r in rows if r["tokens"] == tokens and isinstance(r.get(key), float)), key=lambda r: r[key])
         bm, bn, bk, warps, stages = r["config"]
         return moe_triton.TileConfig(bm, bn, bk, warps, stages, dot_scaled=r["dot_scaled"], swap_ab=r["swap_ab"],
-                                     packed=r.get("packed", True), split_k=r.get("split_k", 1))
+                                     packed=r.get("packed", True), split_k=r.get("split_k", 1),
+                                     words=r.get("words", False))
 
     picks = {1: best(1), 8: best(8), 64: best(64)}
     print("MoE decode tiles:", {k: dataclasses.astuple(v) for k, v in picks.items()}, flush=True)

@@ -192,8 +192,13 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, packed=False),
                                  moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True),
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2),
-                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, split_k=3)],
-                         ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3"])
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, split_k=3),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True),
+                                 moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True),
+                                 moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       split_k=2)],
+                         ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3",
+                              "words32", "words64", "words-split2"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
@@ -230,8 +235,10 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
 @pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False),
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True),
                                  moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True),
-                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2)],
-                         ids=["packed", "packed-swap_ab", "dequant", "split2"])
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2),
+                                 moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       split_k=2)],
+                         ids=["packed", "packed-swap_ab", "dequant", "split2", "words-split2"])
 @pytest.mark.parametrize("r,by_token", [(4, True), (16, True), (4, False), (24, True)])
 def test_mxfp4_moe_lora_in_the_epilogue_without_autograd(cfg, r, by_token, monkeypatch):
     """Rollout forwards (no autograd, `lora_epilogue`) add u @ B_e in the matmuls' epilogues instead

@@ -125,6 +125,36 @@ def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
     assert torch.equal(dense[0].view(torch.int16), bits.T)
 
 
+def test_word_e2m1_decode_is_exact_for_every_code_and_scale():
+    """The 32-bit word decode (PTX), in the layout `_moe_matmul`'s default decode tile gives it (the
+    asm pairs elements by that layout), against the reference decode: all 256 byte values in every
+    byte position of a word under E8M0 scales 2..250 (normal bf16 values, no overflow). One-hot
+    activation rows through the wgmma read the weights back exactly, in natural column order."""
+    import triton
+    import triton.language as tl
+
+    from ossrl.kernels.mxfp4 import dequantize_mxfp4
+
+    @triton.jit
+    def decode(words_ptr, scales_ptr, out_ptr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        col0 = tl.program_id(1) * BC
+        sc = tl.load(scales_ptr + rows[:, None] * (C // 32) + (col0 // 32 + tl.arange(0, BC // 32))[None, :])
+        w = mxfp4_triton.mxfp4_words(words_ptr, rows, rows >= 0, col0, C, C // 8, sc, BR, BC, True)
+        for t0 in tl.static_range(0, BC, 16):  # token t reads column t0 + t
+            eye = ((tl.arange(0, 16)[:, None] + t0) == tl.arange(0, BC)[None, :]).to(tl.bfloat16)
+            acc = tl.dot(w, tl.trans(mxfp4_triton.permute_k32(eye, 16, BC)))
+            tl.store(out_ptr + rows[:, None] * C + col0 + t0 + tl.arange(0, 16)[None, :], acc.to(tl.bfloat16))
+
+    R, C = 256, 512
+    byte = torch.arange(R * C // 2, device=DEV)
+    blocks = ((byte + byte // 64) % 256).to(torch.uint8).reshape(R, C // 32, 16)  # each value in each byte slot
+    scales = (2 + torch.arange(R * C // 32, device=DEV) % 249).to(torch.uint8).reshape(R, C // 32)
+    out = torch.empty(R, C, device=DEV, dtype=torch.bfloat16)
+    decode[(R // 64, C // 128)](blocks.view(torch.int32), scales, out, C=C, BR=64, BC=128, num_warps=4)
+    assert torch.equal(out, dequantize_mxfp4(blocks, scales, torch.bfloat16))  # (zeros' signs are lost in the sum)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_all_tokens_on_one_expert(fmt):
     ids = torch.full((300, 1), 5, device=DEV)
@@ -145,7 +175,10 @@ def test_lora_gradients_match_twin(fmt, N):
                                  (16, 64, 128, 4, 3, False, 8, True, False), (16, 32, 256, 4, 3, False, 8, False, False),
                                  (128, 256, 64, 8, 3, True, 8, False, True, True),  # unpacked decode; dequant
                                  (16, 32, 128, 4, 3, False, 8, True, True, False, 4),  # split-K
-                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 3)])
+                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 3),
+                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 1, True),  # 32-bit words
+                                 (16, 128, 128, 4, 4, False, 8, True, True, False, 1, True),
+                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 4, True)])
 def test_every_tile_config_is_correct(fmt, cfg):
     check(fmt, 150, 8, 4, H=352, I=224, config=moe_triton.TileConfig(*cfg), seed=sum(cfg))
 

@@ -37,7 +37,7 @@ from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
     grouped_product, lora_input, scaled, token_lora_delta,
 )
-from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, ptx_decode
+from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, ptx_decode
 
 
 @triton.jit
@@ -55,6 +55,7 @@ def _moe_matmul(
     SWAP_AB: tl.constexpr, PACKED: tl.constexpr, PTX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
+    WORDS: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -91,11 +92,23 @@ def _moe_matmul(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_tiles = tl.cdiv(K, BK)
     per_part = tl.cdiv(k_tiles, SPLIT_K)
+    if SWAP_AB and WORDS:  # the scales tile is loaded one iteration ahead (a plain load, else exposed)
+        groups = tl.arange(0, BK // 32)
+        s_rows = scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow
+        g_next = part * per_part * (BK // 32) + groups
+        s_next = tl.load(s_rows + g_next[None, :], mask=n_mask[:, None] & (g_next[None, :] < K // 32), other=0)
     for kt in range(part * per_part, tl.minimum(k_tiles, (part + 1) * per_part)):
         k0 = kt * BK
         kk = k0 + offs_k
         k_mask = kk < K
-        if SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
+        if SWAP_AB and WORDS:  # MXFP4 forward, codes as 32-bit words, K permuted inside 32-blocks alike
+            sc = s_next
+            g_next = (kt + 1) * (BK // 32) + groups
+            s_next = tl.load(s_rows + g_next[None, :], mask=n_mask[:, None] & (g_next[None, :] < K // 32), other=0)
+            a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX)
+            acc_t = tl.dot(w.to(a.dtype), tl.trans(permute_k32(a, BM, BK)), acc_t)
+        elif SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
             a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
             w_lo, w_hi = mxfp4_pairs(b_base, scales_ptr + e64 * stride_se, offs_n, n_mask, k0, K,
@@ -255,6 +268,7 @@ class TileConfig:
     packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
     split_k: int = 1  # K cut in parts (fp32 partials, then `_split_k_epilogue`); not with DW_EPILOGUE
+    words: bool = False  # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32)
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -272,10 +286,15 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # Split-K (session 6 sweep on an H100, CUDA-graph replay, results/moe_decode_sweep_split.json):
     # 1 token 16x64x128 swap_ab packed in 4 K parts 0.0706 ms against 0.0784 unsplit and more
     # for the old 16x32x128 pick; batch-1 decode step 4.37 -> 3.68 ms. 8 and 64 tokens: no split wins.
+    # Codes read as 32-bit words (`mxfp4_words`, session 8 sweep, H100, graph replay,
+    # results/moe_decode_sweep_words.json): 340 instructions per 64x128 tile iteration against 459
+    # (no byte repacking, scales loaded one iteration ahead). 1 token 0.0693 -> 0.0592 ms (16x64x64,
+    # 2 K parts), 8 tokens 0.206 -> 0.176, 64 tokens 0.305 -> 0.258 (16x64x128, 4 stages: 55% of
+    # bandwidth); decode steps 3.20 -> 2.95 ms (batch 1) and 9.66 -> 8.11 ms (batch 64).
     if per_expert <= 0.25 and mxfp4:
-        return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True, split_k=4)
+        return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
     if per_expert <= 16 and mxfp4:
-        return TileConfig(16, 64, 128, 4, 3, dot_scaled=False, swap_ab=True)
+        return TileConfig(16, 64, 128, 4, 4, dot_scaled=False, swap_ab=True, words=True)
     if per_expert <= 16:
         return TileConfig(16, 64, 128, 4, 4)
     # Training sizes (benchmarks/moe.py --train-sweep, H100, 20b layer, forward / forward+backward
@@ -342,6 +361,13 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if scales is not None and cfg.dequant:  # compute-bound sizes: the decode once, not per row tile
         b, scales = dequantize_experts(b, scales, a.dtype), None
     mxfp4 = scales is not None
+    words = mxfp4 and b_rows_are_n and cfg.swap_ab and cfg.words
+    if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
+        if ptx_decode(a) and cfg.BN % 64:
+            # the PTX decode pairs elements by register order, right in the wgmma operand layout
+            # (M = 64 per warpgroup); BN = 32 runs mma.sync, whose layout pairs other elements
+            raise ValueError(f"MXFP4 word decode needs BN a multiple of 64 on sm_90, got {cfg}")
+        b = b.view(torch.int32)
     if mxfp4:
         stride_b1, stride_b2 = b.stride(1), 0
         stride_se, stride_srow = scales.stride(0), scales.stride(1)
@@ -377,7 +403,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
-        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a),
+        SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

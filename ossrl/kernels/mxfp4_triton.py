@@ -2,9 +2,12 @@
 and whole experts to a dense bf16 copy. Used by the grouped expert matmuls in
 `ossrl.kernels.moe_triton`; the plain-PyTorch oracle is `ossrl.kernels.mxfp4.dequantize_mxfp4`.
 
-Two decodes compute the same values (spec 3.2): `mxfp4_tile` by fp32 arithmetic (any GPU, the
-interpreter), and `mxfp4_pairs` by packed integer PTX on sm_90 (`ptx_decode`), which returns the
-even and odd input columns apart so that callers contract them without an interleave.
+Three decodes compute the same values (spec 3.2): `mxfp4_tile` by fp32 arithmetic (any GPU, the
+interpreter); `mxfp4_pairs` by packed integer PTX on sm_90 (`ptx_decode`), which returns the
+even and odd input columns apart so that callers contract them without an interleave; and
+`mxfp4_words`, which reads the codes as 32-bit words and returns each 32-column block in the order
+`permute_k32` gives the activations, the order in which every thread's words decode straight into
+its wgmma operand registers (no shared-memory round trip of decoded values, no byte repacking).
 """
 
 from __future__ import annotations
@@ -92,6 +95,62 @@ def mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
         lo = _e2m1_to_f32(b & 15) * 16384.0 * scale
         hi = _e2m1_to_f32(b >> 4) * 16384.0 * scale
     return lo, hi
+
+
+# Eight E2M1 codes per 32-bit word (codes i = 0..7 at bits 4i: input columns 8w + i). Output m
+# (m = 0..3) pairs code m (low half) with code m + 4 (high half, 16 bits up), so one shift places
+# both: magnitude bits to bf16 bits 6-8, sign to bit 15 (the value times 2^-126, exactly; code 1
+# lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply.
+def _e2m1_word_ptx(m: int) -> str:
+    mag = 6 - 4 * m
+    mag_op = f"shl.b32 u, $4, {mag};" if mag >= 0 else f"shr.u32 u, $4, {-mag};"
+    sign_op = f"shl.b32 v, $4, {12 - 4 * m};" if m < 3 else "mov.b32 v, $4;"
+    return (f"{mag_op}\nand.b32 u, u, 0x01C001C0;\n{sign_op}\nand.b32 v, v, 0x80008000;\n"
+            f"or.b32 u, u, v;\nmul.rn.bf16x2 u, u, k;\nmul.rn.bf16x2 ${m}, u, $6;\n")
+
+
+_E2M1_WORDS_PTX = tl.constexpr("{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n"
+                               + "".join(_e2m1_word_ptx(m) for m in range(4)) + "}\n")
+
+
+@triton.jit
+def permute_k32(x, R: tl.constexpr, C: tl.constexpr):
+    """x [R, C] with each block of 32 columns reordered as `mxfp4_words` returns the weights:
+    position 8m + 2q + h holds column 8q + m + 4h (C a multiple of 32)."""
+    return tl.permute(x.reshape(R, C // 32, 4, 2, 2, 2), (0, 1, 4, 5, 2, 3)).reshape(R, C)
+
+
+@triton.jit
+def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
+                R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr):
+    """Decoded [R, C] tile of one expert (rows = outputs, input columns col0..col0+C, C a multiple of
+    32) with each 32-column block in `permute_k32`'s order; the codes read as int32 words
+    (`words_ptr` the blocks viewed as int32, `stride_wrow` in words) and `scales` the [R, C/32] E8M0
+    tile (the caller loads it, one iteration ahead). bf16 from PTX, fp32 from the arithmetic fallback."""
+    wcols = col0 // 8 + tl.arange(0, C // 8)
+    # Rows of n_cols / 8 words, a multiple of 4, so 16-byte copies; the runtime specialisation sees
+    # 360 for gpt-oss (not a multiple of 16) and would copy word by word (measured: twice as slow).
+    # Written as products, which carry the divisibility (a tl.multiple_of hint on an argument is lost).
+    stride_wrow = stride_wrow // 4 * 4
+    n_words = n_cols // 32 * 4
+    words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :],
+                    mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
+    # [R, block s, word q of the block, half h]: each asm call reads one word (both halves alike)
+    words = tl.broadcast_to(words.reshape(R, C // 32, 4)[:, :, :, None], (R, C // 32, 4, 2))
+    if PTX:
+        bits = tl.maximum(scales.to(tl.int32) << 7, 0x40)  # 2^(s-127) as bf16 (s = 0: the subnormal 2^-127)
+        bits = tl.broadcast_to((bits | (bits << 16))[:, :, None, None], (R, C // 32, 4, 2))
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_PTX, "=r,=r,=r,=r,r,r,r,r", [words, bits],
+                                                   dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    else:  # GPUs before sm_90 and the interpreter: the same values by fp32 arithmetic
+        scale = _e8m0_to_f32(scales)[:, :, None, None] * 16384.0
+        shift = 16 * tl.arange(0, 2)[None, None, None, :]  # half h holds code m + 4
+        o0 = _e2m1_to_f32((words >> shift) & 15) * scale
+        o1 = _e2m1_to_f32((words >> (shift + 4)) & 15) * scale
+        o2 = _e2m1_to_f32((words >> (shift + 8)) & 15) * scale
+        o3 = _e2m1_to_f32((words >> (shift + 12)) & 15) * scale
+    w = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [R, s, q, h, m % 2, m // 2]
+    return tl.permute(w, (0, 1, 5, 4, 2, 3)).reshape(R, C)  # position 8m + 2q + h of each block
 
 
 @triton.jit
