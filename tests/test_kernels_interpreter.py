@@ -313,7 +313,9 @@ else:
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
                  SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1,
-                 LORA_R=16, LORA_RP=16, LORA_BY_TOKEN=True)  # a rollout's gate_up, LoRA in the epilogue
+                 LORA_R=16, LORA_RP=16, LORA_BY_TOKEN=True,  # a rollout's gate_up, LoRA in the epilogue
+                 WORDS=cap >= 90 or not ptx)  # the word decode (the default); on sm_80 the PTX refusal of the pairs
+    ptr["b_ptr"] = "*i32" if const["WORDS"] else "*u8"  # the word decode reads the blocks as int32
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
        for n in fn.arg_names}
 triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
@@ -361,11 +363,12 @@ elif sys.argv[1] in ("moe_matmul_split_k", "moe_matmul_lora"):  # decode-sized f
                  tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", limit="fp32", alpha="fp32")
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=False, HAS_EXTRA=False, SWIGLU=False,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
-                 SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=32, BK=128, GROUP_M=8, SPLIT_K=4,
-                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False)
+                 SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=64, BK=64, GROUP_M=8, SPLIT_K=2,
+                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False, WORDS=True)
+    types["b_ptr"] = "*i32"  # the word decode reads the blocks as int32
     if sys.argv[1] == "moe_matmul_lora":  # gate_up of a rollout: the LoRA B product in the epilogue (fp32 partials
         types["c_ptr"] = "*bf16"          # no more: bf16 output, SwiGLU)
-        const.update(HAS_BIAS=True, SWIGLU=True, SPLIT_K=1, BN=64, LORA_R=16, LORA_BY_TOKEN=True)
+        const.update(HAS_BIAS=True, SWIGLU=True, SPLIT_K=1, BN=64, BK=128, LORA_R=16, LORA_BY_TOKEN=True)
 elif sys.argv[1] == "split_k_epilogue":
     fn = moe_triton._split_k_epilogue
     types = {n: "*bf16" for n in ("bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
