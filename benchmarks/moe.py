@@ -15,6 +15,7 @@ CUDA graph; `ossrl_*_kernels` is the two matmul kernels alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -59,7 +60,9 @@ def make_layer(gen):
     scales2 = torch.randint(119, 122, (E, H, I // 32), generator=gen, device="cuda", dtype=torch.uint8)
     b1 = (torch.randn(E, 2 * I, generator=gen, device="cuda") * 0.1).bfloat16()
     b2 = (torch.randn(E, H, generator=gen, device="cuda") * 0.1).bfloat16()
-    mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA)
+    # scales 119..121, all <= 128: the word decode folds 2^126 into them, as the engine's
+    # check_scales_fold allows for such a model (the decode sweep times both)
+    mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA, scales_fold=True)
     w1 = dequantize_mxfp4(blocks1, scales1, torch.bfloat16).transpose(1, 2).contiguous()  # [E, H, 2I]
     w2 = dequantize_mxfp4(blocks2, scales2, torch.bfloat16).transpose(1, 2).contiguous()  # [E, I, H]
     dense = ExpertWeights(w1, b1, w2, b2, limit=LIMIT, alpha=ALPHA)
@@ -261,28 +264,31 @@ def decode_sweep(mx, router, gen, copy_bw):
                 for bn, bk in ((32, 128), (64, 128)) for sk in (2, 4, 8)]
     # codes read as 32-bit words, K permuted in 32-blocks (`mxfp4_words`, session 8): tiles, K parts,
     # pipeline depths (session 7's warp/stage rows for the pair decode: moe_decode_sweep_split.json)
-    configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
-                for bn, bk in ((64, 128), (64, 64), (64, 256), (128, 128)) for sk in (1, 2, 4)]
-    configs += [moe_triton.TileConfig(16, 64, 128, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk,
-                                      words=True) for sk in (1, 4) for warps, stages in ((4, 4), (8, 3))]
+    configs += [moe_triton.TileConfig(16, bn, bk, 4, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
+                for bn, bk in ((64, 128), (64, 64), (128, 128)) for sk in (1, 2, 4) for stages in (3, 4)]
+    # the same with 2^126 folded into the scale (one multiply a pair; needs every scale <= 128) and,
+    # where K is a whole number of tiles, no K masks (`EVEN_K`, automatic): the last column
+    runs = [(cfg, False) for cfg in configs] + [(cfg, True) for cfg in configs if cfg.words]
+    plain, folded = dataclasses.replace(mx, scales_fold=False), dataclasses.replace(mx, scales_fold=True)
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
         hit = int(torch.unique(ids).numel())
         nbytes = hit * weight_bytes_per_expert("mxfp4") + 2 * N * H * 2
         with torch.no_grad():
-            ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[0]).float()
-        for cfg in configs:
+            ref = moe_triton.routed_experts_triton(x, w, ids, plain, config=configs[0]).float()
+        for cfg, fold in runs:
+            ex = folded if fold else plain
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words)
+                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words, fold=fold)
             with torch.no_grad():
-                out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
+                out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
                 if isinstance(out, torch.Tensor):
                     r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
-                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
+                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(ex, x, w, ids, cfg))
                 # replayed from a CUDA graph, as the engine's decode runs it: no Python launch gaps
                 # between the kernels (at 1 token these dominate eager timings)
-                r["fwd_graph_ms"] = attempt(lambda: graph_time(plan_kernels(mx, x, ids, cfg), x, w, ids))
+                r["fwd_graph_ms"] = attempt(lambda: graph_time(plan_kernels(ex, x, ids, cfg), x, w, ids))
             if isinstance(r["fwd_kernels_ms"], float):
                 r["bandwidth_fraction"] = nbytes / (r["fwd_kernels_ms"] * 1e-3) / copy_bw
             if isinstance(r["fwd_graph_ms"], float):

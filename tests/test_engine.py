@@ -367,6 +367,46 @@ def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graph
         assert attn.fused_qkv() is not None
 
 
+def test_the_scale_check_of_the_folded_decode_follows_the_tensors(monkeypatch):
+    """`check_scales_fold` answers, per MXFP4 experts module, whether every scale is <= 128 (the
+    word decode may then fold 2^126 into the scale): never checked, or checked on other tensor
+    states (an in-place write, a `.data` swap), reads False; an unchanged model is not re-read; the
+    engine checks on each generate and drops graphs built for an answer that changed."""
+    from ossrl.engine.slots import SlotDecoder
+    from ossrl.model.gptoss import check_scales_fold
+
+    model = random_model(tiny_config(num_hidden_layers=2), seed=2, expert_format="mxfp4", dtype=torch.bfloat16).eval()
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    assert all(int(e.gate_up_proj_scales.max()) <= 128 and int(e.down_proj_scales.max()) <= 128 for e in experts)
+    assert not any(e.scales_fold or e.expert_weights().scales_fold for e in experts)  # never checked
+    assert check_scales_fold(model) == 2 and all(e.scales_fold for e in experts)
+    assert experts[0].expert_weights().scales_fold
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "max", lambda self, *a, **k: reads.append(1) or torch.amax(self))
+    assert check_scales_fold(model) == 0 and not reads  # nothing changed: nothing read
+    monkeypatch.undo()
+    with torch.no_grad():
+        experts[1].down_proj_scales[0, 0, 0] = 129  # in place: 2^2, too large to fold
+    assert not experts[1].scales_fold and experts[0].scales_fold
+    assert check_scales_fold(model) == 1 and not experts[1].scales_fold
+    experts[0].gate_up_proj_scales.data = experts[0].gate_up_proj_scales.data.clone()  # new storage, same values
+    assert not experts[0].scales_fold
+    assert check_scales_fold(model) == 0 and experts[0].scales_fold  # re-read, same answer
+
+    engine = RolloutEngine(model, backend="slots")
+    params = SamplingParams(max_new_tokens=3, seed=4)
+    engine.generate([PROMPTS[0]], 2, params)
+    releases = []
+    release = SlotDecoder.release
+    monkeypatch.setattr(SlotDecoder, "release", lambda self: releases.append(1) or release(self))
+    engine.generate([PROMPTS[0]], 2, params)
+    assert not releases
+    with torch.no_grad():
+        experts[1].down_proj_scales[0, 0, 0] = 120  # the answer for layer 1 turns True
+    engine.generate([PROMPTS[0]], 2, params)
+    assert releases and experts[1].scales_fold
+
+
 @pytest.mark.parametrize("laid_out", [False, True], ids=["apart", "laid_out"])
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj"), ("v_proj",)])
 def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypatch):

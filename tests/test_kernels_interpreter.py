@@ -314,7 +314,8 @@ else:
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
                  SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1,
                  LORA_R=16, LORA_RP=16, LORA_BY_TOKEN=True,  # a rollout's gate_up, LoRA in the epilogue
-                 WORDS=cap >= 90 or not ptx)  # the word decode (the default); on sm_80 the PTX refusal of the pairs
+                 WORDS=cap >= 90 or not ptx,  # the word decode (the default); on sm_80 the PTX refusal of the pairs
+                 EVEN_K=False, FOLD=cap >= 90 and ptx)
     ptr["b_ptr"] = "*i32" if const["WORDS"] else "*u8"  # the word decode reads the blocks as int32
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
        for n in fn.arg_names}
@@ -364,7 +365,7 @@ elif sys.argv[1] in ("moe_matmul_split_k", "moe_matmul_lora"):  # decode-sized f
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=False, HAS_EXTRA=False, SWIGLU=False,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
                  SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=64, BK=64, GROUP_M=8, SPLIT_K=2,
-                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False, WORDS=True)
+                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False, WORDS=True, EVEN_K=True, FOLD=False)
     types["b_ptr"] = "*i32"  # the word decode reads the blocks as int32
     if sys.argv[1] == "moe_matmul_lora":  # gate_up of a rollout: the LoRA B product in the epilogue (fp32 partials
         types["c_ptr"] = "*bf16"          # no more: bf16 output, SwiGLU)

@@ -125,22 +125,25 @@ def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
     assert torch.equal(dense[0].view(torch.int16), bits.T)
 
 
-def test_word_e2m1_decode_is_exact_for_every_code_and_scale():
+@pytest.mark.parametrize("fold", [False, True], ids=["two_multiplies", "folded"])
+def test_word_e2m1_decode_is_exact_for_every_code_and_scale(fold):
     """The 32-bit word decode (PTX), in the layout `_moe_matmul`'s default decode tile gives it (the
     asm pairs elements by that layout), against the reference decode: all 256 byte values in every
-    byte position of a word under E8M0 scales 2..250 (normal bf16 values, no overflow). One-hot
-    activation rows through the wgmma read the weights back exactly, in natural column order."""
+    byte position of a word under E8M0 scales 2..250 (normal bf16 values, no overflow), or 2..128
+    with 2^126 folded into the scale. One-hot activation rows through the wgmma read the weights
+    back exactly, in natural column order."""
     import triton
     import triton.language as tl
 
     from ossrl.kernels.mxfp4 import dequantize_mxfp4
 
     @triton.jit
-    def decode(words_ptr, scales_ptr, out_ptr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    def decode(words_ptr, scales_ptr, out_ptr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+               FOLD: tl.constexpr):
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         col0 = tl.program_id(1) * BC
         sc = tl.load(scales_ptr + rows[:, None] * (C // 32) + (col0 // 32 + tl.arange(0, BC // 32))[None, :])
-        w = mxfp4_triton.mxfp4_words(words_ptr, rows, rows >= 0, col0, C, C // 8, sc, BR, BC, True)
+        w = mxfp4_triton.mxfp4_words(words_ptr, rows, rows >= 0, col0, C, C // 8, sc, BR, BC, True, FOLD=FOLD)
         for t0 in tl.static_range(0, BC, 16):  # token t reads column t0 + t
             eye = ((tl.arange(0, 16)[:, None] + t0) == tl.arange(0, BC)[None, :]).to(tl.bfloat16)
             acc = tl.dot(w, tl.trans(mxfp4_triton.permute_k32(eye, 16, BC)))
@@ -149,10 +152,32 @@ def test_word_e2m1_decode_is_exact_for_every_code_and_scale():
     R, C = 256, 512
     byte = torch.arange(R * C // 2, device=DEV)
     blocks = ((byte + byte // 64) % 256).to(torch.uint8).reshape(R, C // 32, 16)  # each value in each byte slot
-    scales = (2 + torch.arange(R * C // 32, device=DEV) % 249).to(torch.uint8).reshape(R, C // 32)
+    scales = (2 + torch.arange(R * C // 32, device=DEV) % (127 if fold else 249)).to(torch.uint8).reshape(R, C // 32)
     out = torch.empty(R, C, device=DEV, dtype=torch.bfloat16)
-    decode[(R // 64, C // 128)](blocks.view(torch.int32), scales, out, C=C, BR=64, BC=128, num_warps=4)
+    decode[(R // 64, C // 128)](blocks.view(torch.int32), scales, out, C=C, BR=64, BC=128, FOLD=fold, num_warps=4)
     assert torch.equal(out, dequantize_mxfp4(blocks, scales, torch.bfloat16))  # (zeros' signs are lost in the sum)
+
+
+@pytest.mark.parametrize("cfg", [(16, 64, 64, 4, 3, False, 8, True, True, False, 2, True),
+                                 (16, 64, 128, 4, 4, False, 8, True, True, False, 1, True)], ids=["even_k", "ragged_k"])
+@pytest.mark.parametrize("N", [1, 64])
+def test_folded_scales_give_the_same_bits(cfg, N):
+    """With every scale <= 128 (`ExpertWeights.scales_fold`, set from `check_scales_fold`), one
+    multiply by 2^126 x scale replaces two and rounds identically: the same output bits, at a
+    K that is a whole number of tiles (EVEN_K: no K masks) and one that is not."""
+    import dataclasses
+
+    gen = torch.Generator(device=DEV).manual_seed(N)
+    ours_w, _ = make_experts(32, 2880, 2880, "mxfp4", gen)
+    assert int(ours_w.gate_up_scales.max()) <= 128 and int(ours_w.down_scales.max()) <= 128
+    x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
+    w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
+    config = moe_triton.TileConfig(*cfg)
+    with torch.no_grad():
+        plain = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
+        folded = moe_triton.routed_experts_triton(x, w, ids, dataclasses.replace(ours_w, scales_fold=True),
+                                                  config=config)
+    assert torch.equal(plain.view(torch.int16), folded.view(torch.int16))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -27,7 +27,7 @@ import torch
 
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.model.gptoss import GptOssForCausalLM, KVCache, inference_kernels, lay_out_qkv
+from ossrl.model.gptoss import GptOssForCausalLM, KVCache, check_scales_fold, inference_kernels, lay_out_qkv
 from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
@@ -73,8 +73,9 @@ class RolloutEngine:
                 raise ValueError(f"prompt {i} is empty")
         # q, k, v weights side by side: one matmul for the three in every forward. A model whose
         # parameters moved since (new storage) is laid out again, and graphs captured on the old
-        # addresses are dropped with the KV pool.
-        if lay_out_qkv(self.model) and self._slots is not None:
+        # addresses are dropped with the KV pool. Likewise graphs whose MoE kernels were built
+        # for another answer of the MXFP4 scale check (`check_scales_fold`).
+        if lay_out_qkv(self.model) + check_scales_fold(self.model) and self._slots is not None:
             self._slots.release()
         was_training = self.model.training
         self.model.eval()

@@ -131,6 +131,7 @@ class ExpertWeights:
     down_scales: torch.Tensor | None = None
     limit: float = 7.0
     alpha: float = 1.702
+    scales_fold: bool = False  # every E8M0 scale checked <= 128 (`Experts.scales_fold`): see `mxfp4_words`
 
     @property
     def format(self) -> str:

@@ -55,7 +55,7 @@ def _moe_matmul(
     SWAP_AB: tl.constexpr, PACKED: tl.constexpr, PTX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
-    WORDS: tl.constexpr = False,
+    WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False, FOLD: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -105,8 +105,11 @@ def _moe_matmul(
             sc = s_next
             g_next = (kt + 1) * (BK // 32) + groups
             s_next = tl.load(s_rows + g_next[None, :], mask=n_mask[:, None] & (g_next[None, :] < K // 32), other=0)
-            a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX)
+            if EVEN_K:
+                a = tl.load(a_base + kk[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX, EVEN_K, FOLD)
             acc_t = tl.dot(w.to(a.dtype), tl.trans(permute_k32(a, BM, BK)), acc_t)
         elif SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
             a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -404,6 +407,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
+        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

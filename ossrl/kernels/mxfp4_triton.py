@@ -101,16 +101,24 @@ def mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
 # (m = 0..3) pairs code m (low half) with code m + 4 (high half, 16 bits up), so one shift places
 # both: magnitude bits to bf16 bits 6-8, sign to bit 15 (the value times 2^-126, exactly; code 1
 # lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply.
-def _e2m1_word_ptx(m: int) -> str:
+def _e2m1_word_ptx(m: int, fold: bool) -> str:
     mag = 6 - 4 * m
     mag_op = f"shl.b32 u, $4, {mag};" if mag >= 0 else f"shr.u32 u, $4, {-mag};"
     sign_op = f"shl.b32 v, $4, {12 - 4 * m};" if m < 3 else "mov.b32 v, $4;"
+    mul = "" if fold else "mul.rn.bf16x2 u, u, k;\n"
     return (f"{mag_op}\nand.b32 u, u, 0x01C001C0;\n{sign_op}\nand.b32 v, v, 0x80008000;\n"
-            f"or.b32 u, u, v;\nmul.rn.bf16x2 u, u, k;\nmul.rn.bf16x2 ${m}, u, $6;\n")
+            f"or.b32 u, u, v;\n{mul}mul.rn.bf16x2 ${m}, u, $6;\n")
 
 
-_E2M1_WORDS_PTX = tl.constexpr("{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n"
-                               + "".join(_e2m1_word_ptx(m) for m in range(4)) + "}\n")
+def _e2m1_words_ptx(fold: bool) -> str:
+    return ("{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n"
+            + "".join(_e2m1_word_ptx(m, fold) for m in range(4)) + "}\n")
+
+
+_E2M1_WORDS_PTX = tl.constexpr(_e2m1_words_ptx(False))
+# Scales of at most 2 (E8M0 <= 128): 2^126 * 2^(s-127) = 2^(s-1) is a normal bf16, and one multiply
+# by it rounds exactly as the two (the product is the same real number)
+_E2M1_WORDS_FOLDED_PTX = tl.constexpr(_e2m1_words_ptx(True))
 
 
 @triton.jit
@@ -122,7 +130,8 @@ def permute_k32(x, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
-                R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr):
+                R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
+                FOLD: tl.constexpr = False):
     """Decoded [R, C] tile of one expert (rows = outputs, input columns col0..col0+C, C a multiple of
     32) with each 32-column block in `permute_k32`'s order; the codes read as int32 words
     (`words_ptr` the blocks viewed as int32, `stride_wrow` in words) and `scales` the [R, C/32] E8M0
@@ -133,11 +142,19 @@ def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
     # Written as products, which carry the divisibility (a tl.multiple_of hint on an argument is lost).
     stride_wrow = stride_wrow // 4 * 4
     n_words = n_cols // 32 * 4
-    words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :],
-                    mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
+    if EVEN:  # the caller's K is a whole number of C-column tiles
+        words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :], mask=row_mask[:, None], other=0)
+    else:
+        words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :],
+                        mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
     # [R, block s, word q of the block, half h]: each asm call reads one word (both halves alike)
     words = tl.broadcast_to(words.reshape(R, C // 32, 4)[:, :, :, None], (R, C // 32, 4, 2))
-    if PTX:
+    if PTX and FOLD:
+        bits = (scales.to(tl.int32) + 126) << 7  # 2^(s-1) as bf16: 2^126 x the scale (s <= 128)
+        bits = tl.broadcast_to((bits | (bits << 16))[:, :, None, None], (R, C // 32, 4, 2))
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_FOLDED_PTX, "=r,=r,=r,=r,r,r,r,r", [words, bits],
+                                                   dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    elif PTX:
         bits = tl.maximum(scales.to(tl.int32) << 7, 0x40)  # 2^(s-127) as bf16 (s = 0: the subnormal 2^-127)
         bits = tl.broadcast_to((bits | (bits << 16))[:, :, None, None], (R, C // 32, 4, 2))
         o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_PTX, "=r,=r,=r,=r,r,r,r,r", [words, bits],

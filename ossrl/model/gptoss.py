@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,28 @@ def lay_out_qkv(model: nn.Module) -> int:
     return count
 
 
+@torch.no_grad()
+def check_scales_fold(model: nn.Module) -> int:
+    """Check, for each MXFP4 experts module whose scales changed since its last check (or never
+    checked), whether every scale is at most 128 (`Experts.scales_fold`): one reduction per module
+    and one host sync for all. The rollout engine calls it on each generate, outside graph capture.
+    Sharded or meta-device modules are left unchecked (two multiplies). Returns the number of
+    modules whose answer changed (graphs captured with the old answer must go)."""
+    if getattr(model, "sharded", False):
+        return 0
+    stale = [m for m in model.modules() if isinstance(m, Experts) and m.format == "mxfp4"
+             and m.gate_up_proj_scales.device.type != "meta" and not m._checked_now()]
+    if not stale:
+        return 0
+    peaks = torch.stack([torch.maximum(m.gate_up_proj_scales.max(), m.down_proj_scales.max()) for m in stale]).tolist()
+    changed = 0
+    for m, peak in zip(stale, peaks):
+        fold = peak <= 128
+        changed += m._fold_checked is None or m._fold_checked[1] != fold
+        m._fold_checked = (m._scales_key(), fold)
+    return changed
+
+
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig, device=None, dtype=None):
         super().__init__()
@@ -292,6 +315,25 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, **kw))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, **kw))
         self.lora = None  # an ossrl.model.lora.ExpertLoRA once adapters are applied
+        self._fold_checked = None  # (the scales tensors as checked, the answer): `check_scales_fold`
+
+    def _scales_key(self) -> tuple:
+        return tuple((weakref.ref(t), t.data_ptr(), t._version) for t in (self.gate_up_proj_scales, self.down_proj_scales))
+
+    def _checked_now(self) -> bool:
+        """Whether the last `check_scales_fold` saw these very scales tensors (same objects,
+        storage and version: a `.to`, a `.data` swap or an in-place write since makes it stale)."""
+        return self._fold_checked is not None and all(
+            r() is t and ptr == t.data_ptr() and version == t._version
+            for (r, ptr, version), t in zip(self._fold_checked[0], (self.gate_up_proj_scales, self.down_proj_scales)))
+
+    @property
+    def scales_fold(self) -> bool:
+        """Whether every MXFP4 scale was checked to be at most 128 (2^1) on the present tensors, so
+        that the word decode may multiply once by 2^126 x scale instead of twice
+        (`ossrl.kernels.mxfp4_triton.mxfp4_words`). False until `check_scales_fold` has run (the
+        rollout engine runs it on each generate) and whenever the scales changed since."""
+        return self._checked_now() and self._fold_checked[1]
 
     def _lora_on(self) -> bool:
         return self.lora is not None and self.lora.enabled
@@ -329,7 +371,7 @@ class Experts(nn.Module):
                                  limit=self.limit, alpha=self.alpha)
         return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
-                             limit=self.limit, alpha=self.alpha)
+                             limit=self.limit, alpha=self.alpha, scales_fold=self.scales_fold)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         experts = self.expert_weights()
