@@ -8,6 +8,8 @@
         # and again with the expert LoRA A products by torch._grouped_mm ("grouped") or on
         # _moe_matmul's dense path with other tiles (BMxBNxBKxSPLIT_K), in the same process
         # (moe_triton.LORA_A_TILES; the default is 16x16x128x4)
+    python benchmarks/profile_decode.py --fold   # the MoE word decode with 2^126 folded into the
+                                                 # scales (moe_triton.FOLD_SCALES; the random scales are <= 128)
 """
 
 import contextlib
@@ -25,6 +27,11 @@ from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.gptoss import inference_kernels  # noqa: E402
 from ossrl.model.lora import rollout_copies  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
+
+if "--fold" in sys.argv:
+    from ossrl.kernels import moe_triton
+
+    moe_triton.FOLD_SCALES = True
 
 if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchmarks/moe.py --decode-sweep` result
     import dataclasses

@@ -161,7 +161,7 @@ def test_word_e2m1_decode_is_exact_for_every_code_and_scale(fold):
 @pytest.mark.parametrize("cfg", [(16, 64, 64, 4, 3, False, 8, True, True, False, 2, True),
                                  (16, 64, 128, 4, 4, False, 8, True, True, False, 1, True)], ids=["even_k", "ragged_k"])
 @pytest.mark.parametrize("N", [1, 64])
-def test_folded_scales_give_the_same_bits(cfg, N):
+def test_folded_scales_give_the_same_bits(cfg, N, monkeypatch):
     """With every scale <= 128 (`ExpertWeights.scales_fold`, set from `check_scales_fold`), one
     multiply by 2^126 x scale replaces two and rounds identically: the same output bits, at a
     K that is a whole number of tiles (EVEN_K: no K masks) and one that is not."""
@@ -173,6 +173,7 @@ def test_folded_scales_give_the_same_bits(cfg, N):
     x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
     w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
     config = moe_triton.TileConfig(*cfg)
+    monkeypatch.setattr(moe_triton, "FOLD_SCALES", True)
     with torch.no_grad():
         plain = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
         folded = moe_triton.routed_experts_triton(x, w, ids, dataclasses.replace(ours_w, scales_fold=True),

@@ -407,7 +407,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
-        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
+        EVEN_K=words and K % cfg.BK == 0, FOLD=words and FOLD_SCALES and plan.experts.scales_fold,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -424,6 +424,11 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         )
     return c
 
+
+# The folded word decode (one multiply by 2^126 x scale where every scale is <= 128; same bits as
+# two multiplies, so no tolerance is involved) compiles and passes its CPU checks but has not yet run
+# on a GPU: off until test_moe_gpu's folded-scale tests pass on one (session 8 left it so).
+FOLD_SCALES = False
 
 DEQUANT_MAX_BYTES = 2 << 30  # the largest transient bf16 copy of one projection (20b gate_up: 1.06 GB)
 
