@@ -232,6 +232,36 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("fold_on,scales_fold", [(False, True), (True, False), (True, True)])
+def test_the_word_decode_gets_the_fold_and_even_k_flags(fold_on, scales_fold, monkeypatch):
+    """`_launch` passes FOLD only with the switch on and the experts' scales checked <= 128, and
+    EVEN_K where K is a whole number of tiles (gate_up's K = 96 with BK = 32; down's 64 too, but
+    not with BK = 64); the outputs are the twin's either way (the fallback decode ignores FOLD)."""
+    import dataclasses
+
+    monkeypatch.setattr(moe_triton, "FOLD_SCALES", fold_on)
+    flags = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: flags.append((kw["FOLD"], kw["EVEN_K"])) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    ex = dataclasses.replace(_experts(), scales_fold=scales_fold)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g)
+    w, ids = route(torch.randn(5, 4, generator=g), 2)
+    fold = fold_on and scales_fold
+    for bk, even in ((32, [True, True]), (64, [False, True])):
+        flags.clear()
+        cfg = moe_triton.TileConfig(16, 64, bk, 4, 1, dot_scaled=False, swap_ab=True, words=True)
+        with torch.no_grad():
+            out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+        assert flags == [(fold, e) for e in even]
+        assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
+
+
 @pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False),
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True),
                                  moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True),

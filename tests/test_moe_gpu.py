@@ -174,10 +174,20 @@ def test_folded_scales_give_the_same_bits(cfg, N, monkeypatch):
     w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
     config = moe_triton.TileConfig(*cfg)
     monkeypatch.setattr(moe_triton, "FOLD_SCALES", True)
+    folds = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:  # the FOLD each launch gets (else equal outputs could mean the fold never ran)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: folds.append(kw["FOLD"]) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
     with torch.no_grad():
         plain = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
+        assert folds == [False, False]
         folded = moe_triton.routed_experts_triton(x, w, ids, dataclasses.replace(ours_w, scales_fold=True),
                                                   config=config)
+        assert folds == [False, False, True, True]
     assert torch.equal(plain.view(torch.int16), folded.view(torch.int16))
 
 
