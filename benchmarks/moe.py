@@ -60,9 +60,9 @@ def make_layer(gen):
     scales2 = torch.randint(119, 122, (E, H, I // 32), generator=gen, device="cuda", dtype=torch.uint8)
     b1 = (torch.randn(E, 2 * I, generator=gen, device="cuda") * 0.1).bfloat16()
     b2 = (torch.randn(E, H, generator=gen, device="cuda") * 0.1).bfloat16()
-    # scales 119..121, all <= 128: the word decode folds 2^126 into them, as the engine's
-    # check_scales_fold allows for such a model (the decode sweep times both)
-    mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA, scales_fold=True)
+    # scales 119..121, all <= 128: the decode sweep also times the word decode with 2^126 folded
+    # into them (RolloutEngine(fold_scales=True)); the table runs the engine's default (no fold)
+    mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA)
     w1 = dequantize_mxfp4(blocks1, scales1, torch.bfloat16).transpose(1, 2).contiguous()  # [E, H, 2I]
     w2 = dequantize_mxfp4(blocks2, scales2, torch.bfloat16).transpose(1, 2).contiguous()  # [E, I, H]
     dense = ExpertWeights(w1, b1, w2, b2, limit=LIMIT, alpha=ALPHA)
@@ -266,10 +266,10 @@ def decode_sweep(mx, router, gen, copy_bw):
     # pipeline depths (session 7's warp/stage rows for the pair decode: moe_decode_sweep_split.json)
     configs += [moe_triton.TileConfig(16, bn, bk, 4, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
                 for bn, bk in ((64, 128), (64, 64), (128, 128)) for sk in (1, 2, 4) for stages in (3, 4)]
-    # the same with 2^126 folded into the scale (one multiply a pair; needs every scale <= 128) and,
-    # where K is a whole number of tiles, no K masks (`EVEN_K`, automatic): the last column
+    # the word tiles again with 2^126 folded into the scales (one multiply a pair; every scale here
+    # is <= 128): rows with "fold": true. K masks are dropped wherever K is a whole number of tiles
+    # (`EVEN_K`, automatic: BK = 64 at gpt-oss's 2880)
     runs = [(cfg, False) for cfg in configs] + [(cfg, True) for cfg in configs if cfg.words]
-    moe_triton.FOLD_SCALES = True  # (off by default until its GPU tests pass: see moe_triton)
     plain, folded = dataclasses.replace(mx, scales_fold=False), dataclasses.replace(mx, scales_fold=True)
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()

@@ -9,7 +9,7 @@
         # _moe_matmul's dense path with other tiles (BMxBNxBKxSPLIT_K), in the same process
         # (moe_triton.LORA_A_TILES; the default is 16x16x128x4)
     python benchmarks/profile_decode.py --fold   # the MoE word decode with 2^126 folded into the
-                                                 # scales (moe_triton.FOLD_SCALES; the random scales are <= 128)
+                                                 # scales (RolloutEngine(fold_scales=True); the random scales are <= 128)
 """
 
 import contextlib
@@ -27,11 +27,6 @@ from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.gptoss import inference_kernels  # noqa: E402
 from ossrl.model.lora import rollout_copies  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
-
-if "--fold" in sys.argv:
-    from ossrl.kernels import moe_triton
-
-    moe_triton.FOLD_SCALES = True
 
 if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchmarks/moe.py --decode-sweep` result
     import dataclasses
@@ -73,7 +68,7 @@ kernels.__enter__()
 
 def run(batch, copies, note=""):
     """Profile eager steps, then time graph replays, of one decode batch."""
-    engine = RolloutEngine(model, cuda_graphs=False)
+    engine = RolloutEngine(model, cuda_graphs=False, fold_scales="--fold" in sys.argv)
     prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]
     params = SamplingParams(max_new_tokens=8, seed=0)
     engine.generate(prompts, params=params)

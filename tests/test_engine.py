@@ -336,12 +336,14 @@ def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graph
     from ossrl.engine.slots import SlotDecoder
     from ossrl.model.gptoss import lay_out_qkv
 
-    with torch.inference_mode():
-        frozen = random_model(tiny_config(num_hidden_layers=1), seed=2, dtype=torch.bfloat16).eval()
-    assert lay_out_qkv(frozen) == 0
-    with torch.no_grad():
-        frozen(torch.tensor([PROMPTS[0]]))
-    RolloutEngine(frozen).generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=2, seed=1))
+    for fmt in ("bf16", "mxfp4"):  # MXFP4: the engine's scale check reads inference tensors too
+        with torch.inference_mode():
+            frozen = random_model(tiny_config(num_hidden_layers=1), seed=2, dtype=torch.bfloat16,
+                                  expert_format=fmt).eval()
+        assert lay_out_qkv(frozen) == 0
+        with torch.no_grad():
+            frozen(torch.tensor([PROMPTS[0]]))
+        RolloutEngine(frozen, fold_scales=True).generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=2, seed=1))
 
     mixed = random_model(tiny_config(num_hidden_layers=1), seed=2, dtype=torch.bfloat16).eval()
     attn = mixed.model.layers[0].self_attn
@@ -367,44 +369,41 @@ def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graph
         assert attn.fused_qkv() is not None
 
 
-def test_the_scale_check_of_the_folded_decode_follows_the_tensors(monkeypatch):
+def test_the_scale_check_of_the_folded_decode_is_fresh_on_each_generate(monkeypatch):
     """`check_scales_fold` answers, per MXFP4 experts module, whether every scale is <= 128 (the
-    word decode may then fold 2^126 into the scale): never checked, or checked on other tensor
-    states (an in-place write, a `.data` swap), reads False; an unchanged model is not re-read; the
-    engine checks on each generate and drops graphs built for an answer that changed."""
+    GPU word decode may then fold 2^126 into the scale), and only rollout forwards (inside
+    `inference_kernels`) pass the answer to the kernels. An engine built with fold_scales=True
+    checks on each generate, so a write through `.data` (no version bump) is seen, and drops the
+    graphs built for an answer that changed; with fold_scales=False every answer is cleared."""
     from ossrl.engine.slots import SlotDecoder
-    from ossrl.model.gptoss import check_scales_fold
+    from ossrl.model.gptoss import check_scales_fold, inference_kernels
 
     model = random_model(tiny_config(num_hidden_layers=2), seed=2, expert_format="mxfp4", dtype=torch.bfloat16).eval()
     experts = [layer.mlp.experts for layer in model.model.layers]
     assert all(int(e.gate_up_proj_scales.max()) <= 128 and int(e.down_proj_scales.max()) <= 128 for e in experts)
-    assert not any(e.scales_fold or e.expert_weights().scales_fold for e in experts)  # never checked
+    assert not any(e.scales_fold for e in experts)
     assert check_scales_fold(model) == 2 and all(e.scales_fold for e in experts)
-    assert experts[0].expert_weights().scales_fold
-    reads = []
-    monkeypatch.setattr(torch.Tensor, "max", lambda self, *a, **k: reads.append(1) or torch.amax(self))
-    assert check_scales_fold(model) == 0 and not reads  # nothing changed: nothing read
-    monkeypatch.undo()
-    with torch.no_grad():
-        experts[1].down_proj_scales[0, 0, 0] = 129  # in place: 2^2, too large to fold
-    assert not experts[1].scales_fold and experts[0].scales_fold
-    assert check_scales_fold(model) == 1 and not experts[1].scales_fold
-    experts[0].gate_up_proj_scales.data = experts[0].gate_up_proj_scales.data.clone()  # new storage, same values
-    assert not experts[0].scales_fold
-    assert check_scales_fold(model) == 0 and experts[0].scales_fold  # re-read, same answer
+    assert check_scales_fold(model) == 0
+    assert not experts[0].expert_weights().scales_fold  # training forwards: two multiplies
+    with inference_kernels():
+        assert experts[0].expert_weights().scales_fold
+    experts[1].down_proj_scales.data[0, 0, 0] = 129  # 2^2: too large to fold; .data bumps no version
+    assert check_scales_fold(model) == 1 and experts[0].scales_fold and not experts[1].scales_fold
 
-    engine = RolloutEngine(model, backend="slots")
+    engine = RolloutEngine(model, backend="slots", fold_scales=True)
     params = SamplingParams(max_new_tokens=3, seed=4)
     engine.generate([PROMPTS[0]], 2, params)
     releases = []
     release = SlotDecoder.release
     monkeypatch.setattr(SlotDecoder, "release", lambda self: releases.append(1) or release(self))
     engine.generate([PROMPTS[0]], 2, params)
-    assert not releases
-    with torch.no_grad():
-        experts[1].down_proj_scales[0, 0, 0] = 120  # the answer for layer 1 turns True
+    assert not releases and not experts[1].scales_fold  # nothing changed
+    experts[1].down_proj_scales.data[0, 0, 0] = 120  # the answer for layer 1 turns True
     engine.generate([PROMPTS[0]], 2, params)
     assert releases and experts[1].scales_fold
+    releases.clear()
+    RolloutEngine(model, backend="slots").generate([PROMPTS[0]], 2, params)  # fold_scales=False
+    assert not any(e.scales_fold for e in experts)
 
 
 @pytest.mark.parametrize("laid_out", [False, True], ids=["apart", "laid_out"])

@@ -232,14 +232,13 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("fold_on,scales_fold", [(False, True), (True, False), (True, True)])
-def test_the_word_decode_gets_the_fold_and_even_k_flags(fold_on, scales_fold, monkeypatch):
-    """`_launch` passes FOLD only with the switch on and the experts' scales checked <= 128, and
-    EVEN_K where K is a whole number of tiles (gate_up's K = 96 with BK = 32; down's 64 too, but
-    not with BK = 64); the outputs are the twin's either way (the fallback decode ignores FOLD)."""
+@pytest.mark.parametrize("scales_fold", [False, True])
+def test_the_word_decode_gets_the_fold_and_even_k_flags(scales_fold, monkeypatch):
+    """`_launch` passes FOLD where the experts' scales were checked <= 128, and EVEN_K where K is a
+    whole number of tiles (gate_up's K = 96 with BK = 32; down's 64 too, but not with BK = 64);
+    the outputs are the twin's either way (the fallback decode ignores FOLD)."""
     import dataclasses
 
-    monkeypatch.setattr(moe_triton, "FOLD_SCALES", fold_on)
     flags = []
     kernel = moe_triton._moe_matmul
 
@@ -252,7 +251,7 @@ def test_the_word_decode_gets_the_fold_and_even_k_flags(fold_on, scales_fold, mo
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 96, generator=g)
     w, ids = route(torch.randn(5, 4, generator=g), 2)
-    fold = fold_on and scales_fold
+    fold = scales_fold
     for bk, even in ((32, [True, True]), (64, [False, True])):
         flags.clear()
         cfg = moe_triton.TileConfig(16, 64, bk, 4, 1, dot_scaled=False, swap_ab=True, words=True)
@@ -375,6 +374,60 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert not ok and "sm_90" in err
     ok, err = compiles(90, ptx=True)
     assert ok, err
+
+
+_WORD_LAYOUT = """
+import json
+import re
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ossrl.kernels import moe_triton
+
+BN, BK, warps, split, lora, dtype = json.loads(sys.argv[1])
+fn = moe_triton._moe_matmul
+ptr = {n: "*" + dtype for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
+ptr.update(b_ptr="*i32", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
+           tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", c_ptr="*fp32" if split > 1 else "*" + dtype)
+const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, HAS_EXTRA=False, SWIGLU=split == 1,
+             STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False, SWAP_AB=True,
+             PACKED=True, PTX=True, BM=16, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
+             LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True)
+sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
+ir = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                    options=dict(num_warps=warps, num_stages=3)).asm["ttgir"].split("\\n")
+asm = next(line for line in ir if "tt.elementwise_inline_asm" in line)
+name = re.search(r": tensor<\\d+x\\d+x4x2xi32, (#\\w+)>", asm).group(1)
+layout = next(line for line in ir if line.startswith(name + " = "))
+if "#ttg.linear" in layout:  # register bit 0 must step the last dim (h) and nothing else
+    pairs = re.search(r"register = \\[\\[([^\\]]*)\\]", layout).group(1).replace(" ", "") == "0,0,0,1"
+else:
+    spt = re.search(r"sizePerThread = \\[([^\\]]*)\\]", layout).group(1).replace(" ", "").split(",")
+    pairs = spt[-1] == "2" and re.search(r"order = \\[(\\d)", layout).group(1) == "3"
+print(json.dumps(pairs))
+"""
+
+
+@pytest.mark.parametrize("BN,BK,warps,split,lora,dtype", [
+    (64, 64, 4, 2, False, "bf16"), (64, 128, 4, 1, True, "bf16"), (128, 128, 8, 1, False, "bf16"),  # the defaults, wider
+    (32, 128, 4, 1, False, "bf16"), (64, 128, 2, 1, False, "bf16"), (64, 128, 4, 1, False, "fp32")])  # refused
+def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BN, BK, warps, split, lora, dtype):
+    """The word decode's PTX reads one word per packed register pair, right only where Triton puts
+    the two halves (h = 0, 1) of one word in consecutive registers. Compiled for sm_90 (Triton's
+    own compiler on this CPU), the asm operand's layout agrees with `word_pairs_ok` for the default
+    tiles and for the shapes it refuses (mma.sync at BN = 32 or 2 warps; tf32 for fp32 inputs)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _WORD_LAYOUT, json.dumps([BN, BK, warps, split, lora, dtype])],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cfg = moe_triton.TileConfig(16, BN, BK, warps, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
+    expected = moe_triton.word_pairs_ok(cfg, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
 
 
 _COMPILE_TRAINING_KERNEL = """

@@ -125,9 +125,10 @@ def test_packed_e2m1_decode_is_exact_for_every_code_and_scale():
     assert torch.equal(dense[0].view(torch.int16), bits.T)
 
 
+@pytest.mark.parametrize("BC", [64, 128])
 @pytest.mark.parametrize("fold", [False, True], ids=["two_multiplies", "folded"])
-def test_word_e2m1_decode_is_exact_for_every_code_and_scale(fold):
-    """The 32-bit word decode (PTX), in the layout `_moe_matmul`'s default decode tile gives it (the
+def test_word_e2m1_decode_is_exact_for_every_code_and_scale(fold, BC):
+    """The 32-bit word decode (PTX), in the layouts `_moe_matmul`'s default decode tiles give it (the
     asm pairs elements by that layout), against the reference decode: all 256 byte values in every
     byte position of a word under E8M0 scales 2..250 (normal bf16 values, no overflow), or 2..128
     with 2^126 folded into the scale. One-hot activation rows through the wgmma read the weights
@@ -154,7 +155,7 @@ def test_word_e2m1_decode_is_exact_for_every_code_and_scale(fold):
     blocks = ((byte + byte // 64) % 256).to(torch.uint8).reshape(R, C // 32, 16)  # each value in each byte slot
     scales = (2 + torch.arange(R * C // 32, device=DEV) % (127 if fold else 249)).to(torch.uint8).reshape(R, C // 32)
     out = torch.empty(R, C, device=DEV, dtype=torch.bfloat16)
-    decode[(R // 64, C // 128)](blocks.view(torch.int32), scales, out, C=C, BR=64, BC=128, FOLD=fold, num_warps=4)
+    decode[(R // 64, C // BC)](blocks.view(torch.int32), scales, out, C=C, BR=64, BC=BC, FOLD=fold, num_warps=4)
     assert torch.equal(out, dequantize_mxfp4(blocks, scales, torch.bfloat16))  # (zeros' signs are lost in the sum)
 
 
@@ -173,7 +174,6 @@ def test_folded_scales_give_the_same_bits(cfg, N, monkeypatch):
     x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
     w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
     config = moe_triton.TileConfig(*cfg)
-    monkeypatch.setattr(moe_triton, "FOLD_SCALES", True)
     folds = []
     kernel = moe_triton._moe_matmul
 

@@ -33,7 +33,7 @@ from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 class RolloutEngine:
     def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
-                 sync_every: int = 8, prefill_tokens: int = 16384):
+                 sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = False):
         if backend not in ("auto", "simple", "slots"):
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
@@ -43,6 +43,10 @@ class RolloutEngine:
         if prefill_tokens <= 0:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
         self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
+        # MXFP4 experts on a GPU whose scales are all <= 128 decode with one multiply a pair
+        # instead of two (the same bits; `check_scales_fold`). Off by default until its GPU tests
+        # have passed (tests/test_moe_gpu.py: written in session 8, not yet run).
+        self.fold_scales = fold_scales
 
     def _use_slots(self) -> bool:
         return (self.lockstep or self.backend == "slots"
@@ -74,8 +78,10 @@ class RolloutEngine:
         # q, k, v weights side by side: one matmul for the three in every forward. A model whose
         # parameters moved since (new storage) is laid out again, and graphs captured on the old
         # addresses are dropped with the KV pool. Likewise graphs whose MoE kernels were built
-        # for another answer of the MXFP4 scale check (`check_scales_fold`).
-        if lay_out_qkv(self.model) + check_scales_fold(self.model) and self._slots is not None:
+        # for another answer of the MXFP4 scale check.
+        moved = lay_out_qkv(self.model)
+        refolded = check_scales_fold(self.model, self.fold_scales)
+        if (moved or refolded) and self._slots is not None:
             self._slots.release()
         was_training = self.model.training
         self.model.eval()

@@ -271,7 +271,9 @@ class TileConfig:
     packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
     split_k: int = 1  # K cut in parts (fp32 partials, then `_split_k_epilogue`); not with DW_EPILOGUE
-    words: bool = False  # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32)
+    # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32; on sm_90 only where
+    # `_word_layout_ok`: bf16, BN a multiple of 64, whole warpgroups; else the pair decode runs)
+    words: bool = False
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -364,12 +366,10 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if scales is not None and cfg.dequant:  # compute-bound sizes: the decode once, not per row tile
         b, scales = dequantize_experts(b, scales, a.dtype), None
     mxfp4 = scales is not None
-    words = mxfp4 and b_rows_are_n and cfg.swap_ab and cfg.words
+    words = mxfp4 and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
     if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
-        if ptx_decode(a) and cfg.BN % 64:
-            # the PTX decode pairs elements by register order, right in the wgmma operand layout
-            # (M = 64 per warpgroup); BN = 32 runs mma.sync, whose layout pairs other elements
-            raise ValueError(f"MXFP4 word decode needs BN a multiple of 64 on sm_90, got {cfg}")
+        if b.stride(-1) != 1 or b.stride(1) % 16:
+            raise ValueError(f"MXFP4 blocks must be contiguous rows of 16-byte blocks, got strides {b.stride()}")
         b = b.view(torch.int32)
     if mxfp4:
         stride_b1, stride_b2 = b.stride(1), 0
@@ -407,7 +407,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
-        EVEN_K=words and K % cfg.BK == 0, FOLD=words and FOLD_SCALES and plan.experts.scales_fold,
+        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -425,10 +425,20 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     return c
 
 
-# The folded word decode (one multiply by 2^126 x scale where every scale is <= 128; same bits as
-# two multiplies, so no tolerance is involved) compiles and passes its CPU checks but has not yet run
-# on a GPU: off until test_moe_gpu's folded-scale tests pass on one (session 8 left it so).
-FOLD_SCALES = False
+def _word_layout_ok(cfg: TileConfig, a: torch.Tensor) -> bool:
+    """Whether the word decode may run for this tile and input. Its PTX pairs the two elements of
+    each packed register as halves h = 0, 1 of one word, which holds in the bf16 wgmma operand
+    layout Triton gives it at BN a multiple of 64 and whole warpgroups (compile-checked in
+    tests/test_kernels_interpreter.py); elsewhere (BN = 32 or 2 warps: mma.sync; fp32 inputs: the
+    tf32 layout) the pairs are other elements, so those run the pair decode. The arithmetic decode
+    (no PTX) has no such constraint."""
+    return not ptx_decode(a) or word_pairs_ok(cfg, a.dtype)
+
+
+def word_pairs_ok(cfg: TileConfig, dtype: torch.dtype) -> bool:
+    """The rule of `_word_layout_ok` for the PTX decode on sm_90 (see there)."""
+    return dtype == torch.bfloat16 and cfg.BN % 64 == 0 and cfg.num_warps % 4 == 0
+
 
 DEQUANT_MAX_BYTES = 2 << 30  # the largest transient bf16 copy of one projection (20b gate_up: 1.06 GB)
 

@@ -100,7 +100,8 @@ def mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
 # Eight E2M1 codes per 32-bit word (codes i = 0..7 at bits 4i: input columns 8w + i). Output m
 # (m = 0..3) pairs code m (low half) with code m + 4 (high half, 16 bits up), so one shift places
 # both: magnitude bits to bf16 bits 6-8, sign to bit 15 (the value times 2^-126, exactly; code 1
-# lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply.
+# lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply;
+# folded, once by 2^126 x the scale ($6 = 2^(s-1)).
 def _e2m1_word_ptx(m: int, fold: bool) -> str:
     mag = 6 - 4 * m
     mag_op = f"shl.b32 u, $4, {mag};" if mag >= 0 else f"shr.u32 u, $4, {-mag};"
@@ -111,8 +112,8 @@ def _e2m1_word_ptx(m: int, fold: bool) -> str:
 
 
 def _e2m1_words_ptx(fold: bool) -> str:
-    return ("{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n"
-            + "".join(_e2m1_word_ptx(m, fold) for m in range(4)) + "}\n")
+    k = "" if fold else "mov.b32 k, 0x7E807E80;\n"  # 2^126 in both halves
+    return "{\n.reg .b32 u, v, k;\n" + k + "".join(_e2m1_word_ptx(m, fold) for m in range(4)) + "}\n"
 
 
 _E2M1_WORDS_PTX = tl.constexpr(_e2m1_words_ptx(False))
@@ -135,7 +136,11 @@ def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
     """Decoded [R, C] tile of one expert (rows = outputs, input columns col0..col0+C, C a multiple of
     32) with each 32-column block in `permute_k32`'s order; the codes read as int32 words
     (`words_ptr` the blocks viewed as int32, `stride_wrow` in words) and `scales` the [R, C/32] E8M0
-    tile (the caller loads it, one iteration ahead). bf16 from PTX, fp32 from the arithmetic fallback."""
+    tile (the caller loads it, one iteration ahead). bf16 from PTX, fp32 from the arithmetic fallback.
+    EVEN: n_cols is a whole number of C-column tiles (no column masks). FOLD (PTX only; every scale
+    <= 128): one multiply by 2^126 x the scale instead of two, the same bits. The PTX pairs the two
+    elements of each packed register as halves of one word: callers run it only in the wgmma
+    operand layout (`moe_triton._word_layout_ok`)."""
     wcols = col0 // 8 + tl.arange(0, C // 8)
     # Rows of n_cols / 8 words, a multiple of 4, so 16-byte copies; the runtime specialisation sees
     # 360 for gpt-oss (not a multiple of 16) and would copy word by word (measured: twice as slow).

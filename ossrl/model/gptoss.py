@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -251,24 +250,26 @@ def lay_out_qkv(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def check_scales_fold(model: nn.Module) -> int:
-    """Check, for each MXFP4 experts module whose scales changed since its last check (or never
-    checked), whether every scale is at most 128 (`Experts.scales_fold`): one reduction per module
-    and one host sync for all. The rollout engine calls it on each generate, outside graph capture.
-    Sharded or meta-device modules are left unchecked (two multiplies). Returns the number of
-    modules whose answer changed (graphs captured with the old answer must go)."""
-    if getattr(model, "sharded", False):
-        return 0
-    stale = [m for m in model.modules() if isinstance(m, Experts) and m.format == "mxfp4"
-             and m.gate_up_proj_scales.device.type != "meta" and not m._checked_now()]
-    if not stale:
-        return 0
-    peaks = torch.stack([torch.maximum(m.gate_up_proj_scales.max(), m.down_proj_scales.max()) for m in stale]).tolist()
-    changed = 0
-    for m, peak in zip(stale, peaks):
-        fold = peak <= 128
-        changed += m._fold_checked is None or m._fold_checked[1] != fold
-        m._fold_checked = (m._scales_key(), fold)
+def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
+    """Set, for each MXFP4 experts module, whether its rollout forwards may fold 2^126 into the
+    scales (`Experts.scales_fold`: every E8M0 scale at most 128; one reduction per module and one
+    host sync for all, about 0.2 ms for 20b on a GPU; only the GPU kernels use the answer). The
+    rollout engine calls it at the start of each generate, outside graph capture, so the answer
+    is fresh for that generate whatever was written to the scales before; `enabled=False` clears
+    it; sharded and meta-device modules get False. Returns the number of modules whose answer
+    changed (graphs captured with the old one must go)."""
+    modules = [m for m in model.modules() if isinstance(m, Experts) and m.format == "mxfp4"]
+    fold = [False] * len(modules)
+    if enabled and not getattr(model, "sharded", False):
+        live = [i for i, m in enumerate(modules) if m.gate_up_proj_scales.device.type != "meta"]
+        if live:
+            peaks = torch.stack([torch.maximum(modules[i].gate_up_proj_scales.max(), modules[i].down_proj_scales.max())
+                                 .to(modules[live[0]].gate_up_proj_scales.device) for i in live]).tolist()
+            for i, peak in zip(live, peaks):
+                fold[i] = peak <= 128
+    changed = sum(m.scales_fold != f for m, f in zip(modules, fold))
+    for m, f in zip(modules, fold):
+        m.scales_fold = f
     return changed
 
 
@@ -315,25 +316,10 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, **kw))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, **kw))
         self.lora = None  # an ossrl.model.lora.ExpertLoRA once adapters are applied
-        self._fold_checked = None  # (the scales tensors as checked, the answer): `check_scales_fold`
-
-    def _scales_key(self) -> tuple:
-        return tuple((weakref.ref(t), t.data_ptr(), t._version) for t in (self.gate_up_proj_scales, self.down_proj_scales))
-
-    def _checked_now(self) -> bool:
-        """Whether the last `check_scales_fold` saw these very scales tensors (same objects,
-        storage and version: a `.to`, a `.data` swap or an in-place write since makes it stale)."""
-        return self._fold_checked is not None and all(
-            r() is t and ptr == t.data_ptr() and version == t._version
-            for (r, ptr, version), t in zip(self._fold_checked[0], (self.gate_up_proj_scales, self.down_proj_scales)))
-
-    @property
-    def scales_fold(self) -> bool:
-        """Whether every MXFP4 scale was checked to be at most 128 (2^1) on the present tensors, so
-        that the word decode may multiply once by 2^126 x scale instead of twice
-        (`ossrl.kernels.mxfp4_triton.mxfp4_words`). False until `check_scales_fold` has run (the
-        rollout engine runs it on each generate) and whenever the scales changed since."""
-        return self._checked_now() and self._fold_checked[1]
+        # Every MXFP4 scale <= 128, as `check_scales_fold` found at the start of the running
+        # generate: rollout forwards (inside `inference_kernels`) may then decode with one
+        # multiply by 2^126 x scale instead of two (`ossrl.kernels.mxfp4_triton.mxfp4_words`).
+        self.scales_fold = False
 
     def _lora_on(self) -> bool:
         return self.lora is not None and self.lora.enabled
@@ -371,7 +357,8 @@ class Experts(nn.Module):
                                  limit=self.limit, alpha=self.alpha)
         return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
-                             limit=self.limit, alpha=self.alpha, scales_fold=self.scales_fold)
+                             limit=self.limit, alpha=self.alpha,
+                             scales_fold=self.scales_fold and inference_kernels_on())
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         experts = self.expert_weights()
