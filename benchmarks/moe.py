@@ -307,16 +307,28 @@ def train_sweep(mx, router, gen, mm_flops):
                moe_triton.TileConfig(64, 128, 64, 4, 3, dot_scaled=False, packed=False),
                moe_triton.TileConfig(128, 256, 64, 8, 3, dequant=True), moe_triton.TileConfig(128, 128, 64, 4, 4, dequant=True),
                moe_triton.TileConfig(64, 128, 64, 4, 3, dequant=True)]
+    # the word decode at training sizes (session 8, not yet run): C^T = W a^T with BM tokens as the
+    # wgmma's N (up to 256) and the decoded weights straight from registers, the backward through
+    # the bf16 copy. Offline (sm_90 SASS, per k-iteration): 128x128x64 on 8 warps 207 instructions
+    # per thread, 159 registers; 256x128x64 258 instructions, 246 registers, no spills
+    configs += [moe_triton.TileConfig(bm, bn, bk, warps, 3, dot_scaled=False, swap_ab=True, words=True, dequant=True)
+                for bm, bn, bk, warps in ((128, 128, 64, 8), (256, 128, 64, 8), (128, 64, 64, 4), (64, 128, 64, 4),
+                                          (128, 128, 128, 8))]
     rows = []
     for N in (256, 512, 1024, 2048, 4096, 32768):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
         dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         flops = 2 * N * K_TOP * (2 * I * H + H * I)
+        with torch.no_grad():
+            ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[4]).float()  # the bf16 copy
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     packed=cfg.packed, dequant=cfg.dequant)
+                     packed=cfg.packed, dequant=cfg.dequant, swap_ab=cfg.swap_ab, words=cfg.words)
             with torch.no_grad():
+                out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
+                if isinstance(out, torch.Tensor):
+                    r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
                 r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
             r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(mx, cfg), x, w, ids, dout))
             if isinstance(r["fwd_kernels_ms"], float):

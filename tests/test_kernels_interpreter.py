@@ -196,9 +196,11 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True),
                                  moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True),
                                  moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
-                                                       split_k=2)],
+                                                       split_k=2),
+                                 moe_triton.TileConfig(32, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       dequant=True)],
                          ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3",
-                              "words32", "words64", "words-split2"])
+                              "words32", "words64", "words-split2", "words-fwd-dequant-bwd"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
@@ -385,14 +387,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ossrl.kernels import moe_triton
 
-BN, BK, warps, split, lora, dtype = json.loads(sys.argv[1])
+BM, BN, BK, warps, split, lora, dtype = json.loads(sys.argv[1])
 fn = moe_triton._moe_matmul
 ptr = {n: "*" + dtype for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
 ptr.update(b_ptr="*i32", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
            tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", c_ptr="*fp32" if split > 1 else "*" + dtype)
 const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, HAS_EXTRA=False, SWIGLU=split == 1,
              STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False, SWAP_AB=True,
-             PACKED=True, PTX=True, BM=16, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
+             PACKED=True, PTX=True, BM=BM, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
              LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True)
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
 ir = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -409,10 +411,11 @@ print(json.dumps(pairs))
 """
 
 
-@pytest.mark.parametrize("BN,BK,warps,split,lora,dtype", [
-    (64, 64, 4, 2, False, "bf16"), (64, 128, 4, 1, True, "bf16"), (128, 128, 8, 1, False, "bf16"),  # the defaults, wider
-    (32, 128, 4, 1, False, "bf16"), (64, 128, 2, 1, False, "bf16"), (64, 128, 4, 1, False, "fp32")])  # refused
-def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BN, BK, warps, split, lora, dtype):
+@pytest.mark.parametrize("BM,BN,BK,warps,split,lora,dtype", [
+    (16, 64, 64, 4, 2, False, "bf16"), (16, 64, 128, 4, 1, True, "bf16"), (16, 128, 128, 8, 1, False, "bf16"),
+    (128, 128, 64, 8, 1, False, "bf16"),  # the decode defaults, wider, a training-size tile; refused:
+    (16, 32, 128, 4, 1, False, "bf16"), (16, 64, 128, 2, 1, False, "bf16"), (16, 64, 128, 4, 1, False, "fp32")])
+def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BM, BN, BK, warps, split, lora, dtype):
     """The word decode's PTX reads one word per packed register pair, right only where Triton puts
     the two halves (h = 0, 1) of one word in consecutive registers. Compiled for sm_90 (Triton's
     own compiler on this CPU), the asm operand's layout agrees with `word_pairs_ok` for the default
@@ -422,10 +425,10 @@ def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BN, BK
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _WORD_LAYOUT, json.dumps([BN, BK, warps, split, lora, dtype])],
+    run = subprocess.run([sys.executable, "-c", _WORD_LAYOUT, json.dumps([BM, BN, BK, warps, split, lora, dtype])],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    cfg = moe_triton.TileConfig(16, BN, BK, warps, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
+    cfg = moe_triton.TileConfig(BM, BN, BK, warps, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
     expected = moe_triton.word_pairs_ok(cfg, torch.float32 if dtype == "fp32" else torch.bfloat16)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
 

@@ -214,7 +214,8 @@ def test_lora_gradients_match_twin(fmt, N):
                                  (16, 64, 128, 4, 3, False, 8, True, True, False, 3),
                                  (16, 64, 128, 4, 3, False, 8, True, True, False, 1, True),  # 32-bit words
                                  (16, 128, 128, 4, 4, False, 8, True, True, False, 1, True),
-                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 4, True)])
+                                 (16, 64, 128, 4, 3, False, 8, True, True, False, 4, True),
+                                 (128, 128, 64, 8, 3, False, 8, True, True, True, 1, True)])  # words fwd, copy bwd
 def test_every_tile_config_is_correct(fmt, cfg):
     check(fmt, 150, 8, 4, H=352, I=224, config=moe_triton.TileConfig(*cfg), seed=sum(cfg))
 

@@ -270,6 +270,7 @@ class TileConfig:
     swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
     packed: bool = True  # MXFP4 forward, own decode: E2M1 pairs by packed integer ops (PTX on CUDA)
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
+    # (with `words`, the backward only: the word forward decodes into its wgmma registers)
     split_k: int = 1  # K cut in parts (fp32 partials, then `_split_k_epilogue`); not with DW_EPILOGUE
     # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32; on sm_90 only where
     # `_word_layout_ok`: bf16, BN a multiple of 64, whole warpgroups; else the pair decode runs)
@@ -363,10 +364,10 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
-    if scales is not None and cfg.dequant:  # compute-bound sizes: the decode once, not per row tile
-        b, scales = dequantize_experts(b, scales, a.dtype), None
+    words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
+    if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
+        b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
-    words = mxfp4 and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
     if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
         if b.stride(-1) != 1 or b.stride(1) % 16:
             raise ValueError(f"MXFP4 blocks must be contiguous rows of 16-byte blocks, got strides {b.stride()}")
