@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [decode] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [trainsweep] [decode] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
-# decode-size tile sweep of benchmarks/moe.py; decode: benchmarks/profile_decode.py --lora (rollout
+# decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the expert LoRA A products by torch._grouped_mm against
 # the kernel's dense path, the default) and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
@@ -35,6 +35,10 @@ fi
 if [[ $what == *" sweep "* ]]; then
     timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \
         | tee "$out/moe_sweep.log" | grep -v "^decode_sweep" | tail -20
+fi
+if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
+    timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \
+        | tee "$out/moe_train_sweep.log" | grep -v "^train_sweep" | tail -20
 fi
 if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: copies vs cast; the sweep's tiles
     timeout 260 python benchmarks/profile_decode.py --lora --lora-a-tiles grouped 2>&1 \
