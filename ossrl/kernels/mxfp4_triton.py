@@ -100,26 +100,35 @@ def mxfp4_pairs(blocks_ptr, scales_ptr, rows, row_mask, col0, n_cols, stride_bro
 # Eight E2M1 codes per 32-bit word (codes i = 0..7 at bits 4i: input columns 8w + i). Output m
 # (m = 0..3) pairs code m (low half) with code m + 4 (high half, 16 bits up), so one shift places
 # both: magnitude bits to bf16 bits 6-8, sign to bit 15 (the value times 2^-126, exactly; code 1
-# lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply;
-# folded, once by 2^126 x the scale ($6 = 2^(s-1)).
-def _e2m1_word_ptx(m: int, fold: bool) -> str:
+# lands on a subnormal), then x 2^126 (k) and x the block scale ($6), two elements per multiply.
+def _e2m1_word_ptx(m: int) -> str:
     mag = 6 - 4 * m
     mag_op = f"shl.b32 u, $4, {mag};" if mag >= 0 else f"shr.u32 u, $4, {-mag};"
     sign_op = f"shl.b32 v, $4, {12 - 4 * m};" if m < 3 else "mov.b32 v, $4;"
-    mul = "" if fold else "mul.rn.bf16x2 u, u, k;\n"
     return (f"{mag_op}\nand.b32 u, u, 0x01C001C0;\n{sign_op}\nand.b32 v, v, 0x80008000;\n"
-            f"or.b32 u, u, v;\n{mul}mul.rn.bf16x2 ${m}, u, $6;\n")
+            f"or.b32 u, u, v;\nmul.rn.bf16x2 u, u, k;\nmul.rn.bf16x2 ${m}, u, $6;\n")
 
 
-def _e2m1_words_ptx(fold: bool) -> str:
-    k = "" if fold else "mov.b32 k, 0x7E807E80;\n"  # 2^126 in both halves
-    return "{\n.reg .b32 u, v, k;\n" + k + "".join(_e2m1_word_ptx(m, fold) for m in range(4)) + "}\n"
+def _e2m1_words_ptx() -> str:
+    return "{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n" + "".join(_e2m1_word_ptx(m) for m in range(4)) + "}\n"
 
 
-_E2M1_WORDS_PTX = tl.constexpr(_e2m1_words_ptx(False))
-# Scales of at most 2 (E8M0 <= 128): 2^126 * 2^(s-127) = 2^(s-1) is a normal bf16, and one multiply
-# by it rounds exactly as the two (the product is the same real number)
-_E2M1_WORDS_FOLDED_PTX = tl.constexpr(_e2m1_words_ptx(True))
+# Folded (scales of at most 2, E8M0 <= 128: 2^126 * 2^(s-127) = 2^(s-1) is a normal bf16, and one
+# multiply by it rounds exactly as the two, the product being the same real number). Its bit
+# placement moves work from shifts to the multiplier: codes m and m + 4 masked (t = word & 0x000F000F,
+# or 0x00F000F0 for odd m; the word shifted down a byte for m = 2, 3), then t * (2^6 + 2^12) (odd
+# m: 2^2 + 2^8) puts the magnitude bits at 6-8 and a copy of the sign at 15 without carries (the two
+# shifted copies do not overlap), and one mask keeps those: 3 integer instructions a pair against 4.
+def _e2m1_word_folded_ptx(m: int) -> str:
+    src = "$4" if m < 2 else "w"
+    mask, mul = ("0x000F000F", "0x1040") if m % 2 == 0 else ("0x00F000F0", "0x0104")
+    return (f"and.b32 u, {src}, {mask};\nmul.lo.u32 u, u, {mul};\nand.b32 u, u, 0x81C081C0;\n"
+            f"mul.rn.bf16x2 ${m}, u, $6;\n")
+
+
+_E2M1_WORDS_PTX = tl.constexpr(_e2m1_words_ptx())
+_E2M1_WORDS_FOLDED_PTX = tl.constexpr("{\n.reg .b32 u, w;\nshr.u32 w, $4, 8;\n"
+                                      + "".join(_e2m1_word_folded_ptx(m) for m in range(4)) + "}\n")
 
 
 @triton.jit
