@@ -4,8 +4,8 @@
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
-# copies against a cast per forward, and the expert LoRA A products by torch._grouped_mm against
-# the kernel's dense path, the default) and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
+# copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
+# FOLD=1 again with the folded word decode, and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -41,9 +41,13 @@ if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, t
         | tee "$out/moe_train_sweep.log" | grep -v "^train_sweep" | tail -20
 fi
 if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: copies vs cast; the sweep's tiles
-    timeout 260 python benchmarks/profile_decode.py --lora --lora-a-tiles grouped 2>&1 \
+    timeout 260 python benchmarks/profile_decode.py --lora --maxnreg 80 2>&1 \
         | tee "$out/profile_decode_lora.log" \
         | grep -E "graph replay|CUDA time"
+    if [[ -n ${FOLD:-} ]]; then  # FOLD=1: the folded word decode (after its GPU tests passed)
+        timeout 200 python benchmarks/profile_decode.py --lora --fold 2>&1 | tee "$out/profile_decode_fold.log" \
+            | grep -E "graph replay|CUDA time"
+    fi
     if [[ -f $out/moe_decode_sweep_split.json ]]; then
         timeout 150 python benchmarks/profile_decode.py --moe-sweep "$out/moe_decode_sweep_split.json" 2>&1 \
             | tee "$out/profile_decode_picked.log" | grep -E "graph replay|CUDA time|tiles"

@@ -8,6 +8,9 @@
         # and again with the expert LoRA A products by torch._grouped_mm ("grouped") or on
         # _moe_matmul's dense path with other tiles (BMxBNxBKxSPLIT_K), in the same process
         # (moe_triton.LORA_A_TILES; the default is 16x16x128x4)
+    python benchmarks/profile_decode.py --lora --maxnreg 80   # and again with the MoE decode tiles'
+        # registers capped (with LoRA in their epilogues the word tile takes 93 registers against 80,
+        # 5 CTAs an SM against 6; capped at 80, ptxas spills 16 bytes outside the loop)
     python benchmarks/profile_decode.py --fold   # the MoE word decode with 2^126 folded into the
                                                  # scales (RolloutEngine(fold_scales=True); the random scales are <= 128)
 """
@@ -118,6 +121,17 @@ torch.set_grad_enabled(False)  # as generate runs (rollout copies serve forwards
 for batch in (1, 64):
     for copies in ((True, False) if lora else (True,)):
         run(batch, copies)
+    if "--maxnreg" in sys.argv:  # the MoE decode tiles with a register cap, in the same process
+        import dataclasses
+
+        from ossrl.kernels import moe_triton
+
+        cap = int(sys.argv[sys.argv.index("--maxnreg") + 1])
+        uncapped = moe_triton.default_config
+        moe_triton.default_config = lambda *args: dataclasses.replace(uncapped(*args), maxnreg=cap) \
+            if uncapped(*args).words else uncapped(*args)
+        run(batch, True, note=f", MoE decode tiles capped at {cap} registers")
+        moe_triton.default_config = uncapped
     for cfg in a_tiles:  # the expert LoRA A products: other tiles, or grouped_mm, in the same process
         default, moe_triton.LORA_A_TILES = moe_triton.LORA_A_TILES, cfg
         run(batch, True, note=", LoRA A by torch._grouped_mm" if cfg is None else

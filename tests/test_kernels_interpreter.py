@@ -198,9 +198,9 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
                                                        split_k=2),
                                  moe_triton.TileConfig(32, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
-                                                       dequant=True)],
+                                                       dequant=True, maxnreg=80)],
                          ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3",
-                              "words32", "words64", "words-split2", "words-fwd-dequant-bwd"])
+                              "words32", "words64", "words-split2", "words-fwd-dequant-bwd-maxnreg"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""

@@ -275,6 +275,7 @@ class TileConfig:
     # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32; on sm_90 only where
     # `_word_layout_ok`: bf16, BN a multiple of 64, whole warpgroups; else the pair decode runs)
     words: bool = False
+    maxnreg: int | None = None  # a register cap for the matmul kernel (ptxas spills above it)
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -411,6 +412,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
     if split > 1:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
