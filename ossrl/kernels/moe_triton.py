@@ -295,7 +295,7 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # for the old 16x32x128 pick; batch-1 decode step 4.37 -> 3.68 ms. 8 and 64 tokens: no split wins.
     # Codes read as 32-bit words (`mxfp4_words`, session 8 sweep, H100, graph replay,
     # results/moe_decode_sweep_words.json): 340 instructions per 64x128 tile iteration against 459
-    # (no byte repacking, scales loaded one iteration ahead). 1 token 0.0693 -> 0.0592 ms (16x64x64,
+    # (no byte repacking, scales loaded one iteration ahead; 330 since, offline, not re-timed). 1 token 0.0693 -> 0.0592 ms (16x64x64,
     # 2 K parts), 8 tokens 0.206 -> 0.176, 64 tokens 0.305 -> 0.258 (16x64x128, 4 stages: 55% of
     # bandwidth); decode steps 3.20 -> 2.95 ms (batch 1) and 9.66 -> 8.11 ms (batch 64).
     if per_expert <= 0.25 and mxfp4:
