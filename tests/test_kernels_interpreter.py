@@ -380,12 +380,11 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
 
 _WORD_LAYOUT = """
 import json
-import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ossrl.kernels import moe_triton
+from ossrl.kernels import moe_triton, mxfp4_triton
 
 BM, BN, BK, warps, split, lora, dtype = json.loads(sys.argv[1])
 fn = moe_triton._moe_matmul
@@ -398,15 +397,8 @@ const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, 
              LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True)
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
 ir = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                    options=dict(num_warps=warps, num_stages=3)).asm["ttgir"].split("\\n")
-asm = next(line for line in ir if "tt.elementwise_inline_asm" in line)
-name = re.search(r": tensor<\\d+x\\d+x4x2xi32, (#\\w+)>", asm).group(1)
-layout = next(line for line in ir if line.startswith(name + " = "))
-if "#ttg.linear" in layout:  # register bit 0 must step the last dim (h) and nothing else
-    pairs = re.search(r"register = \\[\\[([^\\]]*)\\]", layout).group(1).replace(" ", "") == "0,0,0,1"
-else:
-    spt = re.search(r"sizePerThread = \\[([^\\]]*)\\]", layout).group(1).replace(" ", "").split(",")
-    pairs = spt[-1] == "2" and re.search(r"order = \\[(\\d)", layout).group(1) == "3"
+                    options=dict(num_warps=warps, num_stages=3)).asm["ttgir"]
+pairs = mxfp4_triton.word_asm_pairs_halves(ir)
 print(json.dumps(pairs))
 """
 
@@ -418,8 +410,9 @@ print(json.dumps(pairs))
 def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BM, BN, BK, warps, split, lora, dtype):
     """The word decode's PTX reads one word per packed register pair, right only where Triton puts
     the two halves (h = 0, 1) of one word in consecutive registers. Compiled for sm_90 (Triton's
-    own compiler on this CPU), the asm operand's layout agrees with `word_pairs_ok` for the default
-    tiles and for the shapes it refuses (mma.sync at BN = 32 or 2 warps; tf32 for fp32 inputs)."""
+    own compiler on this CPU), the asm operand's layout (`word_asm_pairs_halves`, which `_launch`
+    also applies to each compiled kernel) agrees with `word_pairs_ok` for the default tiles and
+    for the shapes it refuses (mma.sync at BN = 32 or 2 warps; tf32 for fp32 inputs)."""
     import json
     import subprocess
     import sys
@@ -431,6 +424,34 @@ def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BM, BN
     cfg = moe_triton.TileConfig(BM, BN, BK, warps, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
     expected = moe_triton.word_pairs_ok(cfg, torch.float32 if dtype == "fp32" else torch.bfloat16)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_a_word_kernel_whose_layout_fails_the_check_reruns_with_the_pair_decode(monkeypatch):
+    """Where a compiled word kernel's asm layout fails `word_asm_pairs_halves` (another Triton's
+    layouts), `_launch` warns, reruns that projection with the pair decode, and refuses the word
+    decode for that tile from then on: the outputs stay the twin's."""
+    monkeypatch.setattr(moe_triton, "_asm_layout_matters", lambda a: True)  # as on sm_90 (the kernels
+    monkeypatch.setattr(moe_triton, "_word_kernel_ok", lambda kernel: False)  # still run the fallback here)
+    monkeypatch.setattr(moe_triton, "_WORDS_REFUSED", set())
+    monkeypatch.setattr(moe_triton, "word_pairs_ok", lambda cfg, dtype: True)
+    words = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: words.append(kw["WORDS"]) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    ex = _experts()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 96, generator=g)
+    w, ids = route(torch.randn(9, 4, generator=g), 2)
+    cfg = moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True)
+    with pytest.warns(RuntimeWarning, match="pair decode"), torch.no_grad():
+        out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+    assert words == [True, False, False]  # gate_up tried and rerun; down refused up front
+    assert (cfg, x.dtype) in moe_triton._WORDS_REFUSED
+    assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
 
 
 _COMPILE_TRAINING_KERNEL = """

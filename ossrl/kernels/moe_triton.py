@@ -26,6 +26,7 @@ The base weights and biases get no gradients (frozen); LoRA enters as the additi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,7 +38,9 @@ from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
     grouped_product, lora_input, scaled, token_lora_delta,
 )
-from ossrl.kernels.mxfp4_triton import dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, ptx_decode
+from ossrl.kernels.mxfp4_triton import (
+    dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, ptx_decode, word_asm_pairs_halves,
+)
 
 
 @triton.jit
@@ -366,6 +369,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
+    args, kwargs = (plan, a, b, scales, N, K, c), dict(
+        b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias, extra=extra, route_w=route_w, scatter=scatter, z=z,
+        swiglu=swiglu, dw=dw, lora=lora)  # as called, for a rerun with the pair decode
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
@@ -395,7 +401,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         parts = torch.empty(split, plan.groups.order.numel(), N, device=a.device, dtype=torch.float32)
         target, target_stride, z_stride = parts, parts.stride(1), parts.stride(0)
     grid = (num_tiles * triton.cdiv(N, cfg.BN) * split,)
-    _moe_matmul[grid](
+    kernel = _moe_matmul[grid](
         a, a_rows if a_rows is not None else dummy, a.stride(0),
         b, scales if mxfp4 else dummy, b.stride(0), stride_b1, stride_b2, stride_se, stride_srow,
         bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
@@ -414,6 +420,11 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
+    if words and _asm_layout_matters(a) and not _word_kernel_ok(kernel):  # (this Triton laid it out otherwise)
+        _WORDS_REFUSED.add((cfg, a.dtype))
+        warnings.warn(f"the MXFP4 word decode's asm pairs other elements than it assumes in this Triton's "
+                      f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
+        return _launch(*args, **kwargs, config=replace(cfg, words=False))
     if split > 1:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),
@@ -433,9 +444,33 @@ def _word_layout_ok(cfg: TileConfig, a: torch.Tensor) -> bool:
     each packed register as halves h = 0, 1 of one word, which holds in the bf16 wgmma operand
     layout Triton gives it at BN a multiple of 64 and whole warpgroups (compile-checked in
     tests/test_kernels_interpreter.py); elsewhere (BN = 32 or 2 warps: mma.sync; fp32 inputs: the
-    tf32 layout) the pairs are other elements, so those run the pair decode. The arithmetic decode
-    (no PTX) has no such constraint."""
-    return not ptx_decode(a) or word_pairs_ok(cfg, a.dtype)
+    tf32 layout) the pairs are other elements, so those run the pair decode. Each compiled kernel
+    is checked once more after its first launch (`_word_kernel_ok`: another Triton may lay it out
+    otherwise). The arithmetic decode (no PTX) has no such constraint."""
+    if not _asm_layout_matters(a):
+        return True
+    return word_pairs_ok(cfg, a.dtype) and (cfg, a.dtype) not in _WORDS_REFUSED
+
+
+def _asm_layout_matters(a: torch.Tensor) -> bool:
+    """Whether the word decode runs its PTX (whose pairing depends on the layout) for inputs like a."""
+    return ptx_decode(a)
+
+
+_WORDS_REFUSED: set = set()  # (TileConfig, dtype) whose compiled word kernel failed `_word_kernel_ok`
+_WORD_KERNELS_OK: dict = {}  # compiled kernel hash -> `word_asm_pairs_halves` of its TTGIR
+
+
+def _word_kernel_ok(kernel) -> bool:
+    """`word_asm_pairs_halves` of a compiled kernel, read once per compiled variant (host-side
+    text). A launcher that returns no TTGIR leaves the static rule (`word_pairs_ok`) to decide."""
+    ttgir = getattr(kernel, "asm", {}).get("ttgir")
+    if not isinstance(ttgir, str):
+        return True
+    key = getattr(kernel, "hash", ttgir)
+    if key not in _WORD_KERNELS_OK:
+        _WORD_KERNELS_OK[key] = word_asm_pairs_halves(ttgir)
+    return _WORD_KERNELS_OK[key]
 
 
 def word_pairs_ok(cfg: TileConfig, dtype: torch.dtype) -> bool:

@@ -12,6 +12,8 @@ its wgmma operand registers (no shared-memory round trip of decoded values, no b
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -109,8 +111,12 @@ def _e2m1_word_ptx(m: int) -> str:
             f"or.b32 u, u, v;\nmul.rn.bf16x2 u, u, k;\nmul.rn.bf16x2 ${m}, u, $6;\n")
 
 
+_WORD_ASM_TAG = "ossrl word decode"  # a PTX comment that marks the word asm in compiled kernels
+
+
 def _e2m1_words_ptx() -> str:
-    return "{\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n" + "".join(_e2m1_word_ptx(m) for m in range(4)) + "}\n"
+    return (f"{{\n// {_WORD_ASM_TAG}\n.reg .b32 u, v, k;\nmov.b32 k, 0x7E807E80;\n"
+            + "".join(_e2m1_word_ptx(m) for m in range(4)) + "}\n")
 
 
 # Folded (scales of at most 2, E8M0 <= 128: 2^126 * 2^(s-127) = 2^(s-1) is a normal bf16, and one
@@ -127,8 +133,43 @@ def _e2m1_word_folded_ptx(m: int) -> str:
 
 
 _E2M1_WORDS_PTX = tl.constexpr(_e2m1_words_ptx())
-_E2M1_WORDS_FOLDED_PTX = tl.constexpr("{\n.reg .b32 u, w;\nshr.u32 w, $4, 8;\n"
+_E2M1_WORDS_FOLDED_PTX = tl.constexpr(f"{{\n// {_WORD_ASM_TAG}\n.reg .b32 u, w;\nshr.u32 w, $4, 8;\n"
                                       + "".join(_e2m1_word_folded_ptx(m) for m in range(4)) + "}\n")
+
+
+def word_asm_pairs_halves(ttgir: str) -> bool:
+    """Whether every word-decode asm in a compiled kernel (its TTGIR text) gets, in each packed
+    register pair, the two halves h = 0, 1 of one word, as its PTX assumes: operands shaped
+    [..., 4, 2] whose layout's first register basis steps h alone. Triton's layout choices (the
+    wgmma operand layout propagated back to the words) make this so for bf16 tiles of BN a
+    multiple of 64 on whole warpgroups; mma.sync and tf32 layouts, or a broadcast hoisted past the
+    asm, pair other elements. False if the kernel has no word asm."""
+    lines = ttgir.split("\n")
+    found = False
+    for line in lines:
+        if "tt.elementwise_inline_asm" not in line or _WORD_ASM_TAG not in line:
+            continue
+        found = True
+        operand = re.search(r": tensor<((?:\d+x)+)i32, (#\w+)>", line)
+        if operand is None:
+            return False
+        dims = [int(d) for d in operand.group(1).rstrip("x").split("x")]
+        layout = next((text for text in lines if text.startswith(operand.group(2) + " = ")), "")
+        if dims[-2:] != [4, 2]:
+            return False
+        if "#ttg.linear" in layout:
+            first = re.search(r"register = \[\[([^\]]*)\]", layout)
+            if first is None or first.group(1).replace(" ", "") != ",".join(["0"] * (len(dims) - 1) + ["1"]):
+                return False
+        elif "#ttg.blocked" in layout:
+            per_thread = re.search(r"sizePerThread = \[([^\]]*)\]", layout)
+            order = re.search(r"order = \[(\d+)", layout)
+            if per_thread is None or order is None or per_thread.group(1).replace(" ", "").split(",")[-1] != "2" \
+                    or int(order.group(1)) != len(dims) - 1:
+                return False
+        else:
+            return False
+    return found
 
 
 @triton.jit
