@@ -14,7 +14,9 @@ built without host syncs) and BN output columns, so a routed expert's weights ar
 row tile and unrouted experts are never read. MXFP4 tiles are decoded in registers (E2M1 codes
 by bit arithmetic, packed PTX on sm_90; E8M0 scale by exponent bits); the forward reads W[out, in]
 rows (blocks run along the contraction), the backward reads the same bytes as W^T (blocks run
-along the output columns). At training sizes each projection is instead decoded once per call to
+along the output columns). At decode sizes the forward reads the codes as 32-bit words and
+permutes K inside 32-blocks so that they decode straight into the wgmma's register operand
+(`mxfp4_words`, `TileConfig.words`). At training sizes each projection is instead decoded once per call to
 a transient bf16 copy (`dequantize_experts`) that the dense path reads. The k-sum per token is a deterministic reduction
 of the [N, k, H] slot buffer (no atomics).
 
