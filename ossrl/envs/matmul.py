@@ -170,7 +170,9 @@ def _evaluate(source, result, sandbox, sizes, seed, trials, shapes, timeout) -> 
                 name = f"{n}x{k}x{m}"
                 ref_ms, cand_ms = min(ref_ns) / 1e6, min(cand_ns) / 1e6
                 result.reference_cpu_ms[name], result.candidate_cpu_ms[name] = ref_ms, cand_ms
-                result.speedups[name] = ref_ms / max(cand_ms, 1e-3)
+                # Both floored at 1 us: a CPU clock coarser than a fast call reads 0 (a fresh-clone
+                # CI run on a busy machine got 0 for the baseline, and log(0) raised in the mean).
+                result.speedups[name] = max(ref_ms, 1e-3) / max(cand_ms, 1e-3)
                 ratios.append(result.speedups[name])
             if result.shapes_correct == result.shapes_checked:
                 result.speedup = math.exp(statistics.fmean(math.log(r) for r in ratios))
