@@ -128,8 +128,11 @@ for batch in (1, 64):
 
         cap = int(sys.argv[sys.argv.index("--maxnreg") + 1])
         uncapped = moe_triton.default_config
-        moe_triton.default_config = lambda *args: dataclasses.replace(uncapped(*args), maxnreg=cap) \
-            if uncapped(*args).words else uncapped(*args)
+        def capped(*args):
+            cfg = uncapped(*args)
+            return dataclasses.replace(cfg, maxnreg=cap) if cfg.words else cfg
+
+        moe_triton.default_config = capped
         run(batch, True, note=f", MoE decode tiles capped at {cap} registers")
         moe_triton.default_config = uncapped
     for cfg in a_tiles:  # the expert LoRA A products: other tiles, or grouped_mm, in the same process

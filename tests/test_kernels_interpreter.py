@@ -234,6 +234,19 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
         assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
 
 
+def _spy_matmul_launches(monkeypatch, *flags: str) -> list:
+    """A list that gets, for each `_moe_matmul` launch from now on, the tuple of the named flags."""
+    seen = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(tuple(kw[f] for f in flags)) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    return seen
+
+
 @pytest.mark.parametrize("scales_fold", [False, True])
 def test_the_word_decode_gets_the_fold_and_even_k_flags(scales_fold, monkeypatch):
     """`_launch` passes FOLD where the experts' scales were checked <= 128, and EVEN_K where K is a
@@ -241,14 +254,7 @@ def test_the_word_decode_gets_the_fold_and_even_k_flags(scales_fold, monkeypatch
     the outputs are the twin's either way (the fallback decode ignores FOLD)."""
     import dataclasses
 
-    flags = []
-    kernel = moe_triton._moe_matmul
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: flags.append((kw["FOLD"], kw["EVEN_K"])) or kernel[grid](*args, **kw)
-
-    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    flags = _spy_matmul_launches(monkeypatch, "FOLD", "EVEN_K")
     ex = dataclasses.replace(_experts(), scales_fold=scales_fold)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 96, generator=g)
@@ -434,14 +440,7 @@ def test_a_word_kernel_whose_layout_fails_the_check_reruns_with_the_pair_decode(
     monkeypatch.setattr(moe_triton, "_word_kernel_ok", lambda kernel: False)  # still run the fallback here)
     monkeypatch.setattr(moe_triton, "_WORDS_REFUSED", set())
     monkeypatch.setattr(moe_triton, "word_pairs_ok", lambda cfg, dtype: True)
-    words = []
-    kernel = moe_triton._moe_matmul
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: words.append(kw["WORDS"]) or kernel[grid](*args, **kw)
-
-    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    words = _spy_matmul_launches(monkeypatch, "WORDS")
     ex = _experts()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(9, 96, generator=g)
@@ -449,7 +448,7 @@ def test_a_word_kernel_whose_layout_fails_the_check_reruns_with_the_pair_decode(
     cfg = moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True)
     with pytest.warns(RuntimeWarning, match="pair decode"), torch.no_grad():
         out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
-    assert words == [True, False, False]  # gate_up tried and rerun; down refused up front
+    assert words == [(True,), (False,), (False,)]  # gate_up tried and rerun; down refused up front
     assert (cfg, x.dtype) in moe_triton._WORDS_REFUSED
     assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
 

@@ -202,10 +202,12 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     contiguous; the math of `ossrl.model.gptoss.apply_rotary`."""
     B, T, HQ, D = q.shape
     HK = k.shape[2]
-    if _row_stride(q) is None:
+    if (q_rows := _row_stride(q)) is None:
         q = q.contiguous()
-    if _row_stride(k) is None:
+        q_rows = q.stride(1)
+    if (k_rows := _row_stride(k)) is None:
         k = k.contiguous()
+        k_rows = k.stride(1)
     cos = cos.expand(B, T, D // 2).contiguous()
     sin = sin.expand(B, T, D // 2).contiguous()
     oq, ok = torch.empty(B, T, HQ, D, device=q.device, dtype=q.dtype), torch.empty(B, T, HK, D, device=k.device,
@@ -213,7 +215,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     BLOCK_H = 16
     grid = (B * T, triton.cdiv(HQ, BLOCK_H) + triton.cdiv(HK, BLOCK_H))
     if B * T:
-        _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, _row_stride(q), q.stride(2), _row_stride(k), k.stride(2),
+        _rotary_kernel[grid](q, k, cos, sin, oq, ok, HQ, HK, q_rows, q.stride(2), k_rows, k.stride(2),
                              cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
                              num_warps=4)
     return oq, ok

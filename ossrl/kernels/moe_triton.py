@@ -371,9 +371,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
-    args, kwargs = (plan, a, b, scales, N, K, c), dict(
-        b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias, extra=extra, route_w=route_w, scatter=scatter, z=z,
-        swiglu=swiglu, dw=dw, lora=lora)  # as called, for a rerun with the pair decode
+    b_in, scales_in = b, scales  # as called (a rerun with the pair decode starts from them)
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
@@ -426,7 +424,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         _WORDS_REFUSED.add((cfg, a.dtype))
         warnings.warn(f"the MXFP4 word decode's asm pairs other elements than it assumes in this Triton's "
                       f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
-        return _launch(*args, **kwargs, config=replace(cfg, words=False))
+        return _launch(plan, a, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
+                       extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
+                       config=replace(cfg, words=False))
     if split > 1:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),

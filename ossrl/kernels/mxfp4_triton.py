@@ -204,15 +204,14 @@ def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
                         mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
     # [R, block s, word q of the block, half h]: each asm call reads one word (both halves alike)
     words = tl.broadcast_to(words.reshape(R, C // 32, 4)[:, :, :, None], (R, C // 32, 4, 2))
-    if PTX and FOLD:  # 2^(s-1) = 2^126 x the scale as bf16 ((s + 126) << 7, s <= 128), in both halves
-        bits = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+    if PTX:  # the scale's bf16 bits in both halves of a register
+        if FOLD:  # 2^(s-1) = 2^126 x the scale ((s + 126) << 7, s <= 128)
+            bits = scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+        else:  # 2^(s-127) (s << 7; s = 0: the subnormal 2^-127, 0x40)
+            bits = tl.maximum(scales.to(tl.int32) * 0x00800080, 0x00400040)
         bits = tl.broadcast_to(bits[:, :, None, None], (R, C // 32, 4, 2))
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_FOLDED_PTX, "=r,=r,=r,=r,r,r,r,r", [words, bits],
-                                                   dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
-    elif PTX:  # 2^(s-127) as bf16 (s << 7; s = 0: the subnormal 2^-127, 0x40), in both halves
-        bits = tl.maximum(scales.to(tl.int32) * 0x00800080, 0x00400040)
-        bits = tl.broadcast_to(bits[:, :, None, None], (R, C // 32, 4, 2))
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_PTX, "=r,=r,=r,=r,r,r,r,r", [words, bits],
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(_E2M1_WORDS_FOLDED_PTX if FOLD else _E2M1_WORDS_PTX,
+                                                   "=r,=r,=r,=r,r,r,r,r", [words, bits],
                                                    dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
     else:  # GPUs before sm_90 and the interpreter: the same values by fp32 arithmetic
         scale = _e8m0_to_f32(scales)[:, :, None, None] * 16384.0
