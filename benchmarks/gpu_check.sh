@@ -5,7 +5,7 @@
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
-# FOLD=1 again with the folded word decode, and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
+# FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -26,7 +26,8 @@ if [[ $what == *" tests "* ]]; then
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
 fi
 if [[ $what == *" grpo "* ]]; then
-    timeout 240 python benchmarks/grpo_step.py --steps 2 --out "$out/grpo_step.json" 2>&1 | tee "$out/grpo_step.log" | tail -8
+    # GRPO_ARGS (optional), e.g. "--steps 3 --profile-train" (the last step's training phase profiled)
+    timeout ${GRPO_TIMEOUT:-240} python benchmarks/grpo_step.py --steps 2 ${GRPO_ARGS:-} --out "$out/grpo_step.json" 2>&1 | tee "$out/grpo_step.log" | tail -8
 fi
 if [[ $what == *" train "* ]]; then
     timeout 400 python benchmarks/train.py --tokens 1024,4096,8192 --hf-tokens 4096,8192 \
@@ -44,8 +45,8 @@ if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: co
     timeout 260 python benchmarks/profile_decode.py --lora --maxnreg 80 2>&1 \
         | tee "$out/profile_decode_lora.log" \
         | grep -E "graph replay|CUDA time"
-    if [[ -n ${FOLD:-} ]]; then  # FOLD=1: the folded word decode (after its GPU tests passed)
-        timeout 200 python benchmarks/profile_decode.py --lora --fold 2>&1 | tee "$out/profile_decode_fold.log" \
+    if [[ -n ${FOLD:-} ]]; then  # FOLD=1: again with two multiplies a pair (no fold, the default before session 9)
+        timeout 200 python benchmarks/profile_decode.py --lora --no-fold 2>&1 | tee "$out/profile_decode_nofold.log" \
             | grep -E "graph replay|CUDA time"
     fi
     if [[ -f $out/moe_decode_sweep_split.json ]]; then

@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--no-sleep-mode", action="store_true", help="keep the engine's KV pool and graphs between phases")
     ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"),
                     help="gradient_checkpointing: auto (the library default) or every layer recomputed")
+    ap.add_argument("--profile-train", action="store_true",
+                    help="profile the last step's training phase (left out of mean_steady): GPU busy time against "
+                         "wall, the phases (grpo/forward, grpo/backward, grpo/optimizer_step), top kernels")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -55,6 +58,8 @@ def main():
                         gradient_accumulation_steps=args.micro_batches, enable_sleep_mode=not args.no_sleep_mode,
                         reward_funcs=["2048.function_works", "2048.no_cheating", "2048.strategy_succeeds"])
     trainer = GRPOTrainer(model, train_dataset=make_2048_dataset(64, seed=0), config=config, tokenizer=tokenizer)
+    if args.profile_train:
+        profile_last_training_phase(trainer, args.steps)
     t0 = time.time()
     trainer.train()
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -66,10 +71,49 @@ def main():
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs
+    if args.profile_train and len(steady) > 1:
+        steady = steady[:-1]  # the profiled step runs slower
     result["mean_steady"] = {k: sum(r[k] for r in steady) / len(steady) for k in keys}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["mean_steady"]))
+
+
+def profile_last_training_phase(trainer, steps: int) -> None:
+    """Wrap the trainer's optimisation phase so that the last step's runs under torch.profiler;
+    prints where its wall time goes (a diagnosis, not a figure of the benchmark)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    original = trainer._optimise
+
+    def profiled(rollouts, advantages):
+        if trainer.step + 1 < steps:
+            return original(rollouts, advantages)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            out = original(rollouts, advantages)
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e3
+        print(f"training phase (profiled): wall {wall:.0f} ms; GPU busy {busy:.0f} ms in "
+              f"{sum(e.count for e in kernels)} kernels ({100 * busy / wall:.0f}%)")
+        for e in events:
+            if e.key.startswith("grpo/") and e.device_type == DeviceType.CPU:
+                print(f"  {e.key:22s} {e.count:3d}x  CPU {e.cpu_time_total / 1e3:8.1f} ms  "
+                      f"GPU {e.device_time_total / 1e3:8.1f} ms")
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
+            print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:110]}")
+        cpu_ops = [e for e in events if e.device_type == DeviceType.CPU and not e.key.startswith("grpo/")]
+        print("top CPU ops by self CPU time:")
+        for e in sorted(cpu_ops, key=lambda e: -e.self_cpu_time_total)[:15]:
+            print(f"{e.self_cpu_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:110]}")
+        return out
+
+    trainer._optimise = profiled
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def make_layer(gen):
     b1 = (torch.randn(E, 2 * I, generator=gen, device="cuda") * 0.1).bfloat16()
     b2 = (torch.randn(E, H, generator=gen, device="cuda") * 0.1).bfloat16()
     # scales 119..121, all <= 128: the decode sweep also times the word decode with 2^126 folded
-    # into them (RolloutEngine(fold_scales=True)); the table runs the engine's default (no fold)
+    # into them (as the engine's rollouts run since session 9); the table runs the kernels' default (no fold)
     mx = ExpertWeights(blocks1, b1, blocks2, b2, scales1, scales2, limit=LIMIT, alpha=ALPHA)
     w1 = dequantize_mxfp4(blocks1, scales1, torch.bfloat16).transpose(1, 2).contiguous()  # [E, H, 2I]
     w2 = dequantize_mxfp4(blocks2, scales2, torch.bfloat16).transpose(1, 2).contiguous()  # [E, I, H]

@@ -11,8 +11,9 @@
     python benchmarks/profile_decode.py --lora --maxnreg 80   # and again with the MoE decode tiles'
         # registers capped (with LoRA in their epilogues the word tile takes 93 registers against 80,
         # 5 CTAs an SM against 6; capped at 80, ptxas spills 16 bytes outside the loop)
-    python benchmarks/profile_decode.py --fold   # the MoE word decode with 2^126 folded into the
-                                                 # scales (RolloutEngine(fold_scales=True); the random scales are <= 128)
+    python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
+        # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
+        # the random scales are <= 128)
 """
 
 import contextlib
@@ -71,7 +72,7 @@ kernels.__enter__()
 
 def run(batch, copies, note=""):
     """Profile eager steps, then time graph replays, of one decode batch."""
-    engine = RolloutEngine(model, cuda_graphs=False, fold_scales="--fold" in sys.argv)
+    engine = RolloutEngine(model, cuda_graphs=False, fold_scales="--no-fold" not in sys.argv)
     prompts = [[(7 * i + j) % 1000 for j in range(128)] for i in range(batch)]
     params = SamplingParams(max_new_tokens=8, seed=0)
     engine.generate(prompts, params=params)

@@ -33,7 +33,7 @@ from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 class RolloutEngine:
     def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
-                 sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = False):
+                 sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = True):
         if backend not in ("auto", "simple", "slots"):
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
@@ -44,8 +44,8 @@ class RolloutEngine:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
         self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
         # MXFP4 experts on a GPU whose scales are all <= 128 decode with one multiply a pair
-        # instead of two (the same bits; `check_scales_fold`). Off by default until its GPU tests
-        # have passed (tests/test_moe_gpu.py: written in session 8, not yet run).
+        # instead of two (the same bits, tests/test_moe_gpu.py; `check_scales_fold`). About 1% of a
+        # decode step on an H100 (session 9: LoRA batch 64 9.18 -> 9.06 ms, batch 1 3.95 -> 3.91 ms).
         self.fold_scales = fold_scales
 
     def _use_slots(self) -> bool:

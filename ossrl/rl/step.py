@@ -9,6 +9,7 @@ back into the [B, T] layout `policy_loss` takes.
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from ossrl.kernels.attention import flex_supported
 from ossrl.train.distributed import DistContext, micro_batch_rng
@@ -97,7 +98,9 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
             # LoRA dropout masks keyed on the global micro-batch, whichever rank trains it (a
             # checkpointed layer's recompute restores the same state by itself)
-            with micro_batch_rng(c.seed, scheduler.last_epoch, dist.rank * len(chunks) + k, enabled=dropout > 0):
+            # (record_function: the phases by name in a profile, e.g. benchmarks/grpo_step.py --profile-train)
+            with micro_batch_rng(c.seed, scheduler.last_epoch, dist.rank * len(chunks) + k, enabled=dropout > 0), \
+                    record_function("grpo/forward"):
                 lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
             entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
@@ -123,7 +126,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 num_items_in_batch=total_tokens)
             if c.loss_type != "dapo":
                 loss = loss / global_chunks
-            scaler.scale(loss).backward()
+            with record_function("grpo/backward"):
+                scaler.scale(loss).backward()
             loss_total += float(loss.detach()) / c.num_iterations
             m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
             for key, v in m.items():
@@ -142,7 +146,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         loss_total += part[2]
         is_stats += part[3]
         dist.all_reduce_grads(params)  # scaled gradients: an overflow on any rank reaches every rank
-        update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
+        with record_function("grpo/optimizer_step"):
+            update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
         grad_norm = update["grad_norm"]
         overflow_steps += update.get("overflow", 0)
     out = {key: v / max(counts, 1) for key, v in sums.items()}
