@@ -7,6 +7,7 @@ The GPU kernels themselves are checked in test_attention_gpu.py (marked gpu).
 import pytest
 import torch
 
+import ossrl.kernels.attention as attention_module
 from ossrl.kernels.attention import (
     BLOCK, AttentionMask, _flex_sink_attention, _SinkRescale, attention_mask, block_layout, sink_attention,
     sink_attention_reference,
@@ -113,6 +114,32 @@ def test_block_layout_covers_every_visible_pair_and_full_blocks_are_exact(name, 
         assert (~(partial | full)).any()  # the layout is sparse: some blocks are skipped
     if name == "causal":
         assert full.any()  # and below the diagonal mask_mod is not evaluated
+
+
+def test_block_layout_is_exact_where_blocks_hold_few_runs():
+    """Blocks straddling two branches (GRPO packs: one prompt, then its completions) are classified
+    exactly: a block is skipped iff none of its pairs is visible, full iff all are; and per-block
+    minima/maxima alone would have kept far more blocks."""
+    for window in (None, 128):
+        pos, doc, branch = branched_positions(300, [1016] * 4 + [700, 333])
+        mask = AttentionMask(pos, pos, window=window, q_doc=doc, k_doc=doc, q_branch=branch, k_branch=branch)
+        partial, full, _ = block_layout(mask)
+        T = pos.shape[1]
+        nb = -(-T // BLOCK)
+        assert T % BLOCK
+        dense = torch.zeros(nb * BLOCK, nb * BLOCK, dtype=torch.bool)
+        dense[:T, :T] = mask.dense()[0]
+        blocks = dense.view(nb, BLOCK, nb, BLOCK)
+        assert (partial | full)[0].equal(blocks.any(dim=(1, 3)))
+        all_visible = blocks.all(dim=(1, 3))
+        all_visible[-1, :] = all_visible[:, -1] = False  # the padded last block is never full
+        assert full[0].equal(all_visible)
+        with pytest.MonkeyPatch.context() as mp:  # runs forced coarse: the min/max superset, larger
+            mp.setattr(attention_module, "RUNS", 0)
+            coarse_partial, coarse_full, _ = block_layout(mask)
+        coarse_any = (coarse_partial | coarse_full)[0]
+        assert ((partial | full)[0] <= coarse_any).all()
+        assert coarse_any.sum() > 1.2 * (partial | full).sum()
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
