@@ -329,6 +329,49 @@ def test_q_k_v_laid_out_side_by_side_run_as_one_matmul(monkeypatch):
     assert attn.k_proj.weight.grad is not None and attn.q_proj.weight.grad is not None
 
 
+def test_lay_out_reserves_rows_for_adapters_added_later_and_rollouts_use_them(monkeypatch):
+    """A model laid out before LoRA is applied is laid out again with rows for the A copies after
+    q/k/v and o_proj (values unchanged, reported as moved), once; the rollout forward then runs one
+    matmul per projection group (no rank-r matmul: F.linear never gets a bare A copy) and gives the
+    outputs of the plain adapter forward; a moved weight falls back to the separate A matmul."""
+    import torch.nn.functional as F
+
+    from ossrl.model.gptoss import inference_kernels, lay_out_qkv
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, rollout_copies
+
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=5, dtype=torch.bfloat16).eval()
+    assert lay_out_qkv(model) == 2 and lay_out_qkv(model) == 0
+    apply_lora(model, LoRAConfig(r=6, alpha=12))  # scaling 2: rollout copies equal the plain forward bit for bit
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        ids = torch.tensor([PROMPTS[1]])
+        plain = model(ids)  # autograd off, no rollout copies: each adapter's own A and B products
+    attn = model.model.layers[1].self_attn
+    weights = [attn.q_proj.weight.detach().clone(), attn.o_proj.weight.detach().clone()]
+    assert lay_out_qkv(model) == 2 and lay_out_qkv(model) == 0
+    assert torch.equal(attn.q_proj.weight, weights[0]) and torch.equal(attn.o_proj.weight, weights[1])
+    assert attn.lora_rows[0].shape == (24, attn.q_proj.weight.shape[1])  # 3 x r = 18, rounded up to 8
+    assert attn.o_proj.lora_rows[0].shape == (8, attn.o_proj.weight.shape[1])
+    linear_widths = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: linear_widths.append(w.shape[0]) or real_linear(x, w, b))
+    with rollout_copies(model), inference_kernels(), torch.no_grad():
+        out = model(ids)
+        assert torch.equal(out, plain)
+        n_qkv = sum(p.weight.shape[0] for p in attn.input_projections())
+        assert n_qkv + 24 in linear_widths and attn.o_proj.weight.shape[0] + 8 in linear_widths
+        assert 6 not in linear_widths and 18 not in linear_widths  # no bare rank-r A matmul
+    with torch.no_grad():  # o_proj's weight moves away from its reserved rows
+        attn.o_proj.weight.data = attn.o_proj.weight.data.clone()
+    linear_widths.clear()
+    with rollout_copies(model), inference_kernels(), torch.no_grad():
+        assert attn.o_proj._extended() is None
+        assert torch.equal(model(ids), plain)
+        assert 6 in linear_widths  # its A copy is multiplied alone again
+
+
 def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graphs(monkeypatch):
     """Parameters made in inference mode (their storage cannot be swapped) and q/k/v of different
     dtypes are left alone, and the model still runs; a bias alone on new storage counts as a moved
@@ -402,7 +445,7 @@ def test_the_scale_check_of_the_folded_decode_is_fresh_on_each_generate(monkeypa
     engine.generate([PROMPTS[0]], 2, params)
     assert releases and experts[1].scales_fold
     releases.clear()
-    RolloutEngine(model, backend="slots").generate([PROMPTS[0]], 2, params)  # fold_scales=False
+    RolloutEngine(model, backend="slots", fold_scales=False).generate([PROMPTS[0]], 2, params)
     assert not any(e.scales_fold for e in experts)
 
 
@@ -432,7 +475,13 @@ def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypa
     call = SharedRolloutA.__call__
     with rollout_copies(model), inference_kernels(), torch.no_grad():
         shared = attn.shared_lora_a
-        assert shared is not None and shared.buffer.shape[0] == 4 * (len(targets) - ("o_proj" in targets))
+        ranks = 4 * (len(targets) - ("o_proj" in targets))
+        # laid out, the A copies live in rows reserved after the base weights (rounded up to 8) and
+        # the base matmul computes the rank-r intermediates too
+        assert shared is not None and shared.buffer.shape[0] == (-(-ranks // 8) * 8 if laid_out else ranks)
+        assert (shared.extended is not None) == laid_out
+        if "o_proj" in targets:
+            assert (attn.o_proj._extended() is not None) == laid_out
         assert shared.serves(torch.zeros(1, dtype=torch.bfloat16))
         calls = []
         with monkeypatch.context() as patch:
@@ -445,7 +494,7 @@ def test_rollout_copies_share_one_a_matmul_for_q_k_v(targets, laid_out, monkeypa
             patch.setattr(SharedRolloutA, "serves", lambda self, x: False)
             assert torch.equal(model(ids), out)  # one A matmul per projection
         assert torch.equal(out, separate)
-        shared.buffer[-4:].zero_()  # the last member's A rows (v)
+        shared.members[-1].rollout_copy[0].zero_()  # the last member's A rows (v)
         assert not torch.equal(model(ids), out)
         for m in shared.members:
             m.refresh_rollout_copy(torch.bfloat16)

@@ -205,14 +205,30 @@ def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 def _movable(params: list) -> bool:
     """Whether `lay_out_qkv` may move these tensors into one buffer: ordinary parameters (not
     DTensor shards, not made in inference mode, not on the meta device) of one dtype, device and
-    width, not side by side already."""
+    width."""
     first = params[0]
     if any(t is None or type(t) is not nn.Parameter for t in params) or first.device.type == "meta":
         return False
-    if any(t.is_inference() or t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:]
-           for t in params):
+    return not any(t.is_inference() or t.dtype != first.dtype or t.device != first.device
+                   or t.shape[1:] != first.shape[1:] for t in params)
+
+
+def _lora_rank_rows(projections) -> int:
+    """Rows to reserve after these projections' weights for their LoRA A copies (rollouts compute
+    x A^T in the base matmul): the adapters' ranks summed, rounded up to 8 (aligned rows); 0
+    without adapters."""
+    ranks = sum(p.lora_A.weight.shape[0] for p in projections if hasattr(p, "lora_A"))
+    return -(-ranks // 8) * 8
+
+
+def _laid_out(params: list, spare: tuple[torch.Tensor, torch.Tensor] | None, rows: int, name: str) -> bool:
+    """Whether `params` lie back to back, followed (when `rows` > 0) by `spare`'s `rows` rows."""
+    if _side_by_side(params) is None:
         return False
-    return _side_by_side(params) is None
+    if rows == 0:
+        return True
+    tail = None if spare is None else spare[0 if name == "weight" else 1]
+    return tail is not None and tail.shape[0] == rows and _side_by_side(params + [tail]) is not None
 
 
 @torch.no_grad()
@@ -222,8 +238,13 @@ def lay_out_qkv(model: nn.Module) -> int:
     three projections with one matmul (`Attention.project_qkv`). The rollout engine calls it. Layers
     already laid out, on the meta device, sharded, created in inference mode (their storage cannot
     be swapped) or whose three tensors differ in dtype, device or width are left alone; moving
-    parameters later (`.to`, `to_empty`) undoes it harmlessly (three matmuls again). Returns the
-    number of layers whose weights or biases moved."""
+    parameters later (`.to`, `to_empty`) undoes it harmlessly (three matmuls again).
+
+    With LoRA adapters, the buffers also keep zeroed rows after the weights and biases for the
+    adapters' A copies (`lora_rows`, on the Attention module for q/k/v and on o_proj for its own):
+    a rollout forward then gets x A^T from the base matmul's extra columns instead of a separate
+    rank-r matmul (`ossrl.model.lora`). Returns the number of layers whose weights or biases
+    moved."""
     if getattr(model, "sharded", False):
         return 0
     count = 0
@@ -231,20 +252,35 @@ def lay_out_qkv(model: nn.Module) -> int:
         if not isinstance(module, Attention):
             continue
         moved = False
-        for name in ("weight", "bias"):
-            params = [getattr(p, name) for p in module.input_projections()]
-            if not _movable(params):
+        for owner, projections in ((module, list(module.input_projections())), (module.o_proj, [module.o_proj])):
+            rows = _lora_rank_rows(projections)
+            spare = getattr(owner, "lora_rows", None)
+            tails = []
+            for name in ("weight", "bias"):
+                params = [getattr(p, name) for p in projections]
+                if not _movable(params) or (rows == 0 and len(params) == 1):
+                    tails = None
+                    break
+                if _laid_out(params, spare, rows, name):
+                    tails.append(None)
+                    continue
+                first = params[0]
+                with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
+                    n = sum(t.shape[0] for t in params)
+                    buffer = torch.zeros((n + rows,) + tuple(first.shape[1:]), dtype=first.dtype, device=first.device)
+                    row = 0
+                    for t in params:
+                        buffer[row:row + t.shape[0]].copy_(t)
+                        t.data = buffer[row:row + t.shape[0]]
+                        row += t.shape[0]
+                tails.append(buffer[n:])
+                moved = True
+            if tails is None:  # left alone (a stale `lora_rows` fails the adjacency check where it is used)
                 continue
-            first = params[0]
-            with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
-                buffer = torch.empty((sum(t.shape[0] for t in params),) + tuple(first.shape[1:]),
-                                     dtype=first.dtype, device=first.device)
-                row = 0
-                for t in params:
-                    buffer[row:row + t.shape[0]].copy_(t)
-                    t.data = buffer[row:row + t.shape[0]]
-                    row += t.shape[0]
-            moved = True
+            if rows == 0:
+                owner.lora_rows = None
+            elif any(t is not None for t in tails):  # (a part laid out already keeps its rows)
+                owner.lora_rows = tuple(t if t is not None else old for t, old in zip(tails, spare or (None, None)))
         count += moved
     return count
 

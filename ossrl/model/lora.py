@@ -96,25 +96,64 @@ class LoRALinear(nn.Module):
     def refresh_rollout_copy(self, dtype: torch.dtype) -> None:
         """Cast scaling * A and B into `rollout_copy`, in place when it exists (CUDA graphs keep its
         address). The scaling rides in the copy of A: one multiply per refresh instead of one kernel
-        per forward (bit-identical where scaling is a power of two, as with the default alpha = 2r)."""
+        per forward (bit-identical where scaling is a power of two, as with the default alpha = 2r).
+        Where `lay_out_qkv` reserved rows after the base weight (`lora_rows`), the copy of A lives
+        there: the base matmul then computes x A^T as extra columns (`_extended`)."""
         a, b = self.lora_A.weight, self.lora_B.weight
         copy = self.rollout_copy
-        if copy is None or copy[0].dtype != dtype or copy[0].device != a.device:
+        rows = self._reserved_rows(dtype)
+        in_rows = rows is not None and copy is not None and copy[0].data_ptr() == rows.data_ptr()
+        if copy is None or copy[0].dtype != dtype or copy[0].device != a.device or (rows is not None) != in_rows:
             with torch.inference_mode(False):  # normal tensors: a later refresh outside inference mode works
-                self.rollout_copy = (torch.empty_like(a, dtype=dtype), torch.empty_like(b, dtype=dtype))
+                a_copy = rows[:a.shape[0]] if rows is not None else torch.empty_like(a, dtype=dtype)
+                self.rollout_copy = (a_copy, torch.empty_like(b, dtype=dtype))
             self.switch.rollout_epoch += 1
         self.rollout_copy[0].copy_(a * self.scaling)
         self.rollout_copy[1].copy_(b)
 
+    def _reserved_rows(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight rows `lay_out_qkv` reserved right after this projection's weight (and zeroed
+        bias entries after its bias), when they are still there, in `dtype`, and hold rank r."""
+        reserved = getattr(self, "lora_rows", None)
+        if reserved is None or self.bias is None or reserved[0].dtype != dtype or \
+                reserved[0].shape[0] < self.lora_A.weight.shape[0]:
+            return None
+        from ossrl.model.gptoss import _side_by_side
+
+        if _side_by_side([self.weight, reserved[0]]) is None or _side_by_side([self.bias, reserved[1]]) is None:
+            return None
+        return reserved[0]
+
+    def _extended(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight, bias) with the reserved rows appended (views, no copy), when the rollout copy of
+        A lives in them: F.linear with these gives y and x A^T side by side."""
+        reserved = getattr(self, "lora_rows", None)
+        if reserved is None or self.rollout_copy is None or self.rollout_copy[0].data_ptr() != reserved[0].data_ptr():
+            return None
+        from ossrl.model.gptoss import _side_by_side
+
+        weight, bias = _side_by_side([self.weight, reserved[0]]), _side_by_side([self.bias, reserved[1]])
+        return None if weight is None or bias is None else (weight, bias)
+
     def forward(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """`u` (rollouts: `SharedRolloutA`) is the rank-r intermediate, already computed from x with
         the rollout copy of A; the copy of B finishes the delta."""
+        rollout = self.switch.enabled and u is None and self.rollout_copy is not None and \
+            self.switch.copies_for(x.dtype)
+        if rollout and not _dropping(self) and (extended := self._extended()) is not None:
+            # y and x A^T from one matmul (A's copy in rows reserved after the weight), then y += u B^T
+            # in place: no separate rank-r matmul (a cuBLAS split-K GEMV and its reduce) and no copy
+            n, r = self.weight.shape[0], self.rollout_copy[0].shape[0]
+            both = F.linear(x, *extended)
+            flat = both.view(-1, both.shape[-1])
+            flat[:, :n].addmm_(flat[:, n:n + r], self.rollout_copy[1].t())
+            return both[..., :n]
         y = F.linear(x, self.weight, self.bias)
         if not self.switch.enabled:
             return y
         if u is not None:
             b = self.rollout_copy[1]
-        elif self.rollout_copy is not None and self.switch.copies_for(x.dtype):
+        elif rollout:
             a, b = self.rollout_copy  # scaling already in a
             u = F.linear(self.dropout(x), a)
         else:
@@ -122,7 +161,14 @@ class LoRALinear(nn.Module):
             # over the [tokens, out] output beyond the two matmuls.
             u = F.linear(self.dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
             b = self.lora_B.weight.to(x.dtype)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
+        y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), b.t())  # no autograd here: in place, no copy
+        return y
+
+
+def _dropping(module: nn.Module) -> bool:
+    """Whether the module's LoRA dropout is active (training mode, p > 0)."""
+    return module.training and isinstance(module.dropout, nn.Dropout)
 
 
 class ExpertLoRA(nn.Module):
@@ -234,14 +280,23 @@ class SharedRolloutA:
     each member's `rollout_copy` holds views of the buffers and is refreshed in place like any
     copy."""
 
-    def __init__(self, projections: list[nn.Module], dtype: torch.dtype):
+    def __init__(self, projections: list[nn.Module], dtype: torch.dtype,
+                 reserved: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`reserved`: the zeroed weight rows and bias entries `lay_out_qkv` keeps right after the
+        projections' weights and biases (the Attention module's `lora_rows`); where they are there
+        and fit, the A copies live in them and the base matmul computes the rank-r intermediates as
+        extra columns (`extended`: no A matmul at all)."""
         self.projections = projections
         members = [p for p in projections if isinstance(p, LoRALinear)]
         first = members[0].lora_A.weight
         self.sizes = [p.weight.shape[0] for p in projections]
+        ranks = sum(m.lora_A.weight.shape[0] for m in members)
+        self.reserved = reserved
+        self.extended = self._extension(reserved, dtype, ranks)
         with torch.inference_mode(False):
-            self.buffer = torch.empty(sum(m.lora_A.weight.shape[0] for m in members), first.shape[1],
-                                      device=first.device, dtype=dtype)
+            # (reserved rows beyond the ranks stay zero: their columns of u are 0, B's are 0 too)
+            self.buffer = reserved[0] if self.extended is not None else \
+                torch.empty(ranks, first.shape[1], device=first.device, dtype=dtype)
             self.b_buffer = torch.zeros(sum(self.sizes), self.buffer.shape[0], device=first.device, dtype=dtype)
             col = row = 0
             for p, size in zip(projections, self.sizes):
@@ -251,14 +306,28 @@ class SharedRolloutA:
                     col += r
                 row += size
         self.members = members
+        self.copies = [m.rollout_copy for m in members]
         members[0].switch.rollout_epoch += 1
 
+    def _extension(self, reserved, dtype: torch.dtype, ranks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The projections' weights and biases with the reserved rows appended, as single views."""
+        if reserved is None or reserved[0].dtype != dtype or reserved[0].shape[0] < ranks:
+            return None
+        from ossrl.model.gptoss import _side_by_side
+
+        weight = _side_by_side([p.weight for p in self.projections] + [reserved[0]])
+        bias = None if any(p.bias is None for p in self.projections) else \
+            _side_by_side([p.bias for p in self.projections] + [reserved[1]])
+        return None if weight is None or bias is None else (weight, bias)
+
     def holds(self, dtype: torch.dtype) -> bool:
-        """Whether the members' copies are still views of these buffers, in `dtype` on their device."""
+        """Whether the members' copies are still the views of these buffers, in `dtype` on their
+        device, and the extended weights still start at the projections' weights."""
+        if self.extended is not None and (self.extended[0].data_ptr() != self.projections[0].weight.data_ptr()
+                                          or self.extended[1].data_ptr() != self.projections[0].bias.data_ptr()):
+            return False
         return self.buffer.dtype == dtype and all(
-            m.rollout_copy is not None and m.rollout_copy[0]._base is self.buffer
-            and m.rollout_copy[1]._base is self.b_buffer
-            and m.rollout_copy[0].device == m.lora_A.weight.device for m in self.members)
+            m.rollout_copy is c and c[0].device == m.lora_A.weight.device for m, c in zip(self.members, self.copies))
 
     def serves(self, x: torch.Tensor) -> bool:
         """Whether a forward of x takes the shared path: rollout copies in use for its dtype, and no
@@ -270,11 +339,18 @@ class SharedRolloutA:
     def __call__(self, x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each projection's output for x, with one matmul for the members' rank-r intermediates; with
         `fused` (the projections' weight and bias side by side) one for the base and one for all B."""
+        if fused is not None and self.extended is not None:
+            # y and u side by side from one matmul, then y += u B^T in place (rows of stride n + rows)
+            n = sum(self.sizes)
+            both = F.linear(x, *self.extended)
+            flat = both.view(-1, both.shape[-1])
+            flat[:, :n].addmm_(flat[:, n:], self.b_buffer.t())
+            return list(both[..., :n].split(self.sizes, dim=-1))
         u = F.linear(x, self.buffer)
         if fused is not None:
             y = F.linear(x, *fused)
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), self.b_buffer.t())
-            return list(y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1))
+            y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), self.b_buffer.t())  # in place: no copy
+            return list(y.split(self.sizes, dim=-1))
         outputs, col = [], 0
         for p in self.projections:
             if isinstance(p, LoRALinear):
@@ -311,9 +387,10 @@ def rollout_copies(model: nn.Module, dtype: torch.dtype | None = None):
             if all(p is not None for p in projections) and \
                     any(isinstance(p, LoRALinear) for p in projections):
                 shared = getattr(module, "shared_lora_a", None)
-                if shared is None or not shared.holds(dtype) or \
+                reserved = getattr(module, "lora_rows", None)  # (lay_out_qkv)
+                if shared is None or not shared.holds(dtype) or shared.reserved is not reserved or \
                         any(a is not b for a, b in zip(shared.projections, projections)):  # adapters added since
-                    module.shared_lora_a = SharedRolloutA(projections, dtype)
+                    module.shared_lora_a = SharedRolloutA(projections, dtype, reserved)
         for module in modules:
             module.refresh_rollout_copy(dtype)
     previous, switch.rollout_dtype = switch.rollout_dtype, dtype
