@@ -48,6 +48,8 @@ def main():
                          "wall, the phases (grpo/forward, grpo/backward, grpo/optimizer_step), top kernels")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
+    if args.profile_train and args.steps < 3:
+        ap.error("--profile-train needs --steps 3 or more (step 1 compiles; the profiled last step is left out)")
     work = Path(tempfile.mkdtemp())
     tokenizer = write_byte_level_tokenizer(work)
     model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")

@@ -50,7 +50,15 @@ def mask_cases():
         ("prefill_offset_sliding", AttentionMask(ar(150, 450), ar(600), window=128)),
         ("per_row_positions", AttentionMask(rows, rows, window=128)),
         ("batch_broadcast", AttentionMask(torch.arange(200).expand(3, 200), torch.arange(200).expand(3, 200))),
-    ] + branch_cases()
+    ] + branch_cases() + crowded_cases()
+
+
+def crowded_cases():
+    """Documents of about 30 tokens: blocks of more than RUNS runs (min/max superset) next to
+    blocks classified run by run."""
+    pos, doc = packed_positions([29, 31, 30, 33, 28, 200, 31, 29, 150])
+    return [("crowded", AttentionMask(pos, pos, q_doc=doc, k_doc=doc)),
+            ("crowded_sliding", AttentionMask(pos, pos, window=64, q_doc=doc, k_doc=doc))]
 
 
 def branch_cases():
@@ -110,6 +118,8 @@ def test_block_layout_covers_every_visible_pair_and_full_blocks_are_exact(name, 
     assert not (partial & full).any()
     assert (any_visible <= (partial | full)).all(), "a block with visible pairs would be skipped"
     assert (full <= all_visible).all(), "a block marked full hides masked pairs"
+    if name.startswith("crowded"):  # the min/max superset's branch runs too
+        assert attention_module._block_runs(mask.q_pos, mask.q_doc, None)["crowded"].any()
     if name in ("causal", "sliding", "packed"):
         assert (~(partial | full)).any()  # the layout is sparse: some blocks are skipped
     if name == "causal":

@@ -370,6 +370,12 @@ def test_lay_out_reserves_rows_for_adapters_added_later_and_rollouts_use_them(mo
         assert attn.o_proj._extended() is None
         assert torch.equal(model(ids), plain)
         assert 6 in linear_widths  # its A copy is multiplied alone again
+    # biases that cannot move (dtypes differ): the weights are laid out once, without rows
+    other = random_model(tiny_config(num_hidden_layers=1), seed=5, dtype=torch.bfloat16)
+    apply_lora(other, LoRAConfig(r=6, alpha=12))
+    other.model.layers[0].self_attn.k_proj.bias.data = other.model.layers[0].self_attn.k_proj.bias.data.float()
+    assert lay_out_qkv(other) == 1 and lay_out_qkv(other) == 0
+    assert getattr(other.model.layers[0].self_attn, "lora_rows", None) is None
 
 
 def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graphs(monkeypatch):

@@ -202,8 +202,8 @@ def _block_runs(pos: torch.Tensor, doc: torch.Tensor | None, branch: torch.Tenso
             start[:, 1:] |= ids[:, 1:] != ids[:, :-1]
     run = start.cumsum(1) - 1  # [R, T]: the run of each token, counted along its row (< T)
     pos = pos.long()
-    lo = torch.full((R, T), _FAR, device=dev, dtype=torch.long).scatter_reduce(1, run, pos, "amin")
-    hi = torch.full((R, T), -1, device=dev, dtype=torch.long).scatter_reduce(1, run, pos, "amax")
+    lo = torch.zeros((R, T), device=dev, dtype=torch.long).scatter_reduce(1, run, pos, "amin", include_self=False)
+    hi = torch.zeros((R, T), device=dev, dtype=torch.long).scatter_reduce(1, run, pos, "amax", include_self=False)
     first = run[:, ::BLOCK]  # [R, nb]
     last = run[:, (torch.arange(nb, device=dev) * BLOCK + BLOCK - 1).clamp(max=T - 1)]
     count = last - first + 1

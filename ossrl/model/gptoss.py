@@ -157,8 +157,9 @@ class Attention(nn.Module):
 
     def project_qkv(self, h: torch.Tensor):
         """q, k, v for h. In rollouts (inside `inference_kernels`, no autograd) with the weights laid
-        out by `lay_out_qkv`: one matmul for the three (and with adapters, one rank-r matmul for
-        their A and one for their B: `ossrl.model.lora.SharedRolloutA`)."""
+        out by `lay_out_qkv`: one matmul for the three (with adapters, that matmul also gives the
+        rank-r intermediates, from the A copies in the rows reserved after the weights, and one
+        addmm adds all three B products: `ossrl.model.lora.SharedRolloutA`)."""
         fused = self.fused_qkv() if inference_kernels_on() and not torch.is_grad_enabled() else None
         shared = getattr(self, "shared_lora_a", None)  # rollouts with LoRA: one A matmul for q, k, v
         if shared is not None and shared.serves(h):
@@ -243,8 +244,9 @@ def lay_out_qkv(model: nn.Module) -> int:
     With LoRA adapters, the buffers also keep zeroed rows after the weights and biases for the
     adapters' A copies (`lora_rows`, on the Attention module for q/k/v and on o_proj for its own):
     a rollout forward then gets x A^T from the base matmul's extra columns instead of a separate
-    rank-r matmul (`ossrl.model.lora`). Returns the number of layers whose weights or biases
-    moved."""
+    rank-r matmul (`ossrl.model.lora`). `lora_rows` holds its buffer: a model moved afterwards keeps
+    the old buffers allocated until the next call lays it out again (the engine calls it on every
+    generate). Returns the number of layers whose weights or biases moved."""
     if getattr(model, "sharded", False):
         return 0
     count = 0
@@ -253,16 +255,14 @@ def lay_out_qkv(model: nn.Module) -> int:
             continue
         moved = False
         for owner, projections in ((module, list(module.input_projections())), (module.o_proj, [module.o_proj])):
-            rows = _lora_rank_rows(projections)
+            weights, biases = [p.weight for p in projections], [p.bias for p in projections]
+            # rows for the A copies only where both weights and biases can take them (x A^T needs a
+            # zeroed bias tail): a half-done layout would be redone, and reported moved, every call
+            rows = _lora_rank_rows(projections) if _movable(weights) and _movable(biases) else 0
             spare = getattr(owner, "lora_rows", None)
-            tails = []
-            for name in ("weight", "bias"):
-                params = [getattr(p, name) for p in projections]
-                if not _movable(params) or (rows == 0 and len(params) == 1):
-                    tails = None
-                    break
-                if _laid_out(params, spare, rows, name):
-                    tails.append(None)
+            tails = {}
+            for name, params in (("weight", weights), ("bias", biases)):
+                if not _movable(params) or (rows == 0 and len(params) == 1) or _laid_out(params, spare, rows, name):
                     continue
                 first = params[0]
                 with torch.inference_mode(False):  # normal tensors and views, whatever mode the caller is in
@@ -273,14 +273,13 @@ def lay_out_qkv(model: nn.Module) -> int:
                         buffer[row:row + t.shape[0]].copy_(t)
                         t.data = buffer[row:row + t.shape[0]]
                         row += t.shape[0]
-                tails.append(buffer[n:])
+                tails[name] = buffer[n:]
                 moved = True
-            if tails is None:  # left alone (a stale `lora_rows` fails the adjacency check where it is used)
-                continue
             if rows == 0:
-                owner.lora_rows = None
-            elif any(t is not None for t in tails):  # (a part laid out already keeps its rows)
-                owner.lora_rows = tuple(t if t is not None else old for t, old in zip(tails, spare or (None, None)))
+                if spare is not None:
+                    owner.lora_rows = None
+            elif tails:  # (a part laid out already keeps its rows)
+                owner.lora_rows = (tails.get("weight", spare and spare[0]), tails.get("bias", spare and spare[1]))
         count += moved
     return count
 
