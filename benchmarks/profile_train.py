@@ -25,7 +25,13 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=4096)
+ap.add_argument("--fused-log-softmax", action="store_true",
+                help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
 args = ap.parse_args()
+if args.fused_log_softmax:
+    import ossrl.train.logprobs
+
+    ossrl.train.logprobs.FUSED_LOG_SOFTMAX = True
 config = GptOssConfig.gpt_oss_20b()
 model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
 apply_lora(model, LoRAConfig(r=16, alpha=32))

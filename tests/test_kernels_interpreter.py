@@ -582,3 +582,72 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-5)
 
+
+
+def _reference_stats(z, targets, t):
+    logp = torch.log_softmax(z.double() / t, dim=-1)
+    return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1), torch.logsumexp(z.double() / t, -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_softmax_row_stats_equal_the_full_softmax(temperature):
+    """One pass per row (lane-wise online softmax) over a vocabulary that is not a multiple of the
+    block: the target's log-prob, the entropy and the logsumexp of softmax(z / t)."""
+    from ossrl.kernels import log_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 5000, generator=gen) * 4
+    z[1, 4999] = 30.0  # a peaked row whose maximum sits in the last, partial block
+    targets = torch.tensor([0, 4999, 2048, 4095, 17])
+    logp, ent, lse = log_softmax.row_stats(z, targets, temperature, with_entropy=True)
+    ref = _reference_stats(z, targets, temperature)
+    for got, want in zip((logp, ent, lse), ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    logp2, ent2, _ = log_softmax.row_stats(z, targets, temperature, with_entropy=False)
+    assert torch.equal(logp2, logp) and ent2.numel() == 0
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_log_softmax_grad_in_place_equals_autograd(with_entropy):
+    from ossrl.kernels import log_softmax
+
+    gen = torch.Generator().manual_seed(1)
+    t = 0.8
+    z = torch.randn(4, 4500, generator=gen) * 3
+    targets = torch.tensor([3, 4499, 4096, 100])
+    g_logp, g_ent = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    zz = z.double().requires_grad_(True)
+    logp_all = torch.log_softmax(zz / t, dim=-1)
+    loss = (g_logp.double() * logp_all.gather(1, targets[:, None]).squeeze(1)).sum()
+    if with_entropy:
+        loss = loss + (g_ent.double() * -(logp_all.exp() * logp_all).sum(-1)).sum()
+    loss.backward()
+    _, ent, lse = log_softmax.row_stats(z, targets, t, with_entropy=True)
+    grad = log_softmax.softmax_grad_(z.clone(), targets, lse, ent, g_logp, g_ent if with_entropy else None, t)
+    torch.testing.assert_close(grad.double(), zz.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_logprobs_through_the_fused_kernels_equal_the_pytorch_path(with_entropy, monkeypatch):
+    """token_logprobs with the fused softmax (forced on for CPU tensors, in the interpreter): the
+    same log-probs, entropies and gradients for the hidden states and the weight, chunk by chunk;
+    an entropy nobody differentiates (detached, as GRPO logs it) takes no part in the backward."""
+    from ossrl.kernels import log_softmax
+    from ossrl.train import logprobs as lp_module
+
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 24, generator=gen)
+    weight = torch.randn(3000, 24, generator=gen) * 0.3
+    targets = torch.randint(0, 3000, (37,), generator=gen)
+    g_logp, g_ent = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+
+    def run(fused):
+        monkeypatch.setattr(lp_module, "_fused_log_softmax", lambda h: log_softmax if fused else None)
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        lp, ent = lp_module.token_logprobs(h, w, targets, temperature=0.9, chunk=16, with_entropy=True)
+        loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
+        loss.backward()
+        return lp.detach(), ent.detach(), h.grad, w.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -18,6 +18,24 @@ import torch
 
 DEFAULT_CHUNK = 256  # [256 x 201,088] fp32 is 206 MB; at 1024 rows the chunk's buffers took ~3.5 GiB
 
+# On CUDA with Triton, each chunk's softmax statistics and gradient by `ossrl.kernels.log_softmax`
+# (one pass over the logits forward, one read and write backward, against about a dozen fp32
+# passes here). Off until its GPU tests and a timing have run (written in session 9 without a GPU).
+FUSED_LOG_SOFTMAX = False
+
+
+def _fused_log_softmax(hidden: torch.Tensor):
+    """`ossrl.kernels.log_softmax` where it serves these logits (FUSED_LOG_SOFTMAX, CUDA, Triton)."""
+    if not FUSED_LOG_SOFTMAX or not hidden.is_cuda:
+        return None
+    from ossrl.kernels.moe import triton_available
+
+    if not triton_available():
+        return None
+    from ossrl.kernels import log_softmax
+
+    return log_softmax
+
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(h @ weight.T / temperature) in fp32, in place after the fp32 copy."""
@@ -33,28 +51,55 @@ class _ChunkedLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
+        fused = _fused_log_softmax(hidden)
+        lse = torch.empty(n if fused else 0, device=hidden.device, dtype=torch.float32)
         for s in range(0, n, chunk):
+            if fused:  # one pass over the chunk's logits, in the model's dtype
+                lp, ent, lse[s:s + chunk] = fused.row_stats(hidden[s:s + chunk] @ weight.T, targets[s:s + chunk],
+                                                            temperature, with_entropy)
+                logprobs[s:s + chunk] = lp
+                if with_entropy:
+                    entropy[s:s + chunk] = ent
+                continue
             logp = _chunk_logprobs(hidden[s:s + chunk], weight, temperature)  # [c, V] fp32
             logprobs[s:s + chunk] = logp.gather(1, targets[s:s + chunk, None]).squeeze(1)
             if with_entropy:
                 entropy[s:s + chunk] = -(logp.exp() * logp).sum(-1)
             del logp
-        ctx.save_for_backward(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy if fused else None)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        # An output nobody differentiates (GRPO logs the entropy, detached) gets None, not zeros:
+        # its term of the backward is skipped instead of computed times zero.
+        ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        if not (ctx.with_entropy and grad_entropy is not None and grad_entropy.numel()):
+            grad_entropy = None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        fused = _fused_log_softmax(hidden) if lse.numel() else None  # (as the forward ran)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
+            if fused:
+                g = fused.softmax_grad_(h @ weight.T, targets[s:s + chunk], lse[s:s + chunk],
+                                        None if grad_entropy is None else entropy[s:s + chunk],
+                                        grad_logprobs[s:s + chunk].contiguous(),
+                                        None if grad_entropy is None else grad_entropy[s:s + chunk].contiguous(), t)
+                if need_h:
+                    grad_h[s:s + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.T @ h).float()
+                continue
             logp = _chunk_logprobs(h, weight, t)
             g = logp.exp()  # p; two [c, V] fp32 buffers at most (in-place below)
-            if ctx.with_entropy and grad_entropy is not None and grad_entropy.numel():
+            if grad_entropy is not None:
                 # H = -sum p log p;  dH/dz_j = -p_j (log p_j + H)
                 ent = -(g * logp).sum(-1, keepdim=True)
                 logp.add_(ent).mul_(g).mul_(grad_entropy[s:s + chunk, None])  # now grad_entropy * p (logp + H)
