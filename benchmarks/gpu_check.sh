@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [trainsweep] [decode] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
-# FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; generate: benchmarks/generate.py. Logs and JSON go
+# FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
+# log-softmax's GPU test and a 4K training step profiled without and with it; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -53,6 +54,13 @@ if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: co
         timeout 150 python benchmarks/profile_decode.py --moe-sweep "$out/moe_decode_sweep_split.json" 2>&1 \
             | tee "$out/profile_decode_picked.log" | grep -E "graph replay|CUDA time|tiles"
     fi
+fi
+if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9, off by default): its GPU test, then a 4K step both ways
+    timeout 200 python -m pytest -m gpu -q -p no:cacheprovider -k fused_log_softmax tests/test_train_gpu.py 2>&1 \
+        | tee "$out/logsoftmax_test.log" | tail -3
+    for flag in "" --fused-log-softmax; do
+        timeout 150 python benchmarks/profile_train.py --tokens 4096 $flag 2>&1 | tee -a "$out/logsoftmax_profile.log" | head -12
+    done
 fi
 if [[ $what == *" generate "* ]]; then
     timeout 420 python benchmarks/generate.py --out "$out/generate.json" 2>&1 | tee "$out/generate.log" | tail -20
