@@ -584,47 +584,92 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
 
 
 
+def _entropy64(logp):
+    """-sum p log p in float64 with 0 log 0 = 0 (and a zero gradient there, unlike where(p > 0, ...))."""
+    finite = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+    return -(logp.exp() * finite).sum(-1)
+
+
 def _reference_stats(z, targets, t):
     logp = torch.log_softmax(z.double() / t, dim=-1)
-    return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1), torch.logsumexp(z.double() / t, -1)
+    return logp.gather(1, targets[:, None]).squeeze(1), _entropy64(logp), torch.logsumexp(z.double() / t, -1)
 
 
+def _reference_grad(z, targets, t, g_logp, g_ent):
+    zz = z.double().requires_grad_(True)
+    logp_all = torch.log_softmax(zz / t, dim=-1)
+    loss = (g_logp.double() * logp_all.gather(1, targets[:, None]).squeeze(1)).sum()
+    if g_ent is not None:
+        loss = loss + (g_ent.double() * _entropy64(logp_all)).sum()
+    loss.backward()
+    return zz.grad
+
+
+def _awkward_logits(V, gen):
+    """Rows a softmax can trip on: plain, peaked with its max in the last partial block, confident at
+    a large offset (1 - p of order 1e-4), and -inf logits (first column included)."""
+    z = torch.randn(5, V, generator=gen) * 4
+    z[1, V - 1] = 30.0
+    z[2] = torch.randn(V, generator=gen) * 2 + 300.0
+    z[2, 5] = 316.6  # 1 - p(peak) about 1e-4 at t = 0.8
+    z[3, 0] = z[3, 3] = float("-inf")
+    z[4, :V // 2] = float("-inf")
+    return z
+
+
+@pytest.mark.parametrize("V", [5000, 7])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_log_softmax_row_stats_equal_the_full_softmax(temperature):
-    """One pass per row (lane-wise online softmax) over a vocabulary that is not a multiple of the
-    block: the target's log-prob, the entropy and the logsumexp of softmax(z / t)."""
+def test_log_softmax_row_stats_equal_the_full_softmax(temperature, V):
+    """One pass per row (lane-wise online softmax, differences taken against the max) over a
+    vocabulary that is not a multiple of the block, or smaller than it: the target's log-prob, the
+    entropy and the logsumexp of softmax(z / t), against float64; -inf logits take no part."""
     from ossrl.kernels import log_softmax
 
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(5, 5000, generator=gen) * 4
-    z[1, 4999] = 30.0  # a peaked row whose maximum sits in the last, partial block
-    targets = torch.tensor([0, 4999, 2048, 4095, 17])
-    logp, ent, lse = log_softmax.row_stats(z, targets, temperature, with_entropy=True)
-    ref = _reference_stats(z, targets, temperature)
-    for got, want in zip((logp, ent, lse), ref):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    logp2, ent2, _ = log_softmax.row_stats(z, targets, temperature, with_entropy=False)
+    z = _awkward_logits(V, gen)
+    targets = torch.tensor([0, V - 1, 5, 1, V - 1])
+    logp, ent, top, log_total = log_softmax.row_stats(z, targets, temperature, with_entropy=True)
+    ref_logp, ref_ent, ref_lse = _reference_stats(z, targets, temperature)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((top + log_total).double(), ref_lse, rtol=1e-6, atol=1e-5)
+    logp2, ent2, _, _ = log_softmax.row_stats(z, targets, temperature, with_entropy=False)
     assert torch.equal(logp2, logp) and ent2.numel() == 0
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_log_softmax_grad_in_place_equals_autograd(with_entropy):
+    """The gradient written over the logits against float64 autograd, row by row, to 1e-5 of the
+    row's gradient norm or 2e-6, whichever is larger (near-certain rows have gradients of 1e-8 to
+    1e-4, where fp32's 1 - p cancels, in PyTorch's fp32 path as here). A log p taken against the
+    logsumexp instead of the max is off by |lse| x 6e-8: 2e-5 on the confident row at offset 300."""
     from ossrl.kernels import log_softmax
 
     gen = torch.Generator().manual_seed(1)
     t = 0.8
-    z = torch.randn(4, 4500, generator=gen) * 3
-    targets = torch.tensor([3, 4499, 4096, 100])
-    g_logp, g_ent = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
-    zz = z.double().requires_grad_(True)
-    logp_all = torch.log_softmax(zz / t, dim=-1)
-    loss = (g_logp.double() * logp_all.gather(1, targets[:, None]).squeeze(1)).sum()
-    if with_entropy:
-        loss = loss + (g_ent.double() * -(logp_all.exp() * logp_all).sum(-1)).sum()
-    loss.backward()
-    _, ent, lse = log_softmax.row_stats(z, targets, t, with_entropy=True)
-    grad = log_softmax.softmax_grad_(z.clone(), targets, lse, ent, g_logp, g_ent if with_entropy else None, t)
-    torch.testing.assert_close(grad.double(), zz.grad, rtol=1e-4, atol=1e-6)
+    z = _awkward_logits(4500, gen)
+    targets = torch.tensor([3, 4499, 5, 4096, 4499])
+    g_logp, g_ent = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    want = _reference_grad(z, targets, t, g_logp, g_ent if with_entropy else None)
+    _, ent, top, log_total = log_softmax.row_stats(z, targets, t, with_entropy=True)
+    grad = log_softmax.softmax_grad_(z.clone(), targets, top, log_total, ent, g_logp,
+                                     g_ent if with_entropy else None, t)
+    assert torch.isfinite(grad).all()
+    assert torch.isfinite(want).all()
+    for row in range(5):
+        err = (grad[row].double() - want[row]).norm()
+        assert err < 1e-5 * max(want[row].norm().item(), 0.2), (row, err.item(), want[row].norm().item())
+
+
+def test_log_softmax_reads_strided_targets_and_checks_shapes():
+    from ossrl.kernels import log_softmax
+
+    z = torch.randn(3, 100)
+    targets = torch.tensor([[5, 0], [7, 0], [99, 0]])[:, 0]  # a stride-2 view
+    logp, _, _, _ = log_softmax.row_stats(z, targets, 1.0, with_entropy=False)
+    torch.testing.assert_close(logp, torch.log_softmax(z, -1).gather(1, targets[:, None]).squeeze(1))
+    with pytest.raises(ValueError, match="targets must be"):
+        log_softmax.row_stats(z, targets[:2], 1.0, with_entropy=False)
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])

@@ -52,11 +52,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
         fused = _fused_log_softmax(hidden)
-        lse = torch.empty(n if fused else 0, device=hidden.device, dtype=torch.float32)
+        # per row: the max of the logits / t and the log of the shifted sum (the fused backward's input)
+        stats = torch.empty(2, n if fused else 0, device=hidden.device, dtype=torch.float32)
+        if fused and n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):  # (the kernel reads)
+            raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {int(targets.min())}.."
+                             f"{int(targets.max())}")
         for s in range(0, n, chunk):
             if fused:  # one pass over the chunk's logits, in the model's dtype
-                lp, ent, lse[s:s + chunk] = fused.row_stats(hidden[s:s + chunk] @ weight.T, targets[s:s + chunk],
-                                                            temperature, with_entropy)
+                lp, ent, stats[0, s:s + chunk], stats[1, s:s + chunk] = fused.row_stats(
+                    hidden[s:s + chunk] @ weight.T, targets[s:s + chunk], temperature, with_entropy)
                 logprobs[s:s + chunk] = lp
                 if with_entropy:
                     entropy[s:s + chunk] = ent
@@ -66,7 +70,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if with_entropy:
                 entropy[s:s + chunk] = -(logp.exp() * logp).sum(-1)
             del logp
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy if fused else None)
+        # (the entropy saved as a copy: a caller may change the returned one in place)
+        ctx.save_for_backward(hidden, weight, targets, stats, entropy.clone() if fused and with_entropy else None)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         # An output nobody differentiates (GRPO logs the entropy, detached) gets None, not zeros:
         # its term of the backward is skipped instead of computed times zero.
@@ -74,8 +79,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (the fused path overwrites the logits it differentiates)
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, stats, entropy = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logprobs is None:
@@ -84,14 +90,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_entropy = None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        fused = _fused_log_softmax(hidden) if lse.numel() else None  # (as the forward ran)
+        fused = _fused_log_softmax(hidden) if stats.numel() else None  # (as the forward ran)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             if fused:
-                g = fused.softmax_grad_(h @ weight.T, targets[s:s + chunk], lse[s:s + chunk],
-                                        None if grad_entropy is None else entropy[s:s + chunk],
-                                        grad_logprobs[s:s + chunk].contiguous(),
-                                        None if grad_entropy is None else grad_entropy[s:s + chunk].contiguous(), t)
+                g = fused.softmax_grad_(h @ weight.T, targets[s:s + chunk], stats[0, s:s + chunk],
+                                        stats[1, s:s + chunk], None if grad_entropy is None else entropy[s:s + chunk],
+                                        grad_logprobs[s:s + chunk],
+                                        None if grad_entropy is None else grad_entropy[s:s + chunk], t)
                 if need_h:
                     grad_h[s:s + chunk] = g @ weight
                 if need_w:
