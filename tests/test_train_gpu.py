@@ -123,7 +123,8 @@ def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype
     calls = []
     for name in ("row_stats", "softmax_grad_"):
         real = getattr(log_softmax, name)
-        monkeypatch.setattr(log_softmax, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(log_softmax, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
 
     def run(fused):
         monkeypatch.setattr(lp_module, "FUSED_LOG_SOFTMAX", fused)

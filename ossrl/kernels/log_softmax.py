@@ -38,7 +38,8 @@ def _row_stats_kernel(Z, Targets, LogP, Ent, Top, LogTotal, V, stride_z, tempera
     row = tl.program_id(0)
     base = Z + row.to(tl.int64) * stride_z
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: running max, sum of exp(y - m), sum of exp(y - m) (y - m)
+    # per lane: the running max m, the sum of exp(y - m) and the sum of exp(y - m) (y - m)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     w = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
@@ -91,7 +92,8 @@ def _check(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"logits must be [rows, vocab] with unit column stride, got {tuple(z.shape)} "
                          f"strides {z.stride()}")
     if targets.shape != (z.shape[0],) or targets.device != z.device:
-        raise ValueError(f"targets must be [{z.shape[0]}] on {z.device}, got {tuple(targets.shape)} on {targets.device}")
+        raise ValueError(f"targets must be [{z.shape[0]}] on {z.device}, "
+                         f"got {tuple(targets.shape)} on {targets.device}")
     return targets.contiguous()
 
 
