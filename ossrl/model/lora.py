@@ -115,12 +115,7 @@ class LoRALinear(nn.Module):
         """The weight rows `lay_out_qkv` reserved right after this projection's weight (and zeroed
         bias entries after its bias), when they are still there, in `dtype`, and hold rank r."""
         reserved = getattr(self, "lora_rows", None)
-        if reserved is None or self.bias is None or reserved[0].dtype != dtype or \
-                reserved[0].shape[0] < self.lora_A.weight.shape[0]:
-            return None
-        from ossrl.model.gptoss import _side_by_side
-
-        if _side_by_side([self.weight, reserved[0]]) is None or _side_by_side([self.bias, reserved[1]]) is None:
+        if _with_reserved_rows([self], reserved, dtype, self.lora_A.weight.shape[0]) is None:
             return None
         return reserved[0]
 
@@ -128,12 +123,10 @@ class LoRALinear(nn.Module):
         """(weight, bias) with the reserved rows appended (views, no copy), when the rollout copy of
         A lives in them: F.linear with these gives y and x A^T side by side."""
         reserved = getattr(self, "lora_rows", None)
-        if reserved is None or self.rollout_copy is None or self.rollout_copy[0].data_ptr() != reserved[0].data_ptr():
+        copy = self.rollout_copy
+        if reserved is None or copy is None or copy[0].data_ptr() != reserved[0].data_ptr():
             return None
-        from ossrl.model.gptoss import _side_by_side
-
-        weight, bias = _side_by_side([self.weight, reserved[0]]), _side_by_side([self.bias, reserved[1]])
-        return None if weight is None or bias is None else (weight, bias)
+        return _with_reserved_rows([self], reserved, copy[0].dtype, copy[0].shape[0])
 
     def forward(self, x: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """`u` (rollouts: `SharedRolloutA`) is the rank-r intermediate, already computed from x with
@@ -164,6 +157,21 @@ class LoRALinear(nn.Module):
             return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
         y.view(-1, y.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), b.t())  # no autograd here: in place, no copy
         return y
+
+
+def _with_reserved_rows(projections: list[nn.Module], reserved: tuple[torch.Tensor, torch.Tensor] | None,
+                        dtype: torch.dtype, ranks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The projections' weights and biases with `reserved` (the rows `lay_out_qkv` keeps right
+    after them for the A copies) appended, as single views of their buffers: None unless the rows
+    are still there, in `dtype`, and hold `ranks` rows."""
+    if reserved is None or reserved[0].dtype != dtype or reserved[0].shape[0] < ranks or \
+            any(p.bias is None for p in projections):
+        return None
+    from ossrl.model.gptoss import _side_by_side
+
+    weight = _side_by_side([p.weight for p in projections] + [reserved[0]])
+    bias = _side_by_side([p.bias for p in projections] + [reserved[1]])
+    return None if weight is None or bias is None else (weight, bias)
 
 
 def _dropping(module: nn.Module) -> bool:
@@ -292,7 +300,7 @@ class SharedRolloutA:
         self.sizes = [p.weight.shape[0] for p in projections]
         ranks = sum(m.lora_A.weight.shape[0] for m in members)
         self.reserved = reserved
-        self.extended = self._extension(reserved, dtype, ranks)
+        self.extended = _with_reserved_rows(projections, reserved, dtype, ranks)
         with torch.inference_mode(False):
             # (reserved rows beyond the ranks stay zero: their columns of u are 0, B's are 0 too)
             self.buffer = reserved[0] if self.extended is not None else \
@@ -308,17 +316,6 @@ class SharedRolloutA:
         self.members = members
         self.copies = [m.rollout_copy for m in members]
         members[0].switch.rollout_epoch += 1
-
-    def _extension(self, reserved, dtype: torch.dtype, ranks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The projections' weights and biases with the reserved rows appended, as single views."""
-        if reserved is None or reserved[0].dtype != dtype or reserved[0].shape[0] < ranks:
-            return None
-        from ossrl.model.gptoss import _side_by_side
-
-        weight = _side_by_side([p.weight for p in self.projections] + [reserved[0]])
-        bias = None if any(p.bias is None for p in self.projections) else \
-            _side_by_side([p.bias for p in self.projections] + [reserved[1]])
-        return None if weight is None or bias is None else (weight, bias)
 
     def holds(self, dtype: torch.dtype) -> bool:
         """Whether the members' copies are still the views of these buffers, in `dtype` on their

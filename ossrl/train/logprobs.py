@@ -54,14 +54,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
         fused = _fused_log_softmax(hidden)
         # per row: the max of the logits / t and the log of the shifted sum (the fused backward's input)
         stats = torch.empty(2, n if fused else 0, device=hidden.device, dtype=torch.float32)
-        if fused and n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):  # (the kernel reads)
-            raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {int(targets.min())}.."
-                             f"{int(targets.max())}")
+        if fused and n:  # (the kernel reads what it is given; one host sync for the range)
+            low, high = torch.stack(torch.aminmax(targets)).tolist()
+            if low < 0 or high >= weight.shape[0]:
+                raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {low}..{high}")
         for s in range(0, n, chunk):
             if fused:  # one pass over the chunk's logits, in the model's dtype
-                lp, ent, stats[0, s:s + chunk], stats[1, s:s + chunk] = fused.row_stats(
+                logprobs[s:s + chunk], ent, stats[0, s:s + chunk], stats[1, s:s + chunk] = fused.row_stats(
                     hidden[s:s + chunk] @ weight.T, targets[s:s + chunk], temperature, with_entropy)
-                logprobs[s:s + chunk] = lp
                 if with_entropy:
                     entropy[s:s + chunk] = ent
                 continue
