@@ -8,7 +8,7 @@ import pytest
 
 from ossrl.configs import load_config
 from ossrl.envs import rewards
-from ossrl.envs.matmul import FAST_KERNEL, NAIVE_KERNEL, WRONG_KERNEL
+from ossrl.envs.matmul import FAST_KERNEL, NAIVE_KERNEL, WRONG_KERNEL, KernelResult
 from ossrl.envs.pool import RESULTS, LRUCache
 from ossrl.envs.registry import REWARD_FUNCS
 from ossrl.envs.strategy import ALWAYS_W_STRATEGY, CORNER_STRATEGY, RANDOM_STRATEGY
@@ -141,12 +141,25 @@ def test_matmul_rewards_order_kernels():
     assert clean == [1.0, 1.0, 1.0, 0.0, 1.0]
     assert correct[:3] == [2.0, 2.0, -1.0] and correct[3] == -2.0 and -1.0 <= correct[4] < 0
     assert speed[2] == speed[3] == speed[4] == -3.0
-    # Timed: a busy machine (a fresh-clone CI run beside other jobs read 0.23) gets up to two more tries.
+    # Timed, so no threshold (CI shares 2 cores; fresh-clone runs read the FAST kernel's reward as
+    # low as 0.24 where a quiet machine reads 1-2): only the order, with up to two more tries.
     for _ in range(2):
-        if speed[0] > 0.25 and abs(speed[1]) < 0.4:
+        if speed[0] > speed[1]:
             break
         speed = call(KERNEL_FUNCS[3], completions[:2], seed=[3] * 2)
-    assert speed[0] > 0.25 and abs(speed[1]) < 0.4
+    assert speed[0] > speed[1] and all(-3.0 < s <= 3.0 for s in speed[:2]), speed
+
+
+def test_speed_reward_is_log2_of_the_speedup_clipped_and_only_for_correct_kernels():
+    speed_reward = rewards.speed_reward
+
+    def result(speedup, correct=True):
+        return KernelResult(ok=True, loaded=True, correct=correct, speedup=speedup)
+
+    assert speed_reward(result(1.0)) == 0.0 and speed_reward(result(4.0)) == 2.0
+    assert speed_reward(result(0.5)) == -1.0 and speed_reward(result(2 ** 0.3)) == pytest.approx(0.3)
+    assert speed_reward(result(100.0)) == 3.0 and speed_reward(result(1e-3)) == -3.0
+    assert speed_reward(result(4.0, correct=False)) == -3.0 and speed_reward(result(None)) == -3.0
 
 
 def test_datasets_have_per_row_seeds_and_the_shipped_jsonl_is_current():
