@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [sweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [train120b] [sweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
-# at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; sweep: the MXFP4
+# at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
+# gpt-oss-120b-shaped LoRA step at 1K and 16K tokens with an AdamW step, its states offloaded to
+# the CPU and (the baseline, in a second process) on the GPU; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
@@ -33,6 +35,12 @@ fi
 if [[ $what == *" train "* ]]; then
     timeout 400 python benchmarks/train.py --tokens 1024,4096,8192 --hf-tokens 4096,8192 \
         --full-checkpoint-tokens 4096 --out "$out/train.json" 2>&1 | tee "$out/train.log" | tail -20
+fi
+if [[ $what == *" train120b "* ]]; then
+    for optimizer in offloaded adamw; do
+        timeout 200 python benchmarks/train.py --model 120b --tokens 1024,16384 --repeats 1 --full-checkpoint-tokens "" \
+            --optimizer $optimizer --out "$out/train_120b_$optimizer.json" 2>&1 | tee "$out/train_120b_$optimizer.log" | tail -4
+    done
 fi
 if [[ $what == *" sweep "* ]]; then
     timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \

@@ -7,7 +7,9 @@ MXFP4; transformers gets them dequantised to bf16, as it does offline). ossrl: L
 q/k/v/o and every expert, gradient checkpointing "auto" (the library default: only the layers
 whose activations do not fit in free memory are recomputed; `checkpointed_layers` in each row),
 chunked log-probs, FlexAttention with sinks; plus rows with every layer checkpointed (the lean
-mode a 16 GB GPU gets) at --full-checkpoint-tokens.
+mode a 16 GB GPU gets) at --full-checkpoint-tokens. `--optimizer adamw|offloaded` adds an AdamW
+step over the LoRA parameters to every ossrl step (offloaded: its states in pinned CPU memory,
+ossrl.train.offloaded_adamw), so the peak is a whole training step's (the 120b memory goal).
 transformers + PEFT: LoRA r=16 on q/k/v/o, gradient checkpointing, flex attention (its best
 path), the standard causal-LM loss. Each size: one warm-up step (compilation), then the median
 of `--repeats` timed steps; peak memory from torch.cuda.max_memory_allocated; OOM is recorded.
@@ -36,6 +38,7 @@ from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
 from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
+from ossrl.train.optim import make_optimizer  # noqa: E402
 
 
 def gib(n: float) -> float:
@@ -73,11 +76,15 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
                        target, torch.where(target, 0, -1), 1)
 
 
-def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False) -> tuple[list, object]:
-    """runs: (tokens, gradient_checkpointing) pairs."""
+def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False,
+                optimizer: str = "none") -> tuple[list, object]:
+    """runs: (tokens, gradient_checkpointing) pairs. optimizer: none, adamw or offloaded."""
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
     model.train()
+    opt = None
+    if optimizer != "none":  # lr tiny: the weights stay what they were, so every row sees the same model
+        opt = make_optimizer(model.parameters(), lr=1e-12, offload=optimizer == "offloaded")
     resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters, before any step
     print(json.dumps({"resident_gib_before_step": round(resident, 2)}), flush=True)
     rows = []
@@ -89,10 +96,12 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
         def step():
             lp, _ = sequence_logprobs(model, batch)
             (-lp.mean()).backward()
+            if opt is not None:
+                opt.step()
             model.zero_grad(set_to_none=True)
 
         r = timed_steps(step, repeats)
-        r.update(tokens=T, system="ossrl", gradient_checkpointing=checkpointing,
+        r.update(tokens=T, system="ossrl", optimizer=optimizer, gradient_checkpointing=checkpointing,
                  checkpointed_layers=model.model.checkpointed_layers, offload=offload,
                  offload_embeddings=offload_embeddings, resident_gib_before_step=round(resident, 2))
         if r["status"] == "ok":
@@ -142,6 +151,8 @@ def main():
                     help="extra ossrl rows with every layer checkpointed (the memory-lean mode)")
     ap.add_argument("--offload", action="store_true", help="activation checkpoints in pinned CPU memory")
     ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
+    ap.add_argument("--optimizer", default="none", choices=("none", "adamw", "offloaded"),
+                    help="an AdamW step in each ossrl step (offloaded: its states in CPU memory)")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
@@ -159,7 +170,8 @@ def main():
     runs = [(T, mode) for T in sizes]
     if mode == "auto" and args.full_checkpoint_tokens:
         runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]
-    ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings)
+    ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings,
+                                      args.optimizer)
     theirs = []
     if args.hf_tokens and not args.skip_hf:
         hf = hf_from_ossrl(model, config)
@@ -177,8 +189,9 @@ def main():
         "benchmark": "train_step",
         **device_info(),
         "model": f"gpt-oss-{args.model} shapes, random weights (ossrl: MXFP4 experts; transformers: dequantised bf16)",
-        "note": "peak is one forward+backward with LoRA gradients; an AdamW optimizer adds two fp32 states per "
-                "trainable parameter (8 bytes each) on top",
+        "note": ("peak is one forward+backward with LoRA gradients; an AdamW optimizer adds two fp32 states per "
+                 "trainable parameter (8 bytes each) on top" if args.optimizer == "none" else
+                 f"peak is one forward+backward with LoRA gradients and an AdamW step ({args.optimizer})"),
         "lora_trainable_params": counts,
         "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,
         "seconds_total": round(time.time() - t0, 1),

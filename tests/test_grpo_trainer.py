@@ -50,8 +50,8 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora": LoRAConfig(r=4, alpha=8, dropout=0.3), "lr_scheduler_type": "cosine",
-                                       "warmup_steps": 1}, {"dtype": "float16"}],
-                         ids=["plain", "dropout-cosine", "fp16-loss-scaled"])
+                                       "warmup_steps": 1}, {"dtype": "float16"}, {"offload_optimizer": True}],
+                         ids=["plain", "dropout-cosine", "fp16-loss-scaled", "offloaded-optimizer"])
 def test_resume_continues_exactly(tiny, tmp_path, extra):
     straight = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
                            config=tiny_grpo_config(tiny, tmp_path / "a", max_steps=4, **extra), log=lambda *_: None)
@@ -269,7 +269,8 @@ def test_enable_sleep_mode_off_keeps_the_pool_and_trains_the_same(tiny, tmp_path
 def test_memory_options_are_validated(tiny, tmp_path):
     for bad, match in (({"gradient_checkpointing": "always"}, "gradient_checkpointing must be true, false or 'auto'"),
                        ({"activation_budget_gb": -1.0}, "activation_budget_gb must be >= 0"),
-                       ({"gradient_checkpointing": False, "offload_activations": True}, "offload_activations needs")):
+                       ({"gradient_checkpointing": False, "offload_activations": True}, "offload_activations needs"),
+                       ({"fsdp": True, "offload_optimizer": True}, "offload_optimizer with fsdp is not supported")):
         with pytest.raises(ValueError, match=match):
             tiny_grpo_config(tiny, tmp_path / "bad", **bad)
     assert GRPOConfig().gradient_checkpointing == "auto"

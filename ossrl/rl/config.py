@@ -73,6 +73,7 @@ class GRPOConfig:
     activation_budget_gb: float | None = None  # "auto": GiB for kept activations (default: measured)
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
+    offload_optimizer: bool = False  # AdamW's states in pinned CPU memory, streamed through the GPU per step
     # The rollout engine sleeps during each training phase: its KV pool and CUDA graphs are freed
     # (TRL's vllm_enable_sleep_mode; on by default here, memory being the scarce thing). False keeps
     # them across steps, which saves re-allocating and re-capturing each step where memory allows.
@@ -131,6 +132,9 @@ class GRPOConfig:
         check(not (self.fsdp and self.activation_budget_gb is not None),
               "activation_budget_gb applies to gradient_checkpointing = 'auto', which fsdp replaces by "
               "checkpointing every layer (the same on every rank); remove one of them")
+        check(not (self.fsdp and self.offload_optimizer),
+              "offload_optimizer with fsdp is not supported: fsdp shards the optimizer states over the ranks "
+              "already; remove one of them")
         check(not (self.fsdp and self.dtype == "float16"),
               "fsdp with dtype float16 is not supported (loss scaling over sharded gradients is untested); "
               "use bfloat16 or float32")

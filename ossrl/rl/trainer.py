@@ -156,7 +156,8 @@ class GRPOTrainer:
             self.log(sharding_summary(model))
         self.params = lora_parameters(model)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
-        self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                        offload=config.offload_optimizer)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
                                         warmup_steps=config.warmup_steps,
                                         total_steps=config.max_steps * config.num_iterations)

@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedules and loss scaling for the trainable (LoRA, or all) parameters.
 
-AdamW (fused on CUDA when every parameter is there), global-norm gradient clipping, the schedules
+AdamW (fused on CUDA when every parameter is there; with `offload=True` its states in CPU memory,
+`ossrl.train.offloaded_adamw`), global-norm gradient clipping, the schedules
 TRL users know (constant, linear decay, cosine decay, each with linear warmup), and dynamic loss
 scaling for the fp16 compute mode. `optimizer_step` is the one place a training loop goes from
 gradients to updated weights: unscale, clip, step (or skip on overflow), advance the schedule.
@@ -13,15 +14,20 @@ import math
 import torch
 
 from ossrl.model.sharded import whole_tensor
+from ossrl.train.offloaded_adamw import OffloadedAdamW
 
 SCHEDULES = ("constant", "linear", "cosine")
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.AdamW:
+                   eps: float = 1e-8, offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require gradients. offload: its two states (8 bytes per
+    fp32 parameter) in CPU memory, streamed through the GPU at each step (OffloadedAdamW)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: apply LoRA or enable full fine-tuning first")
+    if offload:
+        return OffloadedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                              fused=fused or None)

@@ -57,6 +57,7 @@ class SFTConfig:
     activation_budget_gb: float | None = None  # "auto": GiB for kept activations (default: measured)
     offload_activations: bool = False
     offload_embeddings: bool = False
+    offload_optimizer: bool = False  # AdamW's states in pinned CPU memory, streamed through the GPU per step
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     logging_steps: int = 10
@@ -79,10 +80,11 @@ class SFTConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         if self.reasoning_effort not in ("low", "medium", "high"):
             raise ValueError(f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
-        if self.fsdp and (self.full_finetune or self.dtype == "float16" or self.activation_budget_gb is not None):
+        if self.fsdp and (self.full_finetune or self.dtype == "float16" or self.activation_budget_gb is not None
+                          or self.offload_optimizer):
             raise ValueError("fsdp trains LoRA adapters in bfloat16 or float32 with every layer checkpointed the "
-                             "same way on every rank: it excludes full_finetune, dtype float16 and "
-                             "activation_budget_gb")
+                             "same way on every rank, its optimizer states sharded: it excludes full_finetune, "
+                             "dtype float16, activation_budget_gb and offload_optimizer")
         if self.full_finetune and self.dtype == "float16":
             raise ValueError("full_finetune with dtype float16 is not supported: the weights would be fp16 "
                              "AdamW masters, whose small updates and optimizer state underflow. Train LoRA "
@@ -188,7 +190,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
     steps_per_epoch = max(micro_per_epoch // (accum * W), 1)  # a step: accum micro-batches on each rank
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
 
-    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                               offload=config.offload_optimizer)
     scheduler = make_scheduler(optimizer, kind=config.lr_scheduler_type, warmup_steps=config.warmup_steps,
                                total_steps=total_steps)
     scaler = make_loss_scaler(model)  # fp16 mode only; a pass-through otherwise

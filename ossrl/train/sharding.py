@@ -97,6 +97,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     ids = [i for group in state["param_groups"] for i in group["params"]]
     if len(ids) != len(params):
         raise ValueError(f"optimizer state holds {len(ids)} parameters, the optimizer {len(params)}")
+    if not any(isinstance(p, DTensor) for p in params):  # nothing to shard; an offloaded AdamW
+        optimizer.load_state_dict(state)  # copies the states straight into its host memory
+        return
     by_id = dict(zip(ids, params))
     state = {**state, "state": {
         i: {key: shaped_like(v, by_id[i]) if torch.is_tensor(v) and tuple(v.shape) == tuple(by_id[i].shape) else v
