@@ -1,6 +1,7 @@
 """AdamW with its states in CPU memory (ossrl.train.offloaded_adamw): torch.optim.AdamW's numbers,
 its state-dict format, and the training loop's schedule and loss-scaling glue around it (CPU)."""
 
+import io
 from types import SimpleNamespace
 
 import pytest
@@ -99,44 +100,111 @@ def test_state_dicts_move_between_offloaded_and_plain_adamw_mid_run():
         assert torch.equal(p, q)
 
 
-def test_a_fresh_offloaded_state_dict_loads_and_a_mismatched_one_is_refused():
+def test_loading_a_state_less_dict_resets_and_a_mismatched_one_changes_nothing():
     params = make_params()
-    fresh = OffloadedAdamW(params, lr=0.1)
-    fresh.load_state_dict(torch.optim.AdamW(make_params(), lr=0.1).state_dict())  # no step yet: no states
-    assert all(fresh.state[p]["step"].item() == 0 and not fresh.state[p]["exp_avg"].any() for p in params)
+    opt = OffloadedAdamW(params, lr=0.1)
+    set_grads(params, 0)
+    opt.step()
+    opt.load_state_dict(torch.optim.AdamW(make_params(), lr=0.2).state_dict())  # no step yet: no states
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert all(opt.state[p]["step"].item() == 0 and not opt.state[p]["exp_avg"].any() for p in params)
+    set_grads(params, 1)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
     other = torch.optim.AdamW(make_params()[:4], lr=0.1)
     with pytest.raises(ValueError, match=r"groups of \[4\] parameters, this optimizer \[5\]"):
-        fresh.load_state_dict(other.state_dict())
+        opt.load_state_dict(other.state_dict())
     swapped = make_params()
     swapped[0], swapped[4] = swapped[4], swapped[0]
-    wrong = torch.optim.AdamW(swapped)
+    wrong = torch.optim.AdamW(swapped, lr=0.3)
     set_grads(swapped, 0)
     wrong.step()
     with pytest.raises(ValueError, match=r"optimizer state 0.exp_avg: shape \(33, 2\), its parameter \(7, 3\)"):
-        fresh.load_state_dict(wrong.state_dict())
+        opt.load_state_dict(wrong.state_dict())
+    sgd = torch.optim.SGD(make_params(), lr=0.1, momentum=0.9)
+    set_grads(sgd.param_groups[0]["params"], 0)
+    sgd.step()
+    with pytest.raises(ValueError, match=r"optimizer state 0: no \['exp_avg', 'exp_avg_sq', 'step'\]"):
+        opt.load_state_dict(sgd.state_dict())
+    # nothing changed by the refused loads
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert all(torch.equal(before[k], v) for k, v in opt.state[params[0]].items())
 
 
-def test_schedule_and_loss_scaler_drive_it_like_adamw():
+def test_settings_it_does_not_implement_are_refused_not_ignored():
+    with pytest.raises(ValueError, match="amsgrad=True; only amsgrad=False"):
+        OffloadedAdamW([{"params": make_params(), "amsgrad": True}])
+    opt = OffloadedAdamW(make_params())
+    for bad, match in ((torch.optim.Adam(make_params()), "decoupled_weight_decay=False"),
+                       (torch.optim.AdamW(make_params(), maximize=True), "maximize=True")):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad.state_dict())
+    with pytest.raises(RuntimeError, match="pass every parameter group to the constructor"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(ValueError, match="floating point on one device"):
+        OffloadedAdamW([torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.long)])
+    with pytest.raises(ValueError, match="chunk_numel must be positive"):
+        OffloadedAdamW(make_params(), chunk_numel=0)
+
+
+def test_a_tensor_learning_rate_works_as_in_adamw():
+    ours, theirs = make_params(), make_params()
+    a = OffloadedAdamW(ours, lr=torch.tensor(0.01))
+    b = torch.optim.AdamW(theirs, lr=0.01, foreach=True)
+    for step in range(2):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+def test_a_checkpoint_of_offloaded_states_resumes_a_fused_adamw_as_fused():
+    ours, theirs = make_params(), make_params()
+    a = OffloadedAdamW(ours, lr=0.01)
+    set_grads(ours, 0)
+    a.step()
+    fused = torch.optim.AdamW(theirs, lr=0.01, fused=True)
+    saved = io.BytesIO()
+    torch.save(a.state_dict(), saved)  # as a checkpoint: the loaded tensors are not the host buffers
+    saved.seek(0)
+    load_optimizer_state(fused, torch.load(saved))
+    assert fused.param_groups[0]["fused"] is True
+    with torch.no_grad():
+        for p, q in zip(theirs, ours):
+            p.copy_(q)
+    set_grads(ours, 1)
+    set_grads(theirs, 1)
+    a.step()
+    fused.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # the fused kernel rounds a little apart
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["unscaled", "fp16-loss-scaled"])
+def test_schedule_and_loss_scaler_drive_it_like_adamw(dtype):
+    """The training loop's optimizer_step: schedule, clipping and (fp16 mode) the loss scaler,
+    whose overflow step (an inf gradient at step 2) skips the update for both alike."""
     ours, theirs = make_params(), make_params()
     runs = []
     for params, offload in ((ours, True), (theirs, False)):
         optimizer = make_optimizer(params, lr=0.05, weight_decay=0.01, offload=offload)
         assert isinstance(optimizer, OffloadedAdamW) == offload
         scheduler = make_scheduler(optimizer, kind="cosine", warmup_steps=1, total_steps=4)
-        scaler = make_loss_scaler(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
-        lrs = []
+        scaler = make_loss_scaler(SimpleNamespace(device=torch.device("cpu"), dtype=dtype))
+        assert scaler.is_enabled() == (dtype == torch.float16)
+        lrs, skipped = [], []
         for step in range(4):
+            scaler.scale(torch.ones(()))  # as a loss would be: the scale exists from here on
             set_grads(params, step)
-            optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm=1.0)
+            if step == 2:
+                params[1].grad[0] = float("inf")
+            update = optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm=1.0)
             lrs.append(optimizer.param_groups[0]["lr"])
-        runs.append(lrs)
+            skipped.append(update.get("overflow", 0))
+        runs.append((lrs, skipped))
     assert runs[0] == runs[1]
+    assert runs[0][1] == ([0, 0, 1, 0] if dtype == torch.float16 else [0, 0, 0, 0])
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # torch's CPU default is the for-loop AdamW
-
-
-def test_bad_parameters_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="floating point on one device"):
-        OffloadedAdamW([torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.long)])
-    with pytest.raises(ValueError, match="chunk_numel must be positive"):
-        OffloadedAdamW(make_params(), chunk_numel=0)
+        if dtype == torch.float16 or p is not ours[1]:  # unscaled, the inf reaches parameter 1 (NaN)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # torch's CPU default: the for-loop AdamW

@@ -144,34 +144,49 @@ def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype
 
 
 def test_offloaded_adamw_on_cuda_equals_adamw_and_holds_only_two_chunks():
-    """OffloadedAdamW's states in pinned host memory, streamed through two staging chunks with the
-    copies on their own streams: the parameters after several steps equal foreach AdamW's on the
-    GPU bit for bit, the states read back equal AdamW's, and the GPU holds the staging buffers
-    rather than the states (here 33 M parameters: 254 MiB of states; 4 x 16 MiB staged)."""
+    """OffloadedAdamW's states in pinned host memory, streamed through two staging chunks per dtype
+    with the copies on their own streams: the parameters after several steps equal foreach
+    AdamW's on the GPU bit for bit, the states read back equal AdamW's, and the GPU holds the
+    staging buffers rather than the states (33 M fp32 + 9 M bf16 parameters: 284 MiB of states).
+    The steps run on a side stream behind a long sleep, after memory freed on that stream with
+    a write still queued: any copy not ordered after the compute stream's work reads or writes
+    too early and the numbers differ."""
     from ossrl.train.offloaded_adamw import OffloadedAdamW
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(2000, 2048), (4096, 16), (5, 7)] * 8  # 24 parameters, 8 chunks of 2^22 elements at most
-    ours = [torch.randn(s, generator=gen, device="cuda").requires_grad_() for s in shapes]
+    shapes = [((2000, 2048), torch.float32), ((4096, 16), torch.bfloat16), ((5, 7), torch.float32),
+              ((1000, 1024), torch.bfloat16)] * 8  # dtypes interleaved: each dtype's chunks alternate slots
+    ours = [torch.randn(s, generator=gen, device="cuda").to(d).requires_grad_() for s, d in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     before = torch.cuda.memory_allocated()
     a = OffloadedAdamW(ours, lr=1e-3, weight_decay=0.01, chunk_numel=2**22)
     assert torch.cuda.memory_allocated() == before  # the states are on the host
     assert all(a.state[p]["exp_avg"].is_pinned() for p in ours)
     b = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.01, foreach=True)
-    for step in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn(p.shape, generator=gen, device="cuda")
-            p.grad, q.grad = g, g.clone()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        a.step()
-        if step == 0:  # the staging buffers are made at the first step and kept
-            staged = torch.cuda.max_memory_allocated() - base
-        b.step()
-        assert all(torch.equal(p, q) for p, q in zip(ours, theirs)), step
-    # the staging (4 x 16 MiB) and the update's temporaries; AdamW's own states would be 192 MiB
-    assert staged < 100 * 2**20, staged
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for step in range(4):
+            grads = [torch.randn(p.shape, generator=gen, device="cuda").to(p.dtype) for p in ours]
+            if step == 0:  # a freed block with a write still queued behind a sleep: the staging may reuse it
+                doomed = torch.empty(2**24, device="cuda")
+                torch.cuda._sleep(100_000_000)
+                doomed.fill_(float("nan"))
+                del doomed
+            else:
+                torch.cuda._sleep(100_000_000)  # the gradients come late: the update must wait for them
+            for p, q, g in zip(ours, theirs, grads):
+                p.grad, q.grad = g * 1, g.clone()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            a.step()
+            if step == 0:  # the staging buffers are made at the first step and kept
+                staged = torch.cuda.max_memory_allocated() - base
+            b.step()
+    side.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    # 2 slots x 2 states x 15.6 MiB (fp32) and x 6.4 MiB (bf16), and the update's temporaries;
+    # AdamW's own states would be 284 MiB
+    assert staged < 150 * 2**20, staged
     state = a.state_dict()
     for i, q in enumerate(theirs):
         assert torch.equal(state["state"][i]["exp_avg"], b.state[q]["exp_avg"].cpu())

@@ -90,13 +90,22 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
+_IMPLEMENTATION = ("fused", "foreach", "capturable")  # how a torch optimizer runs, not what it learned
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a state saved by `full_optimizer_state` (or a plain optimizer's), sharding each state
-    tensor shaped like its parameter as the parameter is."""
+    tensor shaped like its parameter as the parameter is. The optimizer keeps its own
+    implementation (fused, foreach, capturable): a checkpoint written with the states offloaded
+    (OffloadedAdamW) resumes into a fused AdamW as a fused AdamW, its step counts on the device."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ids = [i for group in state["param_groups"] for i in group["params"]]
     if len(ids) != len(params):
         raise ValueError(f"optimizer state holds {len(ids)} parameters, the optimizer {len(params)}")
+    if len(state["param_groups"]) == len(optimizer.param_groups):
+        state = {**state, "param_groups": [
+            {**saved, **{k: group[k] for k in _IMPLEMENTATION if k in group}}
+            for saved, group in zip(state["param_groups"], optimizer.param_groups)]}
     if not any(isinstance(p, DTensor) for p in params):  # nothing to shard; an offloaded AdamW
         optimizer.load_state_dict(state)  # copies the states straight into its host memory
         return
