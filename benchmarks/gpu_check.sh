@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [train120b] [sweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [train120b] [sweep] [wordsweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
 # gpt-oss-120b-shaped LoRA step at 1K and 16K tokens with an AdamW step, its states offloaded to
 # the CPU and (the baseline, in a second process) on the GPU; sweep: the MXFP4
-# decode-size tile sweep of benchmarks/moe.py; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
+# decode-size tile sweep of benchmarks/moe.py; wordsweep: its folded word tiles with the scales one
+# and two K tiles ahead; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it; generate: benchmarks/generate.py. Logs and JSON go
@@ -45,6 +46,10 @@ fi
 if [[ $what == *" sweep "* ]]; then
     timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --out "$out/moe_decode_sweep_split.json" 2>&1 \
         | tee "$out/moe_sweep.log" | grep -v "^decode_sweep" | tail -20
+fi
+if [[ $what == *" wordsweep "* ]]; then  # the folded word tiles, scales one and two K tiles ahead (session 10)
+    timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --decode-grid words \
+        --out "$out/moe_decode_sweep_ahead.json" 2>&1 | tee "$out/moe_wordsweep.log" | grep -v "^decode_sweep" | tail -20
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
     timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \

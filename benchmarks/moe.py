@@ -165,6 +165,8 @@ def main():
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--decode-sweep", action="store_true", help="only the MXFP4 decode-size tile sweep")
+    parser.add_argument("--decode-grid", default="full", choices=("full", "words"),
+                        help="words: only the folded word tiles, with the scales one and two K tiles ahead")
     parser.add_argument("--train-sweep", action="store_true", help="only the MXFP4 training-size sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -193,7 +195,7 @@ def main():
 
     if args.decode_sweep or args.train_sweep:
         if args.decode_sweep:
-            result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw)
+            result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw, args.decode_grid)
         if args.train_sweep:
             result["train_sweep"] = train_sweep(mx, router, gen, mm_flops)
         with open(args.out, "w") as f:
@@ -250,11 +252,19 @@ SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128
          (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
 
 
-def decode_sweep(mx, router, gen, copy_bw):
-    """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab)."""
-    rows = []
-    configs = [moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False),  # the reference output
-               moe_triton.TileConfig(16, 64, 128, 4, 4)]  # tl.dot_scaled
+def decode_sweep(mx, router, gen, copy_bw, grid: str = "full"):
+    """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab).
+    grid "words": the folded word tiles only (the defaults' family), each with its scales loaded
+    one K tile ahead (as before) and two (`TileConfig.scales_ahead`), and 8-warp 128-column tiles."""
+    reference = moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False)
+    if grid == "words":
+        configs = [reference] + [
+            moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True,
+                                  scales_ahead=ahead)
+            for bn, bk, warps, splits in ((64, 128, 4, (1, 2)), (64, 64, 4, (1, 2, 4)), (128, 128, 8, (1,)))
+            for sk in splits for stages in (3, 4) for ahead in (1, 2)]
+        return _sweep_rows(configs, [(cfg, True) for cfg in configs if cfg.words], mx, router, gen, copy_bw)
+    configs = [reference, moe_triton.TileConfig(16, 64, 128, 4, 4)]  # the reference output; tl.dot_scaled
     # C^T = W a^T with the packed decode (the defaults are among these; moe_decode_sweep_packed.json
     # has the wider grid of session 3)
     configs += [moe_triton.TileConfig(16, bn, bk, 4, 3, dot_scaled=False, swap_ab=True)
@@ -270,6 +280,12 @@ def decode_sweep(mx, router, gen, copy_bw):
     # is <= 128): rows with "fold": true. K masks are dropped wherever K is a whole number of tiles
     # (`EVEN_K`, automatic: BK = 64 at gpt-oss's 2880)
     runs = [(cfg, False) for cfg in configs] + [(cfg, True) for cfg in configs if cfg.words]
+    return _sweep_rows(configs, runs, mx, router, gen, copy_bw)
+
+
+def _sweep_rows(configs, runs, mx, router, gen, copy_bw):
+    """runs: (config, fold) pairs, timed at 1, 8 and 64 tokens against configs[0]'s output."""
+    rows = []
     plain, folded = dataclasses.replace(mx, scales_fold=False), dataclasses.replace(mx, scales_fold=True)
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
@@ -281,7 +297,8 @@ def decode_sweep(mx, router, gen, copy_bw):
         for cfg, fold in runs:
             ex = folded if fold else plain
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
-                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words, fold=fold)
+                     swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words, fold=fold,
+                     scales_ahead=cfg.scales_ahead)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
                 if isinstance(out, torch.Tensor):

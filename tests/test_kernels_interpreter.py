@@ -198,9 +198,14 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
                                                        split_k=2),
                                  moe_triton.TileConfig(32, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
-                                                       dequant=True, maxnreg=80)],
+                                                       dequant=True, maxnreg=80),
+                                 moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       scales_ahead=2),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       split_k=2, scales_ahead=2)],
                          ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3",
-                              "words32", "words64", "words-split2", "words-fwd-dequant-bwd-maxnreg"])
+                              "words32", "words64", "words-split2", "words-fwd-dequant-bwd-maxnreg",
+                              "words-scales-2-ahead", "words-split2-scales-2-ahead"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""

@@ -191,6 +191,31 @@ def test_folded_scales_give_the_same_bits(cfg, N, monkeypatch):
     assert torch.equal(plain.view(torch.int16), folded.view(torch.int16))
 
 
+@pytest.mark.parametrize("cfg", [(16, 64, 64, 4, 3, False, 8, True, True, False, 2, True),
+                                 (16, 64, 128, 4, 4, False, 8, True, True, False, 1, True),
+                                 (16, 128, 128, 8, 4, False, 8, True, True, False, 1, True)],
+                         ids=["even_k-split2", "ragged_k", "8_warps"])
+@pytest.mark.parametrize("N", [1, 64])
+def test_scales_two_tiles_ahead_give_the_same_bits(cfg, N):
+    """`TileConfig.scales_ahead = 2` changes only when each scales tile is loaded (a ring of the
+    next two), not which scale meets which codes: the same output bits as one tile ahead, folded,
+    at even and ragged K, split in K parts, and in 8-warp tiles."""
+    import dataclasses
+
+    gen = torch.Generator(device=DEV).manual_seed(N + 7)
+    ours_w, ref_w = make_experts(32, 2880, 2880, "mxfp4", gen)
+    ours_w = dataclasses.replace(ours_w, scales_fold=True)
+    x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
+    w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
+    config = moe_triton.TileConfig(*cfg)
+    with torch.no_grad():
+        one = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
+        two = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=dataclasses.replace(config, scales_ahead=2))
+        twin = routed_experts_twin(x.float(), w.float(), ids, ref_w)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    assert rel_err(one, twin) < 1e-2  # and both are the layer's output
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_all_tokens_on_one_expert(fmt):
     ids = torch.full((300, 1), 5, device=DEV)

@@ -61,6 +61,7 @@ def _moe_matmul(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
     WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False, FOLD: tl.constexpr = False,
+    SCALES_AHEAD: tl.constexpr = 1,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -97,19 +98,28 @@ def _moe_matmul(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_tiles = tl.cdiv(K, BK)
     per_part = tl.cdiv(k_tiles, SPLIT_K)
-    if SWAP_AB and WORDS:  # the scales tile is loaded one iteration ahead (a plain load, else exposed)
+    if SWAP_AB and WORDS:
+        # The scales tile is a plain load (Triton's pipeliner stages only the words and the
+        # activations), so it is loaded ahead of its use by hand, else its latency would be
+        # exposed every iteration: one iteration ahead (s_next), or two (SCALES_AHEAD = 2: a ring
+        # [BN, BK/32, 2] of the next two tiles, one value carried through the loop, which keeps
+        # the loop pipelined where two carried tiles handed from one to the other did not).
         groups = tl.arange(0, BK // 32)
         s_rows = scales_ptr + e64 * stride_se + offs_n[:, None] * stride_srow
-        g_next = part * per_part * (BK // 32) + groups
-        s_next = tl.load(s_rows + g_next[None, :], mask=n_mask[:, None] & (g_next[None, :] < K // 32), other=0)
+        s_next = _scales_tile(s_rows, part * per_part, groups, n_mask, K, BK)
+        if SCALES_AHEAD == 2:
+            s_next = tl.join(s_next, _scales_tile(s_rows, part * per_part + 1, groups, n_mask, K, BK))
     for kt in range(part * per_part, tl.minimum(k_tiles, (part + 1) * per_part)):
         k0 = kt * BK
         kk = k0 + offs_k
         k_mask = kk < K
         if SWAP_AB and WORDS:  # MXFP4 forward, codes as 32-bit words, K permuted inside 32-blocks alike
-            sc = s_next
-            g_next = (kt + 1) * (BK // 32) + groups
-            s_next = tl.load(s_rows + g_next[None, :], mask=n_mask[:, None] & (g_next[None, :] < K // 32), other=0)
+            if SCALES_AHEAD == 2:
+                sc, later = tl.split(s_next)
+                s_next = tl.join(later, _scales_tile(s_rows, kt + 2, groups, n_mask, K, BK))
+            else:
+                sc = s_next
+                s_next = _scales_tile(s_rows, kt + 1, groups, n_mask, K, BK)
             if EVEN_K:
                 a = tl.load(a_base + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
@@ -169,6 +179,13 @@ def _moe_matmul(
                   lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
                   HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, DW_EPILOGUE, BM, BN,
                   LORA_R, LORA_RP)
+
+
+@triton.jit
+def _scales_tile(s_rows, kt, groups, n_mask, K, BK: tl.constexpr):
+    """The [BN, BK/32] E8M0 scales of K tile `kt` (zeros past K: the tiles after the last)."""
+    g = kt * (BK // 32) + groups
+    return tl.load(s_rows + g[None, :], mask=n_mask[:, None] & (g[None, :] < K // 32), other=0)
 
 
 @triton.jit
@@ -281,6 +298,11 @@ class TileConfig:
     # `_word_layout_ok`: bf16, BN a multiple of 64, whole warpgroups; else the pair decode runs)
     words: bool = False
     maxnreg: int | None = None  # a register cap for the matmul kernel (ptxas spills above it)
+    scales_ahead: int = 1  # words: K tiles of scales loaded ahead of their use (1 or 2; registers, not smem)
+
+    def __post_init__(self):
+        if self.scales_ahead not in (1, 2):
+            raise ValueError(f"TileConfig.scales_ahead must be 1 or 2, got {self.scales_ahead}")
 
 
 def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
@@ -415,7 +437,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
-        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
+        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold, SCALES_AHEAD=cfg.scales_ahead,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
