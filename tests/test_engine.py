@@ -418,6 +418,37 @@ def test_lay_out_qkv_leaves_what_it_cannot_move_and_the_engine_drops_stale_graph
         assert attn.fused_qkv() is not None
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
+def test_the_engine_drops_graphs_when_any_weight_moves_and_only_then(fmt):
+    """Captured graphs read the weights' addresses. Expert weights (MXFP4 blocks are buffers),
+    the embedding or LoRA pairs on new storage (a `load_state_dict(assign=True)`, say) make the
+    engine drop its graphs and pool (a new pool is made); values written in place (an optimizer
+    step on the adapters) and repeated generates keep them."""
+    from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
+
+    model = random_model(tiny_config(num_hidden_layers=2), seed=2, dtype=torch.bfloat16, expert_format=fmt).eval()
+    apply_lora(model, LoRAConfig(r=4, alpha=8))  # attention and experts
+    engine = RolloutEngine(model, backend="slots")
+    params = SamplingParams(max_new_tokens=3, seed=4)
+    first = engine.generate([PROMPTS[0]], 2, params)
+    pool = engine._slots.pool
+    assert engine.generate([PROMPTS[0]], 2, params) == first and engine._slots.pool is pool
+    with torch.no_grad():  # an optimizer step: in place
+        for p in lora_parameters(model):
+            p.add_(0.0)
+    assert engine.generate([PROMPTS[0]], 2, params) == first and engine._slots.pool is pool
+    experts = model.model.layers[1].mlp.experts
+    name = "down_proj_blocks" if fmt == "mxfp4" else "down_proj"
+    experts.load_state_dict({name: getattr(experts, name).detach().clone()}, strict=False, assign=True)
+    assert engine.generate([PROMPTS[0]], 2, params) == first and engine._slots.pool is not pool
+    pool = engine._slots.pool
+    assert engine.generate([PROMPTS[0]], 2, params) == first and engine._slots.pool is pool  # once
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    lora_b.data = lora_b.data.clone()
+    model.model.embed_tokens.weight.data = model.model.embed_tokens.weight.data.clone()
+    assert engine.generate([PROMPTS[0]], 2, params) == first and engine._slots.pool is not pool
+
+
 def test_the_scale_check_of_the_folded_decode_is_fresh_on_each_generate(monkeypatch):
     """`check_scales_fold` answers, per MXFP4 experts module, whether every scale is <= 128 (the
     GPU word decode may then fold 2^126 into the scale), and only rollout forwards (inside

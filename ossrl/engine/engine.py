@@ -40,6 +40,7 @@ class RolloutEngine:
         self.backend = backend
         self.lockstep = bool(getattr(model, "sharded", False))  # forwards gather shards: ranks step together
         self._slots = None
+        self._storage = None  # where the weights were at the last generate (`weight_storage`)
         if prefill_tokens <= 0:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
         self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
@@ -77,12 +78,15 @@ class RolloutEngine:
                 raise ValueError(f"prompt {i} is empty")
         # q, k, v weights side by side: one matmul for the three in every forward. A model whose
         # parameters moved since (new storage) is laid out again, and graphs captured on the old
-        # addresses are dropped with the KV pool. Likewise graphs whose MoE kernels were built
-        # for another answer of the MXFP4 scale check.
+        # addresses are dropped with the KV pool; so are they when any other weight moved (graphs
+        # would read freed memory), or when their MoE kernels were built for another answer of
+        # the MXFP4 scale check.
         moved = lay_out_qkv(self.model)
         refolded = check_scales_fold(self.model, self.fold_scales)
-        if (moved or refolded) and self._slots is not None:
+        storage = weight_storage(self.model)
+        if (moved or refolded or storage != self._storage) and self._slots is not None:
             self._slots.release()
+        self._storage = storage
         was_training = self.model.training
         self.model.eval()
         try:
@@ -136,6 +140,16 @@ class RolloutEngine:
                 active = [active[s] for s in keep]
             logits = model(tokens.view(-1, 1), cache=cache)[:, -1]
         return out
+
+
+def weight_storage(model: torch.nn.Module) -> tuple | None:
+    """Address, dtype and shape of every parameter and buffer: what a captured CUDA graph reads.
+    Values written in place (an optimizer step, a loaded adapter) keep it; new storage (a
+    `load_state_dict(assign=True)`, a move and back) changes it. None for a sharded model, whose
+    forwards gather shards and capture no graphs."""
+    if getattr(model, "sharded", False):
+        return None
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
 
 
 def _select_rows(cache: KVCache, rows: torch.Tensor) -> None:
