@@ -1,7 +1,12 @@
 """Where a LoRA training step's time goes (20b shapes, MXFP4 experts, LoRA r=16 on attention and
-experts, checkpointing): CUDA kernel time by name for one forward + backward at --tokens.
+experts): CUDA kernel time by name for one forward + backward at --tokens, then the same GPU time
+by where it was launched: forward (and checkpoint recompute) by module class, backward by autograd
+node.
 
-    python benchmarks/profile_train.py [--tokens 4096]   # a diagnosis tool, not a benchmark
+    python benchmarks/profile_train.py [--tokens 4096] [--checkpointing auto|true]   # a diagnosis tool, not a benchmark
+
+--checkpointing auto (the default, as benchmarks/train.py's main rows) recomputes only the layers
+whose activations do not fit; true recomputes every layer (the lean mode).
 """
 
 import argparse
@@ -25,6 +30,7 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=4096)
+ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
 ap.add_argument("--fused-log-softmax", action="store_true",
                 help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
 args = ap.parse_args()
@@ -35,7 +41,7 @@ if args.fused_log_softmax:
 config = GptOssConfig.gpt_oss_20b()
 model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
 apply_lora(model, LoRAConfig(r=16, alpha=32))
-configure_memory(model, gradient_checkpointing=True)
+configure_memory(model, gradient_checkpointing=True if args.checkpointing == "true" else "auto")
 model.train()
 batch = single_document(args.tokens, config.vocab_size, "cuda")
 
@@ -53,9 +59,29 @@ t = time.perf_counter()
 step()
 torch.cuda.synchronize()
 wall = time.perf_counter() - t
+# Forward scopes: one profiler range per module call, named by class (nested: an Attention's range
+# holds its LoRALinear ones). Hooks only while profiling; the timed step above ran without them.
+SCOPED = ("Attention", "MLP", "Router", "Experts", "LoRALinear", "ExpertLoRA", "RMSNorm", "Embedding")
+
+
+def enter(module, args):
+    module._profile_range = torch.profiler.record_function(f"fwd/{type(module).__name__}")
+    module._profile_range.__enter__()
+
+
+def leave(module, args, out):
+    module._profile_range.__exit__(None, None, None)
+
+
+hooks = []
+for m in model.modules():
+    if type(m).__name__ in SCOPED:
+        hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     step()
     torch.cuda.synchronize()
+for h in hooks:
+    h.remove()
 events = prof.key_averages()
 # Kernel rows only (operator rows repeat their kernels' time): is the step GPU- or launch-bound?
 kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -64,3 +90,13 @@ print(f"{args.tokens} tokens: step {wall * 1e3:.1f} ms unprofiled; GPU busy {bus
       f"{sum(e.count for e in kernels)} kernels ({100 * busy / (wall * 1e3):.0f}% of the step)")
 for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
     print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:110]}")
+# GPU time of the kernels launched inside each range (inclusive of nested ranges), and of each
+# backward node's kernels (autograd's "evaluate_function" ranges).
+ranges = [e for e in events if e.device_type != DeviceType.CUDA and e.device_time_total > 0]
+print(f"forward by module (GPU ms, inclusive; {args.checkpointing!r} checkpointing recomputes some in backward):")
+for e in sorted((e for e in ranges if e.key.startswith("fwd/")), key=lambda e: -e.device_time_total):
+    print(f"{e.device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key}")
+print("backward by autograd node (GPU ms):")
+prefix = "autograd::engine::evaluate_function: "
+for e in sorted((e for e in ranges if e.key.startswith(prefix)), key=lambda e: -e.device_time_total)[:20]:
+    print(f"{e.device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[len(prefix):][:100]}")
