@@ -254,15 +254,18 @@ SWEEP = [(16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128
 
 def decode_sweep(mx, router, gen, copy_bw, grid: str = "full"):
     """MXFP4 forward at decode sizes: the current defaults against C^T = W a^T tiles (swap_ab).
-    grid "words": the folded word tiles only (the defaults' family), each with its scales loaded
-    one K tile ahead (as before) and two (`TileConfig.scales_ahead`), and 8-warp 128-column tiles."""
+    grid "words": the folded word tiles only (the defaults' family, and 8-warp 128-column tiles),
+    each with its scales loaded one K tile ahead (as before) and two (`TileConfig.scales_ahead`),
+    and each with the activations permuted in registers (as before) and copied in the decode's
+    order before the kernel (`TileConfig.permuted_input`)."""
     reference = moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False)
     if grid == "words":
         configs = [reference] + [
             moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True,
-                                  scales_ahead=ahead)
-            for bn, bk, warps, splits in ((64, 128, 4, (1, 2)), (64, 64, 4, (1, 2, 4)), (128, 128, 8, (1,)))
-            for sk in splits for stages in (3, 4) for ahead in (1, 2)]
+                                  scales_ahead=ahead, permuted_input=permuted)
+            for bn, bk, warps, splits, depths in ((64, 128, 4, (1,), (3, 4)), (64, 64, 4, (1, 2, 4), (3,)),
+                                                  (128, 128, 8, (1,), (3, 4)))
+            for sk in splits for stages in depths for ahead in (1, 2) for permuted in (False, True)]
         return _sweep_rows(configs, [(cfg, True) for cfg in configs if cfg.words], mx, router, gen, copy_bw)
     configs = [reference, moe_triton.TileConfig(16, 64, 128, 4, 4)]  # the reference output; tl.dot_scaled
     # C^T = W a^T with the packed decode (the defaults are among these; moe_decode_sweep_packed.json
@@ -298,7 +301,7 @@ def _sweep_rows(configs, runs, mx, router, gen, copy_bw):
             ex = folded if fold else plain
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
                      swap_ab=cfg.swap_ab, packed=cfg.packed, split_k=cfg.split_k, words=cfg.words, fold=fold,
-                     scales_ahead=cfg.scales_ahead)
+                     scales_ahead=cfg.scales_ahead, permuted_input=cfg.permuted_input)
             with torch.no_grad():
                 out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
                 if isinstance(out, torch.Tensor):

@@ -202,10 +202,15 @@ def _experts(E=4, H=96, I=64, seed=0):
                                  moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
                                                        scales_ahead=2),
                                  moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
-                                                       split_k=2, scales_ahead=2)],
+                                                       split_k=2, scales_ahead=2),
+                                 moe_triton.TileConfig(16, 64, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       permuted_input=True),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       split_k=2, scales_ahead=2, permuted_input=True)],
                          ids=["packed", "packed-swap_ab", "own-decode", "swap_ab", "dequant", "split2", "split3",
                               "words32", "words64", "words-split2", "words-fwd-dequant-bwd-maxnreg",
-                              "words-scales-2-ahead", "words-split2-scales-2-ahead"])
+                              "words-scales-2-ahead", "words-split2-scales-2-ahead", "words-permuted-input",
+                              "words-split2-ahead2-permuted-input"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
     """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
@@ -250,6 +255,33 @@ def _spy_matmul_launches(monkeypatch, *flags: str) -> list:
 
     monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
     return seen
+
+
+def test_permuted_input_reaches_both_projections_and_the_fallback_reads_the_original(monkeypatch):
+    """`TileConfig.permuted_input`: gate_up's x and down's input are copied with each 32-column
+    block in the decode's order and the kernel told so (A_PERMUTED) in both word forwards; the
+    gradients' launches (no words) read them as they are; outputs as the twin's. A kernel refused
+    the word decode reruns with the pair decode on the unpermuted input."""
+    flags = _spy_matmul_launches(monkeypatch, "A_PERMUTED", "WORDS")
+    ex = _experts()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 96, generator=g)
+    w, ids = route(torch.randn(6, 4, generator=g), 2)
+    cfg = moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True, permuted_input=True)
+    with torch.no_grad():
+        out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+    assert flags == [(True, True), (True, True)]
+    assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
+    flags.clear()
+    monkeypatch.setattr(moe_triton, "_asm_layout_matters", lambda a: True)  # as on sm_90, with a Triton
+    monkeypatch.setattr(moe_triton, "_word_kernel_ok", lambda kernel: False)  # whose layout fails the check
+    monkeypatch.setattr(moe_triton, "_WORDS_REFUSED", set())
+    monkeypatch.setattr(moe_triton, "word_pairs_ok", lambda cfg, dtype: True)
+    with pytest.warns(RuntimeWarning, match="running the pair decode instead"):
+        with torch.no_grad():
+            out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+    assert flags[:2] == [(True, True), (False, False)]  # gate_up: refused, rerun on the original x
+    assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
 
 
 @pytest.mark.parametrize("scales_fold", [False, True])

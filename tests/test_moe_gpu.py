@@ -196,10 +196,12 @@ def test_folded_scales_give_the_same_bits(cfg, N, monkeypatch):
                                  (16, 128, 128, 8, 4, False, 8, True, True, False, 1, True)],
                          ids=["even_k-split2", "ragged_k", "8_warps"])
 @pytest.mark.parametrize("N", [1, 64])
-def test_scales_two_tiles_ahead_give_the_same_bits(cfg, N):
+def test_scales_ahead_and_permuted_input_give_the_same_bits(cfg, N, monkeypatch):
     """`TileConfig.scales_ahead = 2` changes only when each scales tile is loaded (a ring of the
-    next two), not which scale meets which codes: the same output bits as one tile ahead, folded,
-    at even and ragged K, split in K parts, and in 8-warp tiles."""
+    next two) and `permuted_input` only where the activations are put in the decode's order (a
+    copy before the kernel rather than registers inside it), not which values meet in the MMA:
+    the same output bits as the defaults, folded, at even and ragged K, split in K parts, in
+    8-warp tiles, with both kernels told (A_PERMUTED) and both variants compiled and run."""
     import dataclasses
 
     gen = torch.Generator(device=DEV).manual_seed(N + 7)
@@ -208,12 +210,24 @@ def test_scales_two_tiles_ahead_give_the_same_bits(cfg, N):
     x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
     w, ids = route(torch.randn(N, 32, generator=gen, device=DEV).bfloat16(), 4)
     config = moe_triton.TileConfig(*cfg)
+    flags = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:  # what each launch gets (equal outputs could mean a variant never ran)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: flags.append((kw["SCALES_AHEAD"], kw["A_PERMUTED"])) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
     with torch.no_grad():
-        one = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
-        two = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=dataclasses.replace(config, scales_ahead=2))
+        base = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
         twin = routed_experts_twin(x.float(), w.float(), ids, ref_w)
-    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
-    assert rel_err(one, twin) < 1e-2  # and both are the layer's output
+        for ahead, permuted in ((2, False), (1, True), (2, True)):
+            flags.clear()
+            variant = dataclasses.replace(config, scales_ahead=ahead, permuted_input=permuted)
+            out = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=variant)
+            assert flags == [(ahead, permuted)] * 2
+            assert torch.equal(base.view(torch.int16), out.view(torch.int16)), (ahead, permuted)
+    assert rel_err(base, twin) < 1e-2  # and all are the layer's output
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -61,7 +61,7 @@ def _moe_matmul(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
     WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False, FOLD: tl.constexpr = False,
-    SCALES_AHEAD: tl.constexpr = 1,
+    SCALES_AHEAD: tl.constexpr = 1, A_PERMUTED: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -125,7 +125,10 @@ def _moe_matmul(
             else:
                 a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX, EVEN_K, FOLD)
-            acc_t = tl.dot(w.to(a.dtype), tl.trans(permute_k32(a, BM, BK)), acc_t)
+            if A_PERMUTED:  # a's columns are in the decode's order already: the staged tile feeds the MMA
+                acc_t = tl.dot(w.to(a.dtype), tl.trans(a), acc_t)
+            else:
+                acc_t = tl.dot(w.to(a.dtype), tl.trans(permute_k32(a, BM, BK)), acc_t)
         elif SWAP_AB and PACKED:  # MXFP4 forward, own packed decode: even and odd input columns apart
             a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             a_even, a_odd = tl.split(a.reshape(BM, BK // 2, 2))
@@ -299,6 +302,10 @@ class TileConfig:
     words: bool = False
     maxnreg: int | None = None  # a register cap for the matmul kernel (ptxas spills above it)
     scales_ahead: int = 1  # words: K tiles of scales loaded ahead of their use (1 or 2; registers, not smem)
+    # words: the activations copied with each 32-column block in the decode's order (`permute_k32`)
+    # before the kernel, so the staged tile feeds the MMA as it is; else each tile is permuted in
+    # registers and written back to shared memory (offline sm_90: 84 -> 62 registers, no fence)
+    permuted_input: bool = False
 
     def __post_init__(self):
         if self.scales_ahead not in (1, 2):
@@ -393,7 +400,10 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
-    b_in, scales_in = b, scales  # as called (a rerun with the pair decode starts from them)
+    a_in, b_in, scales_in = a, b, scales  # as called (a rerun with the pair decode starts from them)
+    a_permuted = words and cfg.permuted_input and K % 32 == 0 and a.shape[-1] == K
+    if a_permuted:  # [rows, K] with each 32-block in the decode's order: position 8m + 2q + h <- 8q + m + 4h
+        a = a.reshape(-1, K // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(a.shape[0], K)
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
@@ -438,6 +448,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
         EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold, SCALES_AHEAD=cfg.scales_ahead,
+        A_PERMUTED=a_permuted,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
@@ -446,7 +457,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         _WORDS_REFUSED.add((cfg, a.dtype))
         warnings.warn(f"the MXFP4 word decode's asm pairs other elements than it assumes in this Triton's "
                       f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
-        return _launch(plan, a, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
+        return _launch(plan, a_in, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
                        extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
                        config=replace(cfg, words=False))
     if split > 1:
