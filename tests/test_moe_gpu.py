@@ -215,17 +215,19 @@ def test_scales_ahead_and_permuted_input_give_the_same_bits(cfg, N, monkeypatch)
 
     class Spy:  # what each launch gets (equal outputs could mean a variant never ran)
         def __getitem__(self, grid):
-            return lambda *args, **kw: flags.append((kw["SCALES_AHEAD"], kw["A_PERMUTED"])) or kernel[grid](*args, **kw)
+            return lambda *args, **kw: flags.append((kw["WORDS"], kw["SCALES_AHEAD"], kw["A_PERMUTED"])) or \
+                kernel[grid](*args, **kw)
 
     monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
     with torch.no_grad():
         base = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
+        assert flags == [(True, 1, False)] * 2  # the word decode ran (else this compares pair decodes)
         twin = routed_experts_twin(x.float(), w.float(), ids, ref_w)
         for ahead, permuted in ((2, False), (1, True), (2, True)):
             flags.clear()
             variant = dataclasses.replace(config, scales_ahead=ahead, permuted_input=permuted)
             out = moe_triton.routed_experts_triton(x, w, ids, ours_w, config=variant)
-            assert flags == [(ahead, permuted)] * 2
+            assert flags == [(True, ahead, permuted)] * 2
             assert torch.equal(base.view(torch.int16), out.view(torch.int16)), (ahead, permuted)
     assert rel_err(base, twin) < 1e-2  # and all are the layer's output
 

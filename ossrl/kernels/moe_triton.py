@@ -447,7 +447,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         **(epilogue if split == 1 else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
-        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold, SCALES_AHEAD=cfg.scales_ahead,
+        EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold, SCALES_AHEAD=cfg.scales_ahead if words else 1,
         A_PERMUTED=a_permuted,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
