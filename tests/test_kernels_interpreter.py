@@ -391,6 +391,8 @@ else:
                  WORDS=cap >= 90 or not ptx,  # the word decode (the default); on sm_80 the PTX refusal of the pairs
                  EVEN_K=False, FOLD=cap >= 90 and ptx)
     ptr["b_ptr"] = "*i32" if const["WORDS"] else "*u8"  # the word decode reads the blocks as int32
+# constexprs left at their defaults stay constexprs (else they would be typed as runtime ints)
+const.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const})
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32")
        for n in fn.arg_names}
 triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32))
@@ -438,6 +440,8 @@ const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, 
              STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False, SWAP_AB=True,
              PACKED=True, PTX=True, BM=BM, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
              LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True)
+# constexprs left at their defaults stay constexprs (else they would be typed as runtime ints)
+const.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const})
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
 ir = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=warps, num_stages=3)).asm["ttgir"]
@@ -524,6 +528,8 @@ else:
     fn, const = moe_triton._down_lora_backward_kernel, dict(H=2880, NEED_DW=True, NEED_DY=True, BLOCK=1024)
     types = {"dout_ptr": "*bf16", "token_ptr": "*i64", "y_ptr": "*bf16", "w_ptr": "*fp32", "dw_ptr": "*fp32",
              "dy_ptr": "*bf16"}
+# constexprs left at their defaults stay constexprs (else they would be typed as runtime ints)
+const.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const})
 sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
 triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
 """
