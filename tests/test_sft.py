@@ -54,6 +54,20 @@ def test_lora_sft_lowers_the_loss_and_saves_a_loadable_adapter(tiny, data, tmp_p
         assert not torch.allclose(model(ids), base_logits)
 
 
+def test_offloaded_optimizer_trains_exactly_like_adamw(tiny, data, tmp_path):
+    """`offload_optimizer = true` keeps AdamW's states in CPU memory (on this CPU-only machine
+    nothing moves), with AdamW's maths: the same losses, step by step, as the plain optimizer."""
+    runs = []
+    for offload in (False, True):
+        config = SFTConfig(model=str(tiny), data=str(data), output_dir=str(tmp_path / f"run-{offload}"), max_steps=5,
+                           learning_rate=3e-3, per_device_train_batch_size=4, max_length=256, weight_decay=0.01,
+                           lr_scheduler_type="cosine", logging_steps=100, offload_optimizer=offload)
+        train_sft(config, log=lambda *_: None)
+        runs.append(losses(tmp_path / f"run-{offload}"))
+    assert len(runs[0]) == 5 and runs[0][-1] != runs[0][0]
+    assert runs[1] == pytest.approx(runs[0], rel=1e-6)
+
+
 def test_full_finetune_sft_saves_a_checkpoint_that_loads(tiny, data, tmp_path):
     config = SFTConfig(model=str(tiny), data=str(data), output_dir=str(tmp_path / "full"), max_steps=12,
                        learning_rate=1e-3, full_finetune=True, per_device_train_batch_size=2,
