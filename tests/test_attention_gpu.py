@@ -216,3 +216,35 @@ def test_dense_mask_is_never_built_on_cuda():
     sink_attention(q, k, k, torch.zeros(8, device=DEV).bfloat16(), mask, scale=0.125)
     assert mask._dense is None and mask._block_mask is not None
     assert attention_mask(mask.q_pos, mask.k_pos, window=128).shape == (1, 300, 300)
+
+
+def test_sink_rescale_kernels_equal_the_pytorch_path_in_bf16(monkeypatch):
+    """On CUDA `_SinkRescale` runs `ossrl.kernels.sink_triton` (one pass each way); its output and
+    the gradients of out, lse and the sinks equal the PyTorch twin's at 20b's 64 heads x 64 dims,
+    in FlexAttention's output layout (q's stride order), up to bf16 rounding of the same fp32
+    values (out and its gradient) and the D-sum's order (lse, sinks)."""
+    from ossrl.kernels import attention, sink_triton
+
+    calls = []
+    for name in ("scale", "scale_backward"):
+        real = getattr(sink_triton, name)
+        monkeypatch.setattr(sink_triton, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    base = torch.randn(1, 3000, 64, 64, generator=gen, device=DEV).bfloat16().transpose(1, 2)  # [B, H, T, D] view
+    lse = torch.randn(1, 64, 3000, generator=gen, device=DEV) * 3
+    sinks = torch.randn(64, generator=gen, device=DEV)  # fp32: a bf16 sink gradient could round either way
+    grad = torch.randn(1, 64, 3000, 64, generator=gen, device=DEV).bfloat16()
+
+    def run():
+        out, l, s = (t.clone().requires_grad_(True) for t in (base, lse, sinks))
+        y = attention._SinkRescale.apply(out, l, s)
+        y.backward(grad)
+        return y.detach(), out.grad, l.grad, s.grad
+
+    ours = run()
+    assert calls == ["scale", "scale_backward"]
+    monkeypatch.setattr(attention, "_sink_kernels", lambda out: False)
+    twin = run()
+    assert torch.equal(ours[0], twin[0]) and torch.equal(ours[1], twin[1])  # the same fp32 products, rounded once
+    for a, b in zip(ours[2:], twin[2:]):
+        assert rel_err(a.float(), b.float()) < 1e-5

@@ -320,22 +320,36 @@ def sink_attention_reference(
     return out.reshape(B, Tq, Hq, D).to(q.dtype)
 
 
+def _sink_kernels(out: torch.Tensor) -> bool:
+    """Whether `_SinkRescale` runs the one-pass Triton kernels (ossrl.kernels.sink_triton): CUDA."""
+    if not out.is_cuda:
+        return False
+    from ossrl.kernels import sink_triton
+
+    return sink_triton.supported(out)
+
+
 class _SinkRescale(torch.autograd.Function):
     """out * sigmoid(lse - sink) with fp32 arithmetic, saving only what flex already keeps.
 
     out [B, H, T, D] (input dtype), lse [B, H, T] fp32, sinks [H]. d lse = sum(g * out) * w(1-w);
-    d sink = -sum over batch and time of d lse. The fp32 temporaries are made a few heads at a
-    time (at most `chunk_elements` each), so at 128K tokens of 20b they take 1 GiB, not 6 GiB,
-    while short sequences stay one chunk (a loop of small launches costs ~1 ms at 4K tokens).
+    d sink = -sum over batch and time of d lse. On CUDA each way is one Triton pass over the
+    [B, H, T, D] tensors (ossrl.kernels.sink_triton). This PyTorch twin makes its fp32 temporaries
+    a few heads at a time (at most `chunk_elements` each), so at 128K tokens of 20b they take
+    1 GiB, not 6 GiB, while short sequences stay one chunk.
     """
 
     @staticmethod
     def forward(ctx, out, lse, sinks, chunk_elements: int = 2**26):
         B, H, T, D = out.shape
         step = max(1, chunk_elements // (B * T * D))
-        w = torch.sigmoid(lse - sinks.float()[:, None])  # [B, H, T]
+        w = torch.sigmoid(lse - sinks.float()[:, None]).contiguous()  # [B, H, T]
         ctx.save_for_backward(out, w)
         ctx.sinks_dtype, ctx.step = sinks.dtype, step
+        if _sink_kernels(out):
+            from ossrl.kernels import sink_triton
+
+            return sink_triton.scale(out, w)
         if step >= H:
             return (out.float() * w[..., None]).to(out.dtype)
         scaled = torch.empty_like(out)
@@ -347,7 +361,11 @@ class _SinkRescale(torch.autograd.Function):
     def backward(ctx, grad):
         out, w = ctx.saved_tensors
         step = ctx.step
-        if step >= out.shape[1]:
+        if _sink_kernels(out):
+            from ossrl.kernels import sink_triton
+
+            grad_out, grad_lse = sink_triton.scale_backward(grad if grad.stride(-1) == 1 else grad.contiguous(), out, w)
+        elif step >= out.shape[1]:
             g = grad.float()
             grad_out = (g * w[..., None]).to(out.dtype)
             grad_lse = (g * out.float()).sum(-1)

@@ -1,0 +1,88 @@
+"""The sinks' rescale of FlexAttention's output, one pass each way (Triton), for `attention._SinkRescale` on CUDA.
+
+    y = out * w                                  w = sigmoid(lse - sink), [B, H, T] fp32
+    d out = g * w,   s = sum over D of g * out   (the caller finishes d lse = s * w (1 - w))
+
+Its twin is the PyTorch code in `_SinkRescale` (the CPU path and the test oracle), which makes
+fp32 copies of out and g and runs a pass per operation: about 10 passes over the [B, H, T, D]
+tensors in the forward and 20 in the backward where these read and write each tensor once (at
+an 8K-token micro-batch of gpt-oss-20b that is 71 MB per tensor per layer). Rows are (b, h, t)
+with any strides; D (a power of two, as FlexAttention needs) is contiguous. Arithmetic in fp32,
+as in the twin; only the order of the D-sum differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 64
+
+
+@triton.jit
+def _row_offsets(rows, H, T, sb, sh, st):
+    t = rows % T
+    h = (rows // T) % H
+    b = rows // (T * H)
+    return b.to(tl.int64) * sb + h.to(tl.int64) * sh + t.to(tl.int64) * st
+
+
+@triton.jit
+def _scale_kernel(x_ptr, w_ptr, y_ptr, n_rows, H, T, sxb, sxh, sxt, syb, syh, syt,
+                  D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < n_rows
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + _row_offsets(rows, H, T, sxb, sxh, sxt)[:, None] + d[None, :], mask=live[:, None], other=0.0)
+    w = tl.load(w_ptr + rows, mask=live, other=0.0)
+    y = x.to(tl.float32) * w[:, None]
+    tl.store(y_ptr + _row_offsets(rows, H, T, syb, syh, syt)[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=live[:, None])
+
+
+@triton.jit
+def _backward_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, s_ptr, n_rows, H, T, sgb, sgh, sgt, sxb, sxh, sxt,
+                     sdb, sdh, sdt, D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < n_rows
+    d = tl.arange(0, D)
+    g = tl.load(g_ptr + _row_offsets(rows, H, T, sgb, sgh, sgt)[:, None] + d[None, :], mask=live[:, None],
+                other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + _row_offsets(rows, H, T, sxb, sxh, sxt)[:, None] + d[None, :], mask=live[:, None],
+                other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows, mask=live, other=0.0)
+    tl.store(dx_ptr + _row_offsets(rows, H, T, sdb, sdh, sdt)[:, None] + d[None, :],
+             (g * w[:, None]).to(dx_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(s_ptr + rows, tl.sum(g * x, axis=1), mask=live)
+
+
+def supported(out: torch.Tensor) -> bool:
+    """Whether these kernels take `out` [B, H, T, D]: D a power of two, contiguous."""
+    D = out.shape[-1]
+    return out.dim() == 4 and D >= 16 and D & (D - 1) == 0 and out.stride(-1) == 1
+
+
+def _grid(n_rows: int) -> tuple[int]:
+    return (triton.cdiv(n_rows, BLOCK_ROWS),)
+
+
+def scale(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out [B, H, T, D] * w [B, H, T] (fp32, contiguous) -> out's dtype and strides."""
+    B, H, T, D = out.shape
+    y = torch.empty_like(out)  # dense: keeps out's stride order (FlexAttention's is q's)
+    n = B * H * T
+    _scale_kernel[_grid(n)](out, w, y, n, H, T, *out.stride()[:3], *y.stride()[:3], D=D, BLOCK=BLOCK_ROWS,
+                            num_warps=4)
+    return y
+
+
+def scale_backward(grad: torch.Tensor, out: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad * w in out's dtype and strides, sum over D of grad * out in fp32 [B, H, T])."""
+    B, H, T, D = out.shape
+    grad_out = torch.empty_like(out)
+    s = torch.empty(B, H, T, device=out.device, dtype=torch.float32)
+    n = B * H * T
+    _backward_kernel[_grid(n)](grad, out, w, grad_out, s, n, H, T, *grad.stride()[:3], *out.stride()[:3],
+                               *grad_out.stride()[:3], D=D, BLOCK=BLOCK_ROWS, num_warps=4)
+    return grad_out, s
