@@ -9,7 +9,8 @@
 # and two K tiles ahead; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
-# log-softmax's GPU test and a 4K training step profiled without and with it; generate: benchmarks/generate.py. Logs and JSON go
+# log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
+# kernels too); generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -71,7 +72,7 @@ fi
 if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9, off by default): its GPU test, then a 4K step both ways
     timeout 200 python -m pytest -m gpu -q -p no:cacheprovider -k fused_log_softmax tests/test_train_gpu.py 2>&1 \
         | tee "$out/logsoftmax_test.log" | tail -3
-    for flag in "" --fused-log-softmax; do
+    for flag in "" --fused-log-softmax "--fused-log-softmax --sink-kernels"; do
         timeout 150 python benchmarks/profile_train.py --tokens 4096 $flag 2>&1 | tee -a "$out/logsoftmax_profile.log" | head -12
     done
 fi

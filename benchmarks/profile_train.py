@@ -33,11 +33,17 @@ ap.add_argument("--tokens", type=int, default=4096)
 ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
 ap.add_argument("--fused-log-softmax", action="store_true",
                 help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
+ap.add_argument("--sink-kernels", action="store_true",
+                help="the sinks' rescale through ossrl.kernels.sink_triton (SINK_KERNELS)")
 args = ap.parse_args()
 if args.fused_log_softmax:
     import ossrl.train.logprobs
 
     ossrl.train.logprobs.FUSED_LOG_SOFTMAX = True
+if args.sink_kernels:
+    import ossrl.kernels.attention
+
+    ossrl.kernels.attention.SINK_KERNELS = True
 config = GptOssConfig.gpt_oss_20b()
 model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
 apply_lora(model, LoRAConfig(r=16, alpha=32))

@@ -219,12 +219,13 @@ def test_dense_mask_is_never_built_on_cuda():
 
 
 def test_sink_rescale_kernels_equal_the_pytorch_path_in_bf16(monkeypatch):
-    """On CUDA `_SinkRescale` runs `ossrl.kernels.sink_triton` (one pass each way); its output and
-    the gradients of out, lse and the sinks equal the PyTorch twin's at 20b's 64 heads x 64 dims,
+    """On CUDA with SINK_KERNELS `_SinkRescale` runs `ossrl.kernels.sink_triton` (one pass each
+    way); its output and the gradients of out, lse and the sinks equal the PyTorch twin's at 20b's 64 heads x 64 dims,
     in FlexAttention's output layout (q's stride order), up to bf16 rounding of the same fp32
     values (out and its gradient) and the D-sum's order (lse, sinks)."""
     from ossrl.kernels import attention, sink_triton
 
+    monkeypatch.setattr(attention, "SINK_KERNELS", True)
     calls = []
     for name in ("scale", "scale_backward"):
         real = getattr(sink_triton, name)

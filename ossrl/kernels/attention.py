@@ -320,9 +320,14 @@ def sink_attention_reference(
     return out.reshape(B, Tq, Hq, D).to(q.dtype)
 
 
+# The one-pass Triton kernels for `_SinkRescale` on CUDA (ossrl.kernels.sink_triton); off until
+# their GPU test (tests/test_attention_gpu.py) has run on a GPU.
+SINK_KERNELS = False
+
+
 def _sink_kernels(out: torch.Tensor) -> bool:
-    """Whether `_SinkRescale` runs the one-pass Triton kernels (ossrl.kernels.sink_triton): CUDA."""
-    if not out.is_cuda:
+    """Whether `_SinkRescale` runs the one-pass Triton kernels: SINK_KERNELS, on CUDA."""
+    if not (SINK_KERNELS and out.is_cuda):
         return False
     from ossrl.kernels import sink_triton
 
@@ -333,10 +338,10 @@ class _SinkRescale(torch.autograd.Function):
     """out * sigmoid(lse - sink) with fp32 arithmetic, saving only what flex already keeps.
 
     out [B, H, T, D] (input dtype), lse [B, H, T] fp32, sinks [H]. d lse = sum(g * out) * w(1-w);
-    d sink = -sum over batch and time of d lse. On CUDA each way is one Triton pass over the
-    [B, H, T, D] tensors (ossrl.kernels.sink_triton). This PyTorch twin makes its fp32 temporaries
-    a few heads at a time (at most `chunk_elements` each), so at 128K tokens of 20b they take
-    1 GiB, not 6 GiB, while short sequences stay one chunk.
+    d sink = -sum over batch and time of d lse. On CUDA with SINK_KERNELS each way is one Triton
+    pass over the [B, H, T, D] tensors (ossrl.kernels.sink_triton). The PyTorch twin makes its
+    fp32 temporaries a few heads at a time (at most `chunk_elements` each), so at 128K tokens of
+    20b they take 1 GiB, not 6 GiB, while short sequences stay one chunk.
     """
 
     @staticmethod
