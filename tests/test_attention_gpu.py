@@ -234,7 +234,7 @@ def test_sink_rescale_kernels_equal_the_pytorch_path_in_bf16(monkeypatch):
     base = torch.randn(1, 3000, 64, 64, generator=gen, device=DEV).bfloat16().transpose(1, 2)  # [B, H, T, D] view
     lse = torch.randn(1, 64, 3000, generator=gen, device=DEV) * 3
     sinks = torch.randn(64, generator=gen, device=DEV)  # fp32: a bf16 sink gradient could round either way
-    grad = torch.randn(1, 64, 3000, 64, generator=gen, device=DEV).bfloat16()
+    grad = torch.randn(1, 3000, 64, 64, generator=gen, device=DEV).bfloat16().transpose(1, 2)  # as o_proj's comes back
 
     def run():
         out, l, s = (t.clone().requires_grad_(True) for t in (base, lse, sinks))

@@ -746,7 +746,7 @@ def test_sink_rescale_kernels_equal_the_pytorch_twin(layout, monkeypatch):
     """`_SinkRescale` through `ossrl.kernels.sink_triton` (one pass each way) against its PyTorch
     path: output, and the gradients of out, lse and the sinks, for FlexAttention's own layout
     (q's stride order: [B, T, H, D] in memory) and a contiguous [B, H, T, D], with rows (145) not
-    a multiple of the block and a gradient of another stride order."""
+    a multiple of the block, and gradients in either stride order and broadcast (stride 0)."""
     from ossrl.kernels import attention
 
     gen = torch.Generator().manual_seed(6)
@@ -755,17 +755,19 @@ def test_sink_rescale_kernels_equal_the_pytorch_twin(layout, monkeypatch):
         torch.randn(B, H, T, D, generator=gen)
     lse = torch.randn(B, H, T, generator=gen)
     sinks = torch.randn(H, generator=gen)
-    grad = torch.randn(B, H, T, D, generator=gen)
+    grads = (torch.randn(B, H, T, D, generator=gen), torch.randn(B, T, H, D, generator=gen).transpose(1, 2),
+             torch.randn(1, 1, 1, D, generator=gen).expand(B, H, T, D))
 
-    def run(kernels):
+    def run(kernels, grad):
         monkeypatch.setattr(attention, "_sink_kernels", lambda out: kernels)
         out, l, s = (t.clone().requires_grad_(True) for t in (base, lse, sinks))
         y = attention._SinkRescale.apply(out, l, s)
         y.backward(grad)
         return y.detach(), out.grad, l.grad, s.grad, y.stride()
 
-    *ours, ours_stride = run(True)
-    *twin, twin_stride = run(False)
-    assert ours_stride == twin_stride == base.stride()  # the output keeps out's layout
-    for a, b in zip(ours, twin):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for grad in grads:
+        *ours, ours_stride = run(True, grad)
+        *twin, twin_stride = run(False, grad)
+        assert ours_stride == twin_stride == base.stride()  # the output keeps out's layout
+        for a, b in zip(ours, twin):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -363,6 +363,7 @@ class _SinkRescale(torch.autograd.Function):
         return scaled
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # w was made without a graph: no double backward
     def backward(ctx, grad):
         out, w = ctx.saved_tensors
         step = ctx.step

@@ -13,11 +13,13 @@ as in the twin; only the order of the D-sum differs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 64
+ROW_ELEMENTS = 4096  # elements per program: 64 rows at gpt-oss's D = 64 (37 / 64 registers, sm_90)
 
 
 @triton.jit
@@ -63,26 +65,39 @@ def supported(out: torch.Tensor) -> bool:
     return out.dim() == 4 and D >= 16 and D & (D - 1) == 0 and out.stride(-1) == 1
 
 
-def _grid(n_rows: int) -> tuple[int]:
-    return (triton.cdiv(n_rows, BLOCK_ROWS),)
+def _launch(out: torch.Tensor, w: torch.Tensor):
+    """(rows, grid, rows per program) after checking w: [B, H, T] fp32, contiguous, on out's device."""
+    B, H, T, D = out.shape
+    if w.shape != (B, H, T) or w.dtype != torch.float32 or not w.is_contiguous() or w.device != out.device:
+        raise ValueError(f"sink weights must be contiguous fp32 {(B, H, T)} on {out.device}, got "
+                         f"{w.dtype} {tuple(w.shape)} strides {w.stride()} on {w.device}")
+    block = max(1, ROW_ELEMENTS // D)
+    n = B * H * T
+    return n, (triton.cdiv(n, block),), block
+
+
+def _on(out: torch.Tensor):
+    """Triton launches on the current CUDA device: make it out's (nothing to do in the interpreter)."""
+    return torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
 
 
 def scale(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """out [B, H, T, D] * w [B, H, T] (fp32, contiguous) -> out's dtype and strides."""
-    B, H, T, D = out.shape
+    n, grid, block = _launch(out, w)
     y = torch.empty_like(out)  # dense: keeps out's stride order (FlexAttention's is q's)
-    n = B * H * T
-    _scale_kernel[_grid(n)](out, w, y, n, H, T, *out.stride()[:3], *y.stride()[:3], D=D, BLOCK=BLOCK_ROWS,
-                            num_warps=4)
+    with _on(out):
+        _scale_kernel[grid](out, w, y, n, out.shape[1], out.shape[2], *out.stride()[:3], *y.stride()[:3],
+                            D=out.shape[3], BLOCK=block, num_warps=4)
     return y
 
 
 def scale_backward(grad: torch.Tensor, out: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad * w in out's dtype and strides, sum over D of grad * out in fp32 [B, H, T])."""
-    B, H, T, D = out.shape
+    """(grad * w in out's dtype and strides, sum over D of grad * out in fp32 [B, H, T]); grad
+    any strides with its last one 1."""
+    n, grid, block = _launch(out, w)
     grad_out = torch.empty_like(out)
-    s = torch.empty(B, H, T, device=out.device, dtype=torch.float32)
-    n = B * H * T
-    _backward_kernel[_grid(n)](grad, out, w, grad_out, s, n, H, T, *grad.stride()[:3], *out.stride()[:3],
-                               *grad_out.stride()[:3], D=D, BLOCK=BLOCK_ROWS, num_warps=4)
+    s = torch.empty(w.shape, device=out.device, dtype=torch.float32)
+    with _on(out):
+        _backward_kernel[grid](grad, out, w, grad_out, s, n, out.shape[1], out.shape[2], *grad.stride()[:3],
+                               *out.stride()[:3], *grad_out.stride()[:3], D=out.shape[3], BLOCK=block, num_warps=4)
     return grad_out, s
