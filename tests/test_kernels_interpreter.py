@@ -431,7 +431,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ossrl.kernels import moe_triton, mxfp4_triton
 
-BM, BN, BK, warps, split, lora, dtype = json.loads(sys.argv[1])
+BM, BN, BK, warps, split, lora, dtype, variant = json.loads(sys.argv[1])
 fn = moe_triton._moe_matmul
 ptr = {n: "*" + dtype for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
 ptr.update(b_ptr="*i32", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
@@ -439,7 +439,7 @@ ptr.update(b_ptr="*i32", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", d
 const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, HAS_EXTRA=False, SWIGLU=split == 1,
              STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False, SWAP_AB=True,
              PACKED=True, PTX=True, BM=BM, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
-             LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True)
+             LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True, **variant)
 # constexprs left at their defaults stay constexprs (else they would be typed as runtime ints)
 const.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const})
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
@@ -450,22 +450,32 @@ print(json.dumps(pairs))
 """
 
 
-@pytest.mark.parametrize("BM,BN,BK,warps,split,lora,dtype", [
-    (16, 64, 64, 4, 2, False, "bf16"), (16, 64, 128, 4, 1, True, "bf16"), (16, 128, 128, 8, 1, False, "bf16"),
-    (128, 128, 64, 8, 1, False, "bf16"),  # the decode defaults, wider, a training-size tile; refused:
-    (16, 32, 128, 4, 1, False, "bf16"), (16, 64, 128, 2, 1, False, "bf16"), (16, 64, 128, 4, 1, False, "fp32")])
-def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BM, BN, BK, warps, split, lora, dtype):
+AHEAD_PERMUTED = {"SCALES_AHEAD": 2, "A_PERMUTED": True}  # `TileConfig.scales_ahead`, `.permuted_input`
+
+
+@pytest.mark.parametrize("BM,BN,BK,warps,split,lora,dtype,variant", [
+    (16, 64, 64, 4, 2, False, "bf16", {}), (16, 64, 128, 4, 1, True, "bf16", {}),
+    (16, 128, 128, 8, 1, False, "bf16", {}),
+    (128, 128, 64, 8, 1, False, "bf16", {}),  # the decode defaults, wider, a training-size tile; refused:
+    (16, 32, 128, 4, 1, False, "bf16", {}), (16, 64, 128, 2, 1, False, "bf16", {}),
+    (16, 64, 128, 4, 1, False, "fp32", {}),
+    (16, 64, 64, 4, 2, False, "bf16", AHEAD_PERMUTED), (16, 64, 128, 4, 1, True, "bf16", AHEAD_PERMUTED),
+    (16, 128, 128, 8, 1, False, "bf16", AHEAD_PERMUTED)])  # the session-10 variants of the decode tiles
+def test_the_word_decode_runs_only_where_its_asm_pairs_halves_of_one_word(BM, BN, BK, warps, split, lora, dtype,
+                                                                          variant):
     """The word decode's PTX reads one word per packed register pair, right only where Triton puts
     the two halves (h = 0, 1) of one word in consecutive registers. Compiled for sm_90 (Triton's
     own compiler on this CPU), the asm operand's layout (`word_asm_pairs_halves`, which `_launch`
-    also applies to each compiled kernel) agrees with `word_pairs_ok` for the default tiles and
-    for the shapes it refuses (mma.sync at BN = 32 or 2 warps; tf32 for fp32 inputs)."""
+    also applies to each compiled kernel) agrees with `word_pairs_ok` for the default tiles (and
+    with the scales two tiles ahead and the input permuted) and for the shapes it refuses
+    (mma.sync at BN = 32 or 2 warps; tf32 for fp32 inputs)."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _WORD_LAYOUT, json.dumps([BM, BN, BK, warps, split, lora, dtype])],
+    run = subprocess.run([sys.executable, "-c", _WORD_LAYOUT, json.dumps([BM, BN, BK, warps, split, lora, dtype,
+                                                                           variant])],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     cfg = moe_triton.TileConfig(BM, BN, BK, warps, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
