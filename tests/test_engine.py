@@ -52,6 +52,29 @@ def test_prefix_shared_samples_equal_separate_requests_with_the_same_seeds(model
     assert len({tuple(c.token_ids) for c in batched}) > 1  # the samples differ from each other
 
 
+def test_shared_prefixes_read_each_prompts_kv_from_one_slot_with_the_same_outputs(model):
+    """`share_prefixes`: on the layers that are not rings (full attention here; the sliding ones
+    of window 4 keep per-slot copies) a prompt's keys and values are written to its first sample
+    slot only and the other n - 1 read them there. With every cache row poisoned (NaN) between two
+    generates, a row read from the wrong slot would show: the completions and log-probs equal
+    the unshared engine's, prompts longer and shorter than the window, with slots finishing early."""
+    free = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, SamplingParams(max_new_tokens=9, seed=3))
+    params = SamplingParams(max_new_tokens=9, seed=3, stop_token_ids=[free[0][0].token_ids[2]])
+    plain = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, params)
+    engine = RolloutEngine(model, backend="slots", share_prefixes=True)
+    assert engine.generate(PROMPTS, 4, params) == plain
+    pool = engine._slots.pool
+    assert pool.share_prefixes and pool.prefix_len.tolist()[:12] == [7] * 4 + [2] * 4 + [10] * 4
+    assert pool.prefix_slot.tolist()[:12] == [0] * 4 + [4] * 4 + [8] * 4
+    for cache in (*pool.k.values(), *pool.v.values()):
+        cache.fill_(float("nan"))
+    assert engine.generate(PROMPTS, 4, params) == plain
+    full = [layer for layer, k in pool.k.items() if pool.shares(k)]
+    assert full and len(full) < len(pool.k)  # shared on the full layers only
+    assert pool.k[full[0]][1, :7].isnan().all()  # slot 1's copy of prompt 0 was never written
+    assert any(c.finish_reason == "stop" for group in plain for c in group)
+
+
 def test_stop_tokens_end_a_sample_and_finished_slots_leave_the_batch(model):
     free = RolloutEngine(model).generate([PROMPTS[1]], n=6, params=SamplingParams(max_new_tokens=15, seed=7))[0]
     stop = free[0].token_ids[3]

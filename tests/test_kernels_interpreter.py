@@ -178,6 +178,35 @@ def test_decode_attention_kernel():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits,block_n", [(1, 16), (3, 16), (4, 8)])
+def test_decode_attention_with_shared_prefixes_reads_the_prefix_from_its_slot(splits, block_n):
+    """Slots 1-3 are samples of one prompt (11 tokens, kept in slot 1), slot 0 of another (6 tokens,
+    in slot 4), slot 5 has none: rows below a slot's prefix_len come from its prefix_slot (its own
+    copies there are NaN: never read), the rest from the slot; the same as the twin on full
+    copies, and the twin with prefixes agrees."""
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(6, 40, 2, 16, generator=g), torch.randn(6, 40, 2, 16, generator=g)
+    prefix_slot = torch.tensor([4, 1, 1, 1, 4, 5], dtype=torch.int32)
+    prefix_len = torch.tensor([6, 11, 11, 11, 6, 0], dtype=torch.int32)
+    full_k, full_v = kc.clone(), vc.clone()
+    for s in range(6):  # the copies a prefill would have written, and NaN where sharing leaves them out
+        p, n = int(prefix_slot[s]), int(prefix_len[s])
+        full_k[s, :n], full_v[s, :n] = kc[p, :n], vc[p, :n]
+        if p != s:
+            kc[s, :n], vc[s, :n] = float("nan"), float("nan")
+    q, sinks = torch.randn(5, 4, 16, generator=g), torch.randn(4, generator=g)
+    slots = torch.tensor([3, 0, 1, 5, 2], dtype=torch.int32)
+    lengths = torch.tensor([9, 30, 8, 20, 6, 17], dtype=torch.int32)  # slot 2: shorter than its prefix
+    want = decode_attention_reference(q, full_k, full_v, sinks, slots, lengths, scale=0.25)
+    twin = decode_attention_reference(q, kc, vc, sinks, slots, lengths, scale=0.25, prefix_slot=prefix_slot,
+                                      prefix_len=prefix_len)
+    got = _decode_triton(q, kc, vc, sinks, slots, lengths, scale=0.25, prefix_slot=prefix_slot,
+                         prefix_len=prefix_len, num_splits=splits, block_n=block_n)
+    assert not want.isnan().any()
+    torch.testing.assert_close(twin, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _experts(E=4, H=96, I=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     (q1, s1), (q2, s2) = quantize_mxfp4(torch.randn(E, 2 * I, H, generator=g) * 0.1), \

@@ -31,9 +31,15 @@ from ossrl.model.gptoss import GptOssForCausalLM, KVCache, check_scales_fold, in
 from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
+# The slots backend's default for `RolloutEngine(share_prefixes=...)`: off until a GPU has timed it
+# (benchmarks/generate.py and grpo_step.py take --share-prefixes).
+SHARE_PREFIXES = False
+
+
 class RolloutEngine:
     def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
-                 sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = True):
+                 sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = True,
+                 share_prefixes: bool | None = None):
         if backend not in ("auto", "simple", "slots"):
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
@@ -43,7 +49,10 @@ class RolloutEngine:
         self._storage = None  # where the weights were at the last generate (`weight_storage`)
         if prefill_tokens <= 0:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
-        self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens)
+        # The slots backend's n samples of a prompt read its KV from one slot (full-attention layers;
+        # the same outputs, n - 1 fewer copies read per step). Default SHARE_PREFIXES: off until timed.
+        self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens,
+                                  share_prefixes=SHARE_PREFIXES if share_prefixes is None else share_prefixes)
         # MXFP4 experts on a GPU whose scales are all <= 128 decode with one multiply a pair
         # instead of two (the same bits, tests/test_moe_gpu.py; `check_scales_fold`). About 1% of a
         # decode step on an H100 (session 9: LoRA batch 64 9.18 -> 9.06 ms, batch 1 3.95 -> 3.91 ms).

@@ -8,7 +8,11 @@ Layout (one pair of tensors per layer; see ossrl.kernels.decode_attention):
 
 `PrefillWriter` is the cache for prefilling prompts packed into one row, each its own document:
 the model attends normally (FlexAttention on CUDA) and every layer's keys/values are also written
-to each prompt's n sample slots (a prefix is computed once and copied n times). `DecodeView` is
+to each prompt's n sample slots (a prefix is computed once and copied n times). With shared
+prefixes (`KVPool(share_prefixes=True)`), layers whose cache is not a ring keep the prompt in its
+first sample slot only, and the decode kernel reads it from there for all n (`prefix_slot`,
+`prefix_len`; ossrl.kernels.decode_attention): n - 1 fewer copies of each prompt's KV read from
+memory at every step, the same outputs. `DecodeView` is
 the cache for one decode step of B active rows: it appends each row's new key/value to its slot
 and runs the decode kernel, which reads only that slot's valid entries. Neither reads anything back to the host.
 """
@@ -22,9 +26,10 @@ from ossrl.kernels.decode_attention import append_kv, decode_attention
 
 
 class KVPool:
-    def __init__(self, config, *, slots: int, capacity: int, device, dtype):
+    def __init__(self, config, *, slots: int, capacity: int, device, dtype, share_prefixes: bool = False):
         self.config = config
         self.slots, self.capacity = slots, capacity
+        self.share_prefixes = share_prefixes
         Hkv, D = config.num_key_value_heads, config.head_dim
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -34,6 +39,20 @@ class KVPool:
             self.k[layer] = torch.empty(slots, rows, Hkv, D, device=device, dtype=dtype)
             self.v[layer] = torch.empty(slots, rows, Hkv, D, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.int32, device=device)
+        # slot s reads its rows below prefix_len[s] from slot prefix_slot[s] (layers that are not rings)
+        self.prefix_slot = torch.arange(slots, dtype=torch.int32, device=device)
+        self.prefix_len = torch.zeros(slots, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        """Empty every slot (a new generate): no tokens, no shared prefixes. In place (graphs read these)."""
+        self.lengths.zero_()
+        self.prefix_slot.copy_(torch.arange(self.slots, dtype=torch.int32, device=self.prefix_slot.device))
+        self.prefix_len.zero_()
+
+    def shares(self, cache: torch.Tensor) -> bool:
+        """Whether a layer's cache holds shared prefixes: sharing is on and it is not a ring (its rows
+        are the positions, so the prompt's rows are never overwritten)."""
+        return self.share_prefixes and cache.shape[1] == self.capacity
 
     @staticmethod
     def bytes_per_slot(config, capacity: int, dtype) -> int:
@@ -60,35 +79,43 @@ class PrefillWriter:
         self.pool, self.lengths = pool, lengths
         self.slot_groups = [s.long() for s in slot_groups]
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        self._targets: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._targets: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def key_positions(self, positions):
         return positions
 
-    def targets(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slot, row, token) index tensors for a cache of `rows` rows per slot."""
-        if rows not in self._targets:
+    def targets(self, rows: int, device, first_only: bool = False):
+        """(slot, row, token) index tensors for a cache of `rows` rows per slot (first_only: each
+        prompt's first sample slot only, the one its samples share when the pool shares prefixes)."""
+        key = (rows, first_only)
+        if key not in self._targets:
             slot, row, token = [], [], []
             for start, length, slots in zip(self.starts, self.lengths, self.slot_groups):
+                slots = slots[:1] if first_only else slots
                 keep = min(length, rows)
                 pos = torch.arange(length - keep, length, device=device)
                 n = slots.numel()
                 slot.append(slots.to(device).repeat_interleave(keep))
                 row.append((pos % rows).repeat(n))
                 token.append((pos + start).repeat(n))
-            self._targets[rows] = (torch.cat(slot), torch.cat(row), torch.cat(token))
-        return self._targets[rows]
+            self._targets[key] = (torch.cat(slot), torch.cat(row), torch.cat(token))
+        return self._targets[key]
 
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
         kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        slot, row, token = self.targets(kc.shape[1], k.device)
+        slot, row, token = self.targets(kc.shape[1], k.device, first_only=self.pool.shares(kc))
         kc[slot, row] = k[0, token]
         vc[slot, row] = v[0, token]
         return sink_attention(q, k, v, sinks, mask, scale=scale)
 
     def advance(self, key_positions):
+        pool = self.pool
         for length, slots in zip(self.lengths, self.slot_groups):
-            self.pool.lengths[slots.to(self.pool.lengths.device)] = length
+            slots = slots.to(pool.lengths.device)
+            pool.lengths[slots] = length
+            if pool.share_prefixes:
+                pool.prefix_slot[slots] = slots[0].to(torch.int32)
+                pool.prefix_len[slots] = length
 
 
 class DecodeView:
@@ -104,9 +131,11 @@ class DecodeView:
         return positions  # masks are unused on this path
 
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
-        kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        pool = self.pool
+        kc, vc = pool.k[layer_idx], pool.v[layer_idx]
         append_kv(kc, vc, k[:, 0], v[:, 0], self.slot_ids, self.positions)
-        out = decode_attention(q[:, 0], kc, vc, sinks, self.slot_ids, self.pool.lengths, scale=scale)
+        prefixes = dict(prefix_slot=pool.prefix_slot, prefix_len=pool.prefix_len) if pool.shares(kc) else {}
+        out = decode_attention(q[:, 0], kc, vc, sinks, self.slot_ids, pool.lengths, scale=scale, **prefixes)
         return out[:, None]
 
     def advance(self, key_positions):

@@ -8,7 +8,8 @@ counters, seeds, output buffers), so on CUDA it is captured once per bucketed ba
 replayed; the host looks at the generated tokens only every `sync_every` steps, to retire slots
 that hit a stop token or their length limit. Retired slots leave the batch at that point (their
 extra steps' tokens are discarded); the remaining rows are compacted into the next smaller bucket.
-Padding rows in a bucket point at a scratch slot.
+Padding rows in a bucket point at a scratch slot. With `share_prefixes` the n slots of a prompt
+read its KV from one slot on the layers that are not rings (ossrl.engine.kv_pool).
 
 Same sampling rule and seeds as the CPU path (ossrl.engine.sampling), so outputs agree up to the
 numerics of the kernels.
@@ -43,8 +44,9 @@ def bucket_size(n: int) -> int:
 
 class SlotDecoder:
     def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8, prefill_tokens: int = 16384,
-                 lockstep: bool = False):
+                 lockstep: bool = False, share_prefixes: bool = False):
         self.model = model
+        self.share_prefixes = share_prefixes
         self.lockstep = lockstep  # step together with the other ranks (module docstring)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda" and not lockstep
         self.sync_every = sync_every
@@ -76,7 +78,8 @@ class SlotDecoder:
                 width = max(width, self.state["tokens"].shape[1])
             capacity, width = _round_up(capacity, 512), _round_up(width, 256)
             self.release()
-            self.pool = KVPool(model.config, slots=slots + 1, capacity=capacity, device=device, dtype=model.dtype)
+            self.pool = KVPool(model.config, slots=slots + 1, capacity=capacity, device=device, dtype=model.dtype,
+                               share_prefixes=self.share_prefixes)
             S = self.pool.slots
             self.state = {
                 "tokens": torch.zeros(S, width, dtype=torch.long, device=device),
@@ -86,7 +89,7 @@ class SlotDecoder:
                 "steps": torch.zeros(S, dtype=torch.long, device=device),
                 "seeds": torch.zeros(S, dtype=torch.long, device=device),
             }
-        self.pool.lengths.zero_()
+        self.pool.reset()
         for name in ("steps", "current"):
             self.state[name].zero_()
         key = self._graph_key(params)

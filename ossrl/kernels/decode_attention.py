@@ -10,6 +10,9 @@ Cache layout (one pair of tensors per layer; the engine owns them):
     lengths           [slots] int32        tokens written to each slot, the current one included
     slot_ids          [B] int32            the slot of each active row (rows may be any subset)
 
+    prefix_slot, prefix_len  [slots] int32 (optional) GRPO's n samples of one prompt share its KV:
+                             a slot's rows below prefix_len are read from prefix_slot's
+
 A slot sees entries 0 .. min(length, S) - 1. For a full-attention layer S is the maximum sequence
 length and token p lives at row p. For a sliding layer S = 128 = the window and token p lives at
 row p % 128 (a ring): once a sequence is longer than 128, the ring holds exactly the 128 keys the
@@ -23,6 +26,12 @@ once for all G heads) with an online softmax, and writes an unnormalised partial
 The split size is computed in the kernel from the slot's real length, so every split has work
 however short the sequence is against S. The combine kernel (grid (B, Hq)) merges the splits and
 the sink logit: out = sum_s acc_s e^{m_s - m} / (sum_s l_s e^{m_s - m} + e^{sink - m}).
+
+Shared prefixes (full-attention layers only: a ring overwrites its rows): the n sample slots of a
+prompt read the prompt's keys and values from one slot, so a layer's step reads each prompt's KV
+once from DRAM and the other n - 1 times from L2 (the programs of a group's slots run side by
+side: the grid's fastest index is the row) instead of n copies from DRAM. The arithmetic is the
+same, on the same values, so the outputs are the same bits with or without it.
 """
 
 from __future__ import annotations
@@ -43,13 +52,20 @@ except ImportError:  # CPU-only installs: the twin is used
 LOG2E = math.log2(math.e)
 
 
-def decode_attention_reference(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale: float) -> torch.Tensor:
-    """The twin: q [B, Hq, D]; caches [slots, S, Hkv, D]; slot_ids [B]; lengths [slots]. -> [B, Hq, D]."""
+def decode_attention_reference(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale: float,
+                               prefix_slot=None, prefix_len=None) -> torch.Tensor:
+    """The twin: q [B, Hq, D]; caches [slots, S, Hkv, D]; slot_ids [B]; lengths [slots]; optional
+    prefix_slot, prefix_len [slots] (rows below prefix_len from prefix_slot). -> [B, Hq, D]."""
     S = k_cache.shape[1]
     slot_ids = slot_ids.long()
     k, v = k_cache[slot_ids], v_cache[slot_ids]  # [B, S, Hkv, D]
+    rows = torch.arange(S, device=q.device)
+    if prefix_slot is not None:
+        shared = (rows < prefix_len.long()[slot_ids][:, None])[:, :, None, None]  # [B, S, 1, 1]
+        source = prefix_slot.long()[slot_ids]
+        k, v = torch.where(shared, k_cache[source], k), torch.where(shared, v_cache[source], v)
     visible = lengths.long()[slot_ids].clamp(max=S)  # [B]
-    allowed = torch.arange(S, device=q.device) < visible[:, None]  # [B, S]
+    allowed = rows < visible[:, None]  # [B, S]
     # Rows past the length were never written (any bits, NaN too): zero them, as the kernel never reads them.
     k = k.masked_fill(~allowed[:, :, None, None], 0)
     v = v.masked_fill(~allowed[:, :, None, None], 0)
@@ -81,13 +97,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_partial_kernel(
-        Q, K, V, SlotIds, Lengths, Acc, Max, Sum,
+        Q, K, V, SlotIds, Lengths, PrefixSlot, PrefixLen, Acc, Max, Sum,
         stride_qb, stride_qh,
         stride_ks, stride_kn, stride_kh,
         stride_vs, stride_vn, stride_vh,
         S, qk_scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_PREFIX: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -95,6 +111,9 @@ if triton is not None:
         Hq = tl.num_programs(1) * G
         slot = tl.load(SlotIds + b).to(tl.int64)
         n = tl.minimum(tl.load(Lengths + slot), S)
+        if SHARED_PREFIX:
+            prefix_slot = tl.load(PrefixSlot + slot).to(tl.int64)
+            prefix_len = tl.load(PrefixLen + slot)
         per_split = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = split * per_split
         hi = tl.minimum(lo + per_split, n)
@@ -104,8 +123,6 @@ if triton is not None:
         head = kvh * G + g
         q = tl.load(Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
                     mask=(g < G)[:, None], other=0.0)  # [G_PAD, D]
-        k_base = K + slot * stride_ks + kvh * stride_kh
-        v_base = V + slot * stride_vs + kvh * stride_vh
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
@@ -113,8 +130,14 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             idx = start + offs
             valid = idx < hi
-            k = tl.load(k_base + idx[:, None] * stride_kn + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_base + idx[:, None] * stride_vn + d[None, :], mask=valid[:, None], other=0.0)
+            if SHARED_PREFIX:  # the prefix's rows from its slot
+                source = tl.where(idx < prefix_len, prefix_slot, slot)[:, None]  # [BLOCK_N, 1]
+            else:
+                source = slot
+            k = tl.load(K + source * stride_ks + kvh * stride_kh + idx[:, None] * stride_kn + d[None, :],
+                        mask=valid[:, None], other=0.0)
+            v = tl.load(V + source * stride_vs + kvh * stride_vh + idx[:, None] * stride_vn + d[None, :],
+                        mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, BLOCK_N], log2 units
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,8 +186,8 @@ def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, d
     return max(1, min(want, -(-capacity // block_n), 128))
 
 
-def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, num_splits=None,
-                   block_n=32, num_warps=4, num_stages=2):  # best of a sweep on H100 (benchmarks/attention.py)
+def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, prefix_slot=None, prefix_len=None,
+                   num_splits=None, block_n=32, num_warps=4, num_stages=2):  # best of a sweep on H100 (benchmarks/attention.py)
     B, Hq, D = q.shape
     slots, S, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv:
@@ -180,14 +203,16 @@ def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, num_
     mx = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     sm = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
+    shared = prefix_slot is not None
     _decode_partial_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, slot_ids, lengths, acc, mx, sm,
+        q, k_cache, v_cache, slot_ids, lengths, prefix_slot if shared else lengths, prefix_len if shared else lengths,
+        acc, mx, sm,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, scale * LOG2E,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, NUM_SPLITS=splits,
-        num_warps=num_warps, num_stages=num_stages,
+        SHARED_PREFIX=shared, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(B, Hq)](
         acc, mx, sm, sinks, out, out.stride(0), out.stride(1),
@@ -196,13 +221,19 @@ def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, num_
     return out
 
 
-def decode_attention(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale: float, **kernel_options) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale: float, prefix_slot=None,
+                     prefix_len=None, **kernel_options) -> torch.Tensor:
     """Sink attention of one query token per row over its slot (layout: module docstring).
 
     q [B, Hq, D]; k_cache, v_cache [slots, S, Hkv, D]; sinks [Hq]; slot_ids [B] int32; lengths
-    [slots] int32. Returns [B, Hq, D] in q's dtype. CUDA: the Triton kernel (kernel_options:
+    [slots] int32; prefix_slot, prefix_len [slots] int32 or None (shared prefixes; a cache that is
+    not a ring). Returns [B, Hq, D] in q's dtype. CUDA: the Triton kernel (kernel_options:
     num_splits, block_n, num_warps, num_stages); elsewhere the twin.
     """
+    if (prefix_slot is None) != (prefix_len is None):
+        raise ValueError("decode_attention: give prefix_slot and prefix_len together")
     if q.is_cuda and triton is not None:
-        return _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, scale=scale, **kernel_options)
-    return decode_attention_reference(q, k_cache, v_cache, sinks, slot_ids, lengths, scale=scale)
+        return _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, scale=scale, prefix_slot=prefix_slot,
+                              prefix_len=prefix_len, **kernel_options)
+    return decode_attention_reference(q, k_cache, v_cache, sinks, slot_ids, lengths, scale=scale,
+                                      prefix_slot=prefix_slot, prefix_len=prefix_len)
