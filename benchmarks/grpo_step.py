@@ -50,6 +50,8 @@ def main():
                     help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
     ap.add_argument("--sink-kernels", action="store_true",
                     help="the sinks' rescale through ossrl.kernels.sink_triton (SINK_KERNELS)")
+    ap.add_argument("--share-prefixes", action="store_true",
+                    help="rollouts: a prompt's n samples read its KV from one slot (SHARE_PREFIXES)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     if args.profile_train and args.steps < 3:
@@ -62,6 +64,10 @@ def main():
         import ossrl.kernels.attention
 
         ossrl.kernels.attention.SINK_KERNELS = True
+    if args.share_prefixes:
+        import ossrl.engine.engine
+
+        ossrl.engine.engine.SHARE_PREFIXES = True
     work = Path(tempfile.mkdtemp())
     tokenizer = write_byte_level_tokenizer(work)
     model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
@@ -83,6 +89,7 @@ def main():
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
               "enable_sleep_mode": not args.no_sleep_mode, "gradient_checkpointing": args.checkpointing,
               "fused_log_softmax": args.fused_log_softmax, "sink_kernels": args.sink_kernels,
+              "share_prefixes": args.share_prefixes,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs
