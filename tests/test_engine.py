@@ -52,27 +52,42 @@ def test_prefix_shared_samples_equal_separate_requests_with_the_same_seeds(model
     assert len({tuple(c.token_ids) for c in batched}) > 1  # the samples differ from each other
 
 
-def test_shared_prefixes_read_each_prompts_kv_from_one_slot_with_the_same_outputs(model):
-    """`share_prefixes`: on the layers that are not rings (full attention here; the sliding ones
-    of window 4 keep per-slot copies) a prompt's keys and values are written to its first sample
-    slot only and the other n - 1 read them there. With every cache row poisoned (NaN) between two
-    generates, a row read from the wrong slot would show: the completions and log-probs equal
-    the unshared engine's, prompts longer and shorter than the window, with slots finishing early."""
-    free = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, SamplingParams(max_new_tokens=9, seed=3))
-    params = SamplingParams(max_new_tokens=9, seed=3, stop_token_ids=[free[0][0].token_ids[2]])
-    plain = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, params)
-    engine = RolloutEngine(model, backend="slots", share_prefixes=True)
-    assert engine.generate(PROMPTS, 4, params) == plain
-    pool = engine._slots.pool
-    assert pool.share_prefixes and pool.prefix_len.tolist()[:12] == [7] * 4 + [2] * 4 + [10] * 4
-    assert pool.prefix_slot.tolist()[:12] == [0] * 4 + [4] * 4 + [8] * 4
-    for cache in (*pool.k.values(), *pool.v.values()):
-        cache.fill_(float("nan"))
-    assert engine.generate(PROMPTS, 4, params) == plain
-    full = [layer for layer, k in pool.k.items() if pool.shares(k)]
-    assert full and len(full) < len(pool.k)  # shared on the full layers only
-    assert pool.k[full[0]][1, :7].isnan().all()  # slot 1's copy of prompt 0 was never written
-    assert any(c.finish_reason == "stop" for group in plain for c in group)
+@pytest.mark.parametrize("window,options", [(4, dict(sync_every=1, prefill_tokens=8)),
+                                            (4096, dict(sync_every=2, prefill_tokens=8))],
+                         ids=["rings-retire-every-step", "no-rings"])
+def test_shared_prefixes_read_each_prompts_kv_from_one_slot_with_the_same_outputs(window, options):
+    """`share_prefixes`: on the layers that are not rings (full attention; sliding ones too where
+    the window is past the capacity) a prompt's keys and values are written to its first sample
+    slot only and the other n - 1 read them there. Every cache row is poisoned (NaN) before each
+    generate, so a row read from the wrong slot would show: completions and log-probs equal the
+    unshared engine's over four generates with other prompts and n (the pool reused and grown),
+    one prompt per prefill forward, and slots, leaders too, retiring on stop tokens mid-rollout."""
+    model = random_model(tiny_config(num_hidden_layers=3, sliding_window=window), seed=21).eval()
+    other = [[17, 3, 3, 99, 41], [8] * 12, [250, 1, 2], [60, 61]]
+    free = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, SamplingParams(max_new_tokens=12, seed=3))
+    stops = [free[0][0].token_ids[2], free[2][0].token_ids[1]]
+    plain = RolloutEngine(model, backend="slots", **options)
+    shared = RolloutEngine(model, backend="slots", share_prefixes=True, **options)
+    finished_early = unwritten = 0
+    for prompts, n, limit in ((PROMPTS, 4, 12), (other, 2, [9, 14, 5, 11]), (PROMPTS[:2], 6, 10), (other, 3, 700)):
+        params = SamplingParams(max_new_tokens=limit, seed=3, stop_token_ids=stops)
+        want = plain.generate(prompts, n, params)
+        poisoned = shared._slots.pool if shared._slots is not None else None
+        if poisoned is not None:
+            for cache in (*poisoned.k.values(), *poisoned.v.values()):
+                cache.fill_(float("nan"))
+        assert shared.generate(prompts, n, params) == want
+        finished_early += sum(c.finish_reason == "stop" for group in want for c in group[:1])  # leaders
+        if shared._slots.pool is poisoned:  # (a grown pool is new memory): slot 1's copy of its prompt
+            first_shared = next(k for k in poisoned.k.values() if poisoned.shares(k))  # was never written
+            unwritten += bool(first_shared[1, :len(prompts[0])].isnan().all())
+    pool = shared._slots.pool
+    assert unwritten == 2  # the second and third generates reuse the poisoned pool; the fourth grows it
+    assert finished_early and pool.share_prefixes and pool.capacity >= 700
+    assert pool.prefix_len.tolist()[:12] == [5] * 3 + [12] * 3 + [3] * 3 + [2] * 3
+    assert pool.prefix_slot.tolist()[:12] == [0] * 3 + [3] * 3 + [6] * 3 + [9] * 3
+    sharing = [pool.shares(k) for k in pool.k.values()]
+    assert all(sharing) if window > pool.capacity else (any(sharing) and not all(sharing))
 
 
 def test_stop_tokens_end_a_sample_and_finished_slots_leave_the_batch(model):

@@ -186,12 +186,18 @@ def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
     """`share_prefixes` on CUDA (compiled decode kernel, graph replay): the n samples of a prompt
     read its KV from one slot on the full-attention layers; with every cache row poisoned (NaN)
     before the second generate (a row read from the wrong slot would show), tokens and log-probs
-    equal the unshared engine's bit for bit: the same arithmetic on the same values."""
+    equal the unshared engine's bit for bit (the same arithmetic on the same values), with one
+    prompt per prefill forward and slots, leaders included, retiring on a stop token while their
+    followers keep decoding from them."""
     config = tiny_config(num_hidden_layers=3, sliding_window=8, head_dim=64)
     model = random_model(config, seed=4, dtype=dtype).cuda().eval()
-    params = SamplingParams(temperature=1.0, max_new_tokens=[30, 12, 25], seed=5)
-    plain = RolloutEngine(model).generate(PROMPTS, 4, params)
-    engine = RolloutEngine(model, share_prefixes=True)
+    free = RolloutEngine(model).generate(PROMPTS, 4, SamplingParams(temperature=1.0, max_new_tokens=30, seed=5))
+    params = SamplingParams(temperature=1.0, max_new_tokens=[30, 12, 25], seed=5,
+                            stop_token_ids=[free[0][0].token_ids[3], free[2][0].token_ids[6]])
+    options = dict(sync_every=2, prefill_tokens=16)
+    plain = RolloutEngine(model, **options).generate(PROMPTS, 4, params)
+    assert any(group[0].finish_reason == "stop" for group in plain)  # a leader retires early
+    engine = RolloutEngine(model, share_prefixes=True, **options)
     assert engine.generate(PROMPTS, 4, params) == plain
     assert engine._slots.graphs and not engine._slots.graph_failures
     for cache in (*engine._slots.pool.k.values(), *engine._slots.pool.v.values()):

@@ -67,7 +67,8 @@ class KVPool:
 class PrefillWriter:
     """Cache view for prefilling several prompts packed into one row [1, T]: prompt i occupies
     tokens starts[i]..starts[i]+lengths[i]-1 as its own document (positions restart at 0, it
-    attends only to itself), and its keys/values go to each of its sample slots `slot_groups[i]`.
+    attends only to itself), and its keys/values go to each of its sample slots `slot_groups[i]`
+    (on the layers the pool shares, to the first of them only; `advance` records who reads what).
 
     The copies are one indexed write per layer: the (slot, row, token) targets are built once
     per cache depth (full layers keep every token, sliding layers the last `window` in a ring).

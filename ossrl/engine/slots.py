@@ -1,7 +1,8 @@
 """The engine's fast path: a slot-indexed KV pool, decode steps over all active slots, CUDA graphs.
 
 For P prompts x n samples: the prompts are prefilled once each, packed into one forward as separate
-documents (FlexAttention on CUDA), and each prompt's keys and values are written into its n slots;
+documents (FlexAttention on CUDA), and each prompt's keys and values are written into its n slots
+(with `share_prefixes`, into the first of them on the layers that are not rings);
 then every active slot decodes together, one token per step, through the decode-attention kernel
 and the routed-MoE kernels. A step reads and writes only device tensors (slot ids, lengths, step
 counters, seeds, output buffers), so on CUDA it is captured once per bucketed batch size and

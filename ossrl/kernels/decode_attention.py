@@ -226,8 +226,9 @@ def decode_attention(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale: fl
     """Sink attention of one query token per row over its slot (layout: module docstring).
 
     q [B, Hq, D]; k_cache, v_cache [slots, S, Hkv, D]; sinks [Hq]; slot_ids [B] int32; lengths
-    [slots] int32; prefix_slot, prefix_len [slots] int32 or None (shared prefixes; a cache that is
-    not a ring). Returns [B, Hq, D] in q's dtype. CUDA: the Triton kernel (kernel_options:
+    [slots] int32; prefix_slot, prefix_len [slots] int32 or None (shared prefixes: only for a cache
+    that is not a ring, whose prompt rows no later token overwrites; the caller's to know, as
+    `KVPool.shares`). Returns [B, Hq, D] in q's dtype. CUDA: the Triton kernel (kernel_options:
     num_splits, block_n, num_warps, num_stages); elsewhere the twin.
     """
     if (prefix_slot is None) != (prefix_len is None):
