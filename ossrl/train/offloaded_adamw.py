@@ -109,6 +109,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._upload.wait_stream(self._download)  # last step's states are on the host again
         used = dict.fromkeys(self._staging, 0)  # chunks of each dtype so far: the slots alternate per dtype
         for group, dtype, start, numel, members in self._chunks:
+            if all(p.grad is None for p, _ in members):  # nothing to update: no round trip
+                continue
             slot = used[dtype] % 2
             used[dtype] += 1
             buffers = [b[:numel] for b in self._staging[dtype][slot]]
