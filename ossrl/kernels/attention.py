@@ -325,13 +325,18 @@ def sink_attention_reference(
 SINK_KERNELS = False
 
 
-def _sink_kernels(out: torch.Tensor) -> bool:
-    """Whether `_SinkRescale` runs the one-pass Triton kernels: SINK_KERNELS, on CUDA."""
+def _sink_kernels(out: torch.Tensor):
+    """`ossrl.kernels.sink_triton` where it serves `_SinkRescale` for `out` (SINK_KERNELS, CUDA,
+    Triton, a supported layout), else None (the PyTorch twin)."""
     if not (SINK_KERNELS and out.is_cuda):
-        return False
+        return None
+    from ossrl.kernels.moe import triton_available
+
+    if not triton_available():
+        return None
     from ossrl.kernels import sink_triton
 
-    return sink_triton.supported(out)
+    return sink_triton if sink_triton.supported(out) else None
 
 
 class _SinkRescale(torch.autograd.Function):
@@ -350,11 +355,10 @@ class _SinkRescale(torch.autograd.Function):
         step = max(1, chunk_elements // (B * T * D))
         w = torch.sigmoid(lse - sinks.float()[:, None]).contiguous()  # [B, H, T]
         ctx.save_for_backward(out, w)
-        ctx.sinks_dtype, ctx.step = sinks.dtype, step
-        if _sink_kernels(out):
-            from ossrl.kernels import sink_triton
-
-            return sink_triton.scale(out, w)
+        kernels = _sink_kernels(out)  # (kept: the backward runs as the forward ran)
+        ctx.sinks_dtype, ctx.step, ctx.kernels = sinks.dtype, step, kernels
+        if kernels is not None:
+            return kernels.scale(out, w)
         if step >= H:
             return (out.float() * w[..., None]).to(out.dtype)
         scaled = torch.empty_like(out)
@@ -367,10 +371,8 @@ class _SinkRescale(torch.autograd.Function):
     def backward(ctx, grad):
         out, w = ctx.saved_tensors
         step = ctx.step
-        if _sink_kernels(out):
-            from ossrl.kernels import sink_triton
-
-            grad_out, grad_lse = sink_triton.scale_backward(grad if grad.stride(-1) == 1 else grad.contiguous(), out, w)
+        if ctx.kernels is not None:
+            grad_out, grad_lse = ctx.kernels.scale_backward(grad if grad.stride(-1) == 1 else grad.contiguous(), out, w)
         elif step >= out.shape[1]:
             g = grad.float()
             grad_out = (g * w[..., None]).to(out.dtype)
