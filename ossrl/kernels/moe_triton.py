@@ -41,7 +41,8 @@ from ossrl.kernels.moe import (
     grouped_product, lora_input, scaled, token_lora_delta,
 )
 from ossrl.kernels.mxfp4_triton import (
-    dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, ptx_decode, word_asm_pairs_halves,
+    dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, permute_k32_rows, ptx_decode,
+    word_asm_pairs_halves,
 )
 
 
@@ -403,7 +404,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     a_in, b_in, scales_in = a, b, scales  # as called (a rerun with the pair decode starts from them)
     a_permuted = words and cfg.permuted_input and K % 32 == 0 and a.shape[-1] == K
     if a_permuted:  # [rows, K] with each 32-block in the decode's order: position 8m + 2q + h <- 8q + m + 4h
-        a = a.reshape(-1, K // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(a.shape[0], K)
+        a = permute_k32_rows(a)
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None

@@ -179,6 +179,13 @@ def permute_k32(x, R: tl.constexpr, C: tl.constexpr):
     return tl.permute(x.reshape(R, C // 32, 4, 2, 2, 2), (0, 1, 4, 5, 2, 3)).reshape(R, C)
 
 
+def permute_k32_rows(x: torch.Tensor) -> torch.Tensor:
+    """`permute_k32` in PyTorch: a copy of x [rows, C] (C a multiple of 32) with each 32-column
+    block in the word decode's order, made once before a kernel that reads it as it is."""
+    rows, C = x.shape
+    return x.reshape(rows, C // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(rows, C)
+
+
 @triton.jit
 def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
                 R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
