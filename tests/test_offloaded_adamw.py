@@ -67,35 +67,36 @@ def test_bf16_parameters_keep_bf16_states_like_adamw():
         assert a.state[p]["exp_avg"].dtype == p.dtype and torch.equal(p, q)
 
 
+def step_each(steps, *runs):
+    """For each step: gradients, then a step, for every (params, optimizer) run."""
+    for step in steps:
+        for params, opt in runs:
+            set_grads(params, step)
+            opt.step()
+
+
+def copy_values(dst, src):
+    with torch.no_grad():
+        for p, q in zip(dst, src):
+            p.copy_(q)
+
+
 def test_state_dicts_move_between_offloaded_and_plain_adamw_mid_run():
     reference, ours, theirs = make_params(), make_params(), make_params()
     ref = torch.optim.AdamW(groups_of(reference), weight_decay=0.05, foreach=True)
     plain = torch.optim.AdamW(groups_of(theirs), weight_decay=0.05, foreach=True)
-    for step in range(2):
-        for params, opt in ((reference, ref), (theirs, plain)):
-            set_grads(params, step)
-            opt.step()
+    step_each(range(2), (reference, ref), (theirs, plain))
     # plain -> offloaded: the states land in the host buffers, the hyperparameters in the groups
-    with torch.no_grad():
-        for p, q in zip(ours, theirs):
-            p.copy_(q)
+    copy_values(ours, theirs)
     offloaded = OffloadedAdamW(groups_of(ours), weight_decay=0.05, chunk_numel=30)
     offloaded.load_state_dict(plain.state_dict())
     assert offloaded.param_groups[1]["betas"] == (0.8, 0.99)
-    for step in range(2, 4):
-        for params, opt in ((reference, ref), (ours, offloaded)):
-            set_grads(params, step)
-            opt.step()
+    step_each(range(2, 4), (reference, ref), (ours, offloaded))
     # offloaded -> plain, through a checkpoint's path (load_optimizer_state)
-    with torch.no_grad():
-        for p, q in zip(theirs, ours):
-            p.copy_(q)
+    copy_values(theirs, ours)
     plain = torch.optim.AdamW(groups_of(theirs), weight_decay=0.05, foreach=True)
     load_optimizer_state(plain, offloaded.state_dict())
-    set_grads(reference, 4)
-    ref.step()
-    set_grads(theirs, 4)
-    plain.step()
+    step_each([4], (reference, ref), (theirs, plain))
     for p, q in zip(reference, theirs):
         assert torch.equal(p, q)
 
@@ -162,21 +163,15 @@ def test_a_tensor_learning_rate_works_as_in_adamw():
 def test_a_checkpoint_of_offloaded_states_resumes_a_fused_adamw_as_fused():
     ours, theirs = make_params(), make_params()
     a = OffloadedAdamW(ours, lr=0.01)
-    set_grads(ours, 0)
-    a.step()
+    step_each([0], (ours, a))
     fused = torch.optim.AdamW(theirs, lr=0.01, fused=True)
     saved = io.BytesIO()
     torch.save(a.state_dict(), saved)  # as a checkpoint: the loaded tensors are not the host buffers
     saved.seek(0)
     load_optimizer_state(fused, torch.load(saved))
     assert fused.param_groups[0]["fused"] is True
-    with torch.no_grad():
-        for p, q in zip(theirs, ours):
-            p.copy_(q)
-    set_grads(ours, 1)
-    set_grads(theirs, 1)
-    a.step()
-    fused.step()
+    copy_values(theirs, ours)
+    step_each([1], (ours, a), (theirs, fused))
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # the fused kernel rounds a little apart
 
