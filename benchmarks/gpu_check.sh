@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [train] [train120b] [sweep] [wordsweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
-# tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); train: benchmarks/train.py
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+# tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
+# with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
 # gpt-oss-120b-shaped LoRA step at 1K and 16K tokens with an AdamW step, its states offloaded to
 # the CPU and (the baseline, in a second process) on the GPU; sweep: the MXFP4
@@ -26,9 +27,38 @@ if [[ $what == *" tests "* ]]; then
     # TEST_FILES (optional) names a subset, e.g. leaving out files whose code has not changed since they passed.
     files=${TEST_FILES:-"tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_moe_gpu.py tests/test_fsdp_gpu.py
         tests/test_fused_gpu.py tests/test_attention_gpu.py"}
+    # FIRST_K (optional): a pytest -k expression run first across FIRST_FILES (default: the same
+    # files), within FIRST_TIMEOUT; the rest of $files follows without it. Its log is also kept in
+    # /tmp on the device, where a later call on the same warm machine (grpoab) reads it.
+    if [[ -n ${FIRST_K:-} ]]; then
+        timeout ${FIRST_TIMEOUT:-200} python -m pytest -m gpu -v -p no:cacheprovider -rfE -k "$FIRST_K" \
+            ${FIRST_FILES:-$files} 2>&1 | tee "$out/gpu_tests_first.log" \
+            | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -40
+        cp "$out/gpu_tests_first.log" /tmp/ossrl_gpu_tests_first.log
+        deselect=(-k "not ($FIRST_K)")
+    fi
     timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu -v -p no:cacheprovider --durations=15 -rfE \
-        $files 2>&1 | tee "$out/gpu_tests.log" \
+        "${deselect[@]}" $files 2>&1 | tee "$out/gpu_tests.log" \
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
+fi
+# passed NAME: every result line of test NAME (all its parameters) in the first tests' log passed.
+passed() {
+    local log=${FIRST_LOG:-/tmp/ossrl_gpu_tests_first.log}
+    grep -q "$1.*PASSED" "$log" 2>/dev/null && ! grep -qE "$1.*(FAILED|ERROR)" "$log"
+}
+if [[ $what == *" grpoab "* ]]; then
+    # The GRPO step without and then with the session-10 paths whose GPU tests passed (FIRST_K run).
+    flags=""
+    passed test_fused_log_softmax_equals && flags+=" --fused-log-softmax"
+    passed test_sink_rescale_kernels && flags+=" --sink-kernels"
+    passed test_shared_prefixes_give && flags+=" --share-prefixes"
+    echo "grpoab: flags whose tests passed:${flags:- none}"
+    timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 --out "$out/grpo_step.json" 2>&1 \
+        | tee "$out/grpo_step.log" | tail -4
+    if [[ -n $flags ]]; then
+        timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 $flags --out "$out/grpo_step_flags.json" 2>&1 \
+            | tee "$out/grpo_step_flags.log" | tail -4
+    fi
 fi
 if [[ $what == *" grpo "* ]]; then
     # GRPO_ARGS (optional), e.g. "--steps 3 --profile-train" (the last step's training phase profiled)
@@ -39,7 +69,7 @@ if [[ $what == *" train "* ]]; then
         --full-checkpoint-tokens 4096 --out "$out/train.json" 2>&1 | tee "$out/train.log" | tail -20
 fi
 if [[ $what == *" train120b "* ]]; then
-    for optimizer in offloaded adamw; do
+    for optimizer in ${OPTIMIZERS:-offloaded adamw}; do
         timeout 200 python benchmarks/train.py --model 120b --tokens 1024,16384 --repeats 1 --full-checkpoint-tokens "" \
             --optimizer $optimizer --out "$out/train_120b_$optimizer.json" 2>&1 | tee "$out/train_120b_$optimizer.log" | tail -4
     done
