@@ -169,10 +169,10 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     # classified exactly, run by run (a GRPO micro-batch of 8 completions of 1,016 tokens after a
     # 300-token prompt, 66 x 66 blocks: sliding-window layers 474 -> 152 visible blocks, full ones
     # 752 -> 530; each visible block is a block of FlexAttention's work).
-    q_runs = _block_runs(m.q_pos[:rows], None if m.q_doc is None else m.q_doc[:rows],
-                         None if m.q_branch is None else m.q_branch[:rows])
-    k_runs = _block_runs(m.k_pos[:rows], None if m.k_doc is None else m.k_doc[:rows],
-                         None if m.k_branch is None else m.k_branch[:rows])
+    def first_rows(*tensors):
+        return [None if t is None else t[:rows] for t in tensors]
+    q_runs = _block_runs(*first_rows(m.q_pos, m.q_doc, m.q_branch))
+    k_runs = _block_runs(*first_rows(m.k_pos, m.k_doc, m.k_branch))
     exact_any, exact_full = _runs_visibility(q_runs, k_runs, m.window)
     crowded = q_runs["crowded"][:, :, None] | k_runs["crowded"][:, None, :]
     any_visible = torch.where(crowded, any_visible, exact_any)
