@@ -72,3 +72,40 @@ def hf_from_ossrl(model, config, device="cuda", attn_implementation: str | None 
     return hf
 
 
+
+
+# Library switches a benchmark can set, each a module attribute: (flag, module, attribute, help).
+# --flag / --no-flag override the library's default, which applies when neither is given;
+# `apply_switches` returns the values in force, which the result JSON records.
+SWITCHES = (
+    ("fused-log-softmax", "ossrl.train.logprobs", "FUSED_LOG_SOFTMAX",
+     "the chunked log-probs' softmax through ossrl.kernels.log_softmax (else PyTorch's ops)"),
+    ("sink-kernels", "ossrl.kernels.attention", "SINK_KERNELS",
+     "the sinks' rescale through ossrl.kernels.sink_triton"),
+    ("share-prefixes", "ossrl.engine.engine", "SHARE_PREFIXES",
+     "rollouts: a prompt's n samples read its KV from one slot"),
+)
+
+
+def add_switches(ap, names=None) -> None:
+    """--NAME / --no-NAME for each switch (names: a subset), default the library's."""
+    import argparse
+
+    for flag, _, attribute, text in SWITCHES:
+        if names is None or flag in names:
+            ap.add_argument(f"--{flag}", dest=attribute.lower(), action=argparse.BooleanOptionalAction,
+                            default=None, help=f"{text} ({attribute}; default: the library's)")
+
+
+def apply_switches(args) -> dict:
+    """Set the switches given on the command line; {attribute in lower case: value in force}."""
+    import importlib
+
+    values = {}
+    for _, module_name, attribute, _ in SWITCHES:
+        module = importlib.import_module(module_name)
+        given = getattr(args, attribute.lower(), None)
+        if given is not None:
+            setattr(module, attribute, given)
+        values[attribute.lower()] = getattr(module, attribute)
+    return values

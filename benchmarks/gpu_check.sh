@@ -53,7 +53,8 @@ if [[ $what == *" grpoab "* ]]; then
     passed test_sink_rescale_kernels && flags+=" --sink-kernels"
     passed test_shared_prefixes_give && flags+=" --share-prefixes"
     echo "grpoab: flags whose tests passed:${flags:- none}"
-    timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 --out "$out/grpo_step.json" 2>&1 \
+    timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 --no-fused-log-softmax --no-sink-kernels \
+        --no-share-prefixes --out "$out/grpo_step.json" 2>&1 \
         | tee "$out/grpo_step.log" | tail -4
     if [[ -n $flags ]]; then
         timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 $flags --out "$out/grpo_step_flags.json" 2>&1 \
@@ -99,10 +100,10 @@ if [[ $what == *" decode "* ]]; then  # decode steps (batch 1, 64) with LoRA: co
             | tee "$out/profile_decode_picked.log" | grep -E "graph replay|CUDA time|tiles"
     fi
 fi
-if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9, off by default): its GPU test, then a 4K step both ways
+if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9; on since session 11): its GPU test, then a 4K step both ways
     timeout 200 python -m pytest -m gpu -q -p no:cacheprovider -k fused_log_softmax tests/test_train_gpu.py 2>&1 \
         | tee "$out/logsoftmax_test.log" | tail -3
-    for flag in "" --fused-log-softmax "--fused-log-softmax --sink-kernels"; do
+    for flag in --no-fused-log-softmax --fused-log-softmax "--fused-log-softmax --sink-kernels"; do
         timeout 150 python benchmarks/profile_train.py --tokens 4096 $flag 2>&1 | tee -a "$out/logsoftmax_profile.log" | head -12
     done
 fi

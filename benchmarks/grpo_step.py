@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import device_info  # noqa: E402
+from _common import add_switches, apply_switches, device_info  # noqa: E402
 from ossrl.envs.tasks import make_2048_dataset  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.tokenizer import write_byte_level_tokenizer  # noqa: E402
@@ -46,28 +46,12 @@ def main():
     ap.add_argument("--profile-train", action="store_true",
                     help="profile the last step's training phase (left out of mean_steady): GPU busy time against "
                          "wall, the phases (grpo/forward, grpo/backward, grpo/optimizer_step), top kernels")
-    ap.add_argument("--fused-log-softmax", action="store_true",
-                    help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
-    ap.add_argument("--sink-kernels", action="store_true",
-                    help="the sinks' rescale through ossrl.kernels.sink_triton (SINK_KERNELS)")
-    ap.add_argument("--share-prefixes", action="store_true",
-                    help="rollouts: a prompt's n samples read its KV from one slot (SHARE_PREFIXES)")
+    add_switches(ap)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     if args.profile_train and args.steps < 3:
         ap.error("--profile-train needs --steps 3 or more (step 1 compiles; the profiled last step is left out)")
-    if args.fused_log_softmax:
-        import ossrl.train.logprobs
-
-        ossrl.train.logprobs.FUSED_LOG_SOFTMAX = True
-    if args.sink_kernels:
-        import ossrl.kernels.attention
-
-        ossrl.kernels.attention.SINK_KERNELS = True
-    if args.share_prefixes:
-        import ossrl.engine.engine
-
-        ossrl.engine.engine.SHARE_PREFIXES = True
+    switches = apply_switches(args)
     work = Path(tempfile.mkdtemp())
     tokenizer = write_byte_level_tokenizer(work)
     model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
@@ -88,8 +72,7 @@ def main():
     result = {"benchmark": "grpo_step", **device_info(), "shape": "8 prompts x 8 generations, 20b, MXFP4 experts",
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
               "enable_sleep_mode": not args.no_sleep_mode, "gradient_checkpointing": args.checkpointing,
-              "fused_log_softmax": args.fused_log_softmax, "sink_kernels": args.sink_kernels,
-              "share_prefixes": args.share_prefixes,
+              **switches,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import add_switches, apply_switches  # noqa: E402
 from train import single_document  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
@@ -31,19 +32,9 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=4096)
 ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
-ap.add_argument("--fused-log-softmax", action="store_true",
-                help="the chunked log-probs through ossrl.kernels.log_softmax (FUSED_LOG_SOFTMAX)")
-ap.add_argument("--sink-kernels", action="store_true",
-                help="the sinks' rescale through ossrl.kernels.sink_triton (SINK_KERNELS)")
+add_switches(ap, ("fused-log-softmax", "sink-kernels"))
 args = ap.parse_args()
-if args.fused_log_softmax:
-    import ossrl.train.logprobs
-
-    ossrl.train.logprobs.FUSED_LOG_SOFTMAX = True
-if args.sink_kernels:
-    import ossrl.kernels.attention
-
-    ossrl.kernels.attention.SINK_KERNELS = True
+print(apply_switches(args))
 config = GptOssConfig.gpt_oss_20b()
 model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
 apply_lora(model, LoRAConfig(r=16, alpha=32))
