@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import copy_bandwidth_gbs, device_info, hf_from_ossrl  # noqa: E402
+from _common import add_switches, apply_switches, copy_bandwidth_gbs, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
@@ -60,8 +60,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_ossrl(model, shapes, vocab, share_prefixes: bool = False) -> list[dict]:
-    engine = RolloutEngine(model, share_prefixes=share_prefixes)
+def run_ossrl(model, shapes, vocab) -> list[dict]:
+    engine = RolloutEngine(model)
     rows = []
     for shape in shapes:
         P, n, lengths = shape["prompts"], shape["n"], shape["max_new"]
@@ -118,9 +118,9 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a quick check, not a benchmark result)")
     ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
     ap.add_argument("--lora", action="store_true", help="ossrl with LoRA r=16 on attention and experts (unmerged)")
-    ap.add_argument("--share-prefixes", action="store_true",
-                    help="a prompt's n samples read its KV from one slot (RolloutEngine(share_prefixes=True))")
+    add_switches(ap, ("share-prefixes",))
     args = ap.parse_args()
+    switches = apply_switches(args)
     config = GptOssConfig.gpt_oss_20b()
     g = random.Random(0)
     grpo_lengths = [g.randint(64, 1024) for _ in range(8)]
@@ -134,7 +134,7 @@ def main():
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     if args.lora:
         apply_lora(model, LoRAConfig(r=16, alpha=32))
-    ours = run_ossrl(model, shapes, config.vocab_size, args.share_prefixes)
+    ours = run_ossrl(model, shapes, config.vocab_size)
     theirs = []
     if not args.skip_hf:
         hf = hf_from_ossrl(model, config, attn_implementation="eager").eval()
@@ -150,7 +150,7 @@ def main():
     bytes_step = decode_bytes_batch1(config)
     b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
     steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
-    result = {"benchmark": "generate", **info, "lora": args.lora, "share_prefixes": args.share_prefixes,
+    result = {"benchmark": "generate", **info, "lora": args.lora, "share_prefixes": switches["share_prefixes"],
               "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
               "ossrl": ours, "transformers": theirs, "speedup": ratios,
               "batch1_bytes_per_step": bytes_step,

@@ -66,7 +66,7 @@ def test_shared_prefixes_read_each_prompts_kv_from_one_slot_with_the_same_output
     other = [[17, 3, 3, 99, 41], [8] * 12, [250, 1, 2], [60, 61]]
     free = RolloutEngine(model, backend="slots").generate(PROMPTS, 4, SamplingParams(max_new_tokens=12, seed=3))
     stops = [free[0][0].token_ids[2], free[2][0].token_ids[1]]
-    plain = RolloutEngine(model, backend="slots", **options)
+    plain = RolloutEngine(model, backend="slots", share_prefixes=False, **options)
     shared = RolloutEngine(model, backend="slots", share_prefixes=True, **options)
     finished_early = unwritten = 0
     for prompts, n, limit in ((PROMPTS, 4, 12), (other, 2, [9, 14, 5, 11]), (PROMPTS[:2], 6, 10), (other, 3, 700)):

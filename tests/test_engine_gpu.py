@@ -195,11 +195,12 @@ def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
     params = SamplingParams(temperature=1.0, max_new_tokens=[30, 12, 25], seed=5,
                             stop_token_ids=[free[0][0].token_ids[3], free[2][0].token_ids[6]])
     options = dict(sync_every=2, prefill_tokens=16)
-    plain = RolloutEngine(model, **options).generate(PROMPTS, 4, params)
+    plain = RolloutEngine(model, share_prefixes=False, **options).generate(PROMPTS, 4, params)
     assert any(group[0].finish_reason == "stop" for group in plain)  # a leader retires early
     engine = RolloutEngine(model, share_prefixes=True, **options)
     assert engine.generate(PROMPTS, 4, params) == plain
-    assert engine._slots.graphs and not engine._slots.graph_failures
+    if dtype == torch.bfloat16:  # fp32 experts run the PyTorch twin, whose bincount syncs: no graphs
+        assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
     for cache in (*engine._slots.pool.k.values(), *engine._slots.pool.v.values()):
         cache.fill_(float("nan"))
     assert engine.generate(PROMPTS, 4, params) == plain

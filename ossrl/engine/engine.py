@@ -31,9 +31,10 @@ from ossrl.model.gptoss import GptOssForCausalLM, KVCache, check_scales_fold, in
 from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
-# The slots backend's default for `RolloutEngine(share_prefixes=...)`: off until a GPU has timed it
-# (benchmarks/generate.py and grpo_step.py take --share-prefixes).
-SHARE_PREFIXES = False
+# The slots backend's default for `RolloutEngine(share_prefixes=...)`. On since session 11: the GPU
+# test gave the same completions, and the GRPO step's generate phase went 9.44 -> 9.09 s on an H100
+# (benchmarks/results/grpo_step.json; grpo_step.py takes --no-share-prefixes).
+SHARE_PREFIXES = True
 
 
 class RolloutEngine:
@@ -50,7 +51,7 @@ class RolloutEngine:
         if prefill_tokens <= 0:
             raise ValueError(f"prefill_tokens must be positive, got {prefill_tokens}")
         # The slots backend's n samples of a prompt read its KV from one slot (full-attention layers;
-        # the same outputs, n - 1 fewer copies read per step). Default SHARE_PREFIXES: off until timed.
+        # the same outputs, n - 1 fewer copies read per step). Default: SHARE_PREFIXES (on).
         self._slot_options = dict(cuda_graphs=cuda_graphs, sync_every=sync_every, prefill_tokens=prefill_tokens,
                                   share_prefixes=SHARE_PREFIXES if share_prefixes is None else share_prefixes)
         # MXFP4 experts on a GPU whose scales are all <= 128 decode with one multiply a pair

@@ -320,9 +320,10 @@ def sink_attention_reference(
     return out.reshape(B, Tq, Hq, D).to(q.dtype)
 
 
-# The one-pass Triton kernels for `_SinkRescale` on CUDA (ossrl.kernels.sink_triton); off until
-# their GPU test (tests/test_attention_gpu.py) has run on a GPU.
-SINK_KERNELS = False
+# The one-pass Triton kernels for `_SinkRescale` on CUDA (ossrl.kernels.sink_triton). On since
+# session 11: their GPU test passed (tests/test_attention_gpu.py) and, with shared prefixes, the
+# GRPO step's training phase went 5.09 -> 4.92 s on an H100 (benchmarks/results/grpo_step.json).
+SINK_KERNELS = True
 
 
 def _sink_kernels(out: torch.Tensor):
