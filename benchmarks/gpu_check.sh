@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
 # gpt-oss-120b-shaped LoRA step at 1K and 16K tokens with an AdamW step, its states offloaded to
 # the CPU and (the baseline, in a second process) on the GPU; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; wordsweep: its folded word tiles with the scales one
-# and two K tiles ahead; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
+# and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
+# tiles, contiguous spans) against the decode kernels; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
@@ -82,6 +83,10 @@ fi
 if [[ $what == *" wordsweep "* ]]; then  # the folded word tiles, scales one and two K tiles ahead (session 10)
     timeout ${SWEEP_TIMEOUT:-300} python benchmarks/moe.py --decode-sweep --decode-grid words \
         --out "$out/moe_decode_sweep_ahead.json" 2>&1 | tee "$out/moe_wordsweep.log" | grep -v "^decode_sweep" | tail -20
+fi
+if [[ $what == *" readroof "* ]]; then  # the MoE decode's read ceiling (session 11): the routed bytes read with no math
+    timeout ${SWEEP_TIMEOUT:-200} python benchmarks/moe.py --read-roofline --out "$out/moe_read_roofline.json" 2>&1 \
+        | tee "$out/moe_read_roofline.log" | tail -25
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
     timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \

@@ -3,7 +3,8 @@
 and `torch._grouped_mm` (bf16), all on the same weights in the same run.
 
 Run on a GPU from the repo root:  python benchmarks/moe.py --out benchmarks/results/moe.json
-(--sweep also times several tile configurations of the ossrl kernels.)
+(--sweep also times several tile configurations of the ossrl kernels; --decode-sweep, --train-sweep
+and --read-roofline run one study alone.)
 
 Figures per token count: forward and forward+backward (input and routing-weight gradients; the
 base is frozen) median times; bytes moved per forward (routed expert weights + x + out) and the
@@ -168,6 +169,9 @@ def main():
     parser.add_argument("--decode-grid", default="full", choices=("full", "words"),
                         help="words: only the folded word tiles, with the scales one and two K tiles ahead")
     parser.add_argument("--train-sweep", action="store_true", help="only the MXFP4 training-size sweep")
+    parser.add_argument("--read-roofline", action="store_true",
+                        help="only the decode sizes' read ceiling: the routed experts' bytes read with no "
+                             "arithmetic, as the decode's tiles and as contiguous spans (benchmarks/moe_read.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -193,7 +197,9 @@ def main():
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.decode_sweep or args.train_sweep:
+    if args.decode_sweep or args.train_sweep or args.read_roofline:
+        if args.read_roofline:
+            result["read_roofline"] = read_roofline(mx, router, gen, copy_bw)
         if args.decode_sweep:
             result["decode_sweep"] = decode_sweep(mx, router, gen, copy_bw, args.decode_grid)
         if args.train_sweep:
@@ -316,6 +322,57 @@ def _sweep_rows(configs, runs, mx, router, gen, copy_bw):
                 r["graph_bandwidth_fraction"] = nbytes / (r["fwd_graph_ms"] * 1e-3) / copy_bw
             rows.append(r)
             print("decode_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    return rows
+
+
+def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
+    """At 1, 8 and 64 tokens: the decode's kernels (default tiles, folded scales, as the engine
+    runs them) against reading the same routed experts' codes and scales with nothing else to do,
+    through the decode's tile shapes and as contiguous spans (`moe_read`), each replayed from a
+    CUDA graph; and a contiguous read of 544 MiB (the read ceiling of this kind of kernel).
+    Fractions are of the copy bandwidth (bytes read + written), as in the sweeps, on the routed
+    experts' codes and scales (the sweeps also count biases and activations: under 1% more)."""
+    from moe_read import read_flat, read_tiles
+
+    rows, device = [], mx.gate_up.device
+    # contiguous_rows blocks of 16 bytes: 512 MiB of codes and 32 MiB of scales by default
+    huge = torch.randint(0, 256, (1, contiguous_rows, 1, 16), generator=gen, device=device, dtype=torch.uint8)
+    huge_scales = torch.zeros(1, contiguous_rows, 1, device=device, dtype=torch.uint8)
+    one = torch.zeros(1, dtype=torch.int32, device=device)
+    parts = max(1, contiguous_rows >> 13)
+    ms = graph_time(lambda *_: read_flat(huge, huge_scales, one, parts=parts, block_words=2048, block_scales=512),
+                    None, None, None)
+    big = {"what": f"contiguous read, {huge.numel() >> 20} MiB codes + {huge_scales.numel() >> 20} MiB scales", "ms": ms,
+           "fraction_of_copy_bandwidth": (huge.numel() + huge_scales.numel()) / (ms * 1e-3) / copy_bw}
+    print("read_roofline", big, flush=True)
+    rows.append(big)
+    del huge, huge_scales
+    folded = dataclasses.replace(mx, scales_fold=True)
+    weights = ((mx.gate_up, mx.gate_up_scales), (mx.down, mx.down_scales))
+    for N in (1, 8, 64):
+        x = torch.randn(N, router.shape[0], generator=gen, device=device).to(router.dtype)
+        w, ids = route(x @ router, K_TOP)
+        experts = torch.unique(ids).to(torch.int32)
+        nbytes = sum(experts.numel() * (b[0].numel() + s[0].numel()) for b, s in weights)
+        cfg = moe_triton.choose_config(N * K_TOP, folded)
+        timed = {"decode kernels (default tiles, folded)": graph_time(plan_kernels(folded, x, ids, cfg), x, w, ids)}
+        for bn, bk, stages in ((cfg.BN, cfg.BK, cfg.num_stages), (64, 64, 3), (128, 128, 4), (64, 256, 3)):
+            timed[f"read as {bn}x{bk} tiles, {stages} stages"] = graph_time(
+                lambda *_, bn=bn, bk=bk, st=stages: [read_tiles(b, s, experts, bn=bn, bk=bk, stages=st)
+                                                     for b, s in weights], None, None, None)
+        # contiguous spans: as many programs as the decode's tiles (where they cut evenly), and 8
+        tile_parts = [b.shape[1] // cfg.BN for b, _ in weights]
+        if all((b[0].numel() // 4) % p == 0 and s[0].numel() % p == 0 for (b, s), p in zip(weights, tile_parts)):
+            timed["read contiguous, a program per decode tile"] = graph_time(
+                lambda *_: [read_flat(b, s, experts, parts=p) for (b, s), p in zip(weights, tile_parts)],
+                None, None, None)
+        timed["read contiguous, 8 programs an expert"] = graph_time(
+            lambda *_: [read_flat(b, s, experts, parts=8) for b, s in weights], None, None, None)
+        for what, t in timed.items():
+            r = {"tokens": N, "experts_hit": experts.numel(), "bytes": nbytes, "what": what, "ms": t,
+                 "fraction_of_copy_bandwidth": nbytes / (t * 1e-3) / copy_bw}
+            print("read_roofline", r, flush=True)
+            rows.append(r)
     return rows
 
 

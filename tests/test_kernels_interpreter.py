@@ -812,3 +812,33 @@ def test_sink_rescale_kernels_equal_the_pytorch_twin(layout, monkeypatch):
         assert ours_stride == twin_stride == base.stride()  # the output keeps out's layout
         for a, b in zip(ours, twin):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_read_roofline_kernels_read_every_routed_byte_once():
+    """benchmarks/moe_read.py (the MoE decode's read ceiling): the tile-mapped read (a ragged
+    last K tile, as at K = 2,880 with 128-column tiles) and the contiguous read each fold exactly
+    the routed experts' code words and scale bytes, nothing twice, nothing of the others."""
+    import functools
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from moe_read import expected_xor, read_flat, read_tiles
+
+    g = torch.Generator().manual_seed(0)
+    E, rows, K = 4, 32, 320  # K / 8 = 40 words a row: 2.5 tiles of 128 columns
+    blocks = torch.randint(0, 256, (E, rows, K // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(0, 256, (E, rows, K // 32), generator=g, dtype=torch.uint8)
+    experts = torch.tensor([3, 1], dtype=torch.int32)
+
+    def folded(out):
+        return functools.reduce(lambda a, b: a ^ b, (v & 0xFFFFFFFF for v in out.tolist()), 0)
+
+    want = expected_xor(blocks, scales, experts)
+    assert want != expected_xor(blocks, scales, experts[:1])  # the check tells experts apart
+    for bn, bk in ((16, 128), (32, 64)):
+        assert folded(read_tiles(blocks, scales, experts, bn=bn, bk=bk, stages=2)) == want
+    for parts, bw, bs in ((2, 64, 32), (4, 128, 32)):  # whole blocks; a masked end in every part
+        assert folded(read_flat(blocks, scales, experts, parts=parts, block_words=bw, block_scales=bs, stages=2)) == want
+    with pytest.raises(ValueError, match="do not cut"):
+        read_flat(blocks, scales, experts, parts=3)
