@@ -356,10 +356,12 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
         nbytes = sum(experts.numel() * (b[0].numel() + s[0].numel()) for b, s in weights)
         cfg = moe_triton.choose_config(N * K_TOP, folded)
         timed = {"decode kernels (default tiles, folded)": graph_time(plan_kernels(folded, x, ids, cfg), x, w, ids)}
-        for bn, bk, stages in ((cfg.BN, cfg.BK, cfg.num_stages), (64, 64, 3), (128, 128, 4), (64, 256, 3)):
-            timed[f"read as {bn}x{bk} tiles, {stages} stages"] = graph_time(
-                lambda *_, bn=bn, bk=bk, st=stages: [read_tiles(b, s, experts, bn=bn, bk=bk, stages=st)
-                                                     for b, s in weights], None, None, None)
+        tiles = [(cfg.BN, cfg.BK, cfg.split_k, cfg.num_stages), (64, 64, 1, 3), (64, 64, 4, 3), (128, 128, 1, 4),
+                 (64, 256, 1, 3)]
+        for bn, bk, sk, stages in tiles:
+            timed[f"read as {bn}x{bk} tiles, split-K {sk}, {stages} stages"] = graph_time(
+                lambda *_, bn=bn, bk=bk, sk=sk, st=stages: [read_tiles(b, s, experts, bn=bn, bk=bk, split_k=sk, stages=st)
+                                                            for b, s in weights], None, None, None)
         # contiguous spans: as many programs as the decode's tiles (where they cut evenly), and 8
         tile_parts = [b.shape[1] // cfg.BN for b, _ in weights]
         if all((b[0].numel() // 4) % p == 0 and s[0].numel() % p == 0 for (b, s), p in zip(weights, tile_parts)):

@@ -30,18 +30,23 @@ if triton is not None:
 
     @triton.jit
     def _read_tiles(blocks, scales, experts, out, ROWS: tl.constexpr, KW: tl.constexpr, KS: tl.constexpr,
-                    BN: tl.constexpr, BKW: tl.constexpr, BKS: tl.constexpr, STAGES: tl.constexpr):
-        """blocks: int32 words [E, ROWS, KW]; scales uint8 [E, ROWS, KS]; a program reads rows
-        [n0, n0 + BN) of expert experts[pid // (ROWS // BN)], BKW words and BKS scales a row a step."""
+                    BN: tl.constexpr, BKW: tl.constexpr, BKS: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr):
+        """blocks: int32 words [E, ROWS, KW]; scales uint8 [E, ROWS, KS]; program pid reads rows
+        [n0, n0 + BN) of expert experts[pid // (SPLIT * ROWS // BN)], part pid % SPLIT of its K
+        tiles (as the decode's split-K), BKW words and BKS scales a row a step."""
         pid = tl.program_id(0)
-        e = tl.load(experts + pid // (ROWS // BN)).to(tl.int64)
-        n0 = (pid % (ROWS // BN)) * BN
+        part = pid % SPLIT
+        tile = pid // SPLIT
+        e = tl.load(experts + tile // (ROWS // BN)).to(tl.int64)
+        n0 = (tile % (ROWS // BN)) * BN
         rows = n0 + tl.arange(0, BN)
         words = blocks + e * ROWS * KW + rows[:, None].to(tl.int64) * KW + tl.arange(0, BKW)[None, :]
         sc = scales + e * ROWS * KS + rows[:, None].to(tl.int64) * KS + tl.arange(0, BKS)[None, :]
         acc = tl.zeros([BN, BKW], dtype=tl.int32)
         acc_s = tl.zeros([BN, BKS], dtype=tl.int32)
-        for k in tl.range(0, tl.cdiv(KW, BKW), num_stages=STAGES):  # a ragged last tile masked, as the decode's
+        steps = tl.cdiv(tl.cdiv(KW, BKW), SPLIT)
+        # a ragged last tile masked, as the decode's (and steps past the last tile: all masked)
+        for k in tl.range(part * steps, part * steps + steps, num_stages=STAGES):
             w_mask = (k * BKW + tl.arange(0, BKW) < KW)[None, :]
             s_mask = (k * BKS + tl.arange(0, BKS) < KS)[None, :]
             acc ^= tl.load(words + k * BKW, mask=w_mask, other=0)
@@ -75,18 +80,19 @@ if triton is not None:
 
 
 def read_tiles(blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, *, bn: int = 64, bk: int = 128,
-               stages: int = 4, num_warps: int = 4) -> torch.Tensor:
+               split_k: int = 1, stages: int = 4, num_warps: int = 4) -> torch.Tensor:
     """Read experts' codes (blocks uint8 [E, rows, K/32, 16]) and scales ([E, rows, K/32]) as the
-    decode's tiles of bn rows x bk columns: one int32 per program (xor of everything it read)."""
+    decode's tiles of bn rows x bk columns, K cut in split_k parts: one int32 per program (xor of
+    everything it read)."""
     E, rows, kb, _ = blocks.shape
     words = blocks.view(E, rows, kb * 16).view(torch.int32)  # [E, rows, K/8]
     kw, ks = words.shape[-1], scales.shape[-1]
     bkw, bks = bk // 8, bk // 32
     if rows % bn or bk % 32:
         raise ValueError(f"read_tiles: {rows} rows do not cut into tiles of {bn} rows, or {bk} is not a multiple of 32")
-    out = torch.empty(experts.numel() * (rows // bn), dtype=torch.int32, device=blocks.device)
+    out = torch.empty(experts.numel() * (rows // bn) * split_k, dtype=torch.int32, device=blocks.device)
     _read_tiles[(out.numel(),)](words, scales, experts, out, ROWS=rows, KW=kw, KS=ks, BN=bn, BKW=bkw, BKS=bks,
-                                STAGES=stages, num_warps=num_warps)
+                                SPLIT=split_k, STAGES=stages, num_warps=num_warps)
     return out
 
 

@@ -836,8 +836,8 @@ def test_moe_read_roofline_kernels_read_every_routed_byte_once():
 
     want = expected_xor(blocks, scales, experts)
     assert want != expected_xor(blocks, scales, experts[:1])  # the check tells experts apart
-    for bn, bk in ((16, 128), (32, 64)):
-        assert folded(read_tiles(blocks, scales, experts, bn=bn, bk=bk, stages=2)) == want
+    for bn, bk, split in ((16, 128, 1), (32, 64, 1), (16, 64, 2), (16, 128, 2)):  # 5 and 3 K tiles cut in 2
+        assert folded(read_tiles(blocks, scales, experts, bn=bn, bk=bk, split_k=split, stages=2)) == want
     for parts, bw, bs in ((2, 64, 32), (4, 128, 32)):  # whole blocks; a masked end in every part
         assert folded(read_flat(blocks, scales, experts, parts=parts, block_words=bw, block_scales=bs, stages=2)) == want
     with pytest.raises(ValueError, match="do not cut"):
