@@ -42,22 +42,26 @@ if [[ $what == *" tests "* ]]; then
         "${deselect[@]}" $files 2>&1 | tee "$out/gpu_tests.log" \
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
 fi
-# passed NAME: every result line of test NAME (all its parameters) in the first tests' log passed.
+# passed NAME: the first tests' run finished (its summary line is there: a run cut by its limit may
+# have left some of NAME's parameters unrun) and every result line of test NAME in it passed.
 passed() {
     local log=${FIRST_LOG:-/tmp/ossrl_gpu_tests_first.log}
-    grep -q "$1.*PASSED" "$log" 2>/dev/null && ! grep -qE "$1.*(FAILED|ERROR)" "$log"
+    grep -qE "^=+ .*[0-9]+ (passed|failed)" "$log" 2>/dev/null && grep -q "$1.*PASSED" "$log" \
+        && ! grep -qE "$1.*(FAILED|ERROR)" "$log"
 }
 if [[ $what == *" grpoab "* ]]; then
     # The GRPO step without and then with the session-10 paths whose GPU tests passed (FIRST_K run).
-    flags=""
-    passed test_fused_log_softmax_equals && flags+=" --fused-log-softmax"
-    passed test_sink_rescale_kernels && flags+=" --sink-kernels"
-    passed test_shared_prefixes_give && flags+=" --share-prefixes"
-    echo "grpoab: flags whose tests passed:${flags:- none}"
+    # (every path named either way: the library's defaults are on since session 11)
+    flags="" on=0
+    for pair in test_fused_log_softmax_equals:fused-log-softmax test_sink_rescale_kernels:sink-kernels \
+        test_shared_prefixes_give:share-prefixes; do
+        if passed "${pair%%:*}"; then flags+=" --${pair#*:}"; on=1; else flags+=" --no-${pair#*:}"; fi
+    done
+    echo "grpoab: paths on where their tests passed:$flags"
     timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 --no-fused-log-softmax --no-sink-kernels \
         --no-share-prefixes --out "$out/grpo_step.json" 2>&1 \
         | tee "$out/grpo_step.log" | tail -4
-    if [[ -n $flags ]]; then
+    if (( on )); then
         timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 $flags --out "$out/grpo_step_flags.json" 2>&1 \
             | tee "$out/grpo_step_flags.log" | tail -4
     fi
@@ -108,7 +112,8 @@ fi
 if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9; on since session 11): its GPU test, then a 4K step both ways
     timeout 200 python -m pytest -m gpu -q -p no:cacheprovider -k fused_log_softmax tests/test_train_gpu.py 2>&1 \
         | tee "$out/logsoftmax_test.log" | tail -3
-    for flag in --no-fused-log-softmax --fused-log-softmax "--fused-log-softmax --sink-kernels"; do
+    for flag in "--no-fused-log-softmax --no-sink-kernels" "--fused-log-softmax --no-sink-kernels" \
+        "--fused-log-softmax --sink-kernels"; do
         timeout 150 python benchmarks/profile_train.py --tokens 4096 $flag 2>&1 | tee -a "$out/logsoftmax_profile.log" | head -12
     done
 fi

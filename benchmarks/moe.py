@@ -328,7 +328,8 @@ def _sweep_rows(configs, runs, mx, router, gen, copy_bw):
 def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
     """At 1, 8 and 64 tokens: the decode's kernels (default tiles, folded scales, as the engine
     runs them) against reading the same routed experts' codes and scales with nothing else to do,
-    through the decode's tile shapes and as contiguous spans (`moe_read`), each replayed from a
+    through the decode's tile shapes (its split-K too) and others, and as contiguous spans in as
+    many programs as the decode's or 8 an expert (`moe_read`), each replayed from a
     CUDA graph; and a contiguous read of 544 MiB (the read ceiling of this kind of kernel).
     Fractions are of the copy bandwidth (bytes read + written), as in the sweeps, on the routed
     experts' codes and scales (the sweeps also count biases and activations: under 1% more)."""
@@ -340,10 +341,11 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
     huge_scales = torch.zeros(1, contiguous_rows, 1, device=device, dtype=torch.uint8)
     one = torch.zeros(1, dtype=torch.int32, device=device)
     parts = max(1, contiguous_rows >> 13)
-    ms = graph_time(lambda *_: read_flat(huge, huge_scales, one, parts=parts, block_words=2048, block_scales=512),
-                    None, None, None)
-    big = {"what": f"contiguous read, {huge.numel() >> 20} MiB codes + {huge_scales.numel() >> 20} MiB scales", "ms": ms,
-           "fraction_of_copy_bandwidth": (huge.numel() + huge_scales.numel()) / (ms * 1e-3) / copy_bw}
+    ms = attempt(lambda: graph_time(
+        lambda *_: read_flat(huge, huge_scales, one, parts=parts, block_words=2048, block_scales=512), None, None, None))
+    big = {"what": f"contiguous read, {huge.numel() >> 20} MiB codes + {huge_scales.numel() >> 20} MiB scales", "ms": ms}
+    if isinstance(ms, float):
+        big["fraction_of_copy_bandwidth"] = (huge.numel() + huge_scales.numel()) / (ms * 1e-3) / copy_bw
     print("read_roofline", big, flush=True)
     rows.append(big)
     del huge, huge_scales
@@ -356,23 +358,27 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
         nbytes = sum(experts.numel() * (b[0].numel() + s[0].numel()) for b, s in weights)
         cfg = moe_triton.choose_config(N * K_TOP, folded)
         timed = {"decode kernels (default tiles, folded)": graph_time(plan_kernels(folded, x, ids, cfg), x, w, ids)}
-        tiles = [(cfg.BN, cfg.BK, cfg.split_k, cfg.num_stages), (64, 64, 1, 3), (64, 64, 4, 3), (128, 128, 1, 4),
-                 (64, 256, 1, 3)]
+        # the default's tile first (its split-K too), then others whose rows cut both weights (2,880 rows:
+        # not 128-row tiles)
+        tiles = [(cfg.BN, cfg.BK, cfg.split_k, cfg.num_stages), (64, 64, 1, 3), (64, 64, 4, 3), (64, 128, 1, 4),
+                 (64, 256, 1, 3), (32, 128, 1, 4)]
+        tiles = [t for i, t in enumerate(tiles) if t not in tiles[:i] and all(b.shape[1] % t[0] == 0 for b, _ in weights)]
         for bn, bk, sk, stages in tiles:
-            timed[f"read as {bn}x{bk} tiles, split-K {sk}, {stages} stages"] = graph_time(
-                lambda *_, bn=bn, bk=bk, sk=sk, st=stages: [read_tiles(b, s, experts, bn=bn, bk=bk, split_k=sk, stages=st)
-                                                            for b, s in weights], None, None, None)
-        # contiguous spans: as many programs as the decode's tiles (where they cut evenly), and 8
-        tile_parts = [b.shape[1] // cfg.BN for b, _ in weights]
+            timed[f"read as {bn}x{bk} tiles, split-K {sk}, {stages} stages"] = attempt(lambda bn=bn, bk=bk, sk=sk, st=stages: graph_time(
+                lambda *_: [read_tiles(b, s, experts, bn=bn, bk=bk, split_k=sk, stages=st) for b, s in weights],
+                None, None, None))
+        # contiguous spans: as many programs as the decode's tiles and K parts (where they cut evenly), and 8
+        tile_parts = [b.shape[1] // cfg.BN * cfg.split_k for b, _ in weights]
         if all((b[0].numel() // 4) % p == 0 and s[0].numel() % p == 0 for (b, s), p in zip(weights, tile_parts)):
-            timed["read contiguous, a program per decode tile"] = graph_time(
+            timed["read contiguous, a program per decode program"] = attempt(lambda: graph_time(
                 lambda *_: [read_flat(b, s, experts, parts=p) for (b, s), p in zip(weights, tile_parts)],
-                None, None, None)
-        timed["read contiguous, 8 programs an expert"] = graph_time(
-            lambda *_: [read_flat(b, s, experts, parts=8) for b, s in weights], None, None, None)
+                None, None, None))
+        timed["read contiguous, 8 programs an expert"] = attempt(lambda: graph_time(
+            lambda *_: [read_flat(b, s, experts, parts=8) for b, s in weights], None, None, None))
         for what, t in timed.items():
-            r = {"tokens": N, "experts_hit": experts.numel(), "bytes": nbytes, "what": what, "ms": t,
-                 "fraction_of_copy_bandwidth": nbytes / (t * 1e-3) / copy_bw}
+            r = {"tokens": N, "experts_hit": experts.numel(), "bytes": nbytes, "what": what, "ms": t}
+            if isinstance(t, float):
+                r["fraction_of_copy_bandwidth"] = nbytes / (t * 1e-3) / copy_bw
             print("read_roofline", r, flush=True)
             rows.append(r)
     return rows

@@ -5,8 +5,9 @@ neither fewer instructions (the fold, session 9) nor earlier scale loads or a re
 permute (session 11) moved them by more than 2%. These kernels read the same bytes with nothing
 else to do, so they say how much of the gap is the memory path itself:
 
-- "tiles": the decode's own mapping: one program per (hit expert, BN rows), each walking K in
-  BK-column tiles (BK / 2 bytes of codes and BK / 32 scales a row), pipelined `stages` deep.
+- "tiles": the decode's own mapping: one program per (hit expert, BN rows, K part), each walking
+  its part of K in BK-column tiles (BK / 2 bytes of codes and BK / 32 scales a row), pipelined
+  `stages` deep.
   Row r of a tile is 1,440 contiguous bytes at gpt-oss's K = 2,880, so each tile load is BN
   segments of BK / 2 bytes, and the scales BN segments of BK / 32 bytes, 90 bytes apart (a
   ragged last K tile masked, as in the decode).

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import device_info, hf_from_ossrl  # noqa: E402
+from _common import add_switches, apply_switches, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
@@ -157,7 +157,10 @@ def main():
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_120b.json for 120b)")
+    add_switches(ap, ("fused-log-softmax", "sink-kernels"))
     args = ap.parse_args()
+    switches = apply_switches(args)
+    del switches["share_prefixes"]  # (no rollouts here)
     if args.out is None:
         name = "train.json" if args.model == "20b" else f"train_{args.model}.json"
         args.out = os.path.join(os.environ.get("OUT", "benchmarks/results"), name)
@@ -192,7 +195,7 @@ def main():
         "note": ("peak is one forward+backward with LoRA gradients; an AdamW optimizer adds two fp32 states per "
                  "trainable parameter (8 bytes each) on top" if args.optimizer == "none" else
                  f"peak is one forward+backward with LoRA gradients and an AdamW step ({args.optimizer})"),
-        "lora_trainable_params": counts,
+        "lora_trainable_params": counts, **switches,
         "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,
         "seconds_total": round(time.time() - t0, 1),
     }

@@ -183,7 +183,8 @@ def test_unaligned_lora_rank_decodes_in_cuda_graphs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
-    """`share_prefixes` on CUDA (compiled decode kernel, graph replay): the n samples of a prompt
+    """`share_prefixes` on CUDA (compiled decode kernel; graph replay in bf16, while fp32 experts
+    run the PyTorch twin, which no graph captures): the n samples of a prompt
     read its KV from one slot on the full-attention layers; with every cache row poisoned (NaN)
     before the second generate (a row read from the wrong slot would show), tokens and log-probs
     equal the unshared engine's bit for bit (the same arithmetic on the same values), with one

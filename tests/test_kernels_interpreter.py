@@ -814,15 +814,14 @@ def test_sink_rescale_kernels_equal_the_pytorch_twin(layout, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_moe_read_roofline_kernels_read_every_routed_byte_once():
+def test_moe_read_roofline_kernels_read_every_routed_byte_once(monkeypatch):
     """benchmarks/moe_read.py (the MoE decode's read ceiling): the tile-mapped read (a ragged
     last K tile, as at K = 2,880 with 128-column tiles) and the contiguous read each fold exactly
     the routed experts' code words and scale bytes, nothing twice, nothing of the others."""
     import functools
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from moe_read import expected_xor, read_flat, read_tiles
 
     g = torch.Generator().manual_seed(0)

@@ -26,8 +26,9 @@ FUSED_LOG_SOFTMAX = True
 
 
 def _fused_log_softmax(hidden: torch.Tensor):
-    """`ossrl.kernels.log_softmax` where it serves these logits (FUSED_LOG_SOFTMAX, CUDA, Triton)."""
-    if not FUSED_LOG_SOFTMAX or not hidden.is_cuda:
+    """`ossrl.kernels.log_softmax` where it serves these logits (FUSED_LOG_SOFTMAX, CUDA, Triton,
+    bf16 or fp16: the dtypes its GPU test covers; fp32 models keep PyTorch's ops)."""
+    if not FUSED_LOG_SOFTMAX or not hidden.is_cuda or hidden.dtype not in (torch.bfloat16, torch.float16):
         return None
     from ossrl.kernels.moe import triton_available
 
