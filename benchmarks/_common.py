@@ -88,21 +88,27 @@ SWITCHES = (
 
 
 def add_switches(ap, names=None) -> None:
-    """--NAME / --no-NAME for each switch (names: a subset), default the library's."""
+    """--NAME / --no-NAME for each switch (names: a subset), default the library's; the parser's
+    args remember which (`apply_switches`)."""
     import argparse
 
+    chosen = tuple(flag for flag, *_ in SWITCHES if names is None or flag in names)
     for flag, _, attribute, text in SWITCHES:
-        if names is None or flag in names:
+        if flag in chosen:
             ap.add_argument(f"--{flag}", dest=attribute.lower(), action=argparse.BooleanOptionalAction,
                             default=None, help=f"{text} ({attribute}; default: the library's)")
+    ap.set_defaults(switches=chosen)
 
 
 def apply_switches(args) -> dict:
-    """Set the switches given on the command line; {attribute in lower case: value in force}."""
+    """Set the switches `add_switches` offered and the command line gave; {attribute in lower
+    case: value in force} for each switch offered."""
     import importlib
 
     values = {}
-    for _, module_name, attribute, _ in SWITCHES:
+    for flag, module_name, attribute, _ in SWITCHES:
+        if flag not in args.switches:
+            continue
         module = importlib.import_module(module_name)
         given = getattr(args, attribute.lower(), None)
         if given is not None:

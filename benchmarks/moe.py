@@ -333,7 +333,7 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
     CUDA graph; and a contiguous read of 544 MiB (the read ceiling of this kind of kernel).
     Fractions are of the copy bandwidth (bytes read + written), as in the sweeps, on the routed
     experts' codes and scales (the sweeps also count biases and activations: under 1% more)."""
-    from moe_read import read_flat, read_tiles
+    from moe_read import parts_fit, read_flat, read_tiles, tiles_fit
 
     rows, device = [], mx.gate_up.device
     # contiguous_rows blocks of 16 bytes: 512 MiB of codes and 32 MiB of scales by default
@@ -362,14 +362,14 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
         # not 128-row tiles)
         tiles = [(cfg.BN, cfg.BK, cfg.split_k, cfg.num_stages), (64, 64, 1, 3), (64, 64, 4, 3), (64, 128, 1, 4),
                  (64, 256, 1, 3), (32, 128, 1, 4)]
-        tiles = [t for i, t in enumerate(tiles) if t not in tiles[:i] and all(b.shape[1] % t[0] == 0 for b, _ in weights)]
+        tiles = [t for i, t in enumerate(tiles) if t not in tiles[:i] and all(tiles_fit(b, t[0], t[1]) for b, _ in weights)]
         for bn, bk, sk, stages in tiles:
             timed[f"read as {bn}x{bk} tiles, split-K {sk}, {stages} stages"] = attempt(lambda bn=bn, bk=bk, sk=sk, st=stages: graph_time(
                 lambda *_: [read_tiles(b, s, experts, bn=bn, bk=bk, split_k=sk, stages=st) for b, s in weights],
                 None, None, None))
         # contiguous spans: as many programs as the decode's tiles and K parts (where they cut evenly), and 8
         tile_parts = [b.shape[1] // cfg.BN * cfg.split_k for b, _ in weights]
-        if all((b[0].numel() // 4) % p == 0 and s[0].numel() % p == 0 for (b, s), p in zip(weights, tile_parts)):
+        if all(parts_fit(b, s, p) for (b, s), p in zip(weights, tile_parts)):
             timed["read contiguous, a program per decode program"] = attempt(lambda: graph_time(
                 lambda *_: [read_flat(b, s, experts, parts=p) for (b, s), p in zip(weights, tile_parts)],
                 None, None, None))

@@ -80,6 +80,16 @@ if triton is not None:
         return a ^ b
 
 
+def tiles_fit(blocks: torch.Tensor, bn: int, bk: int) -> bool:
+    """Whether `read_tiles` takes bn-row, bk-column tiles of these codes [E, rows, K/32, 16]."""
+    return blocks.shape[1] % bn == 0 and bk % 32 == 0
+
+
+def parts_fit(blocks: torch.Tensor, scales: torch.Tensor, parts: int) -> bool:
+    """Whether `read_flat` cuts each expert's code words and scales into `parts` equal spans."""
+    return (blocks[0].numel() // 4) % parts == 0 and scales[0].numel() % parts == 0
+
+
 def read_tiles(blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor, *, bn: int = 64, bk: int = 128,
                split_k: int = 1, stages: int = 4, num_warps: int = 4) -> torch.Tensor:
     """Read experts' codes (blocks uint8 [E, rows, K/32, 16]) and scales ([E, rows, K/32]) as the
@@ -89,7 +99,7 @@ def read_tiles(blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor
     words = blocks.view(E, rows, kb * 16).view(torch.int32)  # [E, rows, K/8]
     kw, ks = words.shape[-1], scales.shape[-1]
     bkw, bks = bk // 8, bk // 32
-    if rows % bn or bk % 32:
+    if not tiles_fit(blocks, bn, bk):
         raise ValueError(f"read_tiles: {rows} rows do not cut into tiles of {bn} rows, or {bk} is not a multiple of 32")
     out = torch.empty(experts.numel() * (rows // bn) * split_k, dtype=torch.int32, device=blocks.device)
     _read_tiles[(out.numel(),)](words, scales, experts, out, ROWS=rows, KW=kw, KS=ks, BN=bn, BKW=bkw, BKS=bks,
@@ -105,7 +115,7 @@ def read_flat(blocks: torch.Tensor, scales: torch.Tensor, experts: torch.Tensor,
     words = blocks.reshape(E, -1).view(torch.int32)
     flat_scales = scales.reshape(E, -1)
     n_words, n_scales = words.shape[1], flat_scales.shape[1]
-    if n_words % parts or n_scales % parts:
+    if not parts_fit(blocks, scales, parts):
         raise ValueError(f"read_flat: {n_words} words / {n_scales} scales do not cut into {parts} parts")
     out = torch.empty(experts.numel() * parts, dtype=torch.int32, device=blocks.device)
     _read_flat[(out.numel(),)](words, flat_scales, experts, out, WORDS=n_words, SCALES=n_scales, PARTS=parts,

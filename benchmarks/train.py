@@ -160,7 +160,6 @@ def main():
     add_switches(ap, ("fused-log-softmax", "sink-kernels"))
     args = ap.parse_args()
     switches = apply_switches(args)
-    del switches["share_prefixes"]  # (no rollouts here)
     if args.out is None:
         name = "train.json" if args.model == "20b" else f"train_{args.model}.json"
         args.out = os.path.join(os.environ.get("OUT", "benchmarks/results"), name)
