@@ -166,9 +166,11 @@ def main():
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--decode-sweep", action="store_true", help="only the MXFP4 decode-size tile sweep")
-    parser.add_argument("--decode-grid", default="full", choices=("full", "words"),
+    parser.add_argument("--decode-grid", default="full", choices=("full", "words", "wide"),
                         help="words: only the folded word tiles, with the scales one and two K tiles ahead")
     parser.add_argument("--train-sweep", action="store_true", help="only the MXFP4 training-size sweep")
+    parser.add_argument("--tiled", action="store_true",
+                        help="only the decode sizes' word tiles with the blocks as published and tile-contiguous")
     parser.add_argument("--read-roofline", action="store_true",
                         help="only the decode sizes' read ceiling: the routed experts' bytes read with no "
                              "arithmetic, as the decode's tiles and as contiguous spans (benchmarks/moe_read.py)")
@@ -197,7 +199,9 @@ def main():
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.decode_sweep or args.train_sweep or args.read_roofline:
+    if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled:
+        if args.tiled:
+            result["tiled"] = tiled_sweep(mx, router, gen, copy_bw)
         if args.read_roofline:
             result["read_roofline"] = read_roofline(mx, router, gen, copy_bw)
         if args.decode_sweep:
@@ -265,6 +269,14 @@ def decode_sweep(mx, router, gen, copy_bw, grid: str = "full"):
     and each with the activations permuted in registers (as before) and copied in the decode's
     order before the kernel (`TileConfig.permuted_input`)."""
     reference = moe_triton.TileConfig(16, 32, 256, 4, 3, dot_scaled=False, packed=False)
+    if grid == "wide":  # word tiles 256 columns of K deep (session 12: read as 64x256 tiles, the routed
+        # bytes came at 76-80% of copy bandwidth at 8 / 64 tokens against 65-69% as the defaults' 64x128)
+        configs = [reference] + [
+            moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
+            for bn, bk, warps, splits, depths in ((64, 64, 4, (2,), (3,)), (64, 128, 4, (1,), (4,)),
+                                                  (64, 256, 4, (1, 2, 4), (2, 3, 4)), (128, 256, 8, (1, 2), (3,)))
+            for sk in splits for stages in depths]
+        return _sweep_rows(configs, [(cfg, True) for cfg in configs if cfg.words], mx, router, gen, copy_bw)
     if grid == "words":
         configs = [reference] + [
             moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True,
@@ -381,6 +393,50 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
                 r["fraction_of_copy_bandwidth"] = nbytes / (t * 1e-3) / copy_bw
             print("read_roofline", r, flush=True)
             rows.append(r)
+    return rows
+
+
+TILED_CONFIGS = [(64, 64, 4, 3, 2), (64, 64, 4, 3, 1), (64, 64, 4, 3, 4), (64, 128, 4, 4, 1), (64, 128, 4, 3, 1),
+                 (64, 128, 4, 4, 2), (128, 128, 8, 3, 1)]  # (BN, BK, warps, stages, split-K), all word tiles
+TILED_LAYOUTS = [None, (64, 16), (64, 32), (128, 16)]  # `tile_blocks` (rows, words); None: as published
+
+
+def tiled_sweep(mx, router, gen, copy_bw):
+    """The word decode at 1, 8 and 64 tokens with both projections' MXFP4 blocks as published and
+    tile-contiguous (`ExpertWeights.tiled`; session 12: the decode's 64x128 tiles read the routed
+    bytes at 65-69% of copy bandwidth, contiguous spans at 84-88%), each layout with the word tiles
+    around the defaults, replayed from a CUDA graph; outputs compared bit for bit with the
+    published layout's under the same tiles. Scales folded, as the engine runs them."""
+    from ossrl.kernels.mxfp4_triton import tile_blocks
+
+    folded = dataclasses.replace(mx, scales_fold=True)
+    layouts = {None: folded}
+    for lay in TILED_LAYOUTS[1:]:
+        layouts[lay] = dataclasses.replace(folded, gate_up=tile_blocks(mx.gate_up, *lay),
+                                           down=tile_blocks(mx.down, *lay), tiled=lay)
+    rows = []
+    for N in (1, 8, 64):
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        hit = int(torch.unique(ids).numel())
+        nbytes = hit * weight_bytes_per_expert("mxfp4") + 2 * N * H * 2
+        default = moe_triton.choose_config(N * K_TOP, folded)
+        for bn, bk, warps, stages, sk in TILED_CONFIGS:
+            cfg = moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
+            with torch.no_grad():
+                ref = moe_triton.routed_experts_triton(x, w, ids, folded, config=cfg)
+            for lay, ex in layouts.items():
+                if lay is not None and lay[1] % (bk // 8):
+                    continue
+                r = dict(tokens=N, config=[bn, bk, warps, stages], split_k=sk, layout=lay, default=cfg == default)
+                with torch.no_grad():
+                    out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
+                r["equal"] = bool(torch.equal(out, ref)) if isinstance(out, torch.Tensor) else out
+                r["fwd_graph_ms"] = attempt(lambda: graph_time(plan_kernels(ex, x, ids, cfg), x, w, ids))
+                if isinstance(r["fwd_graph_ms"], float):
+                    r["graph_bandwidth_fraction"] = nbytes / (r["fwd_graph_ms"] * 1e-3) / copy_bw
+                rows.append(r)
+                print("tiled", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     return rows
 
 

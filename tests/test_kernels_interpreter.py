@@ -6,6 +6,7 @@ masking or maths regressions. The interpreter rounds fp32 -> bf16 by truncation,
 results are compared tightly here.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -841,3 +842,28 @@ def test_moe_read_roofline_kernels_read_every_routed_byte_once(monkeypatch):
         assert folded(read_flat(blocks, scales, experts, parts=parts, block_words=bw, block_scales=bs, stages=2)) == want
     with pytest.raises(ValueError, match="do not cut"):
         read_flat(blocks, scales, experts, parts=3)
+
+
+@pytest.mark.parametrize("rows,words,bk,split", [(32, 8, 64, 1), (32, 8, 32, 1), (32, 4, 32, 2), (16, 8, 32, 1)])
+def test_the_word_decode_reads_tile_contiguous_blocks(rows, words, bk, split):
+    """`ExpertWeights.tiled`: both projections' blocks stored by `tile_blocks` (gate_up's rows of 12
+    words leave a ragged last chunk at 8 words) give the word forward the same output as the
+    published layout; `untile_blocks` restores the bytes; other paths refuse the layout."""
+    from ossrl.kernels.mxfp4_triton import tile_blocks, untile_blocks
+
+    ex = _experts()
+    tiled = dataclasses.replace(ex, gate_up=tile_blocks(ex.gate_up, rows, words), down=tile_blocks(ex.down, rows, words),
+                                tiled=(rows, words))
+    assert not torch.equal(tiled.gate_up, ex.gate_up)  # (down's rows are 8 words: one chunk unless words < 8)
+    assert torch.equal(untile_blocks(tiled.gate_up, rows, words), ex.gate_up)
+    assert torch.equal(untile_blocks(tiled.down, rows, words), ex.down)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=g)
+    w, ids = route(torch.randn(40, 4, generator=g), 2)
+    cfg = moe_triton.TileConfig(16, 32, bk, 4, 1, dot_scaled=False, swap_ab=True, words=True, split_k=split)
+    with torch.no_grad():
+        want = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+        got = moe_triton.routed_experts_triton(x, w, ids, tiled, config=cfg)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tiled layout"):
+        moe_triton.routed_experts_triton(x, w, ids, tiled, config=dataclasses.replace(cfg, words=False))

@@ -132,6 +132,9 @@ class ExpertWeights:
     limit: float = 7.0
     alpha: float = 1.702
     scales_fold: bool = False  # every E8M0 scale checked <= 128 (`Experts.scales_fold`): see `mxfp4_words`
+    # mxfp4 on CUDA: both projections' blocks in `mxfp4_triton.tile_blocks(blocks, *tiled)`'s layout
+    # (rows, words), read only by the word decode; None: the published layout
+    tiled: tuple[int, int] | None = None
 
     @property
     def format(self) -> str:

@@ -62,7 +62,8 @@ def _moe_matmul(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
     WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False, FOLD: tl.constexpr = False,
-    SCALES_AHEAD: tl.constexpr = 1, A_PERMUTED: tl.constexpr = False,
+    SCALES_AHEAD: tl.constexpr = 1, A_PERMUTED: tl.constexpr = False, TILE_R: tl.constexpr = 0,
+    TILE_W: tl.constexpr = 0,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
@@ -125,7 +126,7 @@ def _moe_matmul(
                 a = tl.load(a_base + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 a = tl.load(a_base + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX, EVEN_K, FOLD)
+            w = mxfp4_words(b_base, offs_n, n_mask, k0, K, stride_b1, sc, BN, BK, PTX, EVEN_K, FOLD, TILE_R, TILE_W)
             if A_PERMUTED:  # a's columns are in the decode's order already: the staged tile feeds the MMA
                 acc_t = tl.dot(w.to(a.dtype), tl.trans(a), acc_t)
             else:
@@ -408,6 +409,10 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
+    tiled = plan.experts.tiled if scales is not None else None
+    if tiled is not None and not (words and tiled[1] % (cfg.BK // 8) == 0):
+        raise ValueError(f"MXFP4 blocks in the tiled layout {tiled} are read only by the word decode with K tiles "
+                         f"dividing {tiled[1]} words; {cfg} ({'forward' if b_rows_are_n else 'backward'}) cannot")
     if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
         if b.stride(-1) != 1 or b.stride(1) % 16:
             raise ValueError(f"MXFP4 blocks must be contiguous rows of 16-byte blocks, got strides {b.stride()}")
@@ -450,6 +455,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
         EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
         SCALES_AHEAD=cfg.scales_ahead if words else 1, A_PERMUTED=a_permuted,
+        TILE_R=tiled[0] if tiled else 0, TILE_W=tiled[1] if tiled else 0,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
         **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),

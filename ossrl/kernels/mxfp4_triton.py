@@ -186,10 +186,41 @@ def permute_k32_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(rows, C // 32, 4, 2, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(rows, C)
 
 
+def tile_blocks(blocks: torch.Tensor, rows: int, words: int) -> torch.Tensor:
+    """MXFP4 blocks [E, N, G, 16] -> the same bytes, same shape, tile-contiguous: each expert's rows
+    in runs of `rows`, and within a run the words (4 bytes: 8 codes) in chunks of `words` columns,
+    each chunk's rows x words stored contiguously (a ragged last chunk as wide as what is left).
+    `mxfp4_words(TILE_R=rows, TILE_W=words)` reads it; a kernel tile of `rows` rows and `words`
+    columns (or a divisor of it) is then one contiguous span instead of `rows` strided pieces."""
+    E, N, G, _ = blocks.shape
+    kw = G * 4  # words a row
+    if N % rows or words % 4:
+        raise ValueError(f"tile_blocks: {N} rows in runs of {rows}, chunks of {words} words (a multiple of 4)")
+    w = blocks.contiguous().view(torch.int32).reshape(E, N // rows, rows, kw)
+    full = kw // words
+    parts = [w[..., :full * words].reshape(E, N // rows, rows, full, words).permute(0, 1, 3, 2, 4).reshape(E, N // rows, -1)]
+    if kw % words:
+        parts.append(w[..., full * words:].reshape(E, N // rows, -1))
+    return torch.cat(parts, -1).reshape(E, N, kw).view(torch.uint8).reshape(E, N, G, 16)
+
+
+def untile_blocks(tiled: torch.Tensor, rows: int, words: int) -> torch.Tensor:
+    """The inverse of `tile_blocks`."""
+    E, N, G, _ = tiled.shape
+    kw = G * 4
+    t = tiled.contiguous().view(torch.int32).reshape(E, N // rows, rows * kw)
+    full = kw // words
+    head = t[..., :rows * full * words].reshape(E, N // rows, full, rows, words).permute(0, 1, 3, 2, 4)
+    head = head.reshape(E, N // rows, rows, full * words)
+    if kw % words:
+        head = torch.cat([head, t[..., rows * full * words:].reshape(E, N // rows, rows, kw - full * words)], -1)
+    return head.reshape(E, N, kw).view(torch.uint8).reshape(E, N, G, 16)
+
+
 @triton.jit
 def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
                 R: tl.constexpr, C: tl.constexpr, PTX: tl.constexpr, EVEN: tl.constexpr = False,
-                FOLD: tl.constexpr = False):
+                FOLD: tl.constexpr = False, TILE_R: tl.constexpr = 0, TILE_W: tl.constexpr = 0):
     """Decoded [R, C] tile of one expert (rows = outputs, input columns col0..col0+C, C a multiple of
     32) with each 32-column block in `permute_k32`'s order; the codes read as int32 words
     (`words_ptr` the blocks viewed as int32, `stride_wrow` in words) and `scales` the [R, C/32] E8M0
@@ -197,18 +228,26 @@ def mxfp4_words(words_ptr, rows, row_mask, col0, n_cols, stride_wrow, scales,
     EVEN: n_cols is a whole number of C-column tiles (no column masks). FOLD (PTX only; every scale
     <= 128): one multiply by 2^126 x the scale instead of two, the same bits. The PTX pairs the two
     elements of each packed register as halves of one word: callers run it only in the wgmma
-    operand layout (`moe_triton._word_layout_ok`)."""
+    operand layout (`moe_triton._word_layout_ok`).
+    TILE_R, TILE_W: the blocks are in `tile_blocks(blocks, TILE_R, TILE_W)`'s layout (C / 8 divides
+    TILE_W)."""
     wcols = col0 // 8 + tl.arange(0, C // 8)
     # Rows of n_cols / 8 words, a multiple of 4, so 16-byte copies; the runtime specialisation sees
     # 360 for gpt-oss (not a multiple of 16) and would copy word by word (measured: twice as slow).
     # Written as products, which carry the divisibility (a tl.multiple_of hint on an argument is lost).
     stride_wrow = stride_wrow // 4 * 4
     n_words = n_cols // 32 * 4
-    if EVEN:  # the caller's K is a whole number of C-column tiles
-        words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :], mask=row_mask[:, None], other=0)
+    if TILE_R:  # run of TILE_R rows, chunk of TILE_W words (the last chunk: what is left, a multiple of 4)
+        chunk = col0 // (8 * TILE_W)
+        width = tl.minimum(TILE_W // 4, n_cols // 32 - chunk * (TILE_W // 4)) * 4
+        offs = ((rows // TILE_R) * (TILE_R * stride_wrow) + chunk * (TILE_R * TILE_W) + (rows % TILE_R) * width)[:, None] \
+            + (wcols - chunk * TILE_W)[None, :]
     else:
-        words = tl.load(words_ptr + rows[:, None] * stride_wrow + wcols[None, :],
-                        mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
+        offs = rows[:, None] * stride_wrow + wcols[None, :]
+    if EVEN:  # the caller's K is a whole number of C-column tiles
+        words = tl.load(words_ptr + offs, mask=row_mask[:, None], other=0)
+    else:
+        words = tl.load(words_ptr + offs, mask=row_mask[:, None] & (wcols[None, :] < n_words), other=0)
     # [R, block s, word q of the block, half h]: each asm call reads one word (both halves alike)
     words = tl.broadcast_to(words.reshape(R, C // 32, 4)[:, :, :, None], (R, C // 32, 4, 2))
     if PTX:  # the scale's bf16 bits in both halves of a register
