@@ -81,7 +81,10 @@ for h in hooks:
     h.remove()
 events = prof.key_averages()
 # Kernel rows only (operator rows repeat their kernels' time): is the step GPU- or launch-bound?
-kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+# (the profiler also lists each record_function range as a GPU-side annotation spanning its
+# kernels, under the range's own name: those are left out, else their time counts twice)
+ranges_named = {e.key for e in events if e.device_type != DeviceType.CUDA}
+kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.key not in ranges_named]
 busy = sum(e.self_device_time_total for e in kernels) / 1e3
 print(f"{args.tokens} tokens: step {wall * 1e3:.1f} ms unprofiled; GPU busy {busy:.1f} ms in "
       f"{sum(e.count for e in kernels)} kernels ({100 * busy / (wall * 1e3):.0f}% of the step)")
