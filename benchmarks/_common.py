@@ -84,6 +84,8 @@ SWITCHES = (
      "the sinks' rescale through ossrl.kernels.sink_triton"),
     ("share-prefixes", "ossrl.engine.engine", "SHARE_PREFIXES",
      "rollouts: a prompt's n samples read its KV from one slot"),
+    ("tile-experts", "ossrl.engine.engine", "TILE_EXPERTS",
+     "rollouts: the MoE word decode reads tile-contiguous copies of the MXFP4 blocks"),
 )
 
 

@@ -412,8 +412,8 @@ def tiled_sweep(mx, router, gen, copy_bw):
     folded = dataclasses.replace(mx, scales_fold=True)
     layouts = {None: folded}
     for lay in TILED_LAYOUTS[1:]:
-        layouts[lay] = dataclasses.replace(folded, gate_up=tile_blocks(mx.gate_up, *lay),
-                                           down=tile_blocks(mx.down, *lay), tiled=lay)
+        layouts[lay] = dataclasses.replace(folded, gate_up_tiled=tile_blocks(mx.gate_up, *lay),
+                                           down_tiled=tile_blocks(mx.down, *lay), tiled=lay)
     rows = []
     for N in (1, 8, 64):
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()

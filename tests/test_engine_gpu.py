@@ -121,7 +121,7 @@ def test_kept_graphs_sample_from_the_updated_adapter():
         return [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
 
     before = engine.generate(prompts, 4, params_s)
-    graphs = dict(engine._slots.graphs)
+    graphs = {k: id(v[0]) for k, v in engine._slots.graphs.items()}
     assert graphs and not engine._slots.graph_failures
     for p in params:
         p.grad = torch.randn_like(p)
@@ -149,7 +149,7 @@ def test_graphs_recapture_after_another_engine_frees_the_rollout_copies():
     tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
     engine, other = RolloutEngine(model), RolloutEngine(model)
     first = tokens(engine.generate(prompts, 4, params))
-    graphs = dict(engine._slots.graphs)
+    graphs = {k: id(v[0]) for k, v in engine._slots.graphs.items()}
     assert graphs
     other.generate(prompts, 4, params)
     other.release()
@@ -205,3 +205,43 @@ def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
     for cache in (*engine._slots.pool.k.values(), *engine._slots.pool.v.values()):
         cache.fill_(float("nan"))
     assert engine.generate(PROMPTS, 4, params) == plain
+
+
+def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
+    """`tile_experts` (the slots backend's default): rollouts whose word decode reads the MXFP4
+    blocks' tile-contiguous copies equal those reading the published blocks bit for bit, in CUDA
+    graphs; the copies follow an in-place write to the blocks (same addresses: the graphs stay);
+    `release` frees them; without memory to spare none are made."""
+    from ossrl.model.gptoss import Experts, inference_kernels, tile_experts
+
+    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4")
+    model = random_model(config, seed=4, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=7)
+    plain_engine = RolloutEngine(model, tile_experts=False, sync_every=4)
+    plain = plain_engine.generate(PROMPTS, 3, params)
+    first = experts[0].gate_up_proj_blocks[0].clone()
+    with torch.no_grad():
+        experts[0].gate_up_proj_blocks[0] = experts[0].gate_up_proj_blocks[1]
+    changed = plain_engine.generate(PROMPTS, 3, params)
+    assert changed != plain
+    with torch.no_grad():
+        experts[0].gate_up_proj_blocks[0] = first
+    assert all(m.tiled is None for m in experts)
+    engine = RolloutEngine(model, tile_experts=True, sync_every=4)
+    assert engine.generate(PROMPTS, 3, params) == plain
+    assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
+    assert all(m.tiled is not None for m in experts)
+    with inference_kernels():
+        assert experts[0].expert_weights().gate_up_tiled is experts[0].tiled["gate_up"]
+    assert experts[0].expert_weights().gate_up_tiled is None  # training forwards read the published blocks
+    copies = [m.tiled["gate_up"].data_ptr() for m in experts]
+    graphs = {k: id(v[0]) for k, v in engine._slots.graphs.items()}
+    with torch.no_grad():
+        experts[0].gate_up_proj_blocks[0] = experts[0].gate_up_proj_blocks[1]
+    assert engine.generate(PROMPTS, 3, params) == changed
+    assert [m.tiled["gate_up"].data_ptr() for m in experts] == copies
+    assert {k: id(v[0]) for k, v in engine._slots.graphs.items()} == graphs  # kept, not captured again
+    engine.release()
+    assert all(m.tiled is None for m in experts)
+    assert tile_experts(model, reserve_bytes=1 << 50) == 0 and all(m.tiled is None for m in experts)

@@ -845,25 +845,32 @@ def test_moe_read_roofline_kernels_read_every_routed_byte_once(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,words,bk,split", [(32, 8, 64, 1), (32, 8, 32, 1), (32, 4, 32, 2), (16, 8, 32, 1)])
-def test_the_word_decode_reads_tile_contiguous_blocks(rows, words, bk, split):
-    """`ExpertWeights.tiled`: both projections' blocks stored by `tile_blocks` (gate_up's rows of 12
-    words leave a ragged last chunk at 8 words) give the word forward the same output as the
-    published layout; `untile_blocks` restores the bytes; other paths refuse the layout."""
+def test_the_word_decode_reads_the_tile_contiguous_copies(rows, words, bk, split):
+    """`ExpertWeights.gate_up_tiled / down_tiled`: copies of both projections' blocks by `tile_blocks`
+    (gate_up's rows of 12 words leave a ragged last chunk at 8 words). The word forward reads them
+    (the published blocks zeroed: the same output as the published layout gives); `untile_blocks`
+    restores the bytes; the pair decode and the gradients read the published blocks."""
     from ossrl.kernels.mxfp4_triton import tile_blocks, untile_blocks
 
     ex = _experts()
-    tiled = dataclasses.replace(ex, gate_up=tile_blocks(ex.gate_up, rows, words), down=tile_blocks(ex.down, rows, words),
-                                tiled=(rows, words))
-    assert not torch.equal(tiled.gate_up, ex.gate_up)  # (down's rows are 8 words: one chunk unless words < 8)
-    assert torch.equal(untile_blocks(tiled.gate_up, rows, words), ex.gate_up)
-    assert torch.equal(untile_blocks(tiled.down, rows, words), ex.down)
+    gate_up_tiled, down_tiled = tile_blocks(ex.gate_up, rows, words), tile_blocks(ex.down, rows, words)
+    assert not torch.equal(gate_up_tiled, ex.gate_up)  # (down's rows are 8 words: one chunk unless words < 8)
+    assert torch.equal(untile_blocks(gate_up_tiled, rows, words), ex.gate_up)
+    assert torch.equal(untile_blocks(down_tiled, rows, words), ex.down)
+    only_tiled = dataclasses.replace(ex, gate_up=torch.zeros_like(ex.gate_up), down=torch.zeros_like(ex.down),
+                                     gate_up_tiled=gate_up_tiled, down_tiled=down_tiled, tiled=(rows, words))
+    with_both = dataclasses.replace(ex, gate_up_tiled=torch.zeros_like(gate_up_tiled),
+                                    down_tiled=torch.zeros_like(down_tiled), tiled=(rows, words))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 96, generator=g)
     w, ids = route(torch.randn(40, 4, generator=g), 2)
     cfg = moe_triton.TileConfig(16, 32, bk, 4, 1, dot_scaled=False, swap_ab=True, words=True, split_k=split)
     with torch.no_grad():
         want = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
-        got = moe_triton.routed_experts_triton(x, w, ids, tiled, config=cfg)
+        got = moe_triton.routed_experts_triton(x, w, ids, only_tiled, config=cfg)
+        pairs = dataclasses.replace(cfg, words=False)
+        pair_want = moe_triton.routed_experts_triton(x, w, ids, ex, config=pairs)
+        pair_got = moe_triton.routed_experts_triton(x, w, ids, with_both, config=pairs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="tiled layout"):
-        moe_triton.routed_experts_triton(x, w, ids, tiled, config=dataclasses.replace(cfg, words=False))
+    torch.testing.assert_close(pair_got, pair_want, rtol=0, atol=0)
+    assert rel(want, routed_experts_twin(x, w, ids, ex)) < 1e-5

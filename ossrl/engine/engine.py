@@ -36,11 +36,16 @@ from ossrl.model.lora import release_rollout_copies, rollout_copies
 # (benchmarks/results/grpo_step.json; grpo_step.py takes --no-share-prefixes).
 SHARE_PREFIXES = True
 
+# MXFP4 experts on a GPU: rollouts read copies of the blocks laid out tile by tile
+# (`ossrl.model.gptoss.tile_experts`; as much memory as the blocks, while the GPU has it to spare;
+# freed by `release`). Measured: benchmarks/results/moe_tiled.json (see docs/benchmarks.md).
+TILE_EXPERTS = True
+
 
 class RolloutEngine:
     def __init__(self, model: GptOssForCausalLM, *, backend: str = "auto", cuda_graphs: bool = True,
                  sync_every: int = 8, prefill_tokens: int = 16384, fold_scales: bool = True,
-                 share_prefixes: bool | None = None):
+                 share_prefixes: bool | None = None, tile_experts: bool | None = None):
         if backend not in ("auto", "simple", "slots"):
             raise ValueError(f"backend must be 'auto', 'simple' or 'slots', got {backend!r}")
         self.model = model
@@ -58,14 +63,17 @@ class RolloutEngine:
         # instead of two (the same bits, tests/test_moe_gpu.py; `check_scales_fold`). About 1% of a
         # decode step on an H100 (session 9: LoRA batch 64 9.18 -> 9.06 ms, batch 1 3.95 -> 3.91 ms).
         self.fold_scales = fold_scales
+        # The slots backend's rollouts read tile-contiguous copies of the MXFP4 blocks, made after
+        # its KV pool took its memory, where what is left allows (TILE_EXPERTS by default)
+        self._slot_options["tile_experts"] = TILE_EXPERTS if tile_experts is None else tile_experts
 
     def _use_slots(self) -> bool:
         return (self.lockstep or self.backend == "slots"
                 or (self.backend == "auto" and self.model.device.type == "cuda"))
 
     def release(self) -> None:
-        """Standby: free the KV pool, captured graphs and the adapters' rollout copies (the next
-        generate takes them again)."""
+        """Standby: free the KV pool, captured graphs, the experts' tiled copies and the adapters'
+        rollout copies (the next generate takes them again)."""
         if self._slots is not None:
             self._slots.release()
         release_rollout_copies(self.model)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
+from ossrl.model.gptoss import tile_experts
 
 
 def bucket_size(n: int) -> int:
@@ -45,8 +46,9 @@ def bucket_size(n: int) -> int:
 
 class SlotDecoder:
     def __init__(self, model, *, cuda_graphs: bool = True, sync_every: int = 8, prefill_tokens: int = 16384,
-                 lockstep: bool = False, share_prefixes: bool = False):
+                 lockstep: bool = False, share_prefixes: bool = False, tile_experts: bool = False):
         self.model = model
+        self.tile_experts = tile_experts  # rollouts read tile-contiguous copies of MXFP4 blocks (`_prepare`)
         self.share_prefixes = share_prefixes
         self.lockstep = lockstep  # step together with the other ranks (module docstring)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda" and not lockstep
@@ -59,10 +61,12 @@ class SlotDecoder:
         self.graph_failures: list[str] = []
 
     def release(self) -> None:
-        """Standby: drop the KV pool, the step buffers and the captured graphs."""
+        """Standby: drop the KV pool, the step buffers, the captured graphs and the experts' tiled
+        copies (made again, after the next pool, by `_prepare`)."""
         self.pool, self.state = None, None
         self.graphs.clear()
         self.graph_params = None
+        tile_experts(self.model, enabled=False)
 
     # ------------------------------------------------------------------ buffers
     def _prepare(self, slots: int, capacity: int, width: int, params: SamplingParams) -> None:
@@ -90,6 +94,10 @@ class SlotDecoder:
                 "steps": torch.zeros(S, dtype=torch.long, device=device),
                 "seeds": torch.zeros(S, dtype=torch.long, device=device),
             }
+        # MXFP4 experts' tile-contiguous copies for the word decode, with the memory the pool left
+        # (made, refreshed or kept; `ossrl.model.gptoss.tile_experts`): graphs captured without them go
+        if tile_experts(model, self.tile_experts):
+            self.graphs.clear()
         self.pool.reset()
         for name in ("steps", "current"):
             self.state[name].zero_()

@@ -132,8 +132,11 @@ class ExpertWeights:
     limit: float = 7.0
     alpha: float = 1.702
     scales_fold: bool = False  # every E8M0 scale checked <= 128 (`Experts.scales_fold`): see `mxfp4_words`
-    # mxfp4 on CUDA: both projections' blocks in `mxfp4_triton.tile_blocks(blocks, *tiled)`'s layout
-    # (rows, words), read only by the word decode; None: the published layout
+    # mxfp4 on CUDA (rollouts): copies of the two projections' blocks in the tile-contiguous layout
+    # `mxfp4_triton.tile_blocks(blocks, *tiled)` (rows, words), read by the word decode wherever its K
+    # tile divides a chunk (`ossrl.model.gptoss.tile_experts`); every other path reads the blocks above
+    gate_up_tiled: torch.Tensor | None = None
+    down_tiled: torch.Tensor | None = None
     tiled: tuple[int, int] | None = None
 
     @property

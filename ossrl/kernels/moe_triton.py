@@ -397,8 +397,9 @@ class _LoRATerm:
 
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
             route_w=None, scatter=False, z=None, swiglu=False, dw=None, lora: _LoRATerm | None = None,
-            config: TileConfig | None = None):
-    """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags."""
+            config: TileConfig | None = None, b_tiled=None):
+    """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags. b_tiled: b
+    in the experts' tile-contiguous layout (`ExpertWeights.tiled`), which the word decode reads."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
@@ -409,10 +410,11 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
-    tiled = plan.experts.tiled if scales is not None else None
-    if tiled is not None and not (words and tiled[1] % (cfg.BK // 8) == 0):
-        raise ValueError(f"MXFP4 blocks in the tiled layout {tiled} are read only by the word decode with K tiles "
-                         f"dividing {tiled[1]} words; {cfg} ({'forward' if b_rows_are_n else 'backward'}) cannot")
+    tiled = plan.experts.tiled if words and b_tiled is not None else None
+    if tiled is not None and tiled[1] % (cfg.BK // 8) == 0:  # the tile-contiguous copy (rollouts)
+        b = b_tiled
+    else:
+        tiled = None
     if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
         if b.stride(-1) != 1 or b.stride(1) % 16:
             raise ValueError(f"MXFP4 blocks must be contiguous rows of 16-byte blocks, got strides {b.stride()}")
@@ -466,7 +468,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
                       f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
         return _launch(plan, a_in, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
                        extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
-                       config=replace(cfg, words=False))
+                       config=replace(cfg, words=False), b_tiled=b_tiled)
     if split > 1:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),
@@ -550,7 +552,8 @@ def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None 
     H, I = _dims(ex)
     a = torch.empty(plan.groups.order.numel(), I, device=x.device, dtype=x.dtype)
     return _launch(plan, x, ex.gate_up, ex.gate_up_scales, 2 * I, H, a, b_rows_are_n=True,
-                   a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True, lora=lora)
+                   a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True, lora=lora,
+                   b_tiled=ex.gate_up_tiled)
 
 
 def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = None):
@@ -559,7 +562,7 @@ def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = 
     H, I = _dims(ex)
     buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
     _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
-            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora)
+            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora, b_tiled=ex.down_tiled)
     return combine_slots(buf.view(plan.num_tokens, plan.groups.k, H))
 
 

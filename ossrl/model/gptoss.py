@@ -308,6 +308,69 @@ def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
     return changed
 
 
+# The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
+# word decode's BN) and chunks of 16 words (BK = 128 columns; BK = 64 reads half a chunk).
+TILED_LAYOUT = (64, 16)
+
+
+def _blocks_stamp(m: Experts) -> tuple:
+    """What the tiled copies were made from: each projection's blocks address and version counter
+    (an in-place write bumps it; inference-mode tensors keep none, so their address alone)."""
+    stamp = []
+    for t in (m.gate_up_proj_blocks, m.down_proj_blocks):
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: no version counter
+            version = None
+        stamp.append((t.data_ptr(), version))
+    return tuple(stamp)
+
+
+@torch.no_grad()
+def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | None = None) -> int:
+    """Give each MXFP4 experts module on a GPU copies of its blocks in the word decode's
+    tile-contiguous layout (`TILED_LAYOUT`, `ossrl.kernels.mxfp4_triton.tile_blocks`), which its
+    rollout forwards (inside `inference_kernels`) read: each K tile of a decode program is then one
+    contiguous span instead of 64 pieces 1,440 bytes apart. The copies cost as much memory as the
+    blocks (9.6 GB for 20b), so layers are given them in order while free GPU memory stays above
+    `reserve_bytes` (default: the larger of 2 GiB and a tenth of the GPU); copies whose blocks were
+    written since are refreshed in place (their addresses, which captured graphs read, kept).
+    `enabled=False` frees them. Sharded modules, modules off the GPU and projections whose rows
+    are not whole runs get none. The rollout engine's slots backend calls it after each KV pool
+    is allocated (before graphs are captured) and frees the copies with the pool.
+    Returns the number of modules whose copies were made or freed (captured graphs must go)."""
+    from ossrl.kernels.mxfp4_triton import tile_blocks
+
+    changed = 0
+    sharded = getattr(model, "sharded", False)
+    for m in model.modules():
+        if not isinstance(m, Experts) or m.format != "mxfp4":
+            continue
+        device = m.gate_up_proj_blocks.device
+        rows_fit = m.gate_up_proj_blocks.shape[1] % TILED_LAYOUT[0] == 0 == m.down_proj_blocks.shape[1] % TILED_LAYOUT[0]
+        if not enabled or sharded or device.type != "cuda" or not rows_fit:
+            changed += m.tiled is not None
+            m.tiled = None
+            continue
+        stamp = _blocks_stamp(m)
+        if m.tiled is not None:
+            if m.tiled["stamp"] != stamp:  # written in place since: the same buffers, new values
+                for name in ("gate_up", "down"):
+                    m.tiled[name].copy_(tile_blocks(getattr(m, f"{name}_proj_blocks"), *TILED_LAYOUT))
+                m.tiled["stamp"] = stamp
+            continue
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = max(2 << 30, total // 10) if reserve_bytes is None else reserve_bytes
+        need = 2 * (m.gate_up_proj_blocks.numel() + m.down_proj_blocks.numel())  # the copies and a transient
+        if free - need < reserve:
+            continue
+        with torch.inference_mode(False):
+            m.tiled = dict(gate_up=tile_blocks(m.gate_up_proj_blocks, *TILED_LAYOUT),
+                           down=tile_blocks(m.down_proj_blocks, *TILED_LAYOUT), layout=TILED_LAYOUT, stamp=stamp)
+        changed += 1
+    return changed
+
+
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig, device=None, dtype=None):
         super().__init__()
@@ -355,6 +418,9 @@ class Experts(nn.Module):
         # generate: rollout forwards (inside `inference_kernels`) may then decode with one
         # multiply by 2^126 x scale instead of two (`ossrl.kernels.mxfp4_triton.mxfp4_words`).
         self.scales_fold = False
+        # Rollouts on a GPU: copies of the blocks in the word decode's tile-contiguous layout
+        # (`tile_experts`), with the (address, version) of the blocks they were made from
+        self.tiled: dict | None = None
 
     def _lora_on(self) -> bool:
         return self.lora is not None and self.lora.enabled
@@ -390,10 +456,15 @@ class Experts(nn.Module):
         if self.format == "bf16":
             return ExpertWeights(self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias,
                                  limit=self.limit, alpha=self.alpha)
+        inference = inference_kernels_on()
+        # rollouts read the tiled copies while they hold the blocks' current values (`tile_experts`)
+        fresh = inference and self.tiled is not None and self.tiled["stamp"] == _blocks_stamp(self)
+        copies = self.tiled if fresh else {}
         return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
-                             limit=self.limit, alpha=self.alpha,
-                             scales_fold=self.scales_fold and inference_kernels_on())
+                             limit=self.limit, alpha=self.alpha, scales_fold=self.scales_fold and inference,
+                             gate_up_tiled=copies.get("gate_up"), down_tiled=copies.get("down"),
+                             tiled=copies.get("layout"))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         experts = self.expert_weights()
