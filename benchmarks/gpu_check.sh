@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -91,6 +91,14 @@ fi
 if [[ $what == *" readroof "* ]]; then  # the MoE decode's read ceiling (session 11): the routed bytes read with no math
     timeout ${SWEEP_TIMEOUT:-200} python benchmarks/moe.py --read-roofline --out "$out/moe_read_roofline.json" 2>&1 \
         | tee "$out/moe_read_roofline.log" | tail -25
+fi
+if [[ $what == *" tiled "* ]]; then  # session 12: the decode sizes with the MXFP4 blocks tile-contiguous, then rollouts without and with the copies
+    timeout ${SWEEP_TIMEOUT:-200} python benchmarks/moe.py --tiled --out "$out/moe_tiled.json" 2>&1 \
+        | tee "$out/moe_tiled.log" | grep -E "'default': True|layout': \(64, 16\)" | tail -24
+    for flag in --no-tile-experts --tile-experts; do
+        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
+            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
+    done
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
     timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \
