@@ -150,7 +150,7 @@ def main():
     bytes_step = decode_bytes_batch1(config)
     b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
     steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
-    result = {"benchmark": "generate", **info, "lora": args.lora, "share_prefixes": switches["share_prefixes"],
+    result = {"benchmark": "generate", **info, "lora": args.lora, **switches,
               "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
               "ossrl": ours, "transformers": theirs, "speedup": ratios,
               "batch1_bytes_per_step": bytes_step,

@@ -874,3 +874,17 @@ def test_the_word_decode_reads_the_tile_contiguous_copies(rows, words, bk, split
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(pair_got, pair_want, rtol=0, atol=0)
     assert rel(want, routed_experts_twin(x, w, ids, ex)) < 1e-5
+
+
+def test_decode_sizes_reading_the_tiled_copies_take_the_two_part_64_column_tiles():
+    """`choose_config` with tile-contiguous copies (rollouts): 16x64x64 word tiles in 2 K parts up
+    to 8 slots an expert (the sizes moe_tiled.json measured), the defaults above that and without
+    copies."""
+    ex = _experts()  # 4 experts
+    tiled = dataclasses.replace(ex, gate_up_tiled=ex.gate_up, down_tiled=ex.down, tiled=(32, 8))
+    pick = moe_triton.TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
+    for slots in (1, 8, 32):
+        assert moe_triton.choose_config(slots, tiled) == pick
+        assert moe_triton.choose_config(slots, ex) == moe_triton.default_config(slots, 4, True)
+    assert moe_triton.choose_config(33, tiled) == moe_triton.default_config(33, 4, True) != pick
+    assert moe_triton.choose_config(4096, tiled) == moe_triton.choose_config(4096, ex)
