@@ -74,7 +74,8 @@ class GRPOConfig:
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
     offload_optimizer: bool = False  # AdamW's states in pinned CPU memory, streamed through the GPU per step
-    # The rollout engine sleeps during each training phase: its KV pool and CUDA graphs are freed
+    # The rollout engine sleeps during each training phase: its KV pool, CUDA graphs and the experts'
+    # tile-contiguous copies (`RolloutEngine(tile_experts=)`, as large as the MXFP4 blocks) are freed
     # (TRL's vllm_enable_sleep_mode; on by default here, memory being the scarce thing). False keeps
     # them across steps, which saves re-allocating and re-capturing each step where memory allows.
     enable_sleep_mode: bool = True
