@@ -396,9 +396,10 @@ def read_roofline(mx, router, gen, copy_bw, contiguous_rows: int = 1 << 25):
     return rows
 
 
-TILED_CONFIGS = [(64, 64, 4, 3, 2), (64, 128, 4, 4, 1), (64, 64, 4, 3, 4), (64, 128, 4, 3, 1)]  # (BN, BK, warps,
-# stages, split-K), word tiles: the defaults first
-TILED_LAYOUTS = [None, (64, 16), (64, 32)]  # `tile_blocks` (rows, words); None: as published
+TILED_CONFIGS = [(64, 64, 4, 3, 2), (64, 128, 4, 4, 1), (64, 64, 4, 4, 2), (64, 64, 4, 3, 4), (64, 128, 4, 3, 1)]
+# (BN, BK, warps, stages, split-K), word tiles: the defaults first. Session 12 measured the first two and the
+# last two with layouts None, (64, 16), (64, 32) (moe_tiled.json); (64, 8) makes a 64-column tile one span
+TILED_LAYOUTS = [None, (64, 8), (64, 16)]  # `tile_blocks` (rows, words); None: as published
 
 
 def tiled_sweep(mx, router, gen, copy_bw):
