@@ -94,7 +94,7 @@ if [[ $what == *" readroof "* ]]; then  # the MoE decode's read ceiling (session
 fi
 if [[ $what == *" tiled "* ]]; then  # session 12: the decode sizes with the MXFP4 blocks tile-contiguous, then rollouts without and with the copies
     timeout ${SWEEP_TIMEOUT:-200} python benchmarks/moe.py --tiled --out "$out/moe_tiled.json" 2>&1 \
-        | tee "$out/moe_tiled.log" | grep -E "'default': True|layout': \(64, 16\)" | tail -24
+        | tee "$out/moe_tiled.log" | grep -E "'default': True|layout': \(64, (8|16)\)" | tail -30
     for flag in --no-tile-experts --tile-experts; do
         timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
             $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'

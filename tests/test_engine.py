@@ -621,3 +621,35 @@ def test_rollout_copies_carry_any_scaling(alpha):
         delta = (k - b).abs().max()
         assert delta > 0.1 * b.abs().max()  # the adapters matter
         assert (c - k).abs().max() <= 0.05 * delta
+
+
+def test_experts_hand_out_their_tiled_copies_only_to_rollouts_and_only_while_fresh():
+    """`Experts.expert_weights` gives the kernels the tiled copies inside `inference_kernels` while
+    their stamp matches the blocks (address, version); an in-place write makes them stale (the
+    published blocks are read until `tile_experts` refreshes them); inference-mode blocks stamp
+    None (no copies); `tile_experts` frees copies of modules it does not tile (here: off the GPU)
+    and bumps `tiled_epoch` for each module it changed."""
+    from ossrl.model.gptoss import Experts, _blocks_stamp, inference_kernels, tile_experts, tiled_epoch
+
+    model = random_model(tiny_config(quantization="mxfp4"), seed=3, expert_format="mxfp4").to(torch.bfloat16)
+    m = next(x for x in model.modules() if isinstance(x, Experts))
+    copies = dict(gate_up=m.gate_up_proj_blocks.clone(), down=m.down_proj_blocks.clone(), layout=(64, 16),
+                  stamp=_blocks_stamp(m))
+    m.tiled = copies
+    assert m.expert_weights().gate_up_tiled is None  # training and reference forwards: the published blocks
+    with inference_kernels():
+        got = m.expert_weights()
+        assert got.gate_up_tiled is copies["gate_up"] and got.down_tiled is copies["down"] and got.tiled == (64, 16)
+        with torch.no_grad():
+            m.gate_up_proj_blocks[0, 0, 0, 0] ^= 1
+        assert m.expert_weights().gate_up_tiled is None
+    with torch.inference_mode():
+        assert _blocks_stamp(m) is not None
+        frozen = m.gate_up_proj_blocks.clone()
+    saved = m.gate_up_proj_blocks
+    m.gate_up_proj_blocks = frozen
+    assert _blocks_stamp(m) is None
+    m.gate_up_proj_blocks = saved
+    epoch = tiled_epoch()
+    assert tile_experts(model) == 1 and m.tiled is None and tiled_epoch() == epoch + 1
+    assert tile_experts(model) == 0 and tiled_epoch() == epoch + 1

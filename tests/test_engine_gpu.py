@@ -210,11 +210,18 @@ def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
 def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
     """`tile_experts` (the slots backend's default): rollouts whose word decode reads the MXFP4
     blocks' tile-contiguous copies equal those reading the published blocks bit for bit, in CUDA
-    graphs; the copies follow an in-place write to the blocks (same addresses: the graphs stay);
-    `release` frees them; without memory to spare none are made."""
+    graphs (hidden and intermediate 192: rows of 24 words, one whole chunk and a ragged one, so the
+    copies differ from the blocks); the kernels read the copies (the published blocks zeroed: the
+    same output); the copies follow an in-place write to the blocks (same addresses: the graphs
+    stay); `release` frees them; without memory to spare none are made."""
+    import dataclasses
+
+    from ossrl.kernels.moe import route
+    from ossrl.kernels.moe_triton import choose_config, routed_experts_triton
     from ossrl.model.gptoss import Experts, inference_kernels, tile_experts
 
-    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4")
+    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", hidden_size=192,
+                         intermediate_size=192)
     model = random_model(config, seed=4, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=7)
@@ -232,8 +239,20 @@ def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
     assert engine.generate(PROMPTS, 3, params) == plain
     assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
     assert all(m.tiled is not None for m in experts)
+    assert not torch.equal(experts[0].tiled["gate_up"], experts[0].gate_up_proj_blocks)
     with inference_kernels():
-        assert experts[0].expert_weights().gate_up_tiled is experts[0].tiled["gate_up"]
+        ew = experts[0].expert_weights()
+        assert ew.gate_up_tiled is experts[0].tiled["gate_up"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for tokens in (1, 8):
+            x = torch.randn(tokens, 192, device="cuda", generator=g).bfloat16()
+            w, ids = route(torch.randn(tokens, 4, device="cuda", generator=g), 2)
+            cfg = choose_config(tokens * 2, ew)
+            zeroed = dataclasses.replace(ew, gate_up=torch.zeros_like(ew.gate_up), down=torch.zeros_like(ew.down))
+            published = dataclasses.replace(ew, gate_up_tiled=None, down_tiled=None, tiled=None)
+            assert cfg.words and cfg.split_k == 2
+            assert torch.equal(routed_experts_triton(x, w, ids, zeroed, config=cfg),
+                               routed_experts_triton(x, w, ids, published, config=cfg))
     assert experts[0].expert_weights().gate_up_tiled is None  # training forwards read the published blocks
     copies = [m.tiled["gate_up"].data_ptr() for m in experts]
     graphs = {k: id(v[0]) for k, v in engine._slots.graphs.items()}

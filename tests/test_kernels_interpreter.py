@@ -881,6 +881,7 @@ def test_decode_sizes_reading_the_tiled_copies_take_the_two_part_64_column_tiles
     to 8 slots an expert (the sizes moe_tiled.json measured), the defaults above that and without
     copies."""
     ex = _experts()  # 4 experts
+    ex = dataclasses.replace(ex, gate_up_bias=ex.gate_up_bias.bfloat16(), down_bias=ex.down_bias.bfloat16())
     tiled = dataclasses.replace(ex, gate_up_tiled=ex.gate_up, down_tiled=ex.down, tiled=(32, 8))
     pick = moe_triton.TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
     for slots in (1, 8, 32):
@@ -888,3 +889,25 @@ def test_decode_sizes_reading_the_tiled_copies_take_the_two_part_64_column_tiles
         assert moe_triton.choose_config(slots, ex) == moe_triton.default_config(slots, 4, True)
     assert moe_triton.choose_config(33, tiled) == moe_triton.default_config(33, 4, True) != pick
     assert moe_triton.choose_config(4096, tiled) == moe_triton.choose_config(4096, ex)
+    # copies the 64-column tile cannot read whole, or an fp32 model (no word decode on sm_90): the defaults
+    for other in (dataclasses.replace(tiled, tiled=(32, 4)),
+                  dataclasses.replace(tiled, gate_up_bias=ex.gate_up_bias.float(), down_bias=ex.down_bias.float())):
+        assert moe_triton.choose_config(8, other) == moe_triton.default_config(8, 4, True) != pick
+
+
+def test_copies_whose_chunks_are_narrower_than_the_k_tile_are_not_read():
+    """The word decode reads the tiled copies only where its K tile divides a chunk: chunks of 4
+    words (32 columns) under a 64-column tile leave it to the published blocks (copies zeroed here,
+    so reading them would show)."""
+    from ossrl.kernels.mxfp4_triton import tile_blocks
+
+    ex = _experts()
+    zeros = dataclasses.replace(ex, gate_up_tiled=torch.zeros_like(tile_blocks(ex.gate_up, 32, 4)),
+                                down_tiled=torch.zeros_like(tile_blocks(ex.down, 32, 4)), tiled=(32, 4))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 96, generator=g)
+    w, ids = route(torch.randn(12, 4, generator=g), 2)
+    cfg = moe_triton.TileConfig(16, 32, 64, 4, 1, dot_scaled=False, swap_ab=True, words=True)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_triton.routed_experts_triton(x, w, ids, zeros, config=cfg),
+                                   moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg), rtol=0, atol=0)

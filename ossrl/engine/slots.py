@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.model.gptoss import tile_experts
+from ossrl.model import gptoss
 
 
 def bucket_size(n: int) -> int:
@@ -66,7 +66,7 @@ class SlotDecoder:
         self.pool, self.state = None, None
         self.graphs.clear()
         self.graph_params = None
-        tile_experts(self.model, enabled=False)
+        gptoss.tile_experts(self.model, enabled=False)
 
     # ------------------------------------------------------------------ buffers
     def _prepare(self, slots: int, capacity: int, width: int, params: SamplingParams) -> None:
@@ -95,9 +95,8 @@ class SlotDecoder:
                 "seeds": torch.zeros(S, dtype=torch.long, device=device),
             }
         # MXFP4 experts' tile-contiguous copies for the word decode, with the memory the pool left
-        # (made, refreshed or kept; `ossrl.model.gptoss.tile_experts`): graphs captured without them go
-        if tile_experts(model, self.tile_experts):
-            self.graphs.clear()
+        # (made, refreshed or kept; `ossrl.model.gptoss.tile_experts`); graphs key on `tiled_epoch`
+        gptoss.tile_experts(model, self.tile_experts, prefill_tokens=self.prefill_tokens)
         self.pool.reset()
         for name in ("steps", "current"):
             self.state[name].zero_()
@@ -111,7 +110,9 @@ class SlotDecoder:
         return (_params_key(params), id(getattr(self.model, "lora_config", None)),
                 switch is not None and switch.enabled,
                 # graphs read the adapters' rollout copies by address: new copies, new graphs
-                switch is not None and switch.rollout_dtype, switch is not None and switch.rollout_epoch)
+                switch is not None and switch.rollout_dtype, switch is not None and switch.rollout_epoch,
+                # and the experts' tiled copies (made or freed by any engine on this model since)
+                gptoss.tiled_epoch())
 
     # ------------------------------------------------------------------ one step
     def _step(self, slot_ids: torch.Tensor, params: SamplingParams) -> None:

@@ -533,9 +533,11 @@ def _dense_copy_bytes(experts: ExpertWeights) -> int:
 
 def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
     """`default_config`, except that a transient bf16 copy larger than DEQUANT_MAX_BYTES (a 120b
-    layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode."""
+    layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode, and that decode sizes
+    of bf16 rollouts reading the experts' tile-contiguous copies take the tiles measured on them."""
     cfg = default_config(slots, experts.num_experts, experts.format == "mxfp4")
-    if experts.tiled is not None and cfg.words and slots <= 8 * experts.num_experts:
+    if experts.tiled is not None and cfg.words and slots <= 8 * experts.num_experts \
+            and experts.gate_up_bias.dtype == torch.bfloat16 and experts.tiled[1] % 8 == 0:
         # reading the tile-contiguous copies (rollouts), 64-column K tiles in 2 K parts won at 8 and 64
         # tokens (H100, graph replay, results/moe_tiled.json: 0.1505 / 0.2208 ms against 0.1595 /
         # 0.2309 with the 64x128 tile on the same copies and 0.1744 / 0.2548 on the published blocks)

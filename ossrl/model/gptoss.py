@@ -311,56 +311,84 @@ def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
 # The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
 # word decode's BN) and chunks of 16 words (BK = 128 columns; BK = 64 reads half a chunk).
 TILED_LAYOUT = (64, 16)
+_TILED_EPOCH = [0]  # bumped whenever any module's copies are made or freed (captured graphs key on it)
 
 
-def _blocks_stamp(m: Experts) -> tuple:
-    """What the tiled copies were made from: each projection's blocks address and version counter
-    (an in-place write bumps it; inference-mode tensors keep none, so their address alone)."""
+def tiled_epoch() -> int:
+    """A counter of `tile_experts`' allocations and frees: CUDA graphs captured under one value may
+    read copies that a later value no longer has (the slot engine keys its graphs on it)."""
+    return _TILED_EPOCH[0]
+
+
+def _blocks_stamp(m: Experts) -> tuple | None:
+    """What tiled copies are made from: each projection's blocks (device, shape, address, version
+    counter; an in-place write through autograd-visible ops bumps the version). None for
+    inference-mode tensors, which keep no version counter: their in-place writes would go unseen."""
     stamp = []
     for t in (m.gate_up_proj_blocks, m.down_proj_blocks):
         try:
             version = t._version
-        except RuntimeError:  # an inference tensor: no version counter
-            version = None
-        stamp.append((t.data_ptr(), version))
+        except RuntimeError:  # an inference tensor
+            return None
+        stamp.append((t.device, tuple(t.shape), t.data_ptr(), version))
     return tuple(stamp)
 
 
+def _rollout_reserve(m: Experts, total: int, prefill_tokens: int, top_k: int) -> int:
+    """Memory a rollout still needs after its KV pool: a tenth of the GPU (at least 2 GiB) for graph
+    pools and small buffers, plus a packed prefill of `prefill_tokens` (each token's top-k slots
+    through gate_up, the SwiGLU and down, and the transient bf16 copy of gate_up that prefill-sized
+    MoE calls decode into)."""
+    E, rows, groups, _ = m.gate_up_proj_blocks.shape  # rows = 2I, groups * 32 = H
+    H, I, elem = groups * 32, rows // 2, m.gate_up_proj_bias.element_size()
+    prefill = prefill_tokens * (top_k * (2 * 2 * I + I + H) + 8 * H) * elem
+    return max(2 << 30, total // 10) + prefill + E * H * 2 * I * elem
+
+
 @torch.no_grad()
-def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | None = None) -> int:
-    """Give each MXFP4 experts module on a GPU copies of its blocks in the word decode's
-    tile-contiguous layout (`TILED_LAYOUT`, `ossrl.kernels.mxfp4_triton.tile_blocks`), which its
-    rollout forwards (inside `inference_kernels`) read: each K tile of a decode program is then one
-    contiguous span instead of 64 pieces 1,440 bytes apart. The copies cost as much memory as the
-    blocks (9.6 GB for 20b), so layers are given them in order while free GPU memory stays above
-    `reserve_bytes` (default: the larger of 2 GiB and a tenth of the GPU); copies whose blocks were
-    written since are refreshed in place (their addresses, which captured graphs read, kept).
-    `enabled=False` frees them. Sharded modules, modules off the GPU and projections whose rows
-    are not whole runs get none. The rollout engine's slots backend calls it after each KV pool
-    is allocated (before graphs are captured) and frees the copies with the pool.
-    Returns the number of modules whose copies were made or freed (captured graphs must go)."""
+def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | None = None,
+                 prefill_tokens: int = 0, refresh: bool = False) -> int:
+    """Give each MXFP4 experts module of a bf16 model on a GPU copies of its blocks in the word
+    decode's tile-contiguous layout (`TILED_LAYOUT`, `ossrl.kernels.mxfp4_triton.tile_blocks`), which
+    its rollout forwards (inside `inference_kernels`) read: each K tile of a decode program is then
+    one contiguous span instead of 64 pieces 1,440 bytes apart (the word decode runs on bf16 only).
+
+    The copies cost as much memory as the blocks (9.6 GB for 20b), so layers get them in order
+    while the free memory (`checkpointing.device_memory`: the allocator's unused cache counts)
+    stays above `reserve_bytes` (default `_rollout_reserve` for `prefill_tokens`). Copies whose
+    blocks were written since (a new version counter or address) are refreshed in place, their
+    addresses, which captured graphs read, kept; a write the version counter does not see (through
+    `.data`, DLPack, a collective) needs `refresh=True`. Blocks moved to another device or shape get
+    new copies; inference-mode blocks (no version counter) and sharded models get none.
+    `enabled=False` frees them. The slots backend calls it after each KV pool is allocated (before
+    graphs are captured) and frees the copies with the pool. Returns the number of modules whose
+    copies were made or freed (each bumps `tiled_epoch`)."""
     from ossrl.kernels.mxfp4_triton import tile_blocks
+    from ossrl.model.checkpointing import device_memory
 
     changed = 0
     sharded = getattr(model, "sharded", False)
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 4)
     for m in model.modules():
         if not isinstance(m, Experts) or m.format != "mxfp4":
             continue
-        device = m.gate_up_proj_blocks.device
-        rows_fit = m.gate_up_proj_blocks.shape[1] % TILED_LAYOUT[0] == 0 == m.down_proj_blocks.shape[1] % TILED_LAYOUT[0]
-        if not enabled or sharded or device.type != "cuda" or not rows_fit:
-            changed += m.tiled is not None
-            m.tiled = None
-            continue
         stamp = _blocks_stamp(m)
+        rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
+        eligible = (enabled and not sharded and stamp is not None and m.gate_up_proj_blocks.is_cuda
+                    and m.gate_up_proj_bias.dtype == torch.bfloat16 and all(r % TILED_LAYOUT[0] == 0 for r in rows))
+        if m.tiled is not None and (not eligible or [s[:2] for s in m.tiled["stamp"]] != [s[:2] for s in stamp]):
+            m.tiled = None  # not wanted, or the blocks moved to another device or shape
+            changed += 1
+        if not eligible:
+            continue
         if m.tiled is not None:
-            if m.tiled["stamp"] != stamp:  # written in place since: the same buffers, new values
+            if refresh or m.tiled["stamp"] != stamp:  # written since: the same buffers, new values
                 for name in ("gate_up", "down"):
                     m.tiled[name].copy_(tile_blocks(getattr(m, f"{name}_proj_blocks"), *TILED_LAYOUT))
                 m.tiled["stamp"] = stamp
             continue
-        free, total = torch.cuda.mem_get_info(device)
-        reserve = max(2 << 30, total // 10) if reserve_bytes is None else reserve_bytes
+        free, total = device_memory(m.gate_up_proj_blocks.device)
+        reserve = _rollout_reserve(m, total, prefill_tokens, top_k) if reserve_bytes is None else reserve_bytes
         need = 2 * (m.gate_up_proj_blocks.numel() + m.down_proj_blocks.numel())  # the copies and a transient
         if free - need < reserve:
             continue
@@ -368,6 +396,7 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
             m.tiled = dict(gate_up=tile_blocks(m.gate_up_proj_blocks, *TILED_LAYOUT),
                            down=tile_blocks(m.down_proj_blocks, *TILED_LAYOUT), layout=TILED_LAYOUT, stamp=stamp)
         changed += 1
+    _TILED_EPOCH[0] += changed
     return changed
 
 
