@@ -410,11 +410,11 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
         b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
     mxfp4 = scales is not None
-    tiled = plan.experts.tiled if words and b_tiled is not None else None
-    if tiled is not None and tiled[1] % (cfg.BK // 8) == 0:  # the tile-contiguous copy (rollouts)
+    # the tile-contiguous copy (rollouts), where the word decode's K tile divides its chunks
+    tiled = plan.experts.tiled if words and b_tiled is not None and plan.experts.tiled[1] % (cfg.BK // 8) == 0 \
+        else None
+    if tiled:
         b = b_tiled
-    else:
-        tiled = None
     if words:  # [E, out, in/32, 16] bytes as [E, out, in/8] int32 words (strides in words)
         if b.stride(-1) != 1 or b.stride(1) % 16:
             raise ValueError(f"MXFP4 blocks must be contiguous rows of 16-byte blocks, got strides {b.stride()}")

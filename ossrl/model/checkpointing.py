@@ -101,10 +101,16 @@ def _default_pool_unused(device: torch.device) -> int:
     return max(unused - private, 0)
 
 
+def headroom(total: int) -> int:
+    """What a device of `total` bytes keeps free for allocations no one budgets for (allocator
+    fragmentation, small buffers, graph pools): the larger of 2 GiB and a tenth of it."""
+    return max(2 * GiB, total // 10)
+
+
 def activation_budget(device: torch.device, layer_bytes: int) -> int:
     """Bytes all kept activations may take: free memory less the headroom (module docstring)."""
     free, total = device_memory(device)
-    return max(free - 2 * layer_bytes - max(2 * GiB, total // 10), 0)
+    return max(free - 2 * layer_bytes - headroom(total), 0)
 
 
 def plain_layer_count(layer_bytes: int, num_layers: int, budget: int, input_bytes: int = 0) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 from ossrl.kernels.attention import AttentionMask, sink_attention
 from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
-from ossrl.model.checkpointing import activation_budget, measure_saved_bytes, plain_layer_count
+from ossrl.model.checkpointing import activation_budget, headroom, measure_saved_bytes, plain_layer_count
 from ossrl.model.config import GptOssConfig, YarnRope
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
@@ -335,14 +335,16 @@ def _blocks_stamp(m: Experts) -> tuple | None:
 
 
 def _rollout_reserve(m: Experts, total: int, prefill_tokens: int, top_k: int) -> int:
-    """Memory a rollout still needs after its KV pool: a tenth of the GPU (at least 2 GiB) for graph
-    pools and small buffers, plus a packed prefill of `prefill_tokens` (each token's top-k slots
+    """Memory a rollout still needs after its KV pool: the device's headroom (`checkpointing.headroom`:
+    graph pools, small buffers), plus a packed prefill of `prefill_tokens` (each token's top-k slots
     through gate_up, the SwiGLU and down, and the transient bf16 copy of gate_up that prefill-sized
     MoE calls decode into)."""
-    E, rows, groups, _ = m.gate_up_proj_blocks.shape  # rows = 2I, groups * 32 = H
+    from ossrl.kernels.moe_triton import _dense_copy_bytes
+
+    rows, groups = m.gate_up_proj_blocks.shape[1:3]  # rows = 2I, groups * 32 = H
     H, I, elem = groups * 32, rows // 2, m.gate_up_proj_bias.element_size()
     prefill = prefill_tokens * (top_k * (2 * 2 * I + I + H) + 8 * H) * elem
-    return max(2 << 30, total // 10) + prefill + E * H * 2 * I * elem
+    return headroom(total) + prefill + _dense_copy_bytes(m.expert_weights())
 
 
 @torch.no_grad()
