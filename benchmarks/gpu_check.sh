@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -8,7 +8,8 @@
 # the CPU and (the baseline, in a second process) on the GPU; sweep: the MXFP4
 # decode-size tile sweep of benchmarks/moe.py; wordsweep: its folded word tiles with the scales one
 # and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
-# tiles, contiguous spans) against the decode kernels; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
+# tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
+# tiles finishing in a second launch, then in their last part; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
@@ -98,6 +99,14 @@ if [[ $what == *" tiled "* ]]; then  # session 12: the decode sizes with the MXF
     for flag in --no-tile-experts --tile-experts; do
         timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
             $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
+    done
+fi
+if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in their last part, against a second launch
+    for flag in --no-split-k-fixup --split-k-fixup; do
+        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
+            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
+        timeout 100 python benchmarks/profile_decode.py ${flag/--split-k-fixup/} > "$out/profile_decode$flag.txt" 2>&1
+        grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
     done
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode

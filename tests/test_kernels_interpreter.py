@@ -388,6 +388,43 @@ def _check_lora_epilogue(cfg, r, by_token, a_tiles, monkeypatch):
                                                                config=cfg).detach())
 
 
+@pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, split_k=3),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True,
+                                                       split_k=2)],
+                         ids=["split2", "split3", "words-split2"])
+def test_split_k_parts_finish_in_the_kernel_with_the_epilogue_kernels_bits(cfg, monkeypatch):
+    """SPLIT_K_FIXUP: the tile's last part to arrive sums the partials and runs the epilogue (bias,
+    SwiGLU, routing weight, scatter, the LoRA B product by token and by slot) in `_moe_matmul`,
+    bit for bit what `_split_k_epilogue` gives, and leaves every arrival counter at zero for the
+    next launch (a CUDA graph replays with them), whichever launch ran before."""
+    ex = _experts()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 96, generator=g)
+    w, ids = route(torch.randn(40, 4, generator=g), 2)
+
+    class LoRA:
+        scaling = 1.5
+        gate_up_A, gate_up_B = torch.randn(4, 96, 8, generator=g) * 0.2, torch.randn(4, 8, 128, generator=g) * 0.2
+        down_A, down_B = torch.randn(4, 64, 8, generator=g) * 0.2, torch.randn(4, 8, 96, generator=g) * 0.2
+
+    def run(fixup, lora):
+        monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", fixup)
+        with torch.no_grad():
+            return moe_triton.routed_experts_triton(x, w, ids, ex, LoRA if lora else None, config=cfg,
+                                                    lora_epilogue=lora)
+
+    for lora in (False, True):
+        monkeypatch.setattr(moe_triton, "_COUNTERS", {})
+        apart = run(False, lora)
+        assert not moe_triton._COUNTERS  # the two-launch path keeps no counters
+        fused = run(True, lora)
+        assert torch.equal(fused, apart)
+        assert torch.equal(run(True, lora), fused)  # again, from the counters the first launch left
+        assert not moe_triton._COUNTERS[x.device].any()
+    assert rel(fused, routed_experts_twin(x, w, ids, ex, LoRA)) < 1e-5
+
+
 def test_dequantize_experts_matches_the_reference_decode():
     """The transient dense copy (training sizes): [E, out, in] MXFP4 -> [E, in, out], exactly."""
     g = torch.Generator().manual_seed(3)
@@ -413,7 +450,8 @@ else:
     ptr = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr",
                                 "lb_ptr")}
     ptr.update(b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
-               tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64")
+               tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", parts_ptr="*fp32",
+               counter_ptr="*i32")
     const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
                  STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
                  SWAP_AB=True, PACKED=True, PTX=ptx, BM=16, BN=64, BK=128, GROUP_M=8, SPLIT_K=1,
@@ -465,11 +503,11 @@ BM, BN, BK, warps, split, lora, dtype, variant = json.loads(sys.argv[1])
 fn = moe_triton._moe_matmul
 ptr = {n: "*" + dtype for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
 ptr.update(b_ptr="*i32", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
-           tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", c_ptr="*fp32" if split > 1 else "*" + dtype)
-const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=split == 1, HAS_EXTRA=False, SWIGLU=split == 1,
+           tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", parts_ptr="*fp32", counter_ptr="*i32")
+const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=True,
              STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False, SWAP_AB=True,
              PACKED=True, PTX=True, BM=BM, BN=BN, BK=BK, GROUP_M=8, SPLIT_K=split, LORA_R=16 if lora else 0, LORA_RP=16,
-             LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True, **variant)
+             LORA_BY_TOKEN=lora, WORDS=True, EVEN_K=BK == 64, FOLD=True, FIXUP=split > 1, **variant)
 # constexprs left at their defaults stay constexprs (else they would be typed as runtime ints)
 const.update({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in const})
 sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n in ("limit", "alpha") else "i32") for n in fn.arg_names}
@@ -547,16 +585,19 @@ if sys.argv[1] == "rms_norm_backward":
 elif sys.argv[1] in ("moe_matmul_split_k", "moe_matmul_lora"):  # decode-sized forwards
     fn = moe_triton._moe_matmul
     types = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "z_ptr", "lu_ptr", "lb_ptr")}
-    types.update(c_ptr="*fp32", b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
-                 tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", limit="fp32", alpha="fp32")
-    const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=True, HAS_BIAS=False, HAS_EXTRA=False, SWIGLU=False,
-                 STORE_Z=False, ROUTE_WEIGHT=False, SCATTER_C=False, DW_EPILOGUE=False, DOT_SCALED=False,
+    types.update(c_ptr="*bf16", b_ptr="*u8", scales_ptr="*u8", a_rows_ptr="*i64", slot_ptr="*i64", dw_ptr="*fp32",
+                 tile_expert_ptr="*i32", tile_start_ptr="*i32", offsets_ptr="*i64", parts_ptr="*fp32",
+                 counter_ptr="*i32", limit="fp32", alpha="fp32")
+    # the split-K pick's down projection of a rollout: the last part sums the partials, then bias,
+    # routing weight, scatter and the LoRA B product (FIXUP)
+    const = dict(MXFP4=True, B_ROWS_ARE_N=True, GATHER_A=False, HAS_BIAS=True, HAS_EXTRA=False, SWIGLU=False,
+                 STORE_Z=False, ROUTE_WEIGHT=True, SCATTER_C=True, DW_EPILOGUE=False, DOT_SCALED=False,
                  SWAP_AB=True, PACKED=True, PTX=True, BM=16, BN=64, BK=64, GROUP_M=8, SPLIT_K=2,
-                 LORA_R=0, LORA_RP=16, LORA_BY_TOKEN=False, WORDS=True, EVEN_K=True, FOLD=False)
+                 LORA_R=16, LORA_RP=16, LORA_BY_TOKEN=False, WORDS=True, EVEN_K=True, FOLD=True, FIXUP=True)
     types["b_ptr"] = "*i32"  # the word decode reads the blocks as int32
-    if sys.argv[1] == "moe_matmul_lora":  # gate_up of a rollout: the LoRA B product in the epilogue (fp32 partials
-        types["c_ptr"] = "*bf16"          # no more: bf16 output, SwiGLU)
-        const.update(HAS_BIAS=True, SWIGLU=True, SPLIT_K=1, BN=64, BK=128, LORA_R=16, LORA_BY_TOKEN=True)
+    if sys.argv[1] == "moe_matmul_lora":  # gate_up of a rollout: the LoRA B product in the epilogue
+        const.update(GATHER_A=True, SWIGLU=True, ROUTE_WEIGHT=False, SCATTER_C=False, SPLIT_K=1, BN=64, BK=128,
+                     LORA_BY_TOKEN=True, FIXUP=False)
 elif sys.argv[1] == "split_k_epilogue":
     fn = moe_triton._split_k_epilogue
     types = {n: "*bf16" for n in ("bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr", "lb_ptr")}

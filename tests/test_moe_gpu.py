@@ -292,6 +292,54 @@ def test_forward_captures_in_a_cuda_graph_without_host_syncs(fmt):
     assert torch.equal(static_out, step())
 
 
+@pytest.mark.parametrize("N,split", [(1, 2), (8, 2), (64, 2), (64, 4)])
+def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monkeypatch):
+    """SPLIT_K_FIXUP: each tile's last part to arrive (an atomic count, no second launch) sums the
+    partials and runs the epilogue, bit for bit what `_split_k_epilogue` gives, with LoRA in the
+    epilogue as rollouts run it, at 20b shapes; 200 replays of one CUDA graph (the counters reset
+    themselves) on fresh inputs each, so a part reading its sibling's partial before it landed
+    would show as different bits."""
+    import dataclasses
+
+    gen = torch.Generator(device=DEV).manual_seed(N + split)
+    ours_w, _ = make_experts(32, 2880, 2880, "mxfp4", gen)
+    ours_w = dataclasses.replace(ours_w, scales_fold=True)
+    lora = LoRA(32, 2880, 2880, 16, gen, torch.bfloat16)
+    router = torch.randn(2880, 32, generator=gen, device=DEV).bfloat16() * 0.05
+    config = moe_triton.TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
+    x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
+
+    def step():
+        w, ids = route(x @ router, 4)
+        return moe_triton.routed_experts_triton(x, w, ids, ours_w, lora, config=config, lora_epilogue=True)
+
+    def graphed():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # compile (and make the counters) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+
+    inputs = torch.randn(200, N, 2880, generator=gen, device=DEV).bfloat16()
+    results = {}
+    with torch.no_grad():
+        for fixup in (False, True):
+            monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", fixup)
+            graph, out = graphed()
+            outs = []
+            for i in range(len(inputs)):
+                x.copy_(inputs[i])
+                graph.replay()
+                outs.append(out.clone())
+            results[fixup] = torch.stack(outs)
+    assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
+    assert not moe_triton._COUNTERS[x.device].any()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,r", [(1, 16), (64, 16), (64, 4), (300, 16)])
 def test_lora_in_the_epilogue_without_autograd(fmt, N, r):

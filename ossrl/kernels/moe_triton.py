@@ -54,6 +54,7 @@ def _moe_matmul(
     route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr,
     lu_ptr, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
+    parts_ptr, stride_part, stride_prow, counter_ptr,
     num_tiles, N, K, limit, alpha,
     MXFP4: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, GATHER_A: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SWIGLU: tl.constexpr, STORE_Z: tl.constexpr,
@@ -63,11 +64,15 @@ def _moe_matmul(
     LORA_R: tl.constexpr = 0, LORA_RP: tl.constexpr = 16, LORA_BY_TOKEN: tl.constexpr = False,
     WORDS: tl.constexpr = False, EVEN_K: tl.constexpr = False, FOLD: tl.constexpr = False,
     SCALES_AHEAD: tl.constexpr = 1, A_PERMUTED: tl.constexpr = False, TILE_R: tl.constexpr = 0,
-    TILE_W: tl.constexpr = 0,
+    TILE_W: tl.constexpr = 0, FIXUP: tl.constexpr = False,
 ):
     # Grouped launch order: GROUP_M row tiles (mostly one expert) sweep the N tiles together;
     # with SPLIT_K > 1 the K range is cut in SPLIT_K parts (adjacent programs), each storing its fp32
-    # partial product to c[part, pos] for `_split_k_epilogue` (decode: more programs, shorter loops).
+    # partial product to parts[part, pos] (decode: more programs, shorter loops). Their sum and the
+    # epilogue then run in `_split_k_epilogue`, or (FIXUP) in the tile's last part to finish: each
+    # part counts itself in counter[tile] once its partial is stored, and the one that counts last
+    # sums the SPLIT_K partials in part order (the same bits as `_split_k_epilogue`) and resets the
+    # counter for the next launch (a CUDA graph replays with the counters as they were left: zero).
     pid = tl.program_id(0)
     part = pid % SPLIT_K
     pid = pid // SPLIT_K
@@ -174,11 +179,26 @@ def _moe_matmul(
                 acc = tl.dot(a, w, acc)
     if SWAP_AB:
         acc = tl.trans(acc_t)
-    if SPLIT_K > 1:  # c is the fp32 partials [SPLIT_K, rows, N]: part stride in stride_zm
-        tl.store(c_ptr + part.to(tl.int64) * stride_zm + pos[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
-                 acc, mask=m_mask[:, None] & n_mask[None, :])
+    lu_rows = a_rows if LORA_BY_TOKEN else pos
+    if SPLIT_K > 1:  # the fp32 partials [SPLIT_K, sorted rows, N]
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        ptrs = parts_ptr + pos[:, None].to(tl.int64) * stride_prow + offs_n[None, :]
+        tl.store(ptrs + part.to(tl.int64) * stride_part, acc, mask=mn_mask)
+        if FIXUP:
+            tl.debug_barrier()  # every thread's partial stored before the count releases them
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.store(counter_ptr + pid, 0)
+                acc = tl.load(ptrs, mask=mn_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs' stores
+                for _ in range(1, SPLIT_K):
+                    ptrs += stride_part
+                    acc += tl.load(ptrs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+                _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr,
+                          stride_xm, route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit,
+                          alpha, lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
+                          HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, False, BM, BN,
+                          LORA_R, LORA_RP)
     else:
-        lu_rows = a_rows if LORA_BY_TOKEN else pos
         _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr, stride_xm,
                   route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit, alpha,
                   lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
@@ -395,6 +415,23 @@ class _LoRATerm:
     col_e: int
 
 
+# Split-K decode tiles finish in their last part (`_moe_matmul`'s FIXUP) instead of a second launch
+# (`_split_k_epilogue`); benchmarks/moe.py --tiled and the benchmarks' --split-k-fixup switch time both.
+SPLIT_K_FIXUP = True
+_COUNTERS: dict = {}  # device -> int32 arrival counters, zero between launches (each launch leaves them so)
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for `tiles` output tiles on `device`, one buffer per device that grows
+    when a launch needs more. Allocated outside CUDA graph capture in practice: the engine's warm-up
+    steps run each bucket's launches first, and the first buffer already holds 64K tiles (a 20b
+    gate_up at 64 tokens needs 4,320), so a capture finds it large enough."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        _COUNTERS[device] = have = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+    return have
+
+
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
             route_w=None, scatter=False, z=None, swiglu=False, dw=None, lora: _LoRATerm | None = None,
             config: TileConfig | None = None, b_tiled=None):
@@ -430,36 +467,41 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     split = cfg.split_k if dw is None else 1  # the d(routing weight) epilogue needs whole sums
     epilogue = dict(HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None and dw is None, SWIGLU=swiglu,
                     STORE_Z=z is not None, ROUTE_WEIGHT=route_w is not None, SCATTER_C=scatter)
-    target, target_stride, z_stride = c, c.stride(0), z.stride(0) if z is not None else 0
     r = lora.B.shape[1] if lora is not None else 0
     no_lora = (dummy, 0, 0, dummy, 0, 0)
     lora_args = (lora.u, lora.u.stride(0), lora.col_e, lora.B, lora.B.stride(0), lora.B.stride(1)) \
         if lora is not None else no_lora
     lora_flags = dict(LORA_R=r, LORA_RP=max(16, triton.next_power_of_2(r)) if r else 16,
                       LORA_BY_TOKEN=lora is not None and lora.by_token)
-    if split > 1:  # fp32 partials [split, sorted rows, N]; the epilogue runs in `_split_k_epilogue`
+    tiles = num_tiles * triton.cdiv(N, cfg.BN)
+    parts, counters = dummy, dummy
+    fixup = split > 1 and SPLIT_K_FIXUP
+    if split > 1:  # fp32 partials [split, sorted rows, N], summed by the last part (fixup) or `_split_k_epilogue`
         parts = torch.empty(split, plan.groups.order.numel(), N, device=a.device, dtype=torch.float32)
-        target, target_stride, z_stride = parts, parts.stride(1), parts.stride(0)
-    grid = (num_tiles * triton.cdiv(N, cfg.BN) * split,)
+        if fixup:
+            counters = _split_counters(a.device, tiles)
+    grid = (tiles * split,)
+    fused = split == 1 or fixup  # the epilogue runs in this kernel
     kernel = _moe_matmul[grid](
         a, a_rows if a_rows is not None else dummy, a.stride(0),
         b, scales if mxfp4 else dummy, b.stride(0), stride_b1, stride_b2, stride_se, stride_srow,
         bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
         extra if extra is not None else dummy, extra.stride(0) if extra is not None else 0,
         route_w if route_w is not None else dummy, plan.groups.order,
-        target, target_stride, z if z is not None else dummy, z_stride,
-        dw if dw is not None else dummy, *(lora_args if split == 1 else no_lora),
+        c, c.stride(0), z if z is not None else dummy, z.stride(0) if z is not None else 0,
+        dw if dw is not None else dummy, *(lora_args if fused else no_lora),
         tile_expert, tile_start, plan.groups.offsets,
+        parts, parts.stride(0) if split > 1 else 0, parts.stride(1) if split > 1 else 0, counters,
         num_tiles, N, K, limit, alpha,
         MXFP4=mxfp4, B_ROWS_ARE_N=b_rows_are_n, GATHER_A=a_rows is not None,
-        **(epilogue if split == 1 else {k: False for k in epilogue}),
+        **(epilogue if fused else {k: False for k in epilogue}),
         DW_EPILOGUE=dw is not None, DOT_SCALED=mxfp4 and b_rows_are_n and cfg.dot_scaled and not cfg.swap_ab,
         SWAP_AB=mxfp4 and b_rows_are_n and cfg.swap_ab, PACKED=cfg.packed, PTX=ptx_decode(a), WORDS=words,
         EVEN_K=words and K % cfg.BK == 0, FOLD=words and plan.experts.scales_fold,
         SCALES_AHEAD=cfg.scales_ahead if words else 1, A_PERMUTED=a_permuted,
         TILE_R=tiled[0] if tiled else 0, TILE_W=tiled[1] if tiled else 0,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split,
-        **(lora_flags if split == 1 else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, SPLIT_K=split, FIXUP=fixup,
+        **(lora_flags if fused else {}), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
     if words and _asm_layout_matters(a) and not _word_kernel_ok(kernel):  # (this Triton laid it out otherwise)
@@ -469,7 +511,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
         return _launch(plan, a_in, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
                        extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
                        config=replace(cfg, words=False), b_tiled=b_tiled)
-    if split > 1:
+    if not fused:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),
             bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
