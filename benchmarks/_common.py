@@ -87,7 +87,8 @@ SWITCHES = (
     ("tile-experts", "ossrl.engine.engine", "TILE_EXPERTS",
      "rollouts: the MoE word decode reads tile-contiguous copies of the MXFP4 blocks"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",
-     "split-K MoE tiles: the last part to finish sums the partials and runs the epilogue (else a second launch)"),
+     "split-K MoE tiles: the last part to finish sums the partials and runs the epilogue, else a second "
+     "launch (unset: each tile's TileConfig.fixup)"),
 )
 
 

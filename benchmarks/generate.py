@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_switches, apply_switches, copy_bandwidth_gbs, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
+from ossrl.model import gptoss  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
@@ -73,8 +74,11 @@ def run_ossrl(model, shapes, vocab) -> list[dict]:
         out = []
         seconds = timed(lambda: out.append(engine.generate(ps, n=n, params=params)))
         tokens = sum(len(c.token_ids) for g in out[0] for c in g)
+        # the prefill's share: the same prompts with one new token each (the prefill samples it)
+        first = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)
+        prefill = timed(lambda: engine.generate(ps, n=n, params=first))
         rows.append({**shape, "system": "ossrl", "seconds": round(seconds, 3), "generated_tokens": tokens,
-                     "tokens_per_second": round(tokens / seconds, 1),
+                     "tokens_per_second": round(tokens / seconds, 1), "prefill_seconds": round(prefill, 4),
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      "graph_failures": engine._slots.graph_failures if engine._slots else []})
         print(json.dumps(rows[-1]), flush=True)
@@ -119,8 +123,14 @@ def main():
     ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
     ap.add_argument("--lora", action="store_true", help="ossrl with LoRA r=16 on attention and experts (unmerged)")
     add_switches(ap, ("share-prefixes", "tile-experts", "split-k-fixup"))
+    ap.add_argument("--tiled-layout", default=None, metavar="ROWSxWORDS",
+                    help="the experts' tile-contiguous copies in chunks of ROWS rows and WORDS 32-bit words "
+                         "(gptoss.TILED_LAYOUT; default: the library's)")
     args = ap.parse_args()
     switches = apply_switches(args)
+    if args.tiled_layout:
+        gptoss.TILED_LAYOUT = tuple(int(v) for v in args.tiled_layout.split("x"))
+    switches["tiled_layout"] = list(gptoss.TILED_LAYOUT)
     config = GptOssConfig.gpt_oss_20b()
     g = random.Random(0)
     grpo_lengths = [g.randint(64, 1024) for _ in range(8)]

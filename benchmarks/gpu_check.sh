@@ -105,7 +105,7 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
     for flag in --no-split-k-fixup --split-k-fixup; do
         timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
             $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
-        timeout 100 python benchmarks/profile_decode.py ${flag/--split-k-fixup/} > "$out/profile_decode$flag.txt" 2>&1
+        timeout 100 python benchmarks/profile_decode.py $flag > "$out/profile_decode$flag.txt" 2>&1
         grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
     done
 fi

@@ -411,7 +411,7 @@ def tiled_sweep(mx, router, gen, copy_bw):
     from ossrl.kernels.mxfp4_triton import tile_blocks
 
     folded = dataclasses.replace(mx, scales_fold=True)
-    fixup_default = moe_triton.SPLIT_K_FIXUP
+    forced = moe_triton.SPLIT_K_FIXUP
     layouts = {None: folded}
     for lay in TILED_LAYOUTS[1:]:
         layouts[lay] = dataclasses.replace(folded, gate_up_tiled=tile_blocks(mx.gate_up, *lay),
@@ -430,11 +430,12 @@ def tiled_sweep(mx, router, gen, copy_bw):
             for lay, ex in layouts.items():
                 if lay is not None and lay[1] % (bk // 8):
                     continue
-                # split-K parts finishing in the kernel (session 13's default) and in a second launch
-                for fixup in (True, False) if sk > 1 else (fixup_default,):
+                # split-K tiles finishing in their last part (session 13) and in a second launch
+                for fixup in (True, False) if sk > 1 else (None,):
                     moe_triton.SPLIT_K_FIXUP = fixup
-                    r = dict(tokens=N, config=[bn, bk, warps, stages], split_k=sk, layout=lay, fixup=fixup if sk > 1
-                             else None, default=cfg == default and fixup == fixup_default)
+                    r = dict(tokens=N, config=[bn, bk, warps, stages], split_k=sk, layout=lay, fixup=fixup,
+                             default=cfg == dataclasses.replace(default, fixup=False)
+                             and fixup in (None, default.fixup))
                     with torch.no_grad():
                         out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
                     r["equal"] = bool(torch.equal(out, ref)) if isinstance(out, torch.Tensor) else out
@@ -443,7 +444,7 @@ def tiled_sweep(mx, router, gen, copy_bw):
                         r["graph_bandwidth_fraction"] = nbytes / (r["fwd_graph_ms"] * 1e-3) / copy_bw
                     rows.append(r)
                     print("tiled", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-                moe_triton.SPLIT_K_FIXUP = fixup_default
+                moe_triton.SPLIT_K_FIXUP = forced
     return rows
 
 

@@ -11,8 +11,9 @@
     python benchmarks/profile_decode.py --lora --maxnreg 80   # and again with the MoE decode tiles'
         # registers capped (with LoRA in their epilogues the word tile takes 93 registers against 80,
         # 5 CTAs an SM against 6; capped at 80, ptxas spills 16 bytes outside the loop)
-    python benchmarks/profile_decode.py --no-split-k-fixup   # split-K MoE tiles finish in a second
-        # launch (`_split_k_epilogue`) instead of in their last part (moe_triton.SPLIT_K_FIXUP)
+    python benchmarks/profile_decode.py --no-split-k-fixup   # every split-K MoE tile finishes in a
+        # second launch (`_split_k_epilogue`); --split-k-fixup: every one in its last part
+        # (moe_triton.SPLIT_K_FIXUP; unset: each tile's TileConfig.fixup)
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -62,10 +63,10 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
 
     moe_triton.default_config = picked
 
-if "--no-split-k-fixup" in sys.argv:
+if "--no-split-k-fixup" in sys.argv or "--split-k-fixup" in sys.argv:
     from ossrl.kernels import moe_triton
 
-    moe_triton.SPLIT_K_FIXUP = False
+    moe_triton.SPLIT_K_FIXUP = "--split-k-fixup" in sys.argv
 model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
 if "--lora" in sys.argv:  # as GRPO rollouts run: r=16 on attention and experts, unmerged
     from ossrl.model.lora import LoRAConfig, apply_lora

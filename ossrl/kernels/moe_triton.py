@@ -319,6 +319,9 @@ class TileConfig:
     dequant: bool = False  # MXFP4: decode each projection to a transient bf16 copy, then the dense kernel
     # (with `words`, the backward only: the word forward decodes into its wgmma registers)
     split_k: int = 1  # K cut in parts (fp32 partials, then `_split_k_epilogue`); not with DW_EPILOGUE
+    # split_k > 1: the tile's last part to finish sums the partials and runs the epilogue (an arrival
+    # count per tile) instead of a second launch; `SPLIT_K_FIXUP` overrides it where not None
+    fixup: bool = False
     # swap_ab: codes read as 32-bit words (`mxfp4_words`; BK a multiple of 32; on sm_90 only where
     # `_word_layout_ok`: bf16, BN a multiple of 64, whole warpgroups; else the pair decode runs)
     words: bool = False
@@ -354,8 +357,11 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # (no byte repacking, scales loaded one iteration ahead; 330 since, offline, not re-timed). 1 token 0.0693 -> 0.0592 ms (16x64x64,
     # 2 K parts), 8 tokens 0.206 -> 0.176, 64 tokens 0.305 -> 0.258 (16x64x128, 4 stages: 55% of
     # bandwidth); decode steps 3.20 -> 2.95 ms (batch 1) and 9.66 -> 8.11 ms (batch 64).
+    # The last part finishing each split-K tile (session 13, H100, profile_decode): at 1 token the
+    # MoE matmuls 1.075 -> 1.051 ms a decode step (no second launch); at 64 tokens on the copies'
+    # pick 5.41 -> 5.56 ms (each of ~5,800 programs waits on its count), so that pick keeps two launches.
     if per_expert <= 0.25 and mxfp4:
-        return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
+        return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True, fixup=True)
     if per_expert <= 16 and mxfp4:
         return TileConfig(16, 64, 128, 4, 4, dot_scaled=False, swap_ab=True, words=True)
     if per_expert <= 16:
@@ -415,9 +421,10 @@ class _LoRATerm:
     col_e: int
 
 
-# Split-K decode tiles finish in their last part (`_moe_matmul`'s FIXUP) instead of a second launch
-# (`_split_k_epilogue`); benchmarks/moe.py --tiled and the benchmarks' --split-k-fixup switch time both.
-SPLIT_K_FIXUP = True
+# Split-K tiles finish in their last part (`_moe_matmul`'s FIXUP) or in a second launch
+# (`_split_k_epilogue`): None takes each tile's `TileConfig.fixup`; True / False force one way for
+# every split tile (benchmarks/moe.py --tiled and the benchmarks' --split-k-fixup switch time both).
+SPLIT_K_FIXUP: bool | None = None
 _COUNTERS: dict = {}  # device -> int32 arrival counters, zero between launches (each launch leaves them so)
 
 
@@ -475,7 +482,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
                       LORA_BY_TOKEN=lora is not None and lora.by_token)
     tiles = num_tiles * triton.cdiv(N, cfg.BN)
     parts, counters = dummy, dummy
-    fixup = split > 1 and SPLIT_K_FIXUP
+    fixup = split > 1 and (cfg.fixup if SPLIT_K_FIXUP is None else SPLIT_K_FIXUP)
     if split > 1:  # fp32 partials [split, sorted rows, N], summed by the last part (fixup) or `_split_k_epilogue`
         parts = torch.empty(split, plan.groups.order.numel(), N, device=a.device, dtype=torch.float32)
         if fixup:
