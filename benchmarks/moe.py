@@ -171,6 +171,7 @@ def main():
     parser.add_argument("--train-sweep", action="store_true", help="only the MXFP4 training-size sweep")
     parser.add_argument("--tiled", action="store_true",
                         help="only the decode sizes' word tiles with the blocks as published and tile-contiguous")
+    parser.add_argument("--tiled-tokens", default="1,8,64", help="--tiled: the token counts (comma-separated)")
     parser.add_argument("--read-roofline", action="store_true",
                         help="only the decode sizes' read ceiling: the routed experts' bytes read with no "
                              "arithmetic, as the decode's tiles and as contiguous spans (benchmarks/moe_read.py)")
@@ -201,7 +202,7 @@ def main():
 
     if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled:
         if args.tiled:
-            result["tiled"] = tiled_sweep(mx, router, gen, copy_bw)
+            result["tiled"] = tiled_sweep(mx, router, gen, copy_bw, [int(t) for t in args.tiled_tokens.split(",")])
         if args.read_roofline:
             result["read_roofline"] = read_roofline(mx, router, gen, copy_bw)
         if args.decode_sweep:
@@ -402,7 +403,7 @@ TILED_CONFIGS = [(64, 64, 4, 3, 2), (64, 128, 4, 4, 1), (64, 64, 4, 4, 2), (64, 
 TILED_LAYOUTS = [None, (64, 8), (64, 16)]  # `tile_blocks` (rows, words); None: as published
 
 
-def tiled_sweep(mx, router, gen, copy_bw):
+def tiled_sweep(mx, router, gen, copy_bw, tokens=(1, 8, 64)):
     """The word decode at 1, 8 and 64 tokens with both projections' MXFP4 blocks as published and
     tile-contiguous (`ExpertWeights.tiled`; session 12: the decode's 64x128 tiles read the routed
     bytes at 65-69% of copy bandwidth, contiguous spans at 84-88%), each layout with the word tiles
@@ -417,7 +418,7 @@ def tiled_sweep(mx, router, gen, copy_bw):
         layouts[lay] = dataclasses.replace(folded, gate_up_tiled=tile_blocks(mx.gate_up, *lay),
                                            down_tiled=tile_blocks(mx.down, *lay), tiled=lay)
     rows = []
-    for N in (1, 8, 64):
+    for N in tokens:
         x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
         w, ids = route(x @ router, K_TOP)
         hit = int(torch.unique(ids).numel())

@@ -309,8 +309,12 @@ def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
 
 
 # The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
-# word decode's BN) and chunks of 16 words (BK = 128 columns; BK = 64 reads half a chunk).
-TILED_LAYOUT = (64, 16)
+# word decode's BN) and chunks of 8 words (BK = 64 columns: a decode program's K tile is one 2 KB
+# span). Against chunks of 16 words (H100, results/moe_tiled_fixup.json, MoE matmuls, graph replay):
+# 1 / 8 / 64 tokens 0.0529 / 0.1511 / 0.2212 -> 0.0521 / 0.1444 / 0.2165 ms; rollouts (generate.py,
+# same call) batch 1 / 64 / GRPO 8x8 321 / 7,761 / 5,776 -> 327 / 7,877 / 5,907 tok/s. BK = 128
+# tiles do not read these copies (the chunk is narrower than their K tile).
+TILED_LAYOUT = (64, 8)
 _TILED_EPOCH = [0]  # bumped whenever any module's copies are made or freed (captured graphs key on it)
 
 

@@ -1,0 +1,49 @@
+"""Where a rollout prefill's time goes (20b shapes, MXFP4 experts): CUDA kernel time by name.
+
+    python benchmarks/profile_prefill.py                    # 64 prompts x 128 tokens (generate.py's batch 64)
+    python benchmarks/profile_prefill.py --prompts 8 --len 128
+
+A diagnosis tool, not a benchmark: it times `engine.generate(..., max_new_tokens=1)` (the prefill
+and its one sampled token) after a warm-up call, then profiles one more such call.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ossrl.engine.engine import RolloutEngine  # noqa: E402
+from ossrl.engine.sampling import SamplingParams  # noqa: E402
+from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.testing import random_model_on_device  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--prompts", type=int, default=64)
+ap.add_argument("--len", type=int, default=128)
+args = ap.parse_args()
+
+model = random_model_on_device(GptOssConfig.gpt_oss_20b(), device="cuda", expert_format="mxfp4")
+engine = RolloutEngine(model)
+prompts = [[(7 * i + j) % 1000 for j in range(args.len)] for i in range(args.prompts)]
+params = SamplingParams(max_new_tokens=1, seed=0)
+for _ in range(2):
+    engine.generate(prompts, params=params)
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(3):
+    engine.generate(prompts, params=params)
+torch.cuda.synchronize()
+seconds = (time.perf_counter() - t) / 3
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    engine.generate(prompts, params=params)
+    torch.cuda.synchronize()
+events = prof.key_averages()
+total = sum(e.device_time_total for e in events if e.device_time_total > 0)
+print(f"prefill of {args.prompts} x {args.len} tokens: {seconds * 1e3:.1f} ms wall, {total / 1e3:.1f} ms CUDA time, "
+      f"{sum(e.count for e in events if e.device_time_total > 0)} kernels")
+print(events.table(sort_by="device_time_total", row_limit=25, max_name_column_width=70))
