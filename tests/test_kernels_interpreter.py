@@ -918,17 +918,20 @@ def test_the_word_decode_reads_the_tile_contiguous_copies(rows, words, bk, split
 
 
 def test_decode_sizes_reading_the_tiled_copies_take_the_two_part_64_column_tiles():
-    """`choose_config` with tile-contiguous copies (rollouts): 16x64x64 word tiles in 2 K parts up
-    to 8 slots an expert (the sizes moe_tiled.json measured), the defaults above that and without
-    copies."""
+    """`choose_config` with tile-contiguous copies (rollouts): 16x64x64 word tiles in 2 K parts (two
+    launches) wherever the defaults take the 64x128 word tile (up to 16 slots an expert; measured at
+    8, 64 and 128 tokens), the 1-token tile as it is (the same shape, finishing in its last part),
+    the defaults above that and without copies."""
     ex = _experts()  # 4 experts
     ex = dataclasses.replace(ex, gate_up_bias=ex.gate_up_bias.bfloat16(), down_bias=ex.down_bias.bfloat16())
     tiled = dataclasses.replace(ex, gate_up_tiled=ex.gate_up, down_tiled=ex.down, tiled=(32, 8))
     pick = moe_triton.TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
-    for slots in (1, 8, 32):
+    one = moe_triton.choose_config(1, tiled)
+    assert one == moe_triton.default_config(1, 4, True) == dataclasses.replace(pick, fixup=True)
+    for slots in (2, 8, 32, 64):
         assert moe_triton.choose_config(slots, tiled) == pick
         assert moe_triton.choose_config(slots, ex) == moe_triton.default_config(slots, 4, True)
-    assert moe_triton.choose_config(33, tiled) == moe_triton.default_config(33, 4, True) != pick
+    assert moe_triton.choose_config(65, tiled) == moe_triton.default_config(65, 4, True) != pick
     assert moe_triton.choose_config(4096, tiled) == moe_triton.choose_config(4096, ex)
     # copies the 64-column tile cannot read whole, or an fp32 model (no word decode on sm_90): the defaults
     for other in (dataclasses.replace(tiled, tiled=(32, 4)),

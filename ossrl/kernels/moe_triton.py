@@ -585,11 +585,14 @@ def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
     layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode, and that decode sizes
     of bf16 rollouts reading the experts' tile-contiguous copies take the tiles measured on them."""
     cfg = default_config(slots, experts.num_experts, experts.format == "mxfp4")
-    if experts.tiled is not None and cfg.words and slots <= 8 * experts.num_experts \
+    if experts.tiled is not None and cfg.words and cfg.BK == 128 \
             and experts.gate_up_bias.dtype == torch.bfloat16 and experts.tiled[1] % 8 == 0:
-        # reading the tile-contiguous copies (rollouts), 64-column K tiles in 2 K parts won at 8 and 64
-        # tokens (H100, graph replay, results/moe_tiled.json: 0.1505 / 0.2208 ms against 0.1595 /
-        # 0.2309 with the 64x128 tile on the same copies and 0.1744 / 0.2548 on the published blocks)
+        # (the 1-token tile is this one already, finishing in its last part)
+        # reading the tile-contiguous copies (rollouts), 64-column K tiles in 2 K parts won at 8, 64
+        # and 128 tokens (H100, graph replay; chunks of 16 words, results/moe_tiled.json: 0.1505 /
+        # 0.2208 ms against 0.1595 / 0.2309 with the 64x128 tile on the same copies and 0.1744 /
+        # 0.2548 on the published blocks; chunks of 8 words, moe_tiled_fixup.json and
+        # moe_tiled_128.json: 0.1454 / 0.2165 / 0.2885 ms, the 64x128 tile 0.3197 at 128 tokens)
         return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
     if cfg.dequant and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:  # from 256 rows per expert (sweep: 512
         return TileConfig(128, 128, 64, 4, 4, dot_scaled=False)       # rows, 2.90 / 6.69 ms against 3.10 / 7.55)
