@@ -71,14 +71,16 @@ class PrefillWriter:
     (on the layers the pool shares, to the first of them only; `advance` records who reads what).
 
     The copies are one indexed write per layer: the (slot, row, token) targets are built once
-    per cache depth (full layers keep every token, sliding layers the last `window` in a ring).
+    per cache depth (full layers keep every token, sliding layers the last `window` in a ring), on
+    the host and copied over once, as is the bookkeeping of `advance` (64 prompts would otherwise
+    cost about a thousand tiny launches). `slot_groups` may be host tensors (the engine's) or not.
     """
 
     packed_documents = True  # the model accepts doc_ids together with this cache
 
     def __init__(self, pool: KVPool, lengths: list[int], slot_groups: list[torch.Tensor]):
         self.pool, self.lengths = pool, lengths
-        self.slot_groups = [s.long() for s in slot_groups]
+        self.slot_groups = [s.long().cpu() for s in slot_groups]
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
         self._targets: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -94,12 +96,12 @@ class PrefillWriter:
             for start, length, slots in zip(self.starts, self.lengths, self.slot_groups):
                 slots = slots[:1] if first_only else slots
                 keep = min(length, rows)
-                pos = torch.arange(length - keep, length, device=device)
+                pos = torch.arange(length - keep, length)
                 n = slots.numel()
-                slot.append(slots.to(device).repeat_interleave(keep))
+                slot.append(slots.repeat_interleave(keep))
                 row.append((pos % rows).repeat(n))
                 token.append((pos + start).repeat(n))
-            self._targets[key] = (torch.cat(slot), torch.cat(row), torch.cat(token))
+            self._targets[key] = tuple(_to_device(torch.cat(t), device) for t in (slot, row, token))
         return self._targets[key]
 
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
@@ -110,13 +112,23 @@ class PrefillWriter:
         return sink_attention(q, k, v, sinks, mask, scale=scale)
 
     def advance(self, key_positions):
-        pool = self.pool
-        for length, slots in zip(self.lengths, self.slot_groups):
-            slots = slots.to(pool.lengths.device)
-            pool.lengths[slots] = length
-            if pool.share_prefixes:
-                pool.prefix_slot[slots] = slots[0].to(torch.int32)
-                pool.prefix_len[slots] = length
+        pool, device = self.pool, self.pool.lengths.device
+        counts = torch.tensor([s.numel() for s in self.slot_groups])
+        slots = _to_device(torch.cat(self.slot_groups), device)
+        lengths = _to_device(torch.tensor(self.lengths, dtype=torch.int32).repeat_interleave(counts), device)
+        pool.lengths[slots] = lengths
+        if pool.share_prefixes:
+            first = torch.cat([s[:1] for s in self.slot_groups]).to(torch.int32).repeat_interleave(counts)
+            pool.prefix_slot[slots] = _to_device(first, device)
+            pool.prefix_len[slots] = lengths
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, copied from pinned memory without waiting for the copy (the
+    stream orders its use); as it is where no CUDA is involved."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class DecodeView:

@@ -189,12 +189,12 @@ class SlotDecoder:
             ids = torch.tensor([[t for i in group for t in prompts[i]]], device=device)
             positions = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
             docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None].to(device)
-            slot_groups = [torch.arange(i * n, (i + 1) * n, device=device) for i in group]
+            slot_groups = [torch.arange(i * n, (i + 1) * n) for i in group]  # host: the writer copies once
             hidden = model.model(ids, positions=positions, doc_ids=docs,
                                  cache=PrefillWriter(self.pool, lengths, slot_groups))
             last = torch.tensor(lengths).cumsum(0) - 1  # each prompt's last token: only these rows' logits
             logits = model.lm_head(hidden[0, last.to(device)].to(model.lm_head.weight.dtype))
-            slot_ids = torch.cat(slot_groups)
+            slot_ids = torch.cat(slot_groups).to(device)
             tokens, plain, sampled = sample_tokens(logits.repeat_interleave(n, 0), params, st["seeds"][slot_ids],
                                                    st["steps"][slot_ids])
             st["tokens"][slot_ids, 0], st["plain"][slot_ids, 0], st["sampled"][slot_ids, 0] = tokens, plain, sampled
