@@ -86,6 +86,8 @@ SWITCHES = (
      "rollouts: a prompt's n samples read its KV from one slot"),
     ("tile-experts", "ossrl.engine.engine", "TILE_EXPERTS",
      "rollouts: the MoE word decode reads tile-contiguous copies of the MXFP4 blocks"),
+    ("defer-residual-add", "ossrl.model.gptoss", "DEFER_RESIDUAL_ADD",
+     "rollouts: each layer's MLP output added to the residual stream by the next layer's norm kernel"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",
      "split-K MoE tiles: the last part to finish sums the partials and runs the epilogue, else a second "
      "launch (unset: each tile's TileConfig.fixup)"),

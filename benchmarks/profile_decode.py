@@ -14,6 +14,8 @@
     python benchmarks/profile_decode.py --no-split-k-fixup   # every split-K MoE tile finishes in a
         # second launch (`_split_k_epilogue`); --split-k-fixup: every one in its last part
         # (moe_triton.SPLIT_K_FIXUP; unset: each tile's TileConfig.fixup)
+    python benchmarks/profile_decode.py --no-defer-residual-add   # each layer's MLP output added to
+        # the residual stream in its own launch, not by the next layer's norm (gptoss.DEFER_RESIDUAL_ADD)
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -63,6 +65,10 @@ if "--moe-sweep" in sys.argv:  # decode tiles: the fastest per size in a `benchm
 
     moe_triton.default_config = picked
 
+if "--no-defer-residual-add" in sys.argv:  # each layer's MLP output added in its own launch
+    from ossrl.model import gptoss
+
+    gptoss.DEFER_RESIDUAL_ADD = False
 if "--no-split-k-fixup" in sys.argv or "--split-k-fixup" in sys.argv:
     from ossrl.kernels import moe_triton
 

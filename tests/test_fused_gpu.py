@@ -98,6 +98,37 @@ def test_model_modules_pick_the_fused_path_only_in_the_engine_and_without_grad()
         assert gptoss.fused_kernels(x, norm.weight) is None  # the context restored the flag
 
 
+def test_deferred_residual_add_matches_the_separate_add_in_bf16(monkeypatch):
+    """DEFER_RESIDUAL_ADD in a bf16 rollout forward (prefill and decode): each layer's MLP output
+    added by the next norm kernel gives the separate add's residual sums bit for bit (the add's
+    rounding), the norms within a bf16 rounding of the rms_norm kernel's; so the logits agree to
+    bf16 noise, and a forward takes one plain norm kernel instead of one per layer."""
+    from ossrl.model import gptoss
+    from ossrl.model.gptoss import KVCache, inference_kernels
+    from ossrl.testing import random_model, tiny_config
+
+    model = random_model(tiny_config(num_hidden_layers=4, sliding_window=4), seed=8, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    norms = []
+    kernel = fused.rms_norm
+    monkeypatch.setattr(fused, "rms_norm", lambda *a, **kw: norms.append(1) or kernel(*a, **kw))
+
+    def run(defer):
+        monkeypatch.setattr(gptoss, "DEFER_RESIDUAL_ADD", defer)
+        norms.clear()
+        with torch.no_grad(), inference_kernels():
+            out = model(ids).float()
+            count = len(norms)
+            cache = KVCache()
+            model(ids[:, :8], cache=cache)
+            return out, model(ids[:, 8:], cache=cache).float(), count
+
+    out, step, count = run(True)
+    ref, ref_step, ref_count = run(False)
+    assert (count, ref_count) == (1, 5)
+    for a, b in ((out, ref), (step, ref_step)):
+        assert (a - b).norm() / b.norm() < 2e-2
+
 @pytest.mark.parametrize("B,T", [(1, 1), (5, 1), (1, 300), (2, 7)])
 def test_rotary_matches_apply_rotary(B, T):
     g = torch.Generator(device=DEV).manual_seed(B * T)

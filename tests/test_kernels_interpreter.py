@@ -707,6 +707,48 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
         torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rollout_forwards_add_each_mlp_output_in_the_next_norm(dtype, monkeypatch):
+    """DEFER_RESIDUAL_ADD: inside the inference kernels each layer's MLP output is added to the
+    residual stream by the next layer's input norm and the last one by the final norm
+    (`add_rms_norm`): in fp32 the same outputs bit for bit as adding it in its own op, for a
+    prefill and a decode step; one plain rms_norm a forward (layer 0's input) against one per layer
+    and the final norm without. fp16 (an fp32 residual stream) keeps its own add. (bf16 is not
+    compared here: the interpreter truncates fp32 -> bf16 casts where the GPU rounds them, so its
+    add_rms_norm sum differs from x + a; tests/test_fused_gpu.py checks that sum on the GPU.)"""
+    from ossrl.model import gptoss
+    from ossrl.model.gptoss import KVCache, inference_kernels
+    from ossrl.testing import random_model, tiny_config
+
+    calls = []
+    monkeypatch.setattr(fused, "fused_ok", lambda *t: not (torch.is_grad_enabled() and any(x.requires_grad for x in t)))
+    monkeypatch.setattr(gptoss, "fused_kernels", lambda *t: fused if gptoss.inference_kernels_on() and fused.fused_ok(*t)
+                        else None)
+    for name in ("rms_norm", "add_rms_norm"):
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    layers = 3
+    model = random_model(tiny_config(num_hidden_layers=layers, sliding_window=4), seed=8, dtype=dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def run(defer):
+        monkeypatch.setattr(gptoss, "DEFER_RESIDUAL_ADD", defer)
+        calls.clear()
+        with torch.no_grad(), inference_kernels():
+            out = model(ids)
+            counts = (calls.count("rms_norm"), calls.count("add_rms_norm"))
+            cache = KVCache()
+            model(ids[:, :6], cache=cache)
+            return out, model(ids[:, 6:], cache=cache), counts
+
+    out, step, counts = run(True)
+    ref, ref_step, ref_counts = run(False)
+    # (fp16: the attention's residual add is its own op too; every norm is a plain rms_norm)
+    assert ref_counts == ((layers + 1, layers) if dtype == torch.float32 else (2 * layers + 1, 0))
+    assert counts == ((1, 2 * layers) if dtype == torch.float32 else ref_counts)
+    assert torch.equal(out, ref) and torch.equal(step, ref_step)
+
+
 
 def _entropy64(logp):
     """-sum p log p in float64 with 0 log 0 = 0 (and a zero gradient there, unlike where(p > 0, ...))."""

@@ -534,16 +534,33 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, expert_format, device, dtype)
 
-    def forward(self, x, cos, sin, masks, cache=None):
+    def forward(self, x, cos, sin, masks, cache=None, pending=None, defer=False):
+        """x + attention and MLP (the residual stream after this layer). With `defer` (rollout
+        forwards, `GptOssModel.forward` decides) the MLP output is returned beside x instead of
+        added, and `pending`, the previous layer's, is added here in one launch with this layer's
+        input norm (`add_rms_norm`: the same rounding as the add, then the norm): (x, mlp output)."""
         compute = cos.dtype  # the weights' dtype; x is fp32 in the fp16 mode (no-op casts otherwise)
-        a = self.self_attn(self.input_layernorm(x).to(compute), cos, sin, masks, cache)
-        norm = self.post_attention_layernorm
-        if (fused := fused_kernels(x, a, norm.weight)) is not None and x.dtype == a.dtype == norm.weight.dtype:
-            x, h = fused.add_rms_norm(x, a, norm.weight, norm.eps)  # one launch: x + a's rounding, rms_norm's math
-        else:
-            x = x + a
-            h = norm(x).to(compute)
-        return x + self.mlp(h)
+        x, h = _add_and_norm(x, pending, self.input_layernorm)
+        a = self.self_attn(h.to(compute), cos, sin, masks, cache)
+        x, h = _add_and_norm(x, a, self.post_attention_layernorm)
+        out = self.mlp(h.to(compute))
+        return (x, out) if defer else x + out
+
+
+# Rollout forwards add each layer's MLP output in the next layer's input norm (`DecoderLayer.forward`'s
+# `defer`); False: in its own launch, as training forwards do (benchmarks' --defer-residual-add switch).
+DEFER_RESIDUAL_ADD = True
+
+
+def _add_and_norm(x, a, norm: RMSNorm):
+    """(x + a, norm(x + a)); a may be None (x, norm(x)). One launch where the fused kernels serve
+    (`add_rms_norm`: x + a's rounding, rms_norm's math)."""
+    if a is None:
+        return x, norm(x)
+    if (fused := fused_kernels(x, a, norm.weight)) is not None and x.dtype == a.dtype == norm.weight.dtype:
+        return fused.add_rms_norm(x, a, norm.weight, norm.eps)
+    x = x + a
+    return x, norm(x)
 
 
 class KVCache:
@@ -662,8 +679,15 @@ class GptOssModel(nn.Module):
         plain = len(self.layers) if not mode else 0  # layers that keep their activations (no recompute)
         if mode == "auto":
             plain = self._layers_that_fit(x, cos, sin, masks)
+        # rollouts (fused kernels, no gradient): each layer's MLP output is added to the residual
+        # stream by the next layer's input norm (one launch for the add and the norm, not two)
+        defer = DEFER_RESIDUAL_ADD and not torch.is_grad_enabled() and fused_kernels(x) is not None \
+            and x.dtype == self.norm.weight.dtype
+        pending = None
         for i, layer in enumerate(self.layers):
-            if i < plain:
+            if defer:
+                x, pending = layer(x, cos, sin, masks, cache, pending=pending, defer=True)
+            elif i < plain:
                 x = layer(x, cos, sin, masks, cache)
             else:
                 with torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_activations \
@@ -674,7 +698,7 @@ class GptOssModel(nn.Module):
             self.checkpointed_layers = len(self.layers) - plain
         if cache is not None:
             cache.advance(k_pos)
-        return self.norm(x)
+        return _add_and_norm(x, pending, self.norm)[1]
 
     def _layers_that_fit(self, x, cos, sin, masks) -> int:
         """Checkpointing "auto": how many layers (the first ones) keep their activations within the
