@@ -423,7 +423,6 @@ def tiled_sweep(mx, router, gen, copy_bw, tokens=(1, 8, 64)):
         w, ids = route(x @ router, K_TOP)
         hit = int(torch.unique(ids).numel())
         nbytes = hit * weight_bytes_per_expert("mxfp4") + 2 * N * H * 2
-        default = moe_triton.choose_config(N * K_TOP, folded)
         for bn, bk, warps, stages, sk in TILED_CONFIGS:
             cfg = moe_triton.TileConfig(16, bn, bk, warps, stages, dot_scaled=False, swap_ab=True, split_k=sk, words=True)
             with torch.no_grad():
@@ -431,6 +430,7 @@ def tiled_sweep(mx, router, gen, copy_bw, tokens=(1, 8, 64)):
             for lay, ex in layouts.items():
                 if lay is not None and lay[1] % (bk // 8):
                     continue
+                default = moe_triton.choose_config(N * K_TOP, ex)  # the engine's pick on this layout
                 # split-K tiles finishing in their last part (session 13) and in a second launch
                 for fixup in (True, False) if sk > 1 else (None,):
                     moe_triton.SPLIT_K_FIXUP = fixup

@@ -324,12 +324,23 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
             out = step()
         return graph, out
 
+    launches = []
+    kernel = moe_triton._moe_matmul
+
+    class Spy:  # the FIXUP each launch gets (else equal outputs could mean it never ran)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["SPLIT_K"], kw["FIXUP"])) or kernel[grid](*args, **kw)
+
+    monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
+    monkeypatch.setattr(moe_triton, "_COUNTERS", {})
     inputs = torch.randn(200, N, 2880, generator=gen, device=DEV).bfloat16()
     results = {}
     with torch.no_grad():
         for fixup in (False, True):
             monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", fixup)
+            launches.clear()
             graph, out = graphed()
+            assert (split, fixup) in launches and all(f == fixup for k, f in launches if k > 1)
             outs = []
             for i in range(len(inputs)):
                 x.copy_(inputs[i])
@@ -337,7 +348,7 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
                 outs.append(out.clone())
             results[fixup] = torch.stack(outs)
     assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
-    assert not moe_triton._COUNTERS[x.device].any()
+    assert not any(b.any() for b in moe_triton._COUNTERS[x.device])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -101,7 +101,7 @@ class PrefillWriter:
                 slot.append(slots.repeat_interleave(keep))
                 row.append((pos % rows).repeat(n))
                 token.append((pos + start).repeat(n))
-            self._targets[key] = tuple(_to_device(torch.cat(t), device) for t in (slot, row, token))
+            self._targets[key] = tuple(host_to_device(torch.cat(t), device) for t in (slot, row, token))
         return self._targets[key]
 
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
@@ -114,16 +114,16 @@ class PrefillWriter:
     def advance(self, key_positions):
         pool, device = self.pool, self.pool.lengths.device
         counts = torch.tensor([s.numel() for s in self.slot_groups])
-        slots = _to_device(torch.cat(self.slot_groups), device)
-        lengths = _to_device(torch.tensor(self.lengths, dtype=torch.int32).repeat_interleave(counts), device)
+        slots = host_to_device(torch.cat(self.slot_groups), device)
+        lengths = host_to_device(torch.tensor(self.lengths, dtype=torch.int32).repeat_interleave(counts), device)
         pool.lengths[slots] = lengths
         if pool.share_prefixes:
             first = torch.cat([s[:1] for s in self.slot_groups]).to(torch.int32).repeat_interleave(counts)
-            pool.prefix_slot[slots] = _to_device(first, device)
+            pool.prefix_slot[slots] = host_to_device(first, device)
             pool.prefix_len[slots] = lengths
 
 
-def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device`, copied from pinned memory without waiting for the copy (the
     stream orders its use); as it is where no CUDA is involved."""
     if torch.device(device).type != "cuda":

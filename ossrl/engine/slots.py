@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
+from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter, host_to_device
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
 from ossrl.model import gptoss
@@ -185,16 +185,18 @@ class SlotDecoder:
         for _ in range(self._agree(len(packs)) - len(packs)):  # lockstep: as many forwards as the busiest rank
             model.model(torch.zeros(1, 1, dtype=torch.long, device=device))
         for group in packs:  # each prompt once, KV to its n slots
+            # built on the host, each copied once without waiting for the GPU (host_to_device)
             lengths = [len(prompts[i]) for i in group]
-            ids = torch.tensor([[t for i in group for t in prompts[i]]], device=device)
-            positions = torch.cat([torch.arange(length) for length in lengths])[None].to(device)
-            docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None].to(device)
-            slot_groups = [torch.arange(i * n, (i + 1) * n) for i in group]  # host: the writer copies once
+            ids = host_to_device(torch.tensor([[t for i in group for t in prompts[i]]]), device)
+            positions = host_to_device(torch.cat([torch.arange(length) for length in lengths])[None], device)
+            docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None]
+            docs = host_to_device(docs, device)
+            slot_groups = [torch.arange(i * n, (i + 1) * n) for i in group]
             hidden = model.model(ids, positions=positions, doc_ids=docs,
                                  cache=PrefillWriter(self.pool, lengths, slot_groups))
             last = torch.tensor(lengths).cumsum(0) - 1  # each prompt's last token: only these rows' logits
-            logits = model.lm_head(hidden[0, last.to(device)].to(model.lm_head.weight.dtype))
-            slot_ids = torch.cat(slot_groups).to(device)
+            logits = model.lm_head(hidden[0, host_to_device(last, device)].to(model.lm_head.weight.dtype))
+            slot_ids = host_to_device(torch.cat(slot_groups), device)
             tokens, plain, sampled = sample_tokens(logits.repeat_interleave(n, 0), params, st["seeds"][slot_ids],
                                                    st["steps"][slot_ids])
             st["tokens"][slot_ids, 0], st["plain"][slot_ids, 0], st["sampled"][slot_ids, 0] = tokens, plain, sampled

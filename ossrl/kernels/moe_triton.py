@@ -360,8 +360,9 @@ def default_config(slots: int, num_experts: int, mxfp4: bool) -> TileConfig:
     # The last part finishing each split-K tile (session 13, H100, profile_decode): at 1 token the
     # MoE matmuls 1.075 -> 1.051 ms a decode step (no second launch); at 64 tokens on the copies'
     # pick 5.41 -> 5.56 ms (each of ~5,800 programs waits on its count), so that pick keeps two launches.
-    if per_expert <= 0.25 and mxfp4:
-        return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True, fixup=True)
+    if per_expert <= 0.25 and mxfp4:  # (the last-part finish where measured: one token, top-4)
+        return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True,
+                          fixup=slots <= 4)
     if per_expert <= 16 and mxfp4:
         return TileConfig(16, 64, 128, 4, 4, dot_scaled=False, swap_ab=True, words=True)
     if per_expert <= 16:
@@ -424,19 +425,23 @@ class _LoRATerm:
 # Split-K tiles finish in their last part (`_moe_matmul`'s FIXUP) or in a second launch
 # (`_split_k_epilogue`): None takes each tile's `TileConfig.fixup`; True / False force one way for
 # every split tile (benchmarks/moe.py --tiled and the benchmarks' --split-k-fixup switch time both).
+# The counters are one buffer per device: split MoE launches finishing in their last part must not
+# run on two streams of one device at once (nothing in ossrl does; the rollout engine uses one).
 SPLIT_K_FIXUP: bool | None = None
-_COUNTERS: dict = {}  # device -> int32 arrival counters, zero between launches (each launch leaves them so)
+_COUNTERS: dict = {}  # device -> [int32 arrival counters], zero between launches (each launch leaves them so)
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for `tiles` output tiles on `device`, one buffer per device that grows
-    when a launch needs more. Allocated outside CUDA graph capture in practice: the engine's warm-up
-    steps run each bucket's launches first, and the first buffer already holds 64K tiles (a 20b
-    gate_up at 64 tokens needs 4,320), so a capture finds it large enough."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        _COUNTERS[device] = have = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
-    return have
+    """Zeroed int32 counters for `tiles` output tiles on `device`: the device's newest buffer,
+    or a larger one when a launch needs more. Buffers are never freed (captured CUDA graphs keep
+    the address they were captured with, and their counters stay consistent: zero after each
+    launch). Allocated outside graph capture in practice: the engine's warm-up steps run each
+    bucket's launches first, and the first buffer holds 64K tiles (a 20b gate_up at 64 tokens
+    needs 4,320)."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
@@ -585,9 +590,10 @@ def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
     layer's gate_up would be 4.2 GB) gives way to the packed per-tile decode, and that decode sizes
     of bf16 rollouts reading the experts' tile-contiguous copies take the tiles measured on them."""
     cfg = default_config(slots, experts.num_experts, experts.format == "mxfp4")
-    if experts.tiled is not None and cfg.words and cfg.BK == 128 \
+    if experts.tiled is not None and cfg.words and not cfg.fixup \
             and experts.gate_up_bias.dtype == torch.bfloat16 and experts.tiled[1] % 8 == 0:
-        # (the 1-token tile is this one already, finishing in its last part)
+        # (every word tile, i.e. up to 16 slots an expert, except the 1-token one: that is this
+        # shape already, finishing in its last part)
         # reading the tile-contiguous copies (rollouts), 64-column K tiles in 2 K parts won at 8, 64
         # and 128 tokens (H100, graph replay; chunks of 16 words, results/moe_tiled.json: 0.1505 /
         # 0.2208 ms against 0.1595 / 0.2309 with the 64x128 tile on the same copies and 0.1744 /

@@ -311,7 +311,7 @@ def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
 # The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
 # word decode's BN) and chunks of 8 words (BK = 64 columns: a decode program's K tile is one 2 KB
 # span). Against chunks of 16 words (H100, results/moe_tiled_fixup.json, MoE matmuls, graph replay):
-# 1 / 8 / 64 tokens 0.0529 / 0.1511 / 0.2212 -> 0.0521 / 0.1444 / 0.2165 ms; rollouts (generate.py,
+# 1 / 8 / 64 tokens 0.0529 / 0.1511 / 0.2212 -> 0.0521 / 0.1454 / 0.2165 ms; rollouts (generate.py,
 # same call) batch 1 / 64 / GRPO 8x8 321 / 7,761 / 5,776 -> 327 / 7,877 / 5,907 tok/s. BK = 128
 # tiles do not read these copies (the chunk is narrower than their K tile).
 TILED_LAYOUT = (64, 8)
@@ -382,8 +382,9 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
         rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
         eligible = (enabled and not sharded and stamp is not None and m.gate_up_proj_blocks.is_cuda
                     and m.gate_up_proj_bias.dtype == torch.bfloat16 and all(r % TILED_LAYOUT[0] == 0 for r in rows))
-        if m.tiled is not None and (not eligible or [s[:2] for s in m.tiled["stamp"]] != [s[:2] for s in stamp]):
-            m.tiled = None  # not wanted, or the blocks moved to another device or shape
+        if m.tiled is not None and (not eligible or [s[:2] for s in m.tiled["stamp"]] != [s[:2] for s in stamp]
+                                    or m.tiled["layout"] != TILED_LAYOUT):
+            m.tiled = None  # not wanted, the blocks moved to another device or shape, or another layout
             changed += 1
         if not eligible:
             continue
