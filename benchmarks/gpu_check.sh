@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [defer] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -9,7 +9,9 @@
 # decode-size tile sweep of benchmarks/moe.py; wordsweep: its folded word tiles with the scales one
 # and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
 # tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
-# tiles finishing in a second launch, then in their last part; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
+# tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 1 and
+# 64 prompts; defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
+# by the next layer's norm kernel; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
@@ -106,6 +108,21 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
         timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
             $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
         timeout 100 python benchmarks/profile_decode.py $flag > "$out/profile_decode$flag.txt" 2>&1
+        grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
+    done
+fi
+if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
+    for prompts in 1 64; do
+        timeout 120 python benchmarks/profile_prefill.py --prompts $prompts > "$out/profile_prefill_$prompts.txt" 2>&1
+        grep -E "^prefill of" "$out/profile_prefill_$prompts.txt"
+    done
+fi
+if [[ $what == *" defer "* ]]; then  # session 13: each layer's MLP output added by the next norm kernel, or in its own launch
+    for flag in --no-defer-residual-add --defer-residual-add; do
+        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
+            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" \
+            | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+'
+        timeout 100 python benchmarks/profile_decode.py ${flag/--defer-residual-add/} > "$out/profile_decode$flag.txt" 2>&1
         grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
     done
 fi
