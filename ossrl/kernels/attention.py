@@ -172,7 +172,8 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     def first_rows(*tensors):
         return [None if t is None else t[:rows] for t in tensors]
     q_runs = _block_runs(*first_rows(m.q_pos, m.q_doc, m.q_branch))
-    k_runs = _block_runs(*first_rows(m.k_pos, m.k_doc, m.k_branch))
+    self_attention = m.k_pos is m.q_pos and m.k_doc is m.q_doc and m.k_branch is m.q_branch  # (no cache)
+    k_runs = q_runs if self_attention else _block_runs(*first_rows(m.k_pos, m.k_doc, m.k_branch))
     exact_any, exact_full = _runs_visibility(q_runs, k_runs, m.window)
     crowded = q_runs["crowded"][:, :, None] | k_runs["crowded"][:, None, :]
     any_visible = torch.where(crowded, any_visible, exact_any)
