@@ -129,6 +129,7 @@ def test_deferred_residual_add_matches_the_separate_add_in_bf16(monkeypatch):
     for a, b in ((out, ref), (step, ref_step)):
         assert (a - b).norm() / b.norm() < 2e-2
 
+
 @pytest.mark.parametrize("B,T", [(1, 1), (5, 1), (1, 300), (2, 7)])
 def test_rotary_matches_apply_rotary(B, T):
     g = torch.Generator(device=DEV).manual_seed(B * T)
