@@ -232,7 +232,7 @@ class SlotDecoder:
             bucket = bucket_size(max(len(active), 1))  # a finished rank in lockstep steps its scratch slot
             ids = torch.full((bucket,), self.pool.slots - 1, dtype=torch.long)
             ids[: len(active)] = torch.tensor(active, dtype=torch.long)
-            ids = ids.to(device, non_blocking=True)
+            ids = host_to_device(ids, device)
             runner = self._runner(bucket, params)
             if runner is not None:
                 graph, static_ids = runner

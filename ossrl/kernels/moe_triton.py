@@ -189,10 +189,7 @@ def _moe_matmul(
             arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 tl.store(counter_ptr + pid, 0)
-                acc = tl.load(ptrs, mask=mn_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs' stores
-                for _ in range(1, SPLIT_K):
-                    ptrs += stride_part
-                    acc += tl.load(ptrs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+                acc = _sum_parts(ptrs, mn_mask, stride_part, SPLIT_K, ".cg")  # from L2: other SMs' stores
                 _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_bias, extra_ptr,
                           stride_xm, route_w_ptr, slot_ptr, c_ptr, stride_cm, z_ptr, stride_zm, dw_ptr, limit,
                           alpha, lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
@@ -204,6 +201,18 @@ def _moe_matmul(
                   lu_ptr, lu_rows, stride_lu, lu_col_e, lb_ptr, stride_lbe, stride_lbr,
                   HAS_BIAS, HAS_EXTRA, SWIGLU, STORE_Z, ROUTE_WEIGHT, SCATTER_C, DW_EPILOGUE, BM, BN,
                   LORA_R, LORA_RP)
+
+
+@triton.jit
+def _sum_parts(ptrs, mask, stride_part, SPLIT_K: tl.constexpr, MODIFIER: tl.constexpr):
+    """The SPLIT_K fp32 partials at ptrs + part * stride_part summed in part order (fixed: the same
+    bits on every run, in either place the sum runs), by a running 64-bit pointer (part * stride_part
+    may pass 2^31)."""
+    acc = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=MODIFIER)
+    for _ in range(1, SPLIT_K):
+        ptrs += stride_part
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=MODIFIER)
+    return acc
 
 
 @triton.jit
@@ -237,10 +246,7 @@ def _split_k_epilogue(
     n_mask = offs_n < N
     ptrs = parts_ptr + pos[:, None].to(tl.int64) * stride_prow + offs_n[None, :]
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    acc = tl.load(ptrs, mask=mn_mask, other=0.0)
-    for _ in range(1, SPLIT_K):  # a running 64-bit pointer: part * stride_part may pass 2^31
-        ptrs += stride_part
-        acc += tl.load(ptrs, mask=mn_mask, other=0.0)
+    acc = _sum_parts(ptrs, mn_mask, stride_part, SPLIT_K, "")
     if LORA_BY_TOKEN:
         lu_rows = tl.load(lora_rows_ptr + pos, mask=m_mask, other=0)
     else:
