@@ -45,6 +45,19 @@ if [[ $what == *" tests "* ]]; then
         "${deselect[@]}" $files 2>&1 | tee "$out/gpu_tests.log" \
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
 fi
+# ab_rollouts SWITCH [profile]: rollouts (generate.py, ossrl only) with --no-SWITCH, then --SWITCH; with
+# "profile", each followed by the decode-step profile (profile_decode.py reads the same flag).
+ab_rollouts() {
+    for flag in --no-$1 --$1; do
+        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
+            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" \
+            | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+'
+        if [[ ${2:-} == profile ]]; then
+            timeout 100 python benchmarks/profile_decode.py $flag > "$out/profile_decode$flag.txt" 2>&1
+            grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
+        fi
+    done
+}
 # passed NAME: the first tests' run finished (its summary line is there: a run cut by its limit may
 # have left some of NAME's parameters unrun) and every result line of test NAME in it passed.
 passed() {
@@ -98,18 +111,10 @@ fi
 if [[ $what == *" tiled "* ]]; then  # session 12: the decode sizes with the MXFP4 blocks tile-contiguous, then rollouts without and with the copies
     timeout ${SWEEP_TIMEOUT:-200} python benchmarks/moe.py --tiled --out "$out/moe_tiled.json" 2>&1 \
         | tee "$out/moe_tiled.log" | grep -E "'default': True|layout': \(64, (8|16)\)" | tail -30
-    for flag in --no-tile-experts --tile-experts; do
-        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
-            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
-    done
+    ab_rollouts tile-experts
 fi
 if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in their last part, against a second launch
-    for flag in --no-split-k-fixup --split-k-fixup; do
-        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
-            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+'
-        timeout 100 python benchmarks/profile_decode.py $flag > "$out/profile_decode$flag.txt" 2>&1
-        grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
-    done
+    ab_rollouts split-k-fixup profile
 fi
 if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
     for prompts in 1 64; do
@@ -118,13 +123,7 @@ if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and hos
     done
 fi
 if [[ $what == *" defer "* ]]; then  # session 13: each layer's MLP output added by the next norm kernel, or in its own launch
-    for flag in --no-defer-residual-add --defer-residual-add; do
-        timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64,grpo_8x8} \
-            $flag --out "$out/generate$flag.json" 2>&1 | tee "$out/generate$flag.log" \
-            | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+'
-        timeout 100 python benchmarks/profile_decode.py ${flag/--defer-residual-add/} > "$out/profile_decode$flag.txt" 2>&1
-        grep -E "graph replay|CUDA time" "$out/profile_decode$flag.txt"
-    done
+    ab_rollouts defer-residual-add profile
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
     timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \
