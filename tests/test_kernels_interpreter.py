@@ -668,28 +668,30 @@ def test_dense_moe_forward_and_input_gradient(N):
     assert rel(x1.grad, x2.grad) < 1e-5
 
 
+def _fused_kernels_on_cpu(monkeypatch, names) -> list:
+    """The model's `fused_kernels` without its CUDA condition (the kernels run in the interpreter);
+    returns the list each call of the kernels `names` appends its name to."""
+    from ossrl.model import gptoss
+
+    calls = []
+    monkeypatch.setattr(fused, "fused_ok", lambda *t: not (torch.is_grad_enabled() and any(x.requires_grad for x in t)))
+    monkeypatch.setattr(gptoss, "fused_kernels",
+                        lambda *t: fused if gptoss.inference_kernels_on() and fused.fused_ok(*t) else None)
+    for name in names:
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
     """The rollout engine's kernel wiring in the model (q/k/v as one matmul, rotary on its slices,
     add_rms_norm, RMSNorm, and in fp16 router_topk), on CPU tensors: the same outputs as the
     plain model for a prefill and a decode step (fp32 to fp32 rounding; fp16 exactly)."""
-    from ossrl.model import gptoss
     from ossrl.model.gptoss import KVCache, inference_kernels, lay_out_qkv
     from ossrl.testing import random_model, tiny_config
 
-    used = set()
-
-    def on_cpu(*tensors):  # `fused_kernels` without its CUDA condition
-        return fused if gptoss.inference_kernels_on() and fused.fused_ok(*tensors) else None
-
-    monkeypatch.setattr(fused, "fused_ok", lambda *t: not (torch.is_grad_enabled() and any(x.requires_grad for x in t)))
-    monkeypatch.setattr(gptoss, "fused_kernels", on_cpu)
-    def counted(name):
-        kernel = getattr(fused, name)
-        return lambda *args, **kwargs: used.add(name) or kernel(*args, **kwargs)
-
-    for name in ("rms_norm", "add_rms_norm", "rotary_qk", "router_topk"):
-        monkeypatch.setattr(fused, name, counted(name))
+    calls = _fused_kernels_on_cpu(monkeypatch, ("rms_norm", "add_rms_norm", "rotary_qk", "router_topk"))
     model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=3, dtype=dtype).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -697,7 +699,7 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
         cache = KVCache()
         model(ids[:, :5], cache=cache)
         ref_step = model(ids[:, 5:], cache=cache)
-    assert not used
+    assert not calls
     assert lay_out_qkv(model) == 2
     with torch.no_grad(), inference_kernels():
         out = model(ids)
@@ -705,7 +707,7 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
         model(ids[:, :5], cache=cache)
         step = model(ids[:, 5:], cache=cache)
     expected = {"rms_norm", "rotary_qk", "router_topk"} if dtype == torch.float16 else {"rms_norm", "rotary_qk", "add_rms_norm"}
-    assert used == expected  # fp16: fp32 residual stream (no add_rms_norm); fp32: no router_topk (TF32)
+    assert set(calls) == expected  # fp16: fp32 residual stream (no add_rms_norm); fp32: no router_topk (TF32)
     if dtype == torch.float16:
         assert torch.equal(out, ref) and torch.equal(step, ref_step)
     else:
@@ -726,13 +728,7 @@ def test_rollout_forwards_add_each_mlp_output_in_the_next_norm(dtype, monkeypatc
     from ossrl.model.gptoss import KVCache, inference_kernels
     from ossrl.testing import random_model, tiny_config
 
-    calls = []
-    monkeypatch.setattr(fused, "fused_ok", lambda *t: not (torch.is_grad_enabled() and any(x.requires_grad for x in t)))
-    monkeypatch.setattr(gptoss, "fused_kernels",
-                        lambda *t: fused if gptoss.inference_kernels_on() and fused.fused_ok(*t) else None)
-    for name in ("rms_norm", "add_rms_norm"):
-        kernel = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    calls = _fused_kernels_on_cpu(monkeypatch, ("rms_norm", "add_rms_norm"))
     layers = 3
     model = random_model(tiny_config(num_hidden_layers=layers, sliding_window=4), seed=8, dtype=dtype).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
