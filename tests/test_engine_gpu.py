@@ -210,8 +210,9 @@ def test_shared_prefixes_give_the_same_completions_in_cuda_graphs(dtype):
 def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
     """`tile_experts` (the slots backend's default): rollouts whose word decode reads the MXFP4
     blocks' tile-contiguous copies equal those reading the published blocks bit for bit, in CUDA
-    graphs (hidden and intermediate 192: rows of 24 words, one whole chunk and a ragged one, so the
-    copies differ from the blocks); the kernels read the copies (the published blocks zeroed: the
+    graphs (hidden 192: gate_up rows of 24 words, three whole chunks of `TILED_LAYOUT`'s 8;
+    intermediate 160: down rows of 20 words, two whole chunks and a ragged one; so the copies differ
+    from the blocks); the kernels read the copies (the published blocks zeroed: the
     same output); the copies follow an in-place write to the blocks (same addresses: the graphs
     stay); `release` frees them; without memory to spare none are made."""
     import dataclasses
@@ -221,7 +222,7 @@ def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
     from ossrl.model.gptoss import Experts, inference_kernels, tile_experts
 
     config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", hidden_size=192,
-                         intermediate_size=192)
+                         intermediate_size=160)
     model = random_model(config, seed=4, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=7)
