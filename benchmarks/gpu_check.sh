@@ -41,6 +41,8 @@ if [[ $what == *" tests "* ]]; then
         cp "$out/gpu_tests_first.log" /tmp/ossrl_gpu_tests_first.log
         deselect=(-k "not ($FIRST_K)")
     fi
+    # TEST_K (optional, without FIRST_K): a pytest -k expression for the run, e.g. "engine or fixup"
+    [[ -n ${TEST_K:-} && -z ${FIRST_K:-} ]] && deselect=(-k "$TEST_K")
     timeout ${TESTS_TIMEOUT:-300} python -m pytest -m gpu -v -p no:cacheprovider --durations=15 -rfE \
         "${deselect[@]}" $files 2>&1 | tee "$out/gpu_tests.log" \
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tail -80
