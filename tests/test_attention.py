@@ -104,6 +104,50 @@ def test_mask_builds_its_dense_form_once():
     assert mask.block_mask() is mask.block_mask()
 
 
+def host_twin(mask: AttentionMask) -> AttentionMask:
+    """`mask` with a host twin of its own tensors' copies (other objects: the twin path is taken)."""
+    def copied(t):  # (rows shared by a stride-0 view stay shared: the tables' batch size follows them)
+        if t is None:
+            return None
+        return t[:1].clone().expand_as(t) if t.stride(0) == 0 else t.clone()
+    q_pos = copied(mask.q_pos)
+    k_pos = q_pos if mask.k_pos is mask.q_pos else copied(mask.k_pos)
+    q_doc = copied(mask.q_doc)
+    k_doc = q_doc if mask.k_doc is mask.q_doc else copied(mask.k_doc)
+    q_branch = copied(mask.q_branch)
+    k_branch = q_branch if mask.k_branch is mask.q_branch else copied(mask.k_branch)
+    twin = AttentionMask(q_pos, k_pos, mask.window, q_doc, k_doc, q_branch, k_branch)
+    return AttentionMask(mask.q_pos, mask.k_pos, mask.window, mask.q_doc, mask.k_doc, mask.q_branch, mask.k_branch,
+                         host=twin)
+
+
+def assert_same_block_masks(a, b, q_pos, k_pos):
+    """Every table of two BlockMasks equal, and their mask_mods agree on every (query, key) pair."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    for name in BlockMask._TENSOR_ATTRS:
+        x, y = getattr(a, name, None), getattr(b, name, None)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.device == y.device and x.equal(y), name
+    B, Tq, Tk = q_pos.shape[0], q_pos.shape[1], k_pos.shape[1]
+    bq = torch.arange(B, device=q_pos.device)[:, None, None]
+    qi = torch.arange(Tq, device=q_pos.device)[None, :, None]
+    ki = torch.arange(Tk, device=q_pos.device)[None, None, :]
+    assert a.mask_mod(bq, 0, qi, ki).equal(b.mask_mod(bq, 0, qi, ki))
+
+
+@pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
+def test_block_mask_from_a_host_twin_equals_the_one_built_in_place(name, mask):
+    """`AttentionMask(host=...)`: the tables built from the host copies are the same (the twin path
+    copies them over); the mask_mod reads the mask's own device tensors."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    with_twin = host_twin(mask)
+    assert_same_block_masks(with_twin.block_mask(), mask.block_mask(), mask.q_pos, mask.k_pos)
+    with pytest.raises(ValueError, match="host mask"):
+        AttentionMask(mask.q_pos, mask.k_pos, window=7, host=with_twin.host)
+
+
 @pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
 def test_block_layout_covers_every_visible_pair_and_full_blocks_are_exact(name, mask):
     partial, full, _ = block_layout(mask)

@@ -249,3 +249,24 @@ def test_sink_rescale_kernels_equal_the_pytorch_path_in_bf16(monkeypatch):
     assert torch.equal(ours[0], twin[0]) and torch.equal(ours[1], twin[1])  # the same fp32 products, rounded once
     for a, b in zip(ours[2:], twin[2:]):
         assert rel_err(a.float(), b.float()) < 1e-5
+
+
+def test_block_mask_built_on_the_host_equals_the_one_built_on_the_gpu():
+    """A mask with a host twin (the engine's prefills) builds its tables on the CPU and copies them
+    over: every table equal to the GPU-built one, on the GPU, and the same attention output."""
+    from test_attention import assert_same_block_masks
+
+    pos, doc = packed([37, 190, 73, 300])
+    for window in (None, 128):
+        twin = AttentionMask(pos.cpu(), pos.cpu(), window=window, q_doc=doc.cpu(), k_doc=doc.cpu())
+        hosted = AttentionMask(pos, pos, window=window, q_doc=doc, k_doc=doc, host=twin)
+        plain = AttentionMask(pos, pos, window=window, q_doc=doc, k_doc=doc)
+        assert_same_block_masks(hosted.block_mask(), plain.block_mask(), pos, pos)
+        assert hosted.block_mask().kv_indices.is_cuda
+        T = pos.shape[1]
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        q = torch.randn(1, T, 8, 64, device=DEV, generator=gen).bfloat16()
+        k = torch.randn(1, T, 1, 64, device=DEV, generator=gen).bfloat16()
+        sinks = torch.zeros(8, device=DEV).bfloat16()
+        out = sink_attention(q, k, k, sinks, hosted, scale=0.125)
+        assert out.equal(sink_attention(q, k, k, sinks, plain, scale=0.125))

@@ -23,6 +23,7 @@ import torch
 
 from ossrl.kernels.attention import sink_attention
 from ossrl.kernels.decode_attention import append_kv, decode_attention
+from ossrl.kernels.transfer import host_to_device
 
 
 class KVPool:
@@ -121,14 +122,6 @@ class PrefillWriter:
             first = torch.cat([s[:1] for s in self.slot_groups]).to(torch.int32).repeat_interleave(counts)
             pool.prefix_slot[slots] = host_to_device(first, device)
             pool.prefix_len[slots] = lengths
-
-
-def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`, copied from pinned memory without waiting for the copy (the
-    stream orders its use); as it is where no CUDA is involved."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class DecodeView:

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter, host_to_device
+from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
+from ossrl.kernels.transfer import host_to_device
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
 from ossrl.model import gptoss
@@ -185,12 +186,12 @@ class SlotDecoder:
         for _ in range(self._agree(len(packs)) - len(packs)):  # lockstep: as many forwards as the busiest rank
             model.model(torch.zeros(1, 1, dtype=torch.long, device=device))
         for group in packs:  # each prompt once, KV to its n slots
-            # built on the host, each copied once without waiting for the GPU (host_to_device)
+            # built on the host, each copied once without waiting for the GPU (host_to_device); the
+            # positions and documents go as host tensors: the model builds its masks' tables from them
             lengths = [len(prompts[i]) for i in group]
             ids = host_to_device(torch.tensor([[t for i in group for t in prompts[i]]]), device)
-            positions = host_to_device(torch.cat([torch.arange(length) for length in lengths])[None], device)
+            positions = torch.cat([torch.arange(length) for length in lengths])[None]
             docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None]
-            docs = host_to_device(docs, device)
             slot_groups = [torch.arange(i * n, (i + 1) * n) for i in group]
             hidden = model.model(ids, positions=positions, doc_ids=docs,
                                  cache=PrefillWriter(self.pool, lengths, slot_groups))

@@ -29,11 +29,14 @@ never O(T^2).
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ossrl.kernels.transfer import host_to_device
 
 BLOCK = 128  # FlexAttention's sparse block size (queries and keys)
 _FAR = 2**30  # position given to padded keys: never visible
@@ -86,6 +89,10 @@ class AttentionMask:
     k_doc: torch.Tensor | None = None
     q_branch: torch.Tensor | None = None
     k_branch: torch.Tensor | None = None
+    # The same mask with its tensors on the host, where the caller has them (a prefill's positions and
+    # documents): the BlockMask's tables are then built there and copied over once, instead of by a few
+    # hundred tiny kernel launches on the device while it waits for the first layer's attention
+    host: AttentionMask | None = field(default=None, repr=False)
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
 
@@ -94,6 +101,9 @@ class AttentionMask:
             raise ValueError("AttentionMask: give both q_doc and k_doc, or neither")
         if (self.q_branch is None) != (self.k_branch is None) or (self.q_branch is not None and self.q_doc is None):
             raise ValueError("AttentionMask: branch ids need both q_branch and k_branch, and document ids")
+        if self.host is not None and (self.host.q_pos.shape != self.q_pos.shape or self.host.window != self.window
+                                      or self.host.k_pos.shape != self.k_pos.shape):
+            raise ValueError("AttentionMask: the host mask must have the same shapes and window")
 
     def dense(self) -> torch.Tensor:
         """Boolean visibility [B, Tq, Tk] (the twin's mask), built on first use."""
@@ -103,7 +113,7 @@ class AttentionMask:
         return self._dense
 
     def block_mask(self):
-        """FlexAttention BlockMask on the positions' device, built on first use."""
+        """FlexAttention BlockMask on the positions' device, built on first use (from `host` if given)."""
         if self._block_mask is None:
             self._block_mask = build_block_mask(self)
         return self._block_mask
@@ -127,7 +137,8 @@ def _block_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Block classification [R, nq, nk] (partial, full) and the padded index tensors for mask_mod.
+    """Block classification [R, nq, nk] (partial, full) and the padded [R, Tpad] int32 tensors for
+    mask_mod (None where the mask has no such ids).
 
     `full` blocks have every (query, key) pair visible, so FlexAttention skips mask_mod there;
     `partial` blocks may have some (a superset is fine: mask_mod decides exactly); the rest have
@@ -178,10 +189,7 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     crowded = q_runs["crowded"][:, :, None] | k_runs["crowded"][:, None, :]
     any_visible = torch.where(crowded, any_visible, exact_any)
     full = torch.where(crowded, full, exact_full & q_runs["whole"][:, :, None] & k_runs["whole"][:, None, :])
-    B = m.q_pos.shape[0]
-    padded = dict(q_pos=qp.expand(B, -1), k_pos=kp.expand(B, -1),
-                  q_doc=None if qd is None else qd.expand(B, -1), k_doc=None if kd is None else kd.expand(B, -1),
-                  q_branch=None if qb is None else qb.expand(B, -1), k_branch=None if kb is None else kb.expand(B, -1))
+    padded = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd, q_branch=qb, k_branch=kb)
     return any_visible & ~full, full, padded
 
 
@@ -278,17 +286,30 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_block_mask(mask: AttentionMask):
+    """The FlexAttention BlockMask of `mask` on its positions' device: tables built from `mask.host`
+    on the host when it is given (then copied without waiting), else on the device."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    partial, full, padded = block_layout(mask)
+    source = mask if mask.host is None else mask.host
+    partial, full, padded = block_layout(source)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(
+    device, B = mask.q_pos.device, mask.q_pos.shape[0]
+    padded = {name: None if t is None else (t if t.device == device else host_to_device(t, device)).expand(B, -1)
+              for name, t in padded.items()}
+    block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
         mask_mod=_make_mask_mod(padded["q_pos"], padded["k_pos"], mask.window, padded["q_doc"], padded["k_doc"],
                                 padded["q_branch"], padded["k_branch"]),
         seq_lengths=(mask.q_pos.shape[1], mask.k_pos.shape[1]),
     )
+    if mask.host is not None:  # (BlockMask.to copies from pageable memory: it would wait for the device)
+        block_mask = copy.copy(block_mask)
+        for name in BlockMask._TENSOR_ATTRS:
+            t = getattr(block_mask, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(block_mask, name, host_to_device(t, device))
+    return block_mask
 
 
 def sink_attention_reference(

@@ -26,6 +26,7 @@ from torch import nn
 from ossrl.kernels.attention import AttentionMask, sink_attention
 from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
+from ossrl.kernels.transfer import host_to_device
 from ossrl.model.checkpointing import activation_budget, headroom, measure_saved_bytes, plain_layer_count
 from ossrl.model.config import GptOssConfig, YarnRope
 
@@ -653,9 +654,16 @@ class GptOssModel(nn.Module):
         branch_ids [B, T] (with doc_ids): sequences of a document that share a prefix hold it once as
         branch 0, each continuation as branch 1, 2, ... (positions continuing from the prefix); a
         token sees branch 0 and its own branch (ossrl.kernels.attention.AttentionMask).
+        positions, doc_ids and branch_ids may be given on the host for a model on a GPU: they are
+        copied over without waiting, and the attention masks' block tables are built from the host
+        copies (no kernel launches; the engine's prefills do this).
         """
         B, T = input_ids.shape
         device = input_ids.device
+        host = None
+        if positions is not None and positions.device.type == "cpu" and device.type != "cpu":
+            host = (positions, doc_ids, branch_ids)
+            positions, doc_ids, branch_ids = (None if t is None else host_to_device(t, device) for t in host)
         if positions is None:
             positions = cache.next_positions(B, T, device) if cache is not None else \
                 torch.arange(T, device=device).expand(B, T)
@@ -666,11 +674,14 @@ class GptOssModel(nn.Module):
         k_pos = positions if cache is None else cache.key_positions(positions)
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
-        masks = {
-            window: AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids,
-                                  q_branch=branch_ids, k_branch=branch_ids)
-            for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}
-        }
+        masks = {}
+        for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}:
+            # (a cache that adds keys before these queries' has no host copy of their positions)
+            twin = None if host is None or k_pos is not positions else \
+                AttentionMask(host[0], host[0], window=window, q_doc=host[1], k_doc=host[1], q_branch=host[2],
+                              k_branch=host[2])
+            masks[window] = AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids,
+                                          q_branch=branch_ids, k_branch=branch_ids, host=twin)
         # The table may live on the CPU (embedding offload): gather rows there, move only those.
         x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(device)
         cos, sin = self.rope_tables(positions, x.dtype)

@@ -1,0 +1,13 @@
+"""Host-to-device copies that do not make the host wait for the GPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, copied from pinned memory without waiting for the copy (the
+    stream orders its use); as it is where no CUDA is involved."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
