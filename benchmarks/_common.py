@@ -88,6 +88,8 @@ SWITCHES = (
      "rollouts: the MoE word decode reads tile-contiguous copies of the MXFP4 blocks"),
     ("defer-residual-add", "ossrl.model.gptoss", "DEFER_RESIDUAL_ADD",
      "rollouts: each layer's MLP output added to the residual stream by the next layer's norm kernel"),
+    ("host-masks", "ossrl.engine.slots", "HOST_MASKS",
+     "rollouts: prefill masks' block tables built on the host and copied once, else by kernels on the GPU"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",
      "split-K MoE tiles: the last part to finish sums the partials and runs the epilogue, else a second "
      "launch (unset: each tile's TileConfig.fixup)"),

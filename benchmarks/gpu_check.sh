@@ -10,7 +10,7 @@
 # and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
 # tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
 # tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 1 and
-# 64 prompts; pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
+# 64 prompts (with the masks' tables built on the GPU, then on the host); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
 # by the next layer's norm kernel; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
@@ -119,10 +119,8 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
     ab_rollouts split-k-fixup profile
 fi
 if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
-    for prompts in 1 64; do
-        timeout 120 python benchmarks/profile_prefill.py --prompts $prompts > "$out/profile_prefill_$prompts.txt" 2>&1
-        grep -E "^prefill of" "$out/profile_prefill_$prompts.txt"
-    done
+    timeout 200 python benchmarks/profile_prefill.py --prompts 1 64 --ab > "$out/profile_prefill.txt" 2>&1
+    grep -E "^prefill of|Error" "$out/profile_prefill.txt"
 fi
 if [[ $what == *" pdl "* ]]; then  # session 14: chains of batch-1 MoE-sized products, plain launches against PDL
     timeout 120 python benchmarks/pdl_probe.py --out "$out/pdl_probe.json" 2>&1 | tee "$out/pdl_probe.log" | tail -12

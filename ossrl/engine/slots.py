@@ -38,6 +38,12 @@ from ossrl.engine.types import Completion
 from ossrl.model import gptoss
 
 
+# Prefills give the model their positions and documents as host tensors, so that its attention masks'
+# block tables are built on the host and copied once (`ossrl.kernels.attention.AttentionMask.host`);
+# False: as device tensors, the tables built by kernels on the GPU (benchmarks' --host-masks switch).
+HOST_MASKS = True
+
+
 def bucket_size(n: int) -> int:
     b = 1
     while b < n:
@@ -192,6 +198,8 @@ class SlotDecoder:
             ids = host_to_device(torch.tensor([[t for i in group for t in prompts[i]]]), device)
             positions = torch.cat([torch.arange(length) for length in lengths])[None]
             docs = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths))[None]
+            if not HOST_MASKS:
+                positions, docs = host_to_device(positions, device), host_to_device(docs, device)
             slot_groups = [torch.arange(i * n, (i + 1) * n) for i in group]
             hidden = model.model(ids, positions=positions, doc_ids=docs,
                                  cache=PrefillWriter(self.pool, lengths, slot_groups))
