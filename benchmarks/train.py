@@ -72,8 +72,10 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
     ids = torch.randint(0, vocab, (1, T), device=device, generator=g)
     target = torch.ones(1, T, dtype=torch.bool, device=device)
     target[:, -1] = False
-    return PackedBatch(ids, torch.arange(T, device=device)[None], torch.zeros(1, T, dtype=torch.long, device=device),
-                       target, torch.where(target, 0, -1), 1)
+    # positions and documents on the host, as `pack_sequences(...).to(device)` leaves them (the model
+    # builds its masks' tables from them there)
+    return PackedBatch(ids, torch.arange(T)[None], torch.zeros(1, T, dtype=torch.long), target,
+                       torch.where(target, 0, -1), 1)
 
 
 def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False,

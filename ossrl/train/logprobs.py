@@ -155,9 +155,11 @@ class PackedBatch:
     branch_ids: torch.Tensor | None = None
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.positions.to(device), self.doc_ids.to(device),
-                           self.target_mask.to(device), self.sequence_index.to(device), self.num_sequences,
-                           None if self.branch_ids is None else self.branch_ids.to(device))
+        """The batch for a model on `device`. Positions, documents and branches stay where they are
+        (the host, as packed): the model copies them over itself and builds its attention masks'
+        block tables from the host copies (`GptOssModel.forward`), with no kernel launches."""
+        return PackedBatch(self.input_ids.to(device), self.positions, self.doc_ids, self.target_mask.to(device),
+                           self.sequence_index.to(device), self.num_sequences, self.branch_ids)
 
 
 def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max_tokens: int,
