@@ -172,6 +172,10 @@ def main():
     parser.add_argument("--tiled", action="store_true",
                         help="only the decode sizes' word tiles with the blocks as published and tile-contiguous")
     parser.add_argument("--tiled-tokens", default="1,8,64", help="--tiled: the token counts (comma-separated)")
+    parser.add_argument("--gemv", action="store_true",
+                        help="only the MXFP4 layer at --gemv-tokens as CUDA-core GEMVs (ossrl.kernels.moe_gemv) "
+                             "against the tile the engine picks, on the rollouts' tile-contiguous copies")
+    parser.add_argument("--gemv-tokens", default="1,2")
     parser.add_argument("--read-roofline", action="store_true",
                         help="only the decode sizes' read ceiling: the routed experts' bytes read with no "
                              "arithmetic, as the decode's tiles and as contiguous spans (benchmarks/moe_read.py)")
@@ -200,7 +204,9 @@ def main():
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled:
+    if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled or args.gemv:
+        if args.gemv:
+            result["gemv"] = gemv_compare(mx, router, gen, copy_bw, [int(t) for t in args.gemv_tokens.split(",")])
         if args.tiled:
             result["tiled"] = tiled_sweep(mx, router, gen, copy_bw, [int(t) for t in args.tiled_tokens.split(",")])
         if args.read_roofline:
@@ -446,6 +452,52 @@ def tiled_sweep(mx, router, gen, copy_bw, tokens=(1, 8, 64)):
                     rows.append(r)
                     print("tiled", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
                 moe_triton.SPLIT_K_FIXUP = forced
+    return rows
+
+
+GEMV_TILES = [(16, 512), (16, 256), (32, 256), (8, 512), (32, 512)]
+
+
+def gemv_compare(mx, router, gen, copy_bw, tokens=(1, 2)):
+    """The whole MoE layer (routing given) at decode's smallest sizes, replayed from a CUDA graph:
+    the tile `choose_config` picks on the rollouts' tile-contiguous copies (grouping, two matmuls,
+    combine), then `ossrl.kernels.moe_gemv` (two GEMV launches and the combine) with each of
+    GEMV_TILES; outputs compared with the tile's (relative difference: the sums' order)."""
+    from ossrl.kernels import moe_gemv
+    from ossrl.kernels.mxfp4_triton import tile_blocks
+    from ossrl.model.gptoss import TILED_LAYOUT
+
+    ex = dataclasses.replace(mx, scales_fold=True, gate_up_tiled=tile_blocks(mx.gate_up, *TILED_LAYOUT),
+                             down_tiled=tile_blocks(mx.down, *TILED_LAYOUT), tiled=TILED_LAYOUT)
+    switch, tile, max_tokens = moe_gemv.GEMV, moe_gemv.GEMV_TILE, moe_gemv.GEMV_MAX_TOKENS
+    rows = []
+    try:
+        for N in tokens:
+            moe_gemv.GEMV_MAX_TOKENS = max(moe_gemv.GEMV_MAX_TOKENS, N)
+            x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+            w, ids = route(x @ router, K_TOP)
+            hit = int(torch.unique(ids).numel())
+            nbytes = hit * weight_bytes_per_expert("mxfp4") + 2 * N * H * 2
+            fn = ossrl_fn(ex)
+            moe_gemv.GEMV = False
+            with torch.no_grad():
+                ref = fn(x, w, ids).float()
+            for gemv_tile in [None] + GEMV_TILES:
+                moe_gemv.GEMV = gemv_tile is not None
+                moe_gemv.GEMV_TILE = gemv_tile or tile
+                r = dict(tokens=N, method="gemv" if gemv_tile else "tile", gemv_tile=gemv_tile,
+                         routed_bytes=nbytes)
+                with torch.no_grad():
+                    out = attempt(lambda: fn(x, w, ids))
+                    if isinstance(out, torch.Tensor):
+                        r["rel_diff_vs_tile"] = ((out.float() - ref).norm() / ref.norm()).item()
+                    r["fwd_graph_ms"] = attempt(lambda: graph_time(fn, x, w, ids))
+                if isinstance(r["fwd_graph_ms"], float):
+                    r["graph_bandwidth_fraction"] = nbytes / (r["fwd_graph_ms"] * 1e-3) / copy_bw
+                rows.append(r)
+                print("gemv", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    finally:
+        moe_gemv.GEMV, moe_gemv.GEMV_TILE, moe_gemv.GEMV_MAX_TOKENS = switch, tile, max_tokens
     return rows
 
 

@@ -445,6 +445,12 @@ kernel, cap, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if kernel == "dequant":
     fn, ptr = mxfp4_triton._dequant_kernel, {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16"}
     const = dict(BR=64, BC=64, PTX=ptx)
+elif kernel.startswith("gemv"):
+    from ossrl.kernels import moe_gemv
+    fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv
+    ptr = {n: "*bf16" for n in ("x_ptr", "a_ptr", "bias_ptr", "route_w_ptr", "y_ptr")}
+    ptr.update(ids_ptr="*i64", blocks_ptr="*u8", scales_ptr="*u8")
+    const = dict(BN=16, BK=512, PTX=ptx, **({"TOP_K": 4} if kernel == "gemv_gate_up" else {}))
 else:
     fn = moe_triton._moe_matmul
     ptr = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "c_ptr", "z_ptr", "lu_ptr",
@@ -467,7 +473,7 @@ triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarg
 """
 
 
-@pytest.mark.parametrize("kernel", ["moe_matmul", "dequant"])
+@pytest.mark.parametrize("kernel", ["moe_matmul", "dequant", "gemv_gate_up", "gemv_down"])
 def test_kernels_compile_for_gpus_before_hopper(kernel):
     """sm_80/89 have no mul.bf16x2: there the decode takes the arithmetic path (PTX off), and the
     kernels compile (Triton's ptxas runs on this CPU machine; outside the interpreter, hence a
@@ -999,3 +1005,47 @@ def test_copies_whose_chunks_are_narrower_than_the_k_tile_are_not_read():
     with torch.no_grad():
         torch.testing.assert_close(moe_triton.routed_experts_triton(x, w, ids, zeros, config=cfg),
                                    moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [(16, 32), (32, 64), (16, 512)])
+@pytest.mark.parametrize("N", [1, 3])
+def test_moe_gemv_equals_the_twin(tile, N, monkeypatch):
+    """`ossrl.kernels.moe_gemv`: a token's (or three tokens') routed MXFP4 experts as matrix-vector
+    products, taken by `routed_experts_triton` without autograd or LoRA up to GEMV_MAX_TOKENS
+    tokens, equal the twin (K tiles of 32 and 64 columns cut H = 96 and I = 64 evenly, 512 leaves a
+    ragged tile; 16-row tiles cut 2I = 128 evenly, 32 too); with GEMV off (the default), more
+    tokens, or autograd, the grouped kernels run instead."""
+    from ossrl.kernels import moe_gemv
+
+    ex = _experts()
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, 96, generator=g)
+    w, ids = route(torch.randn(N, 4, generator=g), 2)
+    ref = routed_experts_twin(x, w, ids, ex)
+    with torch.no_grad():
+        assert rel(moe_gemv.routed_experts_gemv(x, w, ids, ex, tile=tile), ref) < 1e-5
+        calls = []
+        real = moe_gemv.routed_experts_gemv
+        monkeypatch.setattr(moe_triton, "routed_experts_gemv", lambda *a: calls.append(1) or real(*a))
+        moe_triton.routed_experts_triton(x, w, ids, ex)  # off by default
+        monkeypatch.setattr(moe_gemv, "GEMV", True)
+        monkeypatch.setattr(moe_gemv, "GEMV_MAX_TOKENS", N)
+        assert rel(moe_triton.routed_experts_triton(x, w, ids, ex), ref) < 1e-5 and calls == [1]
+        monkeypatch.setattr(moe_gemv, "GEMV_MAX_TOKENS", N - 1)
+        moe_triton.routed_experts_triton(x, w, ids, ex)
+    monkeypatch.setattr(moe_gemv, "GEMV_MAX_TOKENS", N)
+    moe_triton.routed_experts_triton(x.requires_grad_(True), w, ids, ex)  # autograd: the grouped kernels
+    assert calls == [1]
+
+
+def test_moe_gemv_clamps_and_biases_like_the_twin():
+    """Large inputs reach the SwiGLU clamp (limit 7) on both gate and up, with the biases on."""
+    from ossrl.kernels import moe_gemv
+
+    ex = _experts(seed=3)
+    ex = dataclasses.replace(ex, gate_up_bias=ex.gate_up_bias * 30, limit=2.0)
+    x = torch.randn(1, 96) * 40
+    w, ids = route(torch.randn(1, 4), 2)
+    with torch.no_grad():
+        out = moe_gemv.routed_experts_gemv(x, w, ids, ex, tile=(16, 64))
+    assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
+from ossrl.kernels.moe_gemv import gemv_ok, routed_experts_gemv
 from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
     grouped_product, lora_input, scaled, token_lora_delta,
@@ -790,6 +791,8 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     autograd compute the LoRA B products in the matmuls' epilogues; it rounds differently from the
     autograd path, so the trainer's own no-grad passes (old log-probs) leave it off and compute
     exactly what its training pass computes."""
+    if config is None and gemv_ok(x, experts, lora):  # a token or two: matrix-vector products (moe_gemv)
+        return routed_experts_gemv(x, route_w, ids, experts)
     N = x.shape[0]
     x = x.contiguous()
     S = ids.numel()
