@@ -12,6 +12,14 @@ expert (slot = token x k: no sort, no grouping launch), decodes the E2M1 codes w
     down:    y[slot] = w_slot * (W2_e a[slot] + b2_e)            grid (slots, H / BN)
     out[token] = sum over the token's k slots of y (fp32, slot order: `combine_slots`)
 
+Measured slower, so off (GEMV): on an H100 (benchmarks/results/moe_gemv_s14_h100.json, `moe.py
+--gemv`, the whole layer in a CUDA graph) 1 token took 0.0572 ms against the 1-token tile's 0.0539
+(16 x 512 tiles; 8 x 512 and 16 x 256 the same, 32-row tiles slower) and 2 tokens 0.0894 against
+0.0763. So the byte GEMV's 78% does not survive here; the likely cost (not yet profiled) is the E2M1
+decode on the CUDA cores, two values a byte at several integer instructions each, where the
+tensor-core path decodes straight into MMA operands. Kept, with its tests, as the base for a
+cheaper decode.
+
 Rounding follows the tensor-core path's epilogues (fp32 sums and epilogue, a and y rounded to the
 activations' dtype, the combine in fp32), not its bits: the products are summed in another order.
 Forwards only (no autograd), no LoRA: `routed_experts_triton` sends other calls to the grouped
@@ -29,7 +37,7 @@ from ossrl.kernels.moe import ExpertWeights
 from ossrl.kernels.mxfp4_triton import mxfp4_pairs, ptx_decode
 
 # Decode calls of at most GEMV_MAX_TOKENS tokens take the GEMV (`routed_experts_triton`) where GEMV
-# is on: off until measured on a GPU against the 1-token tile (benchmarks' --moe-gemv switch).
+# is on: off, measured slower than the 1-token tile (module docstring; benchmarks' --moe-gemv switch).
 GEMV = False
 GEMV_MAX_TOKENS = 1
 GEMV_TILE = (16, 512)  # (BN rows, BK input columns an iteration): the probe's fastest byte GEMV
