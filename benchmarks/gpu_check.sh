@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [pdl] [defer] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [pdl] [gemv] [defer] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -10,7 +10,7 @@
 # and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
 # tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
 # tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 1 and
-# 64 prompts (with the masks' tables built on the GPU, then on the host); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
+# 64 prompts (with the masks' tables built on the GPU, then on the host); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); gemv: benchmarks/moe.py --gemv; defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
 # by the next layer's norm kernel; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
@@ -119,11 +119,18 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
     ab_rollouts split-k-fixup profile
 fi
 if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
+    # 64 prompts alone first (one sequence length: FlexAttention compiled for it), then after 1 prompt
+    # in the same process (session 14: FlexAttention 8x slower there, probably recompiled dynamic)
+    timeout 100 python benchmarks/profile_prefill.py --prompts 64 > "$out/profile_prefill_64.txt" 2>&1
+    grep -E "^prefill of|Error|flex_attention_0" "$out/profile_prefill_64.txt" | head -3
     timeout 200 python benchmarks/profile_prefill.py --prompts 1 64 --ab > "$out/profile_prefill.txt" 2>&1
     grep -E "^prefill of|Error" "$out/profile_prefill.txt"
 fi
 if [[ $what == *" pdl "* ]]; then  # session 14: chains of batch-1 MoE-sized products, plain launches against PDL
     timeout 120 python benchmarks/pdl_probe.py --out "$out/pdl_probe.json" 2>&1 | tee "$out/pdl_probe.log" | tail -12
+fi
+if [[ $what == *" gemv "* ]]; then  # session 14: the MoE layer at 1 and 2 tokens as CUDA-core GEMVs against the tile
+    timeout 120 python benchmarks/moe.py --gemv --out "$out/moe_gemv.json" 2>&1 | tee "$out/moe_gemv.log" | grep -E "^gemv"
 fi
 if [[ $what == *" defer "* ]]; then  # session 13: each layer's MLP output added by the next norm kernel, or in its own launch
     ab_rollouts defer-residual-add profile
