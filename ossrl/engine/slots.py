@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from ossrl.engine.kv_pool import DecodeView, KVPool, PrefillWriter
-from ossrl.kernels.transfer import host_to_device
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
+from ossrl.kernels.transfer import host_to_device
 from ossrl.model import gptoss
 
 

@@ -36,11 +36,11 @@ import triton
 import triton.language as tl
 
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
-from ossrl.kernels.moe_gemv import gemv_ok, routed_experts_gemv
 from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
     grouped_product, lora_input, scaled, token_lora_delta,
 )
+from ossrl.kernels.moe_gemv import gemv_ok, routed_experts_gemv
 from ossrl.kernels.mxfp4_triton import (
     dequantize_experts, mxfp4_pairs, mxfp4_tile, mxfp4_words, permute_k32, permute_k32_rows, ptx_decode,
     word_asm_pairs_halves,

@@ -661,7 +661,11 @@ class GptOssModel(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         host = None
-        if positions is not None and positions.device.type == "cpu" and device.type != "cpu":
+        given = [t for t in (positions, doc_ids, branch_ids) if t is not None]
+        if device.type != "cpu" and any(t.device.type == "cpu" for t in given):
+            if positions is None or not all(t.device.type == "cpu" for t in given):
+                raise ValueError(f"positions, doc_ids and branch_ids must all be on the host or all on {device}; "
+                                 f"got {[str(t.device) for t in given]}")
             host = (positions, doc_ids, branch_ids)
             positions, doc_ids, branch_ids = (None if t is None else host_to_device(t, device) for t in host)
         if positions is None:
