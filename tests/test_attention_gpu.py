@@ -173,6 +173,11 @@ def test_model_on_cuda_matches_model_on_cpu():
         packed_ids = ids[:1]
         assert rel_err(gpu(packed_ids.to(DEV), positions=pos.to(DEV), doc_ids=doc.to(DEV)).cpu(),
                        cpu(packed_ids, positions=pos, doc_ids=doc)) < 1e-3
+        # positions and documents given on the host: the masks' tables built there, the same output
+        assert torch.equal(gpu(packed_ids.to(DEV), positions=pos, doc_ids=doc),
+                           gpu(packed_ids.to(DEV), positions=pos.to(DEV), doc_ids=doc.to(DEV)))
+        with pytest.raises(ValueError, match="all be on the host"):
+            gpu(packed_ids.to(DEV), positions=pos, doc_ids=doc.to(DEV))
         cache_cpu, cache_gpu = KVCache(), KVCache()
         steps_cpu = [cpu(ids[:, :20], cache=cache_cpu)] + [cpu(ids[:, t:t + 1], cache=cache_cpu) for t in range(20, 24)]
         steps_gpu = [gpu(ids[:, :20].to(DEV), cache=cache_gpu)] + \
