@@ -119,10 +119,14 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
     ab_rollouts split-k-fixup profile
 fi
 if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
-    # 64 prompts alone first (one sequence length: FlexAttention compiled for it), then after 1 prompt
-    # in the same process (session 14: FlexAttention 8x slower there, probably recompiled dynamic)
-    timeout 100 python benchmarks/profile_prefill.py --prompts 64 > "$out/profile_prefill_64.txt" 2>&1
-    grep -E "^prefill of|Error|flex_attention_0" "$out/profile_prefill_64.txt" | head -3
+    # 64 prompts alone first (one sequence length: FlexAttention compiled for it), with the masks'
+    # tables built on the host and on the GPU, then after 1 prompt in the same process (session 14:
+    # FlexAttention 1.79 ms a call there against session 13's 0.22 alone: a dynamic recompile, or
+    # the host-built masks?)
+    for flag in --host-masks --no-host-masks; do
+        timeout 100 python benchmarks/profile_prefill.py --prompts 64 $flag > "$out/profile_prefill_64$flag.txt" 2>&1
+        grep -E "^prefill of|Error|flex_attention_0" "$out/profile_prefill_64$flag.txt" | head -3 | cut -c1-160
+    done
     timeout 200 python benchmarks/profile_prefill.py --prompts 1 64 --ab > "$out/profile_prefill.txt" 2>&1
     grep -E "^prefill of|Error" "$out/profile_prefill.txt"
 fi
