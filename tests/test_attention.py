@@ -122,14 +122,16 @@ def host_twin(mask: AttentionMask) -> AttentionMask:
 
 
 def assert_same_block_masks(a, b, q_pos, k_pos):
-    """Every table of two BlockMasks equal, and their mask_mods agree on every (query, key) pair."""
+    """Every table of two BlockMasks equal (values, dtype, device and strides: the compiled kernel
+    specialises on them), and their mask_mods agree on every (query, key) pair."""
     from torch.nn.attention.flex_attention import BlockMask
 
     for name in BlockMask._TENSOR_ATTRS:
         x, y = getattr(a, name, None), getattr(b, name, None)
         assert (x is None) == (y is None), name
         if x is not None:
-            assert x.device == y.device and x.equal(y), name
+            assert x.device == y.device and x.dtype == y.dtype and x.equal(y), name
+            assert x.stride() == y.stride(), (name, x.stride(), y.stride())
     B, Tq, Tk = q_pos.shape[0], q_pos.shape[1], k_pos.shape[1]
     bq = torch.arange(B, device=q_pos.device)[:, None, None]
     qi = torch.arange(Tq, device=q_pos.device)[None, :, None]
