@@ -90,6 +90,8 @@ SWITCHES = (
      "rollouts: each layer's MLP output added to the residual stream by the next layer's norm kernel"),
     ("host-masks", "ossrl.engine.slots", "HOST_MASKS",
      "rollouts: prefill masks' block tables built on the host and copied once, else by kernels on the GPU"),
+    ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
+     "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("moe-gemv", "ossrl.kernels.moe_gemv", "GEMV",
      "MXFP4 experts at a token (GEMV_MAX_TOKENS) as CUDA-core matrix-vector products, not the 1-token tile"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",

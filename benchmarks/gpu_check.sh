@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [pdl] [gemv] [defer] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -11,7 +11,7 @@
 # tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
 # tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 1 and
 # 64 prompts (with the masks' tables built on the GPU, then on the host); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); gemv: benchmarks/moe.py --gemv; defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
-# by the next layer's norm kernel; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
+# by the next layer's norm kernel; rotary: the same with rotary and the KV append in two launches, then one; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
@@ -138,6 +138,9 @@ if [[ $what == *" gemv "* ]]; then  # session 14: the MoE layer at 1 and 2 token
 fi
 if [[ $what == *" defer "* ]]; then  # session 13: each layer's MLP output added by the next norm kernel, or in its own launch
     ab_rollouts defer-residual-add profile
+fi
+if [[ $what == *" rotary "* ]]; then  # session 14: rotary and the KV append in one launch, or two
+    ab_rollouts rotary-append profile
 fi
 if [[ $what == *" trainsweep "* ]]; then  # MXFP4 at training sizes: the copy, the packed decode, the word decode
     timeout ${SWEEP_TIMEOUT:-400} python benchmarks/moe.py --train-sweep --out "$out/moe_train_sweep.json" 2>&1 \

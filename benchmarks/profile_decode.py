@@ -16,6 +16,8 @@
         # (moe_triton.SPLIT_K_FIXUP; unset: each tile's TileConfig.fixup)
     python benchmarks/profile_decode.py --no-defer-residual-add   # each layer's MLP output added to
         # the residual stream in its own launch, not by the next layer's norm (gptoss.DEFER_RESIDUAL_ADD)
+    python benchmarks/profile_decode.py --rotary-append   # rotary and the KV-cache append in one
+        # launch (gptoss.ROTARY_APPEND); --moe-gemv: the 1-token MoE as CUDA-core GEMVs (moe_gemv.GEMV)
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -69,6 +71,14 @@ if "--no-defer-residual-add" in sys.argv:  # each layer's MLP output added in it
     from ossrl.model import gptoss
 
     gptoss.DEFER_RESIDUAL_ADD = False
+if "--rotary-append" in sys.argv or "--no-rotary-append" in sys.argv:  # rotary and the KV append in one launch
+    from ossrl.model import gptoss
+
+    gptoss.ROTARY_APPEND = "--rotary-append" in sys.argv
+if "--moe-gemv" in sys.argv or "--no-moe-gemv" in sys.argv:  # 1-token MoE as CUDA-core GEMVs
+    from ossrl.kernels import moe_gemv
+
+    moe_gemv.GEMV = "--moe-gemv" in sys.argv
 if "--no-split-k-fixup" in sys.argv or "--split-k-fixup" in sys.argv:
     from ossrl.kernels import moe_triton
 

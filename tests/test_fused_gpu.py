@@ -164,6 +164,28 @@ def test_append_kv_matches_the_reference(rows):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+@pytest.mark.parametrize("rows", [5, 128])
+def test_rotary_append_is_rotary_then_append_in_bf16(rows):
+    """`rotary_append` at 20b's decode shapes (64 q heads, 8 kv heads, D 64; q, k, v slices of one
+    fused output) gives `rotary_qk` then `append_kv` bit for bit, in a ring and a long cache."""
+    g = torch.Generator(device=DEV).manual_seed(rows)
+    B, HQ, HK, D = 3, 64, 8, 64
+    qkv = torch.randn(B, 1, (HQ + 2 * HK) * D, generator=g, device=DEV).bfloat16()
+    q = qkv[..., : HQ * D].view(B, 1, HQ, D)
+    k = qkv[..., HQ * D: (HQ + HK) * D].view(B, 1, HK, D)
+    v = qkv[..., (HQ + HK) * D:].view(B, 1, HK, D)
+    ang = torch.randn(B, 1, D // 2, generator=g, device=DEV)
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    kc = torch.randn(6, rows, HK, D, generator=g, device=DEV).bfloat16()
+    vc = torch.randn(6, rows, HK, D, generator=g, device=DEV).bfloat16()
+    slots, pos = torch.tensor([4, 0, 5], device=DEV), torch.tensor([9, 0, 131], device=DEV)
+    kr, vr = kc.clone(), vc.clone()
+    oq = fused.rotary_append(q, k, v, cos, sin, kc, vc, slots, pos)
+    rq, rk = fused.rotary_qk(q, k, cos, sin)
+    fused.append_kv(kr, vr, rk[:, 0], v[:, 0], slots, pos)
+    assert torch.equal(oq, rq) and torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
 @pytest.mark.parametrize("N,E,k", [(1, 32, 4), (64, 32, 4), (300, 128, 4), (7, 4, 2), (9, 6, 1)])
 def test_route_topk_matches_route(N, E, k):
     g = torch.Generator(device=DEV).manual_seed(N + E)

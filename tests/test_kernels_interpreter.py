@@ -102,6 +102,55 @@ def test_rotary_on_decode_views_reads_them_in_place(B, T):
     torch.testing.assert_close(ok, apply_rotary(k, ang.cos(), ang.sin()))
 
 
+@pytest.mark.parametrize("HQ,HK", [(4, 2), (20, 17)])
+def test_rotary_append_equals_rotary_then_append(HQ, HK):
+    """`fused.rotary_append` (a decode step's rotary and KV append in one launch) leaves the caches
+    and returns q exactly as `rotary_qk` then `append_kv` do: q, k and v read as slices of one
+    fused q/k/v output, a ring of 5 rows (positions past it wrap), several head blocks of 16."""
+    D, B = 16, 3
+    qkv = torch.randn(B, 1, (HQ + 2 * HK) * D)
+    q = qkv[..., : HQ * D].view(B, 1, HQ, D)
+    k = qkv[..., HQ * D: (HQ + HK) * D].view(B, 1, HK, D)
+    v = qkv[..., (HQ + HK) * D:].view(B, 1, HK, D)
+    ang = torch.randn(B, 1, D // 2)
+    slots, pos = torch.tensor([2, 0, 3]), torch.tensor([7, 1, 4])
+    kc, vc = torch.randn(4, 5, HK, D), torch.randn(4, 5, HK, D)
+    kr, vr = kc.clone(), vc.clone()
+    oq = fused.rotary_append(q, k, v, ang.cos(), ang.sin(), kc, vc, slots, pos)
+    rq, rk = fused.rotary_qk(q, k, ang.cos(), ang.sin())
+    fused.append_kv(kr, vr, rk[:, 0], v[:, 0], slots, pos)
+    assert torch.equal(oq, rq) and torch.equal(kc, kr) and torch.equal(vc, vr)
+    with pytest.raises(ValueError, match="one token a row"):
+        fused.rotary_append(q.expand(B, 2, HQ, D), k.expand(B, 2, HK, D), v.expand(B, 2, HK, D),
+                            ang.cos().expand(B, 2, D // 2), ang.sin().expand(B, 2, D // 2), kc, vc, slots, pos)
+
+
+def test_slot_engine_decodes_the_same_with_rotary_append(monkeypatch):
+    """gptoss.ROTARY_APPEND: the slot engine's decode steps (CPU tensors, the kernels in the
+    interpreter) rotate and append through `rotary_append` and give the same completions, tokens
+    and log-probs bit for bit, as with `rotary_qk` and the separate append."""
+    from ossrl.engine.engine import RolloutEngine
+    from ossrl.engine.sampling import SamplingParams
+    from ossrl.model import gptoss
+    from ossrl.testing import random_model, tiny_config
+
+    calls = _fused_kernels_on_cpu(monkeypatch, ("rotary_qk", "rotary_append"))
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=2).eval()
+    prompts = [[3, 9, 4, 4, 1], [7, 2]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=1)
+
+    def run(on):
+        monkeypatch.setattr(gptoss, "ROTARY_APPEND", on)
+        calls.clear()
+        out = RolloutEngine(model, backend="slots", sync_every=3).generate(prompts, 2, params)
+        return out, set(calls)
+
+    out, used = run(True)
+    ref, ref_used = run(False)
+    assert used == {"rotary_qk", "rotary_append"} and ref_used == {"rotary_qk"}  # prefills keep rotary_qk
+    assert out == ref
+
+
 def test_append_kv_into_a_ring():
     kc, vc = torch.zeros(4, 5, 2, 8), torch.zeros(4, 5, 2, 8)
     k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
@@ -755,7 +804,6 @@ def test_rollout_forwards_add_each_mlp_output_in_the_next_norm(dtype, monkeypatc
     assert ref_counts == ((layers + 1, layers) if dtype == torch.float32 else (2 * layers + 1, 0))
     assert counts == ((1, 2 * layers) if dtype == torch.float32 else ref_counts)
     assert torch.equal(out, ref) and torch.equal(step, ref_step)
-
 
 
 def _entropy64(logp):

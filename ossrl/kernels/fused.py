@@ -155,14 +155,31 @@ def _round(x, dt: tl.constexpr):
 @triton.jit
 def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                   HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_H: tl.constexpr):
+                   HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_H: tl.constexpr,
+                   V=None, KC=None, VC=None, SlotIds=None, Positions=None, ROWS=1, stride_vt=0, stride_vh=0,
+                   stride_cs=0, stride_cr=0, stride_vs=0, stride_vr=0, APPEND: tl.constexpr = False):
+    """Rotated q heads to OQ and k heads to OK; with APPEND (a decode step, one token a row t) the
+    rotated k heads go to row Positions[t] % ROWS of slot SlotIds[t] of the cache KC instead, and a
+    third group of head blocks copies v there into VC (`append_kv`'s job, in the same launch)."""
     t = tl.program_id(0).to(tl.int64)  # one (batch, time) row
-    hb = tl.program_id(1)  # head block over the q heads, then the k heads
+    hb = tl.program_id(1)  # head block over the q heads, then the k heads (then, APPEND, the v heads)
     d = tl.arange(0, HALF_P)  # HALF padded to a power of two
     dm = d < HALF
+    nq = tl.cdiv(HQ, BLOCK_H)
+    nk = tl.cdiv(HK, BLOCK_H)
+    if APPEND:
+        slot = tl.load(SlotIds + t).to(tl.int64)
+        row = tl.load(Positions + t).to(tl.int64) % ROWS
+        if hb >= nq + nk:  # v: copied as it is
+            h = (hb - nq - nk) * BLOCK_H + tl.arange(0, BLOCK_H)
+            m = (h < HK)[:, None] & dm[None, :]
+            src = V + t * stride_vt + h[:, None] * stride_vh + d[None, :]
+            dst = VC + slot * stride_vs + row * stride_vr + h[:, None] * (2 * HALF) + d[None, :]
+            tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
+            tl.store(dst + HALF, tl.load(src + HALF, mask=m, other=0.0), mask=m)
+            return
     c = tl.load(Cos + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)[None, :]  # in q's dtype
     s = tl.load(Sin + t * stride_ct + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    nq = tl.cdiv(HQ, BLOCK_H)
     if hb < nq:
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         m = (h < HQ)[:, None] & dm[None, :]
@@ -172,7 +189,10 @@ def _rotary_kernel(Q, K, Cos, Sin, OQ, OK, HQ, HK,
         h = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
         m = (h < HK)[:, None] & dm[None, :]
         src = K + t * stride_kt + h[:, None] * stride_kh + d[None, :]
-        dst = OK + t * (HK * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+        if APPEND:
+            dst = KC + slot * stride_cs + row * stride_cr + h[:, None] * (2 * HALF) + d[None, :]
+        else:
+            dst = OK + t * (HK * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
     x1 = tl.load(src, mask=m, other=0.0)
     x2 = tl.load(src + HALF, mask=m, other=0.0)
     # the reference rounds each product to the input dtype before the sum; so does this
@@ -197,17 +217,21 @@ def _row_stride(x: torch.Tensor) -> int | None:
     return x.stride(1) if B == 1 or x.stride(0) == T * x.stride(1) else None
 
 
+def _with_row_stride(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x, its row stride), or a contiguous copy and its row stride where rows are not evenly spaced."""
+    if (rows := _row_stride(x)) is None:
+        x = x.contiguous()
+        rows = x.stride(1)
+    return x, rows
+
+
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q [B, T, Hq, D], k [B, T, Hk, D], cos/sin [B, T, D/2] (in q's dtype) -> rotated (q, k),
     contiguous; the math of `ossrl.model.gptoss.apply_rotary`."""
     B, T, HQ, D = q.shape
     HK = k.shape[2]
-    if (q_rows := _row_stride(q)) is None:
-        q = q.contiguous()
-        q_rows = q.stride(1)
-    if (k_rows := _row_stride(k)) is None:
-        k = k.contiguous()
-        k_rows = k.stride(1)
+    q, q_rows = _with_row_stride(q)
+    k, k_rows = _with_row_stride(k)
     cos = cos.expand(B, T, D // 2).contiguous()
     sin = sin.expand(B, T, D // 2).contiguous()
     oq, ok = torch.empty(B, T, HQ, D, device=q.device, dtype=q.dtype), torch.empty(B, T, HK, D, device=k.device,
@@ -219,6 +243,33 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
                              cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
                              num_warps=4)
     return oq, ok
+
+
+def rotary_append(q, k, v, cos, sin, k_cache, v_cache, slot_ids, positions) -> torch.Tensor:
+    """A decode step's `rotary_qk` and `append_kv` in one launch: q [B, 1, Hq, D] rotated (returned,
+    contiguous); k [B, 1, Hk, D] rotated and v written into row positions % rows of slot slot_ids
+    of the caches [slots, rows, Hk, D] (contiguous within a row). The same bits as the two."""
+    B, T, HQ, D = q.shape
+    HK = k.shape[2]
+    if T != 1:
+        raise ValueError(f"rotary_append takes one token a row, got {T}")
+    for cache in (k_cache, v_cache):
+        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+            raise ValueError(f"rotary_append needs caches contiguous within a row, got strides {cache.stride()}")
+    (q, q_rows), (k, k_rows), (v, v_rows) = _with_row_stride(q), _with_row_stride(k), _with_row_stride(v)
+    cos = cos.expand(B, T, D // 2).contiguous()
+    sin = sin.expand(B, T, D // 2).contiguous()
+    oq = torch.empty(B, T, HQ, D, device=q.device, dtype=q.dtype)
+    BLOCK_H = 16
+    grid = (B, triton.cdiv(HQ, BLOCK_H) + 2 * triton.cdiv(HK, BLOCK_H))
+    if B:
+        _rotary_kernel[grid](q, k, cos, sin, oq, oq, HQ, HK, q_rows, q.stride(2), k_rows, k.stride(2),
+                             cos.stride(1), HALF=D // 2, HALF_P=triton.next_power_of_2(D // 2), BLOCK_H=BLOCK_H,
+                             V=v, KC=k_cache, VC=v_cache, SlotIds=slot_ids, Positions=positions,
+                             ROWS=k_cache.shape[1], stride_vt=v_rows, stride_vh=v.stride(2),
+                             stride_cs=k_cache.stride(0), stride_cr=k_cache.stride(1), stride_vs=v_cache.stride(0),
+                             stride_vr=v_cache.stride(1), APPEND=True, num_warps=4)
+    return oq
 
 
 class _Rotary(torch.autograd.Function):

@@ -177,6 +177,9 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if (fused := fused_kernels(q, k)) is not None:
+            if ROTARY_APPEND and hasattr(cache, "attend_rotary"):  # decode steps: rotary and the KV append in one
+                out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin, self.sinks, scale=self.scale, fused=fused)
+                return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
             q, k = fused.rotary_qk(q, k, cos, sin)
         elif (kernels := training_kernels(q)) is not None:
             q, k = kernels.rotary_qk_autograd(q, k, cos, sin)
@@ -187,6 +190,12 @@ class Attention(nn.Module):
         else:
             out = sink_attention(q, k, v, self.sinks, masks[self.window], scale=self.scale)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+
+# Rollout decode steps rotate q and k and append k and v to the KV pool in one launch
+# (`ossrl.kernels.fused.rotary_append`, the same bits as `rotary_qk` then `append_kv`). Off until
+# timed on a GPU (benchmarks' --rotary-append switch).
+ROTARY_APPEND = False
 
 
 def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
