@@ -488,12 +488,19 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ossrl.kernels import moe_triton, mxfp4_triton
+from ossrl.kernels import fused, moe_triton, mxfp4_triton
 
 kernel, cap, ptx = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if kernel == "dequant":
     fn, ptr = mxfp4_triton._dequant_kernel, {"blocks_ptr": "*u8", "scales_ptr": "*u8", "out_ptr": "*bf16"}
     const = dict(BR=64, BC=64, PTX=ptx)
+elif kernel.startswith("rotary"):  # no PTX of its own: compiled with and without the KV append
+    fn = fused._rotary_kernel
+    ptr = {n: "*bf16" for n in ("Q", "K", "Cos", "Sin", "OQ", "OK", "V", "KC", "VC")}
+    ptr.update(SlotIds="*i64", Positions="*i64")
+    const = dict(HALF=32, HALF_P=32, BLOCK_H=16, APPEND=kernel == "rotary_append")
+    if not const["APPEND"]:
+        const.update(V=None, KC=None, VC=None, SlotIds=None, Positions=None)
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv
@@ -544,6 +551,20 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert not ok and "sm_90" in err
     ok, err = compiles(90, ptx=True)
     assert ok, err
+
+
+@pytest.mark.parametrize("kernel", ["rotary", "rotary_append"])
+def test_the_rotary_kernel_compiles_with_and_without_the_kv_append(kernel):
+    """The rotary kernel (an early return for the v heads where it appends) compiles for sm_80 and
+    sm_90, with the KV append and without (as `rotary_qk` calls it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for cap in (80, 90):
+        run = subprocess.run([sys.executable, "-c", _COMPILE_FOR, kernel, str(cap), "0"], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
 
 
 _WORD_LAYOUT = """
