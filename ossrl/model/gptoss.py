@@ -176,10 +176,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if (fused := fused_kernels(q, k)) is not None:
-            if ROTARY_APPEND and hasattr(cache, "attend_rotary"):  # decode steps: rotary and the KV append in one
-                out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin, self.sinks, scale=self.scale, fused=fused)
-                return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        fused = fused_kernels(q, k)
+        if fused is not None and ROTARY_APPEND and hasattr(cache, "attend_rotary"):
+            # decode steps: the rotary and the KV append in one launch, then the decode kernel
+            out = cache.attend_rotary(self.layer_idx, q, k, v, cos, sin, self.sinks, scale=self.scale, fused=fused)
+            return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        if fused is not None:
             q, k = fused.rotary_qk(q, k, cos, sin)
         elif (kernels := training_kernels(q)) is not None:
             q, k = kernels.rotary_qk_autograd(q, k, cos, sin)
