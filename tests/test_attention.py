@@ -141,13 +141,27 @@ def assert_same_block_masks(a, b, q_pos, k_pos):
 
 @pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
 def test_block_mask_from_a_host_twin_equals_the_one_built_in_place(name, mask):
-    """`AttentionMask(host=...)`: the tables built from the host copies are the same (the twin path
-    copies them over); the mask_mod reads the mask's own device tensors."""
+    """`AttentionMask(host=...)` holding the same values: the tables and mask_mod built from the host
+    twin (then copied over; on the CPU the copy is the tensor itself) equal those built in place."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     with_twin = host_twin(mask)
     assert_same_block_masks(with_twin.block_mask(), mask.block_mask(), mask.q_pos, mask.k_pos)
     with pytest.raises(ValueError, match="host mask"):
         AttentionMask(mask.q_pos, mask.k_pos, window=7, host=with_twin.host)
+
+
+def test_block_mask_tables_and_mask_mod_come_from_the_host_twin():
+    """The twin decides: given one of other documents (same shapes), the BlockMask is the twin's
+    own, not the one the mask's tensors would give (so a twin ignored would show)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    pos, doc = packed_positions([300])
+    twin_pos, twin_doc = packed_positions([150, 150])
+    mask = AttentionMask(pos, pos, q_doc=doc, k_doc=doc,
+                         host=AttentionMask(twin_pos, twin_pos, q_doc=twin_doc, k_doc=twin_doc))
+    own = AttentionMask(twin_pos, twin_pos, q_doc=twin_doc, k_doc=twin_doc).block_mask()
+    assert_same_block_masks(mask.block_mask(), own, pos, pos)
+    plain = AttentionMask(pos, pos, q_doc=doc, k_doc=doc).block_mask()
+    assert not (plain.kv_num_blocks.equal(own.kv_num_blocks) and plain.full_kv_num_blocks.equal(own.full_kv_num_blocks))
 
 
 @pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])

@@ -270,15 +270,20 @@ def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
 def test_rotary_append_gives_the_same_rollouts_in_cuda_graphs(monkeypatch):
     """gptoss.ROTARY_APPEND (a decode step's rotary and KV append in one launch): the same
     completions bit for bit as the two launches, with graphs captured and replayed."""
+    from ossrl.kernels import fused
     from ossrl.model import gptoss
 
     config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", head_dim=64)
     model = random_model(config, seed=6, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
     params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=3)
+    calls = []
+    kernel = fused.rotary_append
+    monkeypatch.setattr(fused, "rotary_append", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     runs = []
     for on in (False, True):
         monkeypatch.setattr(gptoss, "ROTARY_APPEND", on)
         engine = RolloutEngine(model, sync_every=4)
         runs.append(engine.generate(PROMPTS, 3, params))
         assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
+        assert bool(calls) == on  # the fused launch ran (in the captured steps) only with the switch on
     assert runs[0] == runs[1]

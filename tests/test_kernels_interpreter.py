@@ -139,16 +139,19 @@ def test_slot_engine_decodes_the_same_with_rotary_append(monkeypatch):
     prompts = [[3, 9, 4, 4, 1], [7, 2]]
     params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=1)
 
+    engine = RolloutEngine(model, backend="slots", sync_every=3)  # one engine: the switch flips under it
+
     def run(on):
         monkeypatch.setattr(gptoss, "ROTARY_APPEND", on)
         calls.clear()
-        out = RolloutEngine(model, backend="slots", sync_every=3).generate(prompts, 2, params)
-        return out, set(calls)
+        out = engine.generate(prompts, 2, params)
+        return out, set(calls), engine._slots.graph_params
 
-    out, used = run(True)
-    ref, ref_used = run(False)
+    out, used, key = run(True)
+    ref, ref_used, ref_key = run(False)
     assert used == {"rotary_qk", "rotary_append"} and ref_used == {"rotary_qk"}  # prefills keep rotary_qk
     assert out == ref
+    assert key != ref_key  # graphs captured under one setting are not replayed under the other
 
 
 def test_append_kv_into_a_ring():

@@ -25,6 +25,7 @@ layers' hooks, outside what a graph replays).
 
 from __future__ import annotations
 
+import sys
 import traceback
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class SlotDecoder:
                 # graphs read the adapters' rollout copies by address: new copies, new graphs
                 switch is not None and switch.rollout_dtype, switch is not None and switch.rollout_epoch,
                 # and the experts' tiled copies (made or freed by any engine on this model since)
-                gptoss.tiled_epoch())
+                gptoss.tiled_epoch(), _kernel_switches())
 
     # ------------------------------------------------------------------ one step
     def _step(self, slot_ids: torch.Tensor, params: SamplingParams) -> None:
@@ -293,6 +294,16 @@ def _pack(lengths: list[int], budget: int) -> list[list[int]]:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _kernel_switches() -> tuple:
+    """The module switches a captured decode step bakes in (benchmarks flip them between calls),
+    read from their modules where loaded (a switch is only set on an imported module)."""
+    values = [gptoss.DEFER_RESIDUAL_ADD, gptoss.ROTARY_APPEND]
+    for name, attribute in (("ossrl.kernels.moe_gemv", "GEMV"), ("ossrl.kernels.moe_triton", "SPLIT_K_FIXUP")):
+        module = sys.modules.get(name)
+        values.append(getattr(module, attribute, None) if module is not None else None)
+    return tuple(values)
 
 
 def _params_key(params: SamplingParams) -> tuple:

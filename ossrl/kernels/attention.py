@@ -90,8 +90,10 @@ class AttentionMask:
     q_branch: torch.Tensor | None = None
     k_branch: torch.Tensor | None = None
     # The same mask with its tensors on the host, where the caller has them (a prefill's positions and
-    # documents): the BlockMask's tables are then built there and copied over once, instead of by a few
-    # hundred tiny kernel launches on the device while it waits for the first layer's attention
+    # documents): the BlockMask's tables and mask_mod are then built from it and copied over once,
+    # instead of by a few hundred tiny kernel launches on the device while it waits for the first
+    # layer's attention. It must hold the same values (only shapes and window are checked; the
+    # dense twin path still reads the device tensors).
     host: AttentionMask | None = field(default=None, repr=False)
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)

@@ -111,9 +111,11 @@ def routed_experts_gemv(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tenso
     I2 = experts.gate_up_bias.shape[1]
     x, ids, route_w = x.contiguous(), ids.reshape(-1).contiguous(), route_w.reshape(-1).contiguous()
     gu, gus, dn, dns = experts.gate_up, experts.gate_up_scales, experts.down, experts.down_scales
-    for name, blocks in (("gate_up", gu), ("down", dn)):
+    for name, blocks, scales in (("gate_up", gu, gus), ("down", dn, dns)):
         if blocks.stride(-1) != 1 or blocks.stride(-2) != 16 or blocks.stride(1) != blocks.shape[2] * 16:
             raise ValueError(f"MXFP4 {name} blocks must be contiguous rows, got strides {blocks.stride()}")
+        if scales.stride(-1) != 1:
+            raise ValueError(f"MXFP4 {name} scales must be contiguous along the input, got strides {scales.stride()}")
     ptx = ptx_decode(x)
     a = torch.empty(N * k, I2 // 2, device=x.device, dtype=x.dtype)
     _gate_up_gemv[(N * k, triton.cdiv(I2, BN))](

@@ -667,7 +667,8 @@ class GptOssModel(nn.Module):
         token sees branch 0 and its own branch (ossrl.kernels.attention.AttentionMask).
         positions, doc_ids and branch_ids may be given on the host for a model on a GPU: they are
         copied over without waiting, and the attention masks' block tables are built from the host
-        copies (no kernel launches; the engine's prefills do this).
+        copies (no kernel launches; the engine's prefills and training batches do this; an FSDP
+        root moves them to the device before this runs).
         """
         B, T = input_ids.shape
         device = input_ids.device

@@ -157,7 +157,9 @@ class PackedBatch:
     def to(self, device) -> PackedBatch:
         """The batch for a model on `device`. Positions, documents and branches stay where they are
         (the host, as packed): the model copies them over itself and builds its attention masks'
-        block tables from the host copies (`GptOssModel.forward`), with no kernel launches."""
+        block tables from the host copies (`GptOssModel.forward`), with no kernel launches. (A
+        model sharded with FSDP gets them moved to the device by its root module first, and builds
+        its tables there.)"""
         return PackedBatch(self.input_ids.to(device), self.positions, self.doc_ids, self.target_mask.to(device),
                            self.sequence_index.to(device), self.num_sequences, self.branch_ids)
 
