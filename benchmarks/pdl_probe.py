@@ -16,15 +16,11 @@ captured in one CUDA graph and replayed, three ways:
 Prints microseconds per product and the bytes' share of the measured copy bandwidth, checks each
 variant's output against the plain chain's, and writes JSON with --out.
 
-Then (first; --only-mxfp4 alone) the same layer's real MXFP4 bytes through a CUDA-core GEMV
-(`mxfp4_pairs` decode, fp32 FMAs; 16 to 32 rows a program, the whole K): does a GEMV keep the
-bandwidth the byte chains reach once it decodes E2M1 (two values a byte)? Against the MoE kernels'
-1-token tile, 0.052 ms a layer (33.7% of copy bandwidth, session 13).
+The real MXFP4 layer as such GEMVs is `ossrl.kernels.moe_gemv`, timed by `benchmarks/moe.py --gemv`.
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ossrl.kernels.mxfp4_triton import mxfp4_pairs  # noqa: E402
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -73,36 +66,6 @@ def _gemv(w_ptr, x_ptr, y_ptr, N, next_ptr, next_lines, K: tl.constexpr, BN: tl.
     tl.store(y_ptr + rows, (acc * (1.0 / K)).to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
-@triton.jit
-def _gemv_mxfp4(blocks_ptr, scales_ptr, x_ptr, y_ptr, N, out_scale, K: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr):
-    """y[n] = out_scale * sum_k W[n, k] x[k], W MXFP4 ([N, K/32, 16] blocks as [N, K/2] bytes, [N, K/32]
-    scales), decoded by `mxfp4_pairs` and contracted on the CUDA cores (fp32 FMAs, no tensor cores)."""
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    acc = tl.zeros((BN, BK // 2), tl.float32)
-    for k0 in range(0, K, BK):
-        lo, hi = mxfp4_pairs(blocks_ptr, scales_ptr, rows, rows < N, k0, K, K // 2, K // 32, BN, BK, PTX)
-        cols = k0 + tl.arange(0, BK)
-        xe, xo = tl.split(tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32).reshape(BK // 2, 2))
-        acc += lo.to(tl.float32) * xe[None, :] + hi.to(tl.float32) * xo[None, :]
-    tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * out_scale).to(y_ptr.dtype.element_ty), mask=rows < N)
-
-
-def mxfp4_chain(products, x, ys, BN: int, BK: int, pdl: bool):
-    """The MXFP4 products in order, each reading the first K outputs of the previous one."""
-    for (blocks, scales), y in zip(products, ys):
-        N, K = blocks.shape[0], blocks.shape[1] * 32
-        extra = dict(launch_pdl=True) if pdl else {}
-        _gemv_mxfp4[(triton.cdiv(N, BN),)](blocks, scales, x, y, N, 1.0 / (3 * K ** 0.5), K, BN, BK, True, pdl,
-                                           num_warps=4, **extra)
-        x = y[:K]
-    return ys[-1]
-
-
 def graph_seconds(fn, repeats: int = 20) -> float:
     """Seconds per call of fn captured in a CUDA graph and replayed (after warm-up)."""
     for _ in range(2):
@@ -121,44 +84,6 @@ def graph_seconds(fn, repeats: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / repeats
-
-
-def mxfp4_section(layers: int, copy_bw: float, results: dict) -> None:
-    """The batch-1 MoE's real bytes (gate_up 4 x 5760 rows, down 4 x 2880, K = 2880 MXFP4 values:
-    1,440 code bytes and 90 scale bytes a row) through a CUDA-core GEMV with the PTX pair decode."""
-    from ossrl.kernels.mxfp4 import dequantize_mxfp4
-
-    dev = "cuda"
-    products = []
-    for rows in (4 * 5760, 4 * 2880) * layers:
-        blocks = torch.randint(0, 256, (rows, 90, 16), dtype=torch.uint8, device=dev)
-        scales = torch.full((rows, 90), 127, dtype=torch.uint8, device=dev)  # 2^0: values stay in range
-        products.append((blocks, scales))
-    total = sum(b.numel() + s.numel() for b, s in products)
-    x = torch.randn(2880, device=dev, dtype=torch.bfloat16)
-    # one product against the dequantized weights
-    blocks, scales = products[0]
-    y = torch.empty(blocks.shape[0], device=dev, dtype=torch.bfloat16)
-    _gemv_mxfp4[(triton.cdiv(blocks.shape[0], 16),)](blocks, scales, x, y, blocks.shape[0], 1.0, 2880, 16, 512,
-                                                      True, False, num_warps=4)
-    ref = dequantize_mxfp4(blocks, scales, torch.float32) @ x.float()
-    rel = ((y.float() - ref).norm() / ref.norm()).item()
-    print(f"mxfp4 GEMV: relative error against the dequantized product {rel:.2e}")
-    results["mxfp4"] = {"bytes": total, "relative_error": rel, "rows": []}
-    for BN, BK in ((16, 512), (16, 256), (32, 256), (8, 512)):
-        for pdl in (False, True):
-            ys = [torch.empty(b.shape[0], device=dev, dtype=torch.bfloat16) for b, _ in products]
-            try:
-                seconds = graph_seconds(lambda: mxfp4_chain(products, x, ys, BN, BK, pdl))
-            except Exception as e:  # noqa: BLE001 - a probe reports what fails
-                print(f"mxfp4 BN={BN} BK={BK} pdl={pdl}: {type(e).__name__}: {e}")
-                results["mxfp4"]["rows"].append({"BN": BN, "BK": BK, "pdl": pdl, "error": f"{type(e).__name__}: {e}"})
-                continue
-            row = {"BN": BN, "BK": BK, "pdl": pdl, "us_per_layer": 2 * seconds / len(products) * 1e6,
-                   "share_of_copy_bandwidth": total / seconds / copy_bw}
-            results["mxfp4"]["rows"].append(row)
-            print(f"mxfp4 BN={BN:3d} BK={BK:4d} pdl={pdl!s:5} {row['us_per_layer']:6.2f} us a layer (gate_up + down)  "
-                  f"{100 * row['share_of_copy_bandwidth']:5.1f}% of copy bandwidth")
 
 
 MODES = ("plain", "pdl", "prefetch", "ahead", "ahead_pdl")
@@ -186,7 +111,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--out")
-    ap.add_argument("--only-mxfp4", action="store_true", help="only the MXFP4 GEMV section")
     args = ap.parse_args()
     if gdc_wait is None:
         print("this Triton has no griddepcontrol (PDL) support")
@@ -212,28 +136,12 @@ def main():
     del big, copy_to
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "copy_bandwidth_GBps": copy_bw / 1e9, "products": len(ws), "bytes": total_bytes, "rows": []}
-    mxfp4_section(args.layers, copy_bw, results)
-    for BN, BK in (() if args.only_mxfp4 else ((16, 512), (32, 256), (64, 128))):
+    for BN, BK in ((16, 512), (32, 256), (64, 128)):
         reference = None  # the plain chain's output for these tiles (other tiles sum in another order)
         for mode in MODES:
             ys = [torch.empty(w.shape[0], device=dev, dtype=torch.bfloat16) for w in ws]
             try:
-                for _ in range(2):
-                    chain(ws, x, ys, mode, BN, BK)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    chain(ws, x, ys, mode, BN, BK)
-                for _ in range(3):
-                    graph.replay()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                seconds = start.elapsed_time(end) / 1e3 / 20
+                seconds = graph_seconds(lambda: chain(ws, x, ys, mode, BN, BK))
             except Exception as e:  # noqa: BLE001 - a probe reports what fails
                 print(f"BN={BN} BK={BK} {mode}: {type(e).__name__}: {e}")
                 results["rows"].append({"BN": BN, "BK": BK, "mode": mode, "error": f"{type(e).__name__}: {e}"})
