@@ -297,8 +297,7 @@ def build_block_mask(mask: AttentionMask):
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
     device, B = mask.q_pos.device, mask.q_pos.shape[0]
-    padded = {name: None if t is None else (t if t.device == device else host_to_device(t, device)).expand(B, -1)
-              for name, t in padded.items()}
+    padded = {name: None if t is None else host_to_device(t, device).expand(B, -1) for name, t in padded.items()}
     block_mask = BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
         mask_mod=_make_mask_mod(padded["q_pos"], padded["k_pos"], mask.window, padded["q_doc"], padded["k_doc"],

@@ -253,9 +253,7 @@ def rotary_append(q, k, v, cos, sin, k_cache, v_cache, slot_ids, positions) -> t
     HK = k.shape[2]
     if T != 1:
         raise ValueError(f"rotary_append takes one token a row, got {T}")
-    for cache in (k_cache, v_cache):
-        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
-            raise ValueError(f"rotary_append needs caches contiguous within a row, got strides {cache.stride()}")
+    _check_cache_rows("rotary_append", k_cache, v_cache)
     (q, q_rows), (k, k_rows), (v, v_rows) = _with_row_stride(q), _with_row_stride(k), _with_row_stride(v)
     cos = cos.expand(B, T, D // 2).contiguous()
     sin = sin.expand(B, T, D // 2).contiguous()
@@ -310,14 +308,19 @@ def _append_kv_kernel(K, V, KC, VC, SlotIds, Positions, ROWS, W,
     tl.store(VC + slot * stride_vs + row * stride_vr + offs, v, mask=m)
 
 
+def _check_cache_rows(caller: str, *caches: torch.Tensor) -> None:
+    """The KV caches [slots, rows, Hkv, D] a kernel writes must be contiguous within a row."""
+    for cache in caches:
+        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+            raise ValueError(f"{caller} needs caches contiguous within a row, got strides {cache.stride()}")
+
+
 def append_kv(k_cache, v_cache, k, v, slot_ids, positions) -> None:
     """`ossrl.kernels.decode_attention.append_kv_reference` in one launch: k, v [B, Hkv, D] into row
     positions % rows of slot slot_ids (caches [slots, rows, Hkv, D], contiguous per row)."""
     B = k.shape[0]
     W = k.shape[1] * k.shape[2]
-    for cache in (k_cache, v_cache):  # one token's [Hkv, D] is written as W contiguous values
-        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
-            raise ValueError(f"append_kv needs caches contiguous within a row, got strides {cache.stride()}")
+    _check_cache_rows("append_kv", k_cache, v_cache)  # one token's [Hkv, D] is written as W contiguous values
     k2, v2 = k.reshape(B, W), v.reshape(B, W)
     if k2.stride(-1) != 1:
         k2 = k2.contiguous()
