@@ -139,18 +139,17 @@ class DecodeView:
     def attend(self, layer_idx, q, k, v, sinks, mask, *, scale):
         kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
         append_kv(kc, vc, k[:, 0], v[:, 0], self.slot_ids, self.positions)
-        return self._decode(layer_idx, q, sinks, scale)
+        return self._decode(q, kc, vc, sinks, scale)
 
     def attend_rotary(self, layer_idx, q, k, v, cos, sin, sinks, *, scale, fused):
         """`attend` for q and k not yet rotated: `fused.rotary_append` rotates q, and rotates k into
         the cache while v is written beside it, in one launch (the model's `ROTARY_APPEND`)."""
         kc, vc = self.pool.k[layer_idx], self.pool.v[layer_idx]
         q = fused.rotary_append(q, k, v, cos, sin, kc, vc, self.slot_ids, self.positions)
-        return self._decode(layer_idx, q, sinks, scale)
+        return self._decode(q, kc, vc, sinks, scale)
 
-    def _decode(self, layer_idx, q, sinks, scale):
+    def _decode(self, q, kc, vc, sinks, scale):
         pool = self.pool
-        kc, vc = pool.k[layer_idx], pool.v[layer_idx]
         prefixes = dict(prefix_slot=pool.prefix_slot, prefix_len=pool.prefix_len) if pool.shares(kc) else {}
         out = decode_attention(q[:, 0], kc, vc, sinks, self.slot_ids, pool.lengths, scale=scale, **prefixes)
         return out[:, None]
