@@ -90,6 +90,9 @@ SWITCHES = (
      "rollouts: each layer's MLP output added to the residual stream by the next layer's norm kernel"),
     ("host-masks", "ossrl.engine.slots", "HOST_MASKS",
      "rollouts: prefill masks' block tables built on the host and copied once, else by kernels on the GPU"),
+    ("flex-static", "ossrl.kernels.attention", "FLEX_STATIC",
+     "FlexAttention compiled for each shape it meets (dynamic=False), else torch's default (symbolic "
+     "lengths from the second shape on)"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("moe-gemv", "ossrl.kernels.moe_gemv", "GEMV",

@@ -9,8 +9,8 @@
 # decode-size tile sweep of benchmarks/moe.py; wordsweep: its folded word tiles with the scales one
 # and two K tiles ahead; readroof: the decode sizes' routed bytes read with no arithmetic (the decode's
 # tiles, contiguous spans) against the decode kernels; fixup: rollouts and decode-step profiles with split-K
-# tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 1 and
-# 64 prompts (with the masks' tables built on the GPU, then on the host); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); gemv: benchmarks/moe.py --gemv; defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
+# tiles finishing in a second launch, then in their last part; prefill: benchmarks/profile_prefill.py at 64
+# prompts, then 1 and 64 (FlexAttention compiled as torch does by default, then per shape); pdl: benchmarks/pdl_probe.py (programmatic dependent launch on MoE-sized products); gemv: benchmarks/moe.py --gemv; defer: rollouts and decode-step profiles with each layer's MLP output added in its own launch, then
 # by the next layer's norm kernel; rotary: the same with rotary and the KV append in two launches, then one; trainsweep: its training-size sweep; decode: benchmarks/profile_decode.py --lora (rollout
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
@@ -119,16 +119,16 @@ if [[ $what == *" fixup "* ]]; then  # session 13: split-K tiles finishing in th
     ab_rollouts split-k-fixup profile
 fi
 if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and host time, 1 and 64 prompts of 128 tokens
-    # 64 prompts alone first (one sequence length: FlexAttention compiled for it), with the masks'
-    # tables built on the host and on the GPU, then after 1 prompt in the same process (session 14:
-    # FlexAttention 1.79 ms a call there against session 13's 0.22 alone: a dynamic recompile, or
-    # the host-built masks?)
-    for flag in --host-masks --no-host-masks; do
-        timeout 100 python benchmarks/profile_prefill.py --prompts 64 $flag > "$out/profile_prefill_64$flag.txt" 2>&1
-        grep -E "^prefill of|Error|flex_attention_0" "$out/profile_prefill_64$flag.txt" | head -3 | cut -c1-160
+    # 64 prompts alone (one sequence length: FlexAttention compiled for it), then after 1 prompt in
+    # the same process with torch's default compile (symbolic lengths from the second shape on) and
+    # compiled per shape (--flex-static). Session 14: FlexAttention 1.79 ms a call after 1 prompt,
+    # against session 13's 0.22 with 64 alone.
+    timeout 100 python benchmarks/profile_prefill.py --prompts 64 > "$out/profile_prefill_64.txt" 2>&1
+    grep -E "^prefill of|Error" "$out/profile_prefill_64.txt"
+    for flag in --no-flex-static --flex-static; do
+        timeout 150 python benchmarks/profile_prefill.py --prompts 1 64 $flag > "$out/profile_prefill_1_64$flag.txt" 2>&1
+        grep -E "^prefill of|Error" "$out/profile_prefill_1_64$flag.txt"
     done
-    timeout 200 python benchmarks/profile_prefill.py --prompts 1 64 --ab > "$out/profile_prefill.txt" 2>&1
-    grep -E "^prefill of|Error" "$out/profile_prefill.txt"
 fi
 if [[ $what == *" pdl "* ]]; then  # session 14: chains of batch-1 MoE-sized products, plain launches against PDL
     timeout 120 python benchmarks/pdl_probe.py --out "$out/pdl_probe.json" 2>&1 | tee "$out/pdl_probe.log" | tail -12

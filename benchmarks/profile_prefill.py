@@ -31,7 +31,7 @@ ap.add_argument("--prompts", type=int, nargs="+", default=[64])
 ap.add_argument("--len", type=int, default=128)
 ap.add_argument("--ab", action="store_true",
                 help="also time the prefill with the masks' tables built by GPU kernels and on the host")
-add_switches(ap, ("host-masks", "defer-residual-add"))
+add_switches(ap, ("host-masks", "defer-residual-add", "flex-static"))
 args = ap.parse_args()
 print(apply_switches(args))
 

@@ -159,7 +159,7 @@ def main():
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_120b.json for 120b)")
-    add_switches(ap, ("fused-log-softmax", "sink-kernels"))
+    add_switches(ap, ("fused-log-softmax", "sink-kernels", "flex-static"))
     args = ap.parse_args()
     switches = apply_switches(args)
     if args.out is None:

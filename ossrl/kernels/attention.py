@@ -413,19 +413,25 @@ class _SinkRescale(torch.autograd.Function):
         return grad_out, grad_lse, grad_sinks, None
 
 
+# Whether FlexAttention is compiled for each shape it meets (`dynamic=False`) rather than torch's
+# default, which recompiles with symbolic lengths at the second shape (session 15's question: is
+# that kernel slower?). Static shapes recompile for every new length, up to dynamo's cache limit.
+FLEX_STATIC = False
+
+
 @functools.cache
-def _compiled_flex_attention():
+def _compiled_flex_attention(static: bool = False):
     """torch.compile(flex_attention), created on first CUDA use (compiling at import is a side effect)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False) if static else torch.compile(flex_attention)
 
 
 def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled: bool = True):
     """The CUDA path. `compiled=False` runs flex's eager (dense, inference-only) version: CPU tests."""
     from torch.nn.attention import flex_attention as flex_module
 
-    flex = _compiled_flex_attention() if compiled else flex_module.flex_attention
+    flex = _compiled_flex_attention(FLEX_STATIC) if compiled else flex_module.flex_attention
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
     kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     if hasattr(flex_module, "AuxRequest"):  # torch >= 2.9
