@@ -10,7 +10,7 @@ import torch
 import ossrl.kernels.attention as attention_module
 from ossrl.kernels.attention import (
     BLOCK, AttentionMask, _flex_sink_attention, _SinkRescale, attention_mask, block_layout, sink_attention,
-    sink_attention_reference,
+    sink_attention_reference, static_length,
 )
 from ossrl.kernels.decode_attention import append_kv, decode_attention, decode_attention_reference
 
@@ -232,6 +232,42 @@ def test_flex_formula_equals_twin(name, mask):
 @pytest.mark.parametrize("name,mask", branch_cases(), ids=[c[0] for c in branch_cases()])
 def test_flex_formula_with_branches_equals_twin(name, mask):
     test_flex_formula_equals_twin(name, mask)
+
+
+def test_static_length_rounds_up_by_at_most_a_quarter():
+    assert [static_length(t) for t in (1, 128, 129, 300, 1024)] == [128, 128, 256, 512, 1024]
+    assert [static_length(t) for t in (1025, 1280, 1281, 2048, 2049, 4096, 5000, 16383)] == [
+        1280, 1280, 1536, 2048, 2560, 4096, 5120, 16384]
+    for t in range(1, 20000, 37):
+        assert t <= static_length(t) <= max(128, 1.25 * t, 2 * t if t <= 1024 else 0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
+def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypatch):
+    """FLEX_STATIC: q, k, v and the mask padded to `static_length` (every case here pads), the
+    padded queries dropped: the output equals the twin's; the padded mask is built once for every
+    layer; a host twin is padded with it."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(attention_module, "FLEX_STATIC", True)
+    if name == "causal":  # (with a host twin: its padded copy builds the tables)
+        mask = AttentionMask(mask.q_pos, mask.k_pos, host=AttentionMask(mask.q_pos.clone(), mask.k_pos.clone()))
+    gen = torch.Generator().manual_seed(1)
+    B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
+    q = torch.randn(B, Tq, 8, 16, generator=gen)
+    k, v = torch.randn(B, Tk, 2, 16, generator=gen), torch.randn(B, Tk, 2, 16, generator=gen)
+    sinks = torch.randn(8, generator=gen) * 2
+    with torch.no_grad():
+        flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+        padded = mask._padded[1]
+        assert mask._padded[0] == (static_length(Tq), static_length(Tk)) != (Tq, Tk)
+        assert padded.block_mask().seq_lengths == mask._padded[0]
+        assert (padded.host is None) == (mask.host is None)
+        again = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+    assert mask._padded[1] is padded and again.equal(flex)
+    assert flex.shape == q.shape
+    twin = sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.25)
+    assert rel_err(flex, twin) < 1e-5
 
 
 def test_sink_rescale_gradients_equal_autograd_of_the_formula():

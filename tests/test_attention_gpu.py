@@ -62,8 +62,15 @@ def training_cases():
     }
 
 
-@pytest.mark.parametrize("name", list(training_cases()))
-def test_flex_forward_and_all_gradients_match_fp32_twin(name):
+STATIC_CASES = ("packed_sliding", "prefill_offset_full", "per_row_positions_batch2", "branches_full")
+
+
+@pytest.mark.parametrize("name,static", [(n, False) for n in training_cases()] + [(n, True) for n in STATIC_CASES])
+def test_flex_forward_and_all_gradients_match_fp32_twin(name, static, monkeypatch):
+    """static: FlexAttention compiled per length (FLEX_STATIC), each case padded to `static_length`."""
+    import ossrl.kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "FLEX_STATIC", static)
     mask = training_cases()[name]
     gen = torch.Generator(device=DEV).manual_seed(sum(map(ord, name)))
     B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
@@ -85,6 +92,8 @@ def test_flex_forward_and_all_gradients_match_fp32_twin(name):
     errs.update({f"d{n}": rel_err(t.grad, r.grad) for n, t, r in zip("qkv", (q, k, v), leaves)})
     errs["dsinks"] = rel_err(sinks.grad, leaves[3].grad)
     assert all(e < BF16_TOL for e in errs.values()), errs
+    if static:
+        assert mask._padded is not None and mask._padded[0] != (Tq, Tk)
 
 
 def test_lse_is_natural_log_so_sinks_weigh_what_the_spec_says():

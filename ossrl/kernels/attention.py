@@ -97,6 +97,7 @@ class AttentionMask:
     host: AttentionMask | None = field(default=None, repr=False)
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
+    _padded: tuple | None = field(default=None, init=False, repr=False)  # ((Tq, Tk), mask): `_padded_to`
 
     def __post_init__(self):
         if (self.q_doc is None) != (self.k_doc is None):
@@ -413,25 +414,70 @@ class _SinkRescale(torch.autograd.Function):
         return grad_out, grad_lse, grad_sinks, None
 
 
-# Whether FlexAttention is compiled for each shape it meets (`dynamic=False`) rather than torch's
-# default, which recompiles with symbolic lengths at the second shape (session 15's question: is
-# that kernel slower?). Static shapes recompile for every new length, up to dynamo's cache limit.
+# FlexAttention compiled for fixed lengths (`dynamic=False`) rather than torch's default, which
+# recompiles with symbolic lengths at the second length it meets; that kernel is slower at short
+# lengths (session 5: 4.4-5.9 against 3.0 ms fwd+bwd at 4K; the same from 16K up). With it on,
+# each length up to STATIC_MAX_TOKENS is padded to `static_length` (a few dozen kernels in all),
+# the padding masked out; longer ones run the dynamic kernel.
 FLEX_STATIC = False
+STATIC_MAX_TOKENS = 16384
+_STATIC_RECOMPILE_LIMIT = 64  # static lengths x (causal, window) x (forward, backward) x mask kinds
+
+
+def static_length(T: int) -> int:
+    """The length a static kernel runs for T tokens: a power of two from 128 up to 1,024, then the
+    next multiple of a quarter of the power of two at or below T (1,280, 1,536, 1,792, 2,048, 2,560,
+    ...): at most a quarter more tokens."""
+    if T <= 1024:
+        return max(BLOCK, 1 << (T - 1).bit_length())
+    quarter = (1 << (T.bit_length() - 1)) // 4
+    return -(-T // quarter) * quarter
 
 
 @functools.cache
 def _compiled_flex_attention(static: bool = False):
-    """torch.compile(flex_attention), created on first CUDA use (compiling at import is a side effect)."""
+    """torch.compile(flex_attention), created on first CUDA use (compiling at import is a side effect).
+    The static one raises dynamo's recompile limit (process-wide) to hold a kernel per length."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if static else torch.compile(flex_attention)
+    if not static:
+        return torch.compile(flex_attention)
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # (the name changed across torch versions)
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), _STATIC_RECOMPILE_LIMIT))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _padded_to(mask: AttentionMask, Tq: int, Tk: int) -> AttentionMask:
+    """`mask` over Tq queries and Tk keys, the added ones never seeing or seen (queries at position
+    -1, keys at 2^30, documents and branches -1, as `block_layout` pads to whole blocks); cached on
+    the mask, so each layer of a forward reuses one BlockMask."""
+    key = (Tq, Tk)
+    if mask._padded is None or mask._padded[0] != key:
+        def pad(t, T, value):
+            return None if t is None else F.pad(t, (0, T - t.shape[1]), value=value)
+
+        def padded(m, host=None):
+            return AttentionMask(pad(m.q_pos, Tq, -1), pad(m.k_pos, Tk, _FAR), m.window, pad(m.q_doc, Tq, -1),
+                                 pad(m.k_doc, Tk, -1), pad(m.q_branch, Tq, -1), pad(m.k_branch, Tk, -1), host=host)
+        mask._padded = (key, padded(mask, None if mask.host is None else padded(mask.host)))
+    return mask._padded[1]
 
 
 def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled: bool = True):
     """The CUDA path. `compiled=False` runs flex's eager (dense, inference-only) version: CPU tests."""
     from torch.nn.attention import flex_attention as flex_module
 
-    flex = _compiled_flex_attention(FLEX_STATIC) if compiled else flex_module.flex_attention
+    Tq, Tk = q.shape[1], k.shape[1]
+    static = FLEX_STATIC and max(Tq, Tk) <= STATIC_MAX_TOKENS
+    if static and (static_length(Tq), static_length(Tk)) != (Tq, Tk):
+        Pq, Pk = static_length(Tq), static_length(Tk)
+        mask = _padded_to(mask, Pq, Pk)
+        q = F.pad(q, (0, 0, 0, 0, 0, Pq - Tq))  # [B, T, H, D]: zeros after the last token
+        k, v = (F.pad(x, (0, 0, 0, 0, 0, Pk - Tk)) for x in (k, v))
+    flex = _compiled_flex_attention(static) if compiled else flex_module.flex_attention
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
     kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     if hasattr(flex_module, "AuxRequest"):  # torch >= 2.9
@@ -439,6 +485,7 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
         lse = aux.lse
     else:
         out, lse = flex(qt, kt, vt, return_lse=True, **kwargs)
+    out, lse = out[:, :, :Tq], lse[:, :, :Tq]  # (the padded queries dropped: no gradient reaches them)
     return _SinkRescale.apply(out, lse, sinks).transpose(1, 2)  # [B, Tq, Hq, D]
 
 
