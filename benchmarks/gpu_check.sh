@@ -89,8 +89,9 @@ if [[ $what == *" grpo "* ]]; then
     timeout ${GRPO_TIMEOUT:-240} python benchmarks/grpo_step.py --steps 2 ${GRPO_ARGS:-} --out "$out/grpo_step.json" 2>&1 | tee "$out/grpo_step.log" | tail -8
 fi
 if [[ $what == *" train "* ]]; then
+    # TRAIN_ARGS (optional), e.g. "--flex-static --skip-hf"
     timeout 400 python benchmarks/train.py --tokens 1024,4096,8192 --hf-tokens 4096,8192 \
-        --full-checkpoint-tokens 4096 --out "$out/train.json" 2>&1 | tee "$out/train.log" | tail -20
+        --full-checkpoint-tokens 4096 ${TRAIN_ARGS:-} --out "$out/train.json" 2>&1 | tee "$out/train.log" | tail -20
 fi
 if [[ $what == *" train120b "* ]]; then
     for optimizer in ${OPTIMIZERS:-offloaded adamw}; do
@@ -168,5 +169,5 @@ if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9; on
     done
 fi
 if [[ $what == *" generate "* ]]; then
-    timeout 420 python benchmarks/generate.py --out "$out/generate.json" 2>&1 | tee "$out/generate.log" | tail -20
+    timeout ${GEN_TIMEOUT:-420} python benchmarks/generate.py ${GEN_ARGS:-} --out "$out/generate.json" 2>&1 | tee "$out/generate.log" | tail -20
 fi

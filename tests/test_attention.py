@@ -270,6 +270,24 @@ def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypa
     assert rel_err(flex, twin) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_static_kernels_stop_at_their_cap_and_new_kinds_run_unpadded(monkeypatch):
+    """Past STATIC_KINDS kinds (dynamo's recompile limit would fall back to eager flex), a new kind
+    runs the dynamic kernel, unpadded; kinds already static stay static."""
+    monkeypatch.setattr(attention_module, "FLEX_STATIC", True)
+    monkeypatch.setattr(attention_module, "_static_kinds", set())
+    monkeypatch.setattr(attention_module, "STATIC_KINDS", 1)
+    q, k = torch.randn(1, 300, 8, 16), torch.randn(1, 300, 2, 16)
+    sinks = torch.zeros(8)
+    first, second, third = (AttentionMask(torch.arange(300)[None], torch.arange(300)[None], window=w)
+                            for w in (None, 128, None))
+    with torch.no_grad():
+        for mask in (first, second, third):
+            _flex_sink_attention(q, k, k, sinks, mask, scale=0.25, compiled=False)
+    assert first._padded is not None and third._padded is not None and second._padded is None
+    assert len(attention_module._static_kinds) == 1
+
+
 def test_sink_rescale_gradients_equal_autograd_of_the_formula():
     """The CUDA path's out * sigmoid(lse - sink) with a hand-written, head-chunked backward."""
     gen = torch.Generator().manual_seed(4)

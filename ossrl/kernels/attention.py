@@ -421,7 +421,12 @@ class _SinkRescale(torch.autograd.Function):
 # the padding masked out; longer ones run the dynamic kernel.
 FLEX_STATIC = False
 STATIC_MAX_TOKENS = 16384
-_STATIC_RECOMPILE_LIMIT = 64  # static lengths x (causal, window) x (forward, backward) x mask kinds
+# Kernels compiled static at most (lengths x batch x window x mask kind x dtype); past that, new
+# kinds run the dynamic kernel. Dynamo's recompile limit (process-wide, raised to hold these and
+# the dynamic ones) would otherwise fall back to eager flex, which builds [T x T] scores.
+STATIC_KINDS = 96
+_STATIC_RECOMPILE_LIMIT = 256
+_static_kinds: set = set()
 
 
 def static_length(T: int) -> int:
@@ -450,6 +455,15 @@ def _compiled_flex_attention(static: bool = False):
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _static_kind(q, k, mask: AttentionMask) -> bool:
+    """Whether this call may run a static kernel: its kind is one of the first STATIC_KINDS."""
+    kind = (static_length(q.shape[1]), static_length(k.shape[1]), q.shape[0], q.shape[2], k.shape[2], q.dtype,
+            mask.window, mask.q_doc is None, mask.q_branch is None, torch.is_grad_enabled() and q.requires_grad)
+    if kind not in _static_kinds and len(_static_kinds) < STATIC_KINDS:
+        _static_kinds.add(kind)
+    return kind in _static_kinds
+
+
 def _padded_to(mask: AttentionMask, Tq: int, Tk: int) -> AttentionMask:
     """`mask` over Tq queries and Tk keys, the added ones never seeing or seen (queries at position
     -1, keys at 2^30, documents and branches -1, as `block_layout` pads to whole blocks); cached on
@@ -471,7 +485,7 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     from torch.nn.attention import flex_attention as flex_module
 
     Tq, Tk = q.shape[1], k.shape[1]
-    static = FLEX_STATIC and max(Tq, Tk) <= STATIC_MAX_TOKENS
+    static = FLEX_STATIC and max(Tq, Tk) <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
     if static and (static_length(Tq), static_length(Tk)) != (Tq, Tk):
         Pq, Pk = static_length(Tq), static_length(Tk)
         mask = _padded_to(mask, Pq, Pk)
