@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -130,6 +130,12 @@ if [[ $what == *" prefill "* ]]; then  # session 13: a prefill's kernels and hos
         timeout 150 python benchmarks/profile_prefill.py --prompts 1 64 $flag > "$out/profile_prefill_1_64$flag.txt" 2>&1
         grep -E "^prefill of|Error" "$out/profile_prefill_1_64$flag.txt"
     done
+fi
+if [[ $what == *" fp32dump "* ]]; then  # session 15: the fp32 shared-prefix engine test that ran past its limits, with a stack dump at 95 s
+    timeout 110 python -c "import faulthandler, sys; faulthandler.dump_traceback_later(95, exit=True); import pytest
+sys.exit(pytest.main(['-m', 'gpu', '-v', '-p', 'no:cacheprovider', '-k', 'shared_prefixes_give and (dtype0 or float32)',
+                      'tests/test_engine_gpu.py']))" > "$out/fp32dump.log" 2>&1
+    grep -E "PASSED|FAILED|passed|failed|Timeout" "$out/fp32dump.log"; grep -E '^  File' "$out/fp32dump.log" | head -30
 fi
 if [[ $what == *" pdl "* ]]; then  # session 14: chains of batch-1 MoE-sized products, plain launches against PDL
     timeout 120 python benchmarks/pdl_probe.py --out "$out/pdl_probe.json" 2>&1 | tee "$out/pdl_probe.log" | tail -12
