@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import ossrl.kernels.attention as attention_module
+import ossrl.kernels.block_mask as block_mask_module
 from ossrl.kernels.attention import (
-    BLOCK, AttentionMask, _flex_sink_attention, _SinkRescale, attention_mask, block_layout, sink_attention,
-    sink_attention_reference, static_length,
+    AttentionMask, _flex_sink_attention, _SinkRescale, attention_mask, sink_attention, sink_attention_reference,
+    static_length,
 )
+from ossrl.kernels.block_mask import BLOCK, block_layout
 from ossrl.kernels.decode_attention import append_kv, decode_attention, decode_attention_reference
 
 
@@ -179,7 +181,7 @@ def test_block_layout_covers_every_visible_pair_and_full_blocks_are_exact(name, 
     assert (any_visible <= (partial | full)).all(), "a block with visible pairs would be skipped"
     assert (full <= all_visible).all(), "a block marked full hides masked pairs"
     if name.startswith("crowded"):  # the min/max superset's branch runs too
-        assert attention_module._block_runs(mask.q_pos, mask.q_doc, None)["crowded"].any()
+        assert block_mask_module._block_runs(mask.q_pos, mask.q_doc, None)["crowded"].any()
     if name in ("causal", "sliding", "packed"):
         assert (~(partial | full)).any()  # the layout is sparse: some blocks are skipped
     if name == "causal":
@@ -205,7 +207,7 @@ def test_block_layout_is_exact_where_blocks_hold_few_runs():
         all_visible[-1, :] = all_visible[:, -1] = False  # the padded last block is never full
         assert full[0].equal(all_visible)
         with pytest.MonkeyPatch.context() as mp:  # runs forced coarse: the min/max superset, larger
-            mp.setattr(attention_module, "RUNS", 0)
+            mp.setattr(block_mask_module, "RUNS", 0)
             coarse_partial, coarse_full, _ = block_layout(mask)
         coarse_any = (coarse_partial | coarse_full)[0]
         assert ((partial | full)[0] <= coarse_any).all()
