@@ -95,6 +95,8 @@ SWITCHES = (
      "lengths from the second shape on)"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
+    ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",
+     "rollout decode steps: the router's top-k kernel also groups the slots by expert (no group_small launch)"),
     ("moe-gemv", "ossrl.kernels.moe_gemv", "GEMV",
      "MXFP4 experts at a token (GEMV_MAX_TOKENS) as CUDA-core matrix-vector products, not the 1-token tile"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",

@@ -17,7 +17,8 @@
     python benchmarks/profile_decode.py --no-defer-residual-add   # each layer's MLP output added to
         # the residual stream in its own launch, not by the next layer's norm (gptoss.DEFER_RESIDUAL_ADD)
     python benchmarks/profile_decode.py --rotary-append   # rotary and the KV-cache append in one
-        # launch (gptoss.ROTARY_APPEND); --moe-gemv: the 1-token MoE as CUDA-core GEMVs (moe_gemv.GEMV)
+        # launch (gptoss.ROTARY_APPEND); --moe-gemv: the 1-token MoE as CUDA-core GEMVs (moe_gemv.GEMV);
+        # --router-groups: the router's top-k kernel groups the slots too (fused.ROUTER_GROUPS)
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -75,6 +76,10 @@ if "--rotary-append" in sys.argv or "--no-rotary-append" in sys.argv:  # rotary 
     from ossrl.model import gptoss
 
     gptoss.ROTARY_APPEND = "--rotary-append" in sys.argv
+if "--router-groups" in sys.argv or "--no-router-groups" in sys.argv:  # the router's kernel groups the slots
+    from ossrl.kernels import fused
+
+    fused.ROUTER_GROUPS = "--router-groups" in sys.argv
 if "--moe-gemv" in sys.argv or "--no-moe-gemv" in sys.argv:  # 1-token MoE as CUDA-core GEMVs
     from ossrl.kernels import moe_gemv
 

@@ -209,6 +209,27 @@ def test_group_small_equals_the_sort_and_tile_table(shape, E, BM):
     assert nt == rn and torch.equal(te, re) and torch.equal(ts[re >= 0], rs[re >= 0])
 
 
+@pytest.mark.parametrize("N,E,H,k,BM", [(1, 32, 300, 4, 16), (37, 32, 600, 4, 16), (64, 32, 96, 4, 16),
+                                        (9, 6, 70, 3, 64)])
+def test_router_topk_grouped_equals_router_topk_then_group_small(N, E, H, k, BM):
+    """The router's top-k kernel grouping the slots itself (one program, every row): the same
+    weights and ids as `router_topk`, and the same grouping and tile table as `group_small`."""
+    g = torch.Generator().manual_seed(N + E)
+    x, weight, bias = torch.randn(N, H, generator=g), torch.randn(E, H, generator=g) / 8, torch.randn(E, generator=g)
+    if N == 37:
+        bias[5] = 50.0  # every token routes to expert 5 (first), crowding one expert's tiles
+    w, ids, grouping = fused.router_topk_grouped(x, weight, bias, k, BM)
+    wr, idr = fused.router_topk(x, weight, bias, k)
+    assert torch.equal(ids, idr) and torch.equal(w, wr)
+    groups, (te, ts, nt) = fused.group_small(ids, E, BM)
+    assert grouping.BM == BM and grouping.table[2] == nt
+    for f in ("order", "token", "expert", "offsets"):
+        assert torch.equal(getattr(grouping.groups, f), getattr(groups, f)), f
+    assert torch.equal(grouping.table[0], te) and torch.equal(grouping.table[1][te >= 0], ts[te >= 0])
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        fused.router_topk_grouped(torch.randn(65, H), weight, bias, k, BM)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_split_sampling_kernels(temperature):
     logits = torch.randn(3, 3000) * 3
@@ -364,6 +385,24 @@ def test_permuted_input_reaches_both_projections_and_the_fallback_reads_the_orig
             out = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
     assert flags[:2] == [(True, True), (False, False)]  # gate_up: refused, rerun on the original x
     assert rel(out, routed_experts_twin(x, w, ids, ex)) < 1e-5
+
+
+@pytest.mark.parametrize("BM", [16, 32])
+def test_experts_take_the_router_kernels_grouping(BM, monkeypatch):
+    """`routed_experts_triton(..., grouping=)`: the router kernel's grouping replaces group_small
+    (not launched), and the output is the same bit for bit; a grouping whose tile table has
+    another BM than the tile's (32 here) still serves: the table is rebuilt from its groups."""
+    ex = _experts()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 96, generator=g)
+    weight, bias = torch.randn(4, 96, generator=g) / 8, torch.randn(4, generator=g)
+    w, ids, grouping = fused.router_topk_grouped(x, weight, bias, 2, BM)
+    cfg = moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, words=True)
+    with torch.no_grad():
+        plain = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg)
+        monkeypatch.setattr(moe_triton, "group_small", lambda *a: pytest.fail("group_small launched"))
+        grouped = moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg, grouping=grouping)
+    assert torch.equal(grouped, plain)
 
 
 @pytest.mark.parametrize("scales_fold", [False, True])
@@ -792,6 +831,38 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
     else:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-5)
+
+
+def test_router_groups_switch_routes_through_the_grouping_kernel(monkeypatch):
+    """fused.ROUTER_GROUPS: inside the inference kernels an fp16 model's routers (up to 64 rows)
+    run `router_topk_grouped` and hand its grouping to the experts (tile rows DECODE_TILE_ROWS);
+    the outputs are the plain model's bit for bit."""
+    from ossrl.model import gptoss
+    from ossrl.model.gptoss import KVCache, inference_kernels
+    from ossrl.testing import random_model, tiny_config
+
+    calls = _fused_kernels_on_cpu(monkeypatch, ("router_topk", "router_topk_grouped"))
+    monkeypatch.setattr(fused, "ROUTER_GROUPS", True)
+    model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=3, dtype=torch.float16).eval()
+    seen = []
+    experts_forward = gptoss.Experts.forward
+    monkeypatch.setattr(gptoss.Experts, "forward", lambda self, x, w, i, grouping=None:
+                        seen.append(grouping) or experts_forward(self, x, w, i, grouping))
+    ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids)
+        cache = KVCache()
+        model(ids[:, :5], cache=cache)
+        ref_step = model(ids[:, 5:], cache=cache)
+    seen.clear()
+    with torch.no_grad(), inference_kernels():
+        out = model(ids)
+        cache = KVCache()
+        model(ids[:, :5], cache=cache)
+        step = model(ids[:, 5:], cache=cache)
+    assert set(calls) == {"router_topk_grouped"}
+    assert seen and all(g is not None and g.BM == gptoss.DECODE_TILE_ROWS for g in seen)
+    assert torch.equal(out, ref) and torch.equal(step, ref_step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

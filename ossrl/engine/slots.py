@@ -300,7 +300,8 @@ def _kernel_switches() -> tuple:
     """The module switches a captured decode step bakes in (benchmarks flip them between calls),
     read from their modules where loaded (a switch is only set on an imported module)."""
     values = [gptoss.DEFER_RESIDUAL_ADD, gptoss.ROTARY_APPEND]
-    for name, attribute in (("ossrl.kernels.moe_gemv", "GEMV"), ("ossrl.kernels.moe_triton", "SPLIT_K_FIXUP")):
+    for name, attribute in (("ossrl.kernels.moe_gemv", "GEMV"), ("ossrl.kernels.moe_triton", "SPLIT_K_FIXUP"),
+                            ("ossrl.kernels.fused", "ROUTER_GROUPS")):
         module = sys.modules.get(name)
         values.append(getattr(module, attribute, None) if module is not None else None)
     return tuple(values)

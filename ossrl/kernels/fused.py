@@ -21,6 +21,8 @@ in the module that owns the maths (`ossrl.model.gptoss`, `ossrl.kernels.moe`,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -389,8 +391,11 @@ def _router_partial_kernel(X, W, Part, N, E, H, stride_x, stride_w, H_PER, R: tl
 
 
 @triton.jit
-def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, SPLITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                        EP: tl.constexpr, R: tl.constexpr):
+def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, Order, Token, Expert, Offsets, TileExpert, TileStart, NUM_TILES,
+                        SPLITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr,
+                        GROUP: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
+    """The logits' partial sums -> top K (and with GROUP, one program holding every row, the
+    slots grouped by expert as `group_small` groups them: one launch a decode step's layer fewer)."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     cols = tl.arange(0, EP)
     rmask = rows < N
@@ -403,6 +408,9 @@ def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, SPLITS: tl.constexpr, K:
     z = z.to(Weights.dtype.element_ty).to(tl.float32)  # the logits in the model's dtype, as F.linear gives them
     z = tl.where(cmask[None, :], z, float("-inf"))
     _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K, KP, EP, R)
+    if GROUP:
+        tl.debug_barrier()  # the ids just stored, read back by every thread of the program
+        _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, N * K, E, NUM_TILES, K, BM, EP, CH)
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,6 +430,11 @@ def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 ROUTER_TOPK_MAX_TOKENS = 256  # decode sizes; prefills keep F.linear (cuBLAS) and route_topk
+# Up to this many rows `router_topk_grouped` runs the top-k in one program that also groups the
+# slots (the model's decode steps, with ROUTER_GROUPS): batch 1 and 64 save group_small's launch
+# (3.4 / 5.0 us a layer on an H100, session 13's profile). Off until timed on a GPU.
+ROUTER_GROUP_MAX_TOKENS = 64
+ROUTER_GROUPS = False
 
 
 def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,21 +445,41 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: in
     cuBLAS's GEMV, its split-K reduce and route_topk together), then their sum in a fixed order
     with the bias, rounded to x's dtype as F.linear rounds it, and the top k.
     -> (weights [N, k] in x's dtype, ids [N, k] int64), largest first."""
+    weights, ids, _ = _router(x, weight, bias, k, None)
+    return weights, ids
+
+
+def router_topk_grouped(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int,
+                        BM: int) -> tuple[torch.Tensor, torch.Tensor, SlotGrouping]:
+    """`router_topk` for up to ROUTER_GROUP_MAX_TOKENS rows (at least one) whose last launch also
+    groups the slots: -> (weights, ids, the `SlotGrouping` `group_small(ids, E, BM)` gives)."""
+    if not 0 < x.shape[0] <= ROUTER_GROUP_MAX_TOKENS:
+        raise ValueError(f"router_topk_grouped takes 1 to {ROUTER_GROUP_MAX_TOKENS} rows, got {x.shape[0]}")
+    return _router(x, weight, bias, k, BM)
+
+
+def _router(x, weight, bias, k: int, BM: int | None):
     N, H = x.shape
     E = weight.shape[0]
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     weights = torch.empty(N, k, device=x.device, dtype=x.dtype)
     ids = torch.empty(N, k, device=x.device, dtype=torch.long)
+    grouping = None if BM is None else _grouping_buffers(N * k, E, BM, k, x.device)
     if N:
-        R, EP = 16, max(16, triton.next_power_of_2(E))  # tl.dot needs 16 rows and columns
+        EP = max(16, triton.next_power_of_2(E))  # tl.dot needs 16 rows and columns
+        R = 16 if grouping is None else max(16, triton.next_power_of_2(N))  # grouping: one program, every row
         BH = 256 if EP <= 32 else 64
         splits = triton.cdiv(H, BH)
         part = torch.empty(splits, N, EP, device=x.device, dtype=torch.float32)
-        _router_partial_kernel[(triton.cdiv(N, R), splits)](x, weight, part, N, E, H, x.stride(0), weight.stride(0),
-                                                            BH, R=R, EP=EP, BH=BH, num_warps=4)
-        _router_topk_kernel[(triton.cdiv(N, R),)](part, bias, weights, ids, N, E, SPLITS=splits, K=k,
-                                                  KP=triton.next_power_of_2(k), EP=EP, R=R, num_warps=4)
-    return weights, ids
+        _router_partial_kernel[(triton.cdiv(N, 16), splits)](x, weight, part, N, E, H, x.stride(0), weight.stride(0),
+                                                             BH, R=16, EP=EP, BH=BH, num_warps=4)
+        g = grouping.groups if grouping is not None else None
+        group_args = (g.order, g.token, g.expert, g.offsets, *grouping.table) if g is not None \
+            else (ids, ids, ids, ids, ids, ids, 0)
+        _router_topk_kernel[(triton.cdiv(N, R),)](part, bias, weights, ids, N, E, *group_args, SPLITS=splits, K=k,
+                                                  KP=triton.next_power_of_2(k), EP=EP, R=R, GROUP=g is not None,
+                                                  BM=BM or 16, CH=128, num_warps=4)
+    return weights, ids, grouping
 
 
 # ---------------------------------------------------------------------------------------- grouping
@@ -456,6 +489,14 @@ SMALL_GROUP_MAX_SLOTS = 8192  # above this the sort-based grouping is as fast; o
 @triton.jit
 def _group_small_kernel(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES,
                         K: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
+    _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES, K, BM, EP, CH)
+
+
+@triton.jit
+def _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES,
+                 K: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
+    """One program: the n_slots expert ids sorted stably by expert (Order, Token, Expert), the
+    experts' Offsets, and the tile table of BM rows (TileExpert -1 for spare tiles)."""
     ecols = tl.arange(0, EP)
     evalid = ecols < E
     counts = tl.zeros([EP], tl.int32)
@@ -495,25 +536,38 @@ def _group_small_kernel(Ids, Order, Token, Expert, Offsets, TileExpert, TileStar
         tl.store(TileStart + t, start, mask=tm)
 
 
+@dataclass(frozen=True)
+class SlotGrouping:
+    """Slots grouped by expert on the device (`ossrl.kernels.moe.ExpertGroups`) and the tile table
+    of BM sorted rows (`ossrl.kernels.moe_triton._Plan.tiles(BM)`): (tile_expert, tile_start, num_tiles)."""
+
+    groups: object  # ExpertGroups
+    table: tuple
+    BM: int
+
+
+def _grouping_buffers(S: int, num_experts: int, BM: int, k: int, device) -> SlotGrouping:
+    from ossrl.kernels.moe import ExpertGroups
+
+    def empty(n, dtype=torch.long):
+        return torch.empty(n, dtype=dtype, device=device)
+
+    num_tiles = triton.cdiv(S, BM) + min(num_experts, S)
+    groups = ExpertGroups(order=empty(S), token=empty(S), expert=empty(S), offsets=empty(num_experts + 1), k=k)
+    return SlotGrouping(groups, (empty(num_tiles, torch.int32), empty(num_tiles, torch.int32), num_tiles), BM)
+
+
 def group_small(ids: torch.Tensor, num_experts: int, BM: int):
     """`ossrl.kernels.moe.group_by_expert` for a few thousand slots in one launch, plus the tile
     table of `ossrl.kernels.moe_triton._Plan.tiles(BM)`. -> (ExpertGroups, (tile_expert,
     tile_start, num_tiles))."""
-    from ossrl.kernels.moe import ExpertGroups
-
     k = ids.shape[-1]
     flat = ids.reshape(-1)
     S = flat.numel()
-    dev = ids.device
-    order = torch.empty(S, dtype=torch.long, device=dev)
-    token = torch.empty(S, dtype=torch.long, device=dev)
-    expert = torch.empty(S, dtype=torch.long, device=dev)
-    offsets = torch.empty(num_experts + 1, dtype=torch.long, device=dev)
-    num_tiles = triton.cdiv(S, BM) + min(num_experts, S)
-    tile_expert = torch.empty(num_tiles, dtype=torch.int32, device=dev)
-    tile_start = torch.empty(num_tiles, dtype=torch.int32, device=dev)
-    _group_small_kernel[(1,)](flat, order, token, expert, offsets, tile_expert, tile_start, S, num_experts,
+    out = _grouping_buffers(S, num_experts, BM, k, ids.device)
+    g = out.groups
+    tile_expert, tile_start, num_tiles = out.table
+    _group_small_kernel[(1,)](flat, g.order, g.token, g.expert, g.offsets, tile_expert, tile_start, S, num_experts,
                               num_tiles, K=k, BM=BM, EP=max(16, triton.next_power_of_2(num_experts)), CH=128,
                               num_warps=4)
-    groups = ExpertGroups(order=order, token=token, expert=expert, offsets=offsets, k=k)
-    return groups, (tile_expert, tile_start, num_tiles)
+    return g, out.table

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, group_small
+from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, SlotGrouping, group_small
 from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
     grouped_product, lora_input, scaled, token_lora_delta,
@@ -784,20 +784,24 @@ class _Down(torch.autograd.Function):
 
 
 def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
-                          lora=None, config: TileConfig | None = None, *, lora_epilogue: bool = False) -> torch.Tensor:
+                          lora=None, config: TileConfig | None = None, *, lora_epilogue: bool = False,
+                          grouping: SlotGrouping | None = None) -> torch.Tensor:
     """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs.
 
     `lora_epilogue` (rollouts: the model sets it inside `inference_kernels`) lets a forward without
     autograd compute the LoRA B products in the matmuls' epilogues; it rounds differently from the
     autograd path, so the trainer's own no-grad passes (old log-probs) leave it off and compute
-    exactly what its training pass computes."""
+    exactly what its training pass computes. `grouping`: the slots of `ids` already grouped
+    (`ossrl.kernels.fused.router_topk_grouped`), used in place of `group_small`."""
     if config is None and gemv_ok(x, experts, lora):  # a token or two: matrix-vector products (moe_gemv)
         return routed_experts_gemv(x, route_w, ids, experts)
     N = x.shape[0]
     x = x.contiguous()
     S = ids.numel()
     cfg = config or choose_config(S, experts)
-    if S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: the sort, offsets and tile table in one launch
+    if grouping is not None:  # grouped by the router's kernel (a table of another BM is made from it)
+        plan = _Plan(grouping.groups, experts, N, cfg, tables={grouping.BM: grouping.table})
+    elif S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: the sort, offsets and tile table in one launch
         groups, table = group_small(ids, experts.num_experts, cfg.BM)
         plan = _Plan(groups, experts, N, cfg, tables={cfg.BM: table})
     else:

@@ -426,13 +426,18 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(config.num_local_experts, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, group_bm: int | None = None):
+        """x [N, H] -> (weights [N, k], ids [N, k], grouping): grouping is the slots grouped by expert
+        with a tile table of `group_bm` rows (`fused.router_topk_grouped`, with ROUTER_GROUPS at
+        decode sizes), else None."""
         fused = fused_kernels(x, self.weight, self.bias)
         # decode: the logits by Triton (bf16/fp16: tl.dot on fp32 would run in TF32, unlike F.linear)
         if fused is not None and x.shape[0] <= fused.ROUTER_TOPK_MAX_TOKENS and x.dtype != torch.float32:
-            return fused.router_topk(x, self.weight, self.bias, self.top_k)
+            if group_bm is not None and fused.ROUTER_GROUPS and 0 < x.shape[0] <= fused.ROUTER_GROUP_MAX_TOKENS:
+                return fused.router_topk_grouped(x, self.weight, self.bias, self.top_k, group_bm)
+            return (*fused.router_topk(x, self.weight, self.bias, self.top_k), None)
         logits = F.linear(x, self.weight, self.bias)
-        return route(logits, self.top_k) if fused is None else fused.route_topk(logits, self.top_k)
+        return (*(route(logits, self.top_k) if fused is None else fused.route_topk(logits, self.top_k)), None)
 
 
 class Experts(nn.Module):
@@ -514,16 +519,23 @@ class Experts(nn.Module):
                              gate_up_tiled=copies.get("gate_up"), down_tiled=copies.get("down"),
                              tiled=copies.get("layout"))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, grouping=None) -> torch.Tensor:
+        """grouping (optional): the slots of ids grouped by expert (`fused.SlotGrouping`), for the kernels."""
         experts = self.expert_weights()
         if use_moe_kernels(x, experts):  # CUDA, bf16 activations: grouped Triton matmuls, same function
             from ossrl.kernels.moe_triton import routed_experts_triton
 
             lora = self.lora.in_dtype(x.dtype) if self._lora_on() else None
-            return routed_experts_triton(x, weights, ids, experts, lora, lora_epilogue=inference_kernels_on())
+            return routed_experts_triton(x, weights, ids, experts, lora, lora_epilogue=inference_kernels_on(),
+                                         grouping=grouping)
         out_dtype = torch.float32 if x.dtype == torch.float16 else None  # fp16 mode: fp32 combine
         return routed_experts_reference(x, weights, ids, self.gate_up, self.down, limit=self.limit, alpha=self.alpha,
                                         out_dtype=out_dtype)
+
+
+# The rows of the MoE decode tiles (every `default_config` up to 16 slots an expert has BM 16): the
+# router's kernel builds its tile table for them (another BM builds its own from the grouping).
+DECODE_TILE_ROWS = 16
 
 
 class MLP(nn.Module):
@@ -535,8 +547,8 @@ class MLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        weights, ids = self.router(x)
-        return self.experts(x, weights, ids).reshape(shape)
+        weights, ids, grouping = self.router(x, group_bm=DECODE_TILE_ROWS)
+        return self.experts(x, weights, ids, grouping).reshape(shape)
 
 
 class DecoderLayer(nn.Module):
