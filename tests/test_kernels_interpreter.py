@@ -543,6 +543,11 @@ elif kernel.startswith("rotary"):  # no PTX of its own: compiled with and withou
     const = dict(HALF=32, HALF_P=32, BLOCK_H=16, APPEND=kernel == "rotary_append")
     if not const["APPEND"]:
         const.update(V=None, KC=None, VC=None, SlotIds=None, Positions=None)
+elif kernel == "router_grouped":  # the top-k over every row, then the slots' grouping after a barrier
+    fn = fused._router_topk_kernel
+    ptr = {n: "*i64" for n in ("Ids", "Order", "Token", "Expert", "Offsets")}
+    ptr.update(Part="*fp32", Bias="*bf16", Weights="*bf16", TileExpert="*i32", TileStart="*i32")
+    const = dict(SPLITS=12, K=4, KP=4, EP=32, R=64, GROUP=True, BM=16, CH=128)
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv
@@ -595,10 +600,11 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert ok, err
 
 
-@pytest.mark.parametrize("kernel", ["rotary", "rotary_append"])
+@pytest.mark.parametrize("kernel", ["rotary", "rotary_append", "router_grouped"])
 def test_the_rotary_kernel_compiles_with_and_without_the_kv_append(kernel):
     """The rotary kernel (an early return for the v heads where it appends) compiles for sm_80 and
-    sm_90, with the KV append and without (as `rotary_qk` calls it)."""
+    sm_90, with the KV append and without (as `rotary_qk` calls it); so does the router's top-k
+    kernel grouping the slots (ROUTER_GROUPS)."""
     import subprocess
     import sys
 
