@@ -247,9 +247,10 @@ def test_static_length_rounds_up_by_at_most_a_quarter():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("name,mask", mask_cases(), ids=[c[0] for c in mask_cases()])
 def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypatch):
-    """FLEX_STATIC: q, k, v and the mask padded to `static_length` (every case here pads), the
-    padded queries dropped: the output equals the twin's; the padded mask is built once for every
-    layer; a host twin is padded with it."""
+    """FLEX_STATIC: self-attention's q, k, v and mask padded to `static_length` (every such case
+    here pads), the padded queries dropped: the output equals the twin's; the padded mask is built
+    once for every layer, keeps a batch-shared row shared, and a host twin is padded with it; a
+    mask of other lengths is refused. Queries against a cache (Tq != Tk) are not padded."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setattr(attention_module, "FLEX_STATIC", True)
     if name == "causal":  # (with a host twin: its padded copy builds the tables)
@@ -261,13 +262,22 @@ def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypa
     sinks = torch.randn(8, generator=gen) * 2
     with torch.no_grad():
         flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+        again = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+    assert again.equal(flex) and flex.shape == q.shape
+    if Tq != Tk:  # queries against a cache: the dynamic kernel, unpadded
+        assert mask._padded is None
+    else:
         padded = mask._padded[1]
-        assert mask._padded[0] == (static_length(Tq), static_length(Tk)) != (Tq, Tk)
+        assert mask._padded[0] == (static_length(Tq),) * 2 != (Tq, Tk)
         assert padded.block_mask().seq_lengths == mask._padded[0]
         assert (padded.host is None) == (mask.host is None)
-        again = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
-    assert mask._padded[1] is padded and again.equal(flex)
-    assert flex.shape == q.shape
+        shared = B > 1 and mask.q_pos.stride(0) == 0
+        assert (padded.q_pos.stride(0) == 0) == shared  # a batch-shared mask keeps one table row
+        with torch.no_grad():
+            _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
+        assert mask._padded[1] is padded  # built once for every layer
+        with pytest.raises(ValueError, match="the mask is for"):
+            _flex_sink_attention(q[:, :-1], k[:, :-1], v[:, :-1], sinks, mask, scale=0.25, compiled=False)
     twin = sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.25)
     assert rel_err(flex, twin) < 1e-5
 

@@ -62,7 +62,7 @@ def training_cases():
     }
 
 
-STATIC_CASES = ("packed_sliding", "prefill_offset_full", "per_row_positions_batch2", "branches_full")
+STATIC_CASES = ("packed_sliding", "broadcast_batch3", "per_row_positions_batch2", "branches_full")
 
 
 @pytest.mark.parametrize("name,static", [(n, False) for n in training_cases()] + [(n, True) for n in STATIC_CASES])

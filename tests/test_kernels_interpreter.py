@@ -840,15 +840,18 @@ def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
 
 
 def test_router_groups_switch_routes_through_the_grouping_kernel(monkeypatch):
-    """fused.ROUTER_GROUPS: inside the inference kernels an fp16 model's routers (up to 64 rows)
-    run `router_topk_grouped` and hand its grouping to the experts (tile rows DECODE_TILE_ROWS);
-    the outputs are the plain model's bit for bit."""
+    """fused.ROUTER_GROUPS: inside the inference kernels the routers (up to 64 rows) run
+    `router_topk_grouped` where the experts' kernels serve and hand its grouping to the experts
+    (tile rows DECODE_TILE_ROWS); the outputs are the plain model's bit for bit (an fp16 model on
+    the CPU, told its experts' kernels serve: the wiring; the twin ignores the grouping). Where the
+    kernels do not serve, the router does not group."""
     from ossrl.model import gptoss
     from ossrl.model.gptoss import KVCache, inference_kernels
     from ossrl.testing import random_model, tiny_config
 
     calls = _fused_kernels_on_cpu(monkeypatch, ("router_topk", "router_topk_grouped"))
     monkeypatch.setattr(fused, "ROUTER_GROUPS", True)
+    monkeypatch.setattr(gptoss.Experts, "kernels_serve", lambda self, x: True)  # (CPU fp16: the twin runs)
     model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=3, dtype=torch.float16).eval()
     seen = []
     experts_forward = gptoss.Experts.forward
@@ -869,6 +872,11 @@ def test_router_groups_switch_routes_through_the_grouping_kernel(monkeypatch):
     assert set(calls) == {"router_topk_grouped"}
     assert seen and all(g is not None and g.BM == gptoss.DECODE_TILE_ROWS for g in seen)
     assert torch.equal(out, ref) and torch.equal(step, ref_step)
+    monkeypatch.setattr(gptoss.Experts, "kernels_serve", lambda self, x: False)
+    calls.clear()
+    with torch.no_grad(), inference_kernels():
+        assert torch.equal(model(ids), ref)
+    assert set(calls) == {"router_topk"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

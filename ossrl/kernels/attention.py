@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ossrl.kernels.block_mask import _FAR, BLOCK, build_block_mask
+from ossrl.kernels.block_mask import _FAR, BLOCK, _shared_across_batch, build_block_mask
 
 
 def attention_mask(
@@ -219,8 +219,9 @@ class _SinkRescale(torch.autograd.Function):
 # FlexAttention compiled for fixed lengths (`dynamic=False`) rather than torch's default, which
 # recompiles with symbolic lengths at the second length it meets; that kernel is slower at short
 # lengths (session 5: 4.4-5.9 against 3.0 ms fwd+bwd at 4K; the same from 16K up). With it on,
-# each length up to STATIC_MAX_TOKENS is padded to `static_length` (a few dozen kernels in all),
-# the padding masked out; longer ones run the dynamic kernel.
+# self-attention (as many queries as keys: training, prefills) up to STATIC_MAX_TOKENS is padded
+# to `static_length` (a few dozen kernels in all), the padding masked out; longer ones and
+# queries against a cache run the dynamic kernel.
 FLEX_STATIC = False
 STATIC_MAX_TOKENS = 16384
 # Kernels compiled static at most (lengths x batch x window x mask kind x dtype); past that, new
@@ -251,16 +252,19 @@ def _compiled_flex_attention(static: bool = False):
         return torch.compile(flex_attention)
     import torch._dynamo.config as dynamo_config
 
-    for name in ("recompile_limit", "cache_size_limit"):  # (the name changed across torch versions)
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",  # (names vary by
+                 "accumulated_cache_size_limit"):                                           # torch version)
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), _STATIC_RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _static_kind(q, k, mask: AttentionMask) -> bool:
-    """Whether this call may run a static kernel: its kind is one of the first STATIC_KINDS."""
-    kind = (static_length(q.shape[1]), static_length(k.shape[1]), q.shape[0], q.shape[2], k.shape[2], q.dtype,
-            mask.window, mask.q_doc is None, mask.q_branch is None, torch.is_grad_enabled() and q.requires_grad)
+    """Whether this call may run a static kernel: its kind (what dynamo would recompile for) is one
+    of the first STATIC_KINDS."""
+    shared = _shared_across_batch(mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc, mask.q_branch, mask.k_branch)
+    kind = (static_length(q.shape[1]), q.shape[0], q.shape[2], k.shape[2], q.shape[3], q.dtype, mask.window,
+            mask.q_doc is None, mask.q_branch is None, shared, torch.is_grad_enabled() and q.requires_grad)
     if kind not in _static_kinds and len(_static_kinds) < STATIC_KINDS:
         _static_kinds.add(kind)
     return kind in _static_kinds
@@ -269,11 +273,16 @@ def _static_kind(q, k, mask: AttentionMask) -> bool:
 def _padded_to(mask: AttentionMask, Tq: int, Tk: int) -> AttentionMask:
     """`mask` over Tq queries and Tk keys, the added ones never seeing or seen (queries at position
     -1, keys at 2^30, documents and branches -1, as `block_layout` pads to whole blocks); cached on
-    the mask, so each layer of a forward reuses one BlockMask."""
+    the mask, so each layer of a forward reuses one BlockMask. Rows shared across the batch (stride
+    0) stay shared, so the tables keep one row."""
     key = (Tq, Tk)
     if mask._padded is None or mask._padded[0] != key:
         def pad(t, T, value):
-            return None if t is None else F.pad(t, (0, T - t.shape[1]), value=value)
+            if t is None:
+                return None
+            if t.shape[0] > 1 and t.stride(0) == 0:
+                return F.pad(t[:1], (0, T - t.shape[1]), value=value).expand(t.shape[0], -1)
+            return F.pad(t, (0, T - t.shape[1]), value=value)
 
         def padded(m, host=None):
             return AttentionMask(pad(m.q_pos, Tq, -1), pad(m.k_pos, Tk, _FAR), m.window, pad(m.q_doc, Tq, -1),
@@ -287,12 +296,16 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     from torch.nn.attention import flex_attention as flex_module
 
     Tq, Tk = q.shape[1], k.shape[1]
-    static = FLEX_STATIC and max(Tq, Tk) <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
-    if static and (static_length(Tq), static_length(Tk)) != (Tq, Tk):
-        Pq, Pk = static_length(Tq), static_length(Tk)
-        mask = _padded_to(mask, Pq, Pk)
-        q = F.pad(q, (0, 0, 0, 0, 0, Pq - Tq))  # [B, T, H, D]: zeros after the last token
-        k, v = (F.pad(x, (0, 0, 0, 0, 0, Pk - Tk)) for x in (k, v))
+    # static kernels for self-attention without a cache (training, prefills): a query block against
+    # a cache would pad the whole cache in every layer
+    static = FLEX_STATIC and Tq == Tk <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
+    if static and static_length(Tq) != Tq:
+        if (mask.q_pos.shape[1], mask.k_pos.shape[1]) != (Tq, Tk):  # (padded, flex could not tell)
+            raise ValueError(f"sink_attention: the mask is for {mask.q_pos.shape[1]} queries and "
+                             f"{mask.k_pos.shape[1]} keys, got {Tq} and {Tk}")
+        P = static_length(Tq)
+        mask = _padded_to(mask, P, P)
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, P - Tq)) for x in (q, k, v))  # [B, T, H, D]: zeros after the last token
     flex = _compiled_flex_attention(static) if compiled else flex_module.flex_attention
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
     kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])

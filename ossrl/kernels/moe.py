@@ -290,8 +290,13 @@ def triton_available() -> bool:
 
 def use_moe_kernels(x: torch.Tensor, experts: ExpertWeights) -> bool:
     """The Triton path serves bf16 activations on CUDA with bf16 or MXFP4 experts; fp32 uses the twin."""
-    dense_ok = experts.format == "mxfp4" or experts.gate_up.dtype == torch.bfloat16
-    return x.is_cuda and x.dtype == torch.bfloat16 and dense_ok and triton_available()
+    return moe_kernels_serve(x, experts.format, experts.gate_up.dtype)
+
+
+def moe_kernels_serve(x: torch.Tensor, fmt: str, weight_dtype: torch.dtype) -> bool:
+    """`use_moe_kernels` from the experts' format and weight dtype (no ExpertWeights built)."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and (fmt == "mxfp4" or weight_dtype == torch.bfloat16) \
+        and triton_available()
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,

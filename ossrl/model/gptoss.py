@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ossrl.kernels.attention import AttentionMask, sink_attention
-from ossrl.kernels.moe import ExpertWeights, route, routed_experts_reference, triton_available, use_moe_kernels
+from ossrl.kernels.moe import (
+    ExpertWeights, moe_kernels_serve, route, routed_experts_reference, triton_available, use_moe_kernels,
+)
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.kernels.transfer import host_to_device
 from ossrl.model.checkpointing import activation_budget, headroom, measure_saved_bytes, plain_layer_count
@@ -519,6 +521,11 @@ class Experts(nn.Module):
                              gate_up_tiled=copies.get("gate_up"), down_tiled=copies.get("down"),
                              tiled=copies.get("layout"))
 
+    def kernels_serve(self, x: torch.Tensor) -> bool:
+        """Whether forward runs the grouped Triton kernels for x (`use_moe_kernels`)."""
+        weight = self.gate_up_proj_blocks if self.format == "mxfp4" else self.gate_up_proj
+        return moe_kernels_serve(x, self.format, weight.dtype)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, grouping=None) -> torch.Tensor:
         """grouping (optional): the slots of ids grouped by expert (`fused.SlotGrouping`), for the kernels."""
         experts = self.expert_weights()
@@ -547,7 +554,8 @@ class MLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         x = h.reshape(-1, shape[-1])
-        weights, ids, grouping = self.router(x, group_bm=DECODE_TILE_ROWS)
+        # (a grouping only where the experts' kernels will read it)
+        weights, ids, grouping = self.router(x, group_bm=DECODE_TILE_ROWS if self.experts.kernels_serve(x) else None)
         return self.experts(x, weights, ids, grouping).reshape(shape)
 
 
