@@ -214,16 +214,21 @@ def test_block_layout_is_exact_where_blocks_hold_few_runs():
         assert coarse_any.sum() > 1.2 * (partial | full).sum()
 
 
+def flex_inputs(mask: AttentionMask, seed: int):
+    """Random q [B, Tq, 8, 16], k, v [B, Tk, 2, 16] and sinks [8] fitting `mask`."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
+    q = torch.randn(B, Tq, 8, 16, generator=gen)
+    k, v = torch.randn(B, Tk, 2, 16, generator=gen), torch.randn(B, Tk, 2, 16, generator=gen)
+    return q, k, v, torch.randn(8, generator=gen) * 2
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("name,mask", mask_cases()[:6], ids=[c[0] for c in mask_cases()[:6]])
 def test_flex_formula_equals_twin(name, mask):
     """The CUDA path's maths (BlockMask mask_mod, lse, sigmoid rescale) through flex's eager version."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    gen = torch.Generator().manual_seed(0)
-    B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
-    q = torch.randn(B, Tq, 8, 16, generator=gen)
-    k, v = torch.randn(B, Tk, 2, 16, generator=gen), torch.randn(B, Tk, 2, 16, generator=gen)
-    sinks = torch.randn(8, generator=gen) * 2
+    q, k, v, sinks = flex_inputs(mask, seed=0)
     with torch.no_grad():
         flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
     twin = sink_attention_reference(q, k, v, sinks, mask.dense(), scale=0.25)
@@ -255,11 +260,8 @@ def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypa
     monkeypatch.setattr(attention_module, "FLEX_STATIC", True)
     if name == "causal":  # (with a host twin: its padded copy builds the tables)
         mask = AttentionMask(mask.q_pos, mask.k_pos, host=AttentionMask(mask.q_pos.clone(), mask.k_pos.clone()))
-    gen = torch.Generator().manual_seed(1)
+    q, k, v, sinks = flex_inputs(mask, seed=1)
     B, Tq, Tk = mask.q_pos.shape[0], mask.q_pos.shape[1], mask.k_pos.shape[1]
-    q = torch.randn(B, Tq, 8, 16, generator=gen)
-    k, v = torch.randn(B, Tk, 2, 16, generator=gen), torch.randn(B, Tk, 2, 16, generator=gen)
-    sinks = torch.randn(8, generator=gen) * 2
     with torch.no_grad():
         flex = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)
         again = _flex_sink_attention(q, k, v, sinks, mask, scale=0.25, compiled=False)

@@ -807,29 +807,34 @@ def _fused_kernels_on_cpu(monkeypatch, names) -> list:
     return calls
 
 
+@torch.no_grad()
+def _forward_and_step(model, ids):
+    """The model's logits for ids [B, T], and for the last token as a decode step after a prefill
+    of the others into a KVCache."""
+    from ossrl.model.gptoss import KVCache
+
+    cache = KVCache()
+    full = model(ids)
+    model(ids[:, :-1], cache=cache)
+    return full, model(ids[:, -1:], cache=cache)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_model_forward_with_the_inference_kernels(dtype, monkeypatch):
     """The rollout engine's kernel wiring in the model (q/k/v as one matmul, rotary on its slices,
     add_rms_norm, RMSNorm, and in fp16 router_topk), on CPU tensors: the same outputs as the
     plain model for a prefill and a decode step (fp32 to fp32 rounding; fp16 exactly)."""
-    from ossrl.model.gptoss import KVCache, inference_kernels, lay_out_qkv
+    from ossrl.model.gptoss import inference_kernels, lay_out_qkv
     from ossrl.testing import random_model, tiny_config
 
     calls = _fused_kernels_on_cpu(monkeypatch, ("rms_norm", "add_rms_norm", "rotary_qk", "router_topk"))
     model = random_model(tiny_config(num_hidden_layers=2, sliding_window=4), seed=3, dtype=dtype).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids)
-        cache = KVCache()
-        model(ids[:, :5], cache=cache)
-        ref_step = model(ids[:, 5:], cache=cache)
+    ref, ref_step = _forward_and_step(model, ids)
     assert not calls
     assert lay_out_qkv(model) == 2
-    with torch.no_grad(), inference_kernels():
-        out = model(ids)
-        cache = KVCache()
-        model(ids[:, :5], cache=cache)
-        step = model(ids[:, 5:], cache=cache)
+    with inference_kernels():
+        out, step = _forward_and_step(model, ids)
     expected = {"rms_norm", "rotary_qk", "router_topk"} if dtype == torch.float16 else {"rms_norm", "rotary_qk", "add_rms_norm"}
     assert set(calls) == expected  # fp16: fp32 residual stream (no add_rms_norm); fp32: no router_topk (TF32)
     if dtype == torch.float16:
@@ -846,7 +851,7 @@ def test_router_groups_switch_routes_through_the_grouping_kernel(monkeypatch):
     the CPU, told its experts' kernels serve: the wiring; the twin ignores the grouping). Where the
     kernels do not serve, the router does not group."""
     from ossrl.model import gptoss
-    from ossrl.model.gptoss import KVCache, inference_kernels
+    from ossrl.model.gptoss import inference_kernels
     from ossrl.testing import random_model, tiny_config
 
     calls = _fused_kernels_on_cpu(monkeypatch, ("router_topk", "router_topk_grouped"))
@@ -858,17 +863,10 @@ def test_router_groups_switch_routes_through_the_grouping_kernel(monkeypatch):
     monkeypatch.setattr(gptoss.Experts, "forward", lambda self, x, w, i, grouping=None:
                         seen.append(grouping) or experts_forward(self, x, w, i, grouping))
     ids = torch.randint(0, model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids)
-        cache = KVCache()
-        model(ids[:, :5], cache=cache)
-        ref_step = model(ids[:, 5:], cache=cache)
+    ref, ref_step = _forward_and_step(model, ids)
     seen.clear()
-    with torch.no_grad(), inference_kernels():
-        out = model(ids)
-        cache = KVCache()
-        model(ids[:, :5], cache=cache)
-        step = model(ids[:, 5:], cache=cache)
+    with inference_kernels():
+        out, step = _forward_and_step(model, ids)
     assert set(calls) == {"router_topk_grouped"}
     assert seen and all(g is not None and g.BM == gptoss.DECODE_TILE_ROWS for g in seen)
     assert torch.equal(out, ref) and torch.equal(step, ref_step)
