@@ -432,9 +432,10 @@ def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 ROUTER_TOPK_MAX_TOKENS = 256  # decode sizes; prefills keep F.linear (cuBLAS) and route_topk
 # Up to this many rows `router_topk_grouped` runs the top-k in one program that also groups the
 # slots (the model's decode steps, with ROUTER_GROUPS): batch 1 and 64 save group_small's launch
-# (3.4 / 5.0 us a layer on an H100, session 13's profile). Off until timed on a GPU.
+# (3.4 / 5.0 us a layer on an H100, session 13's profile). On since session 15 (its GPU tests
+# passed; timed only together with gptoss.ROTARY_APPEND and static FlexAttention: see there).
 ROUTER_GROUP_MAX_TOKENS = 64
-ROUTER_GROUPS = False
+ROUTER_GROUPS = True
 
 
 def router_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,9 +197,11 @@ class Attention(nn.Module):
 
 
 # Rollout decode steps rotate q and k and append k and v to the KV pool in one launch
-# (`ossrl.kernels.fused.rotary_append`, the same bits as `rotary_qk` then `append_kv`). Off until
-# timed on a GPU (benchmarks' --rotary-append switch).
-ROTARY_APPEND = False
+# (`ossrl.kernels.fused.rotary_append`, the same bits as `rotary_qk` then `append_kv`; GPU tests
+# passed in session 15). On since session 15: with ROUTER_GROUPS and static FlexAttention, rollouts
+# went 314.6 -> 317.6 tok/s at batch 1 and 7,414 -> 7,516 at batch 64 on an H100, in one A/B of
+# the three together (benchmarks/results/generate_switches_s15_h100.json; --no-rotary-append).
+ROTARY_APPEND = True
 
 
 def _side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor | None:
