@@ -122,7 +122,8 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a quick check, not a benchmark result)")
     ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
     ap.add_argument("--lora", action="store_true", help="ossrl with LoRA r=16 on attention and experts (unmerged)")
-    add_switches(ap, ("share-prefixes", "tile-experts", "split-k-fixup", "defer-residual-add", "host-masks", "moe-gemv", "rotary-append", "flex-static", "router-groups"))
+    add_switches(ap, ("share-prefixes", "tile-experts", "split-k-fixup", "defer-residual-add", "host-masks", "moe-gemv",
+                      "rotary-append", "flex-static", "router-groups"))
     ap.add_argument("--tiled-layout", default=None, metavar="ROWSxWORDS",
                     help="the experts' tile-contiguous copies in chunks of ROWS rows and WORDS 32-bit words "
                          "(gptoss.TILED_LAYOUT; default: the library's)")
