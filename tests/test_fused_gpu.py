@@ -232,7 +232,8 @@ def test_group_small_matches_group_by_expert_and_tile_table(ids_shape, E, BM):
     ids = torch.randint(0, E, ids_shape, generator=g, device=DEV)
     if ids_shape[0] == 50:
         ids[:] = 3  # every slot on one expert
-    groups, (te, ts, nt) = fused.group_small(ids, E, BM)
+    small = fused.group_small(ids, E, BM)
+    groups, (te, ts, nt) = small.groups, small.table
     ref = group_by_expert(ids, E)
     for f in ("order", "token", "expert", "offsets"):
         assert torch.equal(getattr(groups, f), getattr(ref, f)), f

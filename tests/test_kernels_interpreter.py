@@ -198,7 +198,8 @@ def test_group_small_equals_the_sort_and_tile_table(shape, E, BM):
     ids = torch.randint(0, E, shape, generator=torch.Generator().manual_seed(shape[0]))
     if shape[0] == 50:
         ids[:] = 3
-    groups, (te, ts, nt) = fused.group_small(ids, E, BM)
+    small = fused.group_small(ids, E, BM)
+    groups, (te, ts, nt) = small.groups, small.table
     ref = group_by_expert(ids, E)
     for f in ("order", "token", "expert", "offsets"):
         assert torch.equal(getattr(groups, f), getattr(ref, f)), f
@@ -221,7 +222,8 @@ def test_router_topk_grouped_equals_router_topk_then_group_small(N, E, H, k, BM)
     w, ids, grouping = fused.router_topk_grouped(x, weight, bias, k, BM)
     wr, idr = fused.router_topk(x, weight, bias, k)
     assert torch.equal(ids, idr) and torch.equal(w, wr)
-    groups, (te, ts, nt) = fused.group_small(ids, E, BM)
+    small = fused.group_small(ids, E, BM)
+    groups, (te, ts, nt) = small.groups, small.table
     assert grouping.BM == BM and grouping.table[2] == nt
     for f in ("order", "token", "expert", "offsets"):
         assert torch.equal(getattr(grouping.groups, f), getattr(groups, f)), f

@@ -558,10 +558,9 @@ def _grouping_buffers(S: int, num_experts: int, BM: int, k: int, device) -> Slot
     return SlotGrouping(groups, (empty(num_tiles, torch.int32), empty(num_tiles, torch.int32), num_tiles), BM)
 
 
-def group_small(ids: torch.Tensor, num_experts: int, BM: int):
+def group_small(ids: torch.Tensor, num_experts: int, BM: int) -> SlotGrouping:
     """`ossrl.kernels.moe.group_by_expert` for a few thousand slots in one launch, plus the tile
-    table of `ossrl.kernels.moe_triton._Plan.tiles(BM)`. -> (ExpertGroups, (tile_expert,
-    tile_start, num_tiles))."""
+    table of `ossrl.kernels.moe_triton._Plan.tiles(BM)`."""
     k = ids.shape[-1]
     flat = ids.reshape(-1)
     S = flat.numel()
@@ -571,4 +570,4 @@ def group_small(ids: torch.Tensor, num_experts: int, BM: int):
     _group_small_kernel[(1,)](flat, g.order, g.token, g.expert, g.offsets, tile_expert, tile_start, S, num_experts,
                               num_tiles, K=k, BM=BM, EP=max(16, triton.next_power_of_2(num_experts)), CH=128,
                               num_warps=4)
-    return g, out.table
+    return out

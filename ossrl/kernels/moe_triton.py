@@ -799,11 +799,10 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     x = x.contiguous()
     S = ids.numel()
     cfg = config or choose_config(S, experts)
-    if grouping is not None:  # grouped by the router's kernel (a table of another BM is made from it)
+    if grouping is None and S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: sort, offsets and tile table in one launch
+        grouping = group_small(ids, experts.num_experts, cfg.BM)
+    if grouping is not None:  # (or the router kernel's: a table of another BM is made from its groups)
         plan = _Plan(grouping.groups, experts, N, cfg, tables={grouping.BM: grouping.table})
-    elif S <= SMALL_GROUP_MAX_SLOTS:  # decode-sized: the sort, offsets and tile table in one launch
-        groups, table = group_small(ids, experts.num_experts, cfg.BM)
-        plan = _Plan(groups, experts, N, cfg, tables={cfg.BM: table})
     else:
         plan = _Plan(group_by_expert(ids, experts.num_experts), experts, N, cfg)
     groups = plan.groups
