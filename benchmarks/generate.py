@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_switches, apply_switches, copy_bandwidth_gbs, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
-from ossrl.model import gptoss  # noqa: E402
+from ossrl.model import expert_copies  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
@@ -122,16 +122,19 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a quick check, not a benchmark result)")
     ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
     ap.add_argument("--lora", action="store_true", help="ossrl with LoRA r=16 on attention and experts (unmerged)")
+    ap.add_argument("--dense-experts-gb", type=float, default=0.0,
+                    help="GiB of bf16 copies of the MXFP4 experts kept for prefill-sized MoE calls "
+                         "(expert_copies.dense_experts; the KV pool gets the rest); 0: none")
     add_switches(ap, ("share-prefixes", "tile-experts", "split-k-fixup", "defer-residual-add", "host-masks", "moe-gemv",
                       "rotary-append", "flex-static", "router-groups"))
     ap.add_argument("--tiled-layout", default=None, metavar="ROWSxWORDS",
                     help="the experts' tile-contiguous copies in chunks of ROWS rows and WORDS 32-bit words "
-                         "(gptoss.TILED_LAYOUT; default: the library's)")
+                         "(expert_copies.TILED_LAYOUT; default: the library's)")
     args = ap.parse_args()
     switches = apply_switches(args)
     if args.tiled_layout:
-        gptoss.TILED_LAYOUT = tuple(int(v) for v in args.tiled_layout.split("x"))
-    switches["tiled_layout"] = list(gptoss.TILED_LAYOUT)
+        expert_copies.TILED_LAYOUT = tuple(int(v) for v in args.tiled_layout.split("x"))
+    switches["tiled_layout"] = list(expert_copies.TILED_LAYOUT)
     config = GptOssConfig.gpt_oss_20b()
     g = random.Random(0)
     grpo_lengths = [g.randint(64, 1024) for _ in range(8)]
@@ -145,9 +148,11 @@ def main():
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     if args.lora:
         apply_lora(model, LoRAConfig(r=16, alpha=32))
+    expert_copies.dense_experts(model, max_bytes=int(args.dense_experts_gb * 2**30))
     ours = run_ossrl(model, shapes, config.vocab_size)
     theirs = []
     if not args.skip_hf:
+        expert_copies.dense_experts(model, max_bytes=0)
         hf = hf_from_ossrl(model, config, attn_implementation="eager").eval()
         del model
         gc.collect()
@@ -161,7 +166,7 @@ def main():
     bytes_step = decode_bytes_batch1(config)
     b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
     steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
-    result = {"benchmark": "generate", **info, "lora": args.lora, **switches,
+    result = {"benchmark": "generate", **info, "lora": args.lora, **switches, "dense_experts_gb": args.dense_experts_gb,
               "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
               "ossrl": ours, "transformers": theirs, "speedup": ratios,
               "batch1_bytes_per_step": bytes_step,

@@ -465,7 +465,7 @@ def gemv_compare(mx, router, gen, copy_bw, tokens=(1, 2)):
     GEMV_TILES; outputs compared with the tile's (relative difference: the sums' order)."""
     from ossrl.kernels import moe_gemv
     from ossrl.kernels.mxfp4_triton import tile_blocks
-    from ossrl.model.gptoss import TILED_LAYOUT
+    from ossrl.model.expert_copies import TILED_LAYOUT
 
     ex = dataclasses.replace(mx, scales_fold=True, gate_up_tiled=tile_blocks(mx.gate_up, *TILED_LAYOUT),
                              down_tiled=tile_blocks(mx.down, *TILED_LAYOUT), tiled=TILED_LAYOUT)

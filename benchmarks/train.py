@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_switches, apply_switches, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
+from ossrl.model.expert_copies import dense_bytes, dense_experts  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
@@ -79,20 +80,24 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
 
 
 def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False,
-                optimizer: str = "none") -> tuple[list, object]:
-    """runs: (tokens, gradient_checkpointing) pairs. optimizer: none, adamw or offloaded."""
+                optimizer: str = "none", dense_experts_gb: float = 0.0) -> tuple[list, object]:
+    """runs: (tokens, gradient_checkpointing) pairs. optimizer: none, adamw or offloaded.
+    dense_experts_gb: GiB of kept bf16 expert copies (`configure_memory`), made before the first step."""
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
     model.train()
     opt = None
     if optimizer != "none":  # lr tiny: the weights stay what they were, so every row sees the same model
         opt = make_optimizer(model.parameters(), lr=1e-12, offload=optimizer == "offloaded")
-    resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters, before any step
-    print(json.dumps({"resident_gib_before_step": round(resident, 2)}), flush=True)
+    configure_memory(model, gradient_checkpointing="auto", dense_experts_gb=dense_experts_gb)
+    dense_gib = sum(dense_bytes(m) for m in model.modules() if getattr(m, "dense", None) is not None) / 2**30
+    resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters (+ dense copies), before any step
+    print(json.dumps({"resident_gib_before_step": round(resident, 2), "dense_experts_gib": round(dense_gib, 2)}),
+          flush=True)
     rows = []
     for T, checkpointing in runs:
         configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
-                         offload_embeddings=offload_embeddings)
+                         offload_embeddings=offload_embeddings, dense_experts_gb=dense_experts_gb)
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
@@ -105,7 +110,8 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
         r = timed_steps(step, repeats)
         r.update(tokens=T, system="ossrl", optimizer=optimizer, gradient_checkpointing=checkpointing,
                  checkpointed_layers=model.model.checkpointed_layers, offload=offload,
-                 offload_embeddings=offload_embeddings, resident_gib_before_step=round(resident, 2))
+                 offload_embeddings=offload_embeddings, resident_gib_before_step=round(resident, 2),
+                 dense_experts_gib=round(dense_gib, 2))
         if r["status"] == "ok":
             r["tokens_per_second"] = round(T / r["seconds"], 1)
         print(json.dumps(r), flush=True)
@@ -155,6 +161,9 @@ def main():
     ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
     ap.add_argument("--optimizer", default="none", choices=("none", "adamw", "offloaded"),
                     help="an AdamW step in each ossrl step (offloaded: its states in CPU memory)")
+    ap.add_argument("--dense-experts-gb", type=float, default=0.0,
+                    help="GiB of bf16 copies of the frozen MXFP4 experts kept for the MoE calls (layers in order; "
+                         "ossrl.train.memory); 0: none, each call decodes its own")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
@@ -175,9 +184,10 @@ def main():
     if mode == "auto" and args.full_checkpoint_tokens:
         runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]
     ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings,
-                                      args.optimizer)
+                                      args.optimizer, args.dense_experts_gb)
     theirs = []
     if args.hf_tokens and not args.skip_hf:
+        dense_experts(model, max_bytes=0)  # (transformers gets its own bf16 experts)
         hf = hf_from_ossrl(model, config)
         del model
         gc.collect()
@@ -196,7 +206,7 @@ def main():
         "note": ("peak is one forward+backward with LoRA gradients; an AdamW optimizer adds two fp32 states per "
                  "trainable parameter (8 bytes each) on top" if args.optimizer == "none" else
                  f"peak is one forward+backward with LoRA gradients and an AdamW step ({args.optimizer})"),
-        "lora_trainable_params": counts, **switches,
+        "lora_trainable_params": counts, **switches, "dense_experts_gb": args.dense_experts_gb,
         "ossrl": ours, "transformers_peft": theirs, "ratios": ratios,
         "seconds_total": round(time.time() - t0, 1),
     }

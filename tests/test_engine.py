@@ -623,18 +623,40 @@ def test_rollout_copies_carry_any_scaling(alpha):
         assert (c - k).abs().max() <= 0.05 * delta
 
 
+def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
+    """Dense bf16 copies (`expert_copies.dense_experts`) go to training and rollout forwards alike
+    while their stamp matches the blocks; a write makes them stale (not handed out); `dense_experts`
+    frees copies of modules it would not give any (here: off the GPU) and checks its budget."""
+    from ossrl.model.expert_copies import dense_experts
+    from ossrl.model.gptoss import Experts, blocks_stamp, inference_kernels
+
+    model = random_model(tiny_config(quantization="mxfp4"), seed=3, expert_format="mxfp4").to(torch.bfloat16)
+    m = next(x for x in model.modules() if isinstance(x, Experts))
+    copies = dict(gate_up=torch.zeros(1), down=torch.ones(1), stamp=blocks_stamp(m))
+    m.dense = copies
+    assert m.expert_weights().gate_up_dense is copies["gate_up"]
+    with inference_kernels():
+        assert m.expert_weights().down_dense is copies["down"]
+    with torch.no_grad():
+        m.down_proj_blocks[0, 0, 0, 0] ^= 1
+    assert m.expert_weights().gate_up_dense is None and m.expert_weights().down_dense is None
+    assert dense_experts(model) == 1 and m.dense is None
+    with pytest.raises(ValueError, match="max_bytes"):
+        dense_experts(model, max_bytes=-1)
+
+
 def test_experts_hand_out_their_tiled_copies_only_to_rollouts_and_only_while_fresh():
     """`Experts.expert_weights` gives the kernels the tiled copies inside `inference_kernels` while
     their stamp matches the blocks (address, version); an in-place write makes them stale (the
     published blocks are read until `tile_experts` refreshes them); inference-mode blocks stamp
     None (no copies); `tile_experts` frees copies of modules it does not tile (here: off the GPU)
     and bumps `tiled_epoch` for each module it changed."""
-    from ossrl.model.gptoss import Experts, _blocks_stamp, inference_kernels, tile_experts, tiled_epoch
+    from ossrl.model.gptoss import Experts, blocks_stamp, inference_kernels, tile_experts, tiled_epoch
 
     model = random_model(tiny_config(quantization="mxfp4"), seed=3, expert_format="mxfp4").to(torch.bfloat16)
     m = next(x for x in model.modules() if isinstance(x, Experts))
     copies = dict(gate_up=m.gate_up_proj_blocks.clone(), down=m.down_proj_blocks.clone(), layout=(64, 16),
-                  stamp=_blocks_stamp(m))
+                  stamp=blocks_stamp(m))
     m.tiled = copies
     assert m.expert_weights().gate_up_tiled is None  # training and reference forwards: the published blocks
     with inference_kernels():
@@ -644,11 +666,11 @@ def test_experts_hand_out_their_tiled_copies_only_to_rollouts_and_only_while_fre
             m.gate_up_proj_blocks[0, 0, 0, 0] ^= 1
         assert m.expert_weights().gate_up_tiled is None
     with torch.inference_mode():
-        assert _blocks_stamp(m) is not None
+        assert blocks_stamp(m) is not None
         frozen = m.gate_up_proj_blocks.clone()
     saved = m.gate_up_proj_blocks
     m.gate_up_proj_blocks = frozen
-    assert _blocks_stamp(m) is None
+    assert blocks_stamp(m) is None
     m.gate_up_proj_blocks = saved
     epoch = tiled_epoch()
     assert tile_experts(model) == 1 and m.tiled is None and tiled_epoch() == epoch + 1

@@ -762,6 +762,44 @@ def test_training_backward_kernels_compile_for_hopper(kernel):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_kept_dense_copies_replace_the_per_call_decode(monkeypatch, with_lora):
+    """Experts that keep bf16 copies of their projections (`ExpertWeights.gate_up_dense`,
+    `ossrl.model.expert_copies.dense_experts`) are read at the sizes that would decode a transient
+    copy (`TileConfig.dequant`), forward and backward: the same output and gradients bit for bit,
+    no decode launched, and the published blocks not read (zeroed here: nothing changes)."""
+    ex = _experts()
+    dense = dataclasses.replace(ex, gate_up=torch.zeros_like(ex.gate_up), down=torch.zeros_like(ex.down),
+                                gate_up_dense=mxfp4_triton.dequantize_experts(ex.gate_up, ex.gate_up_scales,
+                                                                              torch.float32),
+                                down_dense=mxfp4_triton.dequantize_experts(ex.down, ex.down_scales, torch.float32))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 96, generator=g)
+    w, ids = route(torch.randn(40, 4, generator=g), 2)
+    dout = torch.randn(40, 96, generator=g)
+    lora = None
+    if with_lora:
+        class lora:  # noqa: N801 (a namespace of the expert LoRA pairs)
+            scaling = 2.0
+            gate_up_A, gate_up_B = torch.randn(4, 96, 4, generator=g) * 0.1, torch.randn(4, 4, 128, generator=g) * 0.1
+            down_A, down_B = torch.randn(4, 64, 4, generator=g) * 0.1, torch.randn(4, 4, 96, generator=g) * 0.1
+    cfg = moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)
+    results = []
+    decodes = []
+    real = moe_triton.dequantize_experts
+    monkeypatch.setattr(moe_triton, "dequantize_experts", lambda *a: decodes.append(1) or real(*a))
+    for weights in (ex, dense):
+        decodes.clear()
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = moe_triton.routed_experts_triton(xi, wi, ids, weights, lora, config=cfg)
+        out.backward(dout)
+        results.append((out, xi.grad, wi.grad, len(decodes)))
+    (out1, dx1, dw1, n1), (out2, dx2, dw2, n2) = results
+    assert n1 == 4 and n2 == 0  # gate_up and down, forward and backward
+    assert torch.equal(out1, out2) and torch.equal(dx1, dx2) and torch.equal(dw1, dw2)
+    assert rel(out1, routed_experts_twin(x, w, ids, ex, lora)) < 1e-5
+
+
 def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
     """From 256 rows per expert MXFP4 layers decode once to a bf16 copy (20b: 1.06 GB), but not a
     120b layer (4.2 GB): it keeps the per-tile decode."""
@@ -773,6 +811,8 @@ def test_training_sizes_copy_to_bf16_unless_the_copy_is_too_large():
     assert not moe_triton.choose_config(1024 * 4, layer(32)).dequant  # 128 rows per expert
     big = moe_triton.choose_config(16384 * 4, layer(128))  # 120b, 16K tokens
     assert not big.dequant and not big.dot_scaled and big.packed and big.BM == 128
+    kept = dataclasses.replace(layer(128), gate_up_dense=torch.empty(0), down_dense=torch.empty(0))
+    assert moe_triton.choose_config(16384 * 4, kept).dequant  # a kept copy costs no transient memory
 
 
 @pytest.mark.parametrize("N", [3, 40])

@@ -191,3 +191,56 @@ def test_offloaded_adamw_on_cuda_equals_adamw_and_holds_only_two_chunks():
     for i, q in enumerate(theirs):
         assert torch.equal(state["state"][i]["exp_avg"], b.state[q]["exp_avg"].cpu())
         assert torch.equal(state["state"][i]["exp_avg_sq"], b.state[q]["exp_avg_sq"].cpu())
+
+
+def test_dense_expert_copies_give_the_same_step_and_follow_the_blocks(monkeypatch):
+    """`configure_memory(dense_experts_gb=)` (`expert_copies.dense_experts`): MXFP4 experts keep bf16
+    copies that training-sized MoE calls read instead of decoding one per call; the log-probs and
+    LoRA gradients equal the per-call decode's bit for bit and no decode runs; the budget gives whole
+    layers in order; a write to the blocks makes the copies stale (not read) until remade; 0 frees."""
+    from ossrl.kernels import moe_triton
+    from ossrl.model.expert_copies import dense_bytes, dense_experts
+    from ossrl.model.gptoss import Experts
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    config = tiny_config(num_hidden_layers=3, quantization="mxfp4", hidden_size=128, intermediate_size=128)
+    model = random_model(config, seed=5, expert_format="mxfp4").cuda().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=4, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    seqs = [list(range(1, 700)), list(range(7, 500))]  # 1,197 tokens: 598 slots an expert on average
+    batch = pack_sequences(seqs, [[j >= 5 for j in range(len(s))] for s in seqs], max_tokens=1200).to("cuda")
+    decodes = []
+    real = moe_triton.dequantize_experts
+    monkeypatch.setattr(moe_triton, "dequantize_experts", lambda *a: decodes.append(1) or real(*a))
+
+    def step():
+        decodes.clear()
+        lp, _ = sequence_logprobs(model, batch)
+        (-lp.mean()).backward()
+        grads = [p.grad.clone() for p in lora_parameters(model)]
+        model.zero_grad(set_to_none=True)
+        return lp.detach(), grads, len(decodes)
+
+    configure_memory(model, gradient_checkpointing=False)
+    lp0, grads0, n0 = step()
+    assert n0 == 4 * len(experts)  # gate_up and down, forward and backward, in every layer
+    one = dense_bytes(experts[0])
+    configure_memory(model, gradient_checkpointing=False, dense_experts_gb=2.5 * one / 2**30)
+    assert [m.dense is not None for m in experts] == [True, True, False]
+    assert torch.equal(experts[0].dense["down"], real(experts[0].down_proj_blocks, experts[0].down_proj_scales,
+                                                      torch.bfloat16))
+    lp1, grads1, n1 = step()
+    assert n1 == 4 and torch.equal(lp1, lp0) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    with torch.no_grad():
+        experts[0].down_proj_blocks[0, 0] ^= 0x11  # the copies of layer 0 go stale
+    assert experts[0].expert_weights().down_dense is None and experts[1].expert_weights().down_dense is not None
+    assert step()[2] == 8
+    assert dense_experts(model, max_bytes=None) == 2  # layer 0 remade, layer 2 made
+    assert all(m.dense is not None for m in experts) and step()[2] == 0
+    assert dense_experts(model, max_bytes=0) == 3 and all(m.dense is None for m in experts)

@@ -138,6 +138,11 @@ class ExpertWeights:
     gate_up_tiled: torch.Tensor | None = None
     down_tiled: torch.Tensor | None = None
     tiled: tuple[int, int] | None = None
+    # mxfp4 on CUDA: both projections decoded to bf16 once, dense [E, in, out]
+    # (`ossrl.model.expert_copies.dense_experts`), read where the kernels would decode a transient
+    # copy per call (`TileConfig.dequant`: compute-bound sizes)
+    gate_up_dense: torch.Tensor | None = None
+    down_dense: torch.Tensor | None = None
 
     @property
     def format(self) -> str:

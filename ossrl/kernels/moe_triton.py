@@ -453,9 +453,10 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
             route_w=None, scatter=False, z=None, swiglu=False, dw=None, lora: _LoRATerm | None = None,
-            config: TileConfig | None = None, b_tiled=None):
+            config: TileConfig | None = None, b_tiled=None, b_dense=None):
     """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags. b_tiled: b
-    in the experts' tile-contiguous layout (`ExpertWeights.tiled`), which the word decode reads."""
+    in the experts' tile-contiguous layout (`ExpertWeights.tiled`), which the word decode reads;
+    b_dense: b decoded once (`ExpertWeights.gate_up_dense`), read where a tile would decode a copy."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
@@ -464,7 +465,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
     if a_permuted:  # [rows, K] with each 32-block in the decode's order: position 8m + 2q + h <- 8q + m + 4h
         a = permute_k32_rows(a)
     if scales is not None and cfg.dequant and not words:  # compute-bound sizes: the decode once, not per
-        b, scales = dequantize_experts(b, scales, a.dtype), None  # row tile (a word forward decodes in registers)
+        # row tile (a word forward decodes in registers), or none where the experts keep a copy
+        b = b_dense if b_dense is not None and b_dense.dtype == a.dtype else dequantize_experts(b, scales, a.dtype)
+        scales = None
     mxfp4 = scales is not None
     # the tile-contiguous copy (rollouts), where the word decode's K tile divides its chunks
     tiled = plan.experts.tiled if words and b_tiled is not None and plan.experts.tiled[1] % (cfg.BK // 8) == 0 \
@@ -529,7 +532,7 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
                       f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
         return _launch(plan, a_in, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
                        extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
-                       config=replace(cfg, words=False), b_tiled=b_tiled)
+                       config=replace(cfg, words=False), b_tiled=b_tiled, b_dense=b_dense)
     if not fused:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),
@@ -607,8 +610,10 @@ def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
         # 0.2548 on the published blocks; chunks of 8 words, moe_tiled_fixup.json and
         # moe_tiled_128.json: 0.1454 / 0.2165 / 0.2885 ms, the 64x128 tile 0.3197 at 128 tokens)
         return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
-    if cfg.dequant and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:  # from 256 rows per expert (sweep: 512
-        return TileConfig(128, 128, 64, 4, 4, dot_scaled=False)       # rows, 2.90 / 6.69 ms against 3.10 / 7.55)
+    # from 256 rows per expert (sweep: 512 rows, 2.90 / 6.69 ms against 3.10 / 7.55); a copy the
+    # experts keep (`gate_up_dense`) needs no transient memory
+    if cfg.dequant and experts.gate_up_dense is None and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:
+        return TileConfig(128, 128, 64, 4, 4, dot_scaled=False)
     return cfg
 
 
@@ -625,7 +630,7 @@ def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None 
     a = torch.empty(plan.groups.order.numel(), I, device=x.device, dtype=x.dtype)
     return _launch(plan, x, ex.gate_up, ex.gate_up_scales, 2 * I, H, a, b_rows_are_n=True,
                    a_rows=plan.groups.token, bias=ex.gate_up_bias, extra=lora_z, z=z, swiglu=True, lora=lora,
-                   b_tiled=ex.gate_up_tiled)
+                   b_tiled=ex.gate_up_tiled, b_dense=ex.gate_up_dense)
 
 
 def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = None):
@@ -634,7 +639,8 @@ def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = 
     H, I = _dims(ex)
     buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
     _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
-            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora, b_tiled=ex.down_tiled)
+            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora, b_tiled=ex.down_tiled,
+            b_dense=ex.down_dense)
     return combine_slots(buf.view(plan.num_tokens, plan.groups.k, H))
 
 
@@ -743,7 +749,8 @@ class _GateUp(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dxs = torch.empty(plan.num_tokens * plan.groups.k, H, device=z.device, dtype=z.dtype)
-            _launch(plan, dz, ex.gate_up, ex.gate_up_scales, H, 2 * I, dxs, b_rows_are_n=False, scatter=True)
+            _launch(plan, dz, ex.gate_up, ex.gate_up_scales, H, 2 * I, dxs, b_rows_are_n=False, scatter=True,
+                    b_dense=ex.gate_up_dense)
             dx = dxs.view(plan.num_tokens, plan.groups.k, H).sum(1)
         return dx, (dz if ctx.needs_input_grad[1] else None), None
 
@@ -768,7 +775,7 @@ class _Down(torch.autograd.Function):
         dw_sorted = torch.zeros(g.order.numel(), device=a.device, dtype=torch.float32) if need_dw else None
         da = torch.empty(g.order.numel(), I, device=a.device, dtype=a.dtype)
         _launch(plan, dout, ex.down, ex.down_scales, I, H, da, b_rows_are_n=False, a_rows=g.token,
-                route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted)
+                route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted, b_dense=ex.down_dense)
         w_sorted = route_w.reshape(-1)[g.order].float()
         dw = dlora_y = None
         if need_dw:

@@ -29,8 +29,9 @@ from ossrl.kernels.moe import (
 )
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.kernels.transfer import host_to_device
-from ossrl.model.checkpointing import activation_budget, headroom, measure_saved_bytes, plain_layer_count
+from ossrl.model.checkpointing import activation_budget, measure_saved_bytes, plain_layer_count
 from ossrl.model.config import GptOssConfig, YarnRope
+from ossrl.model.expert_copies import blocks_stamp, dense_experts, tile_experts, tiled_epoch  # noqa: F401 (re-exported)
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
 
@@ -324,105 +325,6 @@ def check_scales_fold(model: nn.Module, enabled: bool = True) -> int:
     return changed
 
 
-# The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
-# word decode's BN) and chunks of 8 words (BK = 64 columns: a decode program's K tile is one 2 KB
-# span). Against chunks of 16 words (H100, results/moe_tiled_fixup.json, MoE matmuls, graph replay):
-# 1 / 8 / 64 tokens 0.0529 / 0.1511 / 0.2212 -> 0.0521 / 0.1454 / 0.2165 ms; rollouts (generate.py,
-# same call) batch 1 / 64 / GRPO 8x8 321 / 7,761 / 5,776 -> 327 / 7,877 / 5,907 tok/s. BK = 128
-# tiles do not read these copies (the chunk is narrower than their K tile).
-TILED_LAYOUT = (64, 8)
-_TILED_EPOCH = [0]  # bumped whenever any module's copies are made or freed (captured graphs key on it)
-
-
-def tiled_epoch() -> int:
-    """A counter of `tile_experts`' allocations and frees: CUDA graphs captured under one value may
-    read copies that a later value no longer has (the slot engine keys its graphs on it)."""
-    return _TILED_EPOCH[0]
-
-
-def _blocks_stamp(m: Experts) -> tuple | None:
-    """What tiled copies are made from: each projection's blocks (device, shape, address, version
-    counter; an in-place write through autograd-visible ops bumps the version). None for
-    inference-mode tensors, which keep no version counter: their in-place writes would go unseen."""
-    stamp = []
-    for t in (m.gate_up_proj_blocks, m.down_proj_blocks):
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor
-            return None
-        stamp.append((t.device, tuple(t.shape), t.data_ptr(), version))
-    return tuple(stamp)
-
-
-def _rollout_reserve(m: Experts, total: int, prefill_tokens: int, top_k: int) -> int:
-    """Memory a rollout still needs after its KV pool: the device's headroom (`checkpointing.headroom`:
-    graph pools, small buffers), plus a packed prefill of `prefill_tokens` (each token's top-k slots
-    through gate_up, the SwiGLU and down, and the transient bf16 copy of gate_up that prefill-sized
-    MoE calls decode into)."""
-    from ossrl.kernels.moe_triton import _dense_copy_bytes
-
-    rows, groups = m.gate_up_proj_blocks.shape[1:3]  # rows = 2I, groups * 32 = H
-    H, I, elem = groups * 32, rows // 2, m.gate_up_proj_bias.element_size()
-    prefill = prefill_tokens * (top_k * (2 * 2 * I + I + H) + 8 * H) * elem
-    return headroom(total) + prefill + _dense_copy_bytes(m.expert_weights())
-
-
-@torch.no_grad()
-def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | None = None,
-                 prefill_tokens: int = 0, refresh: bool = False) -> int:
-    """Give each MXFP4 experts module of a bf16 model on a GPU copies of its blocks in the word
-    decode's tile-contiguous layout (`TILED_LAYOUT`, `ossrl.kernels.mxfp4_triton.tile_blocks`), which
-    its rollout forwards (inside `inference_kernels`) read: each K tile of a decode program is then
-    one contiguous span instead of 64 pieces 1,440 bytes apart (the word decode runs on bf16 only).
-
-    The copies cost as much memory as the blocks (9.6 GB for 20b), so layers get them in order
-    while the free memory (`checkpointing.device_memory`: the allocator's unused cache counts)
-    stays above `reserve_bytes` (default `_rollout_reserve` for `prefill_tokens`). Copies whose
-    blocks were written since (a new version counter or address) are refreshed in place, their
-    addresses, which captured graphs read, kept; a write the version counter does not see (through
-    `.data`, DLPack, a collective) needs `refresh=True`. Blocks moved to another device or shape get
-    new copies; inference-mode blocks (no version counter) and sharded models get none.
-    `enabled=False` frees them. The slots backend calls it after each KV pool is allocated (before
-    graphs are captured) and frees the copies with the pool. Returns the number of modules whose
-    copies were made or freed (each bumps `tiled_epoch`)."""
-    from ossrl.kernels.mxfp4_triton import tile_blocks
-    from ossrl.model.checkpointing import device_memory
-
-    changed = 0
-    sharded = getattr(model, "sharded", False)
-    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 4)
-    for m in model.modules():
-        if not isinstance(m, Experts) or m.format != "mxfp4":
-            continue
-        stamp = _blocks_stamp(m)
-        rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
-        eligible = (enabled and not sharded and stamp is not None and m.gate_up_proj_blocks.is_cuda
-                    and m.gate_up_proj_bias.dtype == torch.bfloat16 and all(r % TILED_LAYOUT[0] == 0 for r in rows))
-        if m.tiled is not None and (not eligible or [s[:2] for s in m.tiled["stamp"]] != [s[:2] for s in stamp]
-                                    or m.tiled["layout"] != TILED_LAYOUT):
-            m.tiled = None  # not wanted, the blocks moved to another device or shape, or another layout
-            changed += 1
-        if not eligible:
-            continue
-        if m.tiled is not None:
-            if refresh or m.tiled["stamp"] != stamp:  # written since: the same buffers, new values
-                for name in ("gate_up", "down"):
-                    m.tiled[name].copy_(tile_blocks(getattr(m, f"{name}_proj_blocks"), *TILED_LAYOUT))
-                m.tiled["stamp"] = stamp
-            continue
-        free, total = device_memory(m.gate_up_proj_blocks.device)
-        reserve = _rollout_reserve(m, total, prefill_tokens, top_k) if reserve_bytes is None else reserve_bytes
-        need = 2 * (m.gate_up_proj_blocks.numel() + m.down_proj_blocks.numel())  # the copies and a transient
-        if free - need < reserve:
-            continue
-        with torch.inference_mode(False):
-            m.tiled = dict(gate_up=tile_blocks(m.gate_up_proj_blocks, *TILED_LAYOUT),
-                           down=tile_blocks(m.down_proj_blocks, *TILED_LAYOUT), layout=TILED_LAYOUT, stamp=stamp)
-        changed += 1
-    _TILED_EPOCH[0] += changed
-    return changed
-
-
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig, device=None, dtype=None):
         super().__init__()
@@ -478,6 +380,9 @@ class Experts(nn.Module):
         # Rollouts on a GPU: copies of the blocks in the word decode's tile-contiguous layout
         # (`tile_experts`), with the (address, version) of the blocks they were made from
         self.tiled: dict | None = None
+        # On a GPU: both projections decoded to bf16 once (`dense_experts`), read by the
+        # compute-bound MoE calls instead of a transient copy per call; stamped likewise
+        self.dense: dict | None = None
 
     def _lora_on(self) -> bool:
         return self.lora is not None and self.lora.enabled
@@ -514,14 +419,17 @@ class Experts(nn.Module):
             return ExpertWeights(self.gate_up_proj, self.gate_up_proj_bias, self.down_proj, self.down_proj_bias,
                                  limit=self.limit, alpha=self.alpha)
         inference = inference_kernels_on()
-        # rollouts read the tiled copies while they hold the blocks' current values (`tile_experts`)
-        fresh = inference and self.tiled is not None and self.tiled["stamp"] == _blocks_stamp(self)
-        copies = self.tiled if fresh else {}
+        stamp = blocks_stamp(self) if self.tiled is not None or self.dense is not None else None
+        # copies are read while they hold the blocks' current values: the tiled ones by rollouts
+        # (`tile_experts`), the dense ones by every forward and backward (`dense_experts`)
+        tiled = self.tiled if inference and self.tiled is not None and self.tiled["stamp"] == stamp else {}
+        dense = self.dense if self.dense is not None and self.dense["stamp"] == stamp else {}
         return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
                              limit=self.limit, alpha=self.alpha, scales_fold=self.scales_fold and inference,
-                             gate_up_tiled=copies.get("gate_up"), down_tiled=copies.get("down"),
-                             tiled=copies.get("layout"))
+                             gate_up_tiled=tiled.get("gate_up"), down_tiled=tiled.get("down"),
+                             tiled=tiled.get("layout"), gate_up_dense=dense.get("gate_up"),
+                             down_dense=dense.get("down"))
 
     def kernels_serve(self, x: torch.Tensor) -> bool:
         """Whether forward runs the grouped Triton kernels for x (`use_moe_kernels`)."""

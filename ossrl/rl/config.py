@@ -74,6 +74,9 @@ class GRPOConfig:
     offload_activations: bool = False  # checkpointed layer inputs in pinned CPU memory
     offload_embeddings: bool = False  # the embedding table stays on the CPU (no CUDA graphs in rollouts)
     offload_optimizer: bool = False  # AdamW's states in pinned CPU memory, streamed through the GPU per step
+    # GiB of bf16 copies of the frozen MXFP4 experts (layers in order), read by training-sized MoE
+    # calls instead of a decode per call (ossrl.train.memory); 0: none
+    dense_experts_gb: float = 0.0
     # The rollout engine sleeps during each training phase: its KV pool, CUDA graphs and the experts'
     # tile-contiguous copies (`RolloutEngine(tile_experts=)`, as large as the MXFP4 blocks) are freed
     # (TRL's vllm_enable_sleep_mode; on by default here, memory being the scarce thing). False keeps
@@ -128,6 +131,7 @@ class GRPOConfig:
               f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
         check(self.activation_budget_gb is None or self.activation_budget_gb >= 0,
               f"activation_budget_gb must be >= 0, got {self.activation_budget_gb}")
+        check(self.dense_experts_gb >= 0, f"dense_experts_gb must be >= 0, got {self.dense_experts_gb}")
         check(not self.offload_activations or self.gradient_checkpointing,
               "offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
         check(self.experts in ("auto", "bf16", "mxfp4"), f"experts must be auto, bf16 or mxfp4, got {self.experts!r}")

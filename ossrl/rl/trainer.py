@@ -146,7 +146,7 @@ class GRPOTrainer:
             p.requires_grad_(True)
         configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                          offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
-                         activation_budget_gb=config.activation_budget_gb)
+                         activation_budget_gb=config.activation_budget_gb, dense_experts_gb=config.dense_experts_gb)
         if config.fsdp:
             if model.dtype == torch.float16:  # each rank would find overflows in its own shard only
                 raise ValueError("fsdp with an fp16 model is not supported (loss scaling over sharded "

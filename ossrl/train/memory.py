@@ -12,6 +12,11 @@
   CPU; rows are gathered there and only they move to the GPU. The table is frozen (LoRA does not
   touch it). Rollouts then cannot use CUDA graphs (a CPU gather is not captured): the engine falls
   back to eager decoding and says so in its graph_failures.
+- dense_experts_gb: MXFP4 experts on a GPU keep bf16 copies of their frozen projections, layers in
+  order up to this many GiB (ossrl.model.expert_copies.dense_experts; 1.59 GB a 20b layer, 38 GB
+  for all), so training-sized MoE calls stop decoding a transient copy on every call (four a layer a
+  step). Memory the copies take is memory kept activations ("auto") and the rollouts' KV pool do not
+  get. 0 (the default) keeps none.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ import gc
 
 import torch
 
+from ossrl.model.expert_copies import dense_experts
+
+
 def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activations: bool = False,
-                     offload_embeddings: bool = False, activation_budget_gb: float | None = None) -> None:
+                     offload_embeddings: bool = False, activation_budget_gb: float | None = None,
+                     dense_experts_gb: float = 0.0) -> None:
     """activation_budget_gb: with "auto", the bytes kept activations may take (default: measured
-    free memory less a headroom)."""
+    free memory less a headroom). dense_experts_gb: see the module docstring."""
     if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
         raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {gradient_checkpointing!r}")
     if offload_activations and not gradient_checkpointing:
         raise ValueError("offload_activations needs gradient_checkpointing (it offloads the checkpoints)")
     if activation_budget_gb is not None and activation_budget_gb < 0:
         raise ValueError(f"activation_budget_gb must be >= 0, got {activation_budget_gb}")
+    if not dense_experts_gb >= 0:
+        raise ValueError(f"dense_experts_gb must be >= 0, got {dense_experts_gb}")
     if gradient_checkpointing == "auto" and getattr(model, "sharded", False):
         gradient_checkpointing = True  # the same recompute on every rank (ossrl.train.sharding)
     model.model.gradient_checkpointing = gradient_checkpointing
@@ -37,6 +48,7 @@ def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activ
     model.model.activation_budget = None if activation_budget_gb is None else int(activation_budget_gb * (1 << 30))
     if offload_embeddings and model.device.type == "cuda":
         model.model.embed_tokens.to(torch.device("cpu"))
+    dense_experts(model, max_bytes=int(dense_experts_gb * (1 << 30)))
 
 
 def with_checkpointing_fallback(model, run_pass):

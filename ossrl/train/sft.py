@@ -58,6 +58,9 @@ class SFTConfig:
     offload_activations: bool = False
     offload_embeddings: bool = False
     offload_optimizer: bool = False  # AdamW's states in pinned CPU memory, streamed through the GPU per step
+    # GiB of bf16 copies of the frozen MXFP4 experts (layers in order), read by training-sized MoE
+    # calls instead of a decode per call (ossrl.train.memory); 0: none
+    dense_experts_gb: float = 0.0
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     logging_steps: int = 10
@@ -76,6 +79,8 @@ class SFTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.dense_experts_gb >= 0:
+            raise ValueError(f"dense_experts_gb must be >= 0, got {self.dense_experts_gb}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         if self.reasoning_effort not in ("low", "medium", "high"):
@@ -173,7 +178,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             log(sharding_summary(model))
     configure_memory(model, gradient_checkpointing=config.gradient_checkpointing,
                      offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
-                     activation_budget_gb=config.activation_budget_gb)
+                     activation_budget_gb=config.activation_budget_gb, dense_experts_gb=config.dense_experts_gb)
     model.train()
     W = ctx.world_size
     dropout = 0.0 if config.full_finetune else config.lora.dropout
