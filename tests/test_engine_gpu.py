@@ -267,29 +267,40 @@ def test_tiled_expert_copies_give_the_same_rollouts_and_follow_the_blocks():
     assert tile_experts(model, reserve_bytes=1 << 50) == 0 and all(m.tiled is None for m in experts)
 
 
+def _rollouts_switched(monkeypatch, module, switch: str, check) -> None:
+    """Rollouts (tiny 20b-like model, MXFP4 experts, head_dim 64, CUDA graphs) with `module.switch`
+    off, then on: graphs captured without failures, `check(on)` after each, the same completions
+    bit for bit."""
+    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", head_dim=64)
+    model = random_model(config, seed=6, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
+    params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=3)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(module, switch, on)
+        engine = RolloutEngine(model, sync_every=4)
+        runs.append(engine.generate(PROMPTS, 3, params))
+        assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
+        check(on)
+    assert runs[0] == runs[1]
+
+
 def test_router_groups_give_the_same_rollouts_in_cuda_graphs(monkeypatch):
     """fused.ROUTER_GROUPS (the router's top-k kernel grouping the slots, one program, a barrier
     between its stores and the grouping's loads): the same completions bit for bit as group_small,
     with graphs captured and replayed; the grouping kernel ran and group_small did not at decode."""
     from ossrl.kernels import fused, moe_triton
 
-    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", head_dim=64)
-    model = random_model(config, seed=6, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
-    params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=3)
     calls = []
     grouped, small = fused.router_topk_grouped, moe_triton.group_small
     monkeypatch.setattr(fused, "router_topk_grouped", lambda *a: calls.append("grouped") or grouped(*a))
     monkeypatch.setattr(moe_triton, "group_small", lambda *a: calls.append("small") or small(*a))
-    runs = []
-    for on in (False, True):
-        monkeypatch.setattr(fused, "ROUTER_GROUPS", on)
-        calls.clear()
-        engine = RolloutEngine(model, sync_every=4)
-        runs.append(engine.generate(PROMPTS, 3, params))
-        assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
+
+    def check(on):
         # (the prompts pack to 60 tokens, so their prefill's routers group too: no group_small at all)
         assert ("grouped" in calls) == on and ("small" in calls) == (not on)
-    assert runs[0] == runs[1]
+        calls.clear()
+
+    _rollouts_switched(monkeypatch, fused, "ROUTER_GROUPS", check)
 
 
 def test_rotary_append_gives_the_same_rollouts_in_cuda_graphs(monkeypatch):
@@ -298,17 +309,11 @@ def test_rotary_append_gives_the_same_rollouts_in_cuda_graphs(monkeypatch):
     from ossrl.kernels import fused
     from ossrl.model import gptoss
 
-    config = tiny_config(num_hidden_layers=2, sliding_window=8, quantization="mxfp4", head_dim=64)
-    model = random_model(config, seed=6, expert_format="mxfp4").cuda().to(torch.bfloat16).eval()
-    params = SamplingParams(temperature=1.0, max_new_tokens=[25, 9, 40], seed=3)
     calls = []
     kernel = fused.rotary_append
     monkeypatch.setattr(fused, "rotary_append", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
-    runs = []
-    for on in (False, True):
-        monkeypatch.setattr(gptoss, "ROTARY_APPEND", on)
-        engine = RolloutEngine(model, sync_every=4)
-        runs.append(engine.generate(PROMPTS, 3, params))
-        assert engine._slots.graphs and not engine._slots.graph_failures, engine._slots.graph_failures
-        assert bool(calls) == on  # the fused launch ran (in the captured steps) only with the switch on
-    assert runs[0] == runs[1]
+
+    def check(on):  # the fused launch ran (in the captured steps) only with the switch on
+        assert bool(calls) == on
+
+    _rollouts_switched(monkeypatch, gptoss, "ROTARY_APPEND", check)
