@@ -625,8 +625,9 @@ def test_rollout_copies_carry_any_scaling(alpha):
 
 def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
     """Dense bf16 copies (`expert_copies.dense_experts`) go to training and rollout forwards alike
-    while their stamp matches the blocks; a write makes them stale (not handed out); `dense_experts`
-    frees copies of modules it would not give any (here: off the GPU) and checks its budget."""
+    while their stamp matches the blocks; a write makes them stale (freed with a warning, not handed
+    out); `dense_experts` frees copies of modules it would not give any (here: off the GPU) and
+    checks its budget."""
     from ossrl.model.expert_copies import dense_experts
     from ossrl.model.gptoss import Experts, blocks_stamp, inference_kernels
 
@@ -639,7 +640,10 @@ def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
         assert m.expert_weights().down_dense is copies["down"]
     with torch.no_grad():
         m.down_proj_blocks[0, 0, 0, 0] ^= 1
-    assert m.expert_weights().gate_up_dense is None and m.expert_weights().down_dense is None
+    with pytest.warns(RuntimeWarning, match="no longer match"):
+        stale = m.expert_weights()
+    assert stale.gate_up_dense is None and stale.down_dense is None and m.dense is None  # freed
+    m.dense = dict(copies, stamp=blocks_stamp(m))
     assert dense_experts(model) == 1 and m.dense is None
     with pytest.raises(ValueError, match="max_bytes"):
         dense_experts(model, max_bytes=-1)

@@ -270,7 +270,9 @@ def test_memory_options_are_validated(tiny, tmp_path):
     for bad, match in (({"gradient_checkpointing": "always"}, "gradient_checkpointing must be true, false or 'auto'"),
                        ({"activation_budget_gb": -1.0}, "activation_budget_gb must be >= 0"),
                        ({"gradient_checkpointing": False, "offload_activations": True}, "offload_activations needs"),
-                       ({"fsdp": True, "offload_optimizer": True}, "offload_optimizer with fsdp is not supported")):
+                       ({"fsdp": True, "offload_optimizer": True}, "offload_optimizer with fsdp is not supported"),
+                       ({"dense_experts_gb": -1.0}, "dense_experts_gb must be >= 0"),
+                       ({"fsdp": True, "dense_experts_gb": 8.0}, "dense_experts_gb with fsdp is not supported")):
         with pytest.raises(ValueError, match=match):
             tiny_grpo_config(tiny, tmp_path / "bad", **bad)
     assert GRPOConfig().gradient_checkpointing == "auto"

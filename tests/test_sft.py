@@ -94,6 +94,9 @@ def test_unknown_config_key_suggests_the_nearest(tmp_path):
     path.write_text('model = "x"\nlr_scheduler_type = "warm"\n')
     with pytest.raises(ConfigValueError, match="lr_scheduler_type"):
         load_config(SFTConfig, path)
+    path.write_text('model = "x"\ndense_experts_gb = -2\n')
+    with pytest.raises(ConfigValueError, match="dense_experts_gb must be >= 0"):
+        load_config(SFTConfig, path)
 
 
 def test_sft_cli_with_overrides(tiny, data, tmp_path):

@@ -612,7 +612,8 @@ def choose_config(slots: int, experts: ExpertWeights) -> TileConfig:
         return TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=2, words=True)
     # from 256 rows per expert (sweep: 512 rows, 2.90 / 6.69 ms against 3.10 / 7.55); a copy the
     # experts keep (`gate_up_dense`) needs no transient memory
-    if cfg.dequant and experts.gate_up_dense is None and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:
+    kept = experts.gate_up_dense is not None and experts.gate_up_dense.dtype == experts.gate_up_bias.dtype
+    if cfg.dequant and not kept and _dense_copy_bytes(experts) > DEQUANT_MAX_BYTES:
         return TileConfig(128, 128, 64, 4, 4, dot_scaled=False)
     return cfg
 

@@ -9,8 +9,9 @@
   1.59 GB a 20b layer (38 GB for all 24), so layers get them in order within a byte budget.
 
 Both are stamped with what they were made from (`blocks_stamp`: device, shape, address, version
-counter of the blocks) and read only while the stamp matches, so a write to the blocks is never
-computed with stale copies.
+counter of the blocks) and read only while the stamp matches, so a write to the blocks that bumps
+the version counter (any in-place op torch sees) is never computed with stale copies; stale dense
+copies are freed at the next forward (with a warning: `dense_experts` remakes them).
 """
 
 from __future__ import annotations
@@ -124,15 +125,18 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
 
 
 @torch.no_grad()
-def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes: int | None = None) -> int:
+def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes: int | None = None,
+                  refresh: bool = False) -> int:
     """Give MXFP4 experts modules of a bf16 model on a GPU bf16 copies of both projections (dense
     [E, in, out], `ossrl.kernels.mxfp4_triton.dequantize_experts`: the values the per-call decode
     gives, bit for bit), which their compute-bound MoE calls read instead of decoding a transient
     copy per call. Layers get them in order while the copies total at most `max_bytes` (None: no
     limit; 0 frees them all) and the free memory (`checkpointing.device_memory`) stays above
-    `reserve_bytes` (default `checkpointing.headroom`). Copies made from blocks written since are
-    remade; sharded models, inference-mode blocks (no version counter) and modules off the GPU get
-    none. Returns the number of modules whose copies were made or freed.
+    `reserve_bytes` (default `checkpointing.headroom`). Copies made from blocks written since (a new
+    version counter or address) are remade; a write the version counter does not see (through
+    `.data`, DLPack, a collective) needs `refresh=True`. Sharded models, inference-mode blocks (no
+    version counter) and modules off the GPU get none. Returns the number of modules whose copies
+    were made, remade or freed.
 
     Give training activations their due first: under gradient checkpointing "auto" the copies'
     memory is memory the kept activations do not get (more layers recomputed)."""
@@ -148,9 +152,9 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
                     and m.gate_up_proj_bias.dtype == torch.bfloat16)
         need = dense_bytes(m)
         wanted = eligible and (max_bytes is None or used + need <= max_bytes)
-        before = m.dense
-        if m.dense is not None and not (wanted and m.dense["stamp"] == stamp):
-            m.dense = None  # not wanted, or made from blocks written since (remade below)
+        had = m.dense is not None
+        if had and (refresh or not wanted or m.dense["stamp"] != stamp):
+            m.dense = None  # not wanted, or made from blocks written since: freed before any remake
         if wanted and m.dense is None:
             free, total = device_memory(m.gate_up_proj_blocks.device)
             if free - need >= (headroom(total) if reserve_bytes is None else reserve_bytes):
@@ -159,7 +163,11 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
                                                               torch.bfloat16),
                                    down=dequantize_experts(m.down_proj_blocks, m.down_proj_scales, torch.bfloat16),
                                    stamp=stamp)
-        changed += m.dense is not before
+                changed += 1  # made or remade
+            else:
+                changed += had  # freed
+        elif had and m.dense is None:
+            changed += 1  # freed
         used += need if m.dense is not None else 0
     return changed
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -423,7 +424,12 @@ class Experts(nn.Module):
         # copies are read while they hold the blocks' current values: the tiled ones by rollouts
         # (`tile_experts`), the dense ones by every forward and backward (`dense_experts`)
         tiled = self.tiled if inference and self.tiled is not None and self.tiled["stamp"] == stamp else {}
-        dense = self.dense if self.dense is not None and self.dense["stamp"] == stamp else {}
+        if self.dense is not None and self.dense["stamp"] != stamp:  # the blocks were written since
+            self.dense = None
+            warnings.warn("an MXFP4 experts module's bf16 copies no longer match its blocks and were freed; "
+                          "ossrl.model.expert_copies.dense_experts (configure_memory) remakes them", RuntimeWarning,
+                          stacklevel=2)
+        dense = self.dense or {}
         return ExpertWeights(self.gate_up_proj_blocks, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_bias, self.gate_up_proj_scales, self.down_proj_scales,
                              limit=self.limit, alpha=self.alpha, scales_fold=self.scales_fold and inference,

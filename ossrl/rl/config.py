@@ -138,6 +138,8 @@ class GRPOConfig:
         check(not (self.fsdp and self.activation_budget_gb is not None),
               "activation_budget_gb applies to gradient_checkpointing = 'auto', which fsdp replaces by "
               "checkpointing every layer (the same on every rank); remove one of them")
+        check(not (self.fsdp and self.dense_experts_gb), "dense_experts_gb with fsdp is not supported: the "
+              "ranks hold shards of the experts (the copies are of a whole layer's); remove one of them")
         check(not (self.fsdp and self.offload_optimizer),
               "offload_optimizer with fsdp is not supported: fsdp shards the optimizer states over the ranks "
               "already; remove one of them")

@@ -86,10 +86,11 @@ class SFTConfig:
         if self.reasoning_effort not in ("low", "medium", "high"):
             raise ValueError(f"reasoning_effort must be low, medium or high, got {self.reasoning_effort!r}")
         if self.fsdp and (self.full_finetune or self.dtype == "float16" or self.activation_budget_gb is not None
-                          or self.offload_optimizer):
+                          or self.offload_optimizer or self.dense_experts_gb):
             raise ValueError("fsdp trains LoRA adapters in bfloat16 or float32 with every layer checkpointed the "
-                             "same way on every rank, its optimizer states sharded: it excludes full_finetune, "
-                             "dtype float16, activation_budget_gb and offload_optimizer")
+                             "same way on every rank, its optimizer states and experts sharded: it excludes "
+                             "full_finetune, dtype float16, activation_budget_gb, offload_optimizer and "
+                             "dense_experts_gb")
         if self.full_finetune and self.dtype == "float16":
             raise ValueError("full_finetune with dtype float16 is not supported: the weights would be fp16 "
                              "AdamW masters, whose small updates and optimizer state underflow. Train LoRA "
