@@ -81,23 +81,22 @@ def single_document(T: int, vocab: int, device) -> PackedBatch:
 
 def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False,
                 optimizer: str = "none", dense_experts_gb: float = 0.0) -> tuple[list, object]:
-    """runs: (tokens, gradient_checkpointing) pairs. optimizer: none, adamw or offloaded.
-    dense_experts_gb: GiB of kept bf16 expert copies (`configure_memory`), made before the first step."""
+    """runs: (tokens, gradient_checkpointing[, dense_experts_gb]) tuples. optimizer: none, adamw or
+    offloaded. dense_experts_gb: GiB of kept bf16 expert copies (`configure_memory`) for runs that
+    give none of their own."""
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
     model.train()
     opt = None
     if optimizer != "none":  # lr tiny: the weights stay what they were, so every row sees the same model
         opt = make_optimizer(model.parameters(), lr=1e-12, offload=optimizer == "offloaded")
-    configure_memory(model, gradient_checkpointing="auto", dense_experts_gb=dense_experts_gb)
-    dense_gib = sum(dense_bytes(m) for m in model.modules() if getattr(m, "dense", None) is not None) / 2**30
-    resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters (+ dense copies), before any step
-    print(json.dumps({"resident_gib_before_step": round(resident, 2), "dense_experts_gib": round(dense_gib, 2)}),
-          flush=True)
     rows = []
-    for T, checkpointing in runs:
+    for T, checkpointing, *dense in runs:  # (a third element: this run's dense_experts_gb)
+        gb = dense[0] if dense else dense_experts_gb
         configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
-                         offload_embeddings=offload_embeddings, dense_experts_gb=dense_experts_gb)
+                         offload_embeddings=offload_embeddings, dense_experts_gb=gb)
+        dense_gib = sum(dense_bytes(m) for m in model.modules() if getattr(m, "dense", None) is not None) / 2**30
+        resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters (+ dense copies), before the step
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
@@ -164,6 +163,8 @@ def main():
     ap.add_argument("--dense-experts-gb", type=float, default=0.0,
                     help="GiB of bf16 copies of the frozen MXFP4 experts kept for the MoE calls (layers in order; "
                          "ossrl.train.memory); 0: none, each call decodes its own")
+    ap.add_argument("--dense-ab", action="store_true",
+                    help="time each size without the dense copies, then with --dense-experts-gb, on one model")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a memory check, not a comparison)")
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
@@ -183,6 +184,8 @@ def main():
     runs = [(T, mode) for T in sizes]
     if mode == "auto" and args.full_checkpoint_tokens:
         runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]
+    if args.dense_ab:  # each run without the copies, then with them, in this process
+        runs = [(*r, 0.0) for r in runs] + [(*r, args.dense_experts_gb) for r in runs]
     ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings,
                                       args.optimizer, args.dense_experts_gb)
     theirs = []
@@ -197,8 +200,9 @@ def main():
     for r in ours:
         match = next((x for x in theirs if x["tokens"] == r["tokens"] and x.get("status") == "ok"), None)
         if match and r.get("status") == "ok" and r["gradient_checkpointing"] == mode:
-            ratios[str(r["tokens"])] = {"speedup": round(match["seconds"] / r["seconds"], 2),
-                                        "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
+            key = str(r["tokens"]) + ("_dense" if r["dense_experts_gib"] else "")
+            ratios[key] = {"speedup": round(match["seconds"] / r["seconds"], 2),
+                           "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
     result = {
         "benchmark": "train_step",
         **device_info(),
