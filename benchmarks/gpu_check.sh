@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -15,7 +15,9 @@
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
-# kernels too); generate: benchmarks/generate.py. Logs and JSON go
+# kernels too); regress: rollouts on the defaults, in session 13's configuration and without the
+# deferred add; flexprobe: benchmarks/flex_probe.py per compile mode; dense: the kept bf16 expert
+# copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -173,6 +175,31 @@ if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9; on
         "--fused-log-softmax --sink-kernels"; do
         timeout 150 python benchmarks/profile_train.py --tokens 4096 $flag 2>&1 | tee -a "$out/logsoftmax_profile.log" | head -12
     done
+fi
+if [[ $what == *" regress "* ]]; then  # session 16: rollouts on the defaults, then in session 13's configuration
+    # (the switches added or turned on since its 7,877 tok/s at batch 64, all off)
+    run=0
+    for args in "" "--no-host-masks --no-router-groups --no-rotary-append --no-defer-residual-add" \
+        "--no-defer-residual-add"; do
+        echo "rollouts ${args:-(defaults)}"
+        run=$((run + 1))
+        timeout ${GEN_TIMEOUT:-110} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64} $args \
+            --out "$out/generate_regress_$run.json" 2>&1 | tee -a "$out/generate_regress.log" \
+            | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
+    done
+fi
+if [[ $what == *" flexprobe "* ]]; then  # session 16: FlexAttention on a 64 x 128 packed mask, per compile mode
+    for mode in static auto dynamic; do
+        timeout 60 python benchmarks/flex_probe.py $mode 2>&1 | tee "$out/flex_probe_$mode.txt" | grep -E "ms a call|Error"
+    done
+fi
+if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
+    timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \
+        | tee "$out/dense_test.log" | tail -3
+    timeout 200 python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" --tokens ${DENSE_TOKENS:-4096,8192} \
+        --dense-experts-gb ${DENSE_GB:-40} --dense-ab --out "$out/train_dense_ab.json" 2>&1 | tee "$out/train_dense_ab.log" \
+        | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+|"checkpointed_layers": [0-9]+|"dense_experts_gib": [0-9.]+' \
+        | paste -sd' '
 fi
 if [[ $what == *" generate "* ]]; then
     timeout ${GEN_TIMEOUT:-420} python benchmarks/generate.py ${GEN_ARGS:-} --out "$out/generate.json" 2>&1 | tee "$out/generate.log" | tail -20
