@@ -43,6 +43,23 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeats: int = 20) -> float:
 
 
 @torch.no_grad()
+def median_ms(fn, reps: int, warmup: int = 1) -> float:
+    """Median milliseconds of fn() over reps (CUDA events), after `warmup` calls."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def hf_from_ossrl(model, config, device="cuda", attn_implementation: str | None = None):
     """transformers' model with ossrl's weights (experts dequantised, transposed to [E, in, out])."""
     from transformers import GptOssConfig as HFConfig

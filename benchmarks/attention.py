@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's ossrl, without PYTHONPATH
 
+from _common import median_ms as timed  # noqa: E402  (median ms over reps, one warm-up call)
 from ossrl.kernels.attention import AttentionMask, sink_attention, sink_attention_reference  # noqa: E402
 from ossrl.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
@@ -51,20 +51,6 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
-
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of fn() over reps, after one warm-up call (CUDA events)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def peak_extra_bytes(fn) -> int:

@@ -13,7 +13,6 @@ same time as a dense causal mask: the last row).
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import median_ms  # noqa: E402
 from ossrl.kernels import attention  # noqa: E402
 from ossrl.kernels.attention import AttentionMask  # noqa: E402
 
@@ -52,17 +52,7 @@ def call(T: int, mask: AttentionMask):
 
 def ms(fn) -> float:
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        return median_ms(fn, 20, warmup=3)
 
 
 if args.mode in ("static", "dynamic"):  # one compiled wrapper for every call
