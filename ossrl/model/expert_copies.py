@@ -45,8 +45,8 @@ def tiled_epoch() -> int:
 
 
 def blocks_stamp(m) -> tuple | None:
-    """What tiled copies are made from: each projection's blocks (device, shape, address, version
-    counter; an in-place write through autograd-visible ops bumps the version). None for
+    """What copies (tiled, dense) are made from: each projection's blocks (device, shape, address,
+    version counter; an in-place write through autograd-visible ops bumps the version). None for
     inference-mode tensors, which keep no version counter: their in-place writes would go unseen."""
     stamp = []
     for t in (m.gate_up_proj_blocks, m.down_proj_blocks):
