@@ -28,6 +28,13 @@ def _mxfp4_experts(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, Experts) and m.format == "mxfp4"]
 
 
+def _copyable(model: nn.Module, m, stamp) -> bool:
+    """Whether an MXFP4 experts module may get copies (either kind): a bf16 module on a GPU, of a
+    model that is not sharded, with blocks that keep a version counter (`stamp` not None)."""
+    return (not getattr(model, "sharded", False) and stamp is not None and m.gate_up_proj_blocks.is_cuda
+            and m.gate_up_proj_bias.dtype == torch.bfloat16)
+
+
 # The tile-contiguous layout of the rollouts' expert copies (`tile_experts`): runs of 64 rows (the
 # word decode's BN) and chunks of 8 words (BK = 64 columns: a decode program's K tile is one 2 KB
 # span). Against chunks of 16 words (H100, results/moe_tiled_fixup.json, MoE matmuls, graph replay):
@@ -92,13 +99,11 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
     from ossrl.kernels.mxfp4_triton import tile_blocks
 
     changed = 0
-    sharded = getattr(model, "sharded", False)
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 4)
     for m in _mxfp4_experts(model):
         stamp = blocks_stamp(m)
         rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
-        eligible = (enabled and not sharded and stamp is not None and m.gate_up_proj_blocks.is_cuda
-                    and m.gate_up_proj_bias.dtype == torch.bfloat16 and all(r % TILED_LAYOUT[0] == 0 for r in rows))
+        eligible = enabled and _copyable(model, m, stamp) and all(r % TILED_LAYOUT[0] == 0 for r in rows)
         if m.tiled is not None and (not eligible or [s[:2] for s in m.tiled["stamp"]] != [s[:2] for s in stamp]
                                     or m.tiled["layout"] != TILED_LAYOUT):
             m.tiled = None  # not wanted, the blocks moved to another device or shape, or another layout
@@ -145,13 +150,10 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"dense_experts: max_bytes must be >= 0, got {max_bytes}")
     changed, used = 0, 0
-    sharded = getattr(model, "sharded", False)
     for m in _mxfp4_experts(model):
         stamp = blocks_stamp(m)
-        eligible = (not sharded and stamp is not None and m.gate_up_proj_blocks.is_cuda
-                    and m.gate_up_proj_bias.dtype == torch.bfloat16)
         need = dense_bytes(m)
-        wanted = eligible and (max_bytes is None or used + need <= max_bytes)
+        wanted = _copyable(model, m, stamp) and (max_bytes is None or used + need <= max_bytes)
         had = m.dense is not None
         if had and (refresh or not wanted or m.dense["stamp"] != stamp):
             m.dense = None  # not wanted, or made from blocks written since: freed before any remake
