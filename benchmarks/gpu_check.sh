@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -16,7 +16,8 @@
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
 # kernels too); regress: rollouts on the defaults, in session 13's configuration and without the
-# deferred add; flexprobe: benchmarks/flex_probe.py per compile mode; dense: the kept bf16 expert
+# deferred add; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
+# benchmarks/flex_tune.py (FlexAttention tile options, training shape); dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -192,6 +193,11 @@ if [[ $what == *" flexprobe "* ]]; then  # session 16: FlexAttention on a 64 x 1
     for mode in static auto dynamic; do
         timeout 60 python benchmarks/flex_probe.py $mode 2>&1 | tee "$out/flex_probe_$mode.txt" | grep -E "ms a call|Error"
     done
+fi
+if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
+    timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \
+        --out "$out/flex_tune.json" 2>&1 | tee "$out/flex_tune.log" | grep -E '"name"|fastest|Error' \
+        | grep -oE '"name": "[^"]+"|"layers_ms": [0-9.]+|"error": "[^"]{0,80}|fastest.*' | paste -sd' ' | sed 's/"name"/\n&/g'
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \

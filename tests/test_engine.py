@@ -625,10 +625,12 @@ def test_rollout_copies_carry_any_scaling(alpha):
 
 def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
     """Dense bf16 copies (`expert_copies.dense_experts`) go to training and rollout forwards alike
-    while their stamp matches the blocks; a write makes them stale (freed with a warning, not handed
+    while their stamp matches the blocks (and a rollout's reserve then counts no transient copy); a
+    write makes them stale (freed with a warning, not handed
     out); `dense_experts` frees copies of modules it would not give any (here: off the GPU) and
     checks its budget."""
-    from ossrl.model.expert_copies import dense_experts
+    from ossrl.kernels.moe_triton import _dense_copy_bytes
+    from ossrl.model.expert_copies import _rollout_reserve, dense_experts
     from ossrl.model.gptoss import Experts, blocks_stamp, inference_kernels
 
     model = random_model(tiny_config(quantization="mxfp4"), seed=3, expert_format="mxfp4").to(torch.bfloat16)
@@ -638,6 +640,11 @@ def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
     assert m.expert_weights().gate_up_dense is copies["gate_up"]
     with inference_kernels():
         assert m.expert_weights().down_dense is copies["down"]
+    # a rollout's memory reserve leaves out the transient bf16 copy that fresh kept copies replace
+    kept = _rollout_reserve(m, 80 << 30, 256, 4)
+    m.dense = None
+    assert _rollout_reserve(m, 80 << 30, 256, 4) - kept == _dense_copy_bytes(m.expert_weights()) > 0
+    m.dense = copies
     with torch.no_grad():
         m.down_proj_blocks[0, 0, 0, 0] ^= 1
     with pytest.warns(RuntimeWarning, match="no longer match"):

@@ -224,6 +224,10 @@ class _SinkRescale(torch.autograd.Function):
 # queries against a cache run the dynamic kernel.
 FLEX_STATIC = False
 STATIC_MAX_TOKENS = 16384
+# Triton tile options for every compiled FlexAttention call (torch's `kernel_options`: "fwd_BLOCK_M",
+# "bwd_BLOCK_N1", "num_warps", ...); empty leaves torch's per-GPU defaults. `benchmarks/flex_tune.py`
+# times candidates on the training shape. A change recompiles (dynamo guards on the options).
+FLEX_KERNEL_OPTIONS: dict = {}
 # Kernels compiled static at most (lengths x batch x window x mask kind x dtype); past that, new
 # kinds run the dynamic kernel. Dynamo's recompile limit (process-wide, raised to hold these and
 # the dynamic ones) would otherwise fall back to eager flex, which builds [T x T] scores.
@@ -309,6 +313,8 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     flex = _compiled_flex_attention(static) if compiled else flex_module.flex_attention
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
     kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    if FLEX_KERNEL_OPTIONS and compiled:
+        kwargs["kernel_options"] = dict(FLEX_KERNEL_OPTIONS)
     if hasattr(flex_module, "AuxRequest"):  # torch >= 2.9
         out, aux = flex(qt, kt, vt, return_aux=flex_module.AuxRequest(lse=True), **kwargs)
         lse = aux.lse

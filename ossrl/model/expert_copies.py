@@ -69,13 +69,14 @@ def _rollout_reserve(m, total: int, prefill_tokens: int, top_k: int) -> int:
     """Memory a rollout still needs after its KV pool: the device's headroom (`checkpointing.headroom`:
     graph pools, small buffers), plus a packed prefill of `prefill_tokens` (each token's top-k slots
     through gate_up, the SwiGLU and down, and the transient bf16 copy of gate_up that prefill-sized
-    MoE calls decode into)."""
+    MoE calls decode into, unless the module keeps fresh dense copies, which they read instead)."""
     from ossrl.kernels.moe_triton import _dense_copy_bytes
 
     rows, groups = m.gate_up_proj_blocks.shape[1:3]  # rows = 2I, groups * 32 = H
     H, I, elem = groups * 32, rows // 2, m.gate_up_proj_bias.element_size()
     prefill = prefill_tokens * (top_k * (2 * 2 * I + I + H) + 8 * H) * elem
-    return headroom(total) + prefill + _dense_copy_bytes(m.expert_weights())
+    kept = m.dense is not None and m.dense["stamp"] == blocks_stamp(m)
+    return headroom(total) + prefill + (0 if kept else _dense_copy_bytes(m.expert_weights()))
 
 
 @torch.no_grad()
