@@ -15,8 +15,8 @@
 # copies against a cast per forward, and the MoE decode tiles with registers capped at 80), with
 # FOLD=1 again without the folded word decode, and (after sweep) with the sweep's fastest tiles; logsoftmax: the fused
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
-# kernels too); regress: rollouts on the defaults, in session 13's configuration and without the
-# deferred add; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
+# kernels too); regress: rollouts on the defaults, in session 13's configuration, without the
+# deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
@@ -178,10 +178,11 @@ if [[ $what == *" logsoftmax "* ]]; then  # the fused log-softmax (session 9; on
     done
 fi
 if [[ $what == *" regress "* ]]; then  # session 16: rollouts on the defaults, then in session 13's configuration
-    # (the switches added or turned on since its 7,877 tok/s at batch 64, all off)
+    # (the switches added or turned on since its 7,877 tok/s at batch 64, all off), without the deferred
+    # add, and with FlexAttention compiled per length (is batch 64's prefill slow after batch 1's?)
     run=0
     for args in "" "--no-host-masks --no-router-groups --no-rotary-append --no-defer-residual-add" \
-        "--no-defer-residual-add"; do
+        "--no-defer-residual-add" "--flex-static"; do
         echo "rollouts ${args:-(defaults)}"
         run=$((run + 1))
         timeout ${GEN_TIMEOUT:-110} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch1,batch64} $args \
