@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_switches, apply_switches, device_info, hf_from_ossrl  # noqa: E402
+from ossrl.kernels import attention  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.expert_copies import dense_bytes, dense_experts  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
@@ -169,9 +170,15 @@ def main():
     ap.add_argument("--model", default="20b", choices=("20b", "120b"),
                     help="120b: ossrl only (transformers would need its 234 GB of bf16 experts)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_120b.json for 120b)")
+    ap.add_argument("--flex-kernel-options", default=None, metavar="JSON",
+                    help='FlexAttention tile options (attention.FLEX_KERNEL_OPTIONS), e.g. '
+                         '\'{"bwd_BLOCK_M1": 64}\' (benchmarks/flex_tune.py times candidates)')
     add_switches(ap, ("fused-log-softmax", "sink-kernels", "flex-static"))
     args = ap.parse_args()
     switches = apply_switches(args)
+    if args.flex_kernel_options:
+        attention.FLEX_KERNEL_OPTIONS = json.loads(args.flex_kernel_options)
+    switches["flex_kernel_options"] = attention.FLEX_KERNEL_OPTIONS
     if args.out is None:
         name = "train.json" if args.model == "20b" else f"train_{args.model}.json"
         args.out = os.path.join(os.environ.get("OUT", "benchmarks/results"), name)
