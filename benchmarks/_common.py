@@ -42,9 +42,9 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-@torch.no_grad()
 def median_ms(fn, reps: int, warmup: int = 1) -> float:
-    """Median milliseconds of fn() over reps (CUDA events), after `warmup` calls."""
+    """Median milliseconds of fn() over reps (CUDA events), after `warmup` calls. Autograd as the
+    caller has it (fn may run a backward)."""
     import statistics
 
     for _ in range(warmup):
