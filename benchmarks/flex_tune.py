@@ -59,7 +59,9 @@ def main():
     pos = torch.arange(T)[None]
     masks = {window: AttentionMask(pos.cuda(), pos.cuda(), window, host=AttentionMask(pos, pos, window))
              for window in (None, 128)}
-    result = {**device_info(), "tokens": T, "heads": [Hq, Hk, D], "candidates": []}
+    result = {**device_info(), "tokens": T, "heads": [Hq, Hk, D], "library_tuned": str(attention.FLEX_TUNED),
+              "candidates": []}
+    attention.FLEX_TUNED = {}  # "default" is torch's own choice
     for name, options in candidates():
         attention.FLEX_KERNEL_OPTIONS = options
         attention._compiled_flex_attention.cache_clear()

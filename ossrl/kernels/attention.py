@@ -224,10 +224,20 @@ class _SinkRescale(torch.autograd.Function):
 # queries against a cache run the dynamic kernel.
 FLEX_STATIC = False
 STATIC_MAX_TOKENS = 16384
-# Triton tile options for every compiled FlexAttention call (torch's `kernel_options`: "fwd_BLOCK_M",
-# "bwd_BLOCK_N1", "num_warps", ...); empty leaves torch's per-GPU defaults. `benchmarks/flex_tune.py`
-# times candidates on the training shape. A change recompiles (dynamo guards on the options).
+# Triton tile options for compiled FlexAttention calls (torch's `kernel_options`: "fwd_BLOCK_M",
+# "bwd_BLOCK_N1", "num_warps", ...). FLEX_KERNEL_OPTIONS, when set, serves every call; otherwise
+# FLEX_TUNED's entry for the GPU (compute capability), head size and dtype, else torch's defaults.
+# `benchmarks/flex_tune.py` times candidates on the training shape. A change recompiles (dynamo
+# guards on the options).
 FLEX_KERNEL_OPTIONS: dict = {}
+FLEX_TUNED: dict = {}
+
+
+def _kernel_options(q: torch.Tensor) -> dict | None:
+    if FLEX_KERNEL_OPTIONS:
+        return dict(FLEX_KERNEL_OPTIONS)
+    tuned = FLEX_TUNED.get((torch.cuda.get_device_capability(q.device), q.shape[-1], q.dtype)) if FLEX_TUNED else None
+    return dict(tuned) if tuned else None
 # Kernels compiled static at most (lengths x batch x window x mask kind x dtype); past that, new
 # kinds run the dynamic kernel. Dynamo's recompile limit (process-wide, raised to hold these and
 # the dynamic ones) would otherwise fall back to eager flex, which builds [T x T] scores.
@@ -313,8 +323,8 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     flex = _compiled_flex_attention(static) if compiled else flex_module.flex_attention
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D] views
     kwargs = dict(block_mask=mask.block_mask(), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    if FLEX_KERNEL_OPTIONS and compiled:
-        kwargs["kernel_options"] = dict(FLEX_KERNEL_OPTIONS)
+    if compiled and (options := _kernel_options(q)):
+        kwargs["kernel_options"] = options
     if hasattr(flex_module, "AuxRequest"):  # torch >= 2.9
         out, aux = flex(qt, kt, vt, return_aux=flex_module.AuxRequest(lse=True), **kwargs)
         lse = aux.lse
