@@ -192,7 +192,7 @@ if [[ $what == *" regress "* ]]; then  # session 16: rollouts on the defaults, t
 fi
 if [[ $what == *" flexprobe "* ]]; then  # session 16: FlexAttention on a 64 x 128 packed mask, per compile mode
     for mode in static auto dynamic; do
-        timeout 60 python benchmarks/flex_probe.py $mode 2>&1 | tee "$out/flex_probe_$mode.txt" | grep -E "ms a call|Error"
+        timeout ${FLEXPROBE_TIMEOUT:-60} python benchmarks/flex_probe.py $mode 2>&1 | tee "$out/flex_probe_$mode.txt" | grep -E "ms a call|Error"
     done
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
@@ -203,7 +203,9 @@ fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \
         | tee "$out/dense_test.log" | tail -3
-    timeout 200 python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" --tokens ${DENSE_TOKENS:-4096,8192} \
+    # DENSE_HF=1: transformers + PEFT at the same sizes after ours, in the same run (the train table's ratios)
+    hf=(--skip-hf); [[ -n ${DENSE_HF:-} ]] && hf=(--hf-tokens ${DENSE_TOKENS:-4096,8192})
+    timeout ${DENSE_TIMEOUT:-200} python benchmarks/train.py "${hf[@]}" --full-checkpoint-tokens "" --tokens ${DENSE_TOKENS:-4096,8192} \
         --dense-experts-gb ${DENSE_GB:-40} --dense-ab --out "$out/train_dense_ab.json" 2>&1 | tee "$out/train_dense_ab.log" \
         | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+|"checkpointed_layers": [0-9]+|"dense_experts_gib": [0-9.]+' \
         | paste -sd' '
