@@ -62,11 +62,11 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_ossrl(model, shapes, vocab, repeats: int = 3) -> list[dict]:
+def run_ossrl(model, shapes, vocab, repeats: int = 3, rows: list | None = None, done=None) -> list[dict]:
     """Each shape generated once untimed, then `repeats` timed times: the median (one timed run
-    varied by up to 5% at batch 64 on an H100, session 17)."""
+    varied by up to 5% at batch 64 on an H100, session 17). Rows go into `rows`; `done()` follows each."""
     engine = RolloutEngine(model)
-    rows = []
+    rows = [] if rows is None else rows
     for shape in shapes:
         P, n, lengths = shape["prompts"], shape["n"], shape["max_new"]
         ps = prompts(P, shape["prompt_len"], vocab, seed=P)
@@ -89,12 +89,14 @@ def run_ossrl(model, shapes, vocab, repeats: int = 3) -> list[dict]:
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      "graph_failures": engine._slots.graph_failures if engine._slots else []})
         print(json.dumps(rows[-1]), flush=True)
+        if done is not None:
+            done()
     engine.release()
     return rows
 
 
-def run_hf(hf, shapes, vocab) -> list[dict]:
-    rows = []
+def run_hf(hf, shapes, vocab, rows: list | None = None, done=None) -> list[dict]:
+    rows = [] if rows is None else rows
     for shape in shapes:
         P, n = shape["prompts"], shape["n"]
         ps = prompts(P, shape["prompt_len"], vocab, seed=P)
@@ -109,6 +111,8 @@ def run_hf(hf, shapes, vocab) -> list[dict]:
             seconds = timed(lambda: hf.generate(ids, **kwargs))
         except torch.OutOfMemoryError:
             rows.append({**shape, "system": "transformers", "status": "OOM"})
+            if done is not None:
+                done()
             continue
         # transformers pads every row of the batch to the longest: count only the tokens the
         # shape asks for, i.e. what a GRPO user gets out of the call.
@@ -117,6 +121,8 @@ def run_hf(hf, shapes, vocab) -> list[dict]:
                      "generated_tokens": useful, "tokens_per_second": round(useful / seconds, 1),
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
         print(json.dumps(rows[-1]), flush=True)
+        if done is not None:
+            done()
     return rows
 
 
@@ -153,37 +159,44 @@ def main():
     shapes = [s for s in shapes if s["name"] in args.shapes.split(",")]
     t0 = time.time()
     info = {**device_info(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1)}
+    ours, theirs = [], []
+
+    def write() -> dict:
+        """The result so far, rewritten after every row (a run cut by its time limit keeps its rows)."""
+        ratios = {}
+        for a in ours:
+            b = next((x for x in theirs if x["name"] == a["name"] and "tokens_per_second" in x), None)
+            if b:
+                ratios[a["name"]] = round(a["tokens_per_second"] / b["tokens_per_second"], 2)
+        bytes_step = decode_bytes_batch1(config)
+        b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
+        steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
+        result = {"benchmark": "generate", **info, "lora": args.lora, **switches,
+                  "dense_experts_gb": args.dense_experts_gb,
+                  "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
+                  "shapes": [s["name"] for s in shapes], "ossrl": ours, "transformers": theirs, "speedup": ratios,
+                  "batch1_bytes_per_step": bytes_step,
+                  "batch1_bandwidth_fraction": round(bytes_step * steps_per_s / (info["copy_bandwidth_gbs"] * 1e9), 3),
+                  "complete": len(ours) == len(shapes) and (args.skip_hf or len(theirs) == len(shapes)),
+                  "seconds_total": round(time.time() - t0, 1)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     if args.lora:
         apply_lora(model, LoRAConfig(r=16, alpha=32))
     expert_copies.dense_experts(model, max_bytes=int(args.dense_experts_gb * 2**30))
-    ours = run_ossrl(model, shapes, config.vocab_size, args.repeats)
-    theirs = []
+    run_ossrl(model, shapes, config.vocab_size, args.repeats, rows=ours, done=write)
     if not args.skip_hf:
         expert_copies.dense_experts(model, max_bytes=0)
         hf = hf_from_ossrl(model, config, attn_implementation="eager").eval()
         del model
         gc.collect()
         torch.cuda.empty_cache()
-        theirs = run_hf(hf, shapes, config.vocab_size)
-    ratios = {}
-    for a in ours:
-        b = next((x for x in theirs if x["name"] == a["name"] and "tokens_per_second" in x), None)
-        if b:
-            ratios[a["name"]] = round(a["tokens_per_second"] / b["tokens_per_second"], 2)
-    bytes_step = decode_bytes_batch1(config)
-    b1 = next((a for a in ours if a["name"] == "batch1"), {"tokens_per_second": 0.0})
-    steps_per_s = b1["tokens_per_second"]  # includes prefill: a lower bound on decode steps/s
-    result = {"benchmark": "generate", **info, "lora": args.lora, **switches, "dense_experts_gb": args.dense_experts_gb,
-              "model": "gpt-oss-20b shapes, random weights (ossrl MXFP4 experts; transformers dequantised bf16)",
-              "ossrl": ours, "transformers": theirs, "speedup": ratios,
-              "batch1_bytes_per_step": bytes_step,
-              "batch1_bandwidth_fraction": round(bytes_step * steps_per_s / (info["copy_bandwidth_gbs"] * 1e9), 3),
-              "seconds_total": round(time.time() - t0, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"speedup": ratios, "bw_fraction_b1": result["batch1_bandwidth_fraction"]}))
-
+        run_hf(hf, shapes, config.vocab_size, rows=theirs, done=write)
+    result = write()
+    print(json.dumps({"speedup": result["speedup"], "bw_fraction_b1": result["batch1_bandwidth_fraction"]}))
 
 if __name__ == "__main__":
     main()
