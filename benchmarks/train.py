@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_switches, apply_switches, device_info, hf_from_ossrl  # noqa: E402
 from ossrl.kernels import attention  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
-from ossrl.model.expert_copies import dense_bytes, dense_experts  # noqa: E402
+from ossrl.model.expert_copies import dense_bytes_kept, dense_experts  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
@@ -96,7 +96,7 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
         gb = dense[0] if dense else dense_experts_gb
         configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
                          offload_embeddings=offload_embeddings, dense_experts_gb=gb)
-        dense_gib = sum(dense_bytes(m) for m in model.modules() if getattr(m, "dense", None) is not None) / 2**30
+        dense_gib = dense_bytes_kept(model) / 2**30
         resident = torch.cuda.memory_allocated() / 2**30  # weights + LoRA masters (+ dense copies), before the step
         batch = single_document(T, config.vocab_size, "cuda")
 
@@ -108,6 +108,8 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
             model.zero_grad(set_to_none=True)
 
         r = timed_steps(step, repeats)
+        # "auto" refits the copies to what the step's activations leave (ossrl.train.memory)
+        r["dense_experts_gib_after_step"] = round(dense_bytes_kept(model) / 2**30, 2)
         r.update(tokens=T, system="ossrl", optimizer=optimizer, gradient_checkpointing=checkpointing,
                  checkpointed_layers=model.model.checkpointed_layers, offload=offload,
                  offload_embeddings=offload_embeddings, resident_gib_before_step=round(resident, 2),

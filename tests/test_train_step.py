@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ossrl.kernels.attention import AttentionMask
-from ossrl.model.checkpointing import measure_saved_bytes, plain_layer_count
+from ossrl.model.checkpointing import activations_then_copies, measure_saved_bytes, plain_layer_count
 from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters, lora_state_dict, load_lora_state_dict
 from ossrl.testing import random_model, tiny_config
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs, token_logprobs
@@ -216,6 +216,51 @@ def test_auto_checkpointing_with_offload_and_measured_budget():
         configure_memory(model, gradient_checkpointing=False, offload_activations=True)
 
 
+@pytest.mark.parametrize("room", ["all", "one", "none"])
+def test_auto_checkpointing_gives_kept_expert_copies_only_what_the_activations_leave(monkeypatch, room):
+    """`configure_memory(gradient_checkpointing="auto", dense_experts_gb=)`: each training forward
+    plans its kept activations as if the copies' memory were free (`activations_then_copies`), then
+    frees or makes copies (`fit_dense_copies`, whole layers in order) to fit what is left; gradients
+    are the plain step's whichever copies exist. The copies are made on this CPU (the placement rule
+    patched) and the free memory simulated: a pool shared by activations and copies."""
+    from ossrl.model import expert_copies, gptoss
+    from ossrl.model.expert_copies import dense_bytes, dense_bytes_kept
+    from ossrl.model.gptoss import Experts
+
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref, _ = lora_model(seed=6, expert_format="mxfp4", num_hidden_layers=3)
+    full_logits_logprobs(ref, ids).sum().backward()
+    model, _ = lora_model(seed=6, expert_format="mxfp4", num_hidden_layers=3)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    one = dense_bytes(experts[0])
+    monkeypatch.setattr(expert_copies, "_copyable", lambda model, m, stamp: stamp is not None)
+    monkeypatch.setattr(expert_copies, "device_memory", lambda device: (1 << 50, 1 << 50))
+    configure_memory(model, gradient_checkpointing="auto", dense_experts_gb=10 * one / 2**30)
+    assert model.model.dense_experts_cap == 10 * one and dense_bytes_kept(model) == 3 * one  # made up front
+    full_logits_logprobs(model, ids)  # (measures a layer's bytes; the pool below is set from them)
+    model.zero_grad(set_to_none=True)
+    layer = model.model.layer_activation_bytes
+    inputs = ids.numel() * model.config.hidden_size * 4  # what a checkpointed layer keeps (fp32 stream)
+    # none: two layers' activations and the third's input exactly, nothing left for copies
+    pool = {"all": 3 * layer + 5 * one, "one": 3 * layer + 1.5 * one, "none": 2 * layer + inputs}[room]
+    # the measured budget: the pool less what the copies hold now (as free memory would say)
+    monkeypatch.setattr(gptoss, "activation_budget", lambda device, layer_bytes: int(pool) - dense_bytes_kept(model))
+    made = []
+    real = expert_copies.dense_experts
+    monkeypatch.setattr(expert_copies, "dense_experts", lambda *a, **k: made.append(k) or real(*a, **k))
+    for _ in range(2):
+        full_logits_logprobs(model, ids).sum().backward()
+    kept = [m.dense is not None for m in experts]
+    assert kept == {"all": [True] * 3, "one": [True, False, False], "none": [False] * 3}[room]
+    assert model.model.checkpointed_layers == (0 if room != "none" else 1)
+    assert len(made) == (room != "all")  # the second step changed nothing: no refit
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-5, atol=1e-7)
+    configure_memory(model, gradient_checkpointing=True, dense_experts_gb=10 * one / 2**30)
+    assert model.model.dense_experts_cap == 0  # copies stay as configured outside "auto"
+
+
 def test_measured_bytes_count_what_autograd_keeps_but_not_parameters_or_inputs():
     linear = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Tanh())
     x = torch.randn(4, 10, requires_grad=True)
@@ -228,6 +273,11 @@ def test_measured_bytes_count_what_autograd_keeps_but_not_parameters_or_inputs()
     assert plain_layer_count(100, 24, 1050, input_bytes=10) == 9
     assert plain_layer_count(100, 24, 1049, input_bytes=10) == 8
     assert plain_layer_count(100, 24, 100, input_bytes=10) == 0  # not even the inputs fit: all checkpointed
+    # kept expert copies get what the activations leave, at most their cap
+    assert activations_then_copies(100, 24, 2450, 10, 30) == (24, 30)
+    assert activations_then_copies(100, 24, 2450, 10, 80) == (24, 50)
+    assert activations_then_copies(100, 24, 1089, 10, 80) == (9, 39)  # less than one more layer's
+    assert activations_then_copies(100, 24, 100, 10, 80) == (0, 0)
 
 
 def test_auto_checkpointing_measures_a_layer_whose_input_needs_a_gradient():

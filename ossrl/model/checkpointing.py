@@ -113,6 +113,20 @@ def activation_budget(device: torch.device, layer_bytes: int) -> int:
     return max(free - 2 * layer_bytes - headroom(total), 0)
 
 
+def activations_then_copies(layer_bytes: int, num_layers: int, budget: int, input_bytes: int,
+                            copies_cap: int) -> tuple[int, int]:
+    """Checkpointing "auto" with kept bf16 expert copies (`expert_copies.dense_experts`): `budget` is
+    the memory activations and copies share (the copies' current bytes included). Activations come
+    first: (layers that keep their activations, `plain_layer_count`; the bytes the copies may
+    keep: what the activations leave, at most `copies_cap`). Per GiB, kept activations save far
+    more than copies: a 20b layer at 8K tokens keeps about 1.2 GB and its recompute costs about 8
+    ms, while 1.6 GB of copies save 1.4 ms (session 17, H100: 35.6 GiB of copies at 8K left 8
+    layers recomputed, 0.550 -> 0.577 s a step)."""
+    plain = plain_layer_count(layer_bytes, num_layers, budget, input_bytes)
+    kept = plain * layer_bytes + (num_layers - plain) * input_bytes
+    return plain, max(0, min(copies_cap, budget - kept))
+
+
 def plain_layer_count(layer_bytes: int, num_layers: int, budget: int, input_bytes: int = 0) -> int:
     """How many layers keep their activations: the most p with p * layer_bytes plus the
     (num_layers - p) * input_bytes the checkpointed layers still keep (their inputs) within

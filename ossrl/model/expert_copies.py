@@ -144,8 +144,10 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
     version counter) and modules off the GPU get none. Returns the number of modules whose copies
     were made, remade or freed.
 
-    Give training activations their due first: under gradient checkpointing "auto" the copies'
-    memory is memory the kept activations do not get (more layers recomputed)."""
+    Training activations come first: under gradient checkpointing "auto", `configure_memory` hands
+    the budget to the model, whose every training forward refits the copies to the memory its kept
+    activations leave (`fit_dense_copies`); called directly, the copies' memory is memory the kept
+    activations do not get."""
     from ossrl.kernels.mxfp4_triton import dequantize_experts
 
     if max_bytes is not None and max_bytes < 0:
@@ -173,6 +175,27 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
             changed += 1  # freed
         used += need if m.dense is not None else 0
     return changed
+
+
+def dense_bytes_kept(model: nn.Module) -> int:
+    """Bytes of the dense copies `model`'s MXFP4 experts modules hold now."""
+    return sum(dense_bytes(m) for m in _mxfp4_experts(model) if m.dense is not None)
+
+
+def fit_dense_copies(model: nn.Module, max_bytes: int) -> int:
+    """`dense_experts(model, max_bytes)` where it would change something: copies beyond `max_bytes`
+    to free, or room for the next layer's (a module that may get copies and has none). Called by
+    every training forward under checkpointing "auto" (`GptOssModel._layers_that_fit`), so a
+    budget that changes nothing costs no memory query. Returns `dense_experts`' count (0 if not run)."""
+    used, missing = 0, None
+    for m in _mxfp4_experts(model):
+        if m.dense is not None:
+            used += dense_bytes(m)
+        elif missing is None and _copyable(model, m, blocks_stamp(m)):
+            missing = dense_bytes(m)
+    if used > max_bytes or (missing is not None and used + missing <= max_bytes):
+        return dense_experts(model, max_bytes=max_bytes)
+    return 0
 
 
 def dense_bytes(m) -> int:

@@ -30,9 +30,12 @@ from ossrl.kernels.moe import (
 )
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.kernels.transfer import host_to_device
-from ossrl.model.checkpointing import activation_budget, measure_saved_bytes, plain_layer_count
+from ossrl.model.checkpointing import (
+    activation_budget, activations_then_copies, measure_saved_bytes, plain_layer_count,
+)
 from ossrl.model.config import GptOssConfig, YarnRope
 from ossrl.model.expert_copies import blocks_stamp, dense_experts, tile_experts, tiled_epoch  # noqa: F401 (re-exported)
+from ossrl.model.expert_copies import dense_bytes_kept, fit_dense_copies
 
 EXPERT_FORMATS = ("bf16", "mxfp4")  # "bf16" means dense in the model's dtype (fp32 too)
 
@@ -565,6 +568,9 @@ class GptOssModel(nn.Module):
         self.gradient_checkpointing: bool | str = False
         self.offload_activations = False  # with checkpointing: layer inputs wait in pinned CPU memory
         self.activation_budget: int | None = None  # "auto": bytes for kept activations (None: measured)
+        # "auto" with a measured budget: bytes of kept bf16 expert copies allowed (`configure_memory`'s
+        # dense_experts_gb); each training forward refits them to what the activations leave
+        self.dense_experts_cap = 0
         self.checkpointed_layers = 0
         self.layer_activation_bytes = 0  # "auto": what a layer keeps, as estimated for the last forward
         self._measured: tuple[int, int] | None = None  # "auto": (tokens, bytes a layer kept) when measured
@@ -677,11 +683,18 @@ class GptOssModel(nn.Module):
             self._measured = (tokens, measure_saved_bytes(self.layers[0], probe, cos, sin, masks, None))
         layer_bytes = -(-self._measured[1] * tokens // self._measured[0])
         self.layer_activation_bytes = layer_bytes
-        budget = self.activation_budget
-        if budget is None:
-            budget = activation_budget(x.device, layer_bytes)
-        # a checkpointed layer still keeps its input: tokens x hidden of the residual stream
-        return plain_layer_count(layer_bytes, len(self.layers), budget, input_bytes=x.numel() * x.element_size())
+        input_bytes = x.numel() * x.element_size()  # what a checkpointed layer still keeps: its input
+        if self.activation_budget is not None:
+            return plain_layer_count(layer_bytes, len(self.layers), self.activation_budget, input_bytes)
+        budget = activation_budget(x.device, layer_bytes)
+        if not self.dense_experts_cap:
+            return plain_layer_count(layer_bytes, len(self.layers), budget, input_bytes)
+        # kept expert copies take only what this forward's activations leave (made or freed here,
+        # before any layer reads them; the values are the per-call decode's, so only speed changes)
+        plain, allowed = activations_then_copies(layer_bytes, len(self.layers), budget + dense_bytes_kept(self),
+                                                 input_bytes, self.dense_experts_cap)
+        fit_dense_copies(self, allowed)
+        return plain
 
 
 class GptOssForCausalLM(nn.Module):
