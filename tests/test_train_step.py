@@ -261,6 +261,30 @@ def test_auto_checkpointing_gives_kept_expert_copies_only_what_the_activations_l
     assert model.model.dense_experts_cap == 0  # copies stay as configured outside "auto"
 
 
+def test_oom_fallback_frees_the_kept_expert_copies_before_the_retry(monkeypatch):
+    """An out-of-memory pass under "auto" retries with every layer checkpointed and without the kept
+    expert copies (which the retry's memory needs more); the retry sees neither."""
+    from ossrl.model import expert_copies
+    from ossrl.model.expert_copies import dense_bytes_kept
+    from ossrl.train.memory import with_checkpointing_fallback
+
+    model, _ = lora_model(seed=6, expert_format="mxfp4", num_hidden_layers=2)
+    monkeypatch.setattr(expert_copies, "_copyable", lambda model, m, stamp: stamp is not None)
+    monkeypatch.setattr(expert_copies, "device_memory", lambda device: (1 << 50, 1 << 50))
+    configure_memory(model, gradient_checkpointing="auto", dense_experts_gb=1.0)
+    assert dense_bytes_kept(model) > 0
+    seen = []
+
+    def run_pass():
+        seen.append((model.model.gradient_checkpointing, dense_bytes_kept(model)))
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return "done"
+
+    assert with_checkpointing_fallback(model, run_pass) == ("done", True)
+    assert seen[1] == (True, 0) and model.model.dense_experts_cap == 0
+
+
 def test_measured_bytes_count_what_autograd_keeps_but_not_parameters_or_inputs():
     linear = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Tanh())
     x = torch.randn(4, 10, requires_grad=True)

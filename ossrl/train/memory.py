@@ -63,7 +63,8 @@ def with_checkpointing_fallback(model, run_pass):
     zeroed gradients and restore any state of its own (data order); torch's random state (LoRA
     dropout) is restored here. Under gradient_checkpointing "auto" an out-of-memory error (the
     estimate kept more activations than fit) switches the model to checkpointing every layer for
-    the rest of the run, and the pass runs again; otherwise the error is the caller's."""
+    the rest of the run, frees its kept expert copies (`dense_experts_gb`: memory the retry needs
+    more), and the pass runs again; otherwise the error is the caller's."""
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         return run_pass(), False
@@ -71,6 +72,8 @@ def with_checkpointing_fallback(model, run_pass):
         if model.model.gradient_checkpointing != "auto":
             raise
         model.model.gradient_checkpointing = True
+        model.model.dense_experts_cap = 0
+    dense_experts(model, max_bytes=0)
     gc.collect()  # the failed pass's tensors went with the exception
     if rng[1] is not None:
         torch.cuda.empty_cache()
