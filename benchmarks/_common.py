@@ -116,6 +116,8 @@ SWITCHES = (
      "rollout decode steps: the router's top-k kernel also groups the slots by expert (no group_small launch)"),
     ("moe-gemv", "ossrl.kernels.moe_gemv", "GEMV",
      "MXFP4 experts at a token (GEMV_MAX_TOKENS) as CUDA-core matrix-vector products, not the 1-token tile"),
+    ("combine-parts", "ossrl.kernels.moe_triton", "COMBINE_PARTS",
+     "split-K down projections leave their partials to the k-sum (no second launch) where no LoRA term"),
     ("split-k-fixup", "ossrl.kernels.moe_triton", "SPLIT_K_FIXUP",
      "split-K MoE tiles: the last part to finish sums the partials and runs the epilogue, else a second "
      "launch (unset: each tile's TileConfig.fixup)"),

@@ -74,6 +74,8 @@ def main():
 
                 def fwd_bwd():
                     fwd().backward(grad)
+                    for t in (q, k, v, sinks):
+                        t.grad = None  # (no accumulation into the last call's gradients)
 
                 key = "full" if window is None else f"sliding_{window}"
                 line[f"{key}_fwd_ms"] = round(median_ms(fwd, 10, warmup=2), 4)

@@ -140,11 +140,13 @@ def main():
                     help="GiB of bf16 copies of the MXFP4 experts kept for prefill-sized MoE calls "
                          "(expert_copies.dense_experts; the KV pool gets the rest); 0: none")
     add_switches(ap, ("share-prefixes", "tile-experts", "split-k-fixup", "defer-residual-add", "host-masks", "moe-gemv",
-                      "rotary-append", "flex-static", "router-groups"))
+                      "rotary-append", "flex-static", "router-groups", "combine-parts"))
     ap.add_argument("--tiled-layout", default=None, metavar="ROWSxWORDS",
                     help="the experts' tile-contiguous copies in chunks of ROWS rows and WORDS 32-bit words "
                          "(expert_copies.TILED_LAYOUT; default: the library's)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     switches = apply_switches(args)
     if args.tiled_layout:
         expert_copies.TILED_LAYOUT = tuple(int(v) for v in args.tiled_layout.split("x"))
@@ -197,6 +199,7 @@ def main():
         run_hf(hf, shapes, config.vocab_size, rows=theirs, done=write)
     result = write()
     print(json.dumps({"speedup": result["speedup"], "bw_fraction_b1": result["batch1_bandwidth_fraction"]}))
+
 
 if __name__ == "__main__":
     main()

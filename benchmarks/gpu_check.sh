@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -17,7 +17,8 @@
 # log-softmax's GPU test and a 4K training step profiled without and with it (and with the sink
 # kernels too); regress: rollouts on the defaults, in session 13's configuration, without the
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
-# benchmarks/flex_tune.py (FlexAttention tile options, training shape); dense: the kept bf16 expert
+# benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
+# test, then rollouts and decode profiles without and with it; dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -194,6 +195,11 @@ if [[ $what == *" flexprobe "* ]]; then  # session 16: FlexAttention on a 64 x 1
     for mode in static auto dynamic; do
         timeout ${FLEXPROBE_TIMEOUT:-60} python benchmarks/flex_probe.py $mode 2>&1 | tee "$out/flex_probe_$mode.txt" | grep -E "ms a call|Error"
     done
+fi
+if [[ $what == *" combine "* ]]; then  # session 17: split-K down partials summed by the k-sum (one launch fewer)
+    timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
+        | tee "$out/combine_test.log" | tail -2
+    GEN_SHAPES=${GEN_SHAPES:-batch8,batch64} ab_rollouts combine-parts profile
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
     timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \

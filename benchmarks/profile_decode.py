@@ -18,7 +18,8 @@
         # the residual stream in its own launch, not by the next layer's norm (gptoss.DEFER_RESIDUAL_ADD)
     python benchmarks/profile_decode.py --rotary-append   # rotary and the KV-cache append in one
         # launch (gptoss.ROTARY_APPEND); --moe-gemv: the 1-token MoE as CUDA-core GEMVs (moe_gemv.GEMV);
-        # --router-groups: the router's top-k kernel groups the slots too (fused.ROUTER_GROUPS)
+        # --router-groups: the router's top-k kernel groups the slots too (fused.ROUTER_GROUPS);
+        # --combine-parts: split-K down partials summed by the k-sum (moe_triton.COMBINE_PARTS)
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -84,6 +85,10 @@ if "--moe-gemv" in sys.argv or "--no-moe-gemv" in sys.argv:  # 1-token MoE as CU
     from ossrl.kernels import moe_gemv
 
     moe_gemv.GEMV = "--moe-gemv" in sys.argv
+if "--combine-parts" in sys.argv or "--no-combine-parts" in sys.argv:  # split-K down partials to the k-sum
+    from ossrl.kernels import moe_triton
+
+    moe_triton.COMBINE_PARTS = "--combine-parts" in sys.argv
 if "--no-split-k-fixup" in sys.argv or "--split-k-fixup" in sys.argv:
     from ossrl.kernels import moe_triton
 

@@ -367,3 +367,23 @@ def test_decode_twin_of_an_empty_slot_is_zero():
     out = decode_attention_reference(torch.randn(2, 4, 16), k, k, torch.randn(4), torch.tensor([0, 1]),
                                      torch.tensor([0, 3], dtype=torch.int32), scale=0.25)
     assert out[0].abs().max() == 0 and out[1].abs().max() > 0
+
+
+def test_flex_kernel_options_come_from_the_override_then_the_tuned_table(monkeypatch):
+    """`attention._kernel_options`: FLEX_KERNEL_OPTIONS (when set) for every call, else FLEX_TUNED's
+    entry for the GPU's compute capability, head size and dtype, else None (torch's defaults)."""
+    from ossrl.kernels import attention
+
+    q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attention, "FLEX_KERNEL_OPTIONS", {})
+    monkeypatch.setattr(attention, "FLEX_TUNED", {})
+    assert attention._kernel_options(q) is None
+    monkeypatch.setattr(attention, "FLEX_TUNED", {((9, 0), 64, torch.bfloat16): {"fwd_BLOCK_M": 64}})
+    assert attention._kernel_options(q) == {"fwd_BLOCK_M": 64}
+    assert attention._kernel_options(q.float()) is None and attention._kernel_options(q[..., :32]) is None
+    monkeypatch.setattr(attention, "FLEX_KERNEL_OPTIONS", {"USE_TMA": True})
+    options = attention._kernel_options(q)
+    assert options == {"USE_TMA": True}
+    options["USE_TMA"] = False  # a copy: the module's dict is not the one torch gets
+    assert attention.FLEX_KERNEL_OPTIONS == {"USE_TMA": True}

@@ -625,12 +625,12 @@ def test_rollout_copies_carry_any_scaling(alpha):
 
 def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
     """Dense bf16 copies (`expert_copies.dense_experts`) go to training and rollout forwards alike
-    while their stamp matches the blocks (and a rollout's reserve then counts no transient copy); a
-    write makes them stale (freed with a warning, not handed
+    while their stamp matches the blocks (a rollout's reserve counts no transient copy where every
+    layer keeps them); a write makes them stale (freed with a warning, not handed
     out); `dense_experts` frees copies of modules it would not give any (here: off the GPU) and
     checks its budget."""
     from ossrl.kernels.moe_triton import _dense_copy_bytes
-    from ossrl.model.expert_copies import _rollout_reserve, dense_experts
+    from ossrl.model.expert_copies import _all_dense_kept, _rollout_reserve, dense_experts
     from ossrl.model.gptoss import Experts, blocks_stamp, inference_kernels
 
     model = random_model(tiny_config(quantization="mxfp4"), seed=3, expert_format="mxfp4").to(torch.bfloat16)
@@ -640,11 +640,17 @@ def test_experts_hand_out_their_dense_copies_to_every_forward_while_fresh():
     assert m.expert_weights().gate_up_dense is copies["gate_up"]
     with inference_kernels():
         assert m.expert_weights().down_dense is copies["down"]
-    # a rollout's memory reserve leaves out the transient bf16 copy that fresh kept copies replace
-    kept = _rollout_reserve(m, 80 << 30, 256, 4)
-    m.dense = None
-    assert _rollout_reserve(m, 80 << 30, 256, 4) - kept == _dense_copy_bytes(m.expert_weights()) > 0
-    m.dense = copies
+    # a rollout's memory reserve leaves out the transient bf16 copy only where every layer keeps
+    # fresh copies (a prefill decodes one in any layer without)
+    modules = [x for x in model.modules() if isinstance(x, Experts)]
+    assert len(modules) > 1 and not _all_dense_kept(model)
+    for other in modules[1:]:
+        other.dense = dict(copies, stamp=blocks_stamp(other))
+    assert _all_dense_kept(model)
+    for other in modules[1:]:
+        other.dense = None
+    transient = _rollout_reserve(m, 80 << 30, 256, 4) - _rollout_reserve(m, 80 << 30, 256, 4, transient=False)
+    assert transient == _dense_copy_bytes(m.expert_weights()) > 0
     with torch.no_grad():
         m.down_proj_blocks[0, 0, 0, 0] ^= 1
     with pytest.warns(RuntimeWarning, match="no longer match"):

@@ -311,7 +311,6 @@ def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_check
                        log=lambda *_: None)
     full.train()
     assert raised and trainer.model.model.gradient_checkpointing is True
-    assert trainer.model.model.dense_experts_cap == 0  # (kept expert copies, if any, freed for the retry)
     assert any("ran out of memory" in line for line in logged)
     metrics = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["oom_fallbacks"] == 1 and "oom_fallbacks" not in metrics[1]

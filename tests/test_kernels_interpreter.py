@@ -203,6 +203,7 @@ def test_group_small_equals_the_sort_and_tile_table(shape, E, BM):
     ref = group_by_expert(ids, E)
     for f in ("order", "token", "expert", "offsets"):
         assert torch.equal(getattr(groups, f), getattr(ref, f)), f
+    assert torch.equal(groups.position[ref.order], torch.arange(ids.numel()))  # the order's inverse
 
     class _E:
         num_experts = E
@@ -225,7 +226,7 @@ def test_router_topk_grouped_equals_router_topk_then_group_small(N, E, H, k, BM)
     small = fused.group_small(ids, E, BM)
     groups, (te, ts, nt) = small.groups, small.table
     assert grouping.BM == BM and grouping.table[2] == nt
-    for f in ("order", "token", "expert", "offsets"):
+    for f in ("order", "token", "expert", "offsets", "position"):
         assert torch.equal(getattr(grouping.groups, f), getattr(groups, f)), f
     assert torch.equal(grouping.table[0], te) and torch.equal(grouping.table[1][te >= 0], ts[te >= 0])
     with pytest.raises(ValueError, match="1 to 64 rows"):
@@ -516,6 +517,54 @@ def test_split_k_parts_finish_in_the_kernel_with_the_epilogue_kernels_bits(cfg, 
         assert torch.equal(run(True, lora), fused)  # again, from the counters the first launch left
         assert len(moe_triton._COUNTERS[x.device]) == 1 and not moe_triton._COUNTERS[x.device][0].any()
     assert rel(fused, routed_experts_twin(x, w, ids, ex, LoRA)) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [moe_triton.TileConfig(16, 64, 32, 4, 1, dot_scaled=False, swap_ab=True, split_k=2),
+                                 moe_triton.TileConfig(16, 32, 32, 4, 1, dot_scaled=False, split_k=3)],
+                         ids=["split2", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_parts_gives_the_epilogue_and_k_sum_bits_in_one_launch(cfg, dtype, monkeypatch):
+    """COMBINE_PARTS: a split-K down projection without a LoRA term leaves its fp32 partials to
+    `_combine_parts` (parts summed in part order, bias, routing weight, rounded per slot, summed in
+    slot order), the same bits as `_split_k_epilogue` then `combine_slots`; with a LoRA term in the
+    epilogue, or a grouping without the position table (the sort), the two launches run as before."""
+    ex = _experts()
+    if dtype == torch.bfloat16:
+        ex = ExpertWeights(ex.gate_up, ex.gate_up_bias.to(dtype), ex.down, ex.down_bias.to(dtype), ex.gate_up_scales,
+                           ex.down_scales)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 96, generator=g).to(dtype)
+    w, ids = route(torch.randn(40, 4, generator=g).to(dtype), 2)
+
+    class LoRA:  # (in the model's dtype, as the adapters' rollout copies are)
+        scaling = 1.5
+        gate_up_A, gate_up_B = ((torch.randn(*shape, generator=g) * 0.2).to(dtype) for shape in ((4, 96, 8), (4, 8, 128)))
+        down_A, down_B = ((torch.randn(*shape, generator=g) * 0.2).to(dtype) for shape in ((4, 64, 8), (4, 8, 96)))
+
+    calls = []
+    real = moe_triton._combine_parts
+    monkeypatch.setattr(moe_triton, "_combine_parts", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", False)  # split tiles finish in a second launch
+
+    def run(combine, lora=None, **kw):
+        monkeypatch.setattr(moe_triton, "COMBINE_PARTS", combine)
+        calls.clear()
+        with torch.no_grad():
+            out = moe_triton.routed_experts_triton(x, w, ids, ex, lora, config=cfg, lora_epilogue=lora is not None,
+                                                   **kw)
+        return out, len(calls)
+
+    apart, n = run(False)
+    assert n == 0
+    together, n = run(True)
+    assert n == 1 and together.dtype == dtype and torch.equal(together, apart)
+    assert run(True, LoRA)[1] == 0  # the LoRA term stays in the epilogue kernel
+    groups = group_by_expert(ids, 4)  # the sort's grouping has no position table: the two launches
+    grouping = fused.SlotGrouping(groups, moe_triton._Plan(groups, ex, 40, cfg).tiles(cfg.BM), cfg.BM)
+    out, n = run(True, grouping=grouping)
+    assert n == 0 and torch.equal(out, apart)
+    if dtype == torch.float32:
+        assert rel(together, routed_experts_twin(x, w, ids, ex)) < 1e-5
 
 
 def test_dequantize_experts_matches_the_reference_decode():

@@ -351,6 +351,46 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
     assert not any(b.any() for b in moe_triton._COUNTERS[x.device])
 
 
+@pytest.mark.parametrize("N,split", [(8, 2), (64, 2), (64, 4)])
+def test_combine_parts_gives_the_two_launch_bits_in_graph_replays(N, split, monkeypatch):
+    """COMBINE_PARTS: the split-K down projection's partials summed, biased and weighted per slot by
+    the k-sum (`_combine_parts`), bit for bit `_split_k_epilogue` then `combine_slots`, at 20b
+    shapes in CUDA-graph replays on fresh inputs (the grouping's position table is read on the
+    device, no host sync)."""
+    gen = torch.Generator(device=DEV).manual_seed(N + 10 * split)
+    ours_w, _ = make_experts(32, 2880, 2880, "mxfp4", gen)
+    router = torch.randn(2880, 32, generator=gen, device=DEV).bfloat16() * 0.05
+    config = moe_triton.TileConfig(16, 64, 64, 4, 3, dot_scaled=False, swap_ab=True, split_k=split, words=True)
+    x = torch.randn(N, 2880, generator=gen, device=DEV).bfloat16()
+    monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", False)
+    calls = []
+    real = moe_triton._combine_parts
+    monkeypatch.setattr(moe_triton, "_combine_parts", lambda *a: calls.append(1) or real(*a))
+
+    def step():
+        w, ids = route(x @ router, 4)
+        return moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
+
+    inputs = torch.randn(50, N, 2880, generator=gen, device=DEV).bfloat16()
+    results = {}
+    with torch.no_grad():
+        for combine in (False, True):
+            monkeypatch.setattr(moe_triton, "COMBINE_PARTS", combine)
+            calls.clear()
+            step()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            assert len(calls) == 2 * combine  # (the warm-up and the captured call)
+            outs = []
+            for i in range(len(inputs)):
+                x.copy_(inputs[i])
+                graph.replay()
+                outs.append(out.clone())
+            results[combine] = torch.stack(outs)
+    assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,r", [(1, 16), (64, 16), (64, 4), (300, 16)])
 def test_lora_in_the_epilogue_without_autograd(fmt, N, r):

@@ -216,14 +216,16 @@ def test_auto_checkpointing_with_offload_and_measured_budget():
         configure_memory(model, gradient_checkpointing=False, offload_activations=True)
 
 
-@pytest.mark.parametrize("room", ["all", "one", "none"])
+@pytest.mark.parametrize("room", ["all", "one", "none", "tight"])
 def test_auto_checkpointing_gives_kept_expert_copies_only_what_the_activations_leave(monkeypatch, room):
     """`configure_memory(gradient_checkpointing="auto", dense_experts_gb=)`: each training forward
     plans its kept activations as if the copies' memory were free (`activations_then_copies`), then
     frees or makes copies (`fit_dense_copies`, whole layers in order) to fit what is left; gradients
     are the plain step's whichever copies exist. The copies are made on this CPU (the placement rule
-    patched) and the free memory simulated: a pool shared by activations and copies."""
-    from ossrl.model import expert_copies, gptoss
+    patched) and the device's free memory simulated: a pool shared by activations and copies, less
+    what the copies hold. "tight": free memory below the activations' margin (the copies' bytes
+    count once, not on top of a budget already clamped at zero)."""
+    from ossrl.model import checkpointing, expert_copies
     from ossrl.model.expert_copies import dense_bytes, dense_bytes_kept
     from ossrl.model.gptoss import Experts
 
@@ -242,17 +244,22 @@ def test_auto_checkpointing_gives_kept_expert_copies_only_what_the_activations_l
     layer = model.model.layer_activation_bytes
     inputs = ids.numel() * model.config.hidden_size * 4  # what a checkpointed layer keeps (fp32 stream)
     # none: two layers' activations and the third's input exactly, nothing left for copies
-    pool = {"all": 3 * layer + 5 * one, "one": 3 * layer + 1.5 * one, "none": 2 * layer + inputs}[room]
-    # the measured budget: the pool less what the copies hold now (as free memory would say)
-    monkeypatch.setattr(gptoss, "activation_budget", lambda device, layer_bytes: int(pool) - dense_bytes_kept(model))
+    pool = int({"all": 3 * layer + 5 * one, "one": 3 * layer + 1.5 * one, "none": 2 * layer + inputs,
+                "tight": 0.5 * one}[room])
+    # free memory as the device would report it: the pool less what the copies hold, plus the
+    # margin `activation_budget` keeps back (two layers; the headroom patched to zero)
+    monkeypatch.setattr(checkpointing, "headroom", lambda total: 0)
+    monkeypatch.setattr(checkpointing, "device_memory",
+                        lambda device: (pool + 2 * layer - dense_bytes_kept(model), 1 << 50))
     made = []
     real = expert_copies.dense_experts
     monkeypatch.setattr(expert_copies, "dense_experts", lambda *a, **k: made.append(k) or real(*a, **k))
-    for _ in range(2):
+    plain = {"all": 3, "one": 3, "none": 2, "tight": plain_layer_count(layer, 3, pool, inputs)}[room]
+    for _ in range(2):  # (the first step starts with all three layers' copies)
         full_logits_logprobs(model, ids).sum().backward()
+        assert model.model.checkpointed_layers == 3 - plain
     kept = [m.dense is not None for m in experts]
-    assert kept == {"all": [True] * 3, "one": [True, False, False], "none": [False] * 3}[room]
-    assert model.model.checkpointed_layers == (0 if room != "none" else 1)
+    assert kept == {"all": [True] * 3, "one": [True, False, False]}.get(room, [False] * 3)
     assert len(made) == (room != "all")  # the second step changed nothing: no refit
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         if p.requires_grad:

@@ -391,7 +391,8 @@ def _router_partial_kernel(X, W, Part, N, E, H, stride_x, stride_w, H_PER, R: tl
 
 
 @triton.jit
-def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, Order, Token, Expert, Offsets, TileExpert, TileStart, NUM_TILES,
+def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, Order, Token, Expert, Offsets, Position, TileExpert, TileStart,
+                        NUM_TILES,
                         SPLITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, R: tl.constexpr,
                         GROUP: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
     """The logits' partial sums -> top K (and with GROUP, one program holding every row, the
@@ -410,7 +411,8 @@ def _router_topk_kernel(Part, Bias, Weights, Ids, N, E, Order, Token, Expert, Of
     _topk_softmax_store(z, rows, rmask, cols, Weights, Ids, E, K, KP, EP, R)
     if GROUP:
         tl.debug_barrier()  # the ids just stored, read back by every thread of the program
-        _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, N * K, E, NUM_TILES, K, BM, EP, CH)
+        _group_slots(Ids, Order, Token, Expert, Offsets, Position, TileExpert, TileStart, N * K, E, NUM_TILES, K, BM,
+                     EP, CH)
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,8 +477,8 @@ def _router(x, weight, bias, k: int, BM: int | None):
         _router_partial_kernel[(triton.cdiv(N, 16), splits)](x, weight, part, N, E, H, x.stride(0), weight.stride(0),
                                                              BH, R=16, EP=EP, BH=BH, num_warps=4)
         g = grouping.groups if grouping is not None else None
-        group_args = (g.order, g.token, g.expert, g.offsets, *grouping.table) if g is not None \
-            else (ids, ids, ids, ids, ids, ids, 0)
+        group_args = (g.order, g.token, g.expert, g.offsets, g.position, *grouping.table) if g is not None \
+            else (ids, ids, ids, ids, ids, ids, ids, 0)
         _router_topk_kernel[(triton.cdiv(N, R),)](part, bias, weights, ids, N, E, *group_args, SPLITS=splits, K=k,
                                                   KP=triton.next_power_of_2(k), EP=EP, R=R, GROUP=g is not None,
                                                   BM=BM or 16, CH=128, num_warps=4)
@@ -488,16 +490,18 @@ SMALL_GROUP_MAX_SLOTS = 8192  # above this the sort-based grouping is as fast; o
 
 
 @triton.jit
-def _group_small_kernel(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES,
+def _group_small_kernel(Ids, Order, Token, Expert, Offsets, Position, TileExpert, TileStart, n_slots, E, NUM_TILES,
                         K: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
-    _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES, K, BM, EP, CH)
+    _group_slots(Ids, Order, Token, Expert, Offsets, Position, TileExpert, TileStart, n_slots, E, NUM_TILES, K, BM,
+                 EP, CH)
 
 
 @triton.jit
-def _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_slots, E, NUM_TILES,
+def _group_slots(Ids, Order, Token, Expert, Offsets, Position, TileExpert, TileStart, n_slots, E, NUM_TILES,
                  K: tl.constexpr, BM: tl.constexpr, EP: tl.constexpr, CH: tl.constexpr):
-    """One program: the n_slots expert ids sorted stably by expert (Order, Token, Expert), the
-    experts' Offsets, and the tile table of BM rows (TileExpert -1 for spare tiles)."""
+    """One program: the n_slots expert ids sorted stably by expert (Order, Token, Expert), each
+    slot's sorted Position (Order's inverse), the experts' Offsets, and the tile table of BM rows
+    (TileExpert -1 for spare tiles)."""
     ecols = tl.arange(0, EP)
     evalid = ecols < E
     counts = tl.zeros([EP], tl.int32)
@@ -521,6 +525,7 @@ def _group_slots(Ids, Order, Token, Expert, Offsets, TileExpert, TileStart, n_sl
         tl.store(Order + pos, s.to(tl.int64), mask=valid)
         tl.store(Token + pos, (s // K).to(tl.int64), mask=valid)
         tl.store(Expert + pos, e.to(tl.int64), mask=valid)
+        tl.store(Position + s, pos.to(tl.int64), mask=valid)
     # tiles of BM sorted rows inside one expert: expert e owns tiles [tend - per, tend)
     per = tl.where(evalid, (counts + BM - 1) // BM, 0)
     tend = tl.cumsum(per, 0)
@@ -554,7 +559,8 @@ def _grouping_buffers(S: int, num_experts: int, BM: int, k: int, device) -> Slot
         return torch.empty(n, dtype=dtype, device=device)
 
     num_tiles = triton.cdiv(S, BM) + min(num_experts, S)
-    groups = ExpertGroups(order=empty(S), token=empty(S), expert=empty(S), offsets=empty(num_experts + 1), k=k)
+    groups = ExpertGroups(order=empty(S), token=empty(S), expert=empty(S), offsets=empty(num_experts + 1), k=k,
+                          position=empty(S))
     return SlotGrouping(groups, (empty(num_tiles, torch.int32), empty(num_tiles, torch.int32), num_tiles), BM)
 
 
@@ -567,7 +573,7 @@ def group_small(ids: torch.Tensor, num_experts: int, BM: int) -> SlotGrouping:
     out = _grouping_buffers(S, num_experts, BM, k, ids.device)
     g = out.groups
     tile_expert, tile_start, num_tiles = out.table
-    _group_small_kernel[(1,)](flat, g.order, g.token, g.expert, g.offsets, tile_expert, tile_start, S, num_experts,
-                              num_tiles, K=k, BM=BM, EP=max(16, triton.next_power_of_2(num_experts)), CH=128,
-                              num_warps=4)
+    _group_small_kernel[(1,)](flat, g.order, g.token, g.expert, g.offsets, g.position, tile_expert, tile_start, S,
+                              num_experts, num_tiles, K=k, BM=BM, EP=max(16, triton.next_power_of_2(num_experts)),
+                              CH=128, num_warps=4)
     return out

@@ -93,6 +93,9 @@ class ExpertGroups:
     expert: torch.Tensor   # [S] int64: expert of each sorted position (non-decreasing)
     offsets: torch.Tensor  # [E+1] int64: expert e owns sorted positions offsets[e]:offsets[e+1]
     k: int
+    # [S] int64: the sorted position of each slot id (order's inverse), where the grouping kernel
+    # wrote it (`ossrl.kernels.fused.group_small`, the router's grouping); None from the sort
+    position: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:

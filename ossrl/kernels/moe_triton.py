@@ -376,10 +376,12 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bias=None, extra=None,
             route_w=None, scatter=False, z=None, swiglu=False, dw=None, lora: _LoRATerm | None = None,
-            config: TileConfig | None = None, b_tiled=None, b_dense=None):
+            config: TileConfig | None = None, b_tiled=None, b_dense=None, keep_parts: bool = False):
     """c = epilogue(a[rows] @ B_e) over every row tile; see `_moe_matmul` for the flags. b_tiled: b
     in the experts' tile-contiguous layout (`ExpertWeights.tiled`), which the word decode reads;
-    b_dense: b decoded once (`ExpertWeights.gate_up_dense`), read where a tile would decode a copy."""
+    b_dense: b decoded once (`ExpertWeights.gate_up_dense`), read where a tile would decode a copy.
+    keep_parts: where the tile splits K and would finish in a second launch, return the fp32
+    partials [split, sorted rows, N] instead (the caller runs the epilogue: `_combine_parts`)."""
     cfg = config or plan.config
     tile_expert, tile_start, num_tiles = plan.tiles(cfg.BM)
     words = scales is not None and b_rows_are_n and cfg.swap_ab and cfg.words and _word_layout_ok(cfg, a)
@@ -455,7 +457,9 @@ def _launch(plan: _Plan, a, b, scales, N, K, c, *, b_rows_are_n, a_rows=None, bi
                       f"layout for {cfg}; running the pair decode instead", RuntimeWarning, stacklevel=2)
         return _launch(plan, a_in, b_in, scales_in, N, K, c, b_rows_are_n=b_rows_are_n, a_rows=a_rows, bias=bias,
                        extra=extra, route_w=route_w, scatter=scatter, z=z, swiglu=swiglu, dw=dw, lora=lora,
-                       config=replace(cfg, words=False), b_tiled=b_tiled, b_dense=b_dense)
+                       config=replace(cfg, words=False), b_tiled=b_tiled, b_dense=b_dense, keep_parts=keep_parts)
+    if not fused and keep_parts:
+        return parts
     if not fused:
         _split_k_epilogue[(num_tiles, triton.cdiv(N, cfg.BN))](
             parts, parts.stride(0), parts.stride(1),
@@ -557,15 +561,28 @@ def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None 
                    b_tiled=ex.gate_up_tiled, b_dense=ex.gate_up_dense)
 
 
+# A split-K down projection without a LoRA term leaves its fp32 partials to the k-sum
+# (`_combine_parts`: parts, bias and routing weight per slot, the same bits) instead of a second
+# launch writing the [N * k, H] slot buffer that `combine_slots` then reads: one launch a layer
+# fewer where the down tile splits K and does not finish in its last part (decode sizes from 2
+# tokens). Needs the grouping kernels' position table. Off until timed on a GPU.
+COMBINE_PARTS = False
+
+
 def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = None):
     """out [N, H] = sum over each token's k slots of w * (a @ W2_e + b2_e (+ lora_y or the `lora` term))."""
     ex = plan.experts
     H, I = _dims(ex)
-    buf = torch.empty(plan.num_tokens * plan.groups.k, H, device=a.device, dtype=a.dtype)
-    _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
-            extra=lora_y, route_w=route_w.reshape(-1), scatter=True, lora=lora, b_tiled=ex.down_tiled,
-            b_dense=ex.down_dense)
-    return combine_slots(buf.view(plan.num_tokens, plan.groups.k, H))
+    g = plan.groups
+    buf = torch.empty(plan.num_tokens * g.k, H, device=a.device, dtype=a.dtype)
+    route_w = route_w.reshape(-1)
+    keep = COMBINE_PARTS and lora_y is None and lora is None and g.position is not None
+    out = _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
+                  extra=lora_y, route_w=route_w, scatter=True, lora=lora, b_tiled=ex.down_tiled,
+                  b_dense=ex.down_dense, keep_parts=keep)
+    if out is not buf:  # the partials: summed, biased and weighted per slot by the k-sum
+        return _combine_parts(out, g, ex.down_bias, route_w, plan.num_tokens, a.dtype)
+    return combine_slots(buf.view(plan.num_tokens, g.k, H))
 
 
 @triton.jit
@@ -589,6 +606,41 @@ def combine_slots(y: torch.Tensor) -> torch.Tensor:
     if N:
         BLOCK = min(1024, triton.next_power_of_2(H))
         _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, out, H, K=K, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+@triton.jit
+def _combine_parts_kernel(Parts, stride_part, stride_prow, Position, Expert, Bias, stride_bias, RouteW, Out, H,
+                          K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Token row t: sum over its K slots s (sorted position p, expert e) of bf16(w_s * (the SPLIT_K
+    partials of p summed in part order + b_e)), in fp32 in slot order: what `_split_k_epilogue`
+    stores per slot and `_combine_kernel` then sums, bit for bit."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        s = row * K + j
+        p = tl.load(Position + s)
+        e = tl.load(Expert + p)
+        y = _sum_parts(Parts + p * stride_prow + cols, mask, stride_part, SPLIT_K, "")
+        y += tl.load(Bias + e * stride_bias + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(RouteW + s).to(tl.float32)
+        acc += y.to(Out.dtype.element_ty).to(tl.float32)
+    tl.store(Out + row * H + cols, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def _combine_parts(parts: torch.Tensor, groups: ExpertGroups, bias: torch.Tensor, route_w: torch.Tensor,
+                   num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """The down projection's split-K epilogue and k-sum in one launch (COMBINE_PARTS): parts [split,
+    sorted slots, H] fp32 -> out [num_tokens, H] in `dtype`."""
+    split, _, H = parts.shape
+    out = torch.empty(num_tokens, H, device=parts.device, dtype=dtype)
+    if num_tokens:
+        BLOCK = min(1024, triton.next_power_of_2(H))
+        _combine_parts_kernel[(num_tokens, triton.cdiv(H, BLOCK))](
+            parts, parts.stride(0), parts.stride(1), groups.position, groups.expert, bias, bias.stride(0), route_w,
+            out, H, K=groups.k, SPLIT_K=split, BLOCK=BLOCK, num_warps=4)
     return out
 
 

@@ -107,10 +107,11 @@ def headroom(total: int) -> int:
     return max(2 * GiB, total // 10)
 
 
-def activation_budget(device: torch.device, layer_bytes: int) -> int:
-    """Bytes all kept activations may take: free memory less the headroom (module docstring)."""
+def activation_budget(device: torch.device, layer_bytes: int, also_free: int = 0) -> int:
+    """Bytes all kept activations may take: free memory (plus `also_free`: memory held now that the
+    caller would give up for them, e.g. kept expert copies) less the headroom (module docstring)."""
     free, total = device_memory(device)
-    return max(free - 2 * layer_bytes - headroom(total), 0)
+    return max(free + also_free - 2 * layer_bytes - headroom(total), 0)
 
 
 def activations_then_copies(layer_bytes: int, num_layers: int, budget: int, input_bytes: int,

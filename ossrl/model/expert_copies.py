@@ -65,18 +65,23 @@ def blocks_stamp(m) -> tuple | None:
     return tuple(stamp)
 
 
-def _rollout_reserve(m, total: int, prefill_tokens: int, top_k: int) -> int:
+def _rollout_reserve(m, total: int, prefill_tokens: int, top_k: int, transient: bool = True) -> int:
     """Memory a rollout still needs after its KV pool: the device's headroom (`checkpointing.headroom`:
     graph pools, small buffers), plus a packed prefill of `prefill_tokens` (each token's top-k slots
-    through gate_up, the SwiGLU and down, and the transient bf16 copy of gate_up that prefill-sized
-    MoE calls decode into, unless the module keeps fresh dense copies, which they read instead)."""
+    through gate_up, the SwiGLU and down) and, with `transient`, the bf16 copy of gate_up that
+    prefill-sized MoE calls decode into (none where every layer keeps fresh dense copies, which they
+    read instead: `_all_dense_kept`)."""
     from ossrl.kernels.moe_triton import _dense_copy_bytes
 
     rows, groups = m.gate_up_proj_blocks.shape[1:3]  # rows = 2I, groups * 32 = H
     H, I, elem = groups * 32, rows // 2, m.gate_up_proj_bias.element_size()
     prefill = prefill_tokens * (top_k * (2 * 2 * I + I + H) + 8 * H) * elem
-    kept = m.dense is not None and m.dense["stamp"] == blocks_stamp(m)
-    return headroom(total) + prefill + (0 if kept else _dense_copy_bytes(m.expert_weights()))
+    return headroom(total) + prefill + (_dense_copy_bytes(m.expert_weights()) if transient else 0)
+
+
+def _all_dense_kept(model: nn.Module) -> bool:
+    """Whether every MXFP4 experts module keeps fresh dense copies (no prefill decodes a transient)."""
+    return all(m.dense is not None and m.dense["stamp"] == blocks_stamp(m) for m in _mxfp4_experts(model))
 
 
 @torch.no_grad()
@@ -101,6 +106,7 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
 
     changed = 0
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 4)
+    transient = not _all_dense_kept(model)  # a layer without dense copies decodes one in the prefill
     for m in _mxfp4_experts(model):
         stamp = blocks_stamp(m)
         rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
@@ -118,7 +124,8 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
                 m.tiled["stamp"] = stamp
             continue
         free, total = device_memory(m.gate_up_proj_blocks.device)
-        reserve = _rollout_reserve(m, total, prefill_tokens, top_k) if reserve_bytes is None else reserve_bytes
+        reserve = _rollout_reserve(m, total, prefill_tokens, top_k, transient) if reserve_bytes is None \
+            else reserve_bytes
         need = 2 * (m.gate_up_proj_blocks.numel() + m.down_proj_blocks.numel())  # the copies and a transient
         if free - need < reserve:
             continue
@@ -186,7 +193,8 @@ def fit_dense_copies(model: nn.Module, max_bytes: int) -> int:
     """`dense_experts(model, max_bytes)` where it would change something: copies beyond `max_bytes`
     to free, or room for the next layer's (a module that may get copies and has none). Called by
     every training forward under checkpointing "auto" (`GptOssModel._layers_that_fit`), so a
-    budget that changes nothing costs no memory query. Returns `dense_experts`' count (0 if not run)."""
+    budget that changes nothing makes no `dense_experts` call. It walks the modules in the order
+    `dense_experts` gives copies (layers in order). Returns `dense_experts`' count (0 if not run)."""
     used, missing = 0, None
     for m in _mxfp4_experts(model):
         if m.dense is not None:

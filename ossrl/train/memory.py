@@ -19,7 +19,8 @@
   decides its recomputed layers as if the copies' memory were free, then frees or makes copies to
   fit what is left (per GiB, kept activations save several times what copies do; session 17: 35.6
   GiB of copies at 8K tokens left 8 layers recomputed and the step went from 0.550 to 0.577 s).
-  With checkpointing on or off, or an explicit activation budget, the copies stay as made here.
+  With checkpointing on or off, or an explicit activation budget, the copies stay as made here
+  (until an out-of-memory fallback under "auto" frees them for the rest of the run).
   Memory the copies take is memory the rollouts' KV pool does not get. 0 (the default) keeps none.
 """
 

@@ -44,6 +44,7 @@ def shard_model(model, *, reshard_after_forward: bool = True) -> None:
     inner = model.model
     if inner.gradient_checkpointing == "auto":
         inner.gradient_checkpointing = True  # the same recompute on every rank (module docstring)
+    inner.dense_experts_cap = 0  # (kept expert copies are not made for sharded models)
     units = []
     for layer in inner.layers:
         units.append(fully_shard(layer, reshard_after_forward=reshard_after_forward))
