@@ -563,6 +563,12 @@ def test_combine_parts_gives_the_epilogue_and_k_sum_bits_in_one_launch(cfg, dtyp
     grouping = fused.SlotGrouping(groups, moe_triton._Plan(groups, ex, 40, cfg).tiles(cfg.BM), cfg.BM)
     out, n = run(True, grouping=grouping)
     assert n == 0 and torch.equal(out, apart)
+    # the router kernel's grouping (decode steps with ROUTER_GROUPS) carries the position table too
+    weight, bias = (torch.randn(4, 96, generator=g) / 8).to(dtype), torch.randn(4, generator=g).to(dtype)
+    w, ids, grouping = fused.router_topk_grouped(x, weight, bias, 2, cfg.BM)
+    apart, _ = run(False, grouping=grouping)
+    together, n = run(True, grouping=grouping)
+    assert n == 1 and torch.equal(together, apart)
     if dtype == torch.float32:
         assert rel(together, routed_experts_twin(x, w, ids, ex)) < 1e-5
 
