@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--profile-train", action="store_true",
                     help="profile the last step's training phase (left out of mean_steady): GPU busy time against "
                          "wall, the phases (grpo/forward, grpo/backward, grpo/optimizer_step), top kernels")
+    ap.add_argument("--dense-experts-gb", type=float, default=0.0,
+                    help="GRPOConfig.dense_experts_gb: kept bf16 copies of the MXFP4 experts (under \"auto\" "
+                         "they take what the training step's activations leave, at most this)")
     add_switches(ap)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
@@ -60,6 +63,7 @@ def main():
                         loss_type="dapo", learning_rate=1e-5, progress_bar=False,
                         gradient_checkpointing="auto" if args.checkpointing == "auto" else True,
                         gradient_accumulation_steps=args.micro_batches, enable_sleep_mode=not args.no_sleep_mode,
+                        dense_experts_gb=args.dense_experts_gb,
                         reward_funcs=["2048.function_works", "2048.no_cheating", "2048.strategy_succeeds"])
     trainer = GRPOTrainer(model, train_dataset=make_2048_dataset(64, seed=0), config=config, tokenizer=tokenizer)
     if args.profile_train:
@@ -72,6 +76,7 @@ def main():
     result = {"benchmark": "grpo_step", **device_info(), "shape": "8 prompts x 8 generations, 20b, MXFP4 experts",
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
               "enable_sleep_mode": not args.no_sleep_mode, "gradient_checkpointing": args.checkpointing,
+              "dense_experts_gb": args.dense_experts_gb,
               **switches,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
