@@ -234,10 +234,13 @@ FLEX_TUNED: dict = {}
 
 
 def _kernel_options(q: torch.Tensor) -> dict | None:
+    """The `kernel_options` a compiled FlexAttention call on q gets (a copy), or None (torch's)."""
     if FLEX_KERNEL_OPTIONS:
         return dict(FLEX_KERNEL_OPTIONS)
     tuned = FLEX_TUNED.get((torch.cuda.get_device_capability(q.device), q.shape[-1], q.dtype)) if FLEX_TUNED else None
     return dict(tuned) if tuned else None
+
+
 # Kernels compiled static at most (lengths x batch x window x mask kind x dtype); past that, new
 # kinds run the dynamic kernel. Dynamo's recompile limit (process-wide, raised to hold these and
 # the dynamic ones) would otherwise fall back to eager flex, which builds [T x T] scores.
