@@ -33,6 +33,7 @@ from _common import add_switches, apply_switches, copy_bandwidth_gbs, device_inf
 from ossrl.engine.engine import RolloutEngine  # noqa: E402
 from ossrl.engine.sampling import SamplingParams  # noqa: E402
 from ossrl.model import expert_copies  # noqa: E402
+from ossrl.kernels import decode_attention  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
@@ -132,6 +133,9 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=64,
                     help="transformers generates this many tokens per batch shape (its speed per token is "
                          "flat in length; 256 x 4 shapes would take minutes of device time)")
+    ap.add_argument("--one-split-max-capacity", type=int, default=None, metavar="ROWS",
+                    help="decode attention: caches of at most ROWS rows a slot take one split where the rule asks "
+                         "for two (decode_attention.ONE_SPLIT_MAX_CAPACITY; default: the library's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed ossrl runs per shape (the median is reported)")
     ap.add_argument("--skip-hf", action="store_true", help="ossrl only (a quick check, not a benchmark result)")
     ap.add_argument("--shapes", default="batch1,batch8,batch32,batch64,grpo_8x8")
@@ -148,6 +152,9 @@ def main():
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     switches = apply_switches(args)
+    if args.one_split_max_capacity is not None:
+        decode_attention.ONE_SPLIT_MAX_CAPACITY = args.one_split_max_capacity
+    switches["one_split_max_capacity"] = decode_attention.ONE_SPLIT_MAX_CAPACITY
     if args.tiled_layout:
         expert_copies.TILED_LAYOUT = tuple(int(v) for v in args.tiled_layout.split("x"))
     switches["tiled_layout"] = list(expert_copies.TILED_LAYOUT)

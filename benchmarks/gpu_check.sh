@@ -18,7 +18,7 @@
 # kernels too); regress: rollouts on the defaults, in session 13's configuration, without the
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
-# test, then rollouts and decode profiles without and with it; dense: the kept bf16 expert
+# test, then rollouts and decode profiles without and with it, then with one-split decode attention; dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -200,6 +200,12 @@ if [[ $what == *" combine "* ]]; then  # session 17: split-K down partials summe
     timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
         | tee "$out/combine_test.log" | tail -2
     GEN_SHAPES=${GEN_SHAPES:-batch8,batch64} ab_rollouts combine-parts profile
+    # decode attention in one split (no combine launch) where the rule asks for two: batch 64's caches
+    timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch8,batch64} \
+        --one-split-max-capacity 2048 --out "$out/generate_one_split.json" 2>&1 | tee "$out/generate_one_split.log" \
+        | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
+    timeout 100 python benchmarks/profile_decode.py --one-split-max-capacity 2048 > "$out/profile_decode_one_split.txt" 2>&1
+    grep -E "graph replay|CUDA time" "$out/profile_decode_one_split.txt"
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
     timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \

@@ -19,7 +19,8 @@
     python benchmarks/profile_decode.py --rotary-append   # rotary and the KV-cache append in one
         # launch (gptoss.ROTARY_APPEND); --moe-gemv: the 1-token MoE as CUDA-core GEMVs (moe_gemv.GEMV);
         # --router-groups: the router's top-k kernel groups the slots too (fused.ROUTER_GROUPS);
-        # --combine-parts: split-K down partials summed by the k-sum (moe_triton.COMBINE_PARTS)
+        # --combine-parts: split-K down partials summed by the k-sum (moe_triton.COMBINE_PARTS);
+        # --one-split-max-capacity ROWS: decode attention in one split, no combine, for short caches
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -89,6 +90,10 @@ if "--combine-parts" in sys.argv or "--no-combine-parts" in sys.argv:  # split-K
     from ossrl.kernels import moe_triton
 
     moe_triton.COMBINE_PARTS = "--combine-parts" in sys.argv
+if "--one-split-max-capacity" in sys.argv:  # decode attention: one split (no combine) for short caches
+    from ossrl.kernels import decode_attention
+
+    decode_attention.ONE_SPLIT_MAX_CAPACITY = int(sys.argv[sys.argv.index("--one-split-max-capacity") + 1])
 if "--no-split-k-fixup" in sys.argv or "--split-k-fixup" in sys.argv:
     from ossrl.kernels import moe_triton
 

@@ -245,14 +245,42 @@ def test_split_sampling_kernels(temperature):
     torch.testing.assert_close(sampled, rs, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_kernel():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_kernel(splits, monkeypatch):
+    """Split-K decode attention against the twin (a slot of length 0 included); one split finishes
+    the output in the partial kernel itself, with no combine launch."""
+    from ossrl.kernels import decode_attention
+
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(3, 40, 2, 16, generator=g), torch.randn(3, 40, 2, 16, generator=g)
     q, sinks = torch.randn(2, 4, 16, generator=g), torch.randn(4, generator=g)
     slots, lengths = torch.tensor([2, 0], dtype=torch.int32), torch.tensor([17, 0, 33], dtype=torch.int32)
-    got = _decode_triton(q, kc, vc, sinks, slots, lengths, scale=0.25, num_splits=3, block_n=16)
+    combines = []
+    real = decode_attention._decode_combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: combines.append(grid) or real[grid](*a, **k)
+
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", Spy())
+    got = _decode_triton(q, kc, vc, sinks, slots, lengths, scale=0.25, num_splits=splits, block_n=16)
     torch.testing.assert_close(got, decode_attention_reference(q, kc, vc, sinks, slots, lengths, scale=0.25),
                                rtol=1e-5, atol=1e-5)
+    assert len(combines) == (splits > 1)
+
+
+def test_one_split_where_the_rule_asks_for_two_and_the_cache_is_short(monkeypatch):
+    """`default_num_splits`: about four programs an SM; with ONE_SPLIT_MAX_CAPACITY, a cache of at
+    most that many rows a slot takes one split where the rule asks for two (and only then)."""
+    from ossrl.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "_sm_count", lambda index: 132)
+    splits = decode_attention.default_num_splits
+    assert [splits(b, 8, 4096, 32, "cpu") for b in (1, 32, 64, 128)] == [66, 3, 2, 1]
+    assert splits(1, 8, 128, 32, "cpu") == 4  # at most one split a block of rows
+    monkeypatch.setattr(decode_attention, "ONE_SPLIT_MAX_CAPACITY", 2048)
+    assert [splits(b, 8, 2048, 32, "cpu") for b in (1, 32, 64, 128)] == [64, 3, 1, 1]
+    assert splits(64, 8, 4096, 32, "cpu") == 2
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (3, 16), (4, 8)])

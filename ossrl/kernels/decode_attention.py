@@ -97,14 +97,18 @@ if triton is not None:
 
     @triton.jit
     def _decode_partial_kernel(
-        Q, K, V, SlotIds, Lengths, PrefixSlot, PrefixLen, Acc, Max, Sum,
-        stride_qb, stride_qh,
+        Q, K, V, SlotIds, Lengths, PrefixSlot, PrefixLen, Acc, Max, Sum, Sinks, Out,
+        stride_qb, stride_qh, stride_ob, stride_oh,
         stride_ks, stride_kn, stride_kh,
         stride_vs, stride_vn, stride_vh,
         S, qk_scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_PREFIX: tl.constexpr = False,
+        FINISH: tl.constexpr = False,
     ):
+        """One split of one KV head's keys for its G query heads: the unnormalised partial (acc, max,
+        sum) for `_decode_combine_kernel`, or with FINISH (one split) the output itself, the sink
+        added as the combine adds it (no second launch)."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -146,11 +150,20 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        row = (b * Hq + head) * NUM_SPLITS + split  # [G_PAD]; partials are [B, Hq, NUM_SPLITS, (D)]
         live = g < G
-        tl.store(Max + row, m_i, mask=live)
-        tl.store(Sum + row, l_i, mask=live)
-        tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=live[:, None])
+        if FINISH:  # the combine's arithmetic for a single split, per query head
+            sink = tl.load(Sinks + head, mask=live, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
+            m_all = tl.maximum(m_i, sink)
+            w = tl.exp2(m_i - m_all)  # an empty sequence: exp2(-inf) = 0
+            denom = l_i * w + tl.exp2(sink - m_all)
+            out = acc * w[:, None] / denom[:, None]
+            tl.store(Out + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
+                     out.to(Out.dtype.element_ty), mask=live[:, None])
+        else:
+            row = (b * Hq + head) * NUM_SPLITS + split  # [G_PAD]; partials are [B, Hq, NUM_SPLITS, (D)]
+            tl.store(Max + row, m_i, mask=live)
+            tl.store(Sum + row, l_i, mask=live)
+            tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=live[:, None])
 
     @triton.jit
     def _decode_combine_kernel(
@@ -180,9 +193,19 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Caches of at most this many rows a slot take one split where the rule below asks for two: the
+# programs then finish the output themselves (no combine launch; at batch 64 the combine is 3.9 us a
+# layer, session 13's profile), at the price of each program reading twice the keys. 0: off (until
+# timed on a GPU; at 64 x 8K one split read at 88% of copy bandwidth against 98% with two).
+ONE_SPLIT_MAX_CAPACITY = 0
+
+
 def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device) -> int:
-    """Enough (B x Hkv x splits) programs to cover the GPU about four times over (shape-only)."""
+    """Enough (B x Hkv x splits) programs to cover the GPU about four times over (shape-only); one
+    where that asks for two and the cache holds at most ONE_SPLIT_MAX_CAPACITY rows a slot."""
     want = -(-4 * _sm_count(torch.device(device).index or 0) // (batch * kv_heads))
+    if want == 2 and capacity <= ONE_SPLIT_MAX_CAPACITY:
+        want = 1
     return max(1, min(want, -(-capacity // block_n), 128))
 
 
@@ -199,25 +222,28 @@ def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, pref
         raise ValueError("decode_attention: q and the caches need a contiguous last dimension")
     G = Hq // Hkv
     splits = num_splits or default_num_splits(B, Hkv, S, block_n, q.device)
-    acc = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
-    mx = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
-    sm = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    finish = splits == 1  # one split: its programs write the output (no partials, no combine launch)
+    parts = 1 if finish else splits
+    acc = torch.empty(B, Hq, parts, D if not finish else 1, device=q.device, dtype=torch.float32)
+    mx = torch.empty(B, Hq, parts, device=q.device, dtype=torch.float32)
+    sm = torch.empty(B, Hq, parts, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     shared = prefix_slot is not None
     _decode_partial_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, slot_ids, lengths, prefix_slot if shared else lengths, prefix_len if shared else lengths,
-        acc, mx, sm,
-        q.stride(0), q.stride(1),
+        acc, mx, sm, sinks, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, scale * LOG2E,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=block_n, NUM_SPLITS=splits,
-        SHARED_PREFIX=shared, num_warps=num_warps, num_stages=num_stages,
+        SHARED_PREFIX=shared, FINISH=finish, num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_combine_kernel[(B, Hq)](
-        acc, mx, sm, sinks, out, out.stride(0), out.stride(1),
-        D=D, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
-    )
+    if not finish:
+        _decode_combine_kernel[(B, Hq)](
+            acc, mx, sm, sinks, out, out.stride(0), out.stride(1),
+            D=D, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=1,
+        )
     return out
 
 
