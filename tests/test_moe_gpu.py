@@ -292,6 +292,30 @@ def test_forward_captures_in_a_cuda_graph_without_host_syncs(fmt):
     assert torch.equal(static_out, step())
 
 
+def _graphed(step):
+    """(a CUDA graph of step(), its output): step runs once first on a side stream (compiles, and
+    makes any buffers it keeps) outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _replayed(graph, out, x, inputs):
+    """The graph's output for each of `inputs` copied into its input x in turn, stacked."""
+    outs = []
+    for i in range(len(inputs)):
+        x.copy_(inputs[i])
+        graph.replay()
+        outs.append(out.clone())
+    return torch.stack(outs)
+
+
 @pytest.mark.parametrize("N,split", [(1, 2), (8, 2), (64, 2), (64, 4)])
 def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monkeypatch):
     """SPLIT_K_FIXUP: each tile's last part to arrive (an atomic count, no second launch) sums the
@@ -313,17 +337,6 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
         w, ids = route(x @ router, 4)
         return moe_triton.routed_experts_triton(x, w, ids, ours_w, lora, config=config, lora_epilogue=True)
 
-    def graphed():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # compile (and make the counters) outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        return graph, out
-
     launches = []
     kernel = moe_triton._moe_matmul
 
@@ -339,14 +352,9 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
         for fixup in (False, True):
             monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", fixup)
             launches.clear()
-            graph, out = graphed()
+            graph, out = _graphed(step)
             assert (split, fixup) in launches and all(f == fixup for k, f in launches if k > 1)
-            outs = []
-            for i in range(len(inputs)):
-                x.copy_(inputs[i])
-                graph.replay()
-                outs.append(out.clone())
-            results[fixup] = torch.stack(outs)
+            results[fixup] = _replayed(graph, out, x, inputs)
     assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
     assert not any(b.any() for b in moe_triton._COUNTERS[x.device])
 
@@ -377,17 +385,9 @@ def test_combine_parts_gives_the_two_launch_bits_in_graph_replays(N, split, monk
         for combine in (False, True):
             monkeypatch.setattr(moe_triton, "COMBINE_PARTS", combine)
             calls.clear()
-            step()  # compile outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
+            graph, out = _graphed(step)
             assert len(calls) == 2 * combine  # (the warm-up and the captured call)
-            outs = []
-            for i in range(len(inputs)):
-                x.copy_(inputs[i])
-                graph.replay()
-                outs.append(out.clone())
-            results[combine] = torch.stack(outs)
+            results[combine] = _replayed(graph, out, x, inputs)
     assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
 
 
@@ -467,14 +467,7 @@ def test_moe_gemv_matches_the_twin_at_20b_shapes_and_replays_in_a_graph(N, tile,
         out = step()
         ref = routed_experts_twin(x.float(), w.float(), ids, ref_w)
         assert calls and rel_err(out, ref) < 1e-2
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step()
+        graph, static_out = _graphed(step)
         x.copy_(torch.randn(N, 2880, generator=gen, device=DEV).bfloat16())
         graph.replay()
         torch.cuda.synchronize()
