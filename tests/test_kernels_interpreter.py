@@ -253,8 +253,8 @@ def test_decode_attention_kernel(splits, monkeypatch):
 
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(3, 40, 2, 16, generator=g), torch.randn(3, 40, 2, 16, generator=g)
-    q, sinks = torch.randn(2, 4, 16, generator=g), torch.randn(4, generator=g)
-    slots, lengths = torch.tensor([2, 0], dtype=torch.int32), torch.tensor([17, 0, 33], dtype=torch.int32)
+    q, sinks = torch.randn(3, 4, 16, generator=g), torch.randn(4, generator=g)
+    slots, lengths = torch.tensor([2, 1, 0], dtype=torch.int32), torch.tensor([17, 0, 33], dtype=torch.int32)
     combines = []
     real = decode_attention._decode_combine_kernel
 

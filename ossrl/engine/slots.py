@@ -301,7 +301,8 @@ def _kernel_switches() -> tuple:
     read from their modules where loaded (a switch is only set on an imported module)."""
     values = [gptoss.DEFER_RESIDUAL_ADD, gptoss.ROTARY_APPEND]
     for name, attribute in (("ossrl.kernels.moe_gemv", "GEMV"), ("ossrl.kernels.moe_triton", "SPLIT_K_FIXUP"),
-                            ("ossrl.kernels.moe_triton", "COMBINE_PARTS"), ("ossrl.kernels.fused", "ROUTER_GROUPS")):
+                            ("ossrl.kernels.moe_triton", "COMBINE_PARTS"), ("ossrl.kernels.fused", "ROUTER_GROUPS"),
+                            ("ossrl.kernels.decode_attention", "ONE_SPLIT_MAX_CAPACITY")):
         module = sys.modules.get(name)
         values.append(getattr(module, attribute, None) if module is not None else None)
     return tuple(values)

@@ -223,11 +223,13 @@ def _decode_triton(q, k_cache, v_cache, sinks, slot_ids, lengths, *, scale, pref
     G = Hq // Hkv
     splits = num_splits or default_num_splits(B, Hkv, S, block_n, q.device)
     finish = splits == 1  # one split: its programs write the output (no partials, no combine launch)
-    parts = 1 if finish else splits
-    acc = torch.empty(B, Hq, parts, D if not finish else 1, device=q.device, dtype=torch.float32)
-    mx = torch.empty(B, Hq, parts, device=q.device, dtype=torch.float32)
-    sm = torch.empty(B, Hq, parts, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
+    if finish:
+        acc = mx = sm = out  # (not read or written)
+    else:
+        acc = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+        mx = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+        sm = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     shared = prefix_slot is not None
     _decode_partial_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, slot_ids, lengths, prefix_slot if shared else lengths, prefix_len if shared else lengths,

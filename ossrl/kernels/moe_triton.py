@@ -565,7 +565,8 @@ def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None 
 # (`_combine_parts`: parts, bias and routing weight per slot, the same bits) instead of a second
 # launch writing the [N * k, H] slot buffer that `combine_slots` then reads: one launch a layer
 # fewer where the down tile splits K and does not finish in its last part (decode sizes from 2
-# tokens). Needs the grouping kernels' position table. Off until timed on a GPU.
+# tokens). Needs the grouping kernels' position table. Rollouts with LoRA on the experts (GRPO's,
+# whose B products run in the epilogue) keep the two launches. Off until timed on a GPU.
 COMBINE_PARTS = False
 
 
@@ -574,9 +575,10 @@ def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = 
     ex = plan.experts
     H, I = _dims(ex)
     g = plan.groups
-    buf = torch.empty(plan.num_tokens * g.k, H, device=a.device, dtype=a.dtype)
     route_w = route_w.reshape(-1)
     keep = COMBINE_PARTS and lora_y is None and lora is None and g.position is not None
+    # (the slot buffer even with `keep`: a tile that does not split K still runs its epilogue into it)
+    buf = torch.empty(plan.num_tokens * g.k, H, device=a.device, dtype=a.dtype)
     out = _launch(plan, a, ex.down, ex.down_scales, H, I, buf, b_rows_are_n=True, bias=ex.down_bias,
                   extra=lora_y, route_w=route_w, scatter=True, lora=lora, b_tiled=ex.down_tiled,
                   b_dense=ex.down_dense, keep_parts=keep)
@@ -614,7 +616,8 @@ def _combine_parts_kernel(Parts, stride_part, stride_prow, Position, Expert, Bia
                           K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """Token row t: sum over its K slots s (sorted position p, expert e) of bf16(w_s * (the SPLIT_K
     partials of p summed in part order + b_e)), in fp32 in slot order: what `_split_k_epilogue`
-    stores per slot and `_combine_kernel` then sums, bit for bit."""
+    stores per slot and `_combine_kernel` then sums, bit for bit (launched without FMA contraction:
+    with an fp32 output the per-slot rounding is no rounding, and w_s * y + acc must not fuse)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -640,7 +643,7 @@ def _combine_parts(parts: torch.Tensor, groups: ExpertGroups, bias: torch.Tensor
         BLOCK = min(1024, triton.next_power_of_2(H))
         _combine_parts_kernel[(num_tokens, triton.cdiv(H, BLOCK))](
             parts, parts.stride(0), parts.stride(1), groups.position, groups.expert, bias, bias.stride(0), route_w,
-            out, H, K=groups.k, SPLIT_K=split, BLOCK=BLOCK, num_warps=4)
+            out, H, K=groups.k, SPLIT_K=split, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
     return out
 
 
