@@ -630,9 +630,20 @@ elif kernel.startswith("rotary"):  # no PTX of its own: compiled with and withou
         const.update(V=None, KC=None, VC=None, SlotIds=None, Positions=None)
 elif kernel == "router_grouped":  # the top-k over every row, then the slots' grouping after a barrier
     fn = fused._router_topk_kernel
-    ptr = {n: "*i64" for n in ("Ids", "Order", "Token", "Expert", "Offsets")}
+    ptr = {n: "*i64" for n in ("Ids", "Order", "Token", "Expert", "Offsets", "Position")}
     ptr.update(Part="*fp32", Bias="*bf16", Weights="*bf16", TileExpert="*i32", TileStart="*i32")
     const = dict(SPLITS=12, K=4, KP=4, EP=32, R=64, GROUP=True, BM=16, CH=128)
+elif kernel == "combine_parts":  # COMBINE_PARTS's k-sum of the down projection's split-K partials
+    fn = moe_triton._combine_parts_kernel
+    ptr = dict(Parts="*fp32", Position="*i64", Expert="*i64", Bias="*bf16", RouteW="*bf16", Out="*bf16")
+    const = dict(K=4, SPLIT_K=2, BLOCK=1024)
+elif kernel == "decode_finish":  # decode attention in one split, finishing the output itself
+    from ossrl.kernels import decode_attention
+    fn = decode_attention._decode_partial_kernel
+    ptr = {n: "*bf16" for n in ("Q", "K", "V", "Out")}
+    ptr.update(SlotIds="*i32", Lengths="*i32", PrefixSlot="*i32", PrefixLen="*i32", Acc="*bf16", Max="*bf16",
+               Sum="*bf16", Sinks="*fp32", qk_scale="fp32")
+    const = dict(G=8, G_PAD=16, D=64, BLOCK_N=32, NUM_SPLITS=1, SHARED_PREFIX=True, FINISH=True)
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv
@@ -685,11 +696,12 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert ok, err
 
 
-@pytest.mark.parametrize("kernel", ["rotary", "rotary_append", "router_grouped"])
+@pytest.mark.parametrize("kernel", ["rotary", "rotary_append", "router_grouped", "combine_parts", "decode_finish"])
 def test_the_rotary_kernel_compiles_with_and_without_the_kv_append(kernel):
     """The rotary kernel (an early return for the v heads where it appends) compiles for sm_80 and
-    sm_90, with the KV append and without (as `rotary_qk` calls it); so does the router's top-k
-    kernel grouping the slots (ROUTER_GROUPS)."""
+    sm_90, with the KV append and without (as `rotary_qk` calls it); so do the router's top-k
+    kernel grouping the slots (ROUTER_GROUPS), COMBINE_PARTS's k-sum and the one-split decode
+    attention."""
     import subprocess
     import sys
 
