@@ -306,6 +306,21 @@ def _graphed(step):
     return graph, out
 
 
+def _same_bits_both_ways(monkeypatch, switch, step, x, inputs, seen, ran):
+    """step() captured in a CUDA graph with moe_triton.<switch> False, then True (`seen`, a spy's
+    record, cleared before each capture; `ran(value)` checks it after), and replayed on each of
+    `inputs` copied into x: the same bits either way."""
+    results = {}
+    with torch.no_grad():
+        for value in (False, True):
+            monkeypatch.setattr(moe_triton, switch, value)
+            seen.clear()
+            graph, out = _graphed(step)
+            ran(value)
+            results[value] = _replayed(graph, out, x, inputs)
+    assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
+
+
 def _replayed(graph, out, x, inputs):
     """The graph's output for each of `inputs` copied into its input x in turn, stacked."""
     outs = []
@@ -344,18 +359,13 @@ def test_split_k_fixup_gives_the_two_launch_bits_in_graph_replays(N, split, monk
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((kw["SPLIT_K"], kw["FIXUP"])) or kernel[grid](*args, **kw)
 
+    def ran(fixup):
+        assert (split, fixup) in launches and all(f == fixup for k, f in launches if k > 1)
+
     monkeypatch.setattr(moe_triton, "_moe_matmul", Spy())
     monkeypatch.setattr(moe_triton, "_COUNTERS", {})
     inputs = torch.randn(200, N, 2880, generator=gen, device=DEV).bfloat16()
-    results = {}
-    with torch.no_grad():
-        for fixup in (False, True):
-            monkeypatch.setattr(moe_triton, "SPLIT_K_FIXUP", fixup)
-            launches.clear()
-            graph, out = _graphed(step)
-            assert (split, fixup) in launches and all(f == fixup for k, f in launches if k > 1)
-            results[fixup] = _replayed(graph, out, x, inputs)
-    assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
+    _same_bits_both_ways(monkeypatch, "SPLIT_K_FIXUP", step, x, inputs, launches, ran)
     assert not any(b.any() for b in moe_triton._COUNTERS[x.device])
 
 
@@ -379,16 +389,11 @@ def test_combine_parts_gives_the_two_launch_bits_in_graph_replays(N, split, monk
         w, ids = route(x @ router, 4)
         return moe_triton.routed_experts_triton(x, w, ids, ours_w, config=config)
 
+    def ran(combine):
+        assert len(calls) == 2 * combine  # (the warm-up and the captured call)
+
     inputs = torch.randn(50, N, 2880, generator=gen, device=DEV).bfloat16()
-    results = {}
-    with torch.no_grad():
-        for combine in (False, True):
-            monkeypatch.setattr(moe_triton, "COMBINE_PARTS", combine)
-            calls.clear()
-            graph, out = _graphed(step)
-            assert len(calls) == 2 * combine  # (the warm-up and the captured call)
-            results[combine] = _replayed(graph, out, x, inputs)
-    assert torch.equal(results[True].view(torch.int16), results[False].view(torch.int16))
+    _same_bits_both_ways(monkeypatch, "COMBINE_PARTS", step, x, inputs, calls, ran)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

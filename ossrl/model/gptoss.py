@@ -686,15 +686,13 @@ class GptOssModel(nn.Module):
         input_bytes = x.numel() * x.element_size()  # what a checkpointed layer still keeps: its input
         if self.activation_budget is not None:
             return plain_layer_count(layer_bytes, len(self.layers), self.activation_budget, input_bytes)
-        if not self.dense_experts_cap:
-            return plain_layer_count(layer_bytes, len(self.layers), activation_budget(x.device, layer_bytes),
-                                     input_bytes)
-        # kept expert copies take only what this forward's activations leave (made or freed here,
-        # before any layer reads them; the values are the per-call decode's, so only speed changes)
-        budget = activation_budget(x.device, layer_bytes, also_free=dense_bytes_kept(self))
-        plain, allowed = activations_then_copies(layer_bytes, len(self.layers), budget, input_bytes,
-                                                 self.dense_experts_cap)
-        fit_dense_copies(self, allowed)
+        # kept expert copies (a cap) take only what this forward's activations leave (made or freed
+        # here, before any layer reads them; the values are the per-call decode's: only speed changes)
+        cap = self.dense_experts_cap
+        budget = activation_budget(x.device, layer_bytes, also_free=dense_bytes_kept(self) if cap else 0)
+        plain, allowed = activations_then_copies(layer_bytes, len(self.layers), budget, input_bytes, cap)
+        if cap:
+            fit_dense_copies(self, allowed)
         return plain
 
 
