@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -18,7 +18,8 @@
 # kernels too); regress: rollouts on the defaults, in session 13's configuration, without the
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
-# test, then rollouts and decode profiles without and with it, then with one-split decode attention; dense: the kept bf16 expert
+# test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
+# in one call (profiles four ways, batch-64 rollouts three ways); dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -206,6 +207,26 @@ if [[ $what == *" combine "* ]]; then  # session 17: split-K down partials summe
         | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
     timeout 100 python benchmarks/profile_decode.py --one-split-max-capacity 2048 > "$out/profile_decode_one_split.txt" 2>&1
     grep -E "graph replay|CUDA time" "$out/profile_decode_one_split.txt"
+fi
+if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBINE_PARTS, one-split decode
+    # attention) in one call: their GPU test, decode-step profiles four ways, then batch-64 rollouts on
+    # the defaults, with both, and with both and kept bf16 expert copies (the prefill decodes none)
+    timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
+        | tee "$out/combine_test.log" | tail -2
+    run=0
+    for args in "" "--combine-parts" "--one-split-max-capacity 2048" "--combine-parts --one-split-max-capacity 2048"; do
+        run=$((run + 1)); echo "profile ${args:-(defaults)}"
+        timeout ${PROFILE_TIMEOUT:-80} python benchmarks/profile_decode.py $args > "$out/profile_decode_$run.txt" 2>&1
+        grep -E "graph replay|CUDA time|Error" "$out/profile_decode_$run.txt"
+    done
+    run=0
+    for args in "" "--combine-parts --one-split-max-capacity 2048" \
+        "--combine-parts --one-split-max-capacity 2048 --dense-experts-gb 40"; do
+        run=$((run + 1)); echo "rollouts ${args:-(defaults)}"
+        timeout ${GEN_TIMEOUT:-90} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch64} $args \
+            --out "$out/generate_launches_$run.json" 2>&1 | tee -a "$out/generate_launches.log" \
+            | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
+    done
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
     timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \
