@@ -97,6 +97,9 @@ def hf_from_ossrl(model, config, device="cuda", attn_implementation: str | None 
 SWITCHES = (
     ("fused-log-softmax", "ossrl.train.logprobs", "FUSED_LOG_SOFTMAX",
      "the chunked log-probs' softmax through ossrl.kernels.log_softmax (else PyTorch's ops)"),
+    ("eager-logprob-grad", "ossrl.train.logprobs", "EAGER_GRADIENT",
+     "the chunked log-probs' gradient for the hidden states computed in the forward (two lm_head matmuls "
+     "a chunk, not three)"),
     ("sink-kernels", "ossrl.kernels.attention", "SINK_KERNELS",
      "the sinks' rescale through ossrl.kernels.sink_triton"),
     ("share-prefixes", "ossrl.engine.engine", "SHARE_PREFIXES",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [eager] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -19,7 +19,8 @@
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
 # test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
-# in one call (profiles four ways, batch-64 rollouts three ways); dense: the kept bf16 expert
+# in one call (profiles three ways, batch-64 rollouts two or three ways); eager: the eager log-prob gradient's
+# GPU test and a 4K/8K step without and with it; dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -209,23 +210,32 @@ if [[ $what == *" combine "* ]]; then  # session 17: split-K down partials summe
     grep -E "graph replay|CUDA time" "$out/profile_decode_one_split.txt"
 fi
 if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBINE_PARTS, one-split decode
-    # attention) in one call: their GPU test, decode-step profiles four ways, then batch-64 rollouts on
-    # the defaults, with both, and with both and kept bf16 expert copies (the prefill decodes none)
+    # attention) in one call: their GPU test, decode-step profiles on the defaults, with the first and with
+    # both, then batch-64 rollouts on the defaults and with both (LAUNCHES_DENSE=1: and with both and kept
+    # bf16 expert copies, so that the prefill decodes none)
     timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
         | tee "$out/combine_test.log" | tail -2
     run=0
-    for args in "" "--combine-parts" "--one-split-max-capacity 2048" "--combine-parts --one-split-max-capacity 2048"; do
+    for args in "" "--combine-parts" "--combine-parts --one-split-max-capacity 2048"; do
         run=$((run + 1)); echo "profile ${args:-(defaults)}"
         timeout ${PROFILE_TIMEOUT:-80} python benchmarks/profile_decode.py $args > "$out/profile_decode_$run.txt" 2>&1
         grep -E "graph replay|CUDA time|Error" "$out/profile_decode_$run.txt"
     done
     run=0
-    for args in "" "--combine-parts --one-split-max-capacity 2048" \
-        "--combine-parts --one-split-max-capacity 2048 --dense-experts-gb 40"; do
+    for args in "" "--combine-parts --one-split-max-capacity 2048" ${LAUNCHES_DENSE:+"--combine-parts --one-split-max-capacity 2048 --dense-experts-gb 40"}; do
         run=$((run + 1)); echo "rollouts ${args:-(defaults)}"
         timeout ${GEN_TIMEOUT:-90} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch64} $args \
             --out "$out/generate_launches_$run.json" 2>&1 | tee -a "$out/generate_launches.log" \
             | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
+    done
+fi
+if [[ $what == *" eager "* ]]; then  # session 18: the log-probs' hidden-state gradient in the forward (EAGER_GRADIENT)
+    timeout 90 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k eager_logprob tests/test_train_gpu.py 2>&1 \
+        | tee "$out/eager_test.log" | tail -2
+    for flag in --no-eager-logprob-grad --eager-logprob-grad; do
+        timeout ${EAGER_TIMEOUT:-100} python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" \
+            --tokens ${EAGER_TOKENS:-4096,8192} $flag --out "$out/train$flag.json" 2>&1 | tee "$out/train$flag.log" \
+            | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+' | paste -sd' '
     done
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape

@@ -1164,6 +1164,32 @@ def test_chunked_logprobs_through_the_fused_kernels_equal_the_pytorch_path(with_
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_eager_logprob_gradient_through_the_fused_kernels_equals_the_recomputing_backward(with_entropy, monkeypatch):
+    """EAGER_GRADIENT with the fused softmax (interpreter): the forward's softmax_grad_ (a gradient
+    of 1 a row) times the backward's row scale equals the recomputing backward's gradient."""
+    from ossrl.kernels import log_softmax
+    from ossrl.train import logprobs as lp_module
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(37, 24, generator=gen)
+    weight = torch.randn(3000, 24, generator=gen) * 0.3
+    targets = torch.randint(0, 3000, (37,), generator=gen)
+    g_logp, g_ent = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+    monkeypatch.setattr(lp_module, "_fused_log_softmax", lambda h: log_softmax)
+
+    def run(eager):
+        monkeypatch.setattr(lp_module, "EAGER_GRADIENT", eager)
+        h = hidden.clone().requires_grad_(True)
+        lp, ent = lp_module.token_logprobs(h, weight, targets, temperature=0.9, chunk=16, with_entropy=True)
+        loss = (lp * g_logp).sum() + ((ent * g_ent).sum() if with_entropy else 0.0)
+        loss.backward()
+        return lp.detach(), ent.detach(), h.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
 def test_sink_rescale_kernels_equal_the_pytorch_twin(layout, monkeypatch):
     """`_SinkRescale` through `ossrl.kernels.sink_triton` (one pass each way) against its PyTorch

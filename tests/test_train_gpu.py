@@ -143,6 +143,36 @@ def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype
         assert ((got - want).norm() / want.norm()).item() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eager_logprob_gradient_equals_the_recomputing_backward_at_the_20b_vocabulary(dtype, monkeypatch):
+    """EAGER_GRADIENT (the forward keeps d logp / d h per row; the backward scales rows): the same
+    log-probs, and the hidden states' gradient within a few roundings of the dtype of the
+    recomputing backward's, through the fused kernels, with an entropy logged (detached) and with
+    one differentiated (its term recomputed)."""
+    from ossrl.train import logprobs as lp_module
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    weight = (torch.randn(201088, 2880, generator=gen, device="cuda") * 0.02).to(dtype)
+    targets = torch.randint(0, 201088, (300,), generator=gen, device="cuda")
+    hidden = torch.randn(300, 2880, generator=gen, device="cuda") * 0.5
+    hidden[::2] = weight[targets[::2]].float() * 15  # confident rows
+    hidden = hidden.to(dtype)
+    g_logp = torch.randn(300, generator=gen, device="cuda")
+    g_ent = torch.randn(300, generator=gen, device="cuda")
+
+    def run(eager, entropy_grad):
+        monkeypatch.setattr(lp_module, "EAGER_GRADIENT", eager)
+        h = hidden.clone().requires_grad_(True)
+        lp, ent = lp_module.token_logprobs(h, weight, targets, temperature=0.9, with_entropy=True)
+        ((lp * g_logp).sum() + ((ent * g_ent).sum() if entropy_grad else 0.0)).backward()
+        return lp.detach(), h.grad.float()
+
+    for entropy_grad in (False, True):
+        eager, plain = run(True, entropy_grad), run(False, entropy_grad)
+        assert torch.equal(eager[0], plain[0])
+        assert ((eager[1] - plain[1]).norm() / plain[1].norm()).item() < 2e-2
+
+
 def test_offloaded_adamw_on_cuda_equals_adamw_and_holds_only_two_chunks():
     """OffloadedAdamW's states in pinned host memory, streamed through two staging chunks per dtype
     with the copies on their own streams: the parameters after several steps equal foreach

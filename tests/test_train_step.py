@@ -83,6 +83,51 @@ def test_chunked_logprobs_and_entropy_match_full_softmax_with_gradients(temperat
     torch.testing.assert_close(gw, w.grad)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy", ["none", "detached", "differentiated"])
+def test_eager_logprob_gradient_equals_the_recomputing_backward(temperature, entropy, monkeypatch):
+    """EAGER_GRADIENT with a frozen lm_head: the forward keeps d logp / d h per row and the backward
+    scales rows (no logits recomputed), giving the full softmax's gradient; an entropy that is
+    differentiated has its term recomputed; a weight that wants a gradient takes the recomputing
+    backward."""
+    from ossrl.train import logprobs as lp_module
+
+    gen = torch.Generator().manual_seed(4)
+    hidden, w = torch.randn(37, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    y = torch.randint(0, 50, (37,), generator=gen)
+    gl, ge = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+    chunks = []
+    real = lp_module._chunk_logprobs
+    monkeypatch.setattr(lp_module, "_chunk_logprobs", lambda *a: chunks.append(1) or real(*a))
+    monkeypatch.setattr(lp_module, "EAGER_GRADIENT", True)
+
+    h = hidden.clone().requires_grad_(True)
+    lp, ent = token_logprobs(h, w, y, temperature=temperature, chunk=8, with_entropy=entropy != "none")
+    forward_chunks = len(chunks)
+    loss = (lp * gl).sum() + ((ent * ge).sum() if entropy == "differentiated" else 0.0)
+    loss.backward()
+    assert forward_chunks == 5 and len(chunks) == (10 if entropy == "differentiated" else 5)
+
+    h_ref = hidden.clone().requires_grad_(True)
+    logp = torch.log_softmax((h_ref @ w.T) / temperature, -1)
+    ref = (logp.gather(1, y[:, None]).squeeze(1) * gl).sum()
+    if entropy == "differentiated":
+        ref = ref - ((logp.exp() * logp).sum(-1) * ge).sum()
+    ref.backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+
+    h, w_trained = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    chunks.clear()
+    lp, _ = token_logprobs(h, w_trained, y, temperature=temperature, chunk=8)
+    (lp * gl).sum().backward()
+    assert len(chunks) == 10  # recomputed: the weight's gradient needs g
+    h_ref, w_ref = hidden.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    logp = torch.log_softmax((h_ref @ w_ref.T) / temperature, -1)
+    (logp.gather(1, y[:, None]).squeeze(1) * gl).sum().backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(w_trained.grad, w_ref.grad)
+
+
 @pytest.mark.parametrize("expert_format", ["bf16", "mxfp4"])
 def test_lora_gradients_from_sequence_logprobs_equal_full_logits_autograd(expert_format):
     model, _ = lora_model(seed=2, expert_format=expert_format)

@@ -47,33 +47,58 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, temperature: float) -
     return torch.log_softmax(z, dim=-1)
 
 
+# Where only the hidden states need a gradient (the lm_head frozen: LoRA training), each chunk's
+# gradient of log p(target) with respect to its hidden rows is computed in the forward, from the
+# logits it has anyway: a log-prob is a scalar of its own row, so d loss / d h_t = g_t * d logp_t /
+# d h_t, and the backward only scales rows by the incoming g_t. That is two [chunk x vocab] matmuls
+# a chunk (logits, then (onehot - p) @ W) against three with a recomputing backward (logits, logits
+# again, g @ W); the saved [N, H] rows replace the hidden states. Off until timed on a GPU.
+EAGER_GRADIENT = False
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy, eager):
         n = hidden.shape[0]
         logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
         fused = _fused_log_softmax(hidden)
         # per row: the max of the logits / t and the log of the shifted sum (the fused backward's input)
         stats = torch.empty(2, n if fused else 0, device=hidden.device, dtype=torch.float32)
+        # eager: d log p(target) / d hidden per row, filled chunk by chunk below
+        dlogp = torch.empty_like(hidden) if eager else None
         if fused and n:  # (the kernel reads what it is given; one host sync for the range)
             low, high = torch.stack(torch.aminmax(targets)).tolist()
             if low < 0 or high >= weight.shape[0]:
                 raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {low}..{high}")
         for s in range(0, n, chunk):
+            t_s = targets[s:s + chunk]
             if fused:  # one pass over the chunk's logits, in the model's dtype
+                z = hidden[s:s + chunk] @ weight.T
                 logprobs[s:s + chunk], ent, stats[0, s:s + chunk], stats[1, s:s + chunk] = fused.row_stats(
-                    hidden[s:s + chunk] @ weight.T, targets[s:s + chunk], temperature, with_entropy)
+                    z, t_s, temperature, with_entropy)
                 if with_entropy:
                     entropy[s:s + chunk] = ent
+                if eager:  # the logits overwritten by d logp / d z (a gradient of 1 a row)
+                    ones = torch.ones(z.shape[0], device=z.device, dtype=torch.float32)
+                    dlogp[s:s + chunk] = fused.softmax_grad_(z, t_s, stats[0, s:s + chunk], stats[1, s:s + chunk],
+                                                             None, ones, None, temperature) @ weight
                 continue
             logp = _chunk_logprobs(hidden[s:s + chunk], weight, temperature)  # [c, V] fp32
-            logprobs[s:s + chunk] = logp.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            logprobs[s:s + chunk] = logp.gather(1, t_s[:, None]).squeeze(1)
             if with_entropy:
                 entropy[s:s + chunk] = -(logp.exp() * logp).sum(-1)
+            if eager:  # d logp[y] / d z = (onehot(y) - p) / t
+                g = logp.exp_().neg_()
+                g.scatter_add_(1, t_s[:, None], torch.ones_like(g[:, :1]))
+                dlogp[s:s + chunk] = g.div_(temperature).to(hidden.dtype) @ weight
             del logp
-        # (the entropy saved as a copy: a caller may change the returned one in place)
-        ctx.save_for_backward(hidden, weight, targets, stats, entropy.clone() if fused and with_entropy else None)
+        # (the entropy saved as a copy: a caller may change the returned one in place). Eager without
+        # an entropy: the hidden states are not kept. With one, they are, for the rare caller that
+        # differentiates it (GRPO logs it detached): its term is then recomputed in the backward.
+        keep_hidden = not eager or with_entropy
+        ctx.save_for_backward(hidden if keep_hidden else None, weight if keep_hidden else None, targets, stats,
+                              entropy.clone() if fused and with_entropy else None, dlogp)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         # An output nobody differentiates (GRPO logs the entropy, detached) gets None, not zeros:
         # its term of the backward is skipped instead of computed times zero.
@@ -83,13 +108,26 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # (the fused path overwrites the logits it differentiates)
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, targets, stats, entropy = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        hidden, weight, targets, stats, entropy, dlogp = ctx.saved_tensors
         if not (ctx.with_entropy and grad_entropy is not None and grad_entropy.numel()):
             grad_entropy = None
+        if dlogp is not None:  # eager: the log-probs' term is a per-row scale of what the forward kept
+            grad_h = dlogp.float().mul_(grad_logprobs[:, None]).to(dlogp.dtype) if grad_logprobs is not None \
+                else torch.zeros_like(dlogp)
+            if grad_entropy is not None:  # the entropy's term, recomputed
+                grad_h += _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, None,
+                                                       grad_entropy, True, False)[0]
+            return grad_h, None, None, None, None, None, None
+        grad_h, grad_w = _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs,
+                                                      grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None
+
+    @staticmethod
+    def _recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs, grad_entropy, need_h, need_w):
+        """(grad hidden, grad weight in fp32) from each chunk's logits computed again."""
+        t, chunk = ctx.temperature, ctx.chunk
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         fused = _fused_log_softmax(hidden) if stats.numel() else None  # (as the forward ran)
@@ -122,7 +160,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_h[s:s + chunk] = g @ weight
             if need_w:
                 grad_w += (g.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+        return grad_h, grad_w
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -131,7 +169,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """hidden [N, H], weight [V, H], targets [N] -> (log p(target) [N] fp32, entropy [N] fp32 or None)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logprobs, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk), with_entropy)
+    # eager (EAGER_GRADIENT): only the hidden states will want a gradient (decided here: the
+    # Function's forward runs with autograd off)
+    eager = EAGER_GRADIENT and torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+    logprobs, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk), with_entropy,
+                                               eager)
     return logprobs, (entropy if with_entropy else None)
 
 
