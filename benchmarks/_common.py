@@ -100,6 +100,9 @@ SWITCHES = (
     ("eager-logprob-grad", "ossrl.train.logprobs", "EAGER_GRADIENT",
      "the chunked log-probs' gradient for the hidden states computed in the forward (two lm_head matmuls "
      "a chunk, not three)"),
+    ("fused-training-qkv", "ossrl.model.lora", "FUSED_TRAINING_QKV",
+     "training forwards: q, k and v with their adapters from one base matmul, one A matmul and one "
+     "block-diagonal B addmm"),
     ("sink-kernels", "ossrl.kernels.attention", "SINK_KERNELS",
      "the sinks' rescale through ossrl.kernels.sink_triton"),
     ("share-prefixes", "ossrl.engine.engine", "SHARE_PREFIXES",

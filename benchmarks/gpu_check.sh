@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [eager] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -19,8 +19,8 @@
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
 # test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
-# in one call (profiles three ways, batch-64 rollouts two or three ways); eager: the eager log-prob gradient's
-# GPU test and a 4K/8K step without and with it; dense: the kept bf16 expert
+# in one call (profiles three ways, batch-64 rollouts two or three ways); trainab: the eager log-prob gradient's
+# GPU test and a 4K/8K step on the defaults, with it, and with it and q, k, v fused; dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -229,12 +229,16 @@ if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBI
             | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
     done
 fi
-if [[ $what == *" eager "* ]]; then  # session 18: the log-probs' hidden-state gradient in the forward (EAGER_GRADIENT)
+if [[ $what == *" trainab "* ]]; then  # session 18: the log-probs' hidden-state gradient in the forward
+    # (EAGER_GRADIENT), then also q, k and v fused (FUSED_TRAINING_QKV): the eager gradient's GPU test,
+    # then a 4K/8K step on the defaults, with the first, and with both
     timeout 90 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k eager_logprob tests/test_train_gpu.py 2>&1 \
         | tee "$out/eager_test.log" | tail -2
-    for flag in --no-eager-logprob-grad --eager-logprob-grad; do
-        timeout ${EAGER_TIMEOUT:-100} python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" \
-            --tokens ${EAGER_TOKENS:-4096,8192} $flag --out "$out/train$flag.json" 2>&1 | tee "$out/train$flag.log" \
+    run=0
+    for args in "" "--eager-logprob-grad" "--eager-logprob-grad --fused-training-qkv"; do
+        run=$((run + 1)); echo "train ${args:-(defaults)}"
+        timeout ${TRAINAB_TIMEOUT:-100} python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" \
+            --tokens ${TRAINAB_TOKENS:-4096,8192} $args --out "$out/train_ab_$run.json" 2>&1 | tee "$out/train_ab_$run.log" \
             | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+' | paste -sd' '
     done
 fi

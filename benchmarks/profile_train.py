@@ -32,7 +32,7 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=4096)
 ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
-add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "sink-kernels"))
+add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels"))
 args = ap.parse_args()
 print(apply_switches(args))
 config = GptOssConfig.gpt_oss_20b()

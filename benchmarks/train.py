@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--flex-kernel-options", default=None, metavar="JSON",
                     help='FlexAttention tile options (attention.FLEX_KERNEL_OPTIONS), e.g. '
                          '\'{"bwd_BLOCK_M1": 64}\' (benchmarks/flex_tune.py times candidates)')
-    add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "sink-kernels", "flex-static"))
+    add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "flex-static"))
     args = ap.parse_args()
     switches = apply_switches(args)
     if args.flex_kernel_options:

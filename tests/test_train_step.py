@@ -157,6 +157,47 @@ def test_lora_gradients_from_sequence_logprobs_equal_full_logits_autograd(expert
         torch.testing.assert_close(g, model.get_parameter(n).grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_training_qkv_gives_the_gradients_of_the_projections_one_by_one(dropout, monkeypatch):
+    """FUSED_TRAINING_QKV: with q, k and v laid out side by side (configure_memory does it), a
+    training forward computes them from one base matmul, one A matmul and one block-diagonal B
+    addmm; log-probs and every LoRA gradient equal the projections one by one. With LoRA dropout
+    (a mask per projection) it stays one by one; without the layout it does not apply."""
+    from ossrl.model import lora as lora_module
+
+    fused_calls = []
+    real = lora_module.training_qkv
+    monkeypatch.setattr(lora_module, "training_qkv",
+                        lambda ps, x: (lambda r: fused_calls.append(r is not None) or r)(real(ps, x)))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(lora_module, "FUSED_TRAINING_QKV", fused)
+        model, _ = lora_model(seed=3)
+        if dropout:
+            for m in model.modules():
+                if isinstance(m, lora_module.LoRALinear):
+                    m.dropout = torch.nn.Dropout(dropout)
+        configure_memory(model, gradient_checkpointing=False)
+        V = model.config.vocab_size
+        gen = torch.Generator().manual_seed(3)
+        seqs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (9, 14)]
+        batch = pack_sequences(seqs, [[False] * 3 + [True] * (len(q) - 3) for q in seqs], max_tokens=24)
+        torch.manual_seed(0)  # the same dropout masks both ways
+        lp, _ = sequence_logprobs(model, batch, chunk=5)
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    layers = model.config.num_hidden_layers
+    assert fused_calls == [False] * layers + [not dropout] * layers
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert any("q_proj.lora_A" in n for n in results[0][1])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+    model, _ = lora_model(seed=3)  # not laid out: the projections one by one
+    q = model.model.layers[0].self_attn
+    assert lora_module.training_qkv(list(q.input_projections()), torch.randn(2, 3, model.config.hidden_size)) is None
+
+
 def test_packing_places_every_sequence_once_and_restarts_positions():
     seqs = [[1] * 5, [2] * 7, [3] * 3, [4] * 8]
     batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=10)

@@ -175,7 +175,9 @@ class Attention(nn.Module):
         ps = self.input_projections()
         if fused is not None and not any(getattr(p, "switch", None) is not None and p.switch.enabled for p in ps):
             return F.linear(h, *fused).split([p.weight.shape[0] for p in ps], dim=-1)
-        return tuple(p(h) for p in ps)
+        from ossrl.model.lora import training_qkv
+
+        return training_qkv(list(ps), h) or tuple(p(h) for p in ps)
 
     def forward(self, h, cos, sin, masks, cache: KVCache | None = None):
         B, T, _ = h.shape

@@ -174,6 +174,42 @@ def _with_reserved_rows(projections: list[nn.Module], reserved: tuple[torch.Tens
     return None if weight is None or bias is None else (weight, bias)
 
 
+# Training forwards (autograd on) of an attention layer whose q, k and v all carry active adapters
+# and whose frozen base weights lie side by side (`lay_out_qkv`; `configure_memory` lays them out):
+# one base matmul for the three projections, one for their A products ([3r, in]) and one addmm of
+# the block-diagonal B's, whose backward gives the input gradient in one matmul each instead of
+# three matmuls and two adds. Off until timed on a GPU.
+FUSED_TRAINING_QKV = False
+
+
+def training_qkv(projections: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(q, k, v) for x as the projections one by one give them (up to the order of a matmul's
+    sums), from three matmuls, where FUSED_TRAINING_QKV applies (see above); else None. Dropout
+    keeps the projections one by one: each has its own mask."""
+    if not FUSED_TRAINING_QKV or not torch.is_grad_enabled() or \
+            not all(isinstance(p, LoRALinear) for p in projections):
+        return None
+    if not projections[0].switch.enabled or any(_dropping(p) for p in projections) or any(
+            p.bias is None or p.weight.requires_grad or p.bias.requires_grad for p in projections):
+        return None
+    from ossrl.model.gptoss import _side_by_side
+
+    weight, bias = _side_by_side([p.weight for p in projections]), _side_by_side([p.bias for p in projections])
+    if weight is None or bias is None:
+        return None
+    y = F.linear(x, weight, bias)
+    u = F.linear(x, torch.cat([p.lora_A.weight for p in projections]).to(x.dtype))
+    scalings = [p.scaling for p in projections]
+    if len(set(scalings)) == 1:
+        u = u * scalings[0]
+    else:
+        u = u * torch.tensor([s for p, s in zip(projections, scalings) for _ in range(p.lora_A.weight.shape[0])],
+                             device=u.device, dtype=u.dtype)
+    b = torch.block_diag(*[p.lora_B.weight for p in projections]).to(x.dtype)  # [sum of outs, sum of ranks]
+    y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
+    return y.split([p.weight.shape[0] for p in projections], dim=-1)
+
+
 def _dropping(module: nn.Module) -> bool:
     """Whether the module's LoRA dropout is active (training mode, p > 0)."""
     return module.training and isinstance(module.dropout, nn.Dropout)

@@ -31,6 +31,7 @@ import gc
 import torch
 
 from ossrl.model.expert_copies import dense_experts
+from ossrl.model.gptoss import lay_out_qkv
 
 
 def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activations: bool = False,
@@ -48,6 +49,7 @@ def configure_memory(model, *, gradient_checkpointing: bool | str, offload_activ
         raise ValueError(f"dense_experts_gb must be >= 0, got {dense_experts_gb}")
     if gradient_checkpointing == "auto" and getattr(model, "sharded", False):
         gradient_checkpointing = True  # the same recompute on every rank (ossrl.train.sharding)
+    lay_out_qkv(model)  # q, k and v side by side: training forwards may fuse them (lora.FUSED_TRAINING_QKV)
     model.model.gradient_checkpointing = gradient_checkpointing
     model.model.offload_activations = offload_activations
     model.model.activation_budget = None if activation_budget_gb is None else int(activation_budget_gb * (1 << 30))
