@@ -103,6 +103,19 @@ def test_auto_budget_leaves_out_blocks_held_by_cuda_graph_pools():
     assert out.item() == 1.0
 
 
+def _vocabulary_rows(dtype, seed):
+    """20b's lm_head shape in `dtype` (weight [201088, 2880]), 300 targets and hidden rows (every
+    other one confident: the target's logit about 17 above the rest), and fp32 gradients for the
+    log-probs and entropies."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    weight = (torch.randn(201088, 2880, generator=gen, device="cuda") * 0.02).to(dtype)
+    targets = torch.randint(0, 201088, (300,), generator=gen, device="cuda")
+    hidden = torch.randn(300, 2880, generator=gen, device="cuda") * 0.5
+    hidden[::2] = weight[targets[::2]].float() * 15  # confident rows
+    return (weight, targets, hidden.to(dtype), torch.randn(300, generator=gen, device="cuda"),
+            torch.randn(300, generator=gen, device="cuda"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype, monkeypatch):
     """`ossrl.kernels.log_softmax` compiled (FUSED_LOG_SOFTMAX): the chunked log-probs, entropies
@@ -112,14 +125,7 @@ def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype
     from ossrl.kernels import log_softmax
     from ossrl.train import logprobs as lp_module
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    weight = (torch.randn(201088, 2880, generator=gen, device="cuda") * 0.02).to(dtype)
-    targets = torch.randint(0, 201088, (300,), generator=gen, device="cuda")
-    hidden = torch.randn(300, 2880, generator=gen, device="cuda") * 0.5
-    hidden[::2] = weight[targets[::2]].float() * 15  # confident rows
-    hidden = hidden.to(dtype)
-    g_logp = torch.randn(300, generator=gen, device="cuda")
-    g_ent = torch.randn(300, generator=gen, device="cuda")
+    weight, targets, hidden, g_logp, g_ent = _vocabulary_rows(dtype, seed=0)
     calls = []
     for name in ("row_stats", "softmax_grad_"):
         real = getattr(log_softmax, name)
@@ -151,14 +157,7 @@ def test_eager_logprob_gradient_equals_the_recomputing_backward_at_the_20b_vocab
     one differentiated (its term recomputed)."""
     from ossrl.train import logprobs as lp_module
 
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    weight = (torch.randn(201088, 2880, generator=gen, device="cuda") * 0.02).to(dtype)
-    targets = torch.randint(0, 201088, (300,), generator=gen, device="cuda")
-    hidden = torch.randn(300, 2880, generator=gen, device="cuda") * 0.5
-    hidden[::2] = weight[targets[::2]].float() * 15  # confident rows
-    hidden = hidden.to(dtype)
-    g_logp = torch.randn(300, generator=gen, device="cuda")
-    g_ent = torch.randn(300, generator=gen, device="cuda")
+    weight, targets, hidden, g_logp, g_ent = _vocabulary_rows(dtype, seed=1)
 
     def run(eager, entropy_grad):
         monkeypatch.setattr(lp_module, "EAGER_GRADIENT", eager)
