@@ -19,7 +19,7 @@
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
 # test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
-# in one call (profiles three ways, batch-64 rollouts two or three ways); trainab: the eager log-prob gradient's
+# in one call (profiles three ways in one process, batch-64 rollouts two or three ways); trainab: the eager log-prob gradient's
 # GPU test and a 4K/8K step on the defaults, with it, and with it and q, k, v fused; dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
@@ -215,12 +215,8 @@ if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBI
     # bf16 expert copies, so that the prefill decodes none)
     timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
         | tee "$out/combine_test.log" | tail -2
-    run=0
-    for args in "" "--combine-parts" "--combine-parts --one-split-max-capacity 2048"; do
-        run=$((run + 1)); echo "profile ${args:-(defaults)}"
-        timeout ${PROFILE_TIMEOUT:-80} python benchmarks/profile_decode.py $args > "$out/profile_decode_$run.txt" 2>&1
-        grep -E "graph replay|CUDA time|Error" "$out/profile_decode_$run.txt"
-    done
+    timeout ${PROFILE_TIMEOUT:-150} python benchmarks/profile_decode.py --launch-ab > "$out/profile_decode_launches.txt" 2>&1
+    grep -E "graph replay|CUDA time|Error" "$out/profile_decode_launches.txt"
     run=0
     for args in "" "--combine-parts --one-split-max-capacity 2048" ${LAUNCHES_DENSE:+"--combine-parts --one-split-max-capacity 2048 --dense-experts-gb 40"}; do
         run=$((run + 1)); echo "rollouts ${args:-(defaults)}"
