@@ -173,9 +173,11 @@ for batch in (1, 64):
         saved = {key: getattr(importlib.import_module(key[0]), key[1]) for key in values}
         for (module, attribute), value in values.items():
             setattr(importlib.import_module(module), attribute, value)
-        run(batch, True, note=note)
-        for (module, attribute), value in saved.items():
-            setattr(importlib.import_module(module), attribute, value)
+        try:
+            run(batch, True, note=note)
+        finally:
+            for (module, attribute), value in saved.items():
+                setattr(importlib.import_module(module), attribute, value)
     if "--maxnreg" in sys.argv:  # the MoE decode tiles with a register cap, in the same process
         import dataclasses
 

@@ -187,6 +187,32 @@ def test_loading_sharded_keeps_only_each_ranks_part_and_computes_the_same_model(
                     assert not got["adapter"][name].any()
 
 
+def test_sharding_drops_the_rows_lay_out_qkv_reserved(tmp_path):
+    """configure_memory lays q, k and v out (with rows reserved for the rollout copies of A, views of
+    the whole buffers); shard_model drops them, so the unsharded buffers do not outlive the shards
+    (one process, world size 1)."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+from ossrl.model.lora import LoRAConfig, apply_lora
+from ossrl.testing import random_model, tiny_config
+from ossrl.train.distributed import exit_distributed_process
+from ossrl.train.memory import configure_memory
+from ossrl.train.sharding import shard_model
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+model = random_model(tiny_config(), seed=0)
+apply_lora(model, LoRAConfig(r=4, seed=0))
+configure_memory(model, gradient_checkpointing=False)
+assert sum(getattr(m, "lora_rows", None) is not None for m in model.modules()) == 2 * model.config.num_hidden_layers
+shard_model(model)
+assert not any(getattr(m, "lora_rows", None) is not None for m in model.modules())
+print("ok", flush=True)
+exit_distributed_process()
+""")
+    run = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, timeout=300)
+    assert run.returncode == 0 and b"ok" in run.stdout, run.stderr.decode()[-3000:]
+
+
 def test_multigpu_benchmark_runs_on_cpu_processes(tmp_path):
     """benchmarks/multigpu.py (written for several GPUs) on a tiny model under gloo: the FSDP memory
     mode on 2 ranks and the GRPO mode in one process, merged with a scaling-efficiency table."""

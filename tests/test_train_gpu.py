@@ -153,21 +153,22 @@ def test_fused_log_softmax_equals_the_pytorch_chunks_at_the_20b_vocabulary(dtype
 def test_eager_logprob_gradient_equals_the_recomputing_backward_at_the_20b_vocabulary(dtype, monkeypatch):
     """EAGER_GRADIENT (the forward keeps d logp / d h per row; the backward scales rows): the same
     log-probs, and the hidden states' gradient within a few roundings of the dtype of the
-    recomputing backward's, through the fused kernels, with an entropy logged (detached) and with
-    one differentiated (its term recomputed)."""
+    recomputing backward's, through the fused kernels, without an entropy, with one logged (no
+    gradient, as GRPO asks for it) and with one differentiated (its term recomputed)."""
     from ossrl.train import logprobs as lp_module
 
     weight, targets, hidden, g_logp, g_ent = _vocabulary_rows(dtype, seed=1)
 
-    def run(eager, entropy_grad):
+    def run(eager, entropy):
         monkeypatch.setattr(lp_module, "EAGER_GRADIENT", eager)
         h = hidden.clone().requires_grad_(True)
-        lp, ent = lp_module.token_logprobs(h, weight, targets, temperature=0.9, with_entropy=True)
-        ((lp * g_logp).sum() + ((ent * g_ent).sum() if entropy_grad else 0.0)).backward()
+        lp, ent = lp_module.token_logprobs(h, weight, targets, temperature=0.9, with_entropy=entropy != "none",
+                                           entropy_grad=entropy == "differentiated")
+        ((lp * g_logp).sum() + ((ent * g_ent).sum() if entropy == "differentiated" else 0.0)).backward()
         return lp.detach(), h.grad.float()
 
-    for entropy_grad in (False, True):
-        eager, plain = run(True, entropy_grad), run(False, entropy_grad)
+    for entropy in ("none", "logged", "differentiated"):
+        eager, plain = run(True, entropy), run(False, entropy)
         assert torch.equal(eager[0], plain[0])
         assert ((eager[1] - plain[1]).norm() / plain[1].norm()).item() < 2e-2
 

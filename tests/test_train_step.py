@@ -84,12 +84,13 @@ def test_chunked_logprobs_and_entropy_match_full_softmax_with_gradients(temperat
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("entropy", ["none", "detached", "differentiated"])
+@pytest.mark.parametrize("entropy", ["none", "logged", "detached", "differentiated"])
 def test_eager_logprob_gradient_equals_the_recomputing_backward(temperature, entropy, monkeypatch):
     """EAGER_GRADIENT with a frozen lm_head: the forward keeps d logp / d h per row and the backward
     scales rows (no logits recomputed), giving the full softmax's gradient; an entropy that is
-    differentiated has its term recomputed; a weight that wants a gradient takes the recomputing
-    backward."""
+    differentiated has its term recomputed (the hidden states are kept for it unless the entropy
+    is asked for without a gradient: "logged", as GRPO does); a weight that wants a gradient takes
+    the recomputing backward."""
     from ossrl.train import logprobs as lp_module
 
     gen = torch.Generator().manual_seed(4)
@@ -102,8 +103,12 @@ def test_eager_logprob_gradient_equals_the_recomputing_backward(temperature, ent
     monkeypatch.setattr(lp_module, "EAGER_GRADIENT", True)
 
     h = hidden.clone().requires_grad_(True)
-    lp, ent = token_logprobs(h, w, y, temperature=temperature, chunk=8, with_entropy=entropy != "none")
+    lp, ent = token_logprobs(h, w, y, temperature=temperature, chunk=8, with_entropy=entropy != "none",
+                             entropy_grad=entropy != "logged")
     forward_chunks = len(chunks)
+    kept = [t for t in lp.grad_fn.saved_tensors if t is not None and t.shape == h.shape]
+    assert len(kept) == (2 if entropy in ("detached", "differentiated") else 1)  # d logp / d h (and h)
+    assert entropy == "none" or ent.requires_grad == (entropy != "logged")
     loss = (lp * gl).sum() + ((ent * ge).sum() if entropy == "differentiated" else 0.0)
     loss.backward()
     assert forward_chunks == 5 and len(chunks) == (10 if entropy == "differentiated" else 5)

@@ -185,12 +185,13 @@ FUSED_TRAINING_QKV = False
 def training_qkv(projections: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """(q, k, v) for x as the projections one by one give them (up to the order of a matmul's
     sums), from three matmuls, where FUSED_TRAINING_QKV applies (see above); else None. Dropout
-    keeps the projections one by one: each has its own mask."""
+    keeps the projections one by one (each has its own mask), as do adapters of different scalings."""
     if not FUSED_TRAINING_QKV or not torch.is_grad_enabled() or \
             not all(isinstance(p, LoRALinear) for p in projections):
         return None
     if not projections[0].switch.enabled or any(_dropping(p) for p in projections) or any(
-            p.bias is None or p.weight.requires_grad or p.bias.requires_grad for p in projections):
+            p.bias is None or p.weight.requires_grad or p.bias.requires_grad for p in projections) or \
+            len({p.scaling for p in projections}) > 1:  # (one LoRAConfig: one scaling)
         return None
     from ossrl.model.gptoss import _side_by_side
 
@@ -199,15 +200,13 @@ def training_qkv(projections: list[nn.Module], x: torch.Tensor) -> tuple[torch.T
         return None
     y = F.linear(x, weight, bias)
     u = F.linear(x, torch.cat([p.lora_A.weight for p in projections]).to(x.dtype))
-    scalings = [p.scaling for p in projections]
-    if len(set(scalings)) == 1:
-        u = u * scalings[0]
-    else:
-        u = u * torch.tensor([s for p, s in zip(projections, scalings) for _ in range(p.lora_A.weight.shape[0])],
-                             device=u.device, dtype=u.dtype)
+    u = u * projections[0].scaling
     b = torch.block_diag(*[p.lora_B.weight for p in projections]).to(x.dtype)  # [sum of outs, sum of ranks]
     y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
-    return y.split([p.weight.shape[0] for p in projections], dim=-1)
+    *qk, v = y.split([p.weight.shape[0] for p in projections], dim=-1)
+    # v copied out: attention keeps its input for the backward, and a view would keep all of y
+    # ([T, q + k + v] instead of [T, v]); q and k are rotated into new tensors on CUDA
+    return (*qk, v.contiguous())
 
 
 def _dropping(module: nn.Module) -> bool:

@@ -101,7 +101,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             # (record_function: the phases by name in a profile, e.g. benchmarks/grpo_step.py --profile-train)
             with micro_batch_rng(c.seed, scheduler.last_epoch, dist.rank * len(chunks) + k, enabled=dropout > 0), \
                     record_function("grpo/forward"):
-                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True)
+                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True,
+                                            entropy_grad=False)  # (logged only)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
             entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
             behaviour = old[k] if old_pass else logprobs.detach()  # for the importance weights

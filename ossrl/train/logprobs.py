@@ -58,7 +58,7 @@ EAGER_GRADIENT = False
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy, eager):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy, entropy_grad, eager):
         n = hidden.shape[0]
         logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
@@ -93,12 +93,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 g.scatter_add_(1, t_s[:, None], torch.ones_like(g[:, :1]))
                 dlogp[s:s + chunk] = g.div_(temperature).to(hidden.dtype) @ weight
             del logp
-        # (the entropy saved as a copy: a caller may change the returned one in place). Eager without
-        # an entropy: the hidden states are not kept. With one, they are, for the rare caller that
-        # differentiates it (GRPO logs it detached): its term is then recomputed in the backward.
-        keep_hidden = not eager or with_entropy
+        # (the entropy saved as a copy: a caller may change the returned one in place). Eager: the
+        # hidden states are kept only for an entropy that may be differentiated (its term is then
+        # recomputed in the backward); GRPO's, logged only, is returned without a gradient.
+        entropy_grad = with_entropy and entropy_grad
+        keep_hidden = not eager or entropy_grad
         ctx.save_for_backward(hidden if keep_hidden else None, weight if keep_hidden else None, targets, stats,
-                              entropy.clone() if fused and with_entropy else None, dlogp)
+                              entropy.clone() if fused and entropy_grad else None, dlogp)
+        if with_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         # An output nobody differentiates (GRPO logs the entropy, detached) gets None, not zeros:
         # its term of the backward is skipped instead of computed times zero.
@@ -112,15 +115,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if not (ctx.with_entropy and grad_entropy is not None and grad_entropy.numel()):
             grad_entropy = None
         if dlogp is not None:  # eager: the log-probs' term is a per-row scale of what the forward kept
-            grad_h = dlogp.float().mul_(grad_logprobs[:, None]).to(dlogp.dtype) if grad_logprobs is not None \
-                else torch.zeros_like(dlogp)
+            # (computed in fp32, rounded once into the output: no fp32 [N, H] buffer)
+            grad_h = torch.mul(dlogp, grad_logprobs[:, None], out=torch.empty_like(dlogp)) \
+                if grad_logprobs is not None else torch.zeros_like(dlogp)
             if grad_entropy is not None:  # the entropy's term, recomputed
                 grad_h += _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, None,
                                                        grad_entropy, True, False)[0]
-            return grad_h, None, None, None, None, None, None
+            return grad_h, None, None, None, None, None, None, None
         grad_h, grad_w = _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs,
                                                       grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None, None
 
     @staticmethod
     def _recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs, grad_entropy, need_h, need_w):
@@ -164,16 +168,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                   temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """hidden [N, H], weight [V, H], targets [N] -> (log p(target) [N] fp32, entropy [N] fp32 or None)."""
+                   temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, with_entropy: bool = False,
+                   entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H], targets [N] -> (log p(target) [N] fp32, entropy [N] fp32 or None).
+    entropy_grad=False: the entropy is returned without a gradient (for logging; nothing is kept
+    for its backward)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # eager (EAGER_GRADIENT): only the hidden states will want a gradient (decided here: the
     # Function's forward runs with autograd off)
     eager = EAGER_GRADIENT and torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     logprobs, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk), with_entropy,
-                                               eager)
+                                               entropy_grad, eager)
     return logprobs, (entropy if with_entropy else None)
 
 
@@ -334,14 +340,15 @@ def _unit_tokens(unit: tuple[int, list[int]], sequences) -> int:
 
 
 def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      with_entropy: bool = False,
+                      entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
     `batch.target_mask` ([num_targets] fp32). Use `batch.sequence_index[batch.target_mask]` to
-    group them by sequence."""
+    group them by sequence. entropy_grad=False: the entropies come without a gradient (logging)."""
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
                          branch_ids=batch.branch_ids)  # [R, T, H]
     targets = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
     h = hidden[:, :-1][batch.target_mask[:, :-1]]  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
-                          with_entropy=with_entropy)
+                          with_entropy=with_entropy, entropy_grad=entropy_grad)

@@ -45,6 +45,15 @@ def shard_model(model, *, reshard_after_forward: bool = True) -> None:
     if inner.gradient_checkpointing == "auto":
         inner.gradient_checkpointing = True  # the same recompute on every rank (module docstring)
     inner.dense_experts_cap = 0  # (kept expert copies are not made for sharded models)
+    # The rows `lay_out_qkv` reserved for rollout copies of A (`lora_rows`, views of the whole q/k/v
+    # and o buffers) would keep those unsharded buffers alive beside the shards; sharded rollouts
+    # gather adapters per layer and never read them (nor rollout copies, released here too).
+    from ossrl.model.lora import release_rollout_copies
+
+    release_rollout_copies(model)
+    for module in model.modules():
+        if getattr(module, "lora_rows", None) is not None:
+            module.lora_rows = None
     units = []
     for layer in inner.layers:
         units.append(fully_shard(layer, reshard_after_forward=reshard_after_forward))
