@@ -173,7 +173,7 @@ def test_fused_training_qkv_gives_the_gradients_of_the_projections_one_by_one(dr
     fused_calls = []
     real = lora_module.training_qkv
     monkeypatch.setattr(lora_module, "training_qkv",
-                        lambda ps, x: (lambda r: fused_calls.append(r is not None) or r)(real(ps, x)))
+                        lambda attn, x: (lambda r: fused_calls.append(r is not None) or r)(real(attn, x)))
     results = []
     for fused in (False, True):
         monkeypatch.setattr(lora_module, "FUSED_TRAINING_QKV", fused)
@@ -200,7 +200,7 @@ def test_fused_training_qkv_gives_the_gradients_of_the_projections_one_by_one(dr
 
     model, _ = lora_model(seed=3)  # not laid out: the projections one by one
     q = model.model.layers[0].self_attn
-    assert lora_module.training_qkv(list(q.input_projections()), torch.randn(2, 3, model.config.hidden_size)) is None
+    assert lora_module.training_qkv(q, torch.randn(2, 3, model.config.hidden_size)) is None
 
 
 def test_packing_places_every_sequence_once_and_restarts_positions():

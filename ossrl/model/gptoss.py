@@ -177,7 +177,7 @@ class Attention(nn.Module):
             return F.linear(h, *fused).split([p.weight.shape[0] for p in ps], dim=-1)
         from ossrl.model.lora import training_qkv
 
-        return training_qkv(list(ps), h) or tuple(p(h) for p in ps)
+        return training_qkv(self, h) or tuple(p(h) for p in ps)
 
     def forward(self, h, cos, sin, masks, cache: KVCache | None = None):
         B, T, _ = h.shape

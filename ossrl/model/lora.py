@@ -182,23 +182,22 @@ def _with_reserved_rows(projections: list[nn.Module], reserved: tuple[torch.Tens
 FUSED_TRAINING_QKV = False
 
 
-def training_qkv(projections: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """(q, k, v) for x as the projections one by one give them (up to the order of a matmul's
-    sums), from three matmuls, where FUSED_TRAINING_QKV applies (see above); else None. Dropout
-    keeps the projections one by one (each has its own mask), as do adapters of different scalings."""
+def training_qkv(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """An attention layer's (q, k, v) for x as its projections one by one give them (up to the
+    order of a matmul's sums), from three matmuls, where FUSED_TRAINING_QKV applies (see above);
+    else None. Dropout keeps the projections one by one (each has its own mask), as do adapters of
+    different scalings."""
+    projections = list(attention.input_projections())
     if not FUSED_TRAINING_QKV or not torch.is_grad_enabled() or \
             not all(isinstance(p, LoRALinear) for p in projections):
         return None
-    if not projections[0].switch.enabled or any(_dropping(p) for p in projections) or any(
-            p.bias is None or p.weight.requires_grad or p.bias.requires_grad for p in projections) or \
+    if not projections[0].switch.enabled or any(_dropping(p) for p in projections) or \
             len({p.scaling for p in projections}) > 1:  # (one LoRAConfig: one scaling)
         return None
-    from ossrl.model.gptoss import _side_by_side
-
-    weight, bias = _side_by_side([p.weight for p in projections]), _side_by_side([p.bias for p in projections])
-    if weight is None or bias is None:
+    base = attention.fused_qkv()  # the frozen weights and biases side by side, or None
+    if base is None:
         return None
-    y = F.linear(x, weight, bias)
+    y = F.linear(x, *base)
     u = F.linear(x, torch.cat([p.lora_A.weight for p in projections]).to(x.dtype))
     u = u * projections[0].scaling
     b = torch.block_diag(*[p.lora_B.weight for p in projections]).to(x.dtype)  # [sum of outs, sum of ranks]

@@ -65,8 +65,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         fused = _fused_log_softmax(hidden)
         # per row: the max of the logits / t and the log of the shifted sum (the fused backward's input)
         stats = torch.empty(2, n if fused else 0, device=hidden.device, dtype=torch.float32)
-        # eager: d log p(target) / d hidden per row, filled chunk by chunk below
+        # eager: d log p(target) / d hidden per row, filled chunk by chunk below (with the fused
+        # kernels, from a gradient of 1 a row)
         dlogp = torch.empty_like(hidden) if eager else None
+        ones = torch.ones(min(chunk, n), device=hidden.device, dtype=torch.float32) if eager and fused else None
         if fused and n:  # (the kernel reads what it is given; one host sync for the range)
             low, high = torch.stack(torch.aminmax(targets)).tolist()
             if low < 0 or high >= weight.shape[0]:
@@ -79,10 +81,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
                     z, t_s, temperature, with_entropy)
                 if with_entropy:
                     entropy[s:s + chunk] = ent
-                if eager:  # the logits overwritten by d logp / d z (a gradient of 1 a row)
-                    ones = torch.ones(z.shape[0], device=z.device, dtype=torch.float32)
+                if eager:  # the logits overwritten by d logp / d z
                     dlogp[s:s + chunk] = fused.softmax_grad_(z, t_s, stats[0, s:s + chunk], stats[1, s:s + chunk],
-                                                             None, ones, None, temperature) @ weight
+                                                             None, ones[:z.shape[0]], None, temperature) @ weight
                 continue
             logp = _chunk_logprobs(hidden[s:s + chunk], weight, temperature)  # [c, V] fp32
             logprobs[s:s + chunk] = logp.gather(1, t_s[:, None]).squeeze(1)
