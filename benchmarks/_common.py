@@ -114,8 +114,9 @@ SWITCHES = (
     ("host-masks", "ossrl.engine.slots", "HOST_MASKS",
      "rollouts: prefill masks' block tables built on the host and copied once, else by kernels on the GPU"),
     ("flex-static", "ossrl.kernels.attention", "FLEX_STATIC",
-     "FlexAttention compiled for each shape it meets (dynamic=False), else torch's default (symbolic "
-     "lengths from the second shape on)"),
+     "FlexAttention compiled for each shape it meets (dynamic=False) in every self-attention call; "
+     "--no-flex-static: torch's default (symbolic lengths from the second shape on) in every call; the "
+     "library's default (\"training\") compiles static only where the queries need a gradient"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

@@ -47,12 +47,25 @@ def gib(n: float) -> float:
     return round(n / 2**30, 2)
 
 
+# Untimed steps before the timed ones: the first compiles flex and the kernels for the shape, and
+# steps after a process's first compiles can run slow for a while (session 19, H100: 8K steps
+# took 0.69 s for seven steps in a row, then 0.51 s after another shape had compiled, the host's
+# tiny block-table ops taking ms each; cause not found: results/train_first_shape_profile_s19_h100.txt).
+# A mitigation, not a cure: `--interleave` times configurations in turn. Steps over 5 s end the
+# warm-up early.
+WARMUP_STEPS = 3
+
+
 def timed_steps(step, repeats: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     try:
-        step()  # warm-up (compiles flex and the kernels for this shape)
-        torch.cuda.synchronize()
+        for _ in range(WARMUP_STEPS):
+            t = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            if time.perf_counter() - t > 5.0 and _ > 0:
+                break
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -66,7 +79,56 @@ def timed_steps(step, repeats: int) -> dict:
         torch.cuda.empty_cache()
         return {"status": "OOM", "peak_gib": gib(torch.cuda.max_memory_allocated())}
     return {"status": "ok", "seconds": round(statistics.median(times), 4), "timed_runs": len(times),
-            "peak_gib": gib(torch.cuda.max_memory_allocated())}
+            "all_seconds": [round(t, 4) for t in times], "peak_gib": gib(torch.cuda.max_memory_allocated())}
+
+
+def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0) -> list:
+    """Each size: every configuration (a tuple of switch flags turned on over the defaults) warmed
+    up, then `repeats` rounds of one timed step per configuration in turn, so that drift in the
+    device's speed reaches each alike; one model (LoRA r=16, no checkpointing, `dense_experts_gb` of
+    kept bf16 expert copies)."""
+    from _common import SWITCHES
+    import importlib
+
+    modules = {flag: (importlib.import_module(m), attribute) for flag, m, attribute, _ in SWITCHES}
+    defaults = {flag: getattr(module, attribute) for flag, (module, attribute) in modules.items()}
+
+    def switch(on):
+        for flag, (module, attribute) in modules.items():
+            setattr(module, attribute, True if flag in on else defaults[flag])
+
+    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
+    apply_lora(model, LoRAConfig(r=16, alpha=32))
+    model.train()
+    configure_memory(model, gradient_checkpointing=False, dense_experts_gb=dense_experts_gb)
+    rows = []
+    for T in sizes:
+        batch = single_document(T, config.vocab_size, "cuda")
+
+        def step():
+            lp, _ = sequence_logprobs(model, batch)
+            (-lp.mean()).backward()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+
+        times = {on: [] for on in configurations}
+        for _ in range(2):  # (WARMUP_STEPS' note)
+            for on in configurations:
+                switch(on)
+                step()
+        for _ in range(repeats):
+            for on in configurations:
+                switch(on)
+                t = time.perf_counter()
+                step()
+                times[on].append(time.perf_counter() - t)
+        switch(())
+        for on in configurations:
+            r = {"tokens": T, "switches_on": list(on), "seconds": round(statistics.median(times[on]), 4),
+                 "min_seconds": round(min(times[on]), 4), "all_seconds": [round(t, 4) for t in times[on]]}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    return rows
 
 
 def single_document(T: int, vocab: int, device) -> PackedBatch:
@@ -176,6 +238,10 @@ def main():
                     help='FlexAttention tile options (attention.FLEX_KERNEL_OPTIONS), e.g. '
                          '\'{"bwd_BLOCK_M1": 64}\' (benchmarks/flex_tune.py times candidates)')
     add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "flex-static"))
+    ap.add_argument("--interleave", default=None, metavar="A,B;C",
+                    help="A/B in one process: configurations (switch flags turned on, comma-separated; "
+                         "configurations separated by ';', an empty one = the defaults) timed in turn, "
+                         "--repeats rounds per size; ossrl only, no checkpointing")
     args = ap.parse_args()
     switches = apply_switches(args)
     if args.flex_kernel_options:
@@ -190,6 +256,16 @@ def main():
     sizes = [int(t) for t in args.tokens.split(",")]
     t0 = time.time()
     mode = True if args.checkpointing == "true" else "auto"
+    if args.interleave is not None:
+        configurations = [tuple(f for f in c.split(",") if f) for c in args.interleave.split(";")]
+        rows = interleaved_steps(config, sizes, configurations, args.repeats, args.dense_experts_gb)
+        result = {"benchmark": "train_step_interleaved", **device_info(), **switches,
+                  "dense_experts_gb": args.dense_experts_gb,
+                  "model": "gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16 (ossrl only)",
+                  "rows": rows, "seconds_total": round(time.time() - t0, 1)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     runs = [(T, mode) for T in sizes]
     if mode == "auto" and args.full_checkpoint_tokens:
         runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]

@@ -285,6 +285,27 @@ def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_static_kernels_in_training_mode_serve_only_calls_that_need_a_gradient(monkeypatch):
+    """FLEX_STATIC = "training" (the default) asks for a static kernel only where the queries need a
+    gradient (training forwards and their recompute), not for a prefill or a reference policy's
+    forward (no gradient, or under no_grad); True asks for both, False for neither. (Eager flex,
+    the CPU's, has no backward: which calls pad is checked here, the padding itself above.)"""
+    assert attention_module.FLEX_STATIC == "training"
+
+    def wanted(mode, requires_grad: bool, grad_enabled: bool) -> bool:
+        monkeypatch.setattr(attention_module, "FLEX_STATIC", mode)
+        q = torch.randn(1, 300, 8, 16, requires_grad=requires_grad)
+        with torch.set_grad_enabled(grad_enabled):
+            return attention_module._wants_static(q)
+
+    assert wanted("training", requires_grad=True, grad_enabled=True)
+    assert not wanted("training", requires_grad=False, grad_enabled=True)
+    assert not wanted("training", requires_grad=True, grad_enabled=False)
+    assert wanted(True, requires_grad=False, grad_enabled=False)
+    assert not wanted(False, requires_grad=True, grad_enabled=True)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_static_kernels_stop_at_their_cap_and_new_kinds_run_unpadded(monkeypatch):
     """Past STATIC_KINDS kinds (dynamo's recompile limit would fall back to eager flex), a new kind
     runs the dynamic kernel, unpadded; kinds already static stay static."""

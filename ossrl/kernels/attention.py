@@ -221,8 +221,15 @@ class _SinkRescale(torch.autograd.Function):
 # lengths (session 5: 4.4-5.9 against 3.0 ms fwd+bwd at 4K; the same from 16K up). With it on,
 # self-attention (as many queries as keys: training, prefills) up to STATIC_MAX_TOKENS is padded
 # to `static_length` (a few dozen kernels in all), the padding masked out; longer ones and
-# queries against a cache run the dynamic kernel.
-FLEX_STATIC = False
+# queries against a cache run the dynamic kernel. True: every such call; "training": only calls
+# whose queries need a gradient (training forwards and their recompute); False: none.
+# "training" since session 19 (H100, 20b shapes): an 8K training step 0.5154 -> 0.4564 s with the
+# static kernel (fwd + bwd 102 against 161 ms, results/train_interleaved_static_s19_h100.json; 4K
+# unchanged: torch's first length is compiled static anyway), and a GRPO step's training phase 4.74
+# -> 4.18 s (results/grpo_step_flex_*_s19_h100.json) for 12 s more compiling in its first three steps.
+# Prefills keep the dynamic kernel: static ones did not speed them (session 17: batch-64 prefill
+# 0.211 against 0.174 s).
+FLEX_STATIC: bool | str = "training"
 STATIC_MAX_TOKENS = 16384
 # Triton tile options for compiled FlexAttention calls (torch's `kernel_options`: "fwd_BLOCK_M",
 # "bwd_BLOCK_N1", "num_warps", ...). FLEX_KERNEL_OPTIONS, when set, serves every call; otherwise
@@ -276,6 +283,11 @@ def _compiled_flex_attention(static: bool = False):
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _wants_static(q: torch.Tensor) -> bool:
+    """Whether FLEX_STATIC asks for a static kernel for queries q (True; "training": q needs a gradient)."""
+    return FLEX_STATIC is True or (FLEX_STATIC == "training" and torch.is_grad_enabled() and q.requires_grad)
+
+
 def _static_kind(q, k, mask: AttentionMask) -> bool:
     """Whether this call may run a static kernel: its kind (what dynamo would recompile for) is one
     of the first STATIC_KINDS."""
@@ -315,7 +327,7 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     Tq, Tk = q.shape[1], k.shape[1]
     # static kernels for self-attention without a cache (training, prefills): a query block against
     # a cache would pad the whole cache in every layer
-    static = FLEX_STATIC and Tq == Tk <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
+    static = _wants_static(q) and Tq == Tk <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
     if static and static_length(Tq) != Tq:
         if (mask.q_pos.shape[1], mask.k_pos.shape[1]) != (Tq, Tk):  # (padded, flex could not tell)
             raise ValueError(f"sink_attention: the mask is for {mask.q_pos.shape[1]} queries and "

@@ -195,9 +195,12 @@ def _sm_count(device_index: int) -> int:
 
 # Caches of at most this many rows a slot take one split where the rule below asks for two: the
 # programs then finish the output themselves (no combine launch; at batch 64 the combine is 3.9 us a
-# layer, session 13's profile), at the price of each program reading twice the keys. 0: off (until
-# timed on a GPU; at 64 x 8K one split read at 88% of copy bandwidth against 98% with two).
-ONE_SPLIT_MAX_CAPACITY = 0
+# layer, session 13's profile), at the price of each program reading twice the keys. 0: off. 2048 since
+# session 19 (H100, with COMBINE_PARTS, benchmarks/results/profile_decode_launches_s19_h100.txt): a
+# batch-64 decode step's graph replays in 7.24 ms against 7.33 with COMBINE_PARTS alone and 7.36
+# without either (359 kernels against 383 and 407); batch 1 2.74 against 2.75 and 2.77 ms. Longer
+# caches keep two splits (at 64 x 8K one split read at 88% of copy bandwidth against 98% with two).
+ONE_SPLIT_MAX_CAPACITY = 2048
 
 
 def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, device) -> int:

@@ -566,8 +566,10 @@ def gate_up_forward(plan: _Plan, x, lora_z=None, z=None, lora: _LoRATerm | None 
 # launch writing the [N * k, H] slot buffer that `combine_slots` then reads: one launch a layer
 # fewer where the down tile splits K and does not finish in its last part (decode sizes from 2
 # tokens). Needs the grouping kernels' position table. Rollouts with LoRA on the experts (GRPO's,
-# whose B products run in the epilogue) keep the two launches. Off until timed on a GPU.
-COMBINE_PARTS = False
+# whose B products run in the epilogue) keep the two launches. On since session 19 (H100): its GPU
+# test passed (the same bits); with ONE_SPLIT_MAX_CAPACITY a batch-64 decode step went 7.36 -> 7.24
+# ms and batch-64 rollouts 8,049 -> 8,165 tok/s (benchmarks/results/generate_b64_*_s19_h100.json).
+COMBINE_PARTS = True
 
 
 def down_forward(plan: _Plan, a, route_w, lora_y=None, lora: _LoRATerm | None = None):

@@ -178,8 +178,10 @@ def _with_reserved_rows(projections: list[nn.Module], reserved: tuple[torch.Tens
 # and whose frozen base weights lie side by side (`lay_out_qkv`; `configure_memory` lays them out):
 # one base matmul for the three projections, one for their A products ([3r, in]) and one addmm of
 # the block-diagonal B's, whose backward gives the input gradient in one matmul each instead of
-# three matmuls and two adds. Off until timed on a GPU.
-FUSED_TRAINING_QKV = False
+# three matmuls and two adds. On since session 19 (H100, 20b shapes, LoRA r=16, steps timed in turn
+# in one process, benchmarks/results/train_interleaved_s19_h100.json): with EAGER_GRADIENT a 4K step
+# 0.2602 -> 0.2533 s and an 8K step 0.5225 -> 0.5150 s; alone 0.2670 -> 0.2622 and 0.5400 -> 0.5317 s.
+FUSED_TRAINING_QKV = True
 
 
 def training_qkv(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
