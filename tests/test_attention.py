@@ -214,6 +214,57 @@ def test_block_layout_is_exact_where_blocks_hold_few_runs():
         assert coarse_any.sum() > 1.2 * (partial | full).sum()
 
 
+def random_pack(gen, T: int):
+    """[T] positions, doc and branch ids of random documents, each a prefix and 0-3 branches
+    continuing its positions (GRPO's shared prefixes), cut to T tokens."""
+    pos, doc, branch = [], [], []
+    d = 0
+    while sum(len(p) for p in pos) < T:
+        prefix = int(torch.randint(1, 400, (1,), generator=gen))
+        pos.append(torch.arange(prefix)), doc.append(torch.full((prefix,), d)), branch.append(torch.zeros(prefix, dtype=torch.long))
+        for b in range(int(torch.randint(0, 4, (1,), generator=gen))):
+            n = int(torch.randint(1, 300, (1,), generator=gen))
+            pos.append(torch.arange(prefix, prefix + n)), doc.append(torch.full((n,), d)), branch.append(torch.full((n,), b + 1))
+        d += 1
+    return torch.cat(pos)[:T], torch.cat(doc)[:T], torch.cat(branch)[:T]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_layout_is_exact_on_random_packs_wherever_no_block_is_crowded(seed):
+    """Random packs (documents, shared prefixes with branches; one row or two rows of their own;
+    queries all the tokens or only the last ones; with and without a window): every block pair
+    whose blocks hold at most RUNS runs each is classified exactly, pairs of one-run blocks (which
+    the minima/maxima serve without comparing runs) included."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 + seed % 2
+    T = int(torch.randint(300, 1500, (1,), generator=gen))
+    packs = [random_pack(gen, T) for _ in range(rows)]
+    pos, doc, branch = (torch.stack(t) for t in zip(*packs))
+    Tq = T if seed < 3 else int(torch.randint(1, T, (1,), generator=gen))
+    for window in (None, 128):
+        mask = AttentionMask(pos[:, -Tq:], pos, window=window, q_doc=doc[:, -Tq:], k_doc=doc,
+                             q_branch=branch[:, -Tq:], k_branch=branch)
+        partial, full, _ = block_layout(mask)
+        nq, nk = -(-Tq // BLOCK), -(-T // BLOCK)
+        dense = torch.zeros(rows, nq * BLOCK, nk * BLOCK, dtype=torch.bool)
+        dense[:, :Tq, :T] = mask.dense()
+        blocks = dense.view(rows, nq, BLOCK, nk, BLOCK)
+        any_visible, all_visible = blocks.any(dim=(2, 4)), blocks.all(dim=(2, 4))
+        all_visible[:, -1, :] = Tq % BLOCK == 0 and all_visible[:, -1, :]  # (padded blocks are never full)
+        all_visible[:, :, -1] = T % BLOCK == 0 and all_visible[:, :, -1]
+        crowded = (block_mask_module._block_runs(pos[:, -Tq:], doc[:, -Tq:], branch[:, -Tq:])["crowded"][:, :, None]
+                   | block_mask_module._block_runs(pos, doc, branch)["crowded"][:, None, :])
+        exact = ~crowded
+        assert exact.any()
+        assert ((partial | full) == any_visible)[exact].all()
+        assert (full == all_visible)[exact].all()
+        assert (any_visible <= (partial | full)).all() and (full <= all_visible).all()
+        with pytest.MonkeyPatch.context() as mp:  # every block's runs compared (a device's way): the same
+            mp.setattr(block_mask_module, "_mixed_blocks", lambda runs: slice(None))
+            every_partial, every_full, _ = block_layout(mask)
+        assert every_partial.equal(partial) and every_full.equal(full)
+
+
 def flex_inputs(mask: AttentionMask, seed: int):
     """Random q [B, Tq, 8, 16], k, v [B, Tk, 2, 16] and sinks [8] fitting `mask`."""
     gen = torch.Generator().manual_seed(seed)

@@ -91,10 +91,26 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     q_runs = _block_runs(*first_rows(m.q_pos, m.q_doc, m.q_branch))
     self_attention = m.k_pos is m.q_pos and m.k_doc is m.q_doc and m.k_branch is m.q_branch  # (no cache)
     k_runs = q_runs if self_attention else _block_runs(*first_rows(m.k_pos, m.k_doc, m.k_branch))
-    exact_any, exact_full = _runs_visibility(q_runs, k_runs, m.window)
+    # Where both blocks hold one run and no padding, the min/max test above is exact already: runs
+    # are compared only for pairs with a block of several runs (or a padded one) on either side, so
+    # one document costs no [R, nq, nk, RUNS, RUNS] comparison at all.
+    exact_any, exact_full = any_visible.clone(), full.clone()
+    for side, runs in (("q", q_runs), ("k", k_runs)):
+        picked = _mixed_blocks(runs)
+        if isinstance(picked, torch.Tensor) and not len(picked):
+            continue
+        few = {name: None if t is None else t[:, picked] for name, t in runs.items()}
+        if side == "q":
+            a, f = _runs_visibility(few, k_runs, m.window)
+            exact_any[:, picked] = a
+            exact_full[:, picked] = f & few["whole"][:, :, None] & k_runs["whole"][:, None, :]
+        else:
+            a, f = _runs_visibility(q_runs, few, m.window)
+            exact_any[:, :, picked] = a
+            exact_full[:, :, picked] = f & q_runs["whole"][:, :, None] & few["whole"][:, None, :]
     crowded = q_runs["crowded"][:, :, None] | k_runs["crowded"][:, None, :]
     any_visible = torch.where(crowded, any_visible, exact_any)
-    full = torch.where(crowded, full, exact_full & q_runs["whole"][:, :, None] & k_runs["whole"][:, None, :])
+    full = torch.where(crowded, full, exact_full)
     padded = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd, q_branch=qb, k_branch=kb)
     return any_visible & ~full, full, padded
 
@@ -102,10 +118,19 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
 RUNS = 3  # runs per block classified exactly (more: the block keeps the min/max superset)
 
 
+def _mixed_blocks(runs: dict) -> torch.Tensor | slice:
+    """The blocks (indices) whose runs `block_layout` must compare: `mixed` in some row. On a device,
+    every block (a slice): picking them there would wait for the device."""
+    if runs["mixed"].device.type != "cpu":
+        return slice(None)
+    return runs["mixed"].any(0).nonzero().squeeze(1)
+
+
 def _block_runs(pos: torch.Tensor, doc: torch.Tensor | None, branch: torch.Tensor | None) -> dict:
     """Each 128-block of [R, T] tokens as its first RUNS runs (maximal spans of one document and
     branch with consecutive positions, cut at block edges): lo/hi positions, doc, branch, valid,
-    each [R, nb, RUNS]; crowded [R, nb] (more runs than RUNS); whole [R, nb] (no padding)."""
+    each [R, nb, RUNS]; crowded [R, nb] (more runs than RUNS); whole [R, nb] (no padding); mixed
+    [R, nb] (more than one run, or padding: where the blocks' minima/maxima may not be exact)."""
     R, T = pos.shape
     nb = -(-T // BLOCK)
     dev = pos.device
@@ -135,9 +160,10 @@ def _block_runs(pos: torch.Tensor, doc: torch.Tensor | None, branch: torch.Tenso
         return torch.zeros((R, T), device=dev, dtype=torch.long).scatter(1, run, ids.long())
 
     whole = (torch.arange(nb, device=dev) + 1) * BLOCK <= T
+    whole = whole.expand(R, nb)
     return dict(lo=per_run(lo), hi=per_run(hi), doc=None if doc is None else per_run(of_run(doc)),
                 branch=None if branch is None else per_run(of_run(branch)), valid=valid,
-                crowded=count > RUNS, whole=whole.expand(R, nb))
+                crowded=count > RUNS, whole=whole, mixed=(count > 1) | ~whole)
 
 
 def _runs_visibility(q: dict, k: dict, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
