@@ -116,7 +116,7 @@ SWITCHES = (
     ("flex-static", "ossrl.kernels.attention", "FLEX_STATIC",
      "FlexAttention compiled for each shape it meets (dynamic=False) in every self-attention call; "
      "--no-flex-static: torch's default (symbolic lengths from the second shape on) in every call; the "
-     "library's default (\"training\") compiles static only where the queries need a gradient"),
+     "library's default (\"training\") compiles static only under autograd (training passes)"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

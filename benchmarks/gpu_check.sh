@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -20,7 +20,9 @@
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
 # test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
 # in one call (profiles three ways in one process, batch-64 rollouts two or three ways); trainab: the eager log-prob gradient's
-# GPU test and a 4K/8K step on the defaults, with it, and with it and q, k, v fused; dense: the kept bf16 expert
+# GPU test and a 4K/8K step on the defaults, with it, and with it and q, k, v fused; steptimes:
+# benchmarks/step_times.py (every step's time over 8K, 4K, 8K, a step of each profiled) with the host's
+# threads as they are, then with one (session 19's slow start); dense: the kept bf16 expert
 # copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -236,6 +238,14 @@ if [[ $what == *" trainab "* ]]; then  # session 18: the log-probs' hidden-state
         timeout ${TRAINAB_TIMEOUT:-100} python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" \
             --tokens ${TRAINAB_TOKENS:-4096,8192} $args --out "$out/train_ab_$run.json" 2>&1 | tee "$out/train_ab_$run.log" \
             | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+' | paste -sd' '
+    done
+fi
+if [[ $what == *" steptimes "* ]]; then  # session 19: steps after a process's first compiles ran slow
+    for threads in "" 1; do
+        echo "step_times ${threads:+--threads $threads}"
+        timeout ${STEPTIMES_TIMEOUT:-150} python benchmarks/step_times.py --profile ${threads:+--threads $threads} \
+            --out "$out/step_times${threads:+_threads$threads}.json" 2>&1 | tee "$out/step_times${threads:+_threads$threads}.log" \
+            | grep -oE '"tokens": [0-9]+, "step": [0-9]+, "seconds": [0-9.]+|"gpu_ms": [0-9.]+, "cpu_ms": [0-9.]+' | paste -sd' '
     done
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape

@@ -336,24 +336,29 @@ def test_static_lengths_pad_and_the_padding_changes_nothing(name, mask, monkeypa
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_static_kernels_in_training_mode_serve_only_calls_that_need_a_gradient(monkeypatch):
-    """FLEX_STATIC = "training" (the default) asks for a static kernel only where the queries need a
-    gradient (training forwards and their recompute), not for a prefill or a reference policy's
-    forward (no gradient, or under no_grad); True asks for both, False for neither. (Eager flex,
-    the CPU's, has no backward: which calls pad is checked here, the padding itself above.)"""
+def test_static_kernels_in_training_mode_serve_only_calls_under_autograd(monkeypatch):
+    """FLEX_STATIC = "training" (the default) pads to a static length under autograd (training
+    forwards and their recompute: every layer, even the first, whose q needs no gradient when only
+    the experts carry LoRA), not under no_grad (a prefill, a reference policy's forward); True pads
+    both, False neither. (Eager flex, the CPU's, has no backward, so q here needs no gradient.)"""
+    pytest.importorskip("torch.nn.attention.flex_attention")
     assert attention_module.FLEX_STATIC == "training"
+    monkeypatch.setattr(attention_module, "_static_kinds", set())
+    sinks = torch.zeros(8)
 
-    def wanted(mode, requires_grad: bool, grad_enabled: bool) -> bool:
+    def padded(mode, grad_enabled: bool) -> bool:
         monkeypatch.setattr(attention_module, "FLEX_STATIC", mode)
-        q = torch.randn(1, 300, 8, 16, requires_grad=requires_grad)
+        mask = AttentionMask(torch.arange(300)[None], torch.arange(300)[None])
+        q, k = torch.randn(1, 300, 8, 16), torch.randn(1, 300, 2, 16)
         with torch.set_grad_enabled(grad_enabled):
-            return attention_module._wants_static(q)
+            out = _flex_sink_attention(q, k, k, sinks, mask, scale=0.25, compiled=False)
+        assert out.shape == q.shape
+        return mask._padded is not None
 
-    assert wanted("training", requires_grad=True, grad_enabled=True)
-    assert not wanted("training", requires_grad=False, grad_enabled=True)
-    assert not wanted("training", requires_grad=True, grad_enabled=False)
-    assert wanted(True, requires_grad=False, grad_enabled=False)
-    assert not wanted(False, requires_grad=True, grad_enabled=True)
+    assert padded("training", grad_enabled=True)
+    assert not padded("training", grad_enabled=False)
+    assert padded(True, grad_enabled=False)
+    assert not padded(False, grad_enabled=True)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

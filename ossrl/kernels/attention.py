@@ -222,7 +222,8 @@ class _SinkRescale(torch.autograd.Function):
 # self-attention (as many queries as keys: training, prefills) up to STATIC_MAX_TOKENS is padded
 # to `static_length` (a few dozen kernels in all), the padding masked out; longer ones and
 # queries against a cache run the dynamic kernel. True: every such call; "training": only calls
-# whose queries need a gradient (training forwards and their recompute); False: none.
+# under autograd (training forwards and their recompute, every layer alike, even one whose q needs
+# no gradient), not those under no_grad (rollouts' prefills, reference log-probs); False: none.
 # "training" since session 19 (H100, 20b shapes): an 8K training step 0.5154 -> 0.4564 s with the
 # static kernel (fwd + bwd 102 against 161 ms, results/train_interleaved_static_s19_h100.json; 4K
 # unchanged: torch's first length is compiled static anyway), and a GRPO step's training phase 4.74
@@ -283,9 +284,9 @@ def _compiled_flex_attention(static: bool = False):
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _wants_static(q: torch.Tensor) -> bool:
-    """Whether FLEX_STATIC asks for a static kernel for queries q (True; "training": q needs a gradient)."""
-    return FLEX_STATIC is True or (FLEX_STATIC == "training" and torch.is_grad_enabled() and q.requires_grad)
+def _wants_static() -> bool:
+    """Whether FLEX_STATIC asks for a static kernel for this call (True; "training": under autograd)."""
+    return FLEX_STATIC is True or (FLEX_STATIC == "training" and torch.is_grad_enabled())
 
 
 def _static_kind(q, k, mask: AttentionMask) -> bool:
@@ -327,7 +328,7 @@ def _flex_sink_attention(q, k, v, sinks, mask: AttentionMask, *, scale, compiled
     Tq, Tk = q.shape[1], k.shape[1]
     # static kernels for self-attention without a cache (training, prefills): a query block against
     # a cache would pad the whole cache in every layer
-    static = _wants_static(q) and Tq == Tk <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
+    static = _wants_static() and Tq == Tk <= STATIC_MAX_TOKENS and _static_kind(q, k, mask)
     if static and static_length(Tq) != Tq:
         if (mask.q_pos.shape[1], mask.k_pos.shape[1]) != (Tq, Tk):  # (padded, flex could not tell)
             raise ValueError(f"sink_attention: the mask is for {mask.q_pos.shape[1]} queries and "
