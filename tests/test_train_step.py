@@ -293,6 +293,7 @@ def test_auto_checkpointing_with_offload_and_measured_budget():
     ref, _ = lora_model(seed=5, num_hidden_layers=3)
     ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(2))
     configure_memory(model, gradient_checkpointing="auto", offload_activations=True)
+    configure_memory(ref, gradient_checkpointing=False)  # (the same q/k/v layout: the same fused products)
     full_logits_logprobs(model, ids).sum().backward()
     full_logits_logprobs(ref, ids).sum().backward()
     assert model.model.checkpointed_layers == 0  # a tiny model fits in this machine's free memory
@@ -322,6 +323,7 @@ def test_auto_checkpointing_gives_kept_expert_copies_only_what_the_activations_l
 
     ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(3))
     ref, _ = lora_model(seed=6, expert_format="mxfp4", num_hidden_layers=3)
+    configure_memory(ref, gradient_checkpointing=False)  # (the same q/k/v layout: the same fused products)
     full_logits_logprobs(ref, ids).sum().backward()
     model, _ = lora_model(seed=6, expert_format="mxfp4", num_hidden_layers=3)
     experts = [m for m in model.modules() if isinstance(m, Experts)]
