@@ -359,6 +359,8 @@ def test_static_kernels_in_training_mode_serve_only_calls_under_autograd(monkeyp
     assert not padded("training", grad_enabled=False)
     assert padded(True, grad_enabled=False)
     assert not padded(False, grad_enabled=True)
+    with pytest.raises(ValueError, match="FLEX_STATIC must be True, False or 'training', got 'train'"):
+        padded("train", grad_enabled=True)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -286,6 +286,8 @@ def _compiled_flex_attention(static: bool = False):
 
 def _wants_static() -> bool:
     """Whether FLEX_STATIC asks for a static kernel for this call (True; "training": under autograd)."""
+    if FLEX_STATIC is not True and FLEX_STATIC is not False and FLEX_STATIC != "training":
+        raise ValueError(f"attention.FLEX_STATIC must be True, False or 'training', got {FLEX_STATIC!r}")
     return FLEX_STATIC is True or (FLEX_STATIC == "training" and torch.is_grad_enabled())
 
 

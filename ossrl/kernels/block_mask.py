@@ -92,22 +92,28 @@ def block_layout(mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor, dict]
     self_attention = m.k_pos is m.q_pos and m.k_doc is m.q_doc and m.k_branch is m.q_branch  # (no cache)
     k_runs = q_runs if self_attention else _block_runs(*first_rows(m.k_pos, m.k_doc, m.k_branch))
     # Where both blocks hold one run and no padding, the min/max test above is exact already: runs
-    # are compared only for pairs with a block of several runs (or a padded one) on either side, so
-    # one document costs no [R, nq, nk, RUNS, RUNS] comparison at all.
-    exact_any, exact_full = any_visible.clone(), full.clone()
-    for side, runs in (("q", q_runs), ("k", k_runs)):
-        picked = _mixed_blocks(runs)
-        if isinstance(picked, torch.Tensor) and not len(picked):
-            continue
-        few = {name: None if t is None else t[:, picked] for name, t in runs.items()}
-        if side == "q":
-            a, f = _runs_visibility(few, k_runs, m.window)
-            exact_any[:, picked] = a
-            exact_full[:, picked] = f & few["whole"][:, :, None] & k_runs["whole"][:, None, :]
-        else:
-            a, f = _runs_visibility(q_runs, few, m.window)
-            exact_any[:, :, picked] = a
-            exact_full[:, :, picked] = f & q_runs["whole"][:, :, None] & few["whole"][:, None, :]
+    # are compared only for pairs with a block of several runs (or a padded one) on either side -
+    # the mixed query blocks against every key block, the others against the mixed key blocks - so
+    # one document costs no [R, nq, nk, RUNS, RUNS] comparison at all, and no mask costs more than
+    # comparing every pair (which a device does: picking blocks there would wait for it).
+    def exact(q: dict, k: dict):
+        a, f = _runs_visibility(q, k, m.window)
+        return a, f & q["whole"][:, :, None] & k["whole"][:, None, :]
+
+    def blocks(runs: dict, index: torch.Tensor) -> dict:
+        return {name: None if t is None else t[:, index] for name, t in runs.items()}
+
+    qi, ki = _mixed_blocks(q_runs), _mixed_blocks(k_runs)
+    if isinstance(qi, slice) or len(qi) == q_runs["mixed"].shape[1]:
+        exact_any, exact_full = exact(q_runs, k_runs)
+    else:
+        exact_any, exact_full = any_visible.clone(), full.clone()
+        if len(qi):
+            exact_any[:, qi], exact_full[:, qi] = exact(blocks(q_runs, qi), k_runs)
+        if len(ki):
+            qn = (~q_runs["mixed"].any(0)).nonzero().squeeze(1)  # (not empty: not every block is mixed)
+            a, f = exact(blocks(q_runs, qn), blocks(k_runs, ki))
+            exact_any[:, qn[:, None], ki], exact_full[:, qn[:, None], ki] = a, f
     crowded = q_runs["crowded"][:, :, None] | k_runs["crowded"][:, None, :]
     any_visible = torch.where(crowded, any_visible, exact_any)
     full = torch.where(crowded, full, exact_full)
