@@ -204,23 +204,24 @@ if [[ $what == *" combine "* ]]; then  # session 17: split-K down partials summe
     timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
         | tee "$out/combine_test.log" | tail -2
     GEN_SHAPES=${GEN_SHAPES:-batch8,batch64} ab_rollouts combine-parts profile
-    # decode attention in one split (no combine launch) where the rule asks for two: batch 64's caches
+    # decode attention without the one-split rule (two splits and a combine launch where the rule asks for
+    # them; the rule, up to 2,048 rows, is the default since session 19 and serves both arms above)
     timeout ${GEN_TIMEOUT:-120} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch8,batch64} \
-        --one-split-max-capacity 2048 --out "$out/generate_one_split.json" 2>&1 | tee "$out/generate_one_split.log" \
+        --one-split-max-capacity 0 --out "$out/generate_one_split.json" 2>&1 | tee "$out/generate_one_split.log" \
         | grep -oE '"name": "[a-z0-9_]+"|"tokens_per_second": [0-9.]+|"prefill_seconds": [0-9.]+' | paste -sd' '
-    timeout 100 python benchmarks/profile_decode.py --one-split-max-capacity 2048 > "$out/profile_decode_one_split.txt" 2>&1
+    timeout 100 python benchmarks/profile_decode.py --one-split-max-capacity 0 > "$out/profile_decode_one_split.txt" 2>&1
     grep -E "graph replay|CUDA time" "$out/profile_decode_one_split.txt"
 fi
 if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBINE_PARTS, one-split decode
-    # attention) in one call: their GPU test, decode-step profiles on the defaults, with the first and with
-    # both, then batch-64 rollouts on the defaults and with both (LAUNCHES_DENSE=1: and with both and kept
-    # bf16 expert copies, so that the prefill decodes none)
+    # attention; both on by default since session 19) in one call: their GPU test, decode-step profiles on
+    # the defaults, without the one-split rule and without either, then batch-64 rollouts without either and
+    # on the defaults (LAUNCHES_DENSE=1: and with kept bf16 expert copies, so that the prefill decodes none)
     timeout 60 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k combine_parts tests/test_moe_gpu.py 2>&1 \
         | tee "$out/combine_test.log" | tail -2
     timeout ${PROFILE_TIMEOUT:-150} python benchmarks/profile_decode.py --launch-ab > "$out/profile_decode_launches.txt" 2>&1
     grep -E "graph replay|CUDA time|Error" "$out/profile_decode_launches.txt"
     run=0
-    for args in "" "--combine-parts --one-split-max-capacity 2048" ${LAUNCHES_DENSE:+"--combine-parts --one-split-max-capacity 2048 --dense-experts-gb 40"}; do
+    for args in "--no-combine-parts --one-split-max-capacity 0" "" ${LAUNCHES_DENSE:+"--dense-experts-gb 40"}; do
         run=$((run + 1)); echo "rollouts ${args:-(defaults)}"
         timeout ${GEN_TIMEOUT:-90} python benchmarks/generate.py --skip-hf --shapes ${GEN_SHAPES:-batch64} $args \
             --out "$out/generate_launches_$run.json" 2>&1 | tee -a "$out/generate_launches.log" \
@@ -228,17 +229,14 @@ if [[ $what == *" launches "* ]]; then  # session 18: the two launch cuts (COMBI
     done
 fi
 if [[ $what == *" trainab "* ]]; then  # session 18: the log-probs' hidden-state gradient in the forward
-    # (EAGER_GRADIENT), then also q, k and v fused (FUSED_TRAINING_QKV): the eager gradient's GPU test,
-    # then a 4K/8K step on the defaults, with the first, and with both
+    # (EAGER_GRADIENT), then also q, k and v fused (FUSED_TRAINING_QKV), both on by default since session 19:
+    # the eager gradient's GPU test, then 4K/8K steps without either, without the fused q/k/v, and on the
+    # defaults, timed in turn in one process (session 19: one process each was swamped by a slow start)
     timeout 90 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k eager_logprob tests/test_train_gpu.py 2>&1 \
         | tee "$out/eager_test.log" | tail -2
-    run=0
-    for args in "" "--eager-logprob-grad" "--eager-logprob-grad --fused-training-qkv"; do
-        run=$((run + 1)); echo "train ${args:-(defaults)}"
-        timeout ${TRAINAB_TIMEOUT:-100} python benchmarks/train.py --skip-hf --full-checkpoint-tokens "" \
-            --tokens ${TRAINAB_TOKENS:-4096,8192} $args --out "$out/train_ab_$run.json" 2>&1 | tee "$out/train_ab_$run.log" \
-            | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+' | paste -sd' '
-    done
+    timeout ${TRAINAB_TIMEOUT:-200} python benchmarks/train.py --tokens ${TRAINAB_TOKENS:-4096,8192} --repeats 7 \
+        --interleave "no-eager-logprob-grad,no-fused-training-qkv;no-fused-training-qkv;" --out "$out/train_ab.json" \
+        2>&1 | tee "$out/train_ab.log" | grep -oE '"tokens": [0-9]+, "configuration": [^]]*\], "seconds": [0-9.]+'
 fi
 if [[ $what == *" steptimes "* ]]; then  # session 19: steps after a process's first compiles ran slow
     for threads in "" 1; do

@@ -21,8 +21,8 @@
         # --router-groups: the router's top-k kernel groups the slots too (fused.ROUTER_GROUPS);
         # --combine-parts: split-K down partials summed by the k-sum (moe_triton.COMBINE_PARTS);
         # --one-split-max-capacity ROWS: decode attention in one split, no combine, for short caches
-    python benchmarks/profile_decode.py --launch-ab   # each batch also with COMBINE_PARTS, then with
-        # it and one-split decode attention up to 2,048 rows, in the same process (one model build)
+    python benchmarks/profile_decode.py --launch-ab   # each batch also without one-split decode
+        # attention, then without it and COMBINE_PARTS (both on by default), in the same process
     python benchmarks/profile_decode.py --no-fold   # the MoE word decode with two multiplies a pair
         # instead of 2^126 folded into the scales (the engine's default, RolloutEngine(fold_scales=True);
         # the random scales are <= 128)
@@ -158,10 +158,11 @@ if "--lora-a-tiles" in sys.argv:
             continue
         bm, bn, bk, split = (int(v) for v in spec.split("x"))
         a_tiles.append(moe_triton.TileConfig(bm, bn, bk, 4, 3, split_k=split))
-# --launch-ab: (note, {(module, attribute): value}) run after the defaults of each batch
-variants = [(", COMBINE_PARTS", {("ossrl.kernels.moe_triton", "COMBINE_PARTS"): True}),
-            (", COMBINE_PARTS and one split up to 2048 rows", {("ossrl.kernels.moe_triton", "COMBINE_PARTS"): True,
-             ("ossrl.kernels.decode_attention", "ONE_SPLIT_MAX_CAPACITY"): 2048})] \
+# --launch-ab: (note, {(module, attribute): value}) run after the defaults of each batch (both cuts on
+# since session 19): without the one-split rule, then without either
+variants = [(", without the one-split rule", {("ossrl.kernels.decode_attention", "ONE_SPLIT_MAX_CAPACITY"): 0}),
+            (", without COMBINE_PARTS or the one-split rule", {("ossrl.kernels.moe_triton", "COMBINE_PARTS"): False,
+             ("ossrl.kernels.decode_attention", "ONE_SPLIT_MAX_CAPACITY"): 0})] \
     if "--launch-ab" in sys.argv else []
 torch.set_grad_enabled(False)  # as generate runs (rollout copies serve forwards without autograd only)
 for batch in (1, 64):

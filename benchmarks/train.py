@@ -83,19 +83,20 @@ def timed_steps(step, repeats: int) -> dict:
 
 
 def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0) -> list:
-    """Each size: every configuration (a tuple of switch flags turned on over the defaults) warmed
-    up, then `repeats` rounds of one timed step per configuration in turn, so that drift in the
-    device's speed reaches each alike; one model (LoRA r=16, no checkpointing, `dense_experts_gb` of
-    kept bf16 expert copies)."""
+    """Each size: every configuration (a tuple of switch flags, "NAME" turned on and "no-NAME" off,
+    over the switches as the command line left them) warmed up, then `repeats` rounds of one timed
+    step per configuration in turn, so that drift in the device's speed reaches each alike; one
+    model (LoRA r=16, no checkpointing, `dense_experts_gb` of kept bf16 expert copies)."""
     from _common import SWITCHES
     import importlib
 
     modules = {flag: (importlib.import_module(m), attribute) for flag, m, attribute, _ in SWITCHES}
-    defaults = {flag: getattr(module, attribute) for flag, (module, attribute) in modules.items()}
+    base = {flag: getattr(module, attribute) for flag, (module, attribute) in modules.items()}
 
-    def switch(on):
+    def switch(configuration):
         for flag, (module, attribute) in modules.items():
-            setattr(module, attribute, True if flag in on else defaults[flag])
+            value = True if flag in configuration else False if "no-" + flag in configuration else base[flag]
+            setattr(module, attribute, value)
 
     model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
     apply_lora(model, LoRAConfig(r=16, alpha=32))
@@ -124,7 +125,7 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
                 times[on].append(time.perf_counter() - t)
         switch(())
         for on in configurations:
-            r = {"tokens": T, "switches_on": list(on), "seconds": round(statistics.median(times[on]), 4),
+            r = {"tokens": T, "configuration": list(on), "seconds": round(statistics.median(times[on]), 4),
                  "min_seconds": round(min(times[on]), 4), "all_seconds": [round(t, 4) for t in times[on]]}
             print(json.dumps(r), flush=True)
             rows.append(r)
@@ -238,10 +239,11 @@ def main():
                     help='FlexAttention tile options (attention.FLEX_KERNEL_OPTIONS), e.g. '
                          '\'{"bwd_BLOCK_M1": 64}\' (benchmarks/flex_tune.py times candidates)')
     add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "flex-static"))
-    ap.add_argument("--interleave", default=None, metavar="A,B;C",
-                    help="A/B in one process: configurations (switch flags turned on, comma-separated; "
-                         "configurations separated by ';', an empty one = the defaults) timed in turn, "
-                         "--repeats rounds per size; ossrl only, no checkpointing")
+    ap.add_argument("--interleave", default=None, metavar="A,no-B;C",
+                    help="A/B in one process: configurations (switches by name, e.g. eager-logprob-grad "
+                         "on, no-eager-logprob-grad off, comma-separated; configurations separated by ';', "
+                         "an empty one = the switches as given) timed in turn, --repeats rounds per size; "
+                         "ossrl only, no checkpointing")
     args = ap.parse_args()
     switches = apply_switches(args)
     if args.flex_kernel_options:
@@ -257,11 +259,19 @@ def main():
     t0 = time.time()
     mode = True if args.checkpointing == "true" else "auto"
     if args.interleave is not None:
+        from _common import SWITCHES
+
         configurations = [tuple(f for f in c.split(",") if f) for c in args.interleave.split(";")]
+        names = {flag for flag, *_ in SWITCHES}
+        for c in configurations:
+            if unknown := [f for f in c if f.removeprefix("no-") not in names]:
+                ap.error(f"--interleave: unknown switch {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        if len(set(configurations)) < len(configurations):
+            ap.error("--interleave: a configuration is given twice")
         rows = interleaved_steps(config, sizes, configurations, args.repeats, args.dense_experts_gb)
         result = {"benchmark": "train_step_interleaved", **device_info(), **switches,
                   "dense_experts_gb": args.dense_experts_gb,
-                  "model": "gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16 (ossrl only)",
+                  "model": f"gpt-oss-{args.model} shapes, random weights, MXFP4 experts, LoRA r=16 (ossrl only)",
                   "rows": rows, "seconds_total": round(time.time() - t0, 1)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
