@@ -280,3 +280,52 @@ def test_dense_expert_copies_give_the_same_step_and_follow_the_blocks(monkeypatc
     assert dense_experts(model, max_bytes=None) == 2  # layer 0 remade, layer 2 made
     assert all(m.dense is not None for m in experts) and step()[2] == 0
     assert dense_experts(model, max_bytes=0) == 3 and all(m.dense is None for m in experts)
+
+
+def test_training_paths_on_by_default_give_the_step_of_the_plain_paths_on_cuda(monkeypatch):
+    """Session 19's training defaults on CUDA in bf16, each against its plain path on the same
+    weights and packed batch (two documents, sliding and full layers, 600 tokens: a static length
+    that pads): q, k and v fused with their adapters (lora.FUSED_TRAINING_QKV, used in every layer)
+    against the projections one by one; static FlexAttention kernels under autograd
+    (attention.FLEX_STATIC = "training") against torch's symbolic-length kernel. The log-probs and
+    every LoRA gradient agree within bf16 roundings."""
+    from ossrl.kernels import attention
+    from ossrl.model import lora as lora_module
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    assert lora_module.FUSED_TRAINING_QKV and attention.FLEX_STATIC == "training"
+    config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
+    model = random_model(config, seed=7).cuda().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=8, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    model.train()
+    configure_memory(model, gradient_checkpointing=False)
+    seqs = [[1 + j % 300 for j in range(350)], [7 + (5 * j) % 300 for j in range(250)]]
+    batch = pack_sequences(seqs, [[j >= 5 for j in range(len(s))] for s in seqs], max_tokens=600).to("cuda")
+    fused_calls = []
+    real = lora_module.training_qkv
+    monkeypatch.setattr(lora_module, "training_qkv",
+                        lambda attn, x: (lambda r: fused_calls.append(r is not None) or r)(real(attn, x)))
+
+    def step(fused: bool, static):
+        monkeypatch.setattr(lora_module, "FUSED_TRAINING_QKV", fused)
+        monkeypatch.setattr(attention, "FLEX_STATIC", static)
+        fused_calls.clear()
+        lp, _ = sequence_logprobs(model, batch)
+        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        grads = [p.grad.float().clone() for p in lora_parameters(model)]
+        model.zero_grad(set_to_none=True)
+        return lp.detach().float(), grads, list(fused_calls)
+
+    defaults = step(True, "training")
+    assert defaults[2] == [True] * config.num_hidden_layers
+    for other in (step(False, "training"), step(True, False)):
+        assert ((other[0] - defaults[0]).norm() / defaults[0].norm()).item() < 1e-2
+        for a, b in zip(other[1], defaults[1]):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 3e-2
