@@ -28,11 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_switches, apply_switches, device_info  # noqa: E402
-from train import single_document  # noqa: E402
+from train import lora_model_on_gpu, lora_step, single_document  # noqa: E402
 from ossrl.model.config import GptOssConfig  # noqa: E402
-from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
-from ossrl.testing import random_model_on_device  # noqa: E402
-from ossrl.train.logprobs import sequence_logprobs  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
 
 
@@ -75,9 +72,7 @@ def main():
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "step_times.json")
     config = GptOssConfig.gpt_oss_20b()
-    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
-    apply_lora(model, LoRAConfig(r=16, alpha=32))
-    model.train()
+    model, _ = lora_model_on_gpu(config)
     configure_memory(model, gradient_checkpointing=False)
     rows, profiles = [], []
     t0 = time.time()
@@ -85,9 +80,7 @@ def main():
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
-            lp, _ = sequence_logprobs(model, batch)
-            (-lp.mean()).backward()
-            model.zero_grad(set_to_none=True)
+            lora_step(model, batch)
             torch.cuda.synchronize()
 
         for i in range(args.steps):

@@ -82,6 +82,24 @@ def timed_steps(step, repeats: int) -> dict:
             "all_seconds": [round(t, 4) for t in times], "peak_gib": gib(torch.cuda.max_memory_allocated())}
 
 
+def lora_model_on_gpu(config):
+    """The benchmarks' model: random weights built on the GPU, MXFP4 experts, LoRA r=16 on q/k/v/o and
+    every expert, in training mode; (model, trainable parameter counts)."""
+    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
+    counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
+    model.train()
+    return model, counts
+
+
+def lora_step(model, batch: PackedBatch, opt=None) -> None:
+    """One training step: the sequences' log-probs, their mean's gradient, `opt` (if any), grads cleared."""
+    lp, _ = sequence_logprobs(model, batch)
+    (-lp.mean()).backward()
+    if opt is not None:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0) -> list:
     """Each size: every configuration (a tuple of switch flags, "NAME" turned on and "no-NAME" off,
     over the switches as the command line left them) warmed up, then `repeats` rounds of one timed
@@ -98,18 +116,14 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
             value = True if flag in configuration else False if "no-" + flag in configuration else base[flag]
             setattr(module, attribute, value)
 
-    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
-    apply_lora(model, LoRAConfig(r=16, alpha=32))
-    model.train()
+    model, _ = lora_model_on_gpu(config)
     configure_memory(model, gradient_checkpointing=False, dense_experts_gb=dense_experts_gb)
     rows = []
     for T in sizes:
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
-            lp, _ = sequence_logprobs(model, batch)
-            (-lp.mean()).backward()
-            model.zero_grad(set_to_none=True)
+            lora_step(model, batch)
             torch.cuda.synchronize()
 
         times = {on: [] for on in configurations}
@@ -148,9 +162,7 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
     """runs: (tokens, gradient_checkpointing[, dense_experts_gb]) tuples. optimizer: none, adamw or
     offloaded. dense_experts_gb: GiB of kept bf16 expert copies (`configure_memory`) for runs that
     give none of their own."""
-    model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
-    counts = apply_lora(model, LoRAConfig(r=16, alpha=32))
-    model.train()
+    model, counts = lora_model_on_gpu(config)
     opt = None
     if optimizer != "none":  # lr tiny: the weights stay what they were, so every row sees the same model
         opt = make_optimizer(model.parameters(), lr=1e-12, offload=optimizer == "offloaded")
@@ -164,11 +176,7 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
-            lp, _ = sequence_logprobs(model, batch)
-            (-lp.mean()).backward()
-            if opt is not None:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+            lora_step(model, batch, opt)
 
         r = timed_steps(step, repeats)
         # "auto" refits the copies to what the step's activations leave (ossrl.train.memory)
