@@ -18,12 +18,14 @@
 # kernels too); regress: rollouts on the defaults, in session 13's configuration, without the
 # deferred add and with static FlexAttention; flexprobe: benchmarks/flex_probe.py per compile mode; flextune:
 # benchmarks/flex_tune.py (FlexAttention tile options, training shape); combine: COMBINE_PARTS's GPU
-# test, then rollouts and decode profiles without and with it, then with one-split decode attention; launches: the same
-# in one call (profiles three ways in one process, batch-64 rollouts two or three ways); trainab: the eager log-prob gradient's
-# GPU test and a 4K/8K step on the defaults, with it, and with it and q, k, v fused; steptimes:
+# test, then rollouts and decode profiles without and with it, then without one-split decode attention;
+# launches: both cuts (defaults since session 19) in one call, profiles three ways in one process (the
+# defaults, without the one-split rule, without either), batch-64 rollouts without either and on the
+# defaults; trainab: the eager log-prob gradient's GPU test and 4K/8K steps without it and the fused
+# q, k, v, without the fused q, k, v, and on the defaults, timed in turn in one process; steptimes:
 # benchmarks/step_times.py (every step's time over 8K, 4K, 8K, a step of each profiled) with the host's
-# threads as they are, then with one (session 19's slow start); dense: the kept bf16 expert
-# copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
+# threads as they are, with one, and with inductor compiling in-process (session 19's slow start);
+# dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -239,10 +241,11 @@ if [[ $what == *" trainab "* ]]; then  # session 18: the log-probs' hidden-state
         2>&1 | tee "$out/train_ab.log" | grep -oE '"tokens": [0-9]+, "configuration": [^]]*\], "seconds": [0-9.]+'
 fi
 if [[ $what == *" steptimes "* ]]; then  # session 19: steps after a process's first compiles ran slow
-    for threads in "" 1; do
-        echo "step_times ${threads:+--threads $threads}"
-        timeout ${STEPTIMES_TIMEOUT:-150} python benchmarks/step_times.py --profile ${threads:+--threads $threads} \
-            --out "$out/step_times${threads:+_threads$threads}.json" 2>&1 | tee "$out/step_times${threads:+_threads$threads}.log" \
+    run=0
+    for args in "" "--threads 1" "--compile-threads 1"; do
+        run=$((run + 1)); echo "step_times ${args:-(as the host is)}"
+        timeout ${STEPTIMES_TIMEOUT:-150} python benchmarks/step_times.py --profile $args \
+            --out "$out/step_times_$run.json" 2>&1 | tee "$out/step_times_$run.log" \
             | grep -oE '"tokens": [0-9]+, "step": [0-9]+, "seconds": [0-9.]+|"gpu_ms": [0-9.]+, "cpu_ms": [0-9.]+' | paste -sd' '
     done
 fi

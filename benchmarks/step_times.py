@@ -3,12 +3,15 @@ slow start session 19 met (H100: after a process's first compiles, 8K LoRA steps
 seven steps in a row, then 0.51 s once another length had compiled; a slow step's profile showed
 442 ms of GPU time in 0.68 s and the host's tiny block-table ops taking 3-8 ms each).
 
-    python benchmarks/step_times.py [--lengths 8192,4096,8192] [--steps 7] [--threads N] [--profile]
+    python benchmarks/step_times.py [--lengths 8192,4096,8192] [--steps 7] [--threads N]
+        [--compile-threads N] [--profile]
 
 gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16, no checkpointing, the library's
 defaults. Each step: wall time, the caching allocator's device mallocs and frees during it, the SM
 clock and power after it. --threads: torch.set_num_threads(N) first (is the slow start the host's
-OpenMP pool? 1 rules its threads out). --profile: the fourth step of each length profiled (top
+OpenMP pool? 1 rules its threads out). --compile-threads: inductor's compile workers
+(torch._inductor.config.compile_threads; 1 compiles in this process, no worker pool that could
+still hold the CPUs after a compile). --profile: the fourth step of each length profiled (top
 kernels by GPU time, top host ops by CPU time) into the output. Writes
 benchmarks/results/step_times.json (or --out).
 """
@@ -63,6 +66,7 @@ def main():
     ap.add_argument("--lengths", default="8192,4096,8192")
     ap.add_argument("--steps", type=int, default=7, help="steps per length (the first compiles)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    ap.add_argument("--compile-threads", type=int, default=None, help="torch._inductor.config.compile_threads")
     ap.add_argument("--profile", action="store_true", help="profile the fourth step of each length")
     ap.add_argument("--out", default=None)
     add_switches(ap, ("eager-logprob-grad", "fused-training-qkv", "flex-static"))
@@ -70,6 +74,10 @@ def main():
     switches = apply_switches(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_threads:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = args.compile_threads
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "step_times.json")
     config = GptOssConfig.gpt_oss_20b()
     model, _ = lora_model_on_gpu(config)
@@ -98,7 +106,10 @@ def main():
                    "alloc_retries": after["num_alloc_retries"] - before["num_alloc_retries"], **device_readings()}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    import torch._inductor.config as inductor_config
+
     result = {"benchmark": "step_times", **device_info(), **switches, "threads": torch.get_num_threads(),
+              "compile_threads": inductor_config.compile_threads,
               "model": "gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16, no checkpointing",
               "rows": rows, "profiles": profiles, "seconds_total": round(time.time() - t0, 1)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
