@@ -60,11 +60,11 @@ def timed_steps(step, repeats: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     try:
-        for _ in range(WARMUP_STEPS):
+        for i in range(WARMUP_STEPS):
             t = time.perf_counter()
             step()
             torch.cuda.synchronize()
-            if time.perf_counter() - t > 5.0 and _ > 0:
+            if i > 0 and time.perf_counter() - t > 5.0:  # (the first step compiles: its time says little)
                 break
         times = []
         for _ in range(repeats):
