@@ -550,7 +550,7 @@ def sweep(mx, dense, router, gen):
             for c in [c + (d,) for c in SWEEP for d in ((True, False) if fmt == "mxfp4" else (True,))]:
                 if (N <= 64 and c[0] > 32) or (N >= 4096 and c[0] < 64) or (N == 256 and c[0] == 128):
                     continue
-                cfg = moe_triton.TileConfig(*c)
+                cfg = moe_triton.TileConfig(*c[:5], dot_scaled=c[5])
                 r = dict(tokens=N, format=fmt, config=c)
                 with torch.no_grad():
                     r["fwd_kernels_ms"] = attempt(lambda: kernels_time(ex, x, w, ids, cfg))

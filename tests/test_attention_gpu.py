@@ -223,12 +223,27 @@ def test_training_memory_is_linear_in_sequence_length():
     assert large < 32768 * 64 * 64 * 2 * 12  # a few copies of q's size, far below T^2 scores (8.6 GB)
 
 
-def test_dense_mask_is_never_built_on_cuda():
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_dense_mask_is_never_built_on_cuda(grad, monkeypatch):
+    """No [T x T] mask on CUDA: without autograd the dynamic kernel runs on the mask's own
+    BlockMask; under autograd (FLEX_STATIC "training") the static kernel runs on the mask padded
+    to its static length (300 -> 512 tokens), with that padded mask's BlockMask."""
+    from ossrl.kernels import attention
+
+    monkeypatch.setattr(attention, "FLEX_STATIC", "training")
+    monkeypatch.setattr(attention, "_static_kinds", set())  # (a fresh budget of static kinds)
     mask = AttentionMask(ar(300), ar(300), window=128)
     q = torch.randn(1, 300, 8, 64, device=DEV).bfloat16()
     k = torch.randn(1, 300, 1, 64, device=DEV).bfloat16()
-    sink_attention(q, k, k, torch.zeros(8, device=DEV).bfloat16(), mask, scale=0.125)
-    assert mask._dense is None and mask._block_mask is not None
+    with torch.set_grad_enabled(grad):
+        sink_attention(q, k, k, torch.zeros(8, device=DEV).bfloat16(), mask, scale=0.125)
+    if grad:
+        assert mask._padded is not None and mask._padded[0] == (512, 512) and mask._block_mask is None
+        used = mask._padded[1]
+    else:
+        assert mask._padded is None
+        used = mask
+    assert mask._dense is None and used._dense is None and used._block_mask is not None
     assert attention_mask(mask.q_pos, mask.k_pos, window=128).shape == (1, 300, 300)
 
 

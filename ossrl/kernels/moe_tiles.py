@@ -6,7 +6,7 @@ other tiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,9 @@ class TileConfig:
     BK: int
     num_warps: int
     num_stages: int
+    # the options by name only: a field added among them (as `fixup` was, before `words`, in session
+    # 13) then cannot silently shift what a positional tuple means (tests' tuples did, unseen until session 20)
+    _: KW_ONLY
     dot_scaled: bool = True  # MXFP4 forward through tl.dot_scaled (else our own decode)
     GROUP_M: int = 8
     swap_ab: bool = False  # MXFP4 forward, own decode: compute C^T = W a^T (weights stay in registers)
