@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -25,6 +25,8 @@
 # q, k, v, without the fused q, k, v, and on the defaults, timed in turn in one process; steptimes:
 # benchmarks/step_times.py (every step's time over 8K, 4K, 8K, a step of each profiled) with the host's
 # threads as they are, with one, and with inductor compiling in-process (session 19's slow start);
+# hostprof: step_times.py --host-profile at 1K and 4K (cProfile of a step, its host-device syncs, host
+# and GPU-tail time of every step);
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -248,6 +250,12 @@ if [[ $what == *" steptimes "* ]]; then  # session 19: steps after a process's f
             --out "$out/step_times_$run.json" 2>&1 | tee "$out/step_times_$run.log" \
             | grep -oE '"tokens": [0-9]+, "step": [0-9]+, "seconds": [0-9.]+|"gpu_ms": [0-9.]+, "cpu_ms": [0-9.]+' | paste -sd' '
     done
+fi
+if [[ $what == *" hostprof "* ]]; then  # session 20: below 8K the training step waits for the host
+    # (1K: 215.7 ms a step, the GPU busy 93.0 ms); where the host's time goes, and its syncs
+    timeout ${HOSTPROF_TIMEOUT:-200} python benchmarks/step_times.py --lengths ${HOSTPROF_LENGTHS:-1024,4096} --steps 7 \
+        --host-profile --out "$out/step_times_host.json" 2>&1 | tee "$out/step_times_host.log" \
+        | grep -vE "Warning|warn" | tail -80 | cut -c1-200
 fi
 if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options on the training shape
     timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \

@@ -4,7 +4,7 @@ seven steps in a row, then 0.51 s once another length had compiled; a slow step'
 442 ms of GPU time in 0.68 s and the host's tiny block-table ops taking 3-8 ms each).
 
     python benchmarks/step_times.py [--lengths 8192,4096,8192] [--steps 7] [--threads N]
-        [--compile-threads N] [--profile]
+        [--compile-threads N] [--profile] [--host-profile]
 
 gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16, no checkpointing, the library's
 defaults. Each step: wall time, the caching allocator's device mallocs and frees during it, the SM
@@ -12,17 +12,27 @@ clock and power after it. --threads: torch.set_num_threads(N) first (is the slow
 OpenMP pool? 1 rules its threads out). --compile-threads: inductor's compile workers
 (torch._inductor.config.compile_threads; 1 compiles in this process, no worker pool that could
 still hold the CPUs after a compile). --profile: the fourth step of each length profiled (top
-kernels by GPU time, top host ops by CPU time) into the output. Writes
+kernels by GPU time, top host ops by CPU time) into the output. --host-profile: the fifth step of
+each length under cProfile (the host's Python functions by own and by inclusive time) and under
+torch's sync debug mode (each host-device synchronisation with the Python line that asked for
+it). Every timed step also records where the host stood: `host_seconds` until the step's last
+call returned (the GPU may still be working; waits inside the step count), `host_cpu_seconds`
+the main thread's CPU time meanwhile (a spinning wait counts too), `gpu_tail_seconds` the wait
+after it for the GPU to finish (near 0: the host set the pace). Writes
 benchmarks/results/step_times.json (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,6 +71,33 @@ def profiled(step) -> dict:
             "top_gpu": top("self_device_time_total", 12), "top_cpu": top("self_cpu_time_total", 12)}
 
 
+def host_profiled(step) -> dict:
+    """One step under cProfile (the top Python functions by own and by inclusive time), then one
+    under torch's sync debug mode (each synchronisation: the message and the Python line)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+
+    def top(key, n):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(n)
+        return text.getvalue().splitlines()
+
+    total = sum(v[2] for v in stats.stats.values())  # own time of every function
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()  # (its final torch.cuda.synchronize is the benchmark's own)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:160]}" for w in caught]
+    return {"profiled_seconds": round(total, 4), "top_own": top("tottime", 40), "top_inclusive": top("cumulative", 40),
+            "syncs": syncs}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="8192,4096,8192")
@@ -68,6 +105,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--compile-threads", type=int, default=None, help="torch._inductor.config.compile_threads")
     ap.add_argument("--profile", action="store_true", help="profile the fourth step of each length")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="the fifth step of each length under cProfile and torch's sync debug mode")
     ap.add_argument("--out", default=None)
     add_switches(ap, ("eager-logprob-grad", "fused-training-qkv", "flex-static"))
     args = ap.parse_args()
@@ -82,7 +121,7 @@ def main():
     config = GptOssConfig.gpt_oss_20b()
     model, _ = lora_model_on_gpu(config)
     configure_memory(model, gradient_checkpointing=False)
-    rows, profiles = [], []
+    rows, profiles, host_profiles = [], [], []
     t0 = time.time()
     for phase, T in enumerate(int(t) for t in args.lengths.split(",")):
         batch = single_document(T, config.vocab_size, "cuda")
@@ -95,12 +134,19 @@ def main():
             if args.profile and i == 3:
                 profiles.append({"phase": phase, "tokens": T, "step": i, **profiled(step)})
                 continue
+            if args.host_profile and i == 4:
+                host_profiles.append({"phase": phase, "tokens": T, "step": i, **host_profiled(step)})
+                continue
             before = torch.cuda.memory_stats()
-            t = time.perf_counter()
-            step()
+            t, cpu = time.perf_counter(), time.thread_time()
+            lora_step(model, batch)
+            host, host_cpu = time.perf_counter() - t, time.thread_time() - cpu
+            torch.cuda.synchronize()
             seconds = time.perf_counter() - t
             after = torch.cuda.memory_stats()
             row = {"phase": phase, "tokens": T, "step": i, "seconds": round(seconds, 4),
+                   "host_seconds": round(host, 4), "host_cpu_seconds": round(host_cpu, 4),
+                   "gpu_tail_seconds": round(seconds - host, 4),
                    "device_mallocs": after["num_device_alloc"] - before["num_device_alloc"],
                    "device_frees": after["num_device_free"] - before["num_device_free"],
                    "alloc_retries": after["num_alloc_retries"] - before["num_alloc_retries"], **device_readings()}
@@ -111,12 +157,16 @@ def main():
     result = {"benchmark": "step_times", **device_info(), **switches, "threads": torch.get_num_threads(),
               "compile_threads": inductor_config.compile_threads,
               "model": "gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16, no checkpointing",
-              "rows": rows, "profiles": profiles, "seconds_total": round(time.time() - t0, 1)}
+              "rows": rows, "profiles": profiles, "host_profiles": host_profiles,
+              "seconds_total": round(time.time() - t0, 1)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     for p in profiles:
         print(json.dumps({k: p[k] for k in ("phase", "tokens", "gpu_ms", "cpu_ms")}),
               json.dumps(p["top_cpu"][:6]), flush=True)
+    for p in host_profiles:
+        print(f"host profile, {p['tokens']} tokens ({p['profiled_seconds']} s of own time under cProfile); "
+              f"{len(p['syncs'])} syncs:", *p["syncs"], *p["top_own"][:30], sep="\n", flush=True)
 
 
 if __name__ == "__main__":
