@@ -173,6 +173,16 @@ def test_datasets_have_per_row_seeds_and_the_shipped_jsonl_is_current():
     assert "Reasoning: high" in text and text.endswith("<|start|>assistant")
 
 
+def test_matmul_example_config_is_valid_and_its_dataset_is_current():
+    config = load_config(GRPOConfig, ROOT / "examples" / "matmul.toml", [])
+    assert [resolve_reward_func(f) for f in config.reward_funcs] == [
+        rewards.matmul_function_works, rewards.matmul_no_cheating, rewards.matmul_correctness, rewards.matmul_speed]
+    assert len(config.reward_weights) == len(config.reward_funcs)
+    shipped = [json.loads(line) for line in (ROOT / config.dataset).read_text().splitlines()]
+    assert shipped == make_matmul_dataset(64, seed=0), \
+        "regenerate with: python -m ossrl.envs.tasks matmul 64 examples/matmul-prompts.jsonl"
+
+
 @pytest.mark.parametrize("name", ["2048.toml", "2048-tiny.toml", "2048-120b-fsdp.toml"])
 def test_example_configs_are_valid_grpo_configs(name):
     config = load_config(GRPOConfig, ROOT / "examples" / name, [])
