@@ -4,17 +4,20 @@
     ossrl demo                      # GRPO on the CPU: the bundled small gpt-oss learns 2048
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
-    ossrl train CONFIG.toml [--set key=value ...]   # GRPO
+    ossrl train CONFIG.toml [key=value ...]         # GRPO
     ossrl plot RUN_DIR                              # PNG curves of a run
     ossrl play2048 strategy.py [--games N]          # watch a 2048 strategy play in the terminal
     ossrl export CHECKPOINT --format adapter|merged-bf16|merged-mxfp4 OUT_DIR
 
-Each subcommand is a thin layer over the library; see `ossrl <command> --help`.
+Each subcommand is a thin layer over the library; see `ossrl <command> --help`. `train`, `sft` and
+`demo` take config overrides both ways: `key=value` words after the config and `--set key=value`
+options (the words first, then the options; a later value of a key wins).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def cmd_demo(args) -> int:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: the demo config is missing; run `ossrl demo` from a clone "
                                 "of the repository or pass --config")
-    overrides = list(args.set) + ([f"max_steps={args.steps}"] if args.steps else []) + (
+    overrides = args.overrides + args.set + ([f"max_steps={args.steps}"] if args.steps else []) + (
         [f"seed={args.seed}"] if args.seed is not None else [])
     config = load_config(GRPOConfig, config_path, overrides,
                          model=str(Path(ossrl.__file__).resolve().parent / "demo_model"),
@@ -141,7 +144,7 @@ def cmd_sft(args) -> int:
     from ossrl.train.distributed import exit_distributed_process
     from ossrl.train.sft import sft_from_file
 
-    sft_from_file(args.config, args.overrides)
+    sft_from_file(args.config, args.overrides + args.set)
     exit_distributed_process()  # under torchrun; returns in a single process
     return 0
 
@@ -150,7 +153,7 @@ def cmd_train(args) -> int:
     from ossrl.rl.trainer import train_from_file
     from ossrl.train.distributed import exit_distributed_process
 
-    final = train_from_file(args.config, args.set)
+    final = train_from_file(args.config, args.overrides + args.set)
     print(f"final checkpoint: {final}")
     exit_distributed_process()  # under torchrun; returns in a single process
     return 0
@@ -214,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override max_steps")
     d.add_argument("--seed", type=int, default=None, help="override the run's seed")
     d.add_argument("--output-dir", default="runs/demo-2048")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_overrides(d)
     d.add_argument("--no-play", action="store_true", help="do not play the best strategy at the end")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="GRPO training from a TOML config (see ossrl.rl.config.GRPOConfig)")
-    t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("config", help="TOML file (see ossrl.rl.config.GRPOConfig)")
+    _add_overrides(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="write a PEFT adapter, or a merged bf16 / MXFP4 HF checkpoint")
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sft", help="supervised fine-tuning on harmony conversations (TOML config)")
     s.add_argument("config", help="TOML file (see ossrl.train.sft.SFTConfig)")
-    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 lora.r=8")
+    _add_overrides(s)
     s.set_defaults(func=cmd_sft)
 
     w = sub.add_parser("write-tiny", help="write a tiny random gpt-oss checkpoint (HF layout)")
@@ -259,11 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """Config overrides both ways: `key=value` words after the config, and `--set key=value`."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. max_steps=10 lora.r=8 (the same as --set)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (after the KEY=VALUE words)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line. `key=value` words after an option (`train C --set a=1 b=2`) join
+    the overrides: argparse alone would have refused them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(word) for word in extra):
+        args.overrides = args.overrides + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["play2048"]:  # its own parser (ossrl.envs.play), --help included
         return cmd_play2048(argparse.Namespace(args=argv[1:]))
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
