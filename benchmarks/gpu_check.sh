@@ -41,6 +41,11 @@ if [[ $what == *" tests "* ]]; then
     # 5: 29 tests in 300 s, torch.compile of FlexAttention and Triton compiles dominate; session 6:
     # test_moe_gpu.py + test_engine_gpu.py alone, 69 tests, 210 s on an H100).
     # TEST_FILES (optional) names a subset, e.g. leaving out files whose code has not changed since they passed.
+    # Session 20 (H100): the whole set needs about 1,000 s, more than one call's 600: engine + train
+    # files with the first 45 MoE tests took 540 s; the rest of moe + fused + fsdp 228 s; attention
+    # about 250 s. So three calls: TEST_FILES="tests/test_engine_gpu.py tests/test_train_gpu.py",
+    # then "tests/test_moe_gpu.py tests/test_fused_gpu.py tests/test_fsdp_gpu.py", then
+    # "tests/test_attention_gpu.py" (TESTS_TIMEOUT=540 each).
     files=${TEST_FILES:-"tests/test_engine_gpu.py tests/test_train_gpu.py tests/test_moe_gpu.py tests/test_fsdp_gpu.py
         tests/test_fused_gpu.py tests/test_attention_gpu.py"}
     # FIRST_K (optional): a pytest -k expression run first across FIRST_FILES (default: the same
