@@ -13,12 +13,14 @@ OpenMP pool? 1 rules its threads out). --compile-threads: inductor's compile wor
 (torch._inductor.config.compile_threads; 1 compiles in this process, no worker pool that could
 still hold the CPUs after a compile). --profile: the fourth step of each length profiled (top
 kernels by GPU time, top host ops by CPU time) into the output. --host-profile: the fifth step of
-each length under cProfile (the host's Python functions by own and by inclusive time) and under
-torch's sync debug mode (each host-device synchronisation with the Python line that asked for
-it). Every timed step also records where the host stood: `host_seconds` until the step's last
-call returned (the GPU may still be working; waits inside the step count), `host_cpu_seconds`
-the main thread's CPU time meanwhile (a spinning wait counts too), `gpu_tail_seconds` the wait
-after it for the GPU to finish (near 0: the host set the pace). Writes
+each length under cProfile (the host's Python functions by own and by inclusive time; autograd's
+backward thread folded into the main one for it) and the sixth under torch's sync debug mode (each
+host-device synchronisation with the Python line that asked for it); neither is a timed row.
+Every timed step also records where the host stood: `host_seconds` until the step's last call
+returned (the GPU may still be working; waits inside the step count), `host_cpu_seconds` the
+process's CPU time meanwhile (every thread: the autograd worker's backward, and spinning waits
+and idle-spinning OpenMP threads too), `gpu_tail_seconds` the wait after it for the GPU to finish
+(near 0: the host set the pace). Writes
 benchmarks/results/step_times.json (or --out).
 """
 
@@ -71,31 +73,39 @@ def profiled(step) -> dict:
             "top_gpu": top("self_device_time_total", 12), "top_cpu": top("self_cpu_time_total", 12)}
 
 
-def host_profiled(step) -> dict:
-    """One step under cProfile (the top Python functions by own and by inclusive time), then one
-    under torch's sync debug mode (each synchronisation: the message and the Python line)."""
+def cprofiled(step) -> dict:
+    """One step under cProfile: the top Python functions by own and by inclusive time. Autograd's
+    multithreading is off for it, so the backward (which torch runs on a worker thread for CUDA
+    tensors, where cProfile does not look) runs on this thread and is profiled too."""
     profiler = cProfile.Profile()
-    profiler.enable()
-    step()
-    profiler.disable()
-    stats = pstats.Stats(profiler)
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        step()
+        profiler.disable()
 
     def top(key, n):
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(n)
         return text.getvalue().splitlines()
 
-    total = sum(v[2] for v in stats.stats.values())  # own time of every function
+    total = sum(v[2] for v in pstats.Stats(profiler).stats.values())  # own time of every function
+    return {"profiled_seconds": round(total, 4), "top_own": top("tottime", 40), "top_inclusive": top("cumulative", 40)}
+
+
+def syncs_of(step) -> list[str]:
+    """One step under torch's sync debug mode: each host-device synchronisation (a warning every
+    time) with the Python line that asked for it. Those inside torch's own backward functions are
+    reported at the `.backward()` line; the step's final `torch.cuda.synchronize` is the
+    benchmark's own."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()  # (its final torch.cuda.synchronize is the benchmark's own)
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:160]}" for w in caught]
-    return {"profiled_seconds": round(total, 4), "top_own": top("tottime", 40), "top_inclusive": top("cumulative", 40),
-            "syncs": syncs}
+    return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:160]}" for w in caught
+            if "synchroniz" in str(w.message)]
 
 
 def main():
@@ -106,7 +116,7 @@ def main():
     ap.add_argument("--compile-threads", type=int, default=None, help="torch._inductor.config.compile_threads")
     ap.add_argument("--profile", action="store_true", help="profile the fourth step of each length")
     ap.add_argument("--host-profile", action="store_true",
-                    help="the fifth step of each length under cProfile and torch's sync debug mode")
+                    help="the fifth step of each length under cProfile, the sixth under torch's sync debug mode")
     ap.add_argument("--out", default=None)
     add_switches(ap, ("eager-logprob-grad", "fused-training-qkv", "flex-static"))
     args = ap.parse_args()
@@ -135,12 +145,15 @@ def main():
                 profiles.append({"phase": phase, "tokens": T, "step": i, **profiled(step)})
                 continue
             if args.host_profile and i == 4:
-                host_profiles.append({"phase": phase, "tokens": T, "step": i, **host_profiled(step)})
+                host_profiles.append({"phase": phase, "tokens": T, "step": i, **cprofiled(step)})
+                continue
+            if args.host_profile and i == 5:
+                host_profiles[-1]["syncs"] = syncs_of(step)
                 continue
             before = torch.cuda.memory_stats()
-            t, cpu = time.perf_counter(), time.thread_time()
+            t, cpu = time.perf_counter(), time.process_time()
             lora_step(model, batch)
-            host, host_cpu = time.perf_counter() - t, time.thread_time() - cpu
+            host, host_cpu = time.perf_counter() - t, time.process_time() - cpu
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t
             after = torch.cuda.memory_stats()
@@ -165,8 +178,9 @@ def main():
         print(json.dumps({k: p[k] for k in ("phase", "tokens", "gpu_ms", "cpu_ms")}),
               json.dumps(p["top_cpu"][:6]), flush=True)
     for p in host_profiles:
+        syncs = p.get("syncs", [])
         print(f"host profile, {p['tokens']} tokens ({p['profiled_seconds']} s of own time under cProfile); "
-              f"{len(p['syncs'])} syncs:", *p["syncs"], *p["top_own"][:30], sep="\n", flush=True)
+              f"{len(syncs)} syncs:", *syncs, *p["top_own"][:30], sep="\n", flush=True)
 
 
 if __name__ == "__main__":

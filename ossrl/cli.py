@@ -11,7 +11,8 @@
 
 Each subcommand is a thin layer over the library; see `ossrl <command> --help`. `train`, `sft` and
 `demo` take config overrides both ways: `key=value` words after the config and `--set key=value`
-options (the words first, then the options; a later value of a key wins).
+options. The words apply first, then the options, each kind in line order, so for a key given
+both ways the --set value wins.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. max_steps=10 lora.r=8 (the same as --set)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (after the KEY=VALUE words)")
+                        help="override a config key (applied after the KEY=VALUE words)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -278,10 +279,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     the overrides: argparse alone would have refused them."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(word) for word in extra):
-        args.overrides = args.overrides + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not hasattr(args, "overrides"):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    unknown = [word for word in extra if not _OVERRIDE.match(word)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = args.overrides + extra
+    malformed = [word for word in args.overrides + args.set if not _OVERRIDE.match(word)]
+    if malformed:
+        parser.error(f"overrides must look like KEY=VALUE (e.g. max_steps=10), got: {' '.join(malformed)}")
     return args
 
 

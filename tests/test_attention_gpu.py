@@ -223,11 +223,12 @@ def test_training_memory_is_linear_in_sequence_length():
     assert large < 32768 * 64 * 64 * 2 * 12  # a few copies of q's size, far below T^2 scores (8.6 GB)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_enabled"])
 def test_dense_mask_is_never_built_on_cuda(grad, monkeypatch):
-    """No [T x T] mask on CUDA: without autograd the dynamic kernel runs on the mask's own
-    BlockMask; under autograd (FLEX_STATIC "training") the static kernel runs on the mask padded
-    to its static length (300 -> 512 tokens), with that padded mask's BlockMask."""
+    """No [T x T] mask on CUDA: under no_grad the dynamic kernel runs on the mask's own BlockMask;
+    with grad mode on (FLEX_STATIC "training" asks only that) the static kernel runs on the mask
+    padded to its static length (300 -> 512 tokens), with that padded mask's BlockMask. (Forward
+    only: the static kernels' gradients are the training tests'.)"""
     from ossrl.kernels import attention
 
     monkeypatch.setattr(attention, "FLEX_STATIC", "training")

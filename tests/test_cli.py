@@ -31,3 +31,11 @@ def test_commands_without_overrides_refuse_key_value_words(capsys):
     with pytest.raises(SystemExit):
         parse_args(["plot", "runs/x", "max_steps=3"])
     assert "unrecognized arguments: max_steps=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "a.toml", "b.toml"], ["demo", "foo"], ["sft", "s.toml", "--set", "seed"]])
+def test_words_that_are_not_overrides_are_refused_before_anything_runs(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "overrides must look like KEY=VALUE" in capsys.readouterr().err

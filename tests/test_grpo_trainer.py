@@ -164,14 +164,14 @@ def test_dynamic_sampling_drops_zero_variance_groups(tiny, tmp_path):
     assert all(not x["prompt"].startswith(("Task 0:", "Task 3:", "Task 6:", "Task 9:")) for x in trained)
 
 
-def test_train_cli_with_set_overrides(tiny, tmp_path):
+def test_train_cli_with_overrides_as_words_and_set_options(tiny, tmp_path):
     cfg = tmp_path / "run.toml"
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     cfg.write_text(f'model = "{tiny}"\ndataset = "{data}"\noutput_dir = "{tmp_path / "out"}"\n'
                    f'reward_funcs = ["ossrl.testing:ascii_fraction_reward"]\nprompts_per_step = 2\n'
                    f'num_generations = 2\nmax_completion_length = 6\nprogress_bar = false\n')
-    assert main(["train", str(cfg), "--set", "max_steps=1", "--set", "loss_type=bnpo"]) == 0
+    assert main(["train", str(cfg), "max_steps=1", "--set", "loss_type=bnpo"]) == 0
     saved = (tmp_path / "out" / "config.toml").read_text()
     assert 'loss_type = "bnpo"' in saved and "max_steps = 1" in saved
     assert main(["train", str(cfg), "--set", "los_type=grpo"]) == 2  # clear error, no traceback
