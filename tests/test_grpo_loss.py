@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ossrl.rl.loss import group_advantages, importance_sampling_weights, policy_loss
+from ossrl.rl.loss import group_advantages, high_entropy_mask, importance_sampling_weights, policy_loss
 
 # Two sequences, three token slots; the second sequence has two real tokens.
 LOGP = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.5, 0.0]])
@@ -14,14 +14,16 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 ADV = torch.tensor([1.0, -2.0])
 
 
-def by_hand(eps_low=0.2, eps_high=0.2):
-    """Per-token clipped surrogate written out element by element."""
+def by_hand(eps_low=0.2, eps_high=0.2, delta=None):
+    """Per-token clipped surrogate written out element by element (TRL: coef_1 capped at delta for
+    two-sided clipping, coef_2 clipped to [1 - eps_low, 1 + eps_high], -min of the two products)."""
     out = torch.zeros(2, 3)
     for b in range(2):
         for t in range(3):
             r = math.exp(LOGP[b, t] - OLD[b, t])
             a = float(ADV[b])
-            out[b, t] = -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+            unclipped = r if delta is None else min(r, delta)
+            out[b, t] = -min(unclipped * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
     return out
 
 
@@ -126,3 +128,85 @@ def test_importance_sampling_weights_token_and_sequence_level_truncated():
     seq = importance_sampling_weights(trainer, sampler, mask, level="sequence", cap=2.0)
     assert seq.shape == (2, 1)
     assert seq[0, 0].item() == pytest.approx(math.exp(0.4)) and seq[1, 0].item() == 2.0
+
+
+def test_two_sided_clipping_caps_the_unclipped_ratio_at_delta():
+    # token (1, 0) of sequence 1 (A < 0) gets r = e^0 = 1; token (1, 1) r = e^-0.5. Make one large:
+    # with OLD far below LOGP at (1, 0), r = e^1.3 = 3.67 and A < 0: -min(r A, clip(r) A) = -r A
+    # unbounded without delta, -delta A with it (the INTELLECT-2 bound on negative advantages).
+    old = OLD.clone()
+    old[1, 0] = -1.5
+    for delta in (None, 1.5, 3.0):
+        loss, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo", epsilon_high=0.28, delta=delta)
+        expected = torch.zeros(2, 3)
+        for b in range(2):
+            for t in range(3):
+                r = math.exp(LOGP[b, t] - old[b, t])
+                a = float(ADV[b])
+                unclipped = r if delta is None else min(r, delta)
+                expected[b, t] = -min(unclipped * a, min(max(r, 0.8), 1.28) * a)
+        assert loss.item() == pytest.approx(((expected * MASK).sum() / 5).item(), rel=1e-6), delta
+    capped, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo", delta=1.5)
+    free, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo")
+    assert capped.item() < free.item()  # the large ratio's term -r A = 7.3 became -1.5 A = 3.0
+    assert by_hand(delta=1.5)[0].tolist() == by_hand()[0].tolist()  # (A > 0 rows: clip already binds)
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match="delta"):
+            policy_loss(LOGP, OLD, ADV, MASK, delta=bad)
+
+
+def test_cispo_is_the_capped_stop_gradient_weight_times_the_log_prob():
+    # TRL: per_token = -clamp(r, max=epsilon_high).detach() * A * logp, normalised as dapo
+    logp = LOGP.clone().requires_grad_(True)
+    loss, m = policy_loss(logp, OLD, ADV, MASK, loss_type="cispo", epsilon_high=1.1, num_items_in_batch=20)
+    weight = torch.clamp(torch.exp(LOGP - OLD), max=1.1)
+    expected = (-(weight * ADV[:, None] * LOGP) * MASK).sum() / 20
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    # the weight is a constant: d/dlogp = -w A / 20 on every trained token, clipped or not
+    assert torch.allclose(logp.grad, -(weight * ADV[:, None]) * MASK / 20)
+    # the cap reached where it limits an increase: (0, 0) has r = e^0.2 > 1.1 and A > 0
+    assert m["clip_ratio/high_mean"] == pytest.approx(1 / 5) and m["clip_ratio/low_mean"] == 0
+    with pytest.raises(ValueError, match="epsilon_high"):
+        policy_loss(LOGP, OLD, ADV, MASK, loss_type="cispo")
+    with pytest.raises(ValueError, match="delta"):
+        policy_loss(LOGP, OLD, ADV, MASK, loss_type="cispo", epsilon_high=5.0, delta=2.0)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_of_the_trained_tokens():
+    # TRL's rule: threshold = torch.quantile(entropies of trained tokens, 1 - rho); keep >= threshold
+    entropy = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 5.0]])  # (1, 2) is untrained: not counted
+    kept = high_entropy_mask(entropy, MASK, 0.4)
+    threshold = torch.quantile(torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3]), 0.6)  # 0.58
+    assert kept.tolist() == ((entropy >= threshold) & (MASK > 0)).tolist()
+    assert kept.tolist() == [[False, True, False], [True, False, False]]
+    assert high_entropy_mask(entropy, MASK, 1.0).tolist() == (MASK > 0).tolist()
+    assert high_entropy_mask(entropy, MASK, 0.0).tolist() == [[False, True, False], [False, False, False]]
+    assert not high_entropy_mask(entropy, torch.zeros_like(MASK), 0.5).any()
+    with pytest.raises(ValueError):
+        high_entropy_mask(entropy, MASK, 1.5)
+
+
+def test_entropy_mask_drops_the_policy_term_but_not_the_kl():
+    ref = torch.tensor([[-1.1, -0.7, -1.5], [-0.3, -1.2, 0.0]])
+    keep = torch.tensor([[True, False, True], [False, True, False]])
+    loss, m = policy_loss(LOGP, OLD, ADV, MASK, loss_type="bnpo", ref_logprobs=ref, beta=0.1, entropy_mask=keep)
+    d = ref - LOGP
+    kl = torch.exp(d) - d - 1
+    expected = ((by_hand() * keep + 0.1 * kl) * MASK).sum() / 5
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert m["entropy_mask/kept_fraction"] == pytest.approx(3 / 5)
+
+
+def test_config_refuses_what_the_new_loss_options_cannot_mean():
+    from ossrl.rl.config import GRPOConfig
+
+    base = dict(model="m", dataset="d.jsonl")
+    GRPOConfig(**base, loss_type="cispo", epsilon_high=5.0)
+    GRPOConfig(**base, delta=1.5, top_entropy_quantile=0.2)
+    for bad, match in (({"loss_type": "cispo"}, "epsilon_high"), ({"delta": 1.0}, "delta"),
+                       ({"loss_type": "cispo", "epsilon_high": 5.0, "delta": 2.0}, "delta"),
+                       ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+                       ({"top_entropy_quantile": -0.1}, "top_entropy_quantile")):
+        with pytest.raises(ValueError, match=match):
+            GRPOConfig(**base, **bad)

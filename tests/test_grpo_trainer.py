@@ -28,11 +28,14 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "gspo"])
-def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("gspo", {}),
+                                             ("cispo", {"epsilon_high": 5.0}),
+                                             ("dapo", {"delta": 1.5, "top_entropy_quantile": 0.5})],
+                         ids=["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "dapo-delta-entropy-mask"])
+def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_type, extra):
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
                           config=tiny_grpo_config(tiny, tmp_path / "run", loss_type=loss_type, beta=0.05,
-                                        num_iterations=2), log=lambda *_: None)
+                                        num_iterations=2, **extra), log=lambda *_: None)
     before = {k: v.clone() for k, v in lora_state_dict(trainer.model).items()}
     final = trainer.train()
     after = lora_state_dict(trainer.model)
@@ -43,6 +46,8 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
         for key in ("reward", "loss", "grad_norm", "entropy", "kl", "completions/mean_length",
                     "clip_ratio/region_mean", "importance_ratio/mean", "time/generate", "tokens_per_second"):
             assert m[key] is not None and torch.isfinite(torch.tensor(float(m[key]))), key
+        if "top_entropy_quantile" in extra:  # about half the trained tokens keep their policy term
+            assert 0.3 < m["entropy_mask/kept_fraction"] < 0.7
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2 * 3
     assert (final / "adapter" / "adapter_config.json").is_file()

@@ -2,14 +2,23 @@
 
 Per token, with ratio r = exp(logp - old_logp) and advantage A of the sequence:
 
-    per_token = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)  [+ beta * KL_k3]
+    per_token = -min(r' * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)  [+ beta * KL_k3]
+    r'        = r, or min(r, delta) with two-sided clipping (`delta`, INTELLECT-2)
     KL_k3     = exp(ref - logp) - (ref - logp) - 1
+    cispo     per_token = -sg(min(r, epsilon_high)) * A * logp   [+ beta * KL_k3]
+              (MiniMax-M1's clipped importance weight, stop-gradient; epsilon_high is the weight's
+              cap itself, as in TRL: its docs recommend 5.0)
+
+`entropy_mask` ([B, T], the `top_entropy_quantile` rule of "Beyond the 80/20 Rule", see
+`high_entropy_mask`) keeps the policy term only on the tokens it marks; the KL term stays on every
+token.
 
 Normalisation by loss_type (mask m, B sequences):
     grpo     mean over sequences of (sum_t per_token * m / sum_t m)
     bnpo     sum(per_token * m) / sum(m)                     (this batch's tokens)
     dapo     sum(per_token * m) / num_items_in_batch           (tokens of the whole generation batch;
                                                                 defaults to this batch's)
+    cispo    as dapo
     dr_grpo  sum(per_token * m) / (B * max_completion_length)
     gspo     grpo's normalisation with a sequence-level ratio
              r_i = exp(sum_t m (logp - old) / sum_t m), the same for every token of sequence i
@@ -22,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")
+TOKEN_SUM_LOSSES = ("dapo", "cispo")  # normalised by the generation batch's tokens, not per micro-batch
 
 
 def policy_loss(
@@ -39,13 +49,20 @@ def policy_loss(
     max_completion_length: int | None = None,
     importance_weights: torch.Tensor | None = None,
     num_items_in_batch: int | float | None = None,
+    delta: float | None = None,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """logprobs (with grad), old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B].
+    """logprobs (with grad), old_logprobs, ref_logprobs, mask, entropy_mask: [B, T]; advantages: [B].
     Returns (scalar loss, metrics: kl, clip ratios, ratio stats)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
+    if loss_type == "cispo" and epsilon_high is None:
+        raise ValueError("loss_type 'cispo' caps the importance weight at epsilon_high; give it (TRL recommends 5.0)")
+    if delta is not None and (loss_type == "cispo" or not delta > 1):
+        raise ValueError(f"delta (two-sided clipping) needs a clipped loss and a value above 1, got {delta!r} "
+                         f"with loss_type {loss_type!r}")
     eps_low = epsilon
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logprobs.dtype)
@@ -56,8 +73,14 @@ def policy_loss(
     if loss_type == "gspo":
         log_ratio = ((log_ratio * mask).sum(-1) / tokens_per_seq).unsqueeze(-1)  # [B, 1]
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logprobs
+    else:
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(unclipped * adv, clipped * adv)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.to(per_token.dtype)
     if importance_weights is not None:
         per_token = per_token * importance_weights.detach()
     kl = None
@@ -71,7 +94,7 @@ def policy_loss(
         loss = ((per_token * mask).sum(-1) / tokens_per_seq).mean()
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dapo":
+    elif loss_type in TOKEN_SUM_LOSSES:
         denom = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
         loss = (per_token * mask).sum() / denom.clamp(min=1.0)
     else:  # dr_grpo
@@ -81,8 +104,12 @@ def policy_loss(
 
     with torch.no_grad():
         r = ratio.expand_as(mask)
-        low = ((r < 1 - eps_low) & (adv < 0)).to(mask.dtype)
-        high = ((r > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        if loss_type == "cispo":  # the weight's cap reached where it limits an increase (TRL's count)
+            low = torch.zeros_like(mask)
+            high = ((r > eps_high) & (adv > 0)).to(mask.dtype)
+        else:
+            low = ((r < 1 - eps_low) & (adv < 0)).to(mask.dtype)
+            high = ((r > 1 + eps_high) & (adv > 0)).to(mask.dtype)
         n = mask.sum().clamp(min=1.0)
         metrics = {
             "clip_ratio/low_mean": float((low * mask).sum() / n),
@@ -92,7 +119,24 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = float((kl.expand_as(mask) * mask).sum() / n)
+        if entropy_mask is not None:
+            metrics["entropy_mask/kept_fraction"] = float((entropy_mask.to(mask.dtype) * mask).sum() / n)
     return loss, metrics
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """TRL's `top_entropy_quantile` rule ("Beyond the 80/20 Rule"): True on the trained tokens (mask
+    > 0) whose entropy is at least the (1 - top_quantile) quantile of the trained tokens' entropies
+    (torch.quantile, linear interpolation), so about the top `top_quantile` of them; 1.0 keeps every
+    trained token, 0.0 only the highest. entropy, mask: [B, T] -> bool [B, T]."""
+    if not 0.0 <= top_quantile <= 1.0:
+        raise ValueError(f"top_quantile must be in [0, 1], got {top_quantile}")
+    valid = mask > 0
+    values = entropy[valid].float()
+    if values.numel() == 0:
+        return torch.zeros_like(valid)
+    threshold = torch.quantile(values, 1.0 - top_quantile)
+    return (entropy.float() >= threshold) & valid
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: str = "group",

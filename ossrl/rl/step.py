@@ -13,7 +13,7 @@ from torch.profiler import record_function
 
 from ossrl.kernels.attention import flex_supported
 from ossrl.train.distributed import DistContext, micro_batch_rng
-from ossrl.rl.loss import importance_sampling_weights, policy_loss
+from ossrl.rl.loss import TOKEN_SUM_LOSSES, high_entropy_mask, importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import with_checkpointing_fallback
 from ossrl.train.optim import optimizer_step
@@ -60,7 +60,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     completion_len = [len(r.completion_ids) for r in rollouts]
     total_tokens = sum(sum(t[len(rollouts[i].prompt_ids):]) for chunk, tr in zip(chunks, masks_out)
                        for i, t in zip(chunk, tr))
-    total_tokens = dist.sum(total_tokens)  # dapo normalises by the whole generation batch's tokens
+    total_tokens = dist.sum(total_tokens)  # dapo and cispo normalise by the whole generation batch's tokens
     global_chunks = len(chunks) * dist.world_size
     sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
 
@@ -120,12 +120,15 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 sel = raw.expand_as(mask)[mask > 0]
                 if sel.numel():
                     is_stats.append(sel)
+            # (over this micro-batch's trained tokens on this rank; TRL's quantile also gathers the ranks')
+            entropy_mask = high_entropy_mask(entropy, mask, c.top_entropy_quantile) \
+                if c.top_entropy_quantile < 1.0 else None
             loss, m = policy_loss(
                 logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
                 epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
                 max_completion_length=c.max_completion_length, importance_weights=weights,
-                num_items_in_batch=total_tokens)
-            if c.loss_type != "dapo":
+                num_items_in_batch=total_tokens, delta=c.delta, entropy_mask=entropy_mask)
+            if c.loss_type not in TOKEN_SUM_LOSSES:
                 loss = loss / global_chunks
             with record_function("grpo/backward"):
                 scaler.scale(loss).backward()
