@@ -24,29 +24,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path, tiny, data, out, loss_type):
+def write_config(path, tiny, data, out, loss_type, eval_data=None):
     path.write_text(
         f'model = "{tiny}"\ndataset = "{data}"\noutput_dir = "{out}"\n'
         f'reward_funcs = ["ossrl.testing:ascii_fraction_reward"]\nprompts_per_step = 2\nnum_generations = 3\n'
         f'max_completion_length = 8\nmax_steps = 2\nlearning_rate = 0.005\nprogress_bar = false\n'
-        f'gradient_checkpointing = false\nloss_type = "{loss_type}"\nseed = 3\n')
+        f'gradient_checkpointing = false\nloss_type = "{loss_type}"\nseed = 3\n'
+        + (f'eval_dataset = "{eval_data}"\neval_steps = 1\neval_num_generations = 2\neval_temperature = 1.0\n'
+           if eval_data else ''))
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny, tmp_path, loss_type):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"Task {i}"}) for i in range(8)))
+    # three held-out prompts: two ranks evaluate two and one (sampled, with the same seeds as one process)
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text("\n".join(json.dumps({"prompt": f"Held out {i}"}) for i in range(3)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cfg = tmp_path / "run.toml"
 
     # one process: the two prompts' groups as two micro-batches
-    write_config(cfg, tiny, data, tmp_path / "single", loss_type)
+    write_config(cfg, tiny, data, tmp_path / "single", loss_type, eval_data)
     single = subprocess.run([sys.executable, "-m", "ossrl.cli", "train", str(cfg),
                              "--set", "gradient_accumulation_steps=2"], env=env, capture_output=True, timeout=600)
     assert single.returncode == 0, single.stderr.decode()[-3000:]
 
     # two processes: one group each
-    write_config(cfg, tiny, data, tmp_path / "dp", loss_type)
+    write_config(cfg, tiny, data, tmp_path / "dp", loss_type, eval_data)
     dp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                          "--master-port", str(free_port()), "-m", "ossrl.cli", "train", str(cfg)],
                         env=env, capture_output=True, timeout=600)
@@ -65,6 +70,13 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny, tmp_p
     single_metrics = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [m["reward"] for m in metrics] == pytest.approx([m["reward"] for m in single_metrics])
     assert len((tmp_path / "dp" / "samples.jsonl").read_text().splitlines()) == 2 * 6
+    # the evaluation after each step: every rank's share, the same completions as one process
+    assert [m["eval/completions"] for m in metrics] == [6, 6]
+    evals = [[json.loads(x) for x in (tmp_path / run / "eval_samples.jsonl").read_text().splitlines()]
+             for run in ("single", "dp")]
+    assert [(x["step"], x["prompt"], x["completion"]) for x in evals[1]] == \
+        [(x["step"], x["prompt"], x["completion"]) for x in evals[0]]
+    assert [m["eval/reward"] for m in metrics] == pytest.approx([m["eval/reward"] for m in single_metrics])
 
 
 def test_resume_with_a_different_world_size(tiny, tmp_path):

@@ -327,3 +327,59 @@ def test_auto_checkpointing_out_of_memory_redoes_the_pass_with_every_layer_check
         GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
                     config=tiny_grpo_config(tiny, tmp_path / "true", gradient_checkpointing=True),
                     log=lambda *_: None).train()
+
+
+EVAL_ROWS = [{"prompt": f"Held-out {i}: write something else", "difficulty": i} for i in range(3)]
+
+
+def test_evaluation_on_held_out_prompts_at_start_every_eval_steps_and_at_the_end(tiny, tmp_path):
+    seen_columns = []
+
+    def reward(prompts, completions, completion_ids, difficulty=None, **columns):
+        seen_columns.append(list(difficulty))
+        return ascii_fraction_reward(prompts, completions, completion_ids)
+
+    config = tiny_grpo_config(tiny, tmp_path / "run", max_steps=3, eval_steps=2, eval_on_start=True,
+                              eval_num_generations=2, eval_temperature=0.0)
+    trainer = GRPOTrainer(reward_funcs=[reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS, config=config,
+                          log=lambda *_: None)
+    trainer.train()
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert "reward" not in metrics[0] and "eval/reward" in metrics[0]  # before training: eval only
+    assert ["eval/reward" in m for m in metrics] == [True, False, True, True]  # every 2 steps, and the last
+    evals = [json.loads(x) for x in (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in evals] == [0] * 6 + [2] * 6 + [3] * 6
+    assert [x["prompt"] for x in evals[:6]] == [r["prompt"] for r in EVAL_ROWS for _ in range(2)]
+    assert [0, 0, 1, 1, 2, 2] in seen_columns  # the eval rows' columns reach the reward function
+    for m, step in zip((metrics[0], metrics[2], metrics[3]), (0, 2, 3)):
+        rows = [x for x in evals if x["step"] == step]
+        assert m["eval/completions"] == 6
+        assert m["eval/reward"] == pytest.approx(sum(x["reward"] for x in rows) / 6)
+        assert m["eval/rewards/reward/mean"] == pytest.approx(m["eval/reward"])
+        assert m["eval/completions/mean_length"] == pytest.approx(sum(x["length"] for x in rows) / 6)
+    # greedy: both completions of a prompt are the same, and the same policy evaluates the same
+    assert all(evals[i]["completion"] == evals[i + 1]["completion"] for i in range(0, 18, 2))
+    again, samples = trainer.evaluate()
+    assert [x["completion"] for x in samples] == [x["completion"] for x in evals[12:]]
+    assert again["eval/reward"] == pytest.approx(metrics[3]["eval/reward"])
+    from ossrl.rl.plots import plot_run
+
+    assert "eval.png" in [p.name for p in plot_run(tmp_path / "run")]
+
+
+def test_sampled_evaluation_repeats_its_draws_and_bad_eval_options_are_refused(tiny, tmp_path):
+    config = tiny_grpo_config(tiny, tmp_path / "run", eval_num_generations=3, eval_temperature=1.0,
+                              eval_max_prompts=2)
+    trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS,
+                          config=config, log=lambda *_: None)
+    first, a = trainer.evaluate()
+    second, b = trainer.evaluate()
+    assert first["eval/completions"] == 6 and [x["completion"] for x in a] == [x["completion"] for x in b]
+    assert len({x["completion"] for x in a}) > 2  # sampled, not greedy
+    for bad in ({"eval_num_generations": 0}, {"eval_temperature": -1.0}, {"eval_steps": -1}):
+        with pytest.raises(ValueError, match="eval_"):
+            tiny_grpo_config(tiny, tmp_path / "x", **bad)
+    with pytest.raises(ValueError, match="no eval prompt fits"):
+        GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS,
+                    config=tiny_grpo_config(tiny, tmp_path / "y", max_prompt_length=5), log=lambda *_: None)

@@ -67,6 +67,17 @@ class GRPOConfig:
     min_p: float = 0.0
     reasoning_effort: str = "low"
 
+    # evaluation on held-out prompts (a JSONL path like `dataset`, or GRPOTrainer(eval_dataset=)): every
+    # eval_steps optimiser steps and after the last (0: after the last only), eval_num_generations
+    # completions a prompt at eval_temperature (0: greedy, the same seeds each time), rewarded by the
+    # training's reward functions; "eval/..." metrics in that step's line, completions in eval_samples.jsonl
+    eval_dataset: str = ""
+    eval_steps: int = 0
+    eval_on_start: bool = False  # also before the first step (a step-0 line), on a fresh run
+    eval_num_generations: int = 1
+    eval_temperature: float = 0.0
+    eval_max_prompts: int = 0  # the first this many eval rows (0: all)
+
     # runtime, logging, checkpoints
     seed: int = 42
     device: str = "auto"
@@ -136,6 +147,10 @@ class GRPOConfig:
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.importance_sampling_cap >= 1, f"importance_sampling_cap must be >= 1, got {self.importance_sampling_cap}")
         check(self.temperature > 0, f"temperature must be > 0 for GRPO sampling, got {self.temperature}")
+        for name in ("eval_steps", "eval_max_prompts"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        check(self.eval_num_generations > 0, f"eval_num_generations must be positive, got {self.eval_num_generations}")
+        check(self.eval_temperature >= 0, f"eval_temperature must be >= 0 (0: greedy), got {self.eval_temperature}")
         check(self.max_dynamic_sampling_retries >= 0, "max_dynamic_sampling_retries must be >= 0")
         check(self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit must be positive")
         check(self.dtype in ("auto", "bfloat16", "float32", "float16"), f"dtype: unknown {self.dtype!r}")

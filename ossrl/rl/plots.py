@@ -1,7 +1,8 @@
 """`ossrl plot RUN_DIR`: PNG curves of a run's metrics.jsonl (matplotlib, no display needed).
 
-Writes RUN_DIR/plots/<group>.png for the reward (overall and per function), completion lengths,
-loss/KL/entropy, clip and importance ratios, and timings/throughput. Missing metrics are skipped.
+Writes RUN_DIR/plots/<group>.png for the reward (overall and per function), the held-out
+evaluation's, completion lengths, loss/KL/entropy, clip and importance ratios, and
+timings/throughput. Missing metrics are skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 PANELS = {
     "rewards": ["reward", "rewards/*/mean"],
+    "eval": ["eval/reward", "eval/rewards/*/mean", "eval/completions/mean_length"],
     "lengths": ["completions/mean_length", "completions/min_length", "completions/max_length",
                 "completions/clipped_ratio"],
     "loss": ["loss", "kl", "entropy", "grad_norm"],

@@ -82,7 +82,7 @@ def load_dataset_rows(dataset) -> list[dict] | object:
 
 class GRPOTrainer:
     def __init__(self, model=None, reward_funcs=None, train_dataset=None, config: GRPOConfig | None = None,
-                 tokenizer=None, log=print):
+                 tokenizer=None, log=print, eval_dataset=None):
         from ossrl.model.loading import base_checkpoint, load_model, resolve_checkpoint
         from ossrl.model.tokenizer import load_tokenizer
 
@@ -167,6 +167,7 @@ class GRPOTrainer:
         self.step = 0
         self.data_position = 0  # prompts consumed so far
         self.skipped_long_prompts = 0
+        self.eval_prompts = self._eval_prompts(eval_dataset if eval_dataset is not None else config.eval_dataset)
 
     # ------------------------------------------------------------------ data
     def _row(self, position: int) -> tuple[int, dict]:
@@ -180,17 +181,37 @@ class GRPOTrainer:
         index = self._order[i]
         return index, dict(self.dataset[index])
 
+    def _render(self, row: dict, index: int, name: str) -> list[int]:
+        try:
+            return render_prompt(self.tokenizer, row["prompt"], reasoning_effort=self.config.reasoning_effort)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{name}: row {index} has no usable 'prompt' (a string or a list "
+                             f"of chat messages): {type(e).__name__}: {e}") from None
+
+    def _eval_prompts(self, source) -> list[tuple[dict, list[int]]]:
+        """The eval rows (the first eval_max_prompts, if set) with their prompt ids; rows whose prompt
+        is longer than max_prompt_length are left out, and said so."""
+        if source is None or (isinstance(source, str) and not source):
+            return []
+        rows = load_dataset_rows(source)
+        name = str(source) if isinstance(source, (str, Path)) else "eval_dataset"
+        count = len(rows) if not self.config.eval_max_prompts else min(len(rows), self.config.eval_max_prompts)
+        prompts = [(dict(rows[i]), self._render(dict(rows[i]), i, name)) for i in range(count)]
+        kept = [(row, ids) for row, ids in prompts if len(ids) <= self.config.max_prompt_length]
+        if len(kept) < len(prompts):
+            self.log(f"{name}: {len(prompts) - len(kept)} of {len(prompts)} eval prompts are longer than "
+                     f"max_prompt_length={self.config.max_prompt_length} and are left out")
+        if not kept:
+            raise ValueError(f"{name}: no eval prompt fits max_prompt_length={self.config.max_prompt_length}")
+        return kept
+
     def _next_prompts(self, count: int) -> list[tuple[dict, list[int]]]:
         out = []
         tries = 0
         while len(out) < count:
             index, row = self._row(self.data_position)
             self.data_position += 1
-            try:
-                ids = render_prompt(self.tokenizer, row["prompt"], reasoning_effort=self.config.reasoning_effort)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{self.dataset_name}: row {index} has no usable 'prompt' (a string or a list "
-                                 f"of chat messages): {type(e).__name__}: {e}") from None
+            ids = self._render(row, index, self.dataset_name)
             if len(ids) > self.config.max_prompt_length:
                 self.skipped_long_prompts += 1
                 tries += 1
@@ -231,6 +252,65 @@ class GRPOTrainer:
                                completion_ids=[r.completion_ids for r in rollouts],
                                columns=columns, stop_on_error=self.config.stop_on_reward_error)
 
+    # ----------------------------------------------------------- evaluation
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """The policy on the eval prompts: eval_num_generations completions each at eval_temperature
+        (fixed seeds: the same draws at every evaluation), rewarded by the training's reward
+        functions. Returns ("eval/..." metrics over every rank's completions, their samples). Under
+        data parallelism each rank takes a contiguous share of the prompts."""
+        c = self.config
+        t0 = time.perf_counter()
+        world, rank = self.dist.world_size, self.dist.rank
+        share = -(-len(self.eval_prompts) // world)
+        mine = self.eval_prompts[rank * share:(rank + 1) * share]
+        params = SamplingParams(temperature=c.eval_temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
+                                max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
+                                seed=(c.seed * 1_000_003 + 7) % (2 ** 62) + rank * share * c.eval_num_generations)
+        samples = []
+        if mine or self.engine.lockstep:
+            groups = self.engine.generate([ids for _, ids in mine], n=c.eval_num_generations, params=params)
+            rollouts = [Rollout(row, ids, g.token_ids, g.sampling_logprobs, g.finish_reason,
+                                self.tokenizer.decode(g.token_ids))
+                        for (row, ids), group in zip(mine, groups) for g in group]
+            if rollouts:
+                result = self._score(rollouts)
+                for name, message in result.errors.items():
+                    self.log(f"eval at step {self.step}: reward function '{name}' failed ({message})")
+                samples = [{"prompt": r.row["prompt"], "completion": r.text, "reward": float(result.total[i]),
+                            "finish_reason": r.finish_reason, "length": len(r.completion_ids),
+                            "rewards": {k: v[i] for k, v in result.per_func.items()}}
+                           for i, r in enumerate(rollouts)]
+        if self.engine.lockstep or self.dist.enabled:
+            samples = [x for part in self.dist.gather(samples) for x in part]
+        if c.enable_sleep_mode:
+            self.engine.release()
+        metrics = {"eval/completions": len(samples), "eval/time": time.perf_counter() - t0}
+        if samples:
+            rewards = torch.tensor([x["reward"] for x in samples], dtype=torch.float32)
+            lengths = torch.tensor([float(x["length"]) for x in samples])
+            metrics.update({
+                "eval/reward": float(rewards.mean()),
+                "eval/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+                "eval/completions/mean_length": float(lengths.mean()),
+                "eval/completions/clipped_ratio": float(sum(x["finish_reason"] == "length" for x in samples))
+                / len(samples),
+                **{f"eval/{k}": v for k, v in _reward_columns(
+                    {name: [x["rewards"][name] for x in samples] for name in samples[0]["rewards"]}).items()},
+            })
+        return metrics, samples
+
+    def _log_eval(self, metrics: dict, samples: list[dict]) -> None:
+        if self.dist.is_main and samples:
+            with (self.output_dir / "eval_samples.jsonl").open("a") as f:
+                f.write("".join(json.dumps({"step": self.step, **x}) + "\n" for x in samples))
+        if "eval/reward" in metrics:
+            self.log(f"eval at step {self.step}: reward {metrics['eval/reward']:.3f} over "
+                     f"{metrics['eval/completions']} completions")
+
+    def _eval_due(self) -> bool:
+        c = self.config
+        return bool(self.eval_prompts) and (self.step >= c.max_steps or (c.eval_steps > 0 and self.step % c.eval_steps == 0))
+
     # ---------------------------------------------------------------- train
     def train(self) -> Path:
         c = self.config
@@ -244,8 +324,17 @@ class GRPOTrainer:
                                total_steps=c.max_steps, start_step=self.step, run_name=self.output_dir.name,
                                config=to_dict(c))
         try:
+            if c.eval_on_start and self.eval_prompts and self.step == 0:
+                metrics, samples = self.evaluate()
+                self._log_eval(metrics, samples)
+                if logger is not None:
+                    logger.log_step(0, metrics)
             while self.step < c.max_steps:
                 metrics, samples = self.train_step()
+                if self._eval_due():
+                    eval_metrics, eval_samples = self.evaluate()
+                    self._log_eval(eval_metrics, eval_samples)
+                    metrics = {**metrics, **eval_metrics}
                 if logger is not None:
                     logger.log_step(self.step, metrics)
                     logger.log_samples(self.step, samples)
@@ -443,7 +532,7 @@ class GRPOTrainer:
         set_rng_state(state["rng"])
         # Lines logged after this checkpoint (a crash between logging and saving) are redone.
         # A line cut by a crash mid-write does not parse: it is dropped too.
-        for name in ("metrics.jsonl", "samples.jsonl") if self.dist.is_main else ():
+        for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl") if self.dist.is_main else ():
             log_file = self.output_dir / name
             if log_file.is_file():
                 kept = [line for line in log_file.read_text().splitlines() if _logged_step(line) <= self.step]
