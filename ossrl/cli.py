@@ -5,12 +5,13 @@
     ossrl write-tiny DIR [--mxfp4]  # a tiny Hugging Face gpt-oss directory for tests and demos
     ossrl sft CONFIG.toml [key=value ...]   # supervised fine-tuning (LoRA or full)
     ossrl train CONFIG.toml [key=value ...]         # GRPO
+    ossrl eval CONFIG.toml [key=value ...] [--out DIR]   # rewards on held-out prompts (e.g. model=runs/X/final)
     ossrl plot RUN_DIR                              # PNG curves of a run
     ossrl play2048 strategy.py [--games N]          # watch a 2048 strategy play in the terminal
     ossrl export CHECKPOINT --format adapter|merged-bf16|merged-mxfp4 OUT_DIR
 
-Each subcommand is a thin layer over the library; see `ossrl <command> --help`. `train`, `sft` and
-`demo` take config overrides both ways: `key=value` words after the config and `--set key=value`
+Each subcommand is a thin layer over the library; see `ossrl <command> --help`. `train`, `eval`,
+`sft` and `demo` take config overrides both ways: `key=value` words after the config and `--set key=value`
 options. The words apply first, then the options, each kind in line order, so for a key given
 both ways the --set value wins.
 """
@@ -160,6 +161,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from ossrl.rl.trainer import evaluate_from_file
+    from ossrl.train.distributed import exit_distributed_process
+
+    out, metrics = evaluate_from_file(args.config, args.overrides + args.set, out_dir=args.out)
+    if out is not None:  # the main process
+        shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        print("\n".join(f"{k:>36}: {v:.4f}" for k, v in shown.items()))
+        print(f"metrics: {out / 'eval.json'}\ncompletions: {out / 'eval_samples.jsonl'}")
+    exit_distributed_process()
+    return 0
+
+
 def cmd_plot(args) -> int:
     from ossrl.rl.plots import plot_run
 
@@ -226,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="TOML file (see ossrl.rl.config.GRPOConfig)")
     _add_overrides(t)
     t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("eval", help="rewards of a model or trained run on held-out prompts (a GRPO TOML config)")
+    v.add_argument("config", help="TOML file (see ossrl.rl.config.GRPOConfig): its model (e.g. model=runs/NAME/final), "
+                                  "reward functions, eval_dataset (else dataset) and eval_* options")
+    _add_overrides(v)
+    v.add_argument("--out", default=None, help="where eval.json and eval_samples.jsonl go (default: OUTPUT_DIR/eval)")
+    v.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("export", help="write a PEFT adapter, or a merged bf16 / MXFP4 HF checkpoint")
     e.add_argument("checkpoint", help="a run's checkpoint or final directory (or an adapter directory)")

@@ -619,3 +619,27 @@ def train_from_file(path, overrides=()) -> Path:
 
     config = load_config(GRPOConfig, path, overrides)
     return GRPOTrainer(config=config).train()
+
+
+def evaluate_from_file(path, overrides=(), out_dir=None) -> tuple[Path | None, dict]:
+    """`ossrl eval`: the config's model on its eval_dataset (else its dataset) with its reward
+    functions and eval_* options, once. Writes eval.json (the metrics, the model, the prompts file)
+    and eval_samples.jsonl to out_dir (default: OUTPUT_DIR/eval) on the main process, and returns
+    (that directory or None on the other ranks, the metrics)."""
+    from ossrl.configs import load_config
+
+    config = load_config(GRPOConfig, path, overrides)
+    source = config.eval_dataset or config.dataset
+    if not source:
+        raise ValueError(f"{path}: set eval_dataset (or dataset): the prompts to evaluate on")
+    trainer = GRPOTrainer(config=config, train_dataset=source, eval_dataset=source)
+    metrics, samples = trainer.evaluate()
+    if not trainer.dist.is_main:
+        return None, metrics
+    out = Path(out_dir) if out_dir else Path(config.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"model": config.model, "eval_dataset": str(source),
+                                               "eval_num_generations": config.eval_num_generations,
+                                               "eval_temperature": config.eval_temperature, **metrics}, indent=1) + "\n")
+    (out / "eval_samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
+    return out, metrics
