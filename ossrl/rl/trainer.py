@@ -309,7 +309,8 @@ class GRPOTrainer:
 
     def _eval_due(self) -> bool:
         c = self.config
-        return bool(self.eval_prompts) and (self.step >= c.max_steps or (c.eval_steps > 0 and self.step % c.eval_steps == 0))
+        every = c.eval_steps > 0 and self.step % c.eval_steps == 0
+        return bool(self.eval_prompts) and (self.step >= c.max_steps or every)
 
     # ---------------------------------------------------------------- train
     def train(self) -> Path:
@@ -638,8 +639,8 @@ def evaluate_from_file(path, overrides=(), out_dir=None) -> tuple[Path | None, d
         return None, metrics
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": config.model, "eval_dataset": str(source),
-                                               "eval_num_generations": config.eval_num_generations,
-                                               "eval_temperature": config.eval_temperature, **metrics}, indent=1) + "\n")
+    report = {"model": config.model, "eval_dataset": str(source), "eval_num_generations": config.eval_num_generations,
+              "eval_temperature": config.eval_temperature, **metrics}
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "eval_samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
     return out, metrics
