@@ -97,6 +97,7 @@ def cmd_demo(args) -> int:
     trainer.train()
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [m for m in metrics if "reward" in m]  # training steps (not an eval_on_start line)
     k = min(5, len(metrics) // 2) or 1
 
     def mean(key, rows):

@@ -30,7 +30,7 @@ def read_metrics(run):
 
 @pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("gspo", {}),
                                              ("cispo", {"epsilon_high": 5.0}),
-                                             ("dapo", {"delta": 1.5, "top_entropy_quantile": 0.5})],
+                                             ("dapo", {"delta": 1.5, "top_entropy_quantile": 0.2})],
                          ids=["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "dapo-delta-entropy-mask"])
 def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_type, extra):
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
@@ -46,8 +46,8 @@ def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_
         for key in ("reward", "loss", "grad_norm", "entropy", "kl", "completions/mean_length",
                     "clip_ratio/region_mean", "importance_ratio/mean", "time/generate", "tokens_per_second"):
             assert m[key] is not None and torch.isfinite(torch.tensor(float(m[key]))), key
-        if "top_entropy_quantile" in extra:  # about half the trained tokens keep their policy term
-            assert 0.3 < m["entropy_mask/kept_fraction"] < 0.7
+        if "top_entropy_quantile" in extra:  # about a fifth of the trained tokens keep their policy term
+            assert 0.1 < m["entropy_mask/kept_fraction"] < 0.35
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 2 * 3
     assert (final / "adapter" / "adapter_config.json").is_file()
@@ -374,8 +374,10 @@ def test_sampled_evaluation_repeats_its_draws_and_bad_eval_options_are_refused(t
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS,
                           config=config, log=lambda *_: None)
     first, a = trainer.evaluate()
+    trainer.step = 5  # (the eval seeds do not follow the step)
     second, b = trainer.evaluate()
     assert first["eval/completions"] == 6 and [x["completion"] for x in a] == [x["completion"] for x in b]
+    assert first["eval/reward_errors"] == 0
     assert len({x["completion"] for x in a}) > 2  # sampled, not greedy
     for bad in ({"eval_num_generations": 0}, {"eval_temperature": -1.0}, {"eval_steps": -1}):
         with pytest.raises(ValueError, match="eval_"):
@@ -407,3 +409,17 @@ def test_eval_cli_scores_a_trained_run_on_held_out_prompts(tiny, tmp_path):
     base = [json.loads(x) for x in (tmp_path / "base" / "eval_samples.jsonl").read_text().splitlines()]
     assert [x["completion"] for x in base] != [x["completion"] for x in samples]
     assert main(["eval", str(cfg), "dataset=", "--out", str(tmp_path / "none")]) == 2  # no prompts: a clear error
+
+
+def test_cispo_on_one_pass_has_dapos_gradient(tiny, tmp_path):
+    """With the ratio exactly 1 (one pass), cispo's -sg(min(r, cap)) A logp and dapo's clipped
+    surrogate have the same gradient, with the same normaliser (the generation batch's tokens,
+    not divided per micro-batch): the same grad_norm."""
+    norms = []
+    for loss_type, extra in (("dapo", {}), ("cispo", {"epsilon_high": 5.0})):
+        trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, log=lambda *_: None,
+                              config=tiny_grpo_config(tiny, tmp_path / loss_type, max_steps=1, loss_type=loss_type,
+                                                      gradient_accumulation_steps=2, **extra))
+        trainer.train()
+        norms.append(read_metrics(tmp_path / loss_type)[0]["grad_norm"])
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-5)

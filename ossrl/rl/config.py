@@ -70,7 +70,9 @@ class GRPOConfig:
     # evaluation on held-out prompts (a JSONL path like `dataset`, or GRPOTrainer(eval_dataset=)): every
     # eval_steps optimiser steps and after the last (0: after the last only), eval_num_generations
     # completions a prompt at eval_temperature (0: greedy, the same seeds each time), rewarded by the
-    # training's reward functions; "eval/..." metrics in that step's line, completions in eval_samples.jsonl
+    # training's reward functions; "eval/..." metrics in that step's line, completions in eval_samples.jsonl.
+    # (On a GPU, an eval_temperature other than `temperature` recaptures the rollout CUDA graphs around
+    # each evaluation: a few seconds each time.)
     eval_dataset: str = ""
     eval_steps: int = 0
     eval_on_start: bool = False  # also before the first step (a step-0 line), on a fresh run

@@ -255,36 +255,51 @@ class GRPOTrainer:
     # ----------------------------------------------------------- evaluation
     def evaluate(self) -> tuple[dict, list[dict]]:
         """The policy on the eval prompts: eval_num_generations completions each at eval_temperature
-        (fixed seeds: the same draws at every evaluation), rewarded by the training's reward
-        functions. Returns ("eval/..." metrics over every rank's completions, their samples). Under
-        data parallelism each rank takes a contiguous share of the prompts."""
+        (fixed seeds, apart from training's: the same draws at every evaluation), rewarded by the
+        training's reward functions. Returns ("eval/..." metrics over every rank's completions,
+        their samples). Under data parallelism the prompts are split evenly over the ranks; each
+        rank generates its share in calls no larger than a training step's generation (the KV pool
+        is sized per call), and completion j of eval prompt i gets the same seed on any number of
+        ranks."""
         c = self.config
         t0 = time.perf_counter()
-        world, rank = self.dist.world_size, self.dist.rank
-        share = -(-len(self.eval_prompts) // world)
-        mine = self.eval_prompts[rank * share:(rank + 1) * share]
-        params = SamplingParams(temperature=c.eval_temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
-                                max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
-                                seed=(c.seed * 1_000_003 + 7) % (2 ** 62) + rank * share * c.eval_num_generations)
-        samples = []
-        if mine or self.engine.lockstep:
-            groups = self.engine.generate([ids for _, ids in mine], n=c.eval_num_generations, params=params)
-            rollouts = [Rollout(row, ids, g.token_ids, g.sampling_logprobs, g.finish_reason,
-                                self.tokenizer.decode(g.token_ids))
-                        for (row, ids), group in zip(mine, groups) for g in group]
-            if rollouts:
-                result = self._score(rollouts)
-                for name, message in result.errors.items():
-                    self.log(f"eval at step {self.step}: reward function '{name}' failed ({message})")
-                samples = [{"prompt": r.row["prompt"], "completion": r.text, "reward": float(result.total[i]),
-                            "finish_reason": r.finish_reason, "length": len(r.completion_ids),
-                            "rewards": {k: v[i] for k, v in result.per_func.items()}}
-                           for i, r in enumerate(rollouts)]
-        if self.engine.lockstep or self.dist.enabled:
-            samples = [x for part in self.dist.gather(samples) for x in part]
+        world, rank, n = self.dist.world_size, self.dist.rank, c.eval_num_generations
+        size, extra = divmod(len(self.eval_prompts), world)
+        first = rank * size + min(rank, extra)
+        mine = self.eval_prompts[first:first + size + (rank < extra)]
+        per_call = max(1, (c.prompts_per_step // world) * c.num_generations // n)
+        calls = -(-(size + (extra > 0)) // per_call)  # the busiest rank's; every rank makes as many (lockstep)
+        base = (c.seed * 1_000_003 + 2 ** 61) % (2 ** 62)  # (training's seeds start at seed * 1_000_003)
+        rollouts = []
+        for k in range(calls):
+            part = mine[k * per_call:(k + 1) * per_call]
+            if not part and not self.engine.lockstep:
+                continue
+            params = SamplingParams(temperature=c.eval_temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
+                                    max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
+                                    seed=base + (first + k * per_call) * n)
+            groups = self.engine.generate([ids for _, ids in part], n=n, params=params)
+            rollouts += [Rollout(row, ids, g.token_ids, g.sampling_logprobs, g.finish_reason,
+                                 self.tokenizer.decode(g.token_ids))
+                         for (row, ids), group in zip(part, groups) for g in group]
+        samples, errors = [], {}
+        if rollouts:
+            result = self._score(rollouts)
+            errors = result.errors
+            samples = [{"prompt": r.row["prompt"], "completion": r.text, "reward": float(result.total[i]),
+                        "finish_reason": r.finish_reason, "length": len(r.completion_ids),
+                        "rewards": {k: v[i] for k, v in result.per_func.items()}}
+                       for i, r in enumerate(rollouts)]
+        if self.dist.enabled:
+            parts = self.dist.gather((samples, errors))
+            samples = [x for part, _ in parts for x in part]
+            errors = {name: message for _, part in parts for name, message in part.items()}
         if c.enable_sleep_mode:
             self.engine.release()
-        metrics = {"eval/completions": len(samples), "eval/time": time.perf_counter() - t0}
+        for name, message in errors.items():
+            self.log(f"eval at step {self.step}: reward function '{name}' failed ({message}); its rewards are None")
+        metrics = {"eval/completions": len(samples), "eval/reward_errors": len(errors),
+                   "eval/time": time.perf_counter() - t0}
         if samples:
             rewards = torch.tensor([x["reward"] for x in samples], dtype=torch.float32)
             lengths = torch.tensor([float(x["length"]) for x in samples])
