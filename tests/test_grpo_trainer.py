@@ -379,6 +379,19 @@ def test_sampled_evaluation_repeats_its_draws_and_bad_eval_options_are_refused(t
     assert first["eval/completions"] == 6 and [x["completion"] for x in a] == [x["completion"] for x in b]
     assert first["eval/reward_errors"] == 0
     assert len({x["completion"] for x in a}) > 2  # sampled, not greedy
+    # the three prompts in calls of 2 + 1 (a step generates 2 x 3 completions: 2 prompts a call at
+    # 3 samples each) or in one call (4 x 3): the same draws
+    chunked = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS,
+                          log=lambda *_: None, config=tiny_grpo_config(tiny, tmp_path / "c", eval_num_generations=3,
+                                                                       eval_temperature=1.0))
+    whole = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS, eval_dataset=EVAL_ROWS,
+                        log=lambda *_: None, config=tiny_grpo_config(tiny, tmp_path / "w", eval_num_generations=3,
+                                                                     eval_temperature=1.0, prompts_per_step=4))
+    calls = []
+    generate = chunked.engine.generate
+    chunked.engine.generate = lambda prompts, **kw: calls.append(len(prompts)) or generate(prompts, **kw)
+    assert [x["completion"] for x in chunked.evaluate()[1]] == [x["completion"] for x in whole.evaluate()[1]]
+    assert calls == [2, 1]
     for bad in ({"eval_num_generations": 0}, {"eval_temperature": -1.0}, {"eval_steps": -1}):
         with pytest.raises(ValueError, match="eval_"):
             tiny_grpo_config(tiny, tmp_path / "x", **bad)
