@@ -14,13 +14,13 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 ADV = torch.tensor([1.0, -2.0])
 
 
-def by_hand(eps_low=0.2, eps_high=0.2, delta=None):
+def by_hand(eps_low=0.2, eps_high=0.2, delta=None, old=OLD):
     """Per-token clipped surrogate written out element by element (TRL: coef_1 capped at delta for
     two-sided clipping, coef_2 clipped to [1 - eps_low, 1 + eps_high], -min of the two products)."""
     out = torch.zeros(2, 3)
     for b in range(2):
         for t in range(3):
-            r = math.exp(LOGP[b, t] - OLD[b, t])
+            r = math.exp(LOGP[b, t] - old[b, t])
             a = float(ADV[b])
             unclipped = r if delta is None else min(r, delta)
             out[b, t] = -min(unclipped * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
@@ -138,13 +138,7 @@ def test_two_sided_clipping_caps_the_unclipped_ratio_at_delta():
     old[1, 0] = -1.5
     for delta in (None, 1.5, 3.0):
         loss, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo", epsilon_high=0.28, delta=delta)
-        expected = torch.zeros(2, 3)
-        for b in range(2):
-            for t in range(3):
-                r = math.exp(LOGP[b, t] - old[b, t])
-                a = float(ADV[b])
-                unclipped = r if delta is None else min(r, delta)
-                expected[b, t] = -min(unclipped * a, min(max(r, 0.8), 1.28) * a)
+        expected = by_hand(eps_high=0.28, delta=delta, old=old)
         assert loss.item() == pytest.approx(((expected * MASK).sum() / 5).item(), rel=1e-6), delta
     capped, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo", delta=1.5)
     free, _ = policy_loss(LOGP, old, ADV, MASK, loss_type="bnpo")
