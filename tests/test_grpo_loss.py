@@ -167,6 +167,28 @@ def test_cispo_is_the_capped_stop_gradient_weight_times_the_log_prob():
         policy_loss(LOGP, OLD, ADV, MASK, loss_type="cispo", epsilon_high=5.0, delta=2.0)
 
 
+def test_sapo_is_a_soft_gate_with_one_temperature_per_advantage_sign():
+    # TRL: per_token = -sigmoid(tau (r - 1)) * 4 / tau * A, tau_pos for A > 0 else tau_neg; grpo's mean
+    loss, m = policy_loss(LOGP, OLD, ADV, MASK, loss_type="sapo", sapo_temperatures=(1.0, 1.05))
+    expected = torch.zeros(2, 3)
+    for b in range(2):
+        tau = 1.0 if ADV[b] > 0 else 1.05
+        for t in range(3):
+            r = math.exp(LOGP[b, t] - OLD[b, t])
+            expected[b, t] = -(1 / (1 + math.exp(-tau * (r - 1)))) * 4 / tau * float(ADV[b])
+    assert loss.item() == pytest.approx((((expected * MASK).sum(-1) / MASK.sum(-1)).mean()).item(), rel=1e-6)
+    assert m["clip_ratio/region_mean"] == 0
+    # on policy (r = 1) its gradient is the plain policy gradient's, as grpo's is
+    grads = []
+    for loss_type in ("sapo", "grpo"):
+        logp = LOGP.clone().requires_grad_(True)
+        policy_loss(logp, LOGP, ADV, MASK, loss_type=loss_type, sapo_temperatures=(3.0, 7.0))[0].backward()
+        grads.append(logp.grad)
+    assert torch.allclose(grads[0], grads[1]) and grads[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="sapo_temperatures"):
+        policy_loss(LOGP, OLD, ADV, MASK, loss_type="sapo", sapo_temperatures=(1.0, 0.0))
+
+
 def test_high_entropy_mask_keeps_the_top_quantile_of_the_trained_tokens():
     # TRL's rule: threshold = torch.quantile(entropies of trained tokens, 1 - rho); keep >= threshold
     entropy = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.3, 5.0]])  # (1, 2) is untrained: not counted
@@ -201,6 +223,7 @@ def test_config_refuses_what_the_new_loss_options_cannot_mean():
     for bad, match in (({"loss_type": "cispo"}, "epsilon_high"), ({"delta": 1.0}, "delta"),
                        ({"loss_type": "cispo", "epsilon_high": 5.0, "delta": 2.0}, "delta"),
                        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
+                       ({"loss_type": "sapo", "delta": 2.0}, "delta"), ({"sapo_temperature_neg": 0.0}, "sapo"),
                        ({"top_entropy_quantile": -0.1}, "top_entropy_quantile")):
         with pytest.raises(ValueError, match=match):
             GRPOConfig(**base, **bad)

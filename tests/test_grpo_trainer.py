@@ -29,9 +29,9 @@ def read_metrics(run):
 
 
 @pytest.mark.parametrize("loss_type,extra", [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("gspo", {}),
-                                             ("cispo", {"epsilon_high": 5.0}),
+                                             ("cispo", {"epsilon_high": 5.0}), ("sapo", {}),
                                              ("dapo", {"delta": 1.5, "top_entropy_quantile": 0.2})],
-                         ids=["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "dapo-delta-entropy-mask"])
+                         ids=["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo", "dapo-delta-entropy-mask"])
 def test_every_loss_type_runs_and_changes_the_lora_weights(tiny, tmp_path, loss_type, extra):
     trainer = GRPOTrainer(reward_funcs=[ascii_fraction_reward], train_dataset=ROWS,
                           config=tiny_grpo_config(tiny, tmp_path / "run", loss_type=loss_type, beta=0.05,

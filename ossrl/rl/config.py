@@ -4,8 +4,8 @@ Read from TOML with `load_config(GRPOConfig, path, overrides)` (unknown keys get
 hint). Differences from TRL worth knowing: `prompts_per_step` prompts are sampled per optimiser
 step (the generation batch is prompts_per_step * num_generations completions, split into
 `gradient_accumulation_steps` micro-batches for the loss); dynamic sampling and the importance
-correction are first-class options. Losses (`ossrl.rl.loss`): grpo, bnpo, dr_grpo, dapo, gspo and
-cispo (epsilon_high is then the importance weight's cap, as in TRL), two-sided clipping (`delta`)
+correction are first-class options. Losses (`ossrl.rl.loss`): grpo, bnpo, dr_grpo, dapo, gspo, sapo
+and cispo (epsilon_high is then the importance weight's cap, as in TRL), two-sided clipping (`delta`)
 and the high-entropy token mask (`top_entropy_quantile`, its quantile taken over each micro-batch's
 trained tokens on each rank, where TRL's also gathers the other ranks').
 """
@@ -47,6 +47,8 @@ class GRPOConfig:
     epsilon_high: float | None = None  # (cispo: the importance weight's cap itself, e.g. 5.0)
     delta: float | None = None  # two-sided clipping: the unclipped ratio capped at delta (> 1; INTELLECT-2)
     top_entropy_quantile: float = 1.0  # the policy term on the top fraction of tokens by entropy (1.0: all)
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature where the advantage is positive (TRL's default)
+    sapo_temperature_neg: float = 1.05  # ... and where it is not
     beta: float = 0.0
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
@@ -141,9 +143,11 @@ class GRPOConfig:
         check(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be positive, got {self.epsilon_high}")
         check(self.loss_type != "cispo" or self.epsilon_high is not None,
               "loss_type 'cispo' caps the importance weight at epsilon_high: set it (TRL's docs recommend 5.0)")
-        check(self.delta is None or (self.delta > 1 and self.loss_type != "cispo"),
+        check(self.delta is None or (self.delta > 1 and self.loss_type not in ("cispo", "sapo")),
               f"delta (two-sided clipping) must be above 1 (recommended above 1 + epsilon_high) and needs a "
-              f"clipped loss, not cispo; got {self.delta!r} with loss_type {self.loss_type!r}")
+              f"clipped loss, not cispo or sapo; got {self.delta!r} with loss_type {self.loss_type!r}")
+        check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
+              f"sapo temperatures must be positive, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
         check(0.0 <= self.top_entropy_quantile <= 1.0,
               f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")

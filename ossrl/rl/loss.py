@@ -8,6 +8,9 @@ Per token, with ratio r = exp(logp - old_logp) and advantage A of the sequence:
     cispo     per_token = -sg(min(r, epsilon_high)) * A * logp   [+ beta * KL_k3]
               (MiniMax-M1's clipped importance weight, stop-gradient; epsilon_high is the weight's
               cap itself, as in TRL: its docs recommend 5.0)
+    sapo      per_token = -sigmoid(tau * (r - 1)) * 4 / tau * A   [+ beta * KL_k3]
+              (a soft gate in place of the clip; tau = sapo_temperature_pos where A > 0, else
+              sapo_temperature_neg; at r = 1 its gradient is the plain policy gradient's)
 
 `entropy_mask` ([B, T], the `top_entropy_quantile` rule of "Beyond the 80/20 Rule", see
 `high_entropy_mask`) keeps the policy term only on the tokens it marks; the KL term stays on every
@@ -19,6 +22,7 @@ Normalisation by loss_type (mask m, B sequences):
     dapo     sum(per_token * m) / num_items_in_batch           (tokens of the whole generation batch;
                                                                 defaults to this batch's)
     cispo    as dapo
+    sapo     as grpo
     dr_grpo  sum(per_token * m) / (B * max_completion_length)
     gspo     grpo's normalisation with a sequence-level ratio
              r_i = exp(sum_t m (logp - old) / sum_t m), the same for every token of sequence i
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo")
 TOKEN_SUM_LOSSES = ("dapo", "cispo")  # normalised by the generation batch's tokens, not per micro-batch
 
 
@@ -51,6 +55,7 @@ def policy_loss(
     num_items_in_batch: int | float | None = None,
     delta: float | None = None,
     entropy_mask: torch.Tensor | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """logprobs (with grad), old_logprobs, ref_logprobs, mask, entropy_mask: [B, T]; advantages: [B].
     Returns (scalar loss, metrics: kl, clip ratios, ratio stats)."""
@@ -60,7 +65,9 @@ def policy_loss(
         raise ValueError("beta > 0 needs ref_logprobs")
     if loss_type == "cispo" and epsilon_high is None:
         raise ValueError("loss_type 'cispo' caps the importance weight at epsilon_high; give it (TRL recommends 5.0)")
-    if delta is not None and (loss_type == "cispo" or not delta > 1):
+    if loss_type == "sapo" and not min(sapo_temperatures) > 0:
+        raise ValueError(f"sapo_temperatures (positive, negative advantages) must be positive, got {sapo_temperatures}")
+    if delta is not None and (loss_type in ("cispo", "sapo") or not delta > 1):
         raise ValueError(f"delta (two-sided clipping) needs a clipped loss and a value above 1, got {delta!r} "
                          f"with loss_type {loss_type!r}")
     eps_low = epsilon
@@ -75,6 +82,9 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logprobs
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1]).to(ratio.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
     else:
         clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
         unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -90,7 +100,7 @@ def policy_loss(
         per_token = per_token + beta * kl
     per_token = per_token.expand_as(mask)
 
-    if loss_type in ("grpo", "gspo"):
+    if loss_type in ("grpo", "gspo", "sapo"):
         loss = ((per_token * mask).sum(-1) / tokens_per_seq).mean()
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
@@ -107,6 +117,8 @@ def policy_loss(
         if loss_type == "cispo":  # the weight's cap reached where it limits an increase (TRL's count)
             low = torch.zeros_like(mask)
             high = ((r > eps_high) & (adv > 0)).to(mask.dtype)
+        elif loss_type == "sapo":  # (no clip: a soft gate)
+            low = high = torch.zeros_like(mask)
         else:
             low = ((r < 1 - eps_low) & (adv < 0)).to(mask.dtype)
             high = ((r > 1 + eps_high) & (adv > 0)).to(mask.dtype)

@@ -127,7 +127,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
                 epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
                 max_completion_length=c.max_completion_length, importance_weights=weights,
-                num_items_in_batch=total_tokens, delta=c.delta, entropy_mask=entropy_mask)
+                num_items_in_batch=total_tokens, delta=c.delta, entropy_mask=entropy_mask,
+                sapo_temperatures=(c.sapo_temperature_pos, c.sapo_temperature_neg))
             if c.loss_type not in TOKEN_SUM_LOSSES:
                 loss = loss / global_chunks
             with record_function("grpo/backward"):
