@@ -230,10 +230,9 @@ class GRPOTrainer:
                               max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
                               seed=base + first_prompt * c.num_generations)
 
-    def _generate(self, prompts, attempt: int, first_prompt: int = 0) -> list[Rollout]:
-        G = self.config.num_generations
-        params = self._sampling_params(attempt, first_prompt)
-        groups = self.engine.generate([ids for _, ids in prompts], n=G, params=params)
+    def _generate(self, prompts, params: SamplingParams, n: int) -> list[Rollout]:
+        """n completions of each (row, prompt ids), prompt by prompt."""
+        groups = self.engine.generate([ids for _, ids in prompts], n=n, params=params)
         rollouts = []
         for (row, ids), group in zip(prompts, groups):
             for c in group:
@@ -278,10 +277,7 @@ class GRPOTrainer:
             params = SamplingParams(temperature=c.eval_temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
                                     max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
                                     seed=base + (first + k * per_call) * n)
-            groups = self.engine.generate([ids for _, ids in part], n=n, params=params)
-            rollouts += [Rollout(row, ids, g.token_ids, g.sampling_logprobs, g.finish_reason,
-                                 self.tokenizer.decode(g.token_ids))
-                         for (row, ids), group in zip(part, groups) for g in group]
+            rollouts += self._generate(part, params, n)
         samples, errors = [], {}
         if rollouts:
             result = self._score(rollouts)
@@ -383,7 +379,7 @@ class GRPOTrainer:
             # ranks still all generate (their forwards gather shards together), some with no prompts.
             if pending or self.engine.lockstep:
                 tg = time.perf_counter()
-                batch = self._generate(pending, attempt=retries, first_prompt=first)
+                batch = self._generate(pending, self._sampling_params(retries, first), G)
                 time_generate += time.perf_counter() - tg
                 generated_tokens += sum(len(r.completion_ids) for r in batch)
             if pending:
