@@ -226,9 +226,13 @@ class GRPOTrainer:
         """Completion j of the step's prompt i uses seed base + i*G + j, whichever rank draws it."""
         c = self.config
         base = (c.seed * 1_000_003 + self.step * 10_007 + attempt * 101) % (2 ** 62)
-        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
-                              max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
-                              seed=base + first_prompt * c.num_generations)
+        return self._params(c.temperature, base + first_prompt * c.num_generations)
+
+    def _params(self, temperature: float, seed: int) -> SamplingParams:
+        """The config's sampling rule (top_p, top_k, min_p, length, stop tokens) at a temperature and seed."""
+        c = self.config
+        return SamplingParams(temperature=temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
+                              max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids, seed=seed)
 
     def _generate(self, prompts, params: SamplingParams, n: int) -> list[Rollout]:
         """n completions of each (row, prompt ids), prompt by prompt."""
@@ -274,10 +278,7 @@ class GRPOTrainer:
             part = mine[k * per_call:(k + 1) * per_call]
             if not part and not self.engine.lockstep:
                 continue
-            params = SamplingParams(temperature=c.eval_temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p,
-                                    max_new_tokens=c.max_completion_length, stop_token_ids=self.stop_ids,
-                                    seed=base + (first + k * per_call) * n)
-            rollouts += self._generate(part, params, n)
+            rollouts += self._generate(part, self._params(c.eval_temperature, base + (first + k * per_call) * n), n)
         samples, errors = [], {}
         if rollouts:
             result = self._score(rollouts)
