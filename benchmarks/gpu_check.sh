@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -26,7 +26,8 @@
 # benchmarks/step_times.py (every step's time over 8K, 4K, 8K, a step of each profiled) with the host's
 # threads as they are, with one, and with inductor compiling in-process (session 19's slow start);
 # hostprof: step_times.py --host-profile at 1K and 4K (cProfile of a step, its host-device syncs, host
-# and GPU-tail time of every step);
+# and GPU-tail time of every step); graphprobe: benchmarks/graph_probe.py (a whole LoRA step captured in one
+# CUDA graph and replayed, against the eager step, at 1K/4K/8K);
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
@@ -255,6 +256,10 @@ if [[ $what == *" steptimes "* ]]; then  # session 19: steps after a process's f
             --out "$out/step_times_$run.json" 2>&1 | tee "$out/step_times_$run.log" \
             | grep -oE '"tokens": [0-9]+, "step": [0-9]+, "seconds": [0-9.]+|"gpu_ms": [0-9.]+, "cpu_ms": [0-9.]+' | paste -sd' '
     done
+fi
+if [[ $what == *" graphprobe "* ]]; then  # session 21: what the host's share of the step would leave
+    timeout ${GRAPHPROBE_TIMEOUT:-330} python benchmarks/graph_probe.py --lengths ${GRAPHPROBE_LENGTHS:-1024,4096,8192} \
+        --out "$out/graph_probe.json" 2>&1 | tee "$out/graph_probe.log" | grep -vE "Warning|warn" | tail -30 | cut -c1-400
 fi
 if [[ $what == *" hostprof "* ]]; then  # session 20: below 8K the training step waits for the host
     # (1K: 215.7 ms a step, the GPU busy 93.0 ms); where the host's time goes, and its syncs

@@ -72,7 +72,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # kernels, from a gradient of 1 a row)
         dlogp = torch.empty_like(hidden) if eager else None
         ones = torch.ones(min(chunk, n), device=hidden.device, dtype=torch.float32) if eager and fused else None
-        if fused and n:  # (the kernel reads what it is given; one host sync for the range)
+        # (the kernel reads what it is given; one host sync for the range, skipped while a CUDA
+        # graph is captured, where a sync is an error: a captured step's targets were checked
+        # when it was run before capture)
+        if fused and n and not torch.cuda.is_current_stream_capturing():
             low, high = torch.stack(torch.aminmax(targets)).tolist()
             if low < 0 or high >= weight.shape[0]:
                 raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {low}..{high}")
