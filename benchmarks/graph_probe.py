@@ -10,9 +10,11 @@ change with them: a real path would keep them in fixed buffers).
 For each length: a single document of T tokens, every token but the last a target. The eager step
 (sequence_logprobs' model and token_logprobs, no boolean indexing: targets are the shifted inputs)
 timed a few times; then the same step captured (after warm-up on a side stream, as torch's docs
-do it) and replayed. The attention masks are built in the warm-up and reused in the capture (the
-model builds them per forward, on the host or with syncs). Checks: the replayed step's LoRA
-gradients against the eager step's. gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16
+do it) and replayed. Two ways with the attention masks: "device", positions and document ids
+given as device tensors, so the model builds the masks' block tables on the device, inside the
+graph (no syncs there: what a real path would do, the inputs copied into fixed buffers); and, only
+if that fails, "reused", the masks built in the warm-up and reused by the capture. Checks: the
+replayed step's LoRA gradients against the eager step's. gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16
 on attention and experts, no checkpointing.
 
     python benchmarks/graph_probe.py [--lengths 1024,4096,8192] [--out FILE]
@@ -47,14 +49,16 @@ def gib(n: int) -> float:
     return round(n / 2**30, 2)
 
 
-def probe_length(model, T: int, vocab: int, repeats: int) -> dict:
+def probe_length(model, T: int, vocab: int, repeats: int, device_masks: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator(device="cuda").manual_seed(T)
     ids = torch.randint(0, vocab, (1, T), device="cuda", generator=g)
     targets = ids[0, 1:].contiguous()
+    positions = torch.arange(T, device="cuda")[None] if device_masks else None
+    doc_ids = torch.zeros(1, T, dtype=torch.long, device="cuda") if device_masks else None
 
     def forward_backward():
-        hidden = model.model(ids)  # positions 0..T-1 on the device
+        hidden = model.model(ids, positions=positions, doc_ids=doc_ids)
         lp, _ = token_logprobs(hidden[0, :-1], model.lm_head.weight, targets)
         (-lp.mean()).backward()
 
@@ -70,7 +74,7 @@ def probe_length(model, T: int, vocab: int, repeats: int) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - t, host
 
-    row = {"tokens": T}
+    row = {"tokens": T, "masks": "device" if device_masks else "reused"}
     eager, eager_host = [], []
     torch.cuda.reset_peak_memory_stats()
     for i in range(2 + repeats):
@@ -140,16 +144,25 @@ def main():
                 masks[window] = built(*a, window=window, **kw)
             return masks[window]
 
-        gptoss.AttentionMask = reused
-        try:
-            row = probe_length(model, T, config.vocab_size, args.repeats)
-        except Exception as e:  # a probe: say what failed, go on to the next length
-            row = {"tokens": T, "error": f"{type(e).__name__}: {str(e)[:600]}",
-                   "traceback": traceback.format_exc().splitlines()[-12:]}
-        finally:
-            gptoss.AttentionMask = built
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for device_masks in (True, False):
+            gptoss.AttentionMask = built if device_masks else reused
+            try:
+                row = probe_length(model, T, config.vocab_size, args.repeats, device_masks)
+            except Exception as e:  # a probe: say what failed, go on
+                row = {"tokens": T, "masks": "device" if device_masks else "reused",
+                       "error": f"{type(e).__name__}: {str(e)[:600]}",
+                       "traceback": traceback.format_exc().splitlines()[-12:]}
+            finally:
+                gptoss.AttentionMask = built
+            if "error" not in row:
+                break
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "error" not in row:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         gc.collect()
         torch.cuda.empty_cache()
     result = {"benchmark": "graph_probe", **device_info(),
