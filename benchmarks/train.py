@@ -149,12 +149,12 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
 def single_document(T: int, vocab: int, device) -> PackedBatch:
     g = torch.Generator(device=device).manual_seed(T)
     ids = torch.randint(0, vocab, (1, T), device=device, generator=g)
-    target = torch.ones(1, T, dtype=torch.bool, device=device)
+    target = torch.ones(1, T, dtype=torch.bool)
     target[:, -1] = False
     # positions and documents on the host, as `pack_sequences(...).to(device)` leaves them (the model
-    # builds its masks' tables from them there)
+    # builds its masks' tables from them there; `to` computes the targets' index there too)
     return PackedBatch(ids, torch.arange(T)[None], torch.zeros(1, T, dtype=torch.long), target,
-                       torch.where(target, 0, -1), 1)
+                       torch.where(target, 0, -1), 1).to(device)
 
 
 def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool = False,

@@ -215,6 +215,31 @@ def test_packing_places_every_sequence_once_and_restarts_positions():
         pack_sequences([[1] * 11], [[True] * 11], max_tokens=10)
 
 
+def test_target_index_is_the_masks_order_computed_on_the_host_and_skips_the_last_column():
+    """`to` computes the targets' flat index on the host (a boolean mask on the device would wait for
+    its count); per_target gives the mask's row-major order; a flag in a row's last column (it would
+    predict past the row) is no target; the log-probs are those of the unmoved batch."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = random_model(config, seed=2, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (9, 14, 6, 11)]
+    trained = [[False] * 3 + [True] * (len(s) - 3) for s in seqs]
+    batch = pack_sequences(seqs, trained, max_tokens=24)
+    moved = batch.to("cpu")
+    assert moved.target_rows is not None and batch.target_rows is None
+    T = batch.input_ids.shape[1]
+    mask = batch.target_mask
+    assert torch.equal(moved.target_rows, mask.flatten().nonzero().squeeze(1))
+    assert torch.equal(moved.per_target(moved.sequence_index), batch.sequence_index[mask])
+    assert torch.equal(moved.per_target(moved.input_ids), batch.input_ids.flatten()[moved.target_rows])
+    lp, _ = sequence_logprobs(model, batch)
+    torch.testing.assert_close(sequence_logprobs(model, moved)[0], lp, rtol=0, atol=0)
+    flagged = pack_sequences(seqs, trained, max_tokens=24)
+    flagged.target_mask[:, -1] = True  # (not what packing makes: a hand-built batch)
+    assert torch.equal(flagged.target_index(), moved.target_rows)
+    assert int((flagged.target_index() % T == T - 1).sum()) == 0
+
 def test_input_gradients_through_mxfp4_experts_equal_dequantized_experts(tmp_path):
     from ossrl.model.loading import load_model, save_model
 

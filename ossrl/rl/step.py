@@ -176,7 +176,7 @@ def _unflatten(flat: torch.Tensor, pack, chunk: list[int], completion_len: list[
     """Flat per-target values (row-major over the pack) -> [len(chunk), max completion length]."""
     b = len(chunk)
     L = max(max(completion_len[i] for i in chunk), 1)
-    seq = pack.sequence_index[pack.target_mask]  # [N], sequence index within the chunk
+    seq = pack.per_target(pack.sequence_index)  # [N], sequence index within the chunk
     N = seq.numel()
     arange = torch.arange(N, device=flat.device)
     starts = torch.full((b,), N, device=flat.device, dtype=torch.long).scatter_reduce(0, seq, arange, "amin")

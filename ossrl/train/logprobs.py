@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ossrl.kernels.transfer import host_to_device
+
 DEFAULT_CHUNK = 256  # [256 x 201,088] fp32 is 206 MB; at 1024 rows the chunk's buffers took ~3.5 GiB
 
 # On CUDA with Triton, each chunk's softmax statistics and gradient by `ossrl.kernels.log_softmax`
@@ -208,15 +210,34 @@ class PackedBatch:
     sequence_index: torch.Tensor
     num_sequences: int
     branch_ids: torch.Tensor | None = None
+    # [N] int64, where `to` computed it on the host: `target_index()`
+    target_rows: torch.Tensor | None = None
 
     def to(self, device) -> PackedBatch:
         """The batch for a model on `device`. Positions, documents and branches stay where they are
         (the host, as packed): the model copies them over itself and builds its attention masks'
         block tables from the host copies (`GptOssModel.forward`), with no kernel launches. (A
         model sharded with FSDP gets them moved to the device by its root module first, and builds
-        its tables there.)"""
+        its tables there.) The target positions' index is computed here, on the host, and copied
+        without waiting: gathering the targets on the device then waits for nothing (a boolean
+        mask would: its count is read back first)."""
+        rows = self.target_index() if self.target_mask.device.type == "cpu" else self.target_rows
         return PackedBatch(self.input_ids.to(device), self.positions, self.doc_ids, self.target_mask.to(device),
-                           self.sequence_index.to(device), self.num_sequences, self.branch_ids)
+                           self.sequence_index.to(device), self.num_sequences, self.branch_ids,
+                           None if rows is None else host_to_device(rows, device))
+
+    def target_index(self) -> torch.Tensor:
+        """Flat indices r * T + t of the target positions, row-major (the order of every per-target
+        result). A target in a row's last column (it would predict past the row) is not one."""
+        if self.target_rows is not None:
+            return self.target_rows
+        mask = self.target_mask.clone()
+        mask[:, -1] = False
+        return mask.flatten().nonzero().squeeze(1)
+
+    def per_target(self, values: torch.Tensor) -> torch.Tensor:
+        """values [rows, T, ...] -> [N, ...] at the target positions, in `target_index` order."""
+        return values.reshape(-1, *values.shape[2:])[self.target_index()]
 
 
 def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max_tokens: int,
@@ -354,8 +375,9 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     group them by sequence. entropy_grad=False: the entropies come without a gradient (logging)."""
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
                          branch_ids=batch.branch_ids)  # [R, T, H]
-    targets = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
-    h = hidden[:, :-1][batch.target_mask[:, :-1]]  # [N, H]: only rows we need go to the lm_head
+    index = batch.target_index()
+    targets = batch.input_ids.reshape(-1)[index + 1]  # the next token of each target position
+    h = batch.per_target(hidden)  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
                           with_entropy=with_entropy, entropy_grad=entropy_grad)
