@@ -436,3 +436,45 @@ def test_cispo_on_one_pass_has_dapos_gradient(tiny, tmp_path):
         trainer.train()
         norms.append(read_metrics(tmp_path / loss_type)[0]["grad_norm"])
     assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-5)
+
+
+def test_policy_phase_metrics_cover_exactly_the_trained_tokens_of_every_micro_batch(tmp_path):
+    """optimise_policy reads its metrics back once, at the phase's end: the importance ratios'
+    statistics are over every trained token of every micro-batch (completions of unequal lengths:
+    no padding counted), and the entropy and loss are those of the micro-batches."""
+    from types import SimpleNamespace
+
+    from ossrl.model.lora import apply_lora
+    from ossrl.rl.step import optimise_policy
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+
+    config = tiny_config()
+    model = random_model(config, seed=3, dtype=torch.float32)
+    apply_lora(model, LoRAConfig(r=4))
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (5,), generator=gen).tolist()
+    rollouts, shifts = [], []
+    for n in (3, 7, 1, 5):  # completion lengths
+        completion = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+        seq = prompt + completion
+        with torch.no_grad():
+            lp, _ = sequence_logprobs(model, pack_sequences([seq], [[False] * 5 + [True] * n], max_tokens=len(seq)))
+        shift = torch.linspace(-0.3, 0.4, n) if n > 1 else torch.tensor([0.25])
+        shifts.append(shift)
+        rollouts.append(SimpleNamespace(prompt_ids=prompt, completion_ids=completion, finish_reason="stop",
+                                        sampling_logprobs=(lp - shift).tolist()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    c = GRPOConfig(model="unused", gradient_accumulation_steps=2, importance_sampling_cap=1.2, loss_type="dapo")
+    out = optimise_policy(model, optimizer, scheduler, params, c, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    ratios = torch.cat(shifts).exp()  # the training pass's log-probs over the sampling ones
+    assert out["importance_ratio/mean"] == pytest.approx(float(ratios.mean()), rel=1e-5)
+    assert out["importance_ratio/min"] == pytest.approx(float(ratios.min()), rel=1e-5)
+    assert out["importance_ratio/max"] == pytest.approx(float(ratios.max()), rel=1e-5)
+    assert out["importance_ratio/capped_frac"] == pytest.approx(float((ratios > 1.2).float().mean()))
+    assert out["ratio/mean"] == pytest.approx(1.0) and out["clip_ratio/region_mean"] == 0
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["entropy"] > 0 and out["loss"] != 0

@@ -58,7 +58,9 @@ def policy_loss(
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """logprobs (with grad), old_logprobs, ref_logprobs, mask, entropy_mask: [B, T]; advantages: [B].
-    Returns (scalar loss, metrics: kl, clip ratios, ratio stats)."""
+    Returns (scalar loss, metrics: kl, clip ratios, ratio stats). The metrics are 0-dim tensors on
+    the loss's device: reading one (`float`) waits for the device, so a training loop reads them once
+    its backward is queued."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta > 0 and ref_logprobs is None:
@@ -124,15 +126,15 @@ def policy_loss(
             high = ((r > 1 + eps_high) & (adv > 0)).to(mask.dtype)
         n = mask.sum().clamp(min=1.0)
         metrics = {
-            "clip_ratio/low_mean": float((low * mask).sum() / n),
-            "clip_ratio/high_mean": float((high * mask).sum() / n),
-            "clip_ratio/region_mean": float(((low + high) * mask).sum() / n),
-            "ratio/mean": float((r * mask).sum() / n),
+            "clip_ratio/low_mean": (low * mask).sum() / n,
+            "clip_ratio/high_mean": (high * mask).sum() / n,
+            "clip_ratio/region_mean": ((low + high) * mask).sum() / n,
+            "ratio/mean": (r * mask).sum() / n,
         }
         if kl is not None:
-            metrics["kl"] = float((kl.expand_as(mask) * mask).sum() / n)
+            metrics["kl"] = (kl.expand_as(mask) * mask).sum() / n
         if entropy_mask is not None:
-            metrics["entropy_mask/kept_fraction"] = float((entropy_mask.to(mask.dtype) * mask).sum() / n)
+            metrics["entropy_mask/kept_fraction"] = (entropy_mask.to(mask.dtype) * mask).sum() / n
     return loss, metrics
 
 

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from ossrl.kernels.attention import flex_supported
+from ossrl.kernels.transfer import host_to_device
 from ossrl.train.distributed import DistContext, micro_batch_rng
 from ossrl.rl.loss import TOKEN_SUM_LOSSES, high_entropy_mask, importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
@@ -62,7 +63,18 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                        for i, t in zip(chunk, tr))
     total_tokens = dist.sum(total_tokens)  # dapo and cispo normalise by the whole generation batch's tokens
     global_chunks = len(chunks) * dist.world_size
-    sampling = [torch.tensor(r.sampling_logprobs) for r in rollouts]
+    # Each micro-batch's advantages and sampling log-probs, built on the host and copied without
+    # waiting: nothing in the loop below reads the device back before the phase's end (a copy from
+    # pageable memory, or a value read for a metric, would wait for every queued kernel and leave
+    # the device idle while the host queued the next ones).
+    chunk_advantages = [host_to_device(advantages[chunk].cpu(), model.device) for chunk in chunks]
+    chunk_sampling = []
+    if c.importance_sampling_correction:
+        for chunk in chunks:
+            samp = torch.zeros(len(chunk), max(max(completion_len[i] for i in chunk), 1))
+            for row, i in enumerate(chunk):
+                samp[row, :completion_len[i]] = torch.tensor(rollouts[i].sampling_logprobs, dtype=samp.dtype)
+            chunk_sampling.append(host_to_device(samp, model.device))
 
     # The policy as it sampled: no dropout. With one optimisation pass and no LoRA dropout it
     # equals the training pass's own log-probs, and no extra forward is run.
@@ -90,11 +102,11 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     is_stats = []
     model.train()
 
-    def micro_batches() -> tuple[dict, int, float, list]:
+    def micro_batches() -> tuple[dict, int, torch.Tensor, list]:
         """One pass over this rank's micro-batches from zeroed gradients: (metric sums, count,
-        loss, importance ratios)."""
+        loss, importance ratios with their masks), on the device (read at the phase's end)."""
         optimizer.zero_grad(set_to_none=True)
-        sums, counts, loss_total, is_stats = {}, 0, 0.0, []
+        sums, counts, loss_total, is_stats = {}, 0, torch.zeros((), device=model.device), []
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
             # LoRA dropout masks keyed on the global micro-batch, whichever rank trains it (a
             # checkpointed layer's recompute restores the same state by itself)
@@ -110,21 +122,17 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             old_lp = old[k] if c.num_iterations > 1 else logprobs.detach()
             weights = None
             if c.importance_sampling_correction:
-                samp = torch.zeros_like(mask)
-                for row, i in enumerate(chunk):
-                    samp[row, :completion_len[i]] = sampling[i].to(samp.device)
+                samp = chunk_sampling[k]
                 weights = importance_sampling_weights(behaviour, samp, mask, level=c.importance_sampling_level,
                                                       cap=c.importance_sampling_cap)
                 raw = importance_sampling_weights(behaviour, samp, mask, level=c.importance_sampling_level,
                                                   cap=float("inf"))
-                sel = raw.expand_as(mask)[mask > 0]
-                if sel.numel():
-                    is_stats.append(sel)
+                is_stats.append((raw.expand_as(mask).flatten(), mask.flatten() > 0))
             # (over this micro-batch's trained tokens on this rank; TRL's quantile also gathers the ranks')
             entropy_mask = high_entropy_mask(entropy, mask, c.top_entropy_quantile) \
                 if c.top_entropy_quantile < 1.0 else None
             loss, m = policy_loss(
-                logprobs, old_lp, advantages[chunk].to(logprobs.device), mask, loss_type=c.loss_type,
+                logprobs, old_lp, chunk_advantages[k], mask, loss_type=c.loss_type,
                 epsilon=c.epsilon, epsilon_high=c.epsilon_high, ref_logprobs=ref.get(k), beta=c.beta,
                 max_completion_length=c.max_completion_length, importance_weights=weights,
                 num_items_in_batch=total_tokens, delta=c.delta, entropy_mask=entropy_mask,
@@ -133,8 +141,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
                 loss = loss / global_chunks
             with record_function("grpo/backward"):
                 scaler.scale(loss).backward()
-            loss_total += float(loss.detach()) / c.num_iterations
-            m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            loss_total += loss.detach() / c.num_iterations
+            m["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
             counts += 1
@@ -155,8 +163,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
         grad_norm = update["grad_norm"]
         overflow_steps += update.get("overflow", 0)
-    out = {key: v / max(counts, 1) for key, v in sums.items()}
-    out["loss"] = loss_total  # summed over data-parallel ranks by the trainer
+    out = {key: float(v) / max(counts, 1) for key, v in sums.items()}  # (the phase's one wait for the device)
+    out["loss"] = float(loss_total)  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
     oom_fallbacks = int(dist.sum(oom_fallbacks))  # on any rank: rank 0 logs it
     if oom_fallbacks:
@@ -164,8 +172,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     if scaler.is_enabled():
         out["loss_scale"] = update["loss_scale"]  # the last optimizer step's
         out["overflow_steps"] = overflow_steps
-    if is_stats:
-        allr = torch.cat(is_stats)
+    allr = torch.cat([ratio[trained] for ratio, trained in is_stats]) if is_stats else None
+    if allr is not None and allr.numel():
         out.update({"importance_ratio/mean": float(allr.mean()), "importance_ratio/min": float(allr.min()),
                     "importance_ratio/max": float(allr.max()),
                     "importance_ratio/capped_frac": float((allr > c.importance_sampling_cap).float().mean())})
