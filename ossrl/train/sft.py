@@ -237,7 +237,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             order = list(at_start[0])
             rng.setstate(at_start[1])
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, token_sum = 0.0, 0
+            loss_sum, token_sum = torch.zeros((), device=device), 0  # (read once the step's backwards are queued)
             for j in range(accum * W):  # the step's micro-batches in the global order; this rank's share
                 if len(order) < B:
                     epoch = list(range(len(sequences)))
@@ -252,9 +252,9 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                     logprobs, _ = sequence_logprobs(model, batch)
                 loss = -logprobs.mean() / (accum * W)
                 scaler.scale(loss).backward()
-                loss_sum += float(loss.detach()) * accum * W
+                loss_sum += loss.detach() * accum * W
                 token_sum += logprobs.numel()
-            return loss_sum, token_sum
+            return float(loss_sum), token_sum
 
         (loss_sum, token_sum), fell_back = with_checkpointing_fallback(model, micro_batches)
         fell_back = ctx.sum(int(fell_back)) > 0  # on any rank: logged by rank 0
