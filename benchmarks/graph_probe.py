@@ -128,12 +128,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,4096,8192")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dense-experts-gb", type=float, default=0.0, help="kept bf16 expert copies (configure_memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), "graph_probe.json")
     config = GptOssConfig.gpt_oss_20b()
     model, _ = lora_model_on_gpu(config)
-    configure_memory(model, gradient_checkpointing=False)
+    configure_memory(model, gradient_checkpointing=False, dense_experts_gb=args.dense_experts_gb)
     built = gptoss.AttentionMask
     rows = []
     for T in (int(t) for t in args.lengths.split(",")):
@@ -165,7 +166,7 @@ def main():
             rows.append(row)
         gc.collect()
         torch.cuda.empty_cache()
-    result = {"benchmark": "graph_probe", **device_info(),
+    result = {"benchmark": "graph_probe", **device_info(), "dense_experts_gb": args.dense_experts_gb,
               "model": "gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16 (attention and experts), "
                        "no checkpointing; one document per step",
               "rows": rows}

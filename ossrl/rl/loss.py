@@ -56,7 +56,7 @@ def policy_loss(
     delta: float | None = None,
     entropy_mask: torch.Tensor | None = None,
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logprobs (with grad), old_logprobs, ref_logprobs, mask, entropy_mask: [B, T]; advantages: [B].
     Returns (scalar loss, metrics: kl, clip ratios, ratio stats). The metrics are 0-dim tensors on
     the loss's device: reading one (`float`) waits for the device, so a training loop reads them once

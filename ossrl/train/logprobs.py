@@ -371,7 +371,7 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
                       with_entropy: bool = False,
                       entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
-    `batch.target_mask` ([num_targets] fp32). Use `batch.sequence_index[batch.target_mask]` to
+    `batch.target_mask` ([num_targets] fp32). Use `batch.per_target(batch.sequence_index)` to
     group them by sequence. entropy_grad=False: the entropies come without a gradient (logging)."""
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
                          branch_ids=batch.branch_ids)  # [R, T, H]
