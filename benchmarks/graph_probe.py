@@ -14,10 +14,11 @@ do it) and replayed. Two ways with the attention masks: "device", positions and 
 given as device tensors, so the model builds the masks' block tables on the device, inside the
 graph (no syncs there: what a real path would do, the inputs copied into fixed buffers); and, only
 if that fails, "reused", the masks built in the warm-up and reused by the capture. Checks: the
-replayed step's LoRA gradients against the eager step's. gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16
-on attention and experts, no checkpointing.
+replayed step's LoRA gradients against the eager step's, beside two eager steps' against each
+other. gpt-oss-20b shapes, random weights, MXFP4 experts, LoRA r=16 on attention and experts, no
+checkpointing.
 
-    python benchmarks/graph_probe.py [--lengths 1024,4096,8192] [--out FILE]
+    python benchmarks/graph_probe.py [--lengths 1024,4096,8192] [--dense-experts-gb GB] [--out FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 
 def gib(n: int) -> float:
     return round(n / 2**30, 2)
+
+
+def max_rel_diff(params, reference) -> float:
+    """The largest |grad - reference| of any parameter, relative to that reference's largest value."""
+    return max(((p.grad.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+               for p, ref in zip(params, reference))
 
 
 def probe_length(model, T: int, vocab: int, repeats: int, device_masks: bool) -> dict:
@@ -84,6 +91,9 @@ def probe_length(model, T: int, vocab: int, repeats: int, device_masks: bool) ->
             eager.append(seconds)
             eager_host.append(host)
     reference = [p.grad.float().clone() for p in params]
+    clear()
+    forward_backward()  # once more: how far two eager steps differ (atomic accumulations), the replay's yardstick
+    row["eager_grad_max_rel_diff"] = float(f"{max_rel_diff(params, reference):.3g}")
     row.update(eager_seconds=round(statistics.median(eager), 4), eager_all=[round(t, 4) for t in eager],
                eager_host_seconds=round(statistics.median(eager_host), 4),
                eager_peak_gib=gib(torch.cuda.max_memory_allocated()))
@@ -111,9 +121,7 @@ def probe_length(model, T: int, vocab: int, repeats: int, device_masks: bool) ->
         if i >= 2:
             replay.append(seconds)
             replay_host.append(host)
-    worst = 0.0
-    for p, ref in zip(params, reference):
-        worst = max(worst, ((p.grad.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    worst = max_rel_diff(params, reference)
     row.update(replay_seconds=round(statistics.median(replay), 4), replay_all=[round(t, 4) for t in replay],
                replay_host_seconds=round(statistics.median(replay_host), 5),
                graph_peak_gib=gib(torch.cuda.max_memory_allocated()),

@@ -147,12 +147,12 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
 
 
 def single_document(T: int, vocab: int, device) -> PackedBatch:
-    g = torch.Generator(device=device).manual_seed(T)
-    ids = torch.randint(0, vocab, (1, T), device=device, generator=g)
+    ids = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(T))
     target = torch.ones(1, T, dtype=torch.bool)
     target[:, -1] = False
-    # positions and documents on the host, as `pack_sequences(...).to(device)` leaves them (the model
-    # builds its masks' tables from them there; `to` computes the targets' index there too)
+    # built on the host and moved as `pack_sequences(...).to(device)` moves a batch: positions and
+    # documents stay there (the model builds its masks' tables from them), the targets' index and
+    # range are computed there (no read-back from the device in the step)
     return PackedBatch(ids, torch.arange(T)[None], torch.zeros(1, T, dtype=torch.long), target,
                        torch.where(target, 0, -1), 1).to(device)
 

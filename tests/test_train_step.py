@@ -239,6 +239,13 @@ def test_target_index_is_the_masks_order_computed_on_the_host_and_skips_the_last
     flagged.target_mask[:, -1] = True  # (not what packing makes: a hand-built batch)
     assert torch.equal(flagged.target_index(), moved.target_rows)
     assert int((flagged.target_index() % T == T - 1).sum()) == 0
+    # the token ids' range, read on the host, is checked there before the forward (no read-back on a
+    # GPU, and a clear error where the embedding would fail)
+    assert moved.token_range == (int(batch.input_ids.min()), int(batch.input_ids.max()))
+    bad = pack_sequences([seqs[0][:4] + [config.vocab_size + 3]], [[False, True, True, True, True]], max_tokens=24)
+    with pytest.raises(ValueError, match=rf"\[0, {config.vocab_size}\) \(the model's vocab_size\), got "
+                                         rf".*\.\.{config.vocab_size + 3}"):
+        sequence_logprobs(model, bad.to("cpu"))
 
 def test_input_gradients_through_mxfp4_experts_equal_dequantized_experts(tmp_path):
     from ossrl.model.loading import load_model, save_model

@@ -63,7 +63,7 @@ EAGER_GRADIENT = True
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy, entropy_grad, eager):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy, entropy_grad, eager, checked):
         n = hidden.shape[0]
         logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
         entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
@@ -74,10 +74,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # kernels, from a gradient of 1 a row)
         dlogp = torch.empty_like(hidden) if eager else None
         ones = torch.ones(min(chunk, n), device=hidden.device, dtype=torch.float32) if eager and fused else None
-        # (the kernel reads what it is given; one host sync for the range, skipped while a CUDA
-        # graph is captured, where a sync is an error: a captured step's targets were checked
-        # when it was run before capture)
-        if fused and n and not torch.cuda.is_current_stream_capturing():
+        # (the kernel reads what it is given: one host sync for the range, unless the caller
+        # checked it on the host (`checked`: a packed batch's targets, see PackedBatch.to), or while a
+        # CUDA graph is captured, where a sync is an error: a captured step ran uncaptured first)
+        if fused and n and not checked and not torch.cuda.is_current_stream_capturing():
             low, high = torch.stack(torch.aminmax(targets)).tolist()
             if low < 0 or high >= weight.shape[0]:
                 raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {low}..{high}")
@@ -130,10 +130,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             if grad_entropy is not None:  # the entropy's term, recomputed
                 grad_h += _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, None,
                                                        grad_entropy, True, False)[0]
-            return grad_h, None, None, None, None, None, None, None
+            return grad_h, None, None, None, None, None, None, None, None
         grad_h, grad_w = _ChunkedLogprobs._recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs,
                                                       grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None, None, \
+            None
 
     @staticmethod
     def _recomputed(ctx, hidden, weight, targets, stats, entropy, grad_logprobs, grad_entropy, need_h, need_w):
@@ -178,17 +179,21 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, chunk: int = DEFAULT_CHUNK, with_entropy: bool = False,
-                   entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   entropy_grad: bool = True,
+                   target_range: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [N, H], weight [V, H], targets [N] -> (log p(target) [N] fp32, entropy [N] fp32 or None).
     entropy_grad=False: the entropy is returned without a gradient (for logging; nothing is kept
-    for its backward)."""
+    for its backward). target_range: the targets' (min, max) where the caller knows them on the
+    host: checked here, so the device's values need not be read back."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if target_range is not None and (target_range[0] < 0 or target_range[1] >= weight.shape[0]):
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {target_range[0]}..{target_range[1]}")
     # eager (EAGER_GRADIENT): only the hidden states will want a gradient (decided here: the
     # Function's forward runs with autograd off)
     eager = EAGER_GRADIENT and torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
     logprobs, entropy = _ChunkedLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk), with_entropy,
-                                               entropy_grad, eager)
+                                               entropy_grad, eager, target_range is not None)
     return logprobs, (entropy if with_entropy else None)
 
 
@@ -212,6 +217,8 @@ class PackedBatch:
     branch_ids: torch.Tensor | None = None
     # [N] int64, where `to` computed it on the host: `target_index()`
     target_rows: torch.Tensor | None = None
+    # (min, max) of input_ids, where `to` read them on the host (None: unknown)
+    token_range: tuple[int, int] | None = None
 
     def to(self, device) -> PackedBatch:
         """The batch for a model on `device`. Positions, documents and branches stay where they are
@@ -220,11 +227,16 @@ class PackedBatch:
         model sharded with FSDP gets them moved to the device by its root module first, and builds
         its tables there.) The target positions' index is computed here, on the host, and copied
         without waiting: gathering the targets on the device then waits for nothing (a boolean
-        mask would: its count is read back first)."""
+        mask would: its count is read back first). So is the token ids' range, which
+        `sequence_logprobs` checks before the forward (an id past the vocabulary would otherwise
+        fail inside the embedding, on a GPU as a device-side assert)."""
         rows = self.target_index() if self.target_mask.device.type == "cpu" else self.target_rows
+        bounds = self.token_range
+        if bounds is None and self.input_ids.device.type == "cpu" and self.input_ids.numel():
+            bounds = (int(self.input_ids.min()), int(self.input_ids.max()))
         return PackedBatch(self.input_ids.to(device), self.positions, self.doc_ids, self.target_mask.to(device),
                            self.sequence_index.to(device), self.num_sequences, self.branch_ids,
-                           None if rows is None else host_to_device(rows, device))
+                           None if rows is None else host_to_device(rows, device), bounds)
 
     def target_index(self) -> torch.Tensor:
         """Flat indices r * T + t of the target positions, row-major (the order of every per-target
@@ -373,6 +385,11 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
     `batch.target_mask` ([num_targets] fp32). Use `batch.per_target(batch.sequence_index)` to
     group them by sequence. entropy_grad=False: the entropies come without a gradient (logging)."""
+    if batch.token_range is not None:
+        low, high = batch.token_range
+        vocab = model.config.vocab_size
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocab_size), got {low}..{high}")
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
                          branch_ids=batch.branch_ids)  # [R, T, H]
     index = batch.target_index()
@@ -380,4 +397,5 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
     h = batch.per_target(hidden)  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
-                          with_entropy=with_entropy, entropy_grad=entropy_grad)
+                          with_entropy=with_entropy, entropy_grad=entropy_grad,
+                          target_range=batch.token_range)  # (every target is an input id too)
