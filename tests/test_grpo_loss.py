@@ -201,6 +201,12 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_the_trained_tokens():
     assert not high_entropy_mask(entropy, torch.zeros_like(MASK), 0.5).any()
     with pytest.raises(ValueError):
         high_entropy_mask(entropy, MASK, 1.5)
+    g = torch.Generator().manual_seed(0)  # random masks and quantiles: TRL's selection, computed directly
+    for q in (0.05, 0.2, 0.5, 0.9):
+        ent = torch.rand(6, 40, generator=g) * 3
+        mask = (torch.rand(6, 40, generator=g) < 0.6).float()
+        threshold = torch.quantile(ent[mask > 0], 1 - q)
+        assert torch.equal(high_entropy_mask(ent, mask, q), (ent >= threshold) & (mask > 0))
 
 
 def test_entropy_mask_drops_the_policy_term_but_not_the_kl():

@@ -146,10 +146,10 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     if not 0.0 <= top_quantile <= 1.0:
         raise ValueError(f"top_quantile must be in [0, 1], got {top_quantile}")
     valid = mask > 0
-    values = entropy[valid].float()
-    if values.numel() == 0:
-        return torch.zeros_like(valid)
-    threshold = torch.quantile(values, 1.0 - top_quantile)
+    # (the untrained tokens as NaN, which nanquantile leaves out: no selection whose size the host
+    # would read back; with no trained token the threshold is NaN and nothing is kept)
+    values = torch.where(valid, entropy.float(), float("nan"))
+    threshold = torch.nanquantile(values.flatten(), 1.0 - top_quantile)
     return (entropy.float() >= threshold) & valid
 
 

@@ -64,9 +64,10 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     total_tokens = dist.sum(total_tokens)  # dapo and cispo normalise by the whole generation batch's tokens
     global_chunks = len(chunks) * dist.world_size
     # Each micro-batch's advantages and sampling log-probs, built on the host and copied without
-    # waiting: nothing in the loop below reads the device back before the phase's end (a copy from
-    # pageable memory, or a value read for a metric, would wait for every queued kernel and leave
-    # the device idle while the host queued the next ones).
+    # waiting: the micro-batches below read nothing back from the device, the first read being the
+    # optimizer step's gradient norm (a copy from pageable memory, or a value read for a metric,
+    # would wait for every queued kernel and leave the device idle while the host queued the next
+    # ones).
     chunk_advantages = [host_to_device(advantages[chunk].cpu(), model.device) for chunk in chunks]
     chunk_sampling = []
     if c.importance_sampling_correction:
@@ -163,7 +164,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             update = optimizer_step(optimizer, scheduler, scaler, params, c.max_grad_norm)
         grad_norm = update["grad_norm"]
         overflow_steps += update.get("overflow", 0)
-    out = {key: float(v) / max(counts, 1) for key, v in sums.items()}  # (the phase's one wait for the device)
+    # (read after the optimizer steps, whose gradient norm waited for the device already)
+    out = {key: float(v) / max(counts, 1) for key, v in sums.items()}
     out["loss"] = float(loss_total)  # summed over data-parallel ranks by the trainer
     out["grad_norm"] = grad_norm
     oom_fallbacks = int(dist.sum(oom_fallbacks))  # on any rank: rank 0 logs it
