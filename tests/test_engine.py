@@ -109,6 +109,16 @@ def test_max_new_tokens_per_prompt(model):
         RolloutEngine(model).generate(PROMPTS, params=SamplingParams(max_new_tokens=[3, 5]))
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_by_name(model):
+    """(On a GPU such an id would fail inside the embedding as a device-side assert.)"""
+    V = model.config.vocab_size
+    engine = RolloutEngine(model)
+    for bad, shown in (([5, V, 7], rf"prompt 1: token id {V} \(at 1\)"), ([-2, 3], r"prompt 1: token id -2 \(at 0\)")):
+        with pytest.raises(ValueError, match=shown + rf" is outside the vocabulary \[0, {V}\)"):
+            engine.generate([PROMPTS[0], bad])
+    assert engine.generate([[V - 1]], params=SamplingParams(max_new_tokens=1))[0][0].finish_reason
+
+
 # ---------------------------------------------------------------- distributions on fixed logits
 LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
 

@@ -91,9 +91,15 @@ class RolloutEngine:
             raise ValueError(f"n must be positive, got {n}")
         if isinstance(params.max_new_tokens, list) and len(params.max_new_tokens) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(params.max_new_tokens)} entries for {len(prompts)} prompts")
+        vocab = self.model.config.vocab_size
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
+            low, high = min(prompt), max(prompt)  # (an id past the table fails in the embedding: on a
+            if low < 0 or high >= vocab:           # GPU, a device-side assert that ends the process's CUDA)
+                bad = low if low < 0 else high
+                raise ValueError(f"prompt {i}: token id {bad} (at {prompt.index(bad)}) is outside the "
+                                 f"vocabulary [0, {vocab})")
         # q, k, v weights side by side: one matmul for the three in every forward. A model whose
         # parameters moved since (new storage) is laid out again, and graphs captured on the old
         # addresses are dropped with the KV pool; so are they when any other weight moved (graphs
