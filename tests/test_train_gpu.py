@@ -333,3 +333,38 @@ def test_training_paths_on_by_default_give_the_step_of_the_plain_paths_on_cuda(m
         assert ((other[0] - defaults[0]).norm() / defaults[0].norm()).item() < 1e-2
         for a, b in zip(other[1], defaults[1]):
             assert ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < 3e-2
+
+
+def test_a_lora_training_step_reads_nothing_back_from_the_device():
+    """A packed batch moved by `PackedBatch.to` (targets' index and token range computed on the host)
+    through sequence_logprobs and its backward, LoRA on attention and experts, MXFP4 experts: no
+    host-device synchronisation that torch's sync debug mode detects, so the host can queue the
+    whole step ahead of the GPU (session 21: the one left was the log-prob range check). The
+    first step compiles and is not checked."""
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
+    model = random_model(config, seed=5, expert_format="mxfp4").cuda().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=8, seed=0))
+    model.train()
+    configure_memory(model, gradient_checkpointing=False)
+    seqs = [[1 + j % 300 for j in range(350)], [7 + (5 * j) % 300 for j in range(250)]]
+    batch = pack_sequences(seqs, [[j >= 5 for j in range(len(s))] for s in seqs], max_tokens=600).to("cuda")
+    weights = torch.linspace(-1, 1, int(batch.target_mask.sum()), device="cuda")
+
+    def step():
+        lp, _ = sequence_logprobs(model, batch)
+        (lp * weights).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
