@@ -225,8 +225,10 @@ class PackedBatch:
         (the host, as packed): the model copies them over itself and builds its attention masks'
         block tables from the host copies (`GptOssModel.forward`), with no kernel launches. (A
         model sharded with FSDP gets them moved to the device by its root module first, and builds
-        its tables there.) The target positions' index is computed here, on the host, and copied
-        without waiting: gathering the targets on the device then waits for nothing (a boolean
+        its tables there.) The tensors the device needs are copied without waiting (a copy from
+        pageable memory would wait for every kernel queued before it: in SFT's loop, the previous
+        micro-batch's backward). The target positions' index is computed here, on the host, and
+        copied too: gathering the targets on the device then waits for nothing (a boolean
         mask would: its count is read back first). So is the token ids' range, which
         `sequence_logprobs` checks before the forward (an id past the vocabulary would otherwise
         fail inside the embedding, on a GPU as a device-side assert)."""
@@ -234,9 +236,10 @@ class PackedBatch:
         bounds = self.token_range
         if bounds is None and self.input_ids.device.type == "cpu" and self.input_ids.numel():
             bounds = (int(self.input_ids.min()), int(self.input_ids.max()))
-        return PackedBatch(self.input_ids.to(device), self.positions, self.doc_ids, self.target_mask.to(device),
-                           self.sequence_index.to(device), self.num_sequences, self.branch_ids,
-                           None if rows is None else host_to_device(rows, device), bounds)
+        return PackedBatch(host_to_device(self.input_ids, device), self.positions, self.doc_ids,
+                           host_to_device(self.target_mask, device), host_to_device(self.sequence_index, device),
+                           self.num_sequences, self.branch_ids, None if rows is None else host_to_device(rows, device),
+                           bounds)
 
     def target_index(self) -> torch.Tensor:
         """Flat indices r * T + t of the target positions, row-major (the order of every per-target
