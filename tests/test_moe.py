@@ -138,9 +138,29 @@ def test_token_lora_delta_equals_the_gathered_rows_with_gradients(E, r):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("k,n", [(4, 16), (12, 24), (16, 4), (16, 8)])
+def test_grouped_mm_pads_inner_sizes_it_does_not_take(k, n):
+    """torch._grouped_mm wants 16-byte inner sizes; `grouped_mm` pads a LoRA rank of 4 or 12 (as the
+    contraction or as the output) with zeros and slices back: each expert's rows times its weight,
+    as a plain matmul gives them (bf16 on the CPU, where torch has the op; CUDA takes the same path)."""
+    from ossrl.kernels.moe import grouped_mm
+
+    gen = torch.Generator().manual_seed(k * n)
+    E, counts = 3, [3, 0, 5]
+    x = torch.randn(sum(counts), k, generator=gen).bfloat16()
+    W = torch.randn(E, k, n, generator=gen).bfloat16()
+    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32)
+    out = grouped_mm(x, W, offs)
+    assert out.shape == (sum(counts), n) and out.is_contiguous()
+    starts = [0] + offs.tolist()[:-1]
+    ref = torch.cat([x[a:b].float() @ W[e].float() for e, (a, b) in enumerate(zip(starts, offs.tolist()))])
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("E,r", [(5, 4), (40, 32)])
 def test_per_slot_products_equal_the_expert_loop_with_gradients(E, r, monkeypatch):
-    """The sync-free per-slot path (CUDA at decode sizes, for ranks torch._grouped_mm does not take;
+    """The sync-free per-slot path (CUDA at decode sizes where torch._grouped_mm does not serve;
     forced here on the CPU) equals the loop over experts, values and gradients."""
     import ossrl.kernels.moe as moe
 

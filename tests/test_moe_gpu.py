@@ -254,6 +254,14 @@ def test_lora_gradients_match_twin(fmt, N):
     check(fmt, N, 8, 4, H=256, I=192, lora_rank=16, seed=N)
 
 
+@pytest.mark.parametrize("rank", [4, 12])
+def test_unaligned_lora_ranks_train_through_padded_grouped_mm(rank):
+    """Ranks torch._grouped_mm does not take (bf16 rows not 16-byte aligned) are padded to 8 by
+    `moe.grouped_mm` (session 21; before, a loop over the experts with a host sync): values and
+    gradients as the twin's."""
+    check("mxfp4", 260, 8, 4, H=256, I=192, lora_rank=rank, seed=rank)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cfg", [(16, 64, 128, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (32, 64, 256, 4, 3),
                                  (16, 32, 256, 4, 4, False), (64, 128, 64, 4, 3, False),

@@ -171,9 +171,24 @@ class ExpertWeights:
 
 
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch._grouped_mm serves bf16 on CUDA with 16-byte aligned inner sizes."""
+    """torch._grouped_mm serves bf16 on CUDA (`grouped_mm` pads sizes it does not take)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights))
+            and all(w.dtype == torch.bfloat16 for w in weights))
+
+
+def grouped_mm(x: torch.Tensor, W: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x [S, k], W [E, k, n], offs): rows offs[e-1]:offs[e] times W[e]. It takes
+    inner sizes of whole 16 bytes only, so a k or n that is not a multiple of 8 (a LoRA rank of 4 or
+    12) is padded with zeros and the product sliced back: the same numbers, and gradients reach the
+    unpadded entries only. (Without it such ranks fell back to a loop over the experts that read
+    the offsets back from the device and copied the whole output once per expert.)"""
+    k_pad, n_pad = -W.shape[-2] % 8, -W.shape[-1] % 8
+    if k_pad:
+        x, W = F.pad(x, (0, k_pad)), F.pad(W, (0, 0, 0, k_pad))
+    if n_pad:
+        W = F.pad(W, (0, n_pad))
+    out = torch._grouped_mm(x, W, offs=offs)
+    return out[:, :out.shape[1] - n_pad].contiguous() if n_pad else out
 
 
 def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups: ExpertGroups,
@@ -181,14 +196,14 @@ def grouped_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, groups
     """Per-expert low-rank delta on sorted rows: x [S, in] (rows of expert e at its offsets),
     A [E, in, r], B [E, r, out] -> (x_e @ A[e] * scaling) @ B[e] [S, out]. Differentiable.
 
-    Uses torch._grouped_mm on CUDA (bf16, 16-byte aligned rank); else, on CUDA at decode sizes,
+    Uses torch._grouped_mm on CUDA (bf16; `grouped_mm`); else, on CUDA at decode sizes,
     one batched product per slot against its expert's gathered weights (`_per_slot`: no host sync,
     so it captures in a CUDA graph); else a loop over experts (one host sync to read the offsets),
     or when `loop` is set.
     """
     if _grouped_mm_ok(x, A, B) and not loop:
         offs = groups.ends_int32
-        return torch._grouped_mm(scaled(torch._grouped_mm(x, A, offs=offs), scaling), B, offs=offs)
+        return grouped_mm(scaled(grouped_mm(x, A, offs), scaling), B, offs)
     if not loop and _per_slot_ok(x, A) and _per_slot_ok(x, B):
         return _per_slot(scaled(_per_slot(x, A, groups), scaling), B, groups)
     return _grouped_rows(x, groups, lambda e, rows: scaled(rows @ A[e], scaling) @ B[e], B.shape[-1])
@@ -229,7 +244,7 @@ def grouped_product(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups, *, l
     """x [S, in] sorted rows -> x_e @ W[e] [S, out]: torch._grouped_mm where it serves, else one
     batched product per slot (CUDA, decode sizes, no autograd), else the loop over experts."""
     if _grouped_mm_ok(x, W) and not loop:
-        return torch._grouped_mm(x, W, offs=groups.ends_int32)
+        return grouped_mm(x, W, groups.ends_int32)
     if not loop and _per_slot_ok(x, W):
         return _per_slot(x, W, groups)
     return _grouped_rows(x, groups, lambda e, rows: rows @ W[e], W.shape[-1])
@@ -249,7 +264,7 @@ def _per_slot_ok(x: torch.Tensor, W: torch.Tensor) -> bool:
 
 def _per_slot(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
     """x [S, in] sorted rows -> x[s] @ W[expert of s] [S, out], one batched product over the slots'
-    gathered weights: no host sync (graph capture), for ranks torch._grouped_mm does not take."""
+    gathered weights: no host sync (graph capture), where torch._grouped_mm does not serve."""
     return torch.bmm(x.unsqueeze(1), W[groups.expert]).squeeze(1)
 
 
