@@ -162,10 +162,9 @@ def test_graphs_recapture_after_another_engine_frees_the_rollout_copies():
 
 
 def test_unaligned_lora_rank_decodes_in_cuda_graphs():
-    """A rank whose bf16 rows are not 16-byte aligned (r=4): torch._grouped_mm does not take it, so
-    `moe.grouped_mm` pads it to 8 with zeros (no host sync; before session 21 the per-slot product
-    served it), and decoding still captures in CUDA graphs (the loop over experts reads the offsets
-    on the host and cannot be captured), with the tokens of eager decoding."""
+    """A rank whose bf16 rows are not 16-byte aligned (r=4), which torch._grouped_mm does not take
+    as it is: decoding still captures in CUDA graphs (no path of its expert LoRA reads the offsets
+    on the host, as the loop over experts would), with the tokens of eager decoding."""
     from ossrl.model.lora import LoRAConfig, apply_lora, lora_parameters
 
     model = random_model(tiny_config(), seed=0, dtype=torch.bfloat16).cuda()
