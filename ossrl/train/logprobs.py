@@ -77,7 +77,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         # (the kernel reads what it is given: one host sync for the range, unless the caller
         # checked it on the host (`checked`: a packed batch's targets, see PackedBatch.to), or while a
         # CUDA graph is captured, where a sync is an error: a captured step ran uncaptured first)
-        if fused and n and not checked and not torch.cuda.is_current_stream_capturing():
+        if fused and n and not checked and not (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
             low, high = torch.stack(torch.aminmax(targets)).tolist()
             if low < 0 or high >= weight.shape[0]:
                 raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {low}..{high}")
