@@ -247,6 +247,7 @@ def test_target_index_is_the_masks_order_computed_on_the_host_and_skips_the_last
                                          rf".*\.\.{config.vocab_size + 3}"):
         sequence_logprobs(model, bad.to("cpu"))
 
+
 def test_input_gradients_through_mxfp4_experts_equal_dequantized_experts(tmp_path):
     from ossrl.model.loading import load_model, save_model
 
