@@ -395,9 +395,9 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
             raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocab_size), got {low}..{high}")
     hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
                          branch_ids=batch.branch_ids)  # [R, T, H]
-    index = batch.target_index()
+    index = batch.target_index()  # (once: a batch not moved by `to` computes it on the device)
     targets = batch.input_ids.reshape(-1)[index + 1]  # the next token of each target position
-    h = batch.per_target(hidden)  # [N, H]: only rows we need go to the lm_head
+    h = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
                           with_entropy=with_entropy, entropy_grad=entropy_grad,
