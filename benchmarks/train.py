@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from ossrl.model.config import GptOssConfig  # noqa: E402
 from ossrl.model.expert_copies import dense_bytes_kept, dense_experts  # noqa: E402
 from ossrl.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from ossrl.testing import random_model_on_device  # noqa: E402
+from ossrl.train.graphed import CapturedLogprobs  # noqa: E402
 from ossrl.train.memory import configure_memory  # noqa: E402
 from ossrl.train.logprobs import PackedBatch, sequence_logprobs  # noqa: E402
 from ossrl.train.optim import make_optimizer  # noqa: E402
@@ -91,13 +93,17 @@ def lora_model_on_gpu(config):
     return model, counts
 
 
-def lora_step(model, batch: PackedBatch, opt=None) -> None:
-    """One training step: the sequences' log-probs, their mean's gradient, `opt` (if any), grads cleared."""
-    lp, _ = sequence_logprobs(model, batch)
+def lora_step(model, batch: PackedBatch, opt=None, captured=None) -> None:
+    """One training step: the sequences' log-probs, their mean's gradient, `opt` (if any), grads cleared.
+    captured: an `ossrl.train.graphed.CapturedLogprobs` of the model (the step replayed from CUDA graphs)."""
+    if captured is not None:
+        captured.zero_grad()
+    lp, _ = (captured or partial(sequence_logprobs, model))(batch)
     (-lp.mean()).backward()
     if opt is not None:
         opt.step()
-    model.zero_grad(set_to_none=True)
+    if captured is None:
+        model.zero_grad(set_to_none=True)
 
 
 def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0) -> list:
@@ -167,8 +173,9 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
     if optimizer != "none":  # lr tiny: the weights stay what they were, so every row sees the same model
         opt = make_optimizer(model.parameters(), lr=1e-12, offload=optimizer == "offloaded")
     rows = []
-    for T, checkpointing, *dense in runs:  # (a third element: this run's dense_experts_gb)
-        gb = dense[0] if dense else dense_experts_gb
+    for T, checkpointing, *extra in runs:  # (then: this run's dense_experts_gb, whether it replays graphs)
+        gb = extra[0] if extra and extra[0] is not None else dense_experts_gb
+        captured = CapturedLogprobs(model) if len(extra) > 1 and extra[1] else None
         configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
                          offload_embeddings=offload_embeddings, dense_experts_gb=gb)
         dense_gib = dense_bytes_kept(model) / 2**30
@@ -176,9 +183,17 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
-            lora_step(model, batch, opt)
+            lora_step(model, batch, opt, captured)
 
         r = timed_steps(step, repeats)
+        if captured is not None:  # (the first step runs eagerly, the second captures, the rest replay)
+            r.update(captured=True, replayed_steps=captured.replayed_calls, eager_steps=captured.eager_calls,
+                     capture_refused=list(captured.refused.values()))
+            captured.release()
+            model.zero_grad(set_to_none=True)
+            del captured
+            gc.collect()
+            torch.cuda.empty_cache()
         # "auto" refits the copies to what the step's activations leave (ossrl.train.memory)
         r["dense_experts_gib_after_step"] = round(dense_bytes_kept(model) / 2**30, 2)
         r.update(tokens=T, system="ossrl", optimizer=optimizer, gradient_checkpointing=checkpointing,
@@ -230,6 +245,8 @@ def main():
                     help="ossrl's gradient checkpointing for the --tokens rows")
     ap.add_argument("--full-checkpoint-tokens", default="1024,4096",
                     help="extra ossrl rows with every layer checkpointed (the memory-lean mode)")
+    ap.add_argument("--captured-tokens", default="",
+                    help="extra ossrl rows replayed from CUDA graphs (ossrl.train.graphed.CapturedLogprobs)")
     ap.add_argument("--offload", action="store_true", help="activation checkpoints in pinned CPU memory")
     ap.add_argument("--offload-embeddings", action="store_true", help="the embedding table on the CPU")
     ap.add_argument("--optimizer", default="none", choices=("none", "adamw", "offloaded"),
@@ -289,6 +306,8 @@ def main():
         runs += [(int(t), True) for t in args.full_checkpoint_tokens.split(",")]
     if args.dense_ab:  # each run without the copies, then with them, in this process
         runs = [(*r, 0.0) for r in runs] + [(*r, args.dense_experts_gb) for r in runs]
+    if args.captured_tokens:
+        runs += [(int(t), mode, None, True) for t in args.captured_tokens.split(",")]
     ours, model, counts = bench_ossrl(config, runs, args.repeats, args.offload, args.offload_embeddings,
                                       args.optimizer, args.dense_experts_gb)
     theirs = []
@@ -303,7 +322,8 @@ def main():
     for r in ours:
         match = next((x for x in theirs if x["tokens"] == r["tokens"] and x.get("status") == "ok"), None)
         if match and r.get("status") == "ok" and r["gradient_checkpointing"] == mode:
-            key = str(r["tokens"]) + ("_dense" if r["dense_experts_gib"] else "")
+            key = str(r["tokens"]) + ("_dense" if r["dense_experts_gib"] else "") + \
+                ("_captured" if r.get("captured") else "")
             ratios[key] = {"speedup": round(match["seconds"] / r["seconds"], 2),
                            "memory_ratio": round(r["peak_gib"] / match["peak_gib"], 3)}
     result = {

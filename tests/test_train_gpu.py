@@ -368,3 +368,79 @@ def test_a_lora_training_step_reads_nothing_back_from_the_device():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
+    """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
+    prefixes so branch masks are built on the device inside the graph, entropies logged): five
+    micro-batches of one shape with different tokens and one of another shape. Each shape's first
+    runs eagerly, the second is captured, the rest replay; every micro-batch's log-probs and LoRA
+    gradients equal the eager step's within bf16 roundings, and a replayed step makes no
+    host-device synchronisation. Then a budget that checkpoints layers: the capture is refused with
+    the reason and the step runs eagerly."""
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.graphed import CapturedLogprobs
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
+    model = random_model(config, seed=5, expert_format="mxfp4").cuda().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=8, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    model.train()
+    configure_memory(model, gradient_checkpointing="auto")
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(completions):
+        prompt = torch.randint(0, 300, (40,), generator=gen).tolist()
+        seqs = [prompt + torch.randint(0, 300, (n,), generator=gen).tolist() for n in completions]
+        trained = [[j >= 40 for j in range(len(s))] for s in seqs]
+        return pack_sequences(seqs, trained, max_tokens=512, pad_to=256, share_prefixes=True).to("cuda")
+
+    batches = [batch((150, 170, 90)) for _ in range(5)] + [batch((300, 250, 200, 100))]
+    assert all(b.branch_ids is not None for b in batches)
+    assert batches[0].input_ids.shape != batches[-1].input_ids.shape
+
+    def step(fn, b):
+        lp, ent = fn(b, with_entropy=True, entropy_grad=False)
+        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        return lp.detach().float(), ent.float(), [p.grad.float().clone() for p in lora_parameters(model)]
+
+    reference = []
+    for b in batches:
+        reference.append(step(lambda b, **kw: sequence_logprobs(model, b, **kw), b))
+        model.zero_grad(set_to_none=True)
+    captured = CapturedLogprobs(model)
+    results = []
+    for b in batches:
+        captured.zero_grad()
+        results.append(step(captured, b))
+    assert captured.refused == {}
+    assert (captured.eager_calls, captured.replayed_calls) == (2, 4)
+    assert all(bucket.forward_graph is not None for bucket in captured._buckets.values())
+    for (lp, ent, grads), (ref_lp, ref_ent, ref_grads) in zip(results, reference):
+        assert ((lp - ref_lp).norm() / ref_lp.norm()).item() < 1e-2
+        assert ((ent - ref_ent).norm() / ref_ent.norm()).item() < 1e-2
+        for a, r in zip(grads, ref_grads):
+            assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 3e-2
+    captured.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, _ = captured(batches[1])
+        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    # a budget of half a layer: layers are checkpointed at this size, which is not captured
+    configure_memory(model, gradient_checkpointing="auto", activation_budget_gb=1e-4)
+    lean = CapturedLogprobs(model)
+    lean.zero_grad()
+    for b in batches[:3]:
+        lean(b)[0].sum().backward()
+    assert (lean.eager_calls, lean.replayed_calls) == (3, 0)
+    assert any("checkpointed" in why for why in lean.refused.values())

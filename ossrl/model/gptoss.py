@@ -650,7 +650,11 @@ class GptOssModel(nn.Module):
         mode = self.gradient_checkpointing if torch.is_grad_enabled() and cache is None else False
         plain = len(self.layers) if not mode else 0  # layers that keep their activations (no recompute)
         if mode == "auto":
-            plain = self._layers_that_fit(x, cos, sin, masks)
+            # A forward captured in a CUDA graph (ossrl.train.graphed) keeps the plan of the eager
+            # forward before it: measuring and making or freeing kept expert copies cannot be captured.
+            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+            plain = len(self.layers) - self.checkpointed_layers if capturing else \
+                self._layers_that_fit(x, cos, sin, masks)
         # rollouts (fused kernels, no gradient): each layer's MLP output is added to the residual
         # stream by the next layer's input norm (one launch for the add and the norm, not two)
         defer = DEFER_RESIDUAL_ADD and not torch.is_grad_enabled() and fused_kernels(x) is not None \

@@ -387,18 +387,31 @@ def sequence_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, ch
                       entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of the target tokens of a packed batch, in row-major order of
     `batch.target_mask` ([num_targets] fp32). Use `batch.per_target(batch.sequence_index)` to
-    group them by sequence. entropy_grad=False: the entropies come without a gradient (logging)."""
-    if batch.token_range is not None:
-        low, high = batch.token_range
+    group them by sequence. entropy_grad=False: the entropies come without a gradient (logging).
+    (`ossrl.train.graphed.CapturedLogprobs` gives the same from CUDA graphs.)"""
+    check_token_range(model, batch.token_range)
+    return packed_logprobs(model, batch.input_ids, batch.positions, batch.doc_ids, batch.branch_ids,
+                           batch.target_index(),  # (once: a batch not moved by `to` computes it on the device)
+                           temperature=temperature, chunk=chunk, with_entropy=with_entropy,
+                           entropy_grad=entropy_grad, target_range=batch.token_range)  # (targets are input ids)
+
+
+def check_token_range(model, token_range: tuple[int, int] | None) -> None:
+    """A clear error for token ids outside the model's vocabulary, from their range read on the host
+    (`PackedBatch.to`; None: unknown, checked later on the device)."""
+    if token_range is not None:
+        low, high = token_range
         vocab = model.config.vocab_size
         if low < 0 or high >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocab_size), got {low}..{high}")
-    hidden = model.model(batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids,
-                         branch_ids=batch.branch_ids)  # [R, T, H]
-    index = batch.target_index()  # (once: a batch not moved by `to` computes it on the device)
-    targets = batch.input_ids.reshape(-1)[index + 1]  # the next token of each target position
+
+
+def packed_logprobs(model, input_ids, positions, doc_ids, branch_ids, index: torch.Tensor, *, temperature: float,
+                    chunk: int, with_entropy: bool, entropy_grad: bool, target_range: tuple[int, int] | None):
+    """`sequence_logprobs` on a packed batch's tensors; index [N]: the flat target positions."""
+    hidden = model.model(input_ids, positions=positions, doc_ids=doc_ids, branch_ids=branch_ids)  # [R, T, H]
+    targets = input_ids.reshape(-1)[index + 1]  # the next token of each target position
     h = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
     return token_logprobs(h, model.lm_head.weight, targets, temperature=temperature, chunk=chunk,
-                          with_entropy=with_entropy, entropy_grad=entropy_grad,
-                          target_range=batch.token_range)  # (every target is an input id too)
+                          with_entropy=with_entropy, entropy_grad=entropy_grad, target_range=target_range)

@@ -1,0 +1,158 @@
+"""CapturedLogprobs' bookkeeping on the CPU (graphs=False: the same fixed buffers, buckets, padding
+and gradient path, run eagerly); the capture itself is tested on a GPU (test_train_gpu.py)."""
+
+import pytest
+import torch
+
+from ossrl.model.lora import LoRAConfig, apply_lora
+from ossrl.testing import random_model, tiny_config
+from ossrl.train.graphed import CapturedLogprobs, target_capacity
+from ossrl.train.logprobs import pack_sequences, sequence_logprobs
+
+
+def lora_model(dropout=0.0):
+    model = random_model(tiny_config(), seed=0)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, seed=0, dropout=dropout))
+    with torch.no_grad():  # B is zero at start: make the adapters matter
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.train()
+    return model
+
+
+def batches(vocab, count, shared=False, seed=0):
+    """`count` packed micro-batches of one shape (rows of 32 tokens), different tokens each."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        prompt = torch.randint(0, vocab, (6,), generator=gen).tolist()
+        seqs = [(prompt if shared else torch.randint(0, vocab, (6,), generator=gen).tolist())
+                + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (5, 8, 3)]
+        trained = [[False] * 6 + [True] * (len(s) - 6) for s in seqs]
+        out.append(pack_sequences(seqs, trained, max_tokens=32, pad_to=32, share_prefixes=shared,
+                                  min_shared=4).to("cpu"))
+    return out
+
+
+def run(model, fn, batches, with_entropy=False, entropy_grad=False):
+    """Each batch's log-probs (and entropies), with a loss on both backpropagated; the summed grads."""
+    outs = []
+    for b in batches:
+        lp, ent = fn(b, with_entropy=with_entropy, entropy_grad=entropy_grad)
+        w = torch.linspace(-1, 1, lp.numel())
+        loss = (lp * w).sum() + ((ent * w.flip(0)).sum() if with_entropy and entropy_grad else 0.0)
+        loss.backward()
+        outs.append((lp.detach().clone(), None if ent is None else ent.detach().clone()))
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return outs, grads
+
+
+def test_target_capacity_rounds_up_to_few_sizes_and_never_below_the_count():
+    sizes = [target_capacity(n, 10**6) for n in (1, 256, 257, 384, 385, 600, 1000, 1025, 5000)]
+    assert sizes == [256, 256, 384, 384, 512, 768, 1024, 1536, 6144]
+    assert target_capacity(300, 320) == 320  # capped at every position of the batch
+    assert target_capacity(100, 90) == 100  # (never below the count)
+
+
+@pytest.mark.parametrize("shared,with_entropy,entropy_grad",
+                         [(False, False, False), (True, True, False), (False, True, True)])
+def test_replayed_steps_give_the_log_probs_and_summed_gradients_of_eager_steps(shared, with_entropy, entropy_grad):
+    model = lora_model()
+    data = batches(model.config.vocab_size, 4, shared=shared)
+    if shared:
+        assert data[0].branch_ids is not None
+    ref_outs, ref_grads = run(model, lambda b, **kw: sequence_logprobs(model, b, **kw), data, with_entropy,
+                              entropy_grad)
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    outs, grads = run(model, captured, data, with_entropy, entropy_grad)
+    # the first batch of the shape runs eagerly, the rest on the bucket's buffers
+    assert (captured.eager_calls, captured.replayed_calls) == (1, 3)
+    for (lp, ent), (ref_lp, ref_ent) in zip(outs, ref_outs):
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+        if with_entropy:
+            torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    # zero_grad clears the same buffers
+    kept = [p.grad for p in model.parameters() if p.requires_grad]
+    captured.zero_grad()
+    assert all(p.grad is g and not g.any() for p, g in zip([p for p in model.parameters() if p.requires_grad], kept))
+
+
+def test_a_shape_with_more_targets_gets_its_own_bucket_and_the_padding_adds_no_gradient():
+    model = lora_model()
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(5)
+    # 302 targets: the buffer holds 320 (384 capped at the row's length: 18 padded rows whose gradient
+    # must be zero)
+    seqs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (160, 150)]
+    trained = [[False] * 4 + [True] * (len(s) - 4) for s in seqs]
+    big = pack_sequences(seqs, trained, max_tokens=320, pad_to=32).to("cpu")
+    assert big.target_index().numel() == 302 and big.input_ids.shape == (1, 320)
+    data = [big, big, batches(V, 1)[0], big]
+    ref_outs, ref_grads = run(model, lambda b, **kw: sequence_logprobs(model, b, **kw), data)
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    outs, grads = run(model, captured, data)
+    assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # each shape's first call is eager
+    assert [b.index.numel() for b in captured._buckets.values()] == [320]
+    for (lp, _), (ref, _) in zip(outs, ref_outs):
+        torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_cleared_to_none_are_refused_by_name():
+    model = lora_model()
+    data = batches(model.config.vocab_size, 2)
+    captured = CapturedLogprobs(model, graphs=False)
+    with pytest.raises(RuntimeError, match=r"captured.zero_grad\(\)"):
+        captured(data[0])
+    captured.zero_grad()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"captured.zero_grad\(\)"):
+        captured(data[0])
+
+
+def test_a_backward_after_the_next_replayed_forward_is_refused():
+    model = lora_model()
+    data = batches(model.config.vocab_size, 3)
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    captured(data[0])[0].sum().backward()  # (eager: the shape's first)
+    first, _ = captured(data[1])
+    second, _ = captured(data[2])
+    with pytest.raises(RuntimeError, match="before the next replayed forward"):
+        first.sum().backward()
+    second.sum().backward()  # its own backward still runs
+
+
+def test_what_cannot_be_replayed_runs_eagerly():
+    model = lora_model(dropout=0.1)
+    captured = CapturedLogprobs(model, graphs=False)
+    assert "dropout" in captured.unsupported()
+    captured.zero_grad()
+    for b in batches(model.config.vocab_size, 3):
+        captured(b)[0].sum().backward()
+    assert (captured.eager_calls, captured.replayed_calls) == (3, 0)
+    plain = CapturedLogprobs(lora_model(), graphs=False)
+    with torch.no_grad():  # reference log-probs: no backward to replay
+        for b in batches(plain.model.config.vocab_size, 3):
+            plain(b)
+    assert (plain.eager_calls, plain.replayed_calls) == (3, 0)
+
+
+def test_max_buckets_keeps_later_shapes_eager():
+    model = lora_model()
+    V = model.config.vocab_size
+    captured = CapturedLogprobs(model, graphs=False, max_buckets=1)
+    captured.zero_grad()
+    small = batches(V, 1)[0]
+    seqs = [list(range(1, 40))]
+    other = pack_sequences(seqs, [[False] + [True] * 38], max_tokens=64, pad_to=32).to("cpu")
+    for b in (small, small, other, other, other):
+        captured(b)[0].sum().backward()
+    assert len(captured._buckets) == 1
+    assert (captured.eager_calls, captured.replayed_calls) == (4, 1)
