@@ -8,12 +8,15 @@ back into the [B, T] layout `policy_loss` takes.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.profiler import record_function
 
 from ossrl.kernels.attention import flex_supported
 from ossrl.kernels.transfer import host_to_device
 from ossrl.train.distributed import DistContext, micro_batch_rng
+from ossrl.train.graphed import CapturedLogprobs
 from ossrl.rl.loss import TOKEN_SUM_LOSSES, high_entropy_mask, importance_sampling_weights, policy_loss
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import with_checkpointing_fallback
@@ -21,7 +24,8 @@ from ossrl.train.optim import optimizer_step
 
 
 def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advantages: torch.Tensor,
-                    dist: DistContext | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+                    dist: DistContext | None = None, scaler: torch.amp.GradScaler | None = None,
+                    captured: CapturedLogprobs | None = None) -> dict:
     """rollouts: objects with prompt_ids, completion_ids, sampling_logprobs, finish_reason;
     advantages [len(rollouts)]. Returns the phase's metrics (means over micro-batches).
 
@@ -29,6 +33,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     use the global normalisers and the gradients are summed across ranks before the step.
     `scaler` (ossrl.train.optim.make_loss_scaler; None: no loss scaling) scales the losses in the
     fp16 mode; the metrics then hold `loss_scale` and `overflow_steps` (optimizer steps skipped).
+    `captured` (ossrl.train.graphed): the training forwards and backwards replayed from CUDA graphs;
+    it owns the gradients' buffers.
     """
     c = config
     dist = dist or DistContext()
@@ -106,7 +112,13 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
     def micro_batches() -> tuple[dict, int, torch.Tensor, list]:
         """One pass over this rank's micro-batches from zeroed gradients: (metric sums, count,
         loss, importance ratios with their masks), on the device (read at the phase's end)."""
-        optimizer.zero_grad(set_to_none=True)
+        if captured is not None:
+            if captured.unsupported():  # (e.g. every layer checkpointed after running out of memory)
+                captured.release()
+            captured.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        forward = captured or partial(sequence_logprobs, model)
         sums, counts, loss_total, is_stats = {}, 0, torch.zeros((), device=model.device), []
         for k, (chunk, pack) in enumerate(zip(chunks, packs)):
             # LoRA dropout masks keyed on the global micro-batch, whichever rank trains it (a
@@ -114,8 +126,8 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             # (record_function: the phases by name in a profile, e.g. benchmarks/grpo_step.py --profile-train)
             with micro_batch_rng(c.seed, scheduler.last_epoch, dist.rank * len(chunks) + k, enabled=dropout > 0), \
                     record_function("grpo/forward"):
-                lp, ent = sequence_logprobs(model, pack, temperature=c.temperature, with_entropy=True,
-                                            entropy_grad=False)  # (logged only)
+                lp, ent = forward(pack, temperature=c.temperature, with_entropy=True,
+                                  entropy_grad=False)  # (logged only)
             logprobs, mask = _unflatten(lp, pack, chunk, completion_len, with_mask=True)
             entropy = _unflatten(ent.detach(), pack, chunk, completion_len)
             behaviour = old[k] if old_pass else logprobs.detach()  # for the importance weights

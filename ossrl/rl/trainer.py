@@ -35,6 +35,7 @@ from ossrl.rl.logging import RunLogger
 from ossrl.rl.loss import group_advantages
 from ossrl.rl.rewards import compute_rewards, resolve_reward_func
 from ossrl.rl.step import optimise_policy
+from ossrl.train.graphed import CapturedLogprobs
 from ossrl.model.adapters import load_adapter
 from ossrl.train.checkpoint import atomic_directory, rng_state, save_adapter, set_rng_state
 from ossrl.train.memory import configure_memory
@@ -156,6 +157,7 @@ class GRPOTrainer:
             self.log(sharding_summary(model))
         self.params = lora_parameters(model)
         self.engine = RolloutEngine(model, prefill_tokens=config.prefill_tokens)
+        self.captured = CapturedLogprobs(model) if config.capture_training and model.device.type == "cuda" else None
         self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                         offload=config.offload_optimizer)
         self.scheduler = make_scheduler(self.optimizer, kind=config.lr_scheduler_type,
@@ -494,7 +496,7 @@ class GRPOTrainer:
 
     def _optimise(self, rollouts: list[Rollout], advantages: torch.Tensor) -> dict:
         return optimise_policy(self.model, self.optimizer, self.scheduler, self.params, self.config,
-                               rollouts, advantages, dist=self.dist, scaler=self.scaler)
+                               rollouts, advantages, dist=self.dist, scaler=self.scaler, captured=self.captured)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str | None = None) -> Path:
