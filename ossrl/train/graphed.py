@@ -139,8 +139,9 @@ class CapturedLogprobs:
         index = batch.target_index()
         R, T = batch.input_ids.shape
         n = index.numel()
+        switch = getattr(self.model, "adapter_switch", None)  # (what the Python forward reads is baked in)
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
-               with_entropy, with_entropy and entropy_grad)
+               with_entropy, with_entropy and entropy_grad, self.model.training, switch is None or switch.enabled)
         bucket = self._buckets.get(key)
         if bucket is None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
@@ -184,7 +185,7 @@ class CapturedLogprobs:
         bucket.index[n:].zero_()
 
     def _new_bucket(self, key: tuple, batch: PackedBatch) -> _Bucket | None:
-        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad = key
+        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _, _ = key
         device = self.model.lm_head.weight.device
 
         def buffer(dtype=torch.long):

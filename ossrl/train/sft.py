@@ -27,6 +27,7 @@ from ossrl.configs import dumps_toml, load_config, to_dict
 from ossrl.model.lora import LoRAConfig, apply_lora, format_trainable_counts, lora_parameters, lora_state_dict
 from ossrl.train.checkpoint import atomic_directory, save_adapter
 from ossrl.train.distributed import init_distributed, micro_batch_rng
+from ossrl.train.graphed import CapturedLogprobs
 from ossrl.train.logprobs import pack_sequences, sequence_logprobs
 from ossrl.train.memory import configure_memory, with_checkpointing_fallback
 from ossrl.train.optim import SCHEDULES, make_loss_scaler, make_optimizer, make_scheduler, optimizer_step
@@ -61,6 +62,10 @@ class SFTConfig:
     # GiB of bf16 copies of the frozen MXFP4 experts (layers in order), read by training-sized MoE
     # calls instead of a decode per call (ossrl.train.memory); 0: none
     dense_experts_gb: float = 0.0
+    # CUDA: each micro-batch shape's forward and backward captured in CUDA graphs the second time it
+    # comes, then replayed (ossrl.train.graphed); rows are then padded to multiples of 256 tokens so
+    # that shapes repeat. The graphs' memory (about one micro-batch's activations) stays reserved.
+    capture_training: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
     logging_steps: int = 10
@@ -181,6 +186,8 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                      offload_activations=config.offload_activations, offload_embeddings=config.offload_embeddings,
                      activation_budget_gb=config.activation_budget_gb, dense_experts_gb=config.dense_experts_gb)
     model.train()
+    captured = CapturedLogprobs(model) if config.capture_training and model.lm_head.weight.is_cuda else None
+    pad_to = 256 if captured is not None else 1  # (few row lengths: shapes that repeat)
     W = ctx.world_size
     dropout = 0.0 if config.full_finetune else config.lora.dropout
 
@@ -236,7 +243,12 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             nonlocal order
             order = list(at_start[0])
             rng.setstate(at_start[1])
-            optimizer.zero_grad(set_to_none=True)
+            if captured is not None:
+                if captured.unsupported():  # (e.g. every layer checkpointed after running out of memory)
+                    captured.release()
+                captured.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             loss_sum, token_sum = torch.zeros((), device=device), 0  # (read once the step's backwards are queued)
             for j in range(accum * W):  # the step's micro-batches in the global order; this rank's share
                 if len(order) < B:
@@ -247,9 +259,9 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                 if j % W != ctx.rank:
                     continue
                 batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
-                                       max_tokens=config.max_length).to(device)
+                                       max_tokens=config.max_length, pad_to=pad_to).to(device)
                 with micro_batch_rng(config.seed, step, j, enabled=dropout > 0):  # masks per global micro-batch
-                    logprobs, _ = sequence_logprobs(model, batch)
+                    logprobs, _ = captured(batch) if captured is not None else sequence_logprobs(model, batch)
                 loss = -logprobs.mean() / (accum * W)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach() * accum * W
