@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -28,7 +28,8 @@
 # hostprof: step_times.py --host-profile at 1K and 4K (cProfile of a step, its host-device syncs, host
 # and GPU-tail time of every step); graphprobe: benchmarks/graph_probe.py (a whole LoRA step captured in one
 # CUDA graph and replayed, against the eager step, at 1K/4K/8K);
-# dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; generate: benchmarks/generate.py. Logs and JSON go
+# dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; grpocapture: grpo_step.py (3 steps)
+# without, then with, capture_training; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -105,6 +106,13 @@ fi
 if [[ $what == *" grpo "* ]]; then
     # GRPO_ARGS (optional), e.g. "--steps 3 --profile-train" (the last step's training phase profiled)
     timeout ${GRPO_TIMEOUT:-240} python benchmarks/grpo_step.py --steps 2 ${GRPO_ARGS:-} --out "$out/grpo_step.json" 2>&1 | tee "$out/grpo_step.log" | tail -8
+fi
+if [[ $what == *" grpocapture "* ]]; then
+    # the GRPO step without, then with, its micro-batches replayed from CUDA graphs (capture_training)
+    for flag in "" --capture-training; do
+        timeout ${GRPO_TIMEOUT:-200} python benchmarks/grpo_step.py --steps 3 $flag ${GRPO_ARGS:-} \
+            --out "$out/grpo_step${flag:+_captured}.json" 2>&1 | tee "$out/grpo_step${flag:+_captured}.log" | tail -4
+    done
 fi
 if [[ $what == *" train "* ]]; then
     # TRAIN_ARGS (optional), e.g. "--flex-static --skip-hf"

@@ -50,6 +50,8 @@ def main():
                     help="GRPOConfig.dense_experts_gb: kept bf16 copies of the MXFP4 experts (under \"auto\" "
                          "they take what the training step's activations leave, at most this)")
     add_switches(ap)
+    ap.add_argument("--capture-training", action="store_true",
+                    help="GRPOConfig.capture_training: micro-batches replayed from CUDA graphs (ossrl.train.graphed)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "grpo_step.json"))
     args = ap.parse_args()
     if args.profile_train and args.steps < 3:
@@ -63,7 +65,7 @@ def main():
                         loss_type="dapo", learning_rate=1e-5, progress_bar=False,
                         gradient_checkpointing="auto" if args.checkpointing == "auto" else True,
                         gradient_accumulation_steps=args.micro_batches, enable_sleep_mode=not args.no_sleep_mode,
-                        dense_experts_gb=args.dense_experts_gb,
+                        dense_experts_gb=args.dense_experts_gb, capture_training=args.capture_training,
                         reward_funcs=["2048.function_works", "2048.no_cheating", "2048.strategy_succeeds"])
     trainer = GRPOTrainer(model, train_dataset=make_2048_dataset(64, seed=0), config=config, tokenizer=tokenizer)
     if args.profile_train:
@@ -76,10 +78,14 @@ def main():
     result = {"benchmark": "grpo_step", **device_info(), "shape": "8 prompts x 8 generations, 20b, MXFP4 experts",
               "max_completion_length": args.max_completion_length, "micro_batches": args.micro_batches,
               "enable_sleep_mode": not args.no_sleep_mode, "gradient_checkpointing": args.checkpointing,
-              "dense_experts_gb": args.dense_experts_gb,
+              "dense_experts_gb": args.dense_experts_gb, "capture_training": args.capture_training,
               **switches,
               "steps": [{k: r.get(k) for k in ("step",) + keys} for r in rows],
               "seconds_total": round(time.time() - t0, 1)}
+    if trainer.captured is not None:
+        c = trainer.captured
+        result["captured"] = {"replayed_micro_batches": c.replayed_calls, "eager_micro_batches": c.eager_calls,
+                              "refused": list(c.refused.values())}
     steady = rows[1:] or rows  # the first step compiles kernels and captures graphs
     if args.profile_train and len(steady) > 1:
         steady = steady[:-1]  # the profiled step runs slower
