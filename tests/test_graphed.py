@@ -85,8 +85,8 @@ def test_a_shape_with_more_targets_gets_its_own_bucket_and_the_padding_adds_no_g
     model = lora_model()
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(5)
-    # 302 targets: the buffer holds 320 (384 capped at the row's length: 18 padded rows whose gradient
-    # must be zero)
+    # 302 targets: the buffer holds 384 (82 padded rows whose gradient must be zero); the row of 320
+    # tokens is padded to 1,024
     seqs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (160, 150)]
     trained = [[False] * 4 + [True] * (len(s) - 4) for s in seqs]
     big = pack_sequences(seqs, trained, max_tokens=320, pad_to=32).to("cpu")
@@ -97,7 +97,8 @@ def test_a_shape_with_more_targets_gets_its_own_bucket_and_the_padding_adds_no_g
     captured.zero_grad()
     outs, grads = run(model, captured, data)
     assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # each shape's first call is eager
-    assert [b.index.numel() for b in captured._buckets.values()] == [320]
+    assert [b.index.numel() for b in captured._buckets.values()] == [384]
+    assert [b.ids.shape for b in captured._buckets.values()] == [(1, 1024)]
     for (lp, _), (ref, _) in zip(outs, ref_outs):
         torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
     for g, ref in zip(grads, ref_grads):
@@ -150,8 +151,8 @@ def test_max_buckets_keeps_later_shapes_eager():
     captured = CapturedLogprobs(model, graphs=False, max_buckets=1)
     captured.zero_grad()
     small = batches(V, 1)[0]
-    seqs = [list(range(1, 40))]
-    other = pack_sequences(seqs, [[False] + [True] * 38], max_tokens=64, pad_to=32).to("cpu")
+    seqs = [[1 + j % 300 for j in range(301)]]  # 300 targets: another capacity, another bucket
+    other = pack_sequences(seqs, [[False] + [True] * 300], max_tokens=320, pad_to=32).to("cpu")
     for b in (small, small, other, other, other):
         captured(b)[0].sum().backward()
     assert len(captured._buckets) == 1
@@ -159,8 +160,8 @@ def test_max_buckets_keeps_later_shapes_eager():
 
 
 def test_grpo_policy_phase_through_captured_steps_equals_the_eager_phase():
-    """optimise_policy with `captured` (two micro-batch shapes, three optimisation passes: each shape's
-    first micro-batch runs eagerly, the later ones on its bucket) leaves the same adapters and metrics as without it."""
+    """optimise_policy with `captured` (two micro-batches, three optimisation passes: the first runs
+    eagerly, the later ones on the bucket) leaves the same adapters and metrics as without it."""
     import copy
     from types import SimpleNamespace
 
@@ -185,10 +186,26 @@ def test_grpo_policy_phase_through_captured_steps_equals_the_eager_phase():
         optimizer = torch.optim.AdamW(params, lr=c.learning_rate)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         outs.append(optimise_policy(m, optimizer, scheduler, params, c, rollouts, advantages, captured=captured))
-    assert (captured.eager_calls, captured.replayed_calls) == (2, 4)  # two shapes, each first eager
+    # two packed shapes (19 and 14 tokens), one bucket (padded to 1,024): only the first runs eagerly
+    assert (captured.eager_calls, captured.replayed_calls) == (1, 5)
     assert outs[0].keys() == outs[1].keys()
     for key in outs[0]:
         assert outs[1][key] == pytest.approx(outs[0][key], rel=1e-4, abs=1e-6), key
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(model.parameters(), twin.parameters()):  # (after three AdamW steps of 1e-2)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert any((a.grad is not None and a.grad.abs().sum() > 0) for a in twin.parameters() if a.requires_grad)
+
+
+def test_padded_columns_keep_every_targets_log_prob_and_its_order():
+    from ossrl.train.graphed import pad_columns
+
+    model = lora_model()
+    for b in batches(model.config.vocab_size, 2, shared=True):
+        wide = pad_columns(b, 80)
+        assert wide.input_ids.shape == (b.input_ids.shape[0], 80)
+        assert torch.equal(wide.per_target(wide.sequence_index), b.per_target(b.sequence_index))
+        assert torch.equal(wide.target_index(), wide.target_mask.flatten().nonzero().squeeze(1))
+        assert (wide.doc_ids[:, 32:] > b.doc_ids.amax(1, keepdim=True)).all()  # a document of its own
+        with torch.no_grad():
+            torch.testing.assert_close(sequence_logprobs(model, wide)[0], sequence_logprobs(model, b)[0],
+                                       rtol=1e-5, atol=1e-5)

@@ -63,8 +63,8 @@ class SFTConfig:
     # calls instead of a decode per call (ossrl.train.memory); 0: none
     dense_experts_gb: float = 0.0
     # CUDA: each micro-batch shape's forward and backward captured in CUDA graphs the second time it
-    # comes, then replayed (ossrl.train.graphed); rows are then padded to multiples of 256 tokens so
-    # that shapes repeat. The graphs' memory (about one micro-batch's activations) stays reserved.
+    # comes, then replayed (ossrl.train.graphed, which pads rows to multiples of 1,024 tokens so that
+    # shapes repeat). The graphs' memory (about one micro-batch's activations) stays reserved.
     capture_training: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
@@ -187,7 +187,6 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                      activation_budget_gb=config.activation_budget_gb, dense_experts_gb=config.dense_experts_gb)
     model.train()
     captured = CapturedLogprobs(model) if config.capture_training and model.lm_head.weight.is_cuda else None
-    pad_to = 256 if captured is not None else 1  # (few row lengths: shapes that repeat)
     W = ctx.world_size
     dropout = 0.0 if config.full_finetune else config.lora.dropout
 
@@ -259,7 +258,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                 if j % W != ctx.rank:
                     continue
                 batch = pack_sequences([sequences[i] for i in idx], [masks[i] for i in idx],
-                                       max_tokens=config.max_length, pad_to=pad_to).to(device)
+                                       max_tokens=config.max_length).to(device)
                 with micro_batch_rng(config.seed, step, j, enabled=dropout > 0):  # masks per global micro-batch
                     logprobs, _ = captured(batch) if captured is not None else sequence_logprobs(model, batch)
                 loss = -logprobs.mean() / (accum * W)
