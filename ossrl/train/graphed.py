@@ -10,8 +10,9 @@ training loop clears them with `captured.zero_grad()` instead of `optimizer.zero
 would set them to None, and the graphs would go on writing the old buffers).
 
 Per batch shape (rows, length rounded up to a multiple of 1,024 with a padding document, targets
-rounded up to a capacity: a bucket) it keeps fixed device buffers for the inputs (token ids, positions, documents, branches, and the targets' index padded
-to the capacity with position 0, whose incoming gradient is always zero), a forward graph (the
+rounded up to a capacity: a bucket) it keeps fixed device buffers for the inputs (token ids,
+positions, documents, branches, and the targets' index padded to the capacity with position 0,
+whose incoming gradient is always zero), a forward graph (the
 model from those buffers, its attention masks' block tables built on the device inside the graph,
 then the targets' log-probs) and a backward graph (from fixed buffers of incoming gradients, the
 LoRA gradients added into the `.grad` buffers in one launch). A shape is captured the second time
@@ -62,17 +63,18 @@ def pad_columns(batch: PackedBatch, length: int) -> PackedBatch:
     if extra <= 0:
         return batch
 
-    def widened(t: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        return torch.cat((t, tail.to(t.device, t.dtype).expand(R, extra)), 1)
+    def widened(t: torch.Tensor, value: int) -> torch.Tensor:  # (made where t is: no copy to wait for)
+        return torch.cat((t, torch.full((R, extra), value, device=t.device, dtype=t.dtype)), 1)
 
     index = batch.target_index()
     doc_ids = batch.doc_ids if batch.doc_ids is not None else torch.zeros_like(batch.positions)
+    positions = torch.cat((batch.positions, torch.arange(extra, device=batch.positions.device).expand(R, extra)), 1)
     return PackedBatch(
-        widened(batch.input_ids, torch.zeros(1)), widened(batch.positions, torch.arange(extra)[None]),
+        widened(batch.input_ids, 0), positions,
         torch.cat((doc_ids, (doc_ids.amax(1, keepdim=True) + 1).expand(R, extra)), 1),
-        widened(batch.target_mask, torch.zeros(1)), widened(batch.sequence_index, torch.full((1,), -1)),
-        batch.num_sequences, None if batch.branch_ids is None else widened(batch.branch_ids, torch.zeros(1)),
-        index // T * length + index % T, batch.token_range)
+        widened(batch.target_mask, False), widened(batch.sequence_index, -1), batch.num_sequences,
+        None if batch.branch_ids is None else widened(batch.branch_ids, 0), index // T * length + index % T,
+        batch.token_range)
 
 
 @dataclass(eq=False)
