@@ -3,7 +3,8 @@ experts): CUDA kernel time by name for one forward + backward at --tokens, then 
 by where it was launched: forward (and checkpoint recompute) by module class, backward by autograd
 node.
 
-    python benchmarks/profile_train.py [--tokens 4096] [--checkpointing auto|true]   # a diagnosis tool, not a benchmark
+    python benchmarks/profile_train.py [--tokens 4096] [--checkpointing auto|true] [--dense-experts-gb GB] [--top 25]
+    # a diagnosis tool, not a benchmark
 
 --checkpointing auto (the default, as benchmarks/train.py's main rows) recomputes only the layers
 whose activations do not fit; true recomputes every layer (the lean mode).
@@ -32,13 +33,16 @@ from ossrl.train.memory import configure_memory  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=4096)
 ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
+ap.add_argument("--dense-experts-gb", type=float, default=0.0, help="kept bf16 expert copies (configure_memory)")
+ap.add_argument("--top", type=int, default=25, help="kernels listed")
 add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels"))
 args = ap.parse_args()
 print(apply_switches(args))
 config = GptOssConfig.gpt_oss_20b()
 model = random_model_on_device(config, device="cuda", expert_format="mxfp4", seed=0)
 apply_lora(model, LoRAConfig(r=16, alpha=32))
-configure_memory(model, gradient_checkpointing=True if args.checkpointing == "true" else "auto")
+configure_memory(model, gradient_checkpointing=True if args.checkpointing == "true" else "auto",
+                 dense_experts_gb=args.dense_experts_gb)
 model.train()
 batch = single_document(args.tokens, config.vocab_size, "cuda")
 
@@ -88,7 +92,7 @@ kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.key not i
 busy = sum(e.self_device_time_total for e in kernels) / 1e3
 print(f"{args.tokens} tokens: step {wall * 1e3:.1f} ms unprofiled; GPU busy {busy:.1f} ms in "
       f"{sum(e.count for e in kernels)} kernels ({100 * busy / (wall * 1e3):.0f}% of the step)")
-for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
+for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:args.top]:
     print(f"{e.self_device_time_total / 1e3:9.2f} ms {e.count:6d}x  {e.key[:110]}")
 # GPU time of the kernels launched inside each range (inclusive of nested ranges), and of each
 # backward node's kernels (autograd's "evaluate_function" ranges).
