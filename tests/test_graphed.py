@@ -209,3 +209,33 @@ def test_padded_columns_keep_every_targets_log_prob_and_its_order():
         with torch.no_grad():
             torch.testing.assert_close(sequence_logprobs(model, wide)[0], sequence_logprobs(model, b)[0],
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_a_bucket_is_captured_again_when_the_kept_expert_copies_move():
+    """The graphs read the kept bf16 expert copies by address, and "auto" checkpointing refits them
+    to each forward's free memory: a bucket whose copies were remade elsewhere is captured anew."""
+    from ossrl.kernels.mxfp4 import dequantize_mxfp4
+    from ossrl.model.expert_copies import blocks_stamp
+
+    model = random_model(tiny_config(quantization="mxfp4"), seed=0, expert_format="mxfp4")
+    apply_lora(model, LoRAConfig(r=4, alpha=8, seed=0))
+    model.train()
+    experts = [m for m in model.modules() if hasattr(m, "dense") and m.format == "mxfp4"]
+
+    def keep_copies(m):
+        m.dense = dict(gate_up=dequantize_mxfp4(m.gate_up_proj_blocks, m.gate_up_proj_scales, torch.float32),
+                       down=dequantize_mxfp4(m.down_proj_blocks, m.down_proj_scales, torch.float32),
+                       stamp=blocks_stamp(m))
+
+    for m in experts:
+        keep_copies(m)
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    data = batches(model.config.vocab_size, 5)
+    for b in data[:3]:
+        captured(b)[0].sum().backward()
+    assert captured.captures == 1
+    keep_copies(experts[0])  # remade: other tensors
+    for b in data[3:]:
+        captured(b)[0].sum().backward()
+    assert captured.captures == 2 and captured.replayed_calls == 4

@@ -92,6 +92,7 @@ class _Bucket:
     grad_outputs: tuple = ()  # fixed incoming gradients, one per differentiable output (the first ones)
     forward_graph: torch.cuda.CUDAGraph | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
+    copies: tuple = ()  # the kept expert copies' addresses the graphs read (`_copies`)
     replays: int = 0
     pending: list = field(default_factory=list)  # without graphs: the forward's outputs, for its backward
 
@@ -113,6 +114,7 @@ class CapturedLogprobs:
             raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
         self.max_buckets, self.warmup = max_buckets, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._experts = [m for m in model.modules() if hasattr(m, "dense")]  # (kept bf16 expert copies)
         self._grads: list[torch.Tensor] | None = None
         self._buckets: dict[tuple, _Bucket] = {}
         self._seen: dict[tuple, int] = {}
@@ -120,7 +122,7 @@ class CapturedLogprobs:
         self._pool = None
         self._anchor = torch.zeros((), requires_grad=True)  # gives the replayed outputs a backward
         self._generation = 0  # captured forwards so far; a backward must belong to the last one
-        self.eager_calls = self.replayed_calls = 0
+        self.eager_calls = self.replayed_calls = self.captures = 0
 
     # -- gradients ---------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -173,6 +175,11 @@ class CapturedLogprobs:
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
                with_entropy, with_entropy and entropy_grad, self.model.training, switch is None or switch.enabled)
         bucket = self._buckets.get(key)
+        if bucket is not None and bucket.copies != self._copies():
+            # "auto" checkpointing refits the kept expert copies to each forward's free memory, and
+            # the graphs read them by address: a bucket captured over other copies is captured again
+            del self._buckets[key]
+            bucket = None
         if bucket is None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if seen >= 2 and key not in self._refused and len(self._buckets) < self.max_buckets:
@@ -234,16 +241,22 @@ class CapturedLogprobs:
         bucket.grad_outputs = (torch.zeros(capacity, device=device),) + \
             ((torch.zeros(capacity, device=device),) if entropy_grad else ())
         if not self.graphs:
-            self._buckets[key] = bucket
-            return bucket
-        try:
-            self._capture(bucket)
-        except Exception as e:  # noqa: BLE001 - any failure: this shape runs eagerly from now on
-            self._refused[key] = f"{type(e).__name__}: {e}"
-            torch.cuda.synchronize()
-            return None
+            bucket.copies = self._copies()
+        else:
+            try:
+                self._capture(bucket)
+            except Exception as e:  # noqa: BLE001 - any failure: this shape runs eagerly from now on
+                self._refused[key] = f"{type(e).__name__}: {e}"
+                torch.cuda.synchronize()
+                return None
         self._buckets[key] = bucket
+        self.captures += 1
         return bucket
+
+    def _copies(self) -> tuple:
+        """Where the experts' kept bf16 copies are (None: decoded per call), module by module."""
+        return tuple(None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
+                     for m in self._experts)
 
     def _grads_of(self, outputs: tuple, grad_outputs: tuple) -> list:
         """The parameters' gradients (None where unused) from the differentiable outputs."""
@@ -268,6 +281,7 @@ class CapturedLogprobs:
         torch.cuda.current_stream().wait_stream(side)
         if inner.gradient_checkpointing and inner.checkpointed_layers:
             raise RuntimeError(f"{inner.checkpointed_layers} layers are checkpointed at this size (not captured)")
+        bucket.copies = self._copies()  # (after the warm-up, which may have refitted them)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         bucket.forward_graph = torch.cuda.CUDAGraph()
