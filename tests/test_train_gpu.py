@@ -444,3 +444,49 @@ def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
         lean(b)[0].sum().backward()
     assert (lean.eager_calls, lean.replayed_calls) == (3, 0)
     assert any("checkpointed" in why for why in lean.refused.values())
+
+
+def test_grpo_policy_phase_replays_its_micro_batches_on_cuda():
+    """optimise_policy with a CapturedLogprobs on CUDA (MXFP4 experts, shared prompt prefixes, two
+    micro-batches of one shape, two optimisation passes): after the first micro-batch (eager) the
+    others are captured and replayed, none is refused (a micro-batch's graph still alive at the
+    next capture binds the parameters' gradient nodes to the default stream and fails it), and the
+    adapters move as the eager phase moves them."""
+    import copy
+    from types import SimpleNamespace
+
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.rl.config import GRPOConfig
+    from ossrl.rl.step import optimise_policy
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.graphed import CapturedLogprobs
+    from ossrl.train.memory import configure_memory
+
+    config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
+    model = random_model(config, seed=5, expert_format="mxfp4").cuda().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(r=8, seed=0))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    configure_memory(model, gradient_checkpointing="auto")
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 300, (40,), generator=gen).tolist()
+    rollouts = [SimpleNamespace(prompt_ids=prompt, completion_ids=torch.randint(0, 300, (n,), generator=gen).tolist(),
+                                finish_reason="stop", sampling_logprobs=[-5.0] * n) for n in (120, 200, 90, 150)]
+    c = GRPOConfig(model="unused", gradient_accumulation_steps=2, num_iterations=2, loss_type="dapo",
+                   max_prompt_length=64, max_completion_length=256, learning_rate=1e-3)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    outs, moved = [], []
+    for m, captured in ((model, None), (twin, CapturedLogprobs(twin))):
+        params = lora_parameters(m)
+        before = [p.detach().clone() for p in params]
+        optimizer = torch.optim.AdamW(params, lr=c.learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        outs.append(optimise_policy(m, optimizer, scheduler, params, c, rollouts, advantages, captured=captured))
+        moved.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]))
+    assert captured.refused == {}
+    assert captured.replayed_calls >= 2 and captured.eager_calls <= 2
+    assert ((moved[1] - moved[0]).norm() / moved[0].norm()).item() < 0.1
+    assert outs[1]["loss"] == pytest.approx(outs[0]["loss"], rel=0.05, abs=1e-3)

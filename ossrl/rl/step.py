@@ -155,6 +155,10 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
             with record_function("grpo/backward"):
                 scaler.scale(loss).backward()
             loss_total += loss.detach() / c.num_iterations
+            # The micro-batch's autograd graph goes now, not at the next forward: alive at a CUDA
+            # graph capture (`captured`), it would keep its parameters' gradient nodes bound to the
+            # default stream, and the capture fails.
+            del lp, logprobs, loss
             m["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v

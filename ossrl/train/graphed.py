@@ -30,6 +30,7 @@ is tested everywhere, the capture on a GPU (tests/test_train_gpu.py).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ import torch
 from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, packed_logprobs, sequence_logprobs
 
 MIN_CAPACITY = 256
+CAPTURE_HINT = (" (if torch warned that an AccumulateGrad node's stream does not match: an earlier step's "
+                "autograd graph, e.g. its loss, was still alive at the capture; drop it before the next forward)")
 # Rows are padded to a multiple of this many tokens before keying a bucket, so that GRPO's and SFT's
 # micro-batches (whose packed lengths vary step to step) come back to a few shapes. The padding is a
 # document of its own (no target, seen by no other token): at most 1,023 tokens of extra work a row,
@@ -246,8 +249,10 @@ class CapturedLogprobs:
             try:
                 self._capture(bucket)
             except Exception as e:  # noqa: BLE001 - any failure: this shape runs eagerly from now on
-                self._refused[key] = f"{type(e).__name__}: {e}"
+                self._refused[key] = f"{type(e).__name__}: {e}".strip() + CAPTURE_HINT
                 torch.cuda.synchronize()
+                gc.collect()
+                torch.cuda.empty_cache()  # (what the failed capture's pool held)
                 return None
         self._buckets[key] = bucket
         self.captures += 1

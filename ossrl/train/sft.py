@@ -265,6 +265,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach() * accum * W
                 token_sum += logprobs.numel()
+                del logprobs, loss  # (the graph goes before the next forward: see ossrl.train.graphed)
             return float(loss_sum), token_sum
 
         (loss_sum, token_sum), fell_back = with_checkpointing_fallback(model, micro_batches)
