@@ -474,7 +474,7 @@ def test_grpo_policy_phase_replays_its_micro_batches_on_cuda():
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 300, (40,), generator=gen).tolist()
     rollouts = [SimpleNamespace(prompt_ids=prompt, completion_ids=torch.randint(0, 300, (n,), generator=gen).tolist(),
-                                finish_reason="stop", sampling_logprobs=[-5.0] * n) for n in (120, 200, 90, 150)]
+                                finish_reason="stop", sampling_logprobs=[-5.0] * n) for n in (120, 200, 130, 190)]
     c = GRPOConfig(model="unused", gradient_accumulation_steps=2, num_iterations=2, loss_type="dapo",
                    max_prompt_length=64, max_completion_length=256, learning_rate=1e-3)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -487,6 +487,7 @@ def test_grpo_policy_phase_replays_its_micro_batches_on_cuda():
         outs.append(optimise_policy(m, optimizer, scheduler, params, c, rollouts, advantages, captured=captured))
         moved.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]))
     assert captured.refused == {}
-    assert captured.replayed_calls >= 2 and captured.eager_calls <= 2
+    # one shape: the first micro-batch eager, the second captured while the first's loss was in scope
+    assert (captured.eager_calls, captured.replayed_calls) == (1, 3)
     assert ((moved[1] - moved[0]).norm() / moved[0].norm()).item() < 0.1
     assert outs[1]["loss"] == pytest.approx(outs[0]["loss"], rel=0.05, abs=1e-3)
