@@ -211,9 +211,10 @@ def test_padded_columns_keep_every_targets_log_prob_and_its_order():
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_a_bucket_is_captured_again_when_the_kept_expert_copies_move():
-    """The graphs read the kept bf16 expert copies by address, and "auto" checkpointing refits them
-    to each forward's free memory: a bucket whose copies were remade elsewhere is captured anew."""
+def test_a_bucket_is_captured_again_when_weights_or_kept_expert_copies_move():
+    """The graphs read the weights and the kept bf16 expert copies by address ("auto" checkpointing
+    refits the copies to each forward's free memory; the rollout engine lays q, k and v out again
+    after a move): a bucket whose weights or copies were remade elsewhere is captured anew."""
     from ossrl.kernels.mxfp4 import dequantize_mxfp4
     from ossrl.model.expert_copies import blocks_stamp
 
@@ -239,3 +240,7 @@ def test_a_bucket_is_captured_again_when_the_kept_expert_copies_move():
     for b in data[3:]:
         captured(b)[0].sum().backward()
     assert captured.captures == 2 and captured.replayed_calls == 4
+    head = model.lm_head.weight
+    head.data = head.data.clone()  # new storage, same values
+    captured(data[0])[0].sum().backward()
+    assert captured.captures == 3 and captured.replayed_calls == 5

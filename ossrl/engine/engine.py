@@ -27,7 +27,8 @@ import torch
 
 from ossrl.engine.sampling import SamplingParams, sample_tokens
 from ossrl.engine.types import Completion
-from ossrl.model.gptoss import GptOssForCausalLM, KVCache, check_scales_fold, inference_kernels, lay_out_qkv
+from ossrl.model.gptoss import (GptOssForCausalLM, KVCache, check_scales_fold, inference_kernels, lay_out_qkv,
+                                weight_storage)
 from ossrl.model.lora import release_rollout_copies, rollout_copies
 
 
@@ -164,16 +165,6 @@ class RolloutEngine:
                 active = [active[s] for s in keep]
             logits = model(tokens.view(-1, 1), cache=cache)[:, -1]
         return out
-
-
-def weight_storage(model: torch.nn.Module) -> tuple | None:
-    """Address, dtype and shape of every parameter and buffer: what a captured CUDA graph reads.
-    Values written in place (an optimizer step, a loaded adapter) keep it; new storage (a
-    `load_state_dict(assign=True)`, a move and back) changes it. None for a sharded model, whose
-    forwards gather shards and capture no graphs."""
-    if getattr(model, "sharded", False):
-        return None
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
 
 
 def _select_rows(cache: KVCache, rows: torch.Tensor) -> None:

@@ -256,6 +256,16 @@ def _laid_out(params: list, spare: tuple[torch.Tensor, torch.Tensor] | None, row
 
 
 @torch.no_grad()
+def weight_storage(model: nn.Module) -> tuple | None:
+    """Address, dtype and shape of every parameter and buffer: what a captured CUDA graph reads.
+    Values written in place (an optimizer step, a loaded adapter) keep it; new storage (a
+    `load_state_dict(assign=True)`, a move and back) changes it. None for a sharded model, whose
+    forwards gather shards and capture no graphs."""
+    if getattr(model, "sharded", False):
+        return None
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
+
+
 def lay_out_qkv(model: nn.Module) -> int:
     """Put each attention layer's q, k and v weights, and their biases, back to back in one buffer
     (values and Parameter objects unchanged; the old storage is freed), so that rollouts compute the

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ossrl.model.gptoss import weight_storage
 from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, packed_logprobs, sequence_logprobs
 
 MIN_CAPACITY = 256
@@ -95,7 +96,7 @@ class _Bucket:
     grad_outputs: tuple = ()  # fixed incoming gradients, one per differentiable output (the first ones)
     forward_graph: torch.cuda.CUDAGraph | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
-    copies: tuple = ()  # the kept expert copies' addresses the graphs read (`_copies`)
+    storage: tuple = ()  # where the weights and kept expert copies were at the capture (`_storage`)
     replays: int = 0
     pending: list = field(default_factory=list)  # without graphs: the forward's outputs, for its backward
 
@@ -178,9 +179,10 @@ class CapturedLogprobs:
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
                with_entropy, with_entropy and entropy_grad, self.model.training, switch is None or switch.enabled)
         bucket = self._buckets.get(key)
-        if bucket is not None and bucket.copies != self._copies():
-            # "auto" checkpointing refits the kept expert copies to each forward's free memory, and
-            # the graphs read them by address: a bucket captured over other copies is captured again
+        if bucket is not None and bucket.storage != self._storage():
+            # The graphs read the weights by address: a bucket captured over weights that moved since
+            # (the rollout engine lays q, k and v out again after a move; "auto" checkpointing refits
+            # the kept expert copies to each forward's free memory) is captured again
             del self._buckets[key]
             bucket = None
         if bucket is None:
@@ -244,7 +246,7 @@ class CapturedLogprobs:
         bucket.grad_outputs = (torch.zeros(capacity, device=device),) + \
             ((torch.zeros(capacity, device=device),) if entropy_grad else ())
         if not self.graphs:
-            bucket.copies = self._copies()
+            bucket.storage = self._storage()
         else:
             try:
                 self._capture(bucket)
@@ -258,10 +260,11 @@ class CapturedLogprobs:
         self.captures += 1
         return bucket
 
-    def _copies(self) -> tuple:
-        """Where the experts' kept bf16 copies are (None: decoded per call), module by module."""
-        return tuple(None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
-                     for m in self._experts)
+    def _storage(self) -> tuple:
+        """Where every parameter, buffer and kept bf16 expert copy is (what the graphs read)."""
+        return weight_storage(self.model), tuple(
+            None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
+            for m in self._experts)
 
     def _grads_of(self, outputs: tuple, grad_outputs: tuple) -> list:
         """The parameters' gradients (None where unused) from the differentiable outputs."""
@@ -286,7 +289,7 @@ class CapturedLogprobs:
         torch.cuda.current_stream().wait_stream(side)
         if inner.gradient_checkpointing and inner.checkpointed_layers:
             raise RuntimeError(f"{inner.checkpointed_layers} layers are checkpointed at this size (not captured)")
-        bucket.copies = self._copies()  # (after the warm-up, which may have refitted them)
+        bucket.storage = self._storage()  # (after the warm-up, which may have refitted the copies)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         bucket.forward_graph = torch.cuda.CUDAGraph()
