@@ -175,7 +175,8 @@ def bench_ossrl(config, runs, repeats, offload: bool, offload_embeddings: bool =
     rows = []
     for T, checkpointing, *extra in runs:  # (then: this run's dense_experts_gb, whether it replays graphs)
         gb = extra[0] if extra and extra[0] is not None else dense_experts_gb
-        captured = CapturedLogprobs(model) if len(extra) > 1 and extra[1] else None
+        # (every size captured: the library's default leaves steps over 4K tokens eager)
+        captured = CapturedLogprobs(model, max_tokens=1 << 30) if len(extra) > 1 and extra[1] else None
         configure_memory(model, gradient_checkpointing=checkpointing, offload_activations=offload,
                          offload_embeddings=offload_embeddings, dense_experts_gb=gb)
         dense_gib = dense_bytes_kept(model) / 2**30

@@ -244,3 +244,17 @@ def test_a_bucket_is_captured_again_when_weights_or_kept_expert_copies_move():
     head.data = head.data.clone()  # new storage, same values
     captured(data[0])[0].sum().backward()
     assert captured.captures == 3 and captured.replayed_calls == 5
+
+
+def test_batches_above_max_tokens_run_eagerly():
+    model = lora_model()
+    captured = CapturedLogprobs(model, graphs=False, max_tokens=1024)
+    captured.zero_grad()
+    small = pack_sequences([[1 + j % 300 for j in range(30)]], [[False] + [True] * 29],
+                           max_tokens=32).to("cpu")  # one row, padded to 1,024
+    two_rows = pack_sequences([[1 + j % 300 for j in range(30)]] * 2, [[False] + [True] * 29] * 2,
+                              max_tokens=32).to("cpu")  # two rows: 2,048 padded tokens
+    assert two_rows.input_ids.shape[0] == 2
+    for b in (small, small, two_rows, two_rows, two_rows):
+        captured(b)[0].sum().backward()
+    assert (captured.eager_calls, captured.replayed_calls) == (4, 1)

@@ -106,17 +106,21 @@ class CapturedLogprobs:
 
     `graphs=None`: graphs on a CUDA model; False: the same buffers and gradient path, run eagerly.
     `max_buckets`: shapes kept at most (each holds its inputs' buffers; the activations share
-    the pool); a new shape past it runs eagerly. `warmup`: eager runs on a new bucket's buffers
-    before its capture."""
+    the pool); a new shape past it runs eagerly. `max_tokens`: larger batches (rows x padded
+    length) run eagerly: there the GPU, not the host, sets the pace, and the pool's memory would
+    only make "auto" checkpoint the other shapes (H100, 20b: a step replayed saves 33% at 1K tokens,
+    7% at 4K, 2% at 8K; GRPO's 8.5K-token micro-batches lost 26%, docs/benchmarks.md). `warmup`:
+    eager runs on a new bucket's buffers before its capture."""
 
-    def __init__(self, model, *, graphs: bool | None = None, max_buckets: int = 8, warmup: int = 2):
+    def __init__(self, model, *, graphs: bool | None = None, max_buckets: int = 8, max_tokens: int = 4096,
+                 warmup: int = 2):
         self.model = model
         self.graphs = model.lm_head.weight.is_cuda if graphs is None else graphs
         if self.graphs and not torch.cuda.is_available():
             raise ValueError("CapturedLogprobs(graphs=True) needs CUDA")
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
-        self.max_buckets, self.warmup = max_buckets, warmup
+        self.max_buckets, self.max_tokens, self.warmup = max_buckets, max_tokens, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._experts = [m for m in model.modules() if hasattr(m, "dense")]  # (kept bf16 expert copies)
         self._grads: list[torch.Tensor] | None = None
@@ -163,15 +167,17 @@ class CapturedLogprobs:
     def __call__(self, batch: PackedBatch, *, temperature: float = 1.0, chunk: int = DEFAULT_CHUNK,
                  with_entropy: bool = False, entropy_grad: bool = True):
         """As `sequence_logprobs(self.model, batch, ...)`; `batch` as `PackedBatch.to` moves it."""
-        eager = not torch.is_grad_enabled() or batch.token_range is None or self.unsupported() is not None
-        if eager:
+        R, T = batch.input_ids.shape
+        length = -(-T // ROW_MULTIPLE) * ROW_MULTIPLE
+        if not torch.is_grad_enabled() or batch.token_range is None or R * length > self.max_tokens or \
+                self.unsupported() is not None:
             self.eager_calls += 1
             return sequence_logprobs(self.model, batch, temperature=temperature, chunk=chunk,
                                      with_entropy=with_entropy, entropy_grad=entropy_grad)
         check_token_range(self.model, batch.token_range)
         self._check_grads()
         original = batch
-        batch = pad_columns(batch, -(-batch.input_ids.shape[1] // ROW_MULTIPLE) * ROW_MULTIPLE)
+        batch = pad_columns(batch, length)
         index = batch.target_index()
         R, T = batch.input_ids.shape
         n = index.numel()
