@@ -370,19 +370,10 @@ def test_a_lora_training_step_reads_nothing_back_from_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
-    """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
-    prefixes so branch masks are built on the device inside the graph, entropies logged): five
-    micro-batches of one shape with different tokens and one of another shape. Each shape's first
-    runs eagerly, the second is captured, the rest replay; every micro-batch's log-probs and LoRA
-    gradients equal the eager step's within bf16 roundings, and a replayed step makes no
-    host-device synchronisation. Then a budget that checkpoints layers: the capture is refused with
-    the reason and the step runs eagerly."""
+def _small_mxfp4_lora_model():
+    """Two layers (a sliding and a full one), MXFP4 experts, bf16 on CUDA, LoRA r=8 with B nonzero."""
     from ossrl.model.lora import LoRAConfig, apply_lora
     from ossrl.testing import random_model, tiny_config
-    from ossrl.train.graphed import CapturedLogprobs
-    from ossrl.train.logprobs import pack_sequences
-    from ossrl.train.memory import configure_memory
 
     config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
                          num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
@@ -391,6 +382,22 @@ def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
     with torch.no_grad():
         for p in lora_parameters(model):
             p.normal_(std=0.05)
+    return model
+
+
+def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
+    """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
+    prefixes so branch masks are built on the device inside the graph, entropies logged): five
+    micro-batches of one shape with different tokens and one of another shape. Each shape's first
+    runs eagerly, the second is captured, the rest replay; every micro-batch's log-probs and LoRA
+    gradients equal the eager step's within bf16 roundings, and a replayed step makes no
+    host-device synchronisation. Then a budget that checkpoints layers: the capture is refused with
+    the reason and the step runs eagerly."""
+    from ossrl.train.graphed import CapturedLogprobs
+    from ossrl.train.logprobs import pack_sequences
+    from ossrl.train.memory import configure_memory
+
+    model = _small_mxfp4_lora_model()
     model.train()
     configure_memory(model, gradient_checkpointing="auto")
     gen = torch.Generator().manual_seed(0)
@@ -455,20 +462,12 @@ def test_grpo_policy_phase_replays_its_micro_batches_on_cuda():
     import copy
     from types import SimpleNamespace
 
-    from ossrl.model.lora import LoRAConfig, apply_lora
     from ossrl.rl.config import GRPOConfig
     from ossrl.rl.step import optimise_policy
-    from ossrl.testing import random_model, tiny_config
     from ossrl.train.graphed import CapturedLogprobs
     from ossrl.train.memory import configure_memory
 
-    config = tiny_config(num_hidden_layers=2, hidden_size=256, intermediate_size=128, head_dim=64,
-                         num_attention_heads=4, num_key_value_heads=2, sliding_window=128)
-    model = random_model(config, seed=5, expert_format="mxfp4").cuda().to(torch.bfloat16)
-    apply_lora(model, LoRAConfig(r=8, seed=0))
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(std=0.05)
+    model = _small_mxfp4_lora_model()
     configure_memory(model, gradient_checkpointing="auto")
     twin = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)

@@ -113,9 +113,7 @@ def optimise_policy(model, optimizer, scheduler, params, config, rollouts, advan
         """One pass over this rank's micro-batches from zeroed gradients: (metric sums, count,
         loss, importance ratios with their masks), on the device (read at the phase's end)."""
         if captured is not None:
-            if captured.unsupported():  # (e.g. every layer checkpointed after running out of memory)
-                captured.release()
-            captured.zero_grad()
+            captured.zero_grad()  # (its own buffers, which its graphs write)
         else:
             optimizer.zero_grad(set_to_none=True)
         forward = captured or partial(sequence_logprobs, model)

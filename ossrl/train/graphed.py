@@ -134,7 +134,11 @@ class CapturedLogprobs:
 
     # -- gradients ---------------------------------------------------------------------------
     def zero_grad(self) -> None:
-        """Zeroes the parameters' gradients in the buffers the graphs write (made on first use)."""
+        """Zeroes the parameters' gradients in the buffers the graphs write (made on first use). A
+        training pass starts with it: graphs the model can no longer replay (e.g. every layer
+        checkpointed after running out of memory) are dropped here, and their memory with them."""
+        if self._buckets and self.unsupported():
+            self.release()
         if self._grads is None:
             self._grads = [torch.zeros_like(p) for p in self.params]
         else:

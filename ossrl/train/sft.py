@@ -243,9 +243,7 @@ def train_sft(config: SFTConfig, *, log=print) -> Path:
             order = list(at_start[0])
             rng.setstate(at_start[1])
             if captured is not None:
-                if captured.unsupported():  # (e.g. every layer checkpointed after running out of memory)
-                    captured.release()
-                captured.zero_grad()
+                captured.zero_grad()  # (its own buffers, which its graphs write)
             else:
                 optimizer.zero_grad(set_to_none=True)
             loss_sum, token_sum = torch.zeros((), device=device), 0  # (read once the step's backwards are queued)
