@@ -241,8 +241,11 @@ def test_a_bucket_is_captured_again_when_weights_or_kept_expert_copies_move():
         captured(b)[0].sum().backward()
     assert captured.captures == 2 and captured.replayed_calls == 4
     head = model.lm_head.weight
-    head.data = head.data.clone()  # new storage, same values
-    captured(data[0])[0].sum().backward()
+    head.data = head.data.clone()  # new storage, same values: found at the next pass's zero_grad
+    captured.zero_grad()
+    assert not captured._buckets
+    for b in data[:2]:
+        captured(b)[0].sum().backward()
     assert captured.captures == 3 and captured.replayed_calls == 5
 
 
@@ -258,3 +261,60 @@ def test_batches_above_max_tokens_run_eagerly():
     for b in (small, small, two_rows, two_rows, two_rows):
         captured(b)[0].sum().backward()
     assert (captured.eager_calls, captured.replayed_calls) == (4, 1)
+
+
+def test_kept_expert_copies_stay_as_they_are_while_graphs_read_them():
+    model = lora_model()
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    for b in batches(model.config.vocab_size, 2):
+        captured(b)[0].sum().backward()
+    assert model.model.dense_copies_frozen  # ("auto" checkpointing then neither frees nor makes copies)
+    captured.release()
+    assert not model.model.dense_copies_frozen
+
+
+def test_rows_and_temperatures_key_their_own_buckets_and_disabled_adapters_run_eagerly():
+    """Micro-batches of two rows whose target counts differ within one capacity (the index remapped
+    to the padded length, the incoming gradient zeroed past each one's targets), two temperatures,
+    and adapters disabled under autograd (eager: nothing to train): every call as the eager path
+    gives it."""
+    from ossrl.model.lora import adapters_disabled
+
+    model = lora_model()
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(9)
+    data = []
+    for lengths in ((20, 25, 18), (12, 30, 20), (28, 9, 24)):
+        seqs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in lengths]
+        trained = [[False] * 3 + [True] * (n - 3) for n in lengths]
+        data.append(pack_sequences(seqs, trained, max_tokens=40, pad_to=40).to("cpu"))
+    assert all(b.input_ids.shape == (2, 40) for b in data)
+    assert len({b.target_index().numel() for b in data}) == 3
+    calls = [(b, 1.0, False) for b in data] + [(b, 0.7, False) for b in data] + [(b, 1.0, True) for b in data]
+
+    def run_all(fn):
+        outs, grads = [], []
+        for b, temperature, disabled in calls:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+            with adapters_disabled(model) if disabled else torch.enable_grad():
+                lp, _ = fn(b, temperature=temperature)
+                if lp.requires_grad:  # (not with the adapters off: no trained weight is involved)
+                    (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+            outs.append(lp.detach().clone())
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        return outs, grads
+
+    captured = CapturedLogprobs(model, graphs=False)
+    captured.zero_grad()
+    ref_outs, ref_grads = run_all(lambda b, **kw: sequence_logprobs(model, b, **kw))
+    outs, grads = run_all(captured)
+    # two keys, each first call eager; the three calls with the adapters off eager
+    assert (captured.eager_calls, captured.replayed_calls) == (5, 4)
+    for lp, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+    for gs, refs in zip(grads, ref_grads):
+        for g, ref in zip(gs, refs):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)

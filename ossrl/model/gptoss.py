@@ -255,7 +255,6 @@ def _laid_out(params: list, spare: tuple[torch.Tensor, torch.Tensor] | None, row
     return tail is not None and tail.shape[0] == rows and _side_by_side(params + [tail]) is not None
 
 
-@torch.no_grad()
 def weight_storage(model: nn.Module) -> tuple | None:
     """Address, dtype and shape of every parameter and buffer: what a captured CUDA graph reads.
     Values written in place (an optimizer step, a loaded adapter) keep it; new storage (a
@@ -266,6 +265,7 @@ def weight_storage(model: nn.Module) -> tuple | None:
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
 
 
+@torch.no_grad()
 def lay_out_qkv(model: nn.Module) -> int:
     """Put each attention layer's q, k and v weights, and their biases, back to back in one buffer
     (values and Parameter objects unchanged; the old storage is freed), so that rollouts compute the
@@ -583,6 +583,9 @@ class GptOssModel(nn.Module):
         # "auto" with a measured budget: bytes of kept bf16 expert copies allowed (`configure_memory`'s
         # dense_experts_gb); each training forward refits them to what the activations leave
         self.dense_experts_cap = 0
+        # Set while CUDA graphs read the kept copies by address (ossrl.train.graphed): they stay as
+        # they are, and the activations' budget counts them as taken.
+        self.dense_copies_frozen = False
         self.checkpointed_layers = 0
         self.layer_activation_bytes = 0  # "auto": what a layer keeps, as estimated for the last forward
         self._measured: tuple[int, int] | None = None  # "auto": (tokens, bytes a layer kept) when measured
@@ -704,7 +707,7 @@ class GptOssModel(nn.Module):
             return plain_layer_count(layer_bytes, len(self.layers), self.activation_budget, input_bytes)
         # kept expert copies (a cap) take only what this forward's activations leave (made or freed
         # here, before any layer reads them; the values are the per-call decode's: only speed changes)
-        cap = self.dense_experts_cap
+        cap = 0 if self.dense_copies_frozen else self.dense_experts_cap
         budget = activation_budget(x.device, layer_bytes, also_free=dense_bytes_kept(self) if cap else 0)
         plain, allowed = activations_then_copies(layer_bytes, len(self.layers), budget, input_bytes, cap)
         if cap:

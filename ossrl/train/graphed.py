@@ -21,9 +21,14 @@ buffers that compiles and autotunes what the capture will need. Every graph draw
 pool, so a bucket's forward and backward must be replayed as a pair with no other captured
 forward in between, which is what a training loop does (an out-of-order backward is refused).
 
+The graphs read every weight by address: while buckets exist, the kept bf16 expert copies are
+frozen (`GptOssModel.dense_copies_frozen`: "auto" checkpointing neither frees nor makes them), and
+weights that moved (new storage) drop every bucket at the next `zero_grad`.
+
 What is not captured (the eager `sequence_logprobs` runs instead; `unsupported` says why): a model
-off CUDA, LoRA dropout (its random masks), an embedding table offloaded to the host, a sharded
-(FSDP) model, a step with layers checkpointed, and no-grad calls (reference log-probs). Without
+off CUDA, full fine-tuning, disabled adapters, LoRA dropout (its random masks), an embedding table
+offloaded to the host, a sharded (FSDP) model, a step with layers checkpointed, batches over
+`max_tokens`, and no-grad calls (reference log-probs). Without
 `graphs` (the CPU tests), the same buffers, buckets and gradient path run eagerly: the bookkeeping
 is tested everywhere, the capture on a GPU (tests/test_train_gpu.py).
 """
@@ -42,6 +47,10 @@ from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, 
 MIN_CAPACITY = 256
 CAPTURE_HINT = (" (if torch warned that an AccumulateGrad node's stream does not match: an earlier step's "
                 "autograd graph, e.g. its loss, was still alive at the capture; drop it before the next forward)")
+
+
+class NotCapturable(RuntimeError):
+    """A shape this model cannot replay (found at its warm-up)."""
 # Rows are padded to a multiple of this many tokens before keying a bucket, so that GRPO's and SFT's
 # micro-batches (whose packed lengths vary step to step) come back to a few shapes. The padding is a
 # document of its own (no target, seen by no other token): at most 1,023 tokens of extra work a row,
@@ -96,7 +105,7 @@ class _Bucket:
     grad_outputs: tuple = ()  # fixed incoming gradients, one per differentiable output (the first ones)
     forward_graph: torch.cuda.CUDAGraph | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
-    storage: tuple = ()  # where the weights and kept expert copies were at the capture (`_storage`)
+    copies: tuple = ()  # where the kept expert copies were at the capture (`_copies`)
     replays: int = 0
     pending: list = field(default_factory=list)  # without graphs: the forward's outputs, for its backward
 
@@ -120,6 +129,8 @@ class CapturedLogprobs:
             raise ValueError("CapturedLogprobs(graphs=True) needs CUDA")
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
+        if warmup < 1:  # (the capture would compile and autotune, and take another shape's plan)
+            raise ValueError(f"warmup must be at least 1, got {warmup}")
         self.max_buckets, self.max_tokens, self.warmup = max_buckets, max_tokens, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._experts = [m for m in model.modules() if hasattr(m, "dense")]  # (kept bf16 expert copies)
@@ -128,6 +139,7 @@ class CapturedLogprobs:
         self._seen: dict[tuple, int] = {}
         self._refused: dict[tuple, str] = {}  # shapes whose capture failed, and why
         self._pool = None
+        self._weights = None  # where the weights were when the buckets were captured (`weight_storage`)
         self._anchor = torch.zeros((), requires_grad=True)  # gives the replayed outputs a backward
         self._generation = 0  # captured forwards so far; a backward must belong to the last one
         self.eager_calls = self.replayed_calls = self.captures = 0
@@ -136,9 +148,10 @@ class CapturedLogprobs:
     def zero_grad(self) -> None:
         """Zeroes the parameters' gradients in the buffers the graphs write (made on first use). A
         training pass starts with it: graphs the model can no longer replay (e.g. every layer
-        checkpointed after running out of memory) are dropped here, and their memory with them."""
-        if self._buckets and self.unsupported():
-            self.release()
+        checkpointed after running out of memory, or weights that moved since the capture: the
+        graphs read them by address) are dropped here, and their memory with them."""
+        if self._buckets and (self.unsupported() or weight_storage(self.model) != self._weights):
+            self.release()  # (weights that moved: the rollout engine lays q, k and v out again after a move)
         if self._grads is None:
             self._grads = [torch.zeros_like(p) for p in self.params]
         else:
@@ -159,6 +172,10 @@ class CapturedLogprobs:
             return "the model is not on CUDA"
         if getattr(model, "sharded", False):
             return "a sharded (FSDP) model gathers its weights inside the step"
+        if getattr(model, "lora_config", None) is None:
+            return "no LoRA adapters (full fine-tuning would hold a second copy of every gradient)"
+        if not model.adapter_switch.enabled:
+            return "the adapters are disabled (nothing to train)"
         if getattr(getattr(model, "lora_config", None), "dropout", 0.0) > 0:
             return "LoRA dropout draws random masks each step"
         if inner.embed_tokens.weight.device != model.lm_head.weight.device:
@@ -185,14 +202,12 @@ class CapturedLogprobs:
         index = batch.target_index()
         R, T = batch.input_ids.shape
         n = index.numel()
-        switch = getattr(self.model, "adapter_switch", None)  # (what the Python forward reads is baked in)
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
-               with_entropy, with_entropy and entropy_grad, self.model.training, switch is None or switch.enabled)
+               with_entropy, with_entropy and entropy_grad, self.model.training)  # (what the forward reads)
         bucket = self._buckets.get(key)
-        if bucket is not None and bucket.storage != self._storage():
-            # The graphs read the weights by address: a bucket captured over weights that moved since
-            # (the rollout engine lays q, k and v out again after a move; "auto" checkpointing refits
-            # the kept expert copies to each forward's free memory) is captured again
+        if bucket is not None and bucket.copies != self._copies():
+            # The graphs read the kept expert copies by address, and they were remade since (frozen
+            # while buckets exist, so by someone else: `dense_experts`): this bucket is captured again
             del self._buckets[key]
             bucket = None
         if bucket is None:
@@ -215,10 +230,15 @@ class CapturedLogprobs:
         return dict(self._refused)
 
     def release(self) -> None:
-        """Drops every graph and buffer (their memory returns to the allocator's cache)."""
+        """Drops every graph and buffer and frees their memory; the kept expert copies may be refitted
+        again."""
         self._buckets.clear()
         self._seen.clear()
         self._pool = None
+        self.model.model.dense_copies_frozen = False
+        if self.graphs:
+            gc.collect()
+            torch.cuda.empty_cache()  # (else "auto" checkpointing does not see the pool's memory as free)
 
     # -- buckets -----------------------------------------------------------------------------
     def _fill(self, bucket: _Bucket, batch: PackedBatch, index: torch.Tensor) -> None:
@@ -234,7 +254,7 @@ class CapturedLogprobs:
         bucket.index[n:].zero_()
 
     def _new_bucket(self, key: tuple, batch: PackedBatch) -> _Bucket | None:
-        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _, _ = key
+        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _ = key
         device = self.model.lm_head.weight.device
 
         def buffer(dtype=torch.long):
@@ -256,25 +276,35 @@ class CapturedLogprobs:
         bucket.grad_outputs = (torch.zeros(capacity, device=device),) + \
             ((torch.zeros(capacity, device=device),) if entropy_grad else ())
         if not self.graphs:
-            bucket.storage = self._storage()
+            bucket.copies = self._copies()
         else:
             try:
                 self._capture(bucket)
+            except NotCapturable as e:
+                self._refused[key] = str(e)
             except Exception as e:  # noqa: BLE001 - any failure: this shape runs eagerly from now on
                 self._refused[key] = f"{type(e).__name__}: {e}".strip() + CAPTURE_HINT
+            if key in self._refused:
+                # (out of the handler, whose traceback would keep the capture's tensors alive)
+                bucket.forward_graph = bucket.backward_graph = None
+                del bucket
                 torch.cuda.synchronize()
+                if not self._buckets:
+                    self._pool = None
                 gc.collect()
                 torch.cuda.empty_cache()  # (what the failed capture's pool held)
                 return None
+        if not self._buckets:
+            self._weights = weight_storage(self.model)
+        self.model.model.dense_copies_frozen = True  # (the graphs read the copies by address)
         self._buckets[key] = bucket
         self.captures += 1
         return bucket
 
-    def _storage(self) -> tuple:
-        """Where every parameter, buffer and kept bf16 expert copy is (what the graphs read)."""
-        return weight_storage(self.model), tuple(
-            None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
-            for m in self._experts)
+    def _copies(self) -> tuple:
+        """Where the experts' kept bf16 copies are (None: decoded per call), module by module."""
+        return tuple(None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
+                     for m in self._experts)
 
     def _grads_of(self, outputs: tuple, grad_outputs: tuple) -> list:
         """The parameters' gradients (None where unused) from the differentiable outputs."""
@@ -298,8 +328,8 @@ class CapturedLogprobs:
                 del outputs
         torch.cuda.current_stream().wait_stream(side)
         if inner.gradient_checkpointing and inner.checkpointed_layers:
-            raise RuntimeError(f"{inner.checkpointed_layers} layers are checkpointed at this size (not captured)")
-        bucket.storage = self._storage()  # (after the warm-up, which may have refitted the copies)
+            raise NotCapturable(f"{inner.checkpointed_layers} layers are checkpointed at this size (not captured)")
+        bucket.copies = self._copies()  # (after the warm-up, which may have refitted them)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         bucket.forward_graph = torch.cuda.CUDAGraph()
