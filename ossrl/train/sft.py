@@ -62,9 +62,9 @@ class SFTConfig:
     # GiB of bf16 copies of the frozen MXFP4 experts (layers in order), read by training-sized MoE
     # calls instead of a decode per call (ossrl.train.memory); 0: none
     dense_experts_gb: float = 0.0
-    # CUDA: each micro-batch shape's forward and backward captured in CUDA graphs the second time it
-    # comes, then replayed (ossrl.train.graphed, which pads rows to multiples of 1,024 tokens so that
-    # shapes repeat). The graphs' memory (about one micro-batch's activations) stays reserved.
+    # CUDA: each micro-batch shape up to 4,096 tokens (rows times length, padded to multiples of
+    # 1,024 so that shapes repeat) has its forward and backward captured in CUDA graphs the second
+    # time it comes, then replayed (ossrl.train.graphed: GRPOConfig.capture_training says more).
     capture_training: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; float16: GPUs without bf16 (loss scaling on)
