@@ -22,7 +22,8 @@ from torch import nn
 from ossrl.model.checkpointing import device_memory, headroom
 
 
-def _mxfp4_experts(model: nn.Module) -> list:
+def mxfp4_experts(model: nn.Module) -> list:
+    """The model's MXFP4 experts modules (the ones that may keep copies), in module order."""
     from ossrl.model.gptoss import Experts
 
     return [m for m in model.modules() if isinstance(m, Experts) and m.format == "mxfp4"]
@@ -81,7 +82,7 @@ def _rollout_reserve(m, total: int, prefill_tokens: int, top_k: int, transient: 
 
 def _all_dense_kept(model: nn.Module) -> bool:
     """Whether every MXFP4 experts module keeps fresh dense copies (no prefill decodes a transient)."""
-    return all(m.dense is not None and m.dense["stamp"] == blocks_stamp(m) for m in _mxfp4_experts(model))
+    return all(m.dense is not None and m.dense["stamp"] == blocks_stamp(m) for m in mxfp4_experts(model))
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def tile_experts(model: nn.Module, enabled: bool = True, reserve_bytes: int | No
     changed = 0
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 4)
     transient = not _all_dense_kept(model)  # a layer without dense copies decodes one in the prefill
-    for m in _mxfp4_experts(model):
+    for m in mxfp4_experts(model):
         stamp = blocks_stamp(m)
         rows = (m.gate_up_proj_blocks.shape[1], m.down_proj_blocks.shape[1])
         eligible = enabled and _copyable(model, m, stamp) and all(r % TILED_LAYOUT[0] == 0 for r in rows)
@@ -160,7 +161,7 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"dense_experts: max_bytes must be >= 0, got {max_bytes}")
     changed, used = 0, 0
-    for m in _mxfp4_experts(model):
+    for m in mxfp4_experts(model):
         stamp = blocks_stamp(m)
         need = dense_bytes(m)
         wanted = _copyable(model, m, stamp) and (max_bytes is None or used + need <= max_bytes)
@@ -184,9 +185,16 @@ def dense_experts(model: nn.Module, max_bytes: int | None = None, reserve_bytes:
     return changed
 
 
+def dense_copy_addresses(modules: list) -> tuple:
+    """Where each of these MXFP4 experts modules (`mxfp4_experts`) keeps its bf16 copies (None: it
+    keeps none): what a CUDA graph that read them depends on (`ossrl.train.graphed`)."""
+    return tuple(None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
+                 for m in modules)
+
+
 def dense_bytes_kept(model: nn.Module) -> int:
     """Bytes of the dense copies `model`'s MXFP4 experts modules hold now."""
-    return sum(dense_bytes(m) for m in _mxfp4_experts(model) if m.dense is not None)
+    return sum(dense_bytes(m) for m in mxfp4_experts(model) if m.dense is not None)
 
 
 def fit_dense_copies(model: nn.Module, max_bytes: int) -> int:
@@ -196,7 +204,7 @@ def fit_dense_copies(model: nn.Module, max_bytes: int) -> int:
     budget that changes nothing makes no `dense_experts` call. It walks the modules in the order
     `dense_experts` gives copies (layers in order). Returns `dense_experts`' count (0 if not run)."""
     used, missing = 0, None
-    for m in _mxfp4_experts(model):
+    for m in mxfp4_experts(model):
         if m.dense is not None:
             used += dense_bytes(m)
         elif missing is None and _copyable(model, m, blocks_stamp(m)):

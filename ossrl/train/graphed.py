@@ -12,10 +12,10 @@ would set them to None, and the graphs would go on writing the old buffers).
 Per batch shape (rows, length rounded up to a multiple of 1,024 with a padding document, targets
 rounded up to a capacity: a bucket) it keeps fixed device buffers for the inputs (token ids,
 positions, documents, branches, and the targets' index padded to the capacity with position 0,
-whose incoming gradient is always zero), a forward graph (the
-model from those buffers, its attention masks' block tables built on the device inside the graph,
-then the targets' log-probs) and a backward graph (from fixed buffers of incoming gradients, the
-LoRA gradients added into the `.grad` buffers in one launch). A shape is captured the second time
+whose incoming gradient is always zero), a forward graph (the model from those buffers, its
+attention masks' block tables built on the device inside the graph, then the targets' log-probs)
+and a backward graph (from fixed buffers of incoming gradients, the LoRA gradients added into the
+`.grad` buffers in one launch). A shape is captured the second time
 it comes (a one-off shape runs eagerly and costs nothing extra), after a warm-up on the fixed
 buffers that compiles and autotunes what the capture will need. Every graph draws on one memory
 pool, so a bucket's forward and backward must be replayed as a pair with no other captured
@@ -28,9 +28,9 @@ weights that moved (new storage) drop every bucket at the next `zero_grad`.
 What is not captured (the eager `sequence_logprobs` runs instead; `unsupported` says why): a model
 off CUDA, full fine-tuning, disabled adapters, LoRA dropout (its random masks), an embedding table
 offloaded to the host, a sharded (FSDP) model, a step with layers checkpointed, batches over
-`max_tokens`, and no-grad calls (reference log-probs). Without
-`graphs` (the CPU tests), the same buffers, buckets and gradient path run eagerly: the bookkeeping
-is tested everywhere, the capture on a GPU (tests/test_train_gpu.py).
+`max_tokens`, and no-grad calls (reference log-probs). Without `graphs` (the CPU tests), the same
+buffers, buckets and gradient path run eagerly: the bookkeeping is tested everywhere, the capture
+on a GPU (tests/test_train_gpu.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ossrl.model.expert_copies import dense_copy_addresses, mxfp4_experts
 from ossrl.model.gptoss import weight_storage
 from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, packed_logprobs, sequence_logprobs
 
@@ -51,6 +52,8 @@ CAPTURE_HINT = (" (if torch warned that an AccumulateGrad node's stream does not
 
 class NotCapturable(RuntimeError):
     """A shape this model cannot replay (found at its warm-up)."""
+
+
 # Rows are padded to a multiple of this many tokens before keying a bucket, so that GRPO's and SFT's
 # micro-batches (whose packed lengths vary step to step) come back to a few shapes. The padding is a
 # document of its own (no target, seen by no other token): at most 1,023 tokens of extra work a row,
@@ -105,8 +108,7 @@ class _Bucket:
     grad_outputs: tuple = ()  # fixed incoming gradients, one per differentiable output (the first ones)
     forward_graph: torch.cuda.CUDAGraph | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
-    copies: tuple = ()  # where the kept expert copies were at the capture (`_copies`)
-    replays: int = 0
+    copies: tuple = ()  # where the kept expert copies were at the capture (`dense_copy_addresses`)
     pending: list = field(default_factory=list)  # without graphs: the forward's outputs, for its backward
 
 
@@ -133,7 +135,7 @@ class CapturedLogprobs:
             raise ValueError(f"warmup must be at least 1, got {warmup}")
         self.max_buckets, self.max_tokens, self.warmup = max_buckets, max_tokens, warmup
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._experts = [m for m in model.modules() if hasattr(m, "dense")]  # (kept bf16 expert copies)
+        self._experts = mxfp4_experts(model)  # (those that may keep bf16 copies, which the graphs read)
         self._grads: list[torch.Tensor] | None = None
         self._buckets: dict[tuple, _Bucket] = {}
         self._seen: dict[tuple, int] = {}
@@ -176,7 +178,7 @@ class CapturedLogprobs:
             return "no LoRA adapters (full fine-tuning would hold a second copy of every gradient)"
         if not model.adapter_switch.enabled:
             return "the adapters are disabled (nothing to train)"
-        if getattr(getattr(model, "lora_config", None), "dropout", 0.0) > 0:
+        if model.lora_config.dropout > 0:
             return "LoRA dropout draws random masks each step"
         if inner.embed_tokens.weight.device != model.lm_head.weight.device:
             return "the embedding table is offloaded to the host"
@@ -205,7 +207,7 @@ class CapturedLogprobs:
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
                with_entropy, with_entropy and entropy_grad, self.model.training)  # (what the forward reads)
         bucket = self._buckets.get(key)
-        if bucket is not None and bucket.copies != self._copies():
+        if bucket is not None and bucket.copies != dense_copy_addresses(self._experts):
             # The graphs read the kept expert copies by address, and they were remade since (frozen
             # while buckets exist, so by someone else: `dense_experts`): this bucket is captured again
             del self._buckets[key]
@@ -213,7 +215,7 @@ class CapturedLogprobs:
         if bucket is None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if seen >= 2 and key not in self._refused and len(self._buckets) < self.max_buckets:
-                bucket = self._new_bucket(key, batch)
+                bucket = self._new_bucket(key, batch, index)
             if bucket is None:  # (eagerly, unpadded)
                 self.eager_calls += 1
                 return sequence_logprobs(self.model, original, temperature=temperature, chunk=chunk,
@@ -253,7 +255,7 @@ class CapturedLogprobs:
         bucket.index[:n].copy_(index, non_blocking=True)
         bucket.index[n:].zero_()
 
-    def _new_bucket(self, key: tuple, batch: PackedBatch) -> _Bucket | None:
+    def _new_bucket(self, key: tuple, batch: PackedBatch, index: torch.Tensor) -> _Bucket | None:
         R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _ = key
         device = self.model.lm_head.weight.device
 
@@ -262,7 +264,7 @@ class CapturedLogprobs:
 
         bucket = _Bucket(key, buffer(), buffer(), buffer(), buffer() if branches else None,
                          torch.zeros(capacity, dtype=torch.long, device=device))
-        self._fill(bucket, batch, batch.target_index())
+        self._fill(bucket, batch, index)
 
         def forward():
             # (the buffers hold ids checked against the vocabulary on the host as they were filled)
@@ -276,7 +278,7 @@ class CapturedLogprobs:
         bucket.grad_outputs = (torch.zeros(capacity, device=device),) + \
             ((torch.zeros(capacity, device=device),) if entropy_grad else ())
         if not self.graphs:
-            bucket.copies = self._copies()
+            bucket.copies = dense_copy_addresses(self._experts)
         else:
             try:
                 self._capture(bucket)
@@ -301,11 +303,6 @@ class CapturedLogprobs:
         self.captures += 1
         return bucket
 
-    def _copies(self) -> tuple:
-        """Where the experts' kept bf16 copies are (None: decoded per call), module by module."""
-        return tuple(None if m.dense is None else (m.dense["gate_up"].data_ptr(), m.dense["down"].data_ptr())
-                     for m in self._experts)
-
     def _grads_of(self, outputs: tuple, grad_outputs: tuple) -> list:
         """The parameters' gradients (None where unused) from the differentiable outputs."""
         return list(torch.autograd.grad(outputs[:len(grad_outputs)], self.params, grad_outputs, allow_unused=True))
@@ -329,7 +326,7 @@ class CapturedLogprobs:
         torch.cuda.current_stream().wait_stream(side)
         if inner.gradient_checkpointing and inner.checkpointed_layers:
             raise NotCapturable(f"{inner.checkpointed_layers} layers are checkpointed at this size (not captured)")
-        bucket.copies = self._copies()  # (after the warm-up, which may have refitted them)
+        bucket.copies = dense_copy_addresses(self._experts)  # (after the warm-up, which may have refitted them)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         bucket.forward_graph = torch.cuda.CUDAGraph()
@@ -349,7 +346,6 @@ class CapturedLogprobs:
                 outputs = bucket.forward_fn()
             bucket.pending = [outputs]
             bucket.outputs = tuple(o.detach() for o in outputs)
-        bucket.replays += 1
         return self._generation
 
     def _backward(self, bucket: _Bucket, generation: int) -> None:
