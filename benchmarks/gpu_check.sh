@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -29,7 +29,8 @@
 # and GPU-tail time of every step); graphprobe: benchmarks/graph_probe.py (a whole LoRA step captured in one
 # CUDA graph and replayed, against the eager step, at 1K/4K/8K);
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; grpocapture: grpo_step.py (3 steps)
-# without, then with, capture_training; generate: benchmarks/generate.py. Logs and JSON go
+# without, then with, capture_training; attnprobe: benchmarks/attn_probe.py (sink attention by
+# FlexAttention and by FlashAttention-2 varlen, 4K/8K); generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -279,6 +280,10 @@ if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options
     timeout ${FLEXTUNE_TIMEOUT:-300} python benchmarks/flex_tune.py --tokens ${FLEXTUNE_TOKENS:-4096} \
         --out "$out/flex_tune.json" 2>&1 | tee "$out/flex_tune.log" | grep -E '"name"|fastest|Error' \
         | grep -oE '"name": "[^"]+"|"layers_ms": [0-9.]+|"error": "[^"]{0,80}|fastest.*' | paste -sd' ' | sed 's/"name"/\n&/g'
+fi
+if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention by FlexAttention against FlashAttention-2 varlen
+    timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} \
+        --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \

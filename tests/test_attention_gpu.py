@@ -300,3 +300,36 @@ def test_block_mask_built_on_the_host_equals_the_one_built_on_the_gpu():
         sinks = torch.zeros(8, device=DEV).bfloat16()
         out = sink_attention(q, k, k, sinks, hosted, scale=0.125)
         assert out.equal(sink_attention(q, k, k, sinks, plain, scale=0.125))
+
+
+@pytest.mark.parametrize("window", [None, 128], ids=["full_layer", "ring_layer"])
+def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window):
+    """FlashAttention-2 varlen with the sinks folded into its backward (`varlen_sink_attention`):
+    output and the gradients of q, k, v and the sinks against the fp32 reference, on packed
+    documents whose lengths are not multiples of any tile (one shorter than the window)."""
+    from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention, \
+        varlen_sink_attention_reference
+
+    lengths = [300, 77, 1000, 129]
+    N, Hq, Hk, D = sum(lengths), 8, 2, 64
+    g = torch.Generator(device=DEV).manual_seed(5)
+    q = torch.randn(N, Hq, D, device=DEV, generator=g)
+    k, v = (torch.randn(N, Hk, D, device=DEV, generator=g) for _ in range(2))
+    sinks = torch.randn(Hq, device=DEV, generator=g)
+    grad = torch.randn(N, Hq, D, device=DEV, generator=g)
+    if not varlen_available(q.bfloat16()):
+        pytest.skip("torch has no FlashAttention varlen kernels here")
+    cu = torch.tensor([0] + lengths, device=DEV).cumsum(0).to(torch.int32)
+    bf = [t.bfloat16().requires_grad_() for t in (q, k, v)] + [sinks.clone().requires_grad_()]
+    out = varlen_sink_attention(*bf, cu, max(lengths), window=window, scale=0.125)
+    out.backward(grad.bfloat16())
+    fp = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    # the reference sees the bf16-rounded inputs, so only the kernel's arithmetic differs
+    with torch.no_grad():
+        for a, b in zip(fp, bf):
+            a.copy_(b.float())
+    ref = varlen_sink_attention_reference(*fp, cu, window=window, scale=0.125)
+    ref.backward(grad.bfloat16().float())
+    assert rel_err(out, ref) < BF16_TOL
+    for name, a, b in zip("q k v sinks".split(), bf, fp):
+        assert rel_err(a.grad, b.grad) < BF16_TOL, name
