@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -30,7 +30,8 @@
 # CUDA graph and replayed, against the eager step, at 1K/4K/8K);
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; grpocapture: grpo_step.py (3 steps)
 # without, then with, capture_training; attnprobe: benchmarks/attn_probe.py (sink attention by
-# FlexAttention and by FlashAttention-2 varlen, 4K/8K); generate: benchmarks/generate.py. Logs and JSON go
+# FlexAttention and by FlashAttention-2 varlen, 4K/8K); varlenab: train.py --interleave 4K/8K steps without, then
+# with, VARLEN_ATTENTION (40 GB of kept expert copies); generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -284,6 +285,11 @@ fi
 if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention by FlexAttention against FlashAttention-2 varlen
     timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} \
         --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
+fi
+if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps with FlexAttention, then FlashAttention varlen, in turn
+    timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
+        --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
+        --out "$out/train_varlen_ab.json" 2>&1 | tee "$out/train_varlen_ab.log" | grep -E '^\{|Error|error' | cut -c1-300
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \

@@ -92,6 +92,7 @@ class AttentionMask:
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
     _padded: tuple | None = field(default=None, init=False, repr=False)  # ((Tq, Tk), mask): `_padded_to`
+    _segments: object = field(default=None, init=False, repr=False)  # `segments`: (offsets, longest) or False
 
     def __post_init__(self):
         if (self.q_doc is None) != (self.k_doc is None):
@@ -108,6 +109,22 @@ class AttentionMask:
             self._dense = attention_mask(self.q_pos, self.k_pos, window=self.window, q_doc=self.q_doc,
                                          k_doc=self.k_doc, q_branch=self.q_branch, k_branch=self.k_branch)
         return self._dense
+
+    def segments(self) -> tuple[torch.Tensor, int] | None:
+        """FlashAttention varlen offsets (cu_seqlens on the positions' device, the longest document)
+        where this is a self-attention mask over documents packed end to end without branches
+        (`varlen_attention.document_segments`), read from the host copy once; else None."""
+        if self._segments is None:
+            self._segments = False
+            h = self.host
+            if h is not None and h.q_branch is None and h.q_pos is h.k_pos and h.q_doc is h.k_doc:
+                from ossrl.kernels.transfer import host_to_device
+                from ossrl.kernels.varlen_attention import document_segments
+
+                found = document_segments(h.q_pos, h.q_doc)
+                if found is not None:
+                    self._segments = (host_to_device(found[0], self.q_pos.device), found[1])
+        return self._segments or None
 
     def block_mask(self):
         """FlexAttention BlockMask on the positions' device, built on first use (from `host` if given)."""
@@ -361,15 +378,32 @@ def _flex_supports(q: torch.Tensor) -> bool:
     return q.is_cuda and flex_supported(q.shape[-1])
 
 
+# Self-attention over documents packed end to end (training batches without shared prefixes, SFT,
+# reference log-probs; masks with a host copy) through FlashAttention-2's varlen kernels
+# (`ossrl.kernels.varlen_attention`) instead of FlexAttention: no mask function per block.
+VARLEN_ATTENTION = False
+
+
 def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale: float) -> torch.Tensor:
     """The model's one attention entry point; picks the kernel by device.
 
     q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; sinks [Hq]; mask an AttentionMask (or a dense bool
     [B, Tq, Tk], which always takes the twin). Returns [B, Tq, Hq, D] in q's dtype.
-    CUDA (head_dim a power of two >= 16): compiled FlexAttention. Elsewhere: the fp32 twin.
+    CUDA (head_dim a power of two >= 16): compiled FlexAttention, or with VARLEN_ATTENTION and a
+    mask of packed documents (`AttentionMask.segments`) FlashAttention's varlen kernels.
+    Elsewhere: the fp32 twin.
     """
     if isinstance(mask, torch.Tensor):
         return sink_attention_reference(q, k, v, sinks, mask, scale=scale)
+    if VARLEN_ATTENTION and q.is_cuda and q.shape[1] == k.shape[1] and (segments := mask.segments()) is not None:
+        from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention
+
+        if varlen_available(q):
+            B, T, H, D = q.shape
+            out = varlen_sink_attention(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
+                                        v.reshape(B * T, *v.shape[2:]), sinks, *segments, window=mask.window,
+                                        scale=scale)
+            return out.view(B, T, H, D)
     if _flex_supports(q):
         return _flex_sink_attention(q, k, v, sinks, mask, scale=scale)
     return sink_attention_reference(q, k, v, sinks, mask.dense(), scale=scale)

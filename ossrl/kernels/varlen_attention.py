@@ -91,6 +91,35 @@ def varlen_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
     return _VarlenSinkAttention.apply(q, k, v, sinks, cu_seqlens, int(max_len), window, float(scale))
 
 
+def document_segments(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
+    """The packed layout of a self-attention mask as FlashAttention's varlen offsets, if it has one.
+
+    positions, doc_ids [B, T] (doc_ids None: one document per row), on the host. Eligible when every
+    row is a run of documents, each document one contiguous run of tokens whose positions count up
+    by one (from any start): the mask "same document, key position <= query position (within the
+    window)" is then causal attention within each run. Returns (cu_seqlens int32 [S + 1] over the
+    B * T tokens flattened row-major, the longest run), or None (the mask needs the general path)."""
+    if positions.device.type != "cpu" or (doc_ids is not None and doc_ids.device.type != "cpu"):
+        raise ValueError("document_segments reads the layout on the host")
+    B, T = positions.shape
+    if B * T == 0:
+        return None
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[:, 0] = True
+    if doc_ids is not None:
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    if not bool(((positions[:, 1:] - positions[:, :-1] == 1) | starts[:, 1:]).all()):
+        return None  # positions that do not count up by one inside a run
+    if doc_ids is not None:  # a document in two runs of a row would see across the run between
+        ordered = doc_ids.sort(1).values
+        distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
+        if not torch.equal(distinct, starts.sum(1)):
+            return None
+    first = starts.flatten().nonzero().squeeze(1)
+    cu = torch.cat((first, torch.tensor([B * T]))).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
 def varlen_sink_attention_reference(q, k, v, sinks, cu_seqlens, *, window: int | None, scale: float) -> torch.Tensor:
     """`varlen_sink_attention` by the dense fp32 reference (any device; O(N^2) memory)."""
     N = q.shape[0]
