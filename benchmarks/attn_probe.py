@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import device_info, median_ms  # noqa: E402
 from ossrl.kernels import attention  # noqa: E402
 from ossrl.kernels.attention import AttentionMask  # noqa: E402
-from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention  # noqa: E402
+from ossrl.kernels.varlen_attention import Segments, varlen_available, varlen_sink_attention  # noqa: E402
 
 
 def flops(T: int, docs: int, window, Hq: int, D: int) -> float:
@@ -55,6 +55,7 @@ def main():
         for docs in (1, 4):
             L = T // docs
             cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
+            segments = Segments(cu, cu, L, L)
             pos = torch.arange(L).repeat(docs)[None]
             doc = torch.arange(docs).repeat_interleave(L)[None]
             for window in (None, 128):
@@ -70,7 +71,7 @@ def main():
                     return attention._flex_sink_attention(ql[None], kl[None], vl[None], sl, dev, scale=scale)[0]
 
                 def varlen(ql, kl, vl, sl):
-                    return varlen_sink_attention(ql, kl, vl, sl, cu, L, window=window, scale=scale)
+                    return varlen_sink_attention(ql, kl, vl, sl, segments, window=window, scale=scale)
 
                 outs = {}
                 for name, fn in (("flex", flex), ("varlen", varlen)):

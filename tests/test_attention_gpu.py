@@ -302,34 +302,52 @@ def test_block_mask_built_on_the_host_equals_the_one_built_on_the_gpu():
         assert out.equal(sink_attention(q, k, k, sinks, plain, scale=0.125))
 
 
-@pytest.mark.parametrize("window", [None, 128], ids=["full_layer", "ring_layer"])
-def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window):
-    """FlashAttention-2 varlen with the sinks folded into its backward (`varlen_sink_attention`):
-    output and the gradients of q, k, v and the sinks against the fp32 reference, on packed
-    documents whose lengths are not multiples of any tile (one shorter than the window)."""
-    from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention, \
-        varlen_sink_attention_reference
+def _packed_layout(shared: bool):
+    """Host positions, documents and branches [1, N] of a packed row: documents of 300, 77 and 129
+    tokens, then (shared) a 90-token prefix with branches of 200, 1 and 140 tokens, or the same
+    tokens as plain documents; lengths not multiples of any tile, one shorter than the window."""
+    pos, doc, branch = [], [], []
+    for d, n in enumerate((300, 77, 129)):
+        pos.append(torch.arange(n)), doc.append(torch.full((n,), d)), branch.append(torch.zeros(n, dtype=torch.long))
+    if shared:
+        pos.append(torch.arange(90)), doc.append(torch.full((90,), 3)), branch.append(torch.zeros(90, dtype=torch.long))
+        for b, n in enumerate((200, 1, 140)):
+            pos.append(torch.arange(90, 90 + n)), doc.append(torch.full((n,), 3))
+            branch.append(torch.full((n,), b + 1))
+    else:
+        for d, n in enumerate((290, 1, 140)):
+            pos.append(torch.arange(n)), doc.append(torch.full((n,), 4 + d)), branch.append(torch.zeros(n, dtype=torch.long))
+    return tuple(torch.cat(t)[None] for t in (pos, doc, branch))
 
-    lengths = [300, 77, 1000, 129]
-    N, Hq, Hk, D = sum(lengths), 8, 2, 64
+
+@pytest.mark.parametrize("shared", [False, True], ids=["documents", "shared_prefix"])
+@pytest.mark.parametrize("window", [None, 128], ids=["full_layer", "ring_layer"])
+def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window, shared):
+    """FlashAttention-2 varlen with the sinks folded into its backward (`varlen_sink_attention`):
+    output and the gradients of q, k, v and the sinks against the fp32 reference with the general
+    mask (documents, positions, branches), on packed documents and on a shared prefix whose keys
+    are gathered before each branch."""
+    from ossrl.kernels.varlen_attention import document_segments, varlen_available, varlen_sink_attention
+
+    pos, doc, branch = _packed_layout(shared)
+    segments = document_segments(pos, doc, branch)
+    assert (segments.key_index is not None) == shared
+    N, Hq, Hk, D = pos.shape[1], 8, 2, 64
     g = torch.Generator(device=DEV).manual_seed(5)
     q = torch.randn(N, Hq, D, device=DEV, generator=g)
     k, v = (torch.randn(N, Hk, D, device=DEV, generator=g) for _ in range(2))
     sinks = torch.randn(Hq, device=DEV, generator=g)
-    grad = torch.randn(N, Hq, D, device=DEV, generator=g)
+    grad = torch.randn(N, Hq, D, device=DEV, generator=g).bfloat16()
     if not varlen_available(q.bfloat16()):
         pytest.skip("torch has no FlashAttention varlen kernels here")
-    cu = torch.tensor([0] + lengths, device=DEV).cumsum(0).to(torch.int32)
     bf = [t.bfloat16().requires_grad_() for t in (q, k, v)] + [sinks.clone().requires_grad_()]
-    out = varlen_sink_attention(*bf, cu, max(lengths), window=window, scale=0.125)
-    out.backward(grad.bfloat16())
-    fp = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = varlen_sink_attention(*bf, segments.to(DEV), window=window, scale=0.125)
+    out.backward(grad)
     # the reference sees the bf16-rounded inputs, so only the kernel's arithmetic differs
-    with torch.no_grad():
-        for a, b in zip(fp, bf):
-            a.copy_(b.float())
-    ref = varlen_sink_attention_reference(*fp, cu, window=window, scale=0.125)
-    ref.backward(grad.bfloat16().float())
+    fp = [b.detach().float().requires_grad_() for b in bf]
+    allowed = attention_mask(pos, pos, window=window, q_doc=doc, k_doc=doc, q_branch=branch, k_branch=branch)
+    ref = sink_attention_reference(*(t[None] for t in fp[:3]), fp[3], allowed.to(DEV), scale=0.125)[0]
+    ref.backward(grad.float())
     assert rel_err(out, ref) < BF16_TOL
     for name, a, b in zip("q k v sinks".split(), bf, fp):
         assert rel_err(a.grad, b.grad) < BF16_TOL, name

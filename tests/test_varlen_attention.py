@@ -1,71 +1,95 @@
-"""The varlen sink attention's CPU pieces: its reference equals the packed-mask reference of
-`ossrl.kernels.attention` built from document ids, and its argument checks. (The CUDA kernel's
-forward and gradients against this reference: tests/test_attention_gpu.py.)"""
+"""The varlen sink attention's CPU pieces: the packed layouts it serves as `Segments` (documents,
+shared prefixes with their keys gathered before each branch) and the refusals, checked by its
+segment-by-segment reference against the general mask's reference, and its argument checks. (The
+CUDA kernels' forward and gradients: tests/test_attention_gpu.py and tests/test_train_gpu.py.)"""
 
 import pytest
 import torch
 
-from ossrl.kernels.attention import AttentionMask, sink_attention
-from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention, varlen_sink_attention_reference
+from ossrl.kernels.attention import AttentionMask, attention_mask, sink_attention_reference
+from ossrl.kernels.varlen_attention import Segments, document_segments, varlen_available, varlen_sink_attention, \
+    varlen_sink_attention_reference
+
+
+def _row(*runs):
+    """[1, N] positions, documents and branches from (doc, branch, first position, length) runs."""
+    pos = torch.cat([torch.arange(p, p + n) for _, _, p, n in runs])[None]
+    doc = torch.cat([torch.full((n,), d) for d, _, _, n in runs])[None]
+    branch = torch.cat([torch.full((n,), b) for _, b, _, n in runs])[None]
+    return pos, doc, branch
+
+
+LAYOUTS = {
+    "documents": [_row((0, 0, 0, 5), (1, 0, 0, 1), (2, 0, 0, 7))],
+    "shared_prefix": [_row((0, 0, 0, 4), (1, 0, 0, 3), (1, 1, 3, 4), (1, 2, 3, 1), (1, 3, 3, 5), (2, 0, 0, 2))],
+    "branches_without_prefix": [_row((0, 1, 0, 3), (0, 2, 0, 4))],
+    "two_rows": [_row((0, 0, 0, 3), (0, 1, 3, 5), (1, 0, 0, 4)), _row((0, 0, 7, 6), (1, 0, 0, 6))],
+}
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_reference_equals_the_packed_document_mask(window):
-    lengths = [5, 1, 7]
-    N = sum(lengths)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_segments_give_the_general_mask_attention(layout, window):
+    rows = LAYOUTS[layout]
+    pos, doc, branch = (torch.cat(t) for t in zip(*rows))
+    B, T = pos.shape
+    segments = document_segments(pos, doc, branch)
+    assert segments is not None
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(N, 4, 8, generator=g), torch.randn(N, 2, 8, generator=g), torch.randn(N, 2, 8, generator=g)
+    q, k, v = (torch.randn(B * T, h, 8, generator=g) for h in (4, 2, 2))
     sinks = torch.randn(4, generator=g)
-    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    expect = sink_attention(q[None], k[None], v[None], sinks, AttentionMask(pos, pos, window, doc, doc), scale=0.3)[0]
-    got = varlen_sink_attention_reference(q, k, v, sinks, cu, window=window, scale=0.3)
+    allowed = attention_mask(pos, pos, window=window, q_doc=doc, k_doc=doc, q_branch=branch, k_branch=branch)
+    expect = sink_attention_reference(q.view(B, T, 4, 8), k.view(B, T, 2, 8), v.view(B, T, 2, 8), sinks, allowed,
+                                      scale=0.3).reshape(B * T, 4, 8)
+    got = varlen_sink_attention_reference(q, k, v, sinks, segments, window=window, scale=0.3)
     torch.testing.assert_close(got, expect)
 
 
-def test_reference_refuses_offsets_that_do_not_cover_the_tokens():
+def test_segments_of_packed_rows():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 9, 9]])
+    s = document_segments(pos, doc)
+    assert s.cu_q.tolist() == [0, 3, 5, 6, 10, 12] and s.cu_q.dtype == torch.int32 and s.max_q == s.max_k == 4
+    assert s.cu_k is s.cu_q and s.key_index is None
+    s = document_segments(torch.arange(4).expand(2, 4), None)  # one document a row
+    assert s.cu_q.tolist() == [0, 4, 8]
+    s = document_segments(*LAYOUTS["shared_prefix"][0])  # branch keys: the prefix's, then its own
+    assert s.cu_q.tolist() == [0, 4, 7, 11, 12, 17, 19] and s.cu_k.tolist() == [0, 4, 7, 14, 18, 26, 28]
+    assert s.key_index[7:14].tolist() == [4, 5, 6, 7, 8, 9, 10] and (s.max_q, s.max_k) == (5, 8)
+
+
+@pytest.mark.parametrize("pos,doc,branch", [
+    ([[0, 1, 3, 4]], [[0, 0, 0, 0]], None),  # a gap inside a document
+    ([[0, 1, 0, 0]], [[0, 0, 1, 0]], None),  # document 0 in two runs of the row
+    ([[0, 0, 1, 2]], None, None),  # positions restart without documents
+    ([[0, 1, 3, 4]], [[0, 0, 0, 0]], [[0, 0, 1, 1]]),  # a branch not continuing from its prefix
+    ([[0, 1, 2, 0]], [[0, 0, 0, 0]], [[1, 1, 0, 0]]),  # the prefix after a branch
+    ([[0, 1, 2, 2, 2]], [[0] * 5], [[0, 0, 1, 2, 1]]),  # branch 1 in two runs
+])
+def test_other_layouts_are_refused(pos, doc, branch):
+    t = [None if x is None else torch.tensor(x) for x in (pos, doc, branch)]
+    assert document_segments(*t) is None
+
+
+def test_mask_segments_come_from_the_host_copy():
+    pos, doc, branch = LAYOUTS["shared_prefix"][0]
+    host = AttentionMask(pos, pos, None, doc, doc, branch, branch)
+    found = AttentionMask(pos.clone(), pos.clone(), None, doc.clone(), doc.clone(), branch.clone(), branch.clone(),
+                          host=host).segments()
+    assert found.key_index is not None and found.cu_q.tolist() == [0, 4, 7, 11, 12, 17, 19]
+    assert AttentionMask(pos, pos, None, doc, doc, branch, branch).segments() is None  # no host copy: not read back
+
+
+def test_reference_refuses_segments_that_do_not_cover_the_queries():
     x = torch.zeros(6, 2, 8)
-    with pytest.raises(ValueError, match="covers 5 tokens, q has 6"):
-        varlen_sink_attention_reference(x, x, x, torch.zeros(2), torch.tensor([0, 5], dtype=torch.int32),
-                                        window=None, scale=1.0)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cover 5 queries, q has 6"):
+        varlen_sink_attention_reference(x, x, x, torch.zeros(2), Segments(cu, cu, 5, 5), window=None, scale=1.0)
 
 
 def test_cpu_tensors_are_not_served_and_offsets_are_checked():
     x = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
     assert not varlen_available(x)
-    with pytest.raises(ValueError, match="cu_seqlens must be int32"):
-        varlen_sink_attention(x, x, x, torch.zeros(2), torch.tensor([0, 4]), 4, window=None, scale=1.0)
-
-
-def test_document_segments_of_packed_rows():
-    from ossrl.kernels.varlen_attention import document_segments
-
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
-    doc = torch.tensor([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 9, 9]])
-    cu, longest = document_segments(pos, doc)
-    assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
-    cu, longest = document_segments(torch.arange(4).expand(2, 4), None)  # one document a row
-    assert cu.tolist() == [0, 4, 8] and longest == 4
-
-
-@pytest.mark.parametrize("pos,doc", [
-    ([[0, 1, 3, 4]], [[0, 0, 0, 0]]),  # a gap inside a document
-    ([[0, 1, 0, 0]], [[0, 0, 1, 0]]),  # document 0 in two runs of the row
-    ([[0, 0, 1, 2]], None),  # positions restart without documents
-])
-def test_document_segments_refuse_other_layouts(pos, doc):
-    from ossrl.kernels.varlen_attention import document_segments
-
-    assert document_segments(torch.tensor(pos), None if doc is None else torch.tensor(doc)) is None
-
-
-def test_mask_segments_come_from_the_host_copy_and_skip_branches():
-    pos = torch.tensor([[0, 1, 0, 1]])
-    doc = torch.tensor([[0, 0, 1, 1]])
-    host = AttentionMask(pos, pos, None, doc, doc)
-    assert AttentionMask(pos.clone(), pos.clone(), None, doc.clone(), doc.clone(), host=host).segments()[1] == 2
-    assert AttentionMask(pos, pos, None, doc, doc).segments() is None  # no host copy: not read back
-    branch = torch.tensor([[0, 1, 0, 0]])
-    shared = AttentionMask(pos, pos, None, doc, doc, branch, branch)
-    assert AttentionMask(pos, pos, None, doc, doc, branch, branch, host=shared).segments() is None
+    cu = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match="segments.cu_q must be int32"):
+        varlen_sink_attention(x, x, x, torch.zeros(2), Segments(cu, cu, 4, 4), window=None, scale=1.0)

@@ -92,7 +92,7 @@ class AttentionMask:
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
     _padded: tuple | None = field(default=None, init=False, repr=False)  # ((Tq, Tk), mask): `_padded_to`
-    _segments: object = field(default=None, init=False, repr=False)  # `segments`: (offsets, longest) or False
+    _segments: object = field(default=None, init=False, repr=False)  # `segments`: Segments, or False (none)
 
     def __post_init__(self):
         if (self.q_doc is None) != (self.k_doc is None):
@@ -110,20 +110,19 @@ class AttentionMask:
                                          k_doc=self.k_doc, q_branch=self.q_branch, k_branch=self.k_branch)
         return self._dense
 
-    def segments(self) -> tuple[torch.Tensor, int] | None:
-        """FlashAttention varlen offsets (cu_seqlens on the positions' device, the longest document)
-        where this is a self-attention mask over documents packed end to end without branches
+    def segments(self):
+        """FlashAttention varlen `Segments` (on the positions' device) where this is a self-attention
+        mask over documents packed end to end, with or without shared prefixes
         (`varlen_attention.document_segments`), read from the host copy once; else None."""
         if self._segments is None:
             self._segments = False
             h = self.host
-            if h is not None and h.q_branch is None and h.q_pos is h.k_pos and h.q_doc is h.k_doc:
-                from ossrl.kernels.transfer import host_to_device
+            if h is not None and h.q_pos is h.k_pos and h.q_doc is h.k_doc and h.q_branch is h.k_branch:
                 from ossrl.kernels.varlen_attention import document_segments
 
-                found = document_segments(h.q_pos, h.q_doc)
+                found = document_segments(h.q_pos, h.q_doc, h.q_branch)
                 if found is not None:
-                    self._segments = (host_to_device(found[0], self.q_pos.device), found[1])
+                    self._segments = found.to(self.q_pos.device)
         return self._segments or None
 
     def block_mask(self):
@@ -378,8 +377,8 @@ def _flex_supports(q: torch.Tensor) -> bool:
     return q.is_cuda and flex_supported(q.shape[-1])
 
 
-# Self-attention over documents packed end to end (training batches without shared prefixes, SFT,
-# reference log-probs; masks with a host copy) through FlashAttention-2's varlen kernels
+# Self-attention over documents packed end to end, shared prefixes included (training batches, SFT,
+# reference log-probs: masks with a host copy), through FlashAttention-2's varlen kernels
 # (`ossrl.kernels.varlen_attention`) instead of FlexAttention: no mask function per block.
 VARLEN_ATTENTION = False
 
@@ -401,7 +400,7 @@ def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale:
         if varlen_available(q):
             B, T, H, D = q.shape
             out = varlen_sink_attention(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
-                                        v.reshape(B * T, *v.shape[2:]), sinks, *segments, window=mask.window,
+                                        v.reshape(B * T, *v.shape[2:]), sinks, segments, window=mask.window,
                                         scale=scale)
             return out.view(B, T, H, D)
     if _flex_supports(q):

@@ -19,6 +19,8 @@ oracle is `varlen_sink_attention_reference` (the dense fp32 reference of `ossrl.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ossrl.kernels.attention import attention_mask, sink_attention_reference
@@ -40,18 +42,18 @@ def _window_sizes(window: int | None) -> tuple[int, int]:
 
 class _VarlenSinkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, cu_seqlens, max_len: int, window: int | None, scale: float):
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, max_q: int, max_k: int, window: int | None, scale: float):
         from ossrl.kernels import sink_triton
 
         left, right = _window_sizes(window)
         res = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale,
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
             window_size_left=left, window_size_right=right)
         out, lse, rng, unused = res[0], res[1], res[2], res[3]  # out [N, H, D]; lse [H, N] fp32
         w = torch.sigmoid(lse - sinks.float()[:, None]).contiguous()
         y = sink_triton.scale(out.unsqueeze(0).transpose(1, 2), w[None]).transpose(1, 2)[0]  # [N, H, D]
-        ctx.save_for_backward(q, k, v, y, lse, w, cu_seqlens, rng, unused)
-        ctx.max_len, ctx.window, ctx.scale, ctx.sinks_dtype = max_len, window, scale, sinks.dtype
+        ctx.save_for_backward(q, k, v, y, lse, w, cu_q, cu_k, rng, unused)
+        ctx.max_q, ctx.max_k, ctx.window, ctx.scale, ctx.sinks_dtype = max_q, max_k, window, scale, sinks.dtype
         return y
 
     @staticmethod
@@ -59,7 +61,7 @@ class _VarlenSinkAttention(torch.autograd.Function):
     def backward(ctx, grad):
         from ossrl.kernels import sink_triton
 
-        q, k, v, y, lse, w, cu_seqlens, rng, unused = ctx.saved_tensors
+        q, k, v, y, lse, w, cu_q, cu_k, rng, unused = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
         # d out = g * w, and s = sum_D g * y (= w * sum_D g * out)
@@ -67,66 +69,163 @@ class _VarlenSinkAttention(torch.autograd.Function):
         dout = dout.transpose(1, 2)[0]
         left, right = _window_sizes(ctx.window)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, y, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
+            dout, q, k, v, y, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, rng, unused,
             scale=ctx.scale, window_size_left=left, window_size_right=right)
         grad_sinks = -(s[0] * (1 - w)).sum(-1).to(ctx.sinks_dtype)  # d lse = s (1 - w); d sink = -sum d lse
-        return dq, dk, dv, grad_sinks, None, None, None, None
+        return dq, dk, dv, grad_sinks, None, None, None, None, None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] along dim 0, its backward summed in fp32 (index_add_ in x's bf16 would round each
+    of a shared prefix's several contributions)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return x.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = torch.zeros(ctx.shape, device=grad.device, dtype=torch.float32)
+        return out.index_add_(0, index, grad.float()).to(grad.dtype), None
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Packed queries as FlashAttention varlen segments: segment s is queries cu_q[s]:cu_q[s + 1]
+    of the flattened tokens against keys cu_k[s]:cu_k[s + 1] of the keys' layout, causal aligned at
+    the end (the last query sees the last key). The keys' layout is the tokens themselves
+    (key_index None, cu_k is cu_q) or the tokens gathered by key_index: a shared prefix's keys
+    repeated before each of its branches. Offsets and index on the queries' device."""
+
+    cu_q: torch.Tensor  # int32 [S + 1]
+    cu_k: torch.Tensor  # int32 [S + 1]
+    max_q: int
+    max_k: int
+    key_index: torch.Tensor | None = None  # int64 [keys]
+
+    def to(self, device) -> Segments:
+        from ossrl.kernels.transfer import host_to_device
+
+        cu_q = host_to_device(self.cu_q, device)
+        return Segments(cu_q, cu_q if self.cu_k is self.cu_q else host_to_device(self.cu_k, device), self.max_q,
+                        self.max_k, None if self.key_index is None else host_to_device(self.key_index, device))
 
 
 def varlen_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                          cu_seqlens: torch.Tensor, max_len: int, *, window: int | None,
-                          scale: float) -> torch.Tensor:
-    """Causal sink attention within each document of a packed token stream.
+                          segments: Segments, *, window: int | None, scale: float) -> torch.Tensor:
+    """Causal sink attention within each segment of a packed token stream (`Segments`).
 
     q [N, Hq, D], k and v [N, Hkv, D] (Hq a multiple of Hkv; each with its last stride 1), sinks
-    [Hq], cu_seqlens int32 [S + 1] on q's device (document s is tokens cu_seqlens[s] to
-    cu_seqlens[s + 1]; every token in some document), max_len at least the longest document (a
-    host int: it sizes the launch). window: keys seen including the query itself, or None.
-    Returns [N, Hq, D] in q's dtype. CUDA only (`varlen_available`)."""
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device:
-        raise ValueError(f"varlen_sink_attention: cu_seqlens must be int32 on {q.device}, got "
-                         f"{cu_seqlens.dtype} on {cu_seqlens.device}")
+    [Hq], segments on q's device. window: keys seen including the query itself, or None. Returns
+    [N, Hq, D] in q's dtype. CUDA only (`varlen_available`)."""
+    for name in ("cu_q", "cu_k"):
+        t = getattr(segments, name)
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"varlen_sink_attention: segments.{name} must be int32 on {q.device}, got "
+                             f"{t.dtype} on {t.device}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"varlen_sink_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
-    return _VarlenSinkAttention.apply(q, k, v, sinks, cu_seqlens, int(max_len), window, float(scale))
+    if segments.key_index is not None:
+        k, v = _GatherRows.apply(k, segments.key_index), _GatherRows.apply(v, segments.key_index)
+    return _VarlenSinkAttention.apply(q, k, v, sinks, segments.cu_q, segments.cu_k, segments.max_q, segments.max_k,
+                                      window, float(scale))
 
 
-def document_segments(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
-    """The packed layout of a self-attention mask as FlashAttention's varlen offsets, if it has one.
+def _runs(values: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the runs of equal values in a 1-D host tensor."""
+    n = values.numel()
+    if n == 0:
+        return []
+    edges = (values[1:] != values[:-1]).nonzero().squeeze(1).add(1).tolist()
+    bounds = [0] + edges + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
 
-    positions, doc_ids [B, T] (doc_ids None: one document per row), on the host. Eligible when every
-    row is a run of documents, each document one contiguous run of tokens whose positions count up
-    by one (from any start): the mask "same document, key position <= query position (within the
-    window)" is then causal attention within each run. Returns (cu_seqlens int32 [S + 1] over the
-    B * T tokens flattened row-major, the longest run), or None (the mask needs the general path)."""
-    if positions.device.type != "cpu" or (doc_ids is not None and doc_ids.device.type != "cpu"):
+
+def document_segments(positions: torch.Tensor, doc_ids: torch.Tensor | None,
+                      branch_ids: torch.Tensor | None = None) -> Segments | None:
+    """The packed layout of a self-attention mask as FlashAttention varlen `Segments`, if it has one
+    (on the host).
+
+    positions, doc_ids, branch_ids [B, T] (doc_ids None: one document a row; branch_ids None: no
+    shared prefixes), on the host. Eligible when each document is one contiguous run of a row
+    whose positions count up by one (from any start); with branches, each document is its prefix
+    (branch 0, possibly empty) followed by its branches, each a contiguous run whose positions
+    continue from the prefix's end. The mask "same document, key position <= query position
+    (within the window), key in branch 0 or the query's branch" is then causal attention within
+    each segment: a document without branches, a prefix against itself, or a branch against the
+    prefix's keys and its own. Returns None for any other layout (the general path serves it)."""
+    if any(t is not None and t.device.type != "cpu" for t in (positions, doc_ids, branch_ids)):
         raise ValueError("document_segments reads the layout on the host")
     B, T = positions.shape
     if B * T == 0:
         return None
+    pos = positions.long()
+    # cheap vectorised refusal first: inside a run of one document and branch, positions count up by one
     starts = torch.zeros(B, T, dtype=torch.bool)
     starts[:, 0] = True
-    if doc_ids is not None:
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    if not bool(((positions[:, 1:] - positions[:, :-1] == 1) | starts[:, 1:]).all()):
-        return None  # positions that do not count up by one inside a run
-    if doc_ids is not None:  # a document in two runs of a row would see across the run between
-        ordered = doc_ids.sort(1).values
-        distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
-        if not torch.equal(distinct, starts.sum(1)):
-            return None
-    first = starts.flatten().nonzero().squeeze(1)
-    cu = torch.cat((first, torch.tensor([B * T]))).to(torch.int32)
-    return cu, int(cu.diff().max())
+    for ids in (doc_ids, branch_ids):
+        if ids is not None:
+            starts[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    if not bool(((pos[:, 1:] - pos[:, :-1] == 1) | starts[:, 1:]).all()):
+        return None
+    if branch_ids is None or not bool((branch_ids != 0).any()):
+        if doc_ids is not None:  # a document in two runs of a row would see across the run between
+            ordered = doc_ids.sort(1).values
+            if not torch.equal((ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1, starts.sum(1)):
+                return None
+        first = starts.flatten().nonzero().squeeze(1)
+        cu = torch.cat((first, torch.tensor([B * T]))).to(torch.int32)
+        longest = int(cu.diff().max())
+        return Segments(cu, cu, longest, longest)
+    cu_q, cu_k, key_index = [0], [0], []
+    for r in range(B):
+        seen = set()
+        for d0, d1 in _runs(doc_ids[r]):
+            doc = int(doc_ids[r, d0])
+            if doc in seen:
+                return None
+            seen.add(doc)
+            prefix = None  # (start, end) of branch 0 in the row
+            branches = set()
+            for b0, b1 in _runs(branch_ids[r, d0:d1]):
+                b0, b1 = d0 + b0, d0 + b1
+                branch = int(branch_ids[r, b0])
+                first = int(pos[r, b0])
+                if branch == 0:
+                    if prefix is not None or branches:  # branch 0 once, before every branch
+                        return None
+                    prefix = (b0, b1)
+                    keys = [(b0, b1)]
+                else:
+                    expected = int(pos[r, prefix[1] - 1]) + 1 if prefix is not None else first
+                    if branch in branches or first != expected:
+                        return None
+                    branches.add(branch)
+                    keys = [prefix, (b0, b1)] if prefix is not None else [(b0, b1)]
+                cu_q.append(r * T + b1)
+                for k0, k1 in keys:
+                    key_index.append(torch.arange(r * T + k0, r * T + k1))
+                cu_k.append(cu_k[-1] + sum(k1 - k0 for k0, k1 in keys))
+    cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    return Segments(cu_q_t, cu_k_t, int(cu_q_t.diff().max()), int(cu_k_t.diff().max()), torch.cat(key_index))
 
 
-def varlen_sink_attention_reference(q, k, v, sinks, cu_seqlens, *, window: int | None, scale: float) -> torch.Tensor:
-    """`varlen_sink_attention` by the dense fp32 reference (any device; O(N^2) memory)."""
-    N = q.shape[0]
-    bounds = cu_seqlens.to("cpu", torch.int64)
-    doc = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff())
-    if doc.numel() != N:
-        raise ValueError(f"varlen_sink_attention_reference: cu_seqlens covers {doc.numel()} tokens, q has {N}")
-    pos = torch.arange(N) - bounds[doc]
-    allowed = attention_mask(pos[None], pos[None], window=window, q_doc=doc[None], k_doc=doc[None]).to(q.device)
-    return sink_attention_reference(q[None], k[None], v[None], sinks, allowed, scale=scale)[0]
+def varlen_sink_attention_reference(q, k, v, sinks, segments: Segments, *, window: int | None,
+                                    scale: float) -> torch.Tensor:
+    """`varlen_sink_attention` by the dense fp32 reference, segment by segment (any device)."""
+    cu_q, cu_k = segments.cu_q.tolist(), segments.cu_k.tolist()
+    if cu_q[-1] != q.shape[0]:
+        raise ValueError(f"varlen_sink_attention_reference: the segments cover {cu_q[-1]} queries, q has {q.shape[0]}")
+    if segments.key_index is not None:
+        k, v = k[segments.key_index.to(k.device)], v[segments.key_index.to(v.device)]
+    out = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        qp = torch.arange(q1 - q0) + (k1 - k0) - (q1 - q0)  # aligned at the end
+        allowed = attention_mask(qp[None], torch.arange(k1 - k0)[None], window=window).to(q.device)
+        out.append(sink_attention_reference(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], sinks, allowed,
+                                            scale=scale)[0])
+    return torch.cat(out)
