@@ -525,3 +525,49 @@ def test_varlen_attention_gives_the_flex_log_probs_and_gradients(monkeypatch):
     assert ((lp1 - lp0).norm() / lp0.norm()).item() < 1e-2
     for a, r in zip(g1, g0):
         assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 3e-2
+
+
+def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatch):
+    """CapturedLogprobs with VARLEN_ATTENTION on shared-prefix batches: the segments live in the
+    bucket's fixed buffers (padded with empty segments and unused gathered keys), and every
+    replayed micro-batch's log-probs and LoRA gradients equal eager FlexAttention steps' within
+    bf16 roundings; then a micro-batch whose layout needs larger buffers takes a bucket of its own."""
+    from ossrl.kernels import attention
+    from ossrl.train.graphed import CapturedLogprobs
+    from ossrl.train.logprobs import pack_sequences
+
+    model = _small_mxfp4_lora_model()
+    model.train()
+    gen = torch.Generator().manual_seed(3)
+
+    def batch(completions):
+        prompt = torch.randint(0, 300, (40,), generator=gen).tolist()
+        seqs = [prompt + torch.randint(0, 300, (n,), generator=gen).tolist() for n in completions]
+        trained = [[j >= 40 for j in range(len(s))] for s in seqs]
+        return pack_sequences(seqs, trained, max_tokens=1024, share_prefixes=True).to("cuda")
+
+    batches = [batch((150, 170, 90)), batch((120, 200, 60)), batch((100, 100, 100)), batch((10,) * 12)]
+
+    def step(fn, b):
+        lp, _ = fn(b)
+        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        return lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]
+
+    reference = []
+    for b in batches:
+        reference.append(step(lambda b: sequence_logprobs(model, b), b))
+        model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(attention, "VARLEN_ATTENTION", True)
+    captured = CapturedLogprobs(model)
+    results = []
+    for b in batches:
+        captured.zero_grad()
+        results.append(step(captured, b))
+    assert captured.refused == {}
+    assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # the first and the last: new shapes
+    (bucket,) = captured._buckets.values()
+    assert bucket.segments is not None and bucket.segments.segments.key_index is not None
+    for (lp, grads), (ref_lp, ref_grads) in zip(results, reference):
+        assert ((lp - ref_lp).norm() / ref_lp.norm()).item() < 1e-2
+        for a, r in zip(grads, ref_grads):
+            assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 3e-2

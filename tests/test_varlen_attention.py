@@ -93,3 +93,56 @@ def test_cpu_tensors_are_not_served_and_offsets_are_checked():
     cu = torch.tensor([0, 4])
     with pytest.raises(ValueError, match="segments.cu_q must be int32"):
         varlen_sink_attention(x, x, x, torch.zeros(2), Segments(cu, cu, 4, 4), window=None, scale=1.0)
+
+
+def test_segment_buffers_hold_a_layout_padded_with_empty_segments():
+    from ossrl.kernels.varlen_attention import SegmentBuffers
+
+    pos, doc, branch = LAYOUTS["shared_prefix"][0]
+    host = document_segments(pos, doc, branch)
+    T = pos.shape[1]
+    buffers = SegmentBuffers(host.capacity(T), "cpu")
+    assert buffers.capacity == (8, T, T, 1024) and buffers.fits(host, T)
+    buffers.fill(host)
+    s = buffers.segments
+    assert s.cu_q.tolist() == [0, 4, 7, 11, 12, 17, 19, 19, 19] and s.cu_k.tolist()[-3:] == [28, 28, 28]
+    assert s.key_index[:28].tolist() == host.key_index.tolist() and not s.key_index[28:].any() and s.padded
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(T, h, 8, generator=g) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g)
+    torch.testing.assert_close(varlen_sink_attention_reference(q, k, v, sinks, s, window=3, scale=0.3),
+                               varlen_sink_attention_reference(q, k, v, sinks, host, window=3, scale=0.3))
+    plain = document_segments(*LAYOUTS["documents"][0][:2])
+    assert plain.capacity(13) == (8, 13, 13, 0) and SegmentBuffers(plain.capacity(13), "cpu").segments.key_index is None
+
+
+def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
+    """CapturedLogprobs (graphs off, as on the CPU) with VARLEN_ATTENTION: a bucket's key carries
+    the layout's segment capacity and its buffers the padded batch's segments, passed to the model."""
+    from ossrl.kernels import attention
+    from ossrl.model.lora import LoRAConfig, apply_lora
+    from ossrl.testing import random_model, tiny_config
+    from ossrl.train.graphed import CapturedLogprobs
+    from ossrl.train.logprobs import pack_sequences
+
+    monkeypatch.setattr(attention, "VARLEN_ATTENTION", True)
+    model = random_model(tiny_config(num_hidden_layers=2), seed=0)
+    apply_lora(model, LoRAConfig(r=4, seed=0))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 200, (20,), generator=g).tolist()
+    seqs = [prompt + torch.randint(0, 200, (n,), generator=g).tolist() for n in (30, 12, 25)]
+    batch = pack_sequences(seqs, [[j >= 20 for j in range(len(s))] for s in seqs], max_tokens=256,
+                           share_prefixes=True).to("cpu")
+    captured = CapturedLogprobs(model, graphs=False)
+    seen = []
+    real = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda *a, **kw: seen.append(kw.get("segments")) or real(*a, **kw))
+    for _ in range(2):
+        captured.zero_grad()
+        lp, _ = captured(batch)
+        lp.sum().backward()
+    (bucket,) = captured._buckets.values()
+    assert bucket.key[-1] == (8, 1024, 1024, 2048)  # (the padding document: 935 tokens, its own segment)
+    assert seen[0] is None and seen[-1] is bucket.segments.segments  # eager first call: from the host copies
+    cu = bucket.segments.segments.cu_q
+    assert cu.tolist() == [0, 19, 50, 63, 89, 1024, 1024, 1024, 1024]  # prefix, 3 branches, padding, empty

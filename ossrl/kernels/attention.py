@@ -89,6 +89,9 @@ class AttentionMask:
     # layer's attention. It must hold the same values (only shapes and window are checked; the
     # dense twin path still reads the device tensors).
     host: AttentionMask | None = field(default=None, repr=False)
+    # The FlashAttention varlen segments of this layout where the caller has them on the device
+    # already (a CUDA graph's fixed buffers, `ossrl.train.graphed`): `segments` returns them as given.
+    varlen: object = field(default=None, repr=False)
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
     _padded: tuple | None = field(default=None, init=False, repr=False)  # ((Tq, Tk), mask): `_padded_to`
@@ -114,6 +117,8 @@ class AttentionMask:
         """FlashAttention varlen `Segments` (on the positions' device) where this is a self-attention
         mask over documents packed end to end, with or without shared prefixes
         (`varlen_attention.document_segments`), read from the host copy once; else None."""
+        if self.varlen is not None:
+            return self.varlen
         if self._segments is None:
             self._segments = False
             h = self.host

@@ -77,20 +77,25 @@ class _VarlenSinkAttention(torch.autograd.Function):
 
 class _GatherRows(torch.autograd.Function):
     """x[index] along dim 0, its backward summed in fp32 (index_add_ in x's bf16 would round each
-    of a shared prefix's several contributions)."""
+    of a shared prefix's several contributions). `count` (a device scalar, or None: every row):
+    only the first `count` gathered rows pass a gradient back (a graph's buffers past the keys in
+    use, which FlashAttention's backward leaves unwritten)."""
 
     @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
+    def forward(ctx, x, index, count):
+        ctx.save_for_backward(index, count)
         ctx.shape = x.shape
         return x.index_select(0, index)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
+        index, count = ctx.saved_tensors
+        if count is not None:
+            live = torch.arange(grad.shape[0], device=grad.device) < count
+            grad = torch.where(live[:, None, None], grad, 0)  # (not a product: unwritten rows may hold NaN)
         out = torch.zeros(ctx.shape, device=grad.device, dtype=torch.float32)
-        return out.index_add_(0, index, grad.float()).to(grad.dtype), None
+        return out.index_add_(0, index, grad.float()).to(grad.dtype), None, None
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,59 @@ class Segments:
     max_q: int
     max_k: int
     key_index: torch.Tensor | None = None  # int64 [keys]
+    # fixed buffers (`SegmentBuffers`): segments past the last are empty, key_index rows past
+    # cu_k[-1] are not keys (their gradient is dropped)
+    padded: bool = False
 
     def to(self, device) -> Segments:
         from ossrl.kernels.transfer import host_to_device
 
         cu_q = host_to_device(self.cu_q, device)
         return Segments(cu_q, cu_q if self.cu_k is self.cu_q else host_to_device(self.cu_k, device), self.max_q,
-                        self.max_k, None if self.key_index is None else host_to_device(self.key_index, device))
+                        self.max_k, None if self.key_index is None else host_to_device(self.key_index, device),
+                        self.padded)
+
+    def capacity(self, row_length: int) -> tuple[int, int, int, int]:
+        """Fixed sizes that hold these segments and others like them (a CUDA graph's buffers): the
+        segments rounded up to 8, the longest query and key runs to 512 (at most the row length),
+        the gathered keys to 1,024 (0: not gathered)."""
+        def up(n: int, m: int) -> int:
+            return -(-n // m) * m
+
+        keys = 0 if self.key_index is None else up(self.key_index.numel(), 1024)
+        return (up(self.cu_q.numel() - 1, 8), min(up(self.max_q, 512), row_length),
+                min(up(self.max_k, 512), row_length), keys)
+
+
+class SegmentBuffers:
+    """Device buffers of one `Segments.capacity` that a CUDA graph reads: `fill` copies a layout's
+    host segments in without waiting, the empty segments after its last ending where it ends."""
+
+    def __init__(self, capacity: tuple[int, int, int, int], device):
+        count, max_q, max_k, keys = capacity
+        cu_q = torch.zeros(count + 1, dtype=torch.int32, device=device)
+        cu_k = torch.zeros(count + 1, dtype=torch.int32, device=device) if keys else cu_q
+        key_index = torch.zeros(keys, dtype=torch.long, device=device) if keys else None
+        self.capacity = capacity
+        self.segments = Segments(cu_q, cu_k, max_q, max_k, key_index, padded=True)
+
+    def fits(self, host: Segments, row_length: int) -> bool:
+        """Whether `host` fits these buffers (its capacity is theirs)."""
+        return host.capacity(row_length) == self.capacity
+
+    def fill(self, host: Segments) -> None:
+        s = self.segments
+        n = host.cu_q.numel()
+        def pinned(t):  # (a copy from pageable memory would wait for the device)
+            return t.pin_memory() if s.cu_q.is_cuda else t
+
+        for buffer, t in ((s.cu_q, host.cu_q), (s.cu_k, host.cu_k))[:2 if s.key_index is not None else 1]:
+            buffer[:n].copy_(pinned(t), non_blocking=True)
+            buffer[n:].fill_(int(t[-1]))  # (a host int: no read-back)
+        if s.key_index is not None:
+            k = host.key_index.numel()
+            s.key_index[:k].copy_(pinned(host.key_index), non_blocking=True)
+            s.key_index[k:].zero_()
 
 
 def varlen_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
@@ -130,7 +181,8 @@ def varlen_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"varlen_sink_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
     if segments.key_index is not None:
-        k, v = _GatherRows.apply(k, segments.key_index), _GatherRows.apply(v, segments.key_index)
+        count = segments.cu_k[-1] if segments.padded else None
+        k, v = (_GatherRows.apply(x, segments.key_index, count) for x in (k, v))
     return _VarlenSinkAttention.apply(q, k, v, sinks, segments.cu_q, segments.cu_k, segments.max_q, segments.max_k,
                                       window, float(scale))
 

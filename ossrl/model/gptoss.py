@@ -612,6 +612,7 @@ class GptOssModel(nn.Module):
         doc_ids: torch.Tensor | None = None,
         branch_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segments=None,
     ) -> torch.Tensor:
         """Hidden states [B, T, H] after the final norm.
 
@@ -626,6 +627,8 @@ class GptOssModel(nn.Module):
         copied over without waiting, and the attention masks' block tables are built from the host
         copies (no kernel launches; the engine's prefills and training batches do this; an FSDP
         root moves them to the device before this runs).
+        segments: this layout's FlashAttention varlen `Segments` already on the device (a CUDA graph's
+        buffers: `ossrl.train.graphed`), for `attention.VARLEN_ATTENTION`; else made from the host copies.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -654,7 +657,7 @@ class GptOssModel(nn.Module):
                 AttentionMask(host[0], host[0], window=window, q_doc=host[1], k_doc=host[1], q_branch=host[2],
                               k_branch=host[2])
             masks[window] = AttentionMask(positions, k_pos, window=window, q_doc=doc_ids, k_doc=doc_ids,
-                                          q_branch=branch_ids, k_branch=branch_ids, host=twin)
+                                          q_branch=branch_ids, k_branch=branch_ids, host=twin, varlen=segments)
         # The table may live on the CPU (embedding offload): gather rows there, move only those.
         x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)).to(device)
         cos, sin = self.rope_tables(positions, x.dtype)

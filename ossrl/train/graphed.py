@@ -15,7 +15,9 @@ positions, documents, branches, and the targets' index padded to the capacity wi
 whose incoming gradient is always zero), a forward graph (the model from those buffers, its
 attention masks' block tables built on the device inside the graph, then the targets' log-probs)
 and a backward graph (from fixed buffers of incoming gradients, the LoRA gradients added into the
-`.grad` buffers in one launch). A shape is captured the second time
+`.grad` buffers in one launch). With `attention.VARLEN_ATTENTION`, a layout that FlashAttention's
+varlen kernels serve also keeps its segments in fixed buffers (`SegmentBuffers`: their counts and
+longest runs rounded up, a part of the bucket's key). A shape is captured the second time
 it comes (a one-off shape runs eagerly and costs nothing extra), after a warm-up on the fixed
 buffers that compiles and autotunes what the capture will need. Every graph draws on one memory
 pool, so a bucket's forward and backward must be replayed as a pair with no other captured
@@ -41,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ossrl.kernels import attention
+from ossrl.kernels.varlen_attention import SegmentBuffers, document_segments
 from ossrl.model.expert_copies import dense_copy_addresses, mxfp4_experts
 from ossrl.model.gptoss import weight_storage
 from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, packed_logprobs, sequence_logprobs
@@ -103,6 +107,7 @@ class _Bucket:
     doc_ids: torch.Tensor  # [R, T]
     branch_ids: torch.Tensor | None  # [R, T]
     index: torch.Tensor  # [C] flat target positions, padded with 0
+    segments: SegmentBuffers | None  # the layout's varlen segments (attention.VARLEN_ATTENTION), or None
     forward_fn: Callable | None = None  # the model on these buffers: (log-probs [C], entropies [C] or [0])
     outputs: tuple = ()  # the forward's outputs, detached (the graph's own buffers when captured)
     grad_outputs: tuple = ()  # fixed incoming gradients, one per differentiable output (the first ones)
@@ -204,8 +209,10 @@ class CapturedLogprobs:
         index = batch.target_index()
         R, T = batch.input_ids.shape
         n = index.numel()
+        segments = self._segments(batch)
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
-               with_entropy, with_entropy and entropy_grad, self.model.training)  # (what the forward reads)
+               with_entropy, with_entropy and entropy_grad, self.model.training,
+               None if segments is None else segments.capacity(T))  # (what the forward reads)
         bucket = self._buckets.get(key)
         if bucket is not None and bucket.copies != dense_copy_addresses(self._experts):
             # The graphs read the kept expert copies by address, and they were remade since (frozen
@@ -215,13 +222,13 @@ class CapturedLogprobs:
         if bucket is None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if seen >= 2 and key not in self._refused and len(self._buckets) < self.max_buckets:
-                bucket = self._new_bucket(key, batch, index)
+                bucket = self._new_bucket(key, batch, index, segments)
             if bucket is None:  # (eagerly, unpadded)
                 self.eager_calls += 1
                 return sequence_logprobs(self.model, original, temperature=temperature, chunk=chunk,
                                          with_entropy=with_entropy, entropy_grad=entropy_grad)
         else:
-            self._fill(bucket, batch, index)
+            self._fill(bucket, batch, index, segments)
         self.replayed_calls += 1
         logprobs, entropy = _Replay.apply(self, bucket, n, self._anchor)
         return logprobs, (entropy if with_entropy else None)
@@ -243,9 +250,19 @@ class CapturedLogprobs:
             torch.cuda.empty_cache()  # (else "auto" checkpointing does not see the pool's memory as free)
 
     # -- buckets -----------------------------------------------------------------------------
-    def _fill(self, bucket: _Bucket, batch: PackedBatch, index: torch.Tensor) -> None:
-        """Copies the batch into the bucket's buffers without waiting for the device (host tensors
-        through pinned memory)."""
+    @staticmethod
+    def _segments(batch: PackedBatch):
+        """The padded batch's FlashAttention varlen segments (host), where attention runs on them
+        (`attention.VARLEN_ATTENTION`) and the layout has them; else None (FlexAttention in the graph)."""
+        if not attention.VARLEN_ATTENTION or batch.positions.device.type != "cpu":
+            return None
+        return document_segments(batch.positions, batch.doc_ids, batch.branch_ids)
+
+    def _fill(self, bucket: _Bucket, batch: PackedBatch, index: torch.Tensor, segments) -> None:
+        """Copies the batch (and its varlen segments) into the bucket's buffers without waiting for
+        the device (host tensors through pinned memory)."""
+        if bucket.segments is not None:
+            bucket.segments.fill(segments)
         bucket.ids.copy_(batch.input_ids, non_blocking=True)
         for buffer, t in ((bucket.positions, batch.positions), (bucket.doc_ids, batch.doc_ids),
                           (bucket.branch_ids, batch.branch_ids)):
@@ -255,23 +272,25 @@ class CapturedLogprobs:
         bucket.index[:n].copy_(index, non_blocking=True)
         bucket.index[n:].zero_()
 
-    def _new_bucket(self, key: tuple, batch: PackedBatch, index: torch.Tensor) -> _Bucket | None:
-        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _ = key
+    def _new_bucket(self, key: tuple, batch: PackedBatch, index: torch.Tensor, segments) -> _Bucket | None:
+        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _, segment_capacity = key
         device = self.model.lm_head.weight.device
 
         def buffer(dtype=torch.long):
             return torch.zeros(R, T, dtype=dtype, device=device)
 
         bucket = _Bucket(key, buffer(), buffer(), buffer(), buffer() if branches else None,
-                         torch.zeros(capacity, dtype=torch.long, device=device))
-        self._fill(bucket, batch, index)
+                         torch.zeros(capacity, dtype=torch.long, device=device),
+                         None if segment_capacity is None else SegmentBuffers(segment_capacity, device))
+        self._fill(bucket, batch, index, segments)
 
         def forward():
             # (the buffers hold ids checked against the vocabulary on the host as they were filled)
             logprobs, entropy = packed_logprobs(
                 self.model, bucket.ids, bucket.positions, bucket.doc_ids, bucket.branch_ids, bucket.index,
                 temperature=temperature, chunk=chunk, with_entropy=with_entropy, entropy_grad=entropy_grad,
-                target_range=(0, self.model.config.vocab_size - 1))
+                target_range=(0, self.model.config.vocab_size - 1),
+                segments=None if bucket.segments is None else bucket.segments.segments)
             return logprobs, (entropy if entropy is not None else logprobs.new_zeros(0))
 
         bucket.forward_fn = forward

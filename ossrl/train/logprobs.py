@@ -407,9 +407,12 @@ def check_token_range(model, token_range: tuple[int, int] | None) -> None:
 
 
 def packed_logprobs(model, input_ids, positions, doc_ids, branch_ids, index: torch.Tensor, *, temperature: float,
-                    chunk: int, with_entropy: bool, entropy_grad: bool, target_range: tuple[int, int] | None):
-    """`sequence_logprobs` on a packed batch's tensors; index [N]: the flat target positions."""
-    hidden = model.model(input_ids, positions=positions, doc_ids=doc_ids, branch_ids=branch_ids)  # [R, T, H]
+                    chunk: int, with_entropy: bool, entropy_grad: bool, target_range: tuple[int, int] | None,
+                    segments=None):
+    """`sequence_logprobs` on a packed batch's tensors; index [N]: the flat target positions;
+    segments: the layout's varlen `Segments` on the device, if the caller has them (`GptOssModel.forward`)."""
+    extra = {} if segments is None else {"segments": segments}
+    hidden = model.model(input_ids, positions=positions, doc_ids=doc_ids, branch_ids=branch_ids, **extra)  # [R, T, H]
     targets = input_ids.reshape(-1)[index + 1]  # the next token of each target position
     h = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, H]: only rows we need go to the lm_head
     h = h.to(model.lm_head.weight.dtype)  # fp16 mode: the residual stream is fp32
