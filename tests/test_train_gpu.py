@@ -531,7 +531,8 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
     """CapturedLogprobs with VARLEN_ATTENTION on shared-prefix batches: the segments live in the
     bucket's fixed buffers (padded with empty segments and unused gathered keys), and every
     replayed micro-batch's log-probs and LoRA gradients equal eager FlexAttention steps' within
-    bf16 roundings; then a micro-batch whose layout needs larger buffers takes a bucket of its own."""
+    bf16 roundings. The first three share a bucket (the first runs eagerly, the second is captured);
+    the fourth (twelve branches) is a new shape's first call, eager."""
     from ossrl.kernels import attention
     from ossrl.train.graphed import CapturedLogprobs
     from ossrl.train.logprobs import pack_sequences
@@ -546,7 +547,7 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
         trained = [[j >= 40 for j in range(len(s))] for s in seqs]
         return pack_sequences(seqs, trained, max_tokens=1024, share_prefixes=True).to("cuda")
 
-    batches = [batch((150, 170, 90)), batch((120, 200, 60)), batch((100, 100, 100)), batch((10,) * 12)]
+    batches = [batch((150, 170, 90)), batch((120, 200, 60)), batch((130, 130, 130)), batch((10,) * 12)]
 
     def step(fn, b):
         lp, _ = fn(b)
