@@ -50,6 +50,9 @@ class _VarlenSinkAttention(torch.autograd.Function):
             q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
             window_size_left=left, window_size_right=right)
         out, lse, rng, unused = res[0], res[1], res[2], res[3]  # out [N, H, D]; lse [H, N] fp32
+        if lse.shape != (q.shape[1], q.shape[0]):  # (older FlashAttention builds: [S, H, max_q])
+            raise RuntimeError(f"varlen_sink_attention: this torch's FlashAttention returns the varlen "
+                               f"logsumexp as {tuple(lse.shape)}, not [heads, tokens] {(q.shape[1], q.shape[0])}")
         w = torch.sigmoid(lse - sinks.float()[:, None]).contiguous()
         y = sink_triton.scale(out.unsqueeze(0).transpose(1, 2), w[None]).transpose(1, 2)[0]  # [N, H, D]
         ctx.save_for_backward(q, k, v, y, lse, w, cu_q, cu_k, rng, unused)
