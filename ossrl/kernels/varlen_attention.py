@@ -27,11 +27,12 @@ from ossrl.kernels.attention import attention_mask, sink_attention_reference
 
 
 def varlen_available(q: torch.Tensor) -> bool:
-    """Whether FlashAttention's varlen kernels serve q: CUDA, bf16/fp16, head size a multiple of 8
-    up to 256, and torch built with them."""
+    """Whether FlashAttention's varlen kernels serve q: CUDA from sm_80 (T4s and older have none),
+    bf16/fp16, head size a multiple of 8 up to 256, and torch built with them."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward")
-            and torch.backends.cuda.is_flash_attention_available())
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def _window_sizes(window: int | None) -> tuple[int, int]:
