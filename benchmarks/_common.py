@@ -118,7 +118,7 @@ SWITCHES = (
      "--no-flex-static: torch's default (symbolic lengths from the second shape on) in every call; the "
      "library's default (\"training\") compiles static only under autograd (training passes)"),
     ("varlen-attention", "ossrl.kernels.attention", "VARLEN_ATTENTION",
-     "self-attention over packed documents (no shared prefixes) through FlashAttention-2's varlen kernels"),
+     "self-attention over packed documents (shared prefixes too) through FlashAttention-2's varlen kernels"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

@@ -677,3 +677,18 @@ def test_cuda_free_memory_figure_leaves_out_private_pools(monkeypatch):
     assert (free, total) == ((1000 + 158 - 50 - 40) * MiB, 4000 * MiB)
     segments[1]["segment_pool_id"] = (0, 0)  # the same block in the default pool is usable
     assert ckpt.device_memory(torch.device("cuda", 0))[0] == (1000 + 108) * MiB
+
+
+def test_a_one_token_shared_prefix_packs_as_branches_alone():
+    """min_shared=1 with prompts sharing one token: the branches repeat it and nothing is placed
+    before them (the empty prefix once wrote a whole row's targets); every trained token is a
+    target once, and the log-probs equal the plain packing's."""
+    seqs, trained = [[1, 2, 3], [1, 4, 5]], [[False, True, True]] * 2
+    shared = pack_sequences(seqs, trained, max_tokens=8, share_prefixes=True, min_shared=1)
+    assert shared.input_ids[0, :6].tolist() == [1, 2, 3, 1, 4, 5]
+    assert torch.bincount(shared.sequence_index[shared.target_mask], minlength=2).tolist() == [2, 2]
+    model, _ = lora_model(seed=3)
+    with torch.no_grad():
+        a, _ = sequence_logprobs(model, pack_sequences(seqs, trained, max_tokens=8))
+        b, _ = sequence_logprobs(model, shared)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -102,7 +102,7 @@ def test_segment_buffers_hold_a_layout_padded_with_empty_segments():
     host = document_segments(pos, doc, branch)
     T = pos.shape[1]
     buffers = SegmentBuffers(host.capacity(T), "cpu")
-    assert buffers.capacity == (8, T, T, 1024) and buffers.fits(host, T)
+    assert buffers.capacity == host.capacity(T) == (8, T, T, 1024)
     buffers.fill(host)
     s = buffers.segments
     assert s.cu_q.tolist() == [0, 4, 7, 11, 12, 17, 19, 19, 19] and s.cu_k.tolist()[-3:] == [28, 28, 28]
@@ -146,3 +146,12 @@ def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
     assert seen[0] is None and seen[-1] is bucket.segments.segments  # eager first call: from the host copies
     cu = bucket.segments.segments.cu_q
     assert cu.tolist() == [0, 19, 50, 63, 89, 1024, 1024, 1024, 1024]  # prefix, 3 branches, padding, empty
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="branch ids need document ids"):
+        document_segments(torch.tensor([[0, 1, 2, 2]]), None, torch.tensor([[0, 0, 1, 2]]))
+    from ossrl.kernels.varlen_attention import _window_sizes
+
+    with pytest.raises(ValueError, match="at least the query itself, got 0"):
+        _window_sizes(0)

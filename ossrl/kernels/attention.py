@@ -90,7 +90,8 @@ class AttentionMask:
     # dense twin path still reads the device tensors).
     host: AttentionMask | None = field(default=None, repr=False)
     # The FlashAttention varlen segments of this layout where the caller has them on the device
-    # already (a CUDA graph's fixed buffers, `ossrl.train.graphed`): `segments` returns them as given.
+    # already (a CUDA graph's fixed buffers, `ossrl.train.graphed`), or a function that makes them
+    # once for several masks (a forward's layer types): `segments` returns what it gives.
     varlen: object = field(default=None, repr=False)
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
@@ -118,7 +119,7 @@ class AttentionMask:
         mask over documents packed end to end, with or without shared prefixes
         (`varlen_attention.document_segments`), read from the host copy once; else None."""
         if self.varlen is not None:
-            return self.varlen
+            return self.varlen() if callable(self.varlen) else self.varlen
         if self._segments is None:
             self._segments = False
             h = self.host
@@ -382,9 +383,10 @@ def _flex_supports(q: torch.Tensor) -> bool:
     return q.is_cuda and flex_supported(q.shape[-1])
 
 
-# Self-attention over documents packed end to end, shared prefixes included (training batches, SFT,
-# reference log-probs: masks with a host copy), through FlashAttention-2's varlen kernels
-# (`ossrl.kernels.varlen_attention`) instead of FlexAttention: no mask function per block.
+# Self-attention over documents packed end to end, shared prefixes included (masks with a host copy:
+# training batches, SFT, reference log-probs, and the engine's first prefill of packed prompts),
+# through FlashAttention-2's varlen kernels (`ossrl.kernels.varlen_attention`) instead of
+# FlexAttention: no mask function per block.
 VARLEN_ATTENTION = False
 
 
@@ -399,10 +401,10 @@ def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale:
     """
     if isinstance(mask, torch.Tensor):
         return sink_attention_reference(q, k, v, sinks, mask, scale=scale)
-    if VARLEN_ATTENTION and q.is_cuda and q.shape[1] == k.shape[1] and (segments := mask.segments()) is not None:
+    if VARLEN_ATTENTION and q.is_cuda and q.shape[1] == k.shape[1]:
         from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention
 
-        if varlen_available(q):
+        if varlen_available(q) and (segments := mask.segments()) is not None:
             B, T, H, D = q.shape
             out = varlen_sink_attention(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), sinks, segments, window=mask.window,

@@ -27,17 +27,27 @@ from ossrl.kernels.attention import attention_mask, sink_attention_reference
 
 
 def varlen_available(q: torch.Tensor) -> bool:
-    """Whether FlashAttention's varlen kernels serve q: CUDA from sm_80 (T4s and older have none),
-    bf16/fp16, head size a multiple of 8 up to 256, and torch built with them."""
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and hasattr(torch.ops.aten, "_flash_attention_forward")
+    """Whether these kernels serve q: CUDA from sm_80 (T4s and older have no FlashAttention-2),
+    bf16/fp16, a head size that is a power of two from 16 to 256 (FlashAttention wants a multiple
+    of 8, the sinks' Triton kernels a power of two), torch built with FlashAttention, and Triton."""
+    D = q.shape[-1]
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 256 and D & (D - 1) == 0
+            and hasattr(torch.ops.aten, "_flash_attention_forward")
             and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+        return False
+    from ossrl.kernels.moe import triton_available
+
+    return triton_available()
 
 
 def _window_sizes(window: int | None) -> tuple[int, int]:
     """FlashAttention's (left, right): the window counts the query itself, FlashAttention's left
-    size the keys before it."""
+    size the keys before it. The right size is 0, not -1, even without a window: with -1 and one
+    query in every segment FlashAttention takes its grouped-query decode path, which assumes no
+    empty segments and lays out lse otherwise (a graph's buffers end with empty segments)."""
+    if window is not None and window < 1:
+        raise ValueError(f"varlen_sink_attention: a window sees at least the query itself, got {window}")
     return (-1, 0) if window is None else (window - 1, 0)
 
 
@@ -151,10 +161,6 @@ class SegmentBuffers:
         self.capacity = capacity
         self.segments = Segments(cu_q, cu_k, max_q, max_k, key_index, padded=True)
 
-    def fits(self, host: Segments, row_length: int) -> bool:
-        """Whether `host` fits these buffers (its capacity is theirs)."""
-        return host.capacity(row_length) == self.capacity
-
     def fill(self, host: Segments) -> None:
         s = self.segments
         n = host.cu_q.numel()
@@ -216,6 +222,8 @@ def document_segments(positions: torch.Tensor, doc_ids: torch.Tensor | None,
     prefix's keys and its own. Returns None for any other layout (the general path serves it)."""
     if any(t is not None and t.device.type != "cpu" for t in (positions, doc_ids, branch_ids)):
         raise ValueError("document_segments reads the layout on the host")
+    if branch_ids is not None and doc_ids is None:
+        raise ValueError("document_segments: branch ids need document ids")
     B, T = positions.shape
     if B * T == 0:
         return None
@@ -268,6 +276,12 @@ def document_segments(positions: torch.Tensor, doc_ids: torch.Tensor | None,
                 cu_k.append(cu_k[-1] + sum(k1 - k0 for k0, k1 in keys))
     cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
     return Segments(cu_q_t, cu_k_t, int(cu_q_t.diff().max()), int(cu_k_t.diff().max()), torch.cat(key_index))
+
+
+def host_segments(layout: tuple, device) -> Segments | None:
+    """`document_segments` of a forward's host (positions, doc_ids, branch_ids), moved to `device`."""
+    found = document_segments(*layout)
+    return None if found is None else found.to(device)
 
 
 def varlen_sink_attention_reference(q, k, v, sinks, segments: Segments, *, window: int | None,

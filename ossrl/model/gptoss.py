@@ -16,6 +16,7 @@ other matmul runs in fp16.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -30,6 +31,7 @@ from ossrl.kernels.moe import (
 )
 from ossrl.kernels.mxfp4 import dequantize_mxfp4
 from ossrl.kernels.transfer import host_to_device
+from ossrl.kernels.varlen_attention import host_segments
 from ossrl.model.checkpointing import (
     activation_budget, activations_then_copies, measure_saved_bytes, plain_layer_count,
 )
@@ -651,6 +653,8 @@ class GptOssModel(nn.Module):
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
         masks = {}
+        if segments is None and host is not None and k_pos is positions:  # (one layout for every layer type)
+            segments = functools.cache(lambda: host_segments(host, device))
         for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}:
             # (a cache that adds keys before these queries' has no host copy of their positions)
             twin = None if host is None or k_pos is not positions else \

@@ -311,6 +311,8 @@ def pack_sequences(sequences: list[list[int]], trained: list[list[bool]], *, max
         end column. The last token's target is the sequence's next token, so it is set only when the
         sequence ends here (a shared prefix stops before untrained tokens: no targets there anyway)."""
         n = stop - start
+        if n <= 0:  # (a one-token shared prefix: the branches repeat it, nothing is placed before them)
+            return t
         input_ids[r, t:t + n] = torch.tensor(sequences[i][start:stop])
         positions[r, t:t + n] = torch.arange(start, stop)
         doc_ids[r, t:t + n] = doc
