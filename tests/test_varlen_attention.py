@@ -71,13 +71,18 @@ def test_other_layouts_are_refused(pos, doc, branch):
     assert document_segments(*t) is None
 
 
-def test_mask_segments_come_from_the_host_copy():
+def test_mask_segments_are_what_its_creator_gave():
+    """AttentionMask.segments: the `varlen` given (segments, or a function called when asked), else
+    None; a mask never derives them itself (GptOssModel.forward gives them to forwards without a KV
+    cache; the engine's prefills keep FlexAttention)."""
     pos, doc, branch = LAYOUTS["shared_prefix"][0]
+    found = document_segments(pos, doc, branch)
     host = AttentionMask(pos, pos, None, doc, doc, branch, branch)
-    found = AttentionMask(pos.clone(), pos.clone(), None, doc.clone(), doc.clone(), branch.clone(), branch.clone(),
-                          host=host).segments()
-    assert found.key_index is not None and found.cu_q.tolist() == [0, 4, 7, 11, 12, 17, 19]
-    assert AttentionMask(pos, pos, None, doc, doc, branch, branch).segments() is None  # no host copy: not read back
+    assert AttentionMask(pos, pos, None, doc, doc, branch, branch, host=host).segments() is None
+    assert AttentionMask(pos, pos, None, doc, doc, branch, branch, varlen=found).segments() is found
+    calls = []
+    lazy = AttentionMask(pos, pos, None, doc, doc, branch, branch, varlen=lambda: calls.append(1) or found)
+    assert calls == [] and lazy.segments() is found and calls == [1]
 
 
 def test_reference_refuses_segments_that_do_not_cover_the_queries():

@@ -96,7 +96,6 @@ class AttentionMask:
     _dense: torch.Tensor | None = field(default=None, init=False, repr=False)
     _block_mask: object = field(default=None, init=False, repr=False)
     _padded: tuple | None = field(default=None, init=False, repr=False)  # ((Tq, Tk), mask): `_padded_to`
-    _segments: object = field(default=None, init=False, repr=False)  # `segments`: Segments, or False (none)
 
     def __post_init__(self):
         if (self.q_doc is None) != (self.k_doc is None):
@@ -115,21 +114,12 @@ class AttentionMask:
         return self._dense
 
     def segments(self):
-        """FlashAttention varlen `Segments` (on the positions' device) where this is a self-attention
-        mask over documents packed end to end, with or without shared prefixes
-        (`varlen_attention.document_segments`), read from the host copy once; else None."""
-        if self.varlen is not None:
-            return self.varlen() if callable(self.varlen) else self.varlen
-        if self._segments is None:
-            self._segments = False
-            h = self.host
-            if h is not None and h.q_pos is h.k_pos and h.q_doc is h.k_doc and h.q_branch is h.k_branch:
-                from ossrl.kernels.varlen_attention import document_segments
-
-                found = document_segments(h.q_pos, h.q_doc, h.q_branch)
-                if found is not None:
-                    self._segments = found.to(self.q_pos.device)
-        return self._segments or None
+        """The FlashAttention varlen `Segments` its creator gave (`varlen`: the segments, or a function
+        that makes them), or None. `GptOssModel.forward` gives them for forwards without a KV cache
+        (training and log-prob passes) whose layout has them (`varlen_attention.document_segments`)."""
+        if self.varlen is None:
+            return None
+        return self.varlen() if callable(self.varlen) else self.varlen
 
     def block_mask(self):
         """FlexAttention BlockMask on the positions' device, built on first use (from `host` if given)."""
@@ -383,11 +373,15 @@ def _flex_supports(q: torch.Tensor) -> bool:
     return q.is_cuda and flex_supported(q.shape[-1])
 
 
-# Self-attention over documents packed end to end, shared prefixes included (masks with a host copy:
-# training batches, SFT, reference log-probs, and the engine's first prefill of packed prompts),
-# through FlashAttention-2's varlen kernels (`ossrl.kernels.varlen_attention`) instead of
-# FlexAttention: no mask function per block.
-VARLEN_ATTENTION = False
+# Self-attention over documents packed end to end, shared prefixes included (forwards without a KV
+# cache whose layout is on the host: training batches, SFT, old and reference log-probs; the engine's
+# prefills keep FlexAttention), through FlashAttention-2's varlen kernels in bf16
+# (`ossrl.kernels.varlen_attention`) instead of FlexAttention: no mask function per block. On since
+# session 23 (H100, 20b shapes, kept expert copies): eager steps 0.2220 -> 0.2109 s at 4K and
+# 0.4330 -> 0.4169 s at 8K in one process (results/train_varlen_ab_s23_h100.json); a GRPO step's
+# training phase 3.97 -> 3.74 s, peak 48.1 -> 46.5 GB (results/grpo_step_*_s23_h100.json);
+# steps replayed from CUDA graphs about the same (0.2092 / 0.4265 s against session 22's 0.2100 / 0.4313).
+VARLEN_ATTENTION = True
 
 
 def sink_attention(q, k, v, sinks, mask: AttentionMask | torch.Tensor, *, scale: float) -> torch.Tensor:

@@ -28,10 +28,11 @@ from ossrl.kernels.attention import attention_mask, sink_attention_reference
 
 def varlen_available(q: torch.Tensor) -> bool:
     """Whether these kernels serve q: CUDA from sm_80 (T4s and older have no FlashAttention-2),
-    bf16/fp16, a head size that is a power of two from 16 to 256 (FlashAttention wants a multiple
-    of 8, the sinks' Triton kernels a power of two), torch built with FlashAttention, and Triton."""
+    bf16 (the fp16 mode keeps FlexAttention, as measured there), a head size that is a power of
+    two from 16 to 256 (FlashAttention wants a multiple of 8, the sinks' Triton kernels a power of
+    two), torch built with FlashAttention, and Triton."""
     D = q.shape[-1]
-    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 256 and D & (D - 1) == 0
+    if not (q.is_cuda and q.dtype == torch.bfloat16 and 16 <= D <= 256 and D & (D - 1) == 0
             and hasattr(torch.ops.aten, "_flash_attention_forward")
             and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(q.device) >= (8, 0)):

@@ -630,7 +630,8 @@ class GptOssModel(nn.Module):
         copies (no kernel launches; the engine's prefills and training batches do this; an FSDP
         root moves them to the device before this runs).
         segments: this layout's FlashAttention varlen `Segments` already on the device (a CUDA graph's
-        buffers: `ossrl.train.graphed`), for `attention.VARLEN_ATTENTION`; else made from the host copies.
+        buffers: `ossrl.train.graphed`), for `attention.VARLEN_ATTENTION`; else, without a cache, made
+        from the host copies when attention first asks.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -653,7 +654,7 @@ class GptOssModel(nn.Module):
         # One mask per layer type, shared by its layers (and by recomputation under checkpointing);
         # each builds its dense bool (CPU) or FlexAttention BlockMask (CUDA) once, on first use.
         masks = {}
-        if segments is None and host is not None and k_pos is positions:  # (one layout for every layer type)
+        if segments is None and host is not None and cache is None:  # (made once, for every layer type)
             segments = functools.cache(lambda: host_segments(host, device))
         for window in {self.config.window(i) for i in range(self.config.num_hidden_layers)}:
             # (a cache that adds keys before these queries' has no host copy of their positions)
