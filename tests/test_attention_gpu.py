@@ -306,18 +306,15 @@ def _packed_layout(shared: bool):
     """Host positions, documents and branches [1, N] of a packed row: documents of 300, 77 and 129
     tokens, then (shared) a 90-token prefix with branches of 200, 1 and 140 tokens, or the same
     tokens as plain documents; lengths not multiples of any tile, one shorter than the window."""
-    pos, doc, branch = [], [], []
-    for d, n in enumerate((300, 77, 129)):
-        pos.append(torch.arange(n)), doc.append(torch.full((n,), d)), branch.append(torch.zeros(n, dtype=torch.long))
+    runs = [(d, 0, 0, n) for d, n in enumerate((300, 77, 129))]  # (document, branch, first position, tokens)
     if shared:
-        pos.append(torch.arange(90)), doc.append(torch.full((90,), 3)), branch.append(torch.zeros(90, dtype=torch.long))
-        for b, n in enumerate((200, 1, 140)):
-            pos.append(torch.arange(90, 90 + n)), doc.append(torch.full((n,), 3))
-            branch.append(torch.full((n,), b + 1))
+        runs += [(3, 0, 0, 90)] + [(3, b + 1, 90, n) for b, n in enumerate((200, 1, 140))]
     else:
-        for d, n in enumerate((290, 1, 140)):
-            pos.append(torch.arange(n)), doc.append(torch.full((n,), 4 + d)), branch.append(torch.zeros(n, dtype=torch.long))
-    return tuple(torch.cat(t)[None] for t in (pos, doc, branch))
+        runs += [(4 + d, 0, 0, n) for d, n in enumerate((290, 1, 140))]
+    pos = torch.cat([torch.arange(p, p + n) for _, _, p, n in runs])
+    doc = torch.cat([torch.full((n,), d) for d, _, _, n in runs])
+    branch = torch.cat([torch.full((n,), b) for _, b, _, n in runs])
+    return pos[None], doc[None], branch[None]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["documents", "shared_prefix"])

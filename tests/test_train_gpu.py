@@ -547,7 +547,8 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
         trained = [[j >= 40 for j in range(len(s))] for s in seqs]
         return pack_sequences(seqs, trained, max_tokens=1024, share_prefixes=True).to("cuda")
 
-    batches = [batch((150, 170, 90)), batch((120, 200, 80)), batch((130, 130, 130)), batch((10,) * 12)]  # 410, 400, 390 targets: one capacity
+    # 410, 400 and 390 targets: one capacity (512)
+    batches = [batch((150, 170, 90)), batch((120, 200, 80)), batch((130, 130, 130)), batch((10,) * 12)]
 
     def step(fn, b):
         lp, _ = fn(b)

@@ -190,7 +190,8 @@ def varlen_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
             raise ValueError(f"varlen_sink_attention: segments.{name} must be int32 on {q.device}, got "
                              f"{t.dtype} on {t.device}")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"varlen_sink_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
+        raise ValueError(f"varlen_sink_attention: {q.shape[1]} query heads are not a multiple of "
+                         f"{k.shape[1]} key heads")
     if segments.key_index is not None:
         count = segments.cu_k[-1] if segments.padded else None
         k, v = (_GatherRows.apply(x, segments.key_index, count) for x in (k, v))
