@@ -1,6 +1,8 @@
 """The training step on CUDA in the fp16 compute mode (GPUs without bf16), against fp32 on the same
 weights, with the loss scaling the trainers use (run: pytest -m gpu tests/test_train_gpu.py)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -385,6 +387,26 @@ def _small_mxfp4_lora_model():
     return model
 
 
+def _eager_then_captured(model, batches, step, before_capture=None):
+    """step(fn, batch) over the batches with fn = sequence_logprobs, then (after `before_capture`)
+    with a new CapturedLogprobs, its gradient buffers cleared before each: (the eager results, the
+    captured ones, the CapturedLogprobs)."""
+    from ossrl.train.graphed import CapturedLogprobs
+
+    reference = []
+    for b in batches:
+        reference.append(step(functools.partial(sequence_logprobs, model), b))
+        model.zero_grad(set_to_none=True)
+    if before_capture is not None:
+        before_capture()
+    captured = CapturedLogprobs(model)
+    results = []
+    for b in batches:
+        captured.zero_grad()
+        results.append(step(captured, b))
+    return reference, results, captured
+
+
 def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
     """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
     prefixes so branch masks are built on the device inside the graph, entropies logged): five
@@ -417,15 +439,7 @@ def test_captured_training_steps_replay_the_eager_log_probs_and_gradients():
         (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
         return lp.detach().float(), ent.float(), [p.grad.float().clone() for p in lora_parameters(model)]
 
-    reference = []
-    for b in batches:
-        reference.append(step(lambda b, **kw: sequence_logprobs(model, b, **kw), b))
-        model.zero_grad(set_to_none=True)
-    captured = CapturedLogprobs(model)
-    results = []
-    for b in batches:
-        captured.zero_grad()
-        results.append(step(captured, b))
+    reference, results, captured = _eager_then_captured(model, batches, step)
     assert captured.refused == {}
     assert (captured.eager_calls, captured.replayed_calls) == (2, 4)
     assert all(bucket.forward_graph is not None for bucket in captured._buckets.values())
@@ -534,7 +548,6 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
     bf16 roundings. The first three share a bucket (the first runs eagerly, the second is captured);
     the fourth (twelve branches) is a new shape's first call, eager."""
     from ossrl.kernels import attention
-    from ossrl.train.graphed import CapturedLogprobs
     from ossrl.train.logprobs import pack_sequences
 
     model = _small_mxfp4_lora_model()
@@ -555,16 +568,9 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
         (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
         return lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]
 
-    reference = []
-    for b in batches:
-        reference.append(step(lambda b: sequence_logprobs(model, b), b))
-        model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(attention, "VARLEN_ATTENTION", True)
-    captured = CapturedLogprobs(model)
-    results = []
-    for b in batches:
-        captured.zero_grad()
-        results.append(step(captured, b))
+    monkeypatch.setattr(attention, "VARLEN_ATTENTION", False)  # the reference: FlexAttention
+    reference, results, captured = _eager_then_captured(
+        model, batches, step, before_capture=lambda: monkeypatch.setattr(attention, "VARLEN_ATTENTION", True))
     assert captured.refused == {}
     assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # the first and the last: new shapes
     (bucket,) = captured._buckets.values()
