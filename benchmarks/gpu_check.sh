@@ -31,7 +31,7 @@
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; grpocapture: grpo_step.py (3 steps)
 # without, then with, capture_training; attnprobe: benchmarks/attn_probe.py (sink attention by
 # FlexAttention and by FlashAttention-2 varlen, 4K/8K); varlenab: train.py --interleave 4K/8K steps without, then
-# with, VARLEN_ATTENTION (40 GB of kept expert copies); generate: benchmarks/generate.py. Logs and JSON go
+# with, VARLEN_ATTENTION (40 GB of kept expert copies), eager and then replayed from CUDA graphs; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -290,6 +290,11 @@ if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps with FlexAtten
     timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
         --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
         --out "$out/train_varlen_ab.json" 2>&1 | tee "$out/train_varlen_ab.log" | grep -E '^\{|Error|error' | cut -c1-300
+    # the same, every step replayed from CUDA graphs (a bucket per configuration)
+    timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
+        --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
+        --interleave-captured --out "$out/train_varlen_ab_captured.json" 2>&1 | tee "$out/train_varlen_ab_captured.log" \
+        | grep -E '^\{|Error|error' | cut -c1-300
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \

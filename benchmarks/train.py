@@ -106,11 +106,16 @@ def lora_step(model, batch: PackedBatch, opt=None, captured=None) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0) -> list:
+def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts_gb: float = 0.0,
+                      captured: bool = False) -> list:
     """Each size: every configuration (a tuple of switch flags, "NAME" turned on and "no-NAME" off,
     over the switches as the command line left them) warmed up, then `repeats` rounds of one timed
     step per configuration in turn, so that drift in the device's speed reaches each alike; one
-    model (LoRA r=16, no checkpointing, `dense_experts_gb` of kept bf16 expert copies)."""
+    model (LoRA r=16, no checkpointing, `dense_experts_gb` of kept bf16 expert copies). `captured`:
+    every step through one CapturedLogprobs (each configuration whose forward differs in what the
+    graphs read, e.g. varlen attention's segments, gets a bucket of its own; four warm-up steps, so
+    that each is captured and replayed before the timed ones; a switch the bucket's key does not
+    see would replay the other configuration's graphs, so the rows record the buckets made)."""
     from _common import SWITCHES
     import importlib
 
@@ -124,16 +129,21 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
 
     model, _ = lora_model_on_gpu(config)
     configure_memory(model, gradient_checkpointing=False, dense_experts_gb=dense_experts_gb)
+    graphs = None
+    if captured:
+        from ossrl.train.graphed import CapturedLogprobs
+
+        graphs = CapturedLogprobs(model, max_tokens=1 << 30, max_buckets=len(configurations) * len(sizes))
     rows = []
     for T in sizes:
         batch = single_document(T, config.vocab_size, "cuda")
 
         def step():
-            lora_step(model, batch)
+            lora_step(model, batch, captured=graphs)
             torch.cuda.synchronize()
 
         times = {on: [] for on in configurations}
-        for _ in range(2):  # (WARMUP_STEPS' note)
+        for _ in range(4 if captured else 2):  # (WARMUP_STEPS' note; captured: eager, capture, replays)
             for on in configurations:
                 switch(on)
                 step()
@@ -147,6 +157,9 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
         for on in configurations:
             r = {"tokens": T, "configuration": list(on), "seconds": round(statistics.median(times[on]), 4),
                  "min_seconds": round(min(times[on]), 4), "all_seconds": [round(t, 4) for t in times[on]]}
+            if graphs is not None:
+                r.update(captured=True, buckets=len(graphs._buckets), replayed_steps=graphs.replayed_calls,
+                         eager_steps=graphs.eager_calls, capture_refused=list(graphs.refused.values()))
             print(json.dumps(r), flush=True)
             rows.append(r)
     return rows
@@ -271,7 +284,11 @@ def main():
                          "on, no-eager-logprob-grad off, comma-separated; configurations separated by ';', "
                          "an empty one = the switches as given) timed in turn, --repeats rounds per size; "
                          "ossrl only, no checkpointing")
+    ap.add_argument("--interleave-captured", action="store_true",
+                    help="--interleave with every step replayed from CUDA graphs (one CapturedLogprobs)")
     args = ap.parse_args()
+    if args.interleave_captured and args.interleave is None:
+        ap.error("--interleave-captured needs --interleave")
     switches = apply_switches(args)
     if args.flex_kernel_options:
         attention.FLEX_KERNEL_OPTIONS = json.loads(args.flex_kernel_options)
@@ -295,7 +312,8 @@ def main():
                 ap.error(f"--interleave: unknown switch {unknown[0]!r} (known: {', '.join(sorted(names))})")
         if len(set(configurations)) < len(configurations):
             ap.error("--interleave: a configuration is given twice")
-        rows = interleaved_steps(config, sizes, configurations, args.repeats, args.dense_experts_gb)
+        rows = interleaved_steps(config, sizes, configurations, args.repeats, args.dense_experts_gb,
+                                 captured=args.interleave_captured)
         result = {"benchmark": "train_step_interleaved", **device_info(), **switches,
                   "dense_experts_gb": args.dense_experts_gb,
                   "model": f"gpt-oss-{args.model} shapes, random weights, MXFP4 experts, LoRA r=16 (ossrl only)",
