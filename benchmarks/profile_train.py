@@ -4,7 +4,11 @@ by where it was launched: forward (and checkpoint recompute) by module class, ba
 node.
 
     python benchmarks/profile_train.py [--tokens 4096] [--checkpointing auto|true] [--dense-experts-gb GB] [--top 25]
+        [--captured]
     # a diagnosis tool, not a benchmark
+
+--captured profiles a step replayed from CUDA graphs (ossrl.train.graphed.CapturedLogprobs): the
+kernels only, since a replay runs no Python (the module and autograd tables stay empty).
 
 --checkpointing auto (the default, as benchmarks/train.py's main rows) recomputes only the layers
 whose activations do not fit; true recomputes every layer (the lean mode).
@@ -35,7 +39,9 @@ ap.add_argument("--tokens", type=int, default=4096)
 ap.add_argument("--checkpointing", default="auto", choices=("auto", "true"))
 ap.add_argument("--dense-experts-gb", type=float, default=0.0, help="kept bf16 expert copies (configure_memory)")
 ap.add_argument("--top", type=int, default=25, help="kernels listed")
-add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels"))
+ap.add_argument("--captured", action="store_true",
+                help="profile a step replayed from CUDA graphs (CapturedLogprobs; kernels only: no module ranges)")
+add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "varlen-attention"))
 args = ap.parse_args()
 print(apply_switches(args))
 config = GptOssConfig.gpt_oss_20b()
@@ -47,14 +53,26 @@ model.train()
 batch = single_document(args.tokens, config.vocab_size, "cuda")
 
 
+captured = None
+if args.captured:
+    from ossrl.train.graphed import CapturedLogprobs
+
+    captured = CapturedLogprobs(model, max_tokens=1 << 30)
+
+
 def step():
-    lp, _ = sequence_logprobs(model, batch)
+    if captured is not None:
+        captured.zero_grad()
+    lp, _ = captured(batch) if captured is not None else sequence_logprobs(model, batch)
     (-lp.mean()).backward()
-    model.zero_grad(set_to_none=True)
+    if captured is None:
+        model.zero_grad(set_to_none=True)
 
 
-for _ in range(2):
+for _ in range(3 if captured else 2):  # (captured: the first runs eagerly, the second captures)
     step()
+if captured is not None:
+    print(f"captured: {captured.replayed_calls} replayed, {captured.eager_calls} eager, refused {captured.refused}")
 torch.cuda.synchronize()
 t = time.perf_counter()
 step()
