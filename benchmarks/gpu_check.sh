@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [profcaptured] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -31,7 +31,8 @@
 # dense: the kept bf16 expert copies' GPU test and train.py --dense-ab; grpocapture: grpo_step.py (3 steps)
 # without, then with, capture_training; attnprobe: benchmarks/attn_probe.py (sink attention by
 # FlexAttention and by FlashAttention-2 varlen, 4K/8K); varlenab: train.py --interleave 4K/8K steps without, then
-# with, VARLEN_ATTENTION (40 GB of kept expert copies), eager and then replayed from CUDA graphs; generate: benchmarks/generate.py. Logs and JSON go
+# with, VARLEN_ATTENTION (40 GB of kept expert copies), eager and then replayed from CUDA graphs; profcaptured:
+# profile_train.py --captured at 4K, FlexAttention then varlen; generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -295,6 +296,13 @@ if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps with FlexAtten
         --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
         --interleave-captured --out "$out/train_varlen_ab_captured.json" 2>&1 | tee "$out/train_varlen_ab_captured.log" \
         | grep -E '^\{|Error|error' | cut -c1-300
+fi
+if [[ $what == *" profcaptured "* ]]; then  # session 23: a replayed 4K step's kernels, FlexAttention then varlen
+    for flag in --no-varlen-attention --varlen-attention; do
+        timeout 150 python benchmarks/profile_train.py --tokens ${PROF_TOKENS:-4096} --dense-experts-gb 40 --captured \
+            --top 40 $flag > "$out/profile_train_captured$flag.txt" 2>&1
+        grep -E "tokens: step|captured:" "$out/profile_train_captured$flag.txt"
+    done
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \
