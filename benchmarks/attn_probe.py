@@ -38,10 +38,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def kernel_table(fn) -> list:
+    """[(kernel name, calls, GPU microseconds)] of one call of fn, the longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key[:90], e.count, round(e.self_device_time_total, 1)) for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])[:12]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="4096,8192")
     ap.add_argument("--out", default="benchmarks/results/attn_probe.json")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list each path's kernels (torch profiler) for one forward + backward per case")
     args = ap.parse_args()
     Hq, Hk, D, scale = 64, 8, 64, 0.125
     result = dict(device_info(), varlen_available=None, cases=[])
@@ -83,6 +98,8 @@ def main():
                         case[f"{name}_fwd_ms"] = median_ms(lambda: fn(*xs), 10)  # (grad mode: flex's static kernel)
                         case[f"{name}_fwd_bwd_ms"] = median_ms(lambda: fn(*xs).backward(grad), 10)
                         case[f"{name}_fwd_bwd_TFLOPs"] = 3.5 * case["fwd_gflop"] / case[f"{name}_fwd_bwd_ms"]
+                        if args.profile:
+                            case[f"{name}_kernels"] = kernel_table(lambda: fn(*xs).backward(grad))
                     except Exception as exc:  # a probe: record and go on
                         case[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:800]
                         traceback.print_exc()

@@ -284,7 +284,8 @@ if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options
         | grep -oE '"name": "[^"]+"|"layers_ms": [0-9.]+|"error": "[^"]{0,80}|fastest.*' | paste -sd' ' | sed 's/"name"/\n&/g'
 fi
 if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention by FlexAttention against FlashAttention-2 varlen
-    timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} \
+    # ATTNPROBE_ARGS (optional): e.g. --profile (each path's kernels, one step per case)
+    timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} ${ATTNPROBE_ARGS:-} \
         --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
 fi
 if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps with FlexAttention, then FlashAttention varlen, in turn
