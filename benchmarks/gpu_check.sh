@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [profcaptured] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [profcaptured] [densesweep] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -32,7 +32,8 @@
 # without, then with, capture_training; attnprobe: benchmarks/attn_probe.py (sink attention by
 # FlexAttention and by FlashAttention-2 varlen, 4K/8K); varlenab: train.py --interleave 4K/8K steps without, then
 # with, VARLEN_ATTENTION (40 GB of kept expert copies), eager and then replayed from CUDA graphs; profcaptured:
-# profile_train.py --captured at 4K, FlexAttention then varlen; generate: benchmarks/generate.py. Logs and JSON go
+# profile_train.py --captured at 4K, FlexAttention then varlen; densesweep: moe.py --dense-train-sweep (bf16
+# experts' tiles at 4K / 8K tokens); generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -304,6 +305,10 @@ if [[ $what == *" profcaptured "* ]]; then  # session 23: a replayed 4K step's k
             --top 40 $flag > "$out/profile_train_captured$flag.txt" 2>&1
         grep -E "tokens: step|captured:" "$out/profile_train_captured$flag.txt"
     done
+fi
+if [[ $what == *" densesweep "* ]]; then  # session 23: the bf16 experts' tiles at 4K / 8K tokens (kept copies' path)
+    timeout ${DENSESWEEP_TIMEOUT:-400} python benchmarks/moe.py --dense-train-sweep --out "$out/moe_dense_train_sweep.json" \
+        2>&1 | tee "$out/moe_dense_train_sweep.log" | grep -E "dense_train_sweep|Error" | cut -c1-260
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \
