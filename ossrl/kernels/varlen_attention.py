@@ -163,8 +163,10 @@ class SegmentBuffers:
         self.segments = Segments(cu_q, cu_k, max_q, max_k, key_index, padded=True)
 
     def fill(self, host: Segments) -> None:
+        """Copies `host` (of this capacity) in; the device need not be idle (the copies queue)."""
         s = self.segments
         n = host.cu_q.numel()
+
         def pinned(t):  # (a copy from pageable memory would wait for the device)
             return t.pin_memory() if s.cu_q.is_cuda else t
 
