@@ -1,6 +1,8 @@
-"""The training step's sink attention two ways: FlexAttention (the library's path) against
-FlashAttention-2's varlen kernels with the sinks folded in (`ossrl.kernels.varlen_attention`).
-A probe (does the second path agree, and is it faster?), not a benchmark against a baseline.
+"""The training step's sink attention two ways: FlexAttention (the library's general path) against
+FlashAttention-2's varlen kernels with the sinks folded in (`ossrl.kernels.varlen_attention`, the
+training default since session 23). A probe (does the second path agree, and is it faster?), not
+a benchmark against a baseline. Each call is timed with CUDA events around the Python call, so a
+case whose kernels are short (sliding layers) may time the host's launches as much as the GPU.
 
     python benchmarks/attn_probe.py [--tokens 4096,8192] [--out attn_probe.json]
 

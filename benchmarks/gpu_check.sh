@@ -284,31 +284,31 @@ if [[ $what == *" flextune "* ]]; then  # session 17: FlexAttention tile options
         --out "$out/flex_tune.json" 2>&1 | tee "$out/flex_tune.log" | grep -E '"name"|fastest|Error' \
         | grep -oE '"name": "[^"]+"|"layers_ms": [0-9.]+|"error": "[^"]{0,80}|fastest.*' | paste -sd' ' | sed 's/"name"/\n&/g'
 fi
-if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention by FlexAttention against FlashAttention-2 varlen
+if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention, FlexAttention against FlashAttention-2 varlen
     # ATTNPROBE_ARGS (optional): e.g. --profile (each path's kernels, one step per case)
-    timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} ${ATTNPROBE_ARGS:-} \
-        --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
+    timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} \
+        ${ATTNPROBE_ARGS:-} --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
 fi
-if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps with FlexAttention, then FlashAttention varlen, in turn
-    timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
-        --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
-        --out "$out/train_varlen_ab.json" 2>&1 | tee "$out/train_varlen_ab.log" | grep -E '^\{|Error|error' | cut -c1-300
-    # the same, every step replayed from CUDA graphs (a bucket per configuration)
-    timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
-        --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 --interleave "no-varlen-attention;varlen-attention" \
-        --interleave-captured --out "$out/train_varlen_ab_captured.json" 2>&1 | tee "$out/train_varlen_ab_captured.log" \
-        | grep -E '^\{|Error|error' | cut -c1-300
+if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps, FlexAttention then varlen, in turn
+    for captured in "" --interleave-captured; do  # eager steps, then every step replayed from CUDA graphs
+        name=train_varlen_ab${captured:+_captured}
+        timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
+            --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 \
+            --interleave "no-varlen-attention;varlen-attention" $captured --out "$out/$name.json" 2>&1 \
+            | tee "$out/$name.log" | grep -E '^\{|Error|error' | cut -c1-300
+    done
 fi
 if [[ $what == *" profcaptured "* ]]; then  # session 23: a replayed 4K step's kernels, FlexAttention then varlen
     for flag in --no-varlen-attention --varlen-attention; do
-        timeout 150 python benchmarks/profile_train.py --tokens ${PROF_TOKENS:-4096} --dense-experts-gb 40 --captured \
-            --top 40 $flag > "$out/profile_train_captured$flag.txt" 2>&1
+        timeout 150 python benchmarks/profile_train.py --tokens ${PROF_TOKENS:-4096} --dense-experts-gb 40 \
+            --captured --top 40 $flag > "$out/profile_train_captured$flag.txt" 2>&1
         grep -E "tokens: step|captured:" "$out/profile_train_captured$flag.txt"
     done
 fi
-if [[ $what == *" densesweep "* ]]; then  # session 23: the bf16 experts' tiles at 4K / 8K tokens (kept copies' path)
-    timeout ${DENSESWEEP_TIMEOUT:-400} python benchmarks/moe.py --dense-train-sweep --out "$out/moe_dense_train_sweep.json" \
-        2>&1 | tee "$out/moe_dense_train_sweep.log" | grep -E "dense_train_sweep|Error" | cut -c1-260
+if [[ $what == *" densesweep "* ]]; then  # session 23: the bf16 experts' tiles at 4K / 8K tokens (kept copies)
+    timeout ${DENSESWEEP_TIMEOUT:-400} python benchmarks/moe.py --dense-train-sweep \
+        --out "$out/moe_dense_train_sweep.json" 2>&1 | tee "$out/moe_dense_train_sweep.log" \
+        | grep -E "dense_train_sweep|Error" | cut -c1-260
 fi
 if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the GPU test, a 4K/8K step without and with
     timeout 100 python -m pytest -m gpu -q -p no:cacheprovider -rfE -k dense_expert_copies tests/test_train_gpu.py 2>&1 \

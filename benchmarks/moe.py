@@ -209,9 +209,9 @@ def main():
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
     if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled or args.gemv or args.dense_train_sweep:
-        if args.dense_train_sweep:
-            result["dense_train_sweep"] = dense_train_sweep(
-                dense, router, gen, mm_flops, [int(t) for t in args.dense_train_tokens.split(",")], args.out, result)
+        if args.dense_train_sweep:  # (it puts its rows into result as they come)
+            dense_train_sweep(dense, router, gen, mm_flops, [int(t) for t in args.dense_train_tokens.split(",")],
+                              args.out, result)
         if args.gemv:
             result["gemv"] = gemv_compare(mx, router, gen, copy_bw, [int(t) for t in args.gemv_tokens.split(",")])
         if args.tiled:

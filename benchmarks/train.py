@@ -158,7 +158,7 @@ def interleaved_steps(config, sizes, configurations, repeats: int, dense_experts
             r = {"tokens": T, "configuration": list(on), "seconds": round(statistics.median(times[on]), 4),
                  "min_seconds": round(min(times[on]), 4), "all_seconds": [round(t, 4) for t in times[on]]}
             if graphs is not None:
-                r.update(captured=True, buckets=len(graphs._buckets), replayed_steps=graphs.replayed_calls,
+                r.update(captured=True, buckets=graphs.bucket_count, replayed_steps=graphs.replayed_calls,
                          eager_steps=graphs.eager_calls, capture_refused=list(graphs.refused.values()))
             print(json.dumps(r), flush=True)
             rows.append(r)

@@ -409,8 +409,9 @@ def _eager_then_captured(model, batches, step, before_capture=None):
 
 def test_captured_training_steps_replay_the_eager_log_probs_and_gradients(monkeypatch):
     """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
-    prefixes so branch masks are built on the device inside the graph (FlexAttention: the layouts
-    varlen attention does not serve; its capture has a test of its own), entropies logged): five
+    prefixes so branch masks are built on the device inside the graph (FlexAttention, pinned here:
+    it serves the layouts varlen attention does not; varlen's capture has a test of its own),
+    entropies logged): five
     micro-batches of one shape with different tokens and one of another shape. Each shape's first
     runs eagerly, the second is captured, the rest replay; every micro-batch's log-probs and LoRA
     gradients equal the eager step's within bf16 roundings, and a replayed step makes no
@@ -550,7 +551,7 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
     replayed micro-batch's log-probs and LoRA gradients equal eager FlexAttention steps' within
     bf16 roundings. The first three share a bucket (the first runs eagerly, the second is captured);
     the fourth (twelve branches) is a new shape's first call, eager."""
-    from ossrl.kernels import attention
+    from ossrl.kernels import attention, varlen_attention
     from ossrl.train.logprobs import pack_sequences
 
     model = _small_mxfp4_lora_model()
@@ -571,9 +572,18 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
         (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
         return lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]
 
+    calls = []
+    real = varlen_attention.varlen_sink_attention
+    monkeypatch.setattr(varlen_attention, "varlen_sink_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(attention, "VARLEN_ATTENTION", False)  # the reference: FlexAttention
-    reference, results, captured = _eager_then_captured(
-        model, batches, step, before_capture=lambda: monkeypatch.setattr(attention, "VARLEN_ATTENTION", True))
+
+    def varlen_on():
+        assert calls == []  # (the reference ran FlexAttention only)
+        monkeypatch.setattr(attention, "VARLEN_ATTENTION", True)
+
+    reference, results, captured = _eager_then_captured(model, batches, step, before_capture=varlen_on)
+    # two layers in each of: two eager calls, the capture's two warm-ups and the capture itself
+    assert len(calls) == 2 * 5
     assert captured.refused == {}
     assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # the first and the last: new shapes
     (bucket,) = captured._buckets.values()

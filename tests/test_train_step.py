@@ -681,8 +681,8 @@ def test_cuda_free_memory_figure_leaves_out_private_pools(monkeypatch):
 
 def test_a_one_token_shared_prefix_packs_as_branches_alone():
     """min_shared=1 with prompts sharing one token: the branches repeat it and nothing is placed
-    before them (the empty prefix once wrote a whole row's targets); every trained token is a
-    target once, and the log-probs equal the plain packing's."""
+    before them (the empty prefix's slice t:t-1 once failed at column 0 with a shape mismatch);
+    every trained token is a target once, and the log-probs equal the plain packing's."""
     seqs, trained = [[1, 2, 3], [1, 4, 5]], [[False, True, True]] * 2
     shared = pack_sequences(seqs, trained, max_tokens=8, share_prefixes=True, min_shared=1)
     assert shared.input_ids[0, :6].tolist() == [1, 2, 3, 1, 4, 5]

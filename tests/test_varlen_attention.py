@@ -65,6 +65,7 @@ def test_segments_of_packed_rows():
     ([[0, 1, 3, 4]], [[0, 0, 0, 0]], [[0, 0, 1, 1]]),  # a branch not continuing from its prefix
     ([[0, 1, 2, 0]], [[0, 0, 0, 0]], [[1, 1, 0, 0]]),  # the prefix after a branch
     ([[0, 1, 2, 2, 2]], [[0] * 5], [[0, 0, 1, 2, 1]]),  # branch 1 in two runs
+    ([[0, 1, 2, 0, 2]], [[0, 0, 0, 1, 0]], [[0, 0, 1, 0, 2]]),  # with branches, document 0 in two runs
 ])
 def test_other_layouts_are_refused(pos, doc, branch):
     t = [None if x is None else torch.tensor(x) for x in (pos, doc, branch)]
@@ -93,8 +94,10 @@ def test_reference_refuses_segments_that_do_not_cover_the_queries():
 
 
 def test_cpu_tensors_are_not_served_and_offsets_are_checked():
+    from ossrl.kernels.varlen_attention import varlen_serves
+
     x = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
-    assert not varlen_available(x)
+    assert not varlen_available(x) and not varlen_serves("cpu", torch.bfloat16, 64)
     cu = torch.tensor([0, 4])
     with pytest.raises(ValueError, match="segments.cu_q must be int32"):
         varlen_sink_attention(x, x, x, torch.zeros(2), Segments(cu, cu, 4, 4), window=None, scale=1.0)
@@ -122,11 +125,14 @@ def test_segment_buffers_hold_a_layout_padded_with_empty_segments():
 
 
 def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
-    """CapturedLogprobs (graphs off, as on the CPU) with VARLEN_ATTENTION: a bucket's key carries
-    the layout's segment capacity and its buffers the padded batch's segments, passed to the model."""
+    """CapturedLogprobs (graphs off, as on the CPU) with VARLEN_ATTENTION where the kernels serve the
+    model (said so here: on the CPU they do not): a bucket's key carries the layout's segment
+    capacity and its buffers the padded batch's segments, passed to the model; where they do not
+    serve it, no segments are made."""
     from ossrl.kernels import attention
     from ossrl.model.lora import LoRAConfig, apply_lora
     from ossrl.testing import random_model, tiny_config
+    from ossrl.train import graphed
     from ossrl.train.graphed import CapturedLogprobs
     from ossrl.train.logprobs import pack_sequences
 
@@ -138,6 +144,8 @@ def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
     seqs = [prompt + torch.randint(0, 200, (n,), generator=g).tolist() for n in (30, 12, 25)]
     batch = pack_sequences(seqs, [[j >= 20 for j in range(len(s))] for s in seqs], max_tokens=256,
                            share_prefixes=True).to("cpu")
+    assert CapturedLogprobs(model, graphs=False)._segments(batch) is None  # (a CPU model: not served)
+    monkeypatch.setattr(graphed, "varlen_serves", lambda *a: True)
     captured = CapturedLogprobs(model, graphs=False)
     seen = []
     real = model.model.forward
@@ -147,7 +155,7 @@ def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
         lp, _ = captured(batch)
         lp.sum().backward()
     (bucket,) = captured._buckets.values()
-    assert bucket.key[-1] == (8, 1024, 1024, 2048)  # (the padding document: 935 tokens, its own segment)
+    assert captured.bucket_count == 1 and bucket.key[-1] == (8, 1024, 1024, 2048)  # (the padding document: 935 tokens, its own segment)
     assert seen[0] is None and seen[-1] is bucket.segments.segments  # eager first call: from the host copies
     cu = bucket.segments.segments.cu_q
     assert cu.tolist() == [0, 19, 50, 63, 89, 1024, 1024, 1024, 1024]  # prefix, 3 branches, padding, empty

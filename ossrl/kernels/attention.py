@@ -375,7 +375,8 @@ def _flex_supports(q: torch.Tensor) -> bool:
 
 # Self-attention over documents packed end to end, shared prefixes included (forwards without a KV
 # cache whose layout is on the host: training batches, SFT, old and reference log-probs; the engine's
-# prefills keep FlexAttention), through FlashAttention-2's varlen kernels in bf16
+# prefills keep FlexAttention, and so does a model sharded with FSDP, whose root moves the layout to
+# the device before the forward), through FlashAttention-2's varlen kernels in bf16
 # (`ossrl.kernels.varlen_attention`) instead of FlexAttention: no mask function per block. On since
 # session 23 (H100, 20b shapes, kept expert copies): eager steps 0.2220 -> 0.2109 s at 4K and
 # 0.4330 -> 0.4169 s at 8K in one process (results/train_varlen_ab_s23_h100.json); a GRPO step's

@@ -19,6 +19,7 @@ oracle is `varlen_sink_attention_reference` (the dense fp32 reference of `ossrl.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,19 +28,35 @@ from ossrl.kernels.attention import attention_mask, sink_attention_reference
 
 
 def varlen_available(q: torch.Tensor) -> bool:
-    """Whether these kernels serve q: CUDA from sm_80 (T4s and older have no FlashAttention-2),
-    bf16 (the fp16 mode keeps FlexAttention, as measured there), a head size that is a power of
-    two from 16 to 256 (FlashAttention wants a multiple of 8, the sinks' Triton kernels a power of
-    two), torch built with FlashAttention, and Triton."""
-    D = q.shape[-1]
-    if not (q.is_cuda and q.dtype == torch.bfloat16 and 16 <= D <= 256 and D & (D - 1) == 0
-            and hasattr(torch.ops.aten, "_flash_attention_forward")
+    """Whether these kernels serve q (`varlen_serves` of its device, dtype and head size)."""
+    return varlen_serves(q.device, q.dtype, q.shape[-1])
+
+
+def varlen_serves(device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether these kernels serve attention of this kind: NVIDIA CUDA from sm_80 (T4s and older have
+    no FlashAttention-2; ROCm builds are not served), bf16 (the fp16 mode keeps FlexAttention, as
+    measured there), a head size that is a power of two from 16 to 256 (FlashAttention wants a
+    multiple of 8, the sinks' Triton kernels a power of two), a torch whose FlashAttention takes a
+    window (2.5 and later), and Triton."""
+    device = torch.device(device)
+    D = head_dim
+    if not (device.type == "cuda" and dtype == torch.bfloat16 and 16 <= D <= 256 and D & (D - 1) == 0
+            and torch.version.hip is None and _flash_takes_windows()
             and torch.backends.cuda.is_flash_attention_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0)):
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
         return False
     from ossrl.kernels.moe import triton_available
 
     return triton_available()
+
+
+@functools.cache
+def _flash_takes_windows() -> bool:
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    try:
+        return op is not None and "window_size_left" in str(op.default._schema)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _window_sizes(window: int | None) -> tuple[int, int]:
@@ -141,7 +158,9 @@ class Segments:
     def capacity(self, row_length: int) -> tuple[int, int, int, int]:
         """Fixed sizes that hold these segments and others like them (a CUDA graph's buffers): the
         segments rounded up to 8, the longest query and key runs to 512 (at most the row length),
-        the gathered keys to 1,024 (0: not gathered)."""
+        the gathered keys to 1,024 (0: not gathered). The longest runs size FlashAttention's grid, so
+        they are rounded, not set to the row length (every empty block of every segment would be
+        launched); the price is a bucket per rounded layout (a padding document is a run too)."""
         def up(n: int, m: int) -> int:
             return -(-n // m) * m
 

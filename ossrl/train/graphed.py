@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ossrl.kernels import attention
-from ossrl.kernels.varlen_attention import SegmentBuffers, document_segments
+from ossrl.kernels.varlen_attention import SegmentBuffers, document_segments, varlen_serves
 from ossrl.model.expert_copies import dense_copy_addresses, mxfp4_experts
 from ossrl.model.gptoss import weight_storage
 from ossrl.train.logprobs import DEFAULT_CHUNK, PackedBatch, check_token_range, packed_logprobs, sequence_logprobs
@@ -234,6 +234,11 @@ class CapturedLogprobs:
         return logprobs, (entropy if with_entropy else None)
 
     @property
+    def bucket_count(self) -> int:
+        """Shapes kept (captured, or with graphs off, bucketed)."""
+        return len(self._buckets)
+
+    @property
     def refused(self) -> dict[tuple, str]:
         """Shapes whose capture failed (they run eagerly), with the reason."""
         return dict(self._refused)
@@ -250,11 +255,12 @@ class CapturedLogprobs:
             torch.cuda.empty_cache()  # (else "auto" checkpointing does not see the pool's memory as free)
 
     # -- buckets -----------------------------------------------------------------------------
-    @staticmethod
-    def _segments(batch: PackedBatch):
+    def _segments(self, batch: PackedBatch):
         """The padded batch's FlashAttention varlen segments (host), where attention runs on them
-        (`attention.VARLEN_ATTENTION`) and the layout has them; else None (FlexAttention in the graph)."""
-        if not attention.VARLEN_ATTENTION or batch.positions.device.type != "cpu":
+        (`attention.VARLEN_ATTENTION`, `varlen_serves` this model) and the layout has them; else None
+        (FlexAttention in the graph)."""
+        if not attention.VARLEN_ATTENTION or batch.positions.device.type != "cpu" or not varlen_serves(
+                self.model.lm_head.weight.device, self.model.lm_head.weight.dtype, self.model.config.head_dim):
             return None
         return document_segments(batch.positions, batch.doc_ids, batch.branch_ids)
 
