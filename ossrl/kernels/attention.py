@@ -382,6 +382,8 @@ def _flex_supports(q: torch.Tensor) -> bool:
 # 0.4330 -> 0.4169 s at 8K in one process (results/train_varlen_ab_s23_h100.json); a GRPO step's
 # training phase 3.97 -> 3.74 s, peak 48.1 -> 46.5 GB (results/grpo_step_*_s23_h100.json);
 # steps replayed from CUDA graphs about the same (0.2092 / 0.4265 s against session 22's 0.2100 / 0.4313).
+# FlashAttention's backward sums dq with atomics, so gradients are not bitwise repeatable run to run
+# (FlexAttention's were) unless torch.use_deterministic_algorithms(True), which torch passes on to it.
 VARLEN_ATTENTION = True
 
 
