@@ -508,6 +508,21 @@ def gemv_compare(mx, router, gen, copy_bw, tokens=(1, 2)):
     return rows
 
 
+def time_tile(r: dict, ex, cfg, x, w, ids, dout, ref, seconds_at_peak: float) -> dict:
+    """Row r with the tile `cfg`'s difference from `ref`, its forward kernels' and forward +
+    backward times, and the forward's fraction of the matmul rate (`seconds_at_peak`: the forward's
+    FLOPs over the measured rate)."""
+    with torch.no_grad():
+        out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, ex, config=cfg))
+        if isinstance(out, torch.Tensor):
+            r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
+        r["fwd_kernels_ms"] = attempt(lambda: kernels_time(ex, x, w, ids, cfg))
+    r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(ex, cfg), x, w, ids, dout))
+    if isinstance(r["fwd_kernels_ms"], float):
+        r["fwd_matmul_fraction"] = seconds_at_peak / (r["fwd_kernels_ms"] * 1e-3)
+    return r
+
+
 def train_sweep(mx, router, gen, mm_flops):
     """MXFP4 at training sizes: tl.dot_scaled, the packed own decode, and a transient bf16 copy
     (dequant) feeding the dense kernel; forward and forward+backward."""
@@ -534,15 +549,7 @@ def train_sweep(mx, router, gen, mm_flops):
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], dot_scaled=cfg.dot_scaled,
                      packed=cfg.packed, dequant=cfg.dequant, swap_ab=cfg.swap_ab, words=cfg.words)
-            with torch.no_grad():
-                out = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, mx, config=cfg))
-                if isinstance(out, torch.Tensor):
-                    r["rel_diff"] = ((out.float() - ref).norm() / ref.norm()).item()
-                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(mx, x, w, ids, cfg))
-            r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(mx, cfg), x, w, ids, dout))
-            if isinstance(r["fwd_kernels_ms"], float):
-                r["fwd_matmul_fraction"] = flops / (r["fwd_kernels_ms"] * 1e-3) / mm_flops
-            rows.append(r)
+            rows.append(time_tile(r, mx, cfg, x, w, ids, dout, ref, flops / mm_flops))
             print("train_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     return rows
 
@@ -569,16 +576,9 @@ def dense_train_sweep(dense, router, gen, mm_flops, tokens, out, result):
             ref = moe_triton.routed_experts_triton(x, w, ids, dense, config=configs[0]).float()
         for cfg in configs:
             r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages], GROUP_M=cfg.GROUP_M)
-            with torch.no_grad():
-                got = attempt(lambda: moe_triton.routed_experts_triton(x, w, ids, dense, config=cfg))
-                if isinstance(got, torch.Tensor):
-                    r["rel_diff"] = ((got.float() - ref).norm() / ref.norm()).item()
-                r["fwd_kernels_ms"] = attempt(lambda: kernels_time(dense, x, w, ids, cfg))
-            r["fwd_bwd_ms"] = attempt(lambda: time_fwd_bwd(ossrl_fn(dense, cfg), x, w, ids, dout))
-            if isinstance(r["fwd_kernels_ms"], float):
-                r["fwd_matmul_fraction"] = flops / (r["fwd_kernels_ms"] * 1e-3) / mm_flops
+            r = time_tile(r, dense, cfg, x, w, ids, dout, ref, flops / mm_flops)
             if isinstance(r["fwd_bwd_ms"], float):  # (input gradients only: twice the forward's products)
-                r["fwd_bwd_matmul_fraction"] = 2 * flops / (r["fwd_bwd_ms"] * 1e-3) / mm_flops
+                r["fwd_bwd_matmul_fraction"] = 2 * flops / mm_flops / (r["fwd_bwd_ms"] * 1e-3)
             rows.append(r)
             print("dense_train_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()},
                   flush=True)
