@@ -409,14 +409,13 @@ def _eager_then_captured(model, batches, step, before_capture=None):
 
 def test_captured_training_steps_replay_the_eager_log_probs_and_gradients(monkeypatch):
     """CapturedLogprobs on CUDA (MXFP4 experts, LoRA on attention and experts, shared prompt
-    prefixes so branch masks are built on the device inside the graph (FlexAttention, pinned here:
-    it serves the layouts varlen attention does not; varlen's capture has a test of its own),
-    entropies logged): five
-    micro-batches of one shape with different tokens and one of another shape. Each shape's first
-    runs eagerly, the second is captured, the rest replay; every micro-batch's log-probs and LoRA
-    gradients equal the eager step's within bf16 roundings, and a replayed step makes no
-    host-device synchronisation. Then a budget that checkpoints layers: the capture is refused with
-    the reason and the step runs eagerly."""
+    prefixes so branch masks are built on the device inside the graph, entropies logged), with
+    FlexAttention pinned (it serves the layouts varlen attention does not; varlen's capture has a
+    test of its own): five micro-batches of one shape with different tokens and one of another
+    shape. Each shape's first runs eagerly, the second is captured, the rest replay; every
+    micro-batch's log-probs and LoRA gradients equal the eager step's within bf16 roundings, and a
+    replayed step makes no host-device synchronisation. Then a budget that checkpoints layers: the
+    capture is refused with the reason and the step runs eagerly."""
     from ossrl.kernels import attention
     from ossrl.train.graphed import CapturedLogprobs
     from ossrl.train.logprobs import pack_sequences
