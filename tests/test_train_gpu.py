@@ -513,11 +513,21 @@ def test_grpo_policy_phase_replays_its_micro_batches_on_cuda():
     assert outs[1]["loss"] == pytest.approx(outs[0]["loss"], rel=0.05, abs=5e-3)
 
 
+def _count_varlen_calls(monkeypatch) -> list:
+    """A list that gets an entry per call of `varlen_sink_attention` (attention looks it up per call)."""
+    from ossrl.kernels import varlen_attention
+
+    calls = []
+    real = varlen_attention.varlen_sink_attention
+    monkeypatch.setattr(varlen_attention, "varlen_sink_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def test_varlen_attention_gives_the_flex_log_probs_and_gradients(monkeypatch):
     """VARLEN_ATTENTION on packed documents (no shared prefixes; a sliding and a full layer; two
     rows; lengths not multiples of any tile): the log-probs and every LoRA gradient equal the
     FlexAttention path's within bf16 roundings, and the varlen kernels are what ran."""
-    from ossrl.kernels import attention, varlen_attention
+    from ossrl.kernels import attention
     from ossrl.train.logprobs import pack_sequences
 
     model = _small_mxfp4_lora_model()
@@ -527,9 +537,7 @@ def test_varlen_attention_gives_the_flex_log_probs_and_gradients(monkeypatch):
     trained = [[j >= 10 for j in range(len(s))] for s in seqs]
     batch = pack_sequences(seqs, trained, max_tokens=512).to("cuda")
     assert batch.input_ids.shape[0] == 2 and batch.branch_ids is None
-    calls = []
-    real = varlen_attention.varlen_sink_attention
-    monkeypatch.setattr(varlen_attention, "varlen_sink_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_varlen_calls(monkeypatch)
     results = []
     for on in (False, True):
         monkeypatch.setattr(attention, "VARLEN_ATTENTION", on)
@@ -550,7 +558,7 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
     replayed micro-batch's log-probs and LoRA gradients equal eager FlexAttention steps' within
     bf16 roundings. The first three share a bucket (the first runs eagerly, the second is captured);
     the fourth (twelve branches) is a new shape's first call, eager."""
-    from ossrl.kernels import attention, varlen_attention
+    from ossrl.kernels import attention
     from ossrl.train.logprobs import pack_sequences
 
     model = _small_mxfp4_lora_model()
@@ -571,9 +579,7 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
         (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
         return lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]
 
-    calls = []
-    real = varlen_attention.varlen_sink_attention
-    monkeypatch.setattr(varlen_attention, "varlen_sink_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_varlen_calls(monkeypatch)
     monkeypatch.setattr(attention, "VARLEN_ATTENTION", False)  # the reference: FlexAttention
 
     def varlen_on():

@@ -155,7 +155,8 @@ def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
         lp, _ = captured(batch)
         lp.sum().backward()
     (bucket,) = captured._buckets.values()
-    assert captured.bucket_count == 1 and bucket.key[-1] == (8, 1024, 1024, 2048)  # (the padding document: 935 tokens, its own segment)
+    # (the padding document, 935 tokens, is a segment of its own)
+    assert captured.bucket_count == 1 and bucket.key[-1] == (8, 1024, 1024, 2048)
     assert seen[0] is None and seen[-1] is bucket.segments.segments  # eager first call: from the host copies
     cu = bucket.segments.segments.cu_q
     assert cu.tolist() == [0, 19, 50, 63, 89, 1024, 1024, 1024, 1024]  # prefix, 3 branches, padding, empty
