@@ -12,6 +12,7 @@ grouped heads, and a backward callable with a given `out`. This probe checks eac
   when grouped heads are refused;
 - its output, logsumexp and q/k/v gradients against FlashAttention-2 varlen on the same inputs,
   with the backward given another `out` (what the sink identity does) on both;
+- the same with empty segments after the last (the fixed buffers of a captured step);
 - forward and backward times of both, each over 20 calls between CUDA events (not host-bound).
 
     python benchmarks/cudnn_probe.py [--tokens 4096,8192] [--out cudnn_probe.json]
@@ -84,10 +85,12 @@ def main():
         q = torch.randn(T, Hq, D, device="cuda", generator=g, dtype=torch.bfloat16)
         k, v = (torch.randn(T, Hk, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
         dout = torch.randn(T, Hq, D, device="cuda", generator=g, dtype=torch.bfloat16)
-        for docs in (1, 4):
+        for docs, empty in ((1, 0), (4, 0), (4, 4)):
             L = T // docs
+            # empty: segments of no tokens after the last (a CUDA graph's fixed buffers end with them)
             cu = torch.arange(0, T + 1, L, device="cuda", dtype=torch.int32)
-            case = dict(tokens=T, docs=docs)
+            cu = torch.cat((cu, cu[-1:].repeat(empty)))
+            case = dict(tokens=T, docs=docs, empty_segments=empty)
             fo, flse, rng, unused = flash(q, k, v, cu, L, scale)
             # the backward given another out (y = 0.7 out, as the sinks' identity passes y)
             other = (fo.float() * 0.7).to(fo.dtype)
