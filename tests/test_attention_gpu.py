@@ -324,11 +324,44 @@ def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window, sha
     output and the gradients of q, k, v and the sinks against the fp32 reference with the general
     mask (documents, positions, branches), on packed documents and on a shared prefix whose keys
     are gathered before each branch."""
-    from ossrl.kernels.varlen_attention import document_segments, varlen_available, varlen_sink_attention
+    from ossrl.kernels.varlen_attention import document_segments
 
-    pos, doc, branch = _packed_layout(shared)
-    segments = document_segments(pos, doc, branch)
+    layout = _packed_layout(shared)
+    segments = document_segments(*layout)
     assert (segments.key_index is not None) == shared
+    _varlen_against_reference(layout, segments.to(DEV), window)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["segments", "graph_buffers"])
+def test_cudnn_full_layers_match_fp32_twin(monkeypatch, padded):
+    """`CUDNN_FULL_LAYERS`: cuDNN's varlen attention with the sinks folded in the same way, on the
+    full layers of packed documents, plain and in a CUDA graph's fixed buffers (empty segments
+    after the last, rounded longest runs), against the fp32 reference; cuDNN must be the kernel
+    that ran."""
+    from ossrl.kernels import varlen_attention as va
+
+    layout = _packed_layout(False)
+    segments = va.document_segments(*layout)
+    if padded:
+        buffers = va.SegmentBuffers(segments.capacity(layout[0].shape[1]), DEV)
+        buffers.fill(segments)
+        segments = buffers.segments
+    else:
+        segments = segments.to(DEV)
+    monkeypatch.setattr(va, "CUDNN_FULL_LAYERS", True)
+    served, real = [], va._cudnn_serves
+    monkeypatch.setattr(va, "_cudnn_serves", lambda *a: served.append(real(*a)) or served[-1])
+    _varlen_against_reference(layout, segments, None)
+    assert served == [True]
+
+
+def _varlen_against_reference(layout, segments, window):
+    """`varlen_sink_attention` on random bf16 inputs of the host layout (positions, documents,
+    branches [1, N]) in device `segments`: output and q/k/v/sink gradients within BF16_TOL of the
+    fp32 reference with the general mask."""
+    from ossrl.kernels.varlen_attention import varlen_available, varlen_sink_attention
+
+    pos, doc, branch = layout
     N, Hq, Hk, D = pos.shape[1], 8, 2, 64
     g = torch.Generator(device=DEV).manual_seed(5)
     q = torch.randn(N, Hq, D, device=DEV, generator=g)
@@ -338,7 +371,7 @@ def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window, sha
     if not varlen_available(q.bfloat16()):
         pytest.skip("torch has no FlashAttention varlen kernels here")
     bf = [t.bfloat16().requires_grad_() for t in (q, k, v)] + [sinks.clone().requires_grad_()]
-    out = varlen_sink_attention(*bf, segments.to(DEV), window=window, scale=0.125)
+    out = varlen_sink_attention(*bf, segments, window=window, scale=0.125)
     out.backward(grad)
     # the reference sees the bf16-rounded inputs, so only the kernel's arithmetic differs
     fp = [b.detach().float().requires_grad_() for b in bf]
