@@ -290,17 +290,19 @@ if [[ $what == *" attnprobe "* ]]; then  # session 23: sink attention, FlexAtten
     timeout ${ATTNPROBE_TIMEOUT:-300} python benchmarks/attn_probe.py --tokens ${ATTNPROBE_TOKENS:-4096,8192} \
         ${ATTNPROBE_ARGS:-} --out "$out/attn_probe.json" 2>&1 | tee "$out/attn_probe.log" | cut -c1-400
 fi
-if [[ $what == *" varlenab "* ]]; then  # session 23: 4K/8K steps, FlexAttention then varlen, in turn
+# varlenab: session 23: 4K/8K steps, FlexAttention then varlen, in turn (VARLENAB_CONFIGS: other --interleave
+# configurations, e.g. "no-cudnn-full-layers;cudnn-full-layers")
+if [[ $what == *" varlenab "* ]]; then
     for captured in "" --interleave-captured; do  # eager steps, then every step replayed from CUDA graphs
         name=train_varlen_ab${captured:+_captured}
         timeout ${VARLENAB_TIMEOUT:-300} python benchmarks/train.py --skip-hf --tokens ${VARLENAB_TOKENS:-4096,8192} \
             --dense-experts-gb ${VARLENAB_DENSE_GB:-40} --repeats 3 \
-            --interleave "no-varlen-attention;varlen-attention" $captured --out "$out/$name.json" 2>&1 \
+            --interleave "${VARLENAB_CONFIGS:-no-varlen-attention;varlen-attention}" $captured --out "$out/$name.json" 2>&1 \
             | tee "$out/$name.log" | grep -E '^\{|Error|error' | cut -c1-300
     done
 fi
 if [[ $what == *" profcaptured "* ]]; then  # session 23: a replayed 4K step's kernels, FlexAttention then varlen
-    for flag in --no-varlen-attention --varlen-attention; do
+    for flag in ${PROF_FLAGS:---no-varlen-attention --varlen-attention}; do  # (session 24: PROF_FLAGS, e.g. "--cudnn-full-layers")
         timeout 150 python benchmarks/profile_train.py --tokens ${PROF_TOKENS:-4096} --dense-experts-gb 40 \
             --captured --top 40 $flag > "$out/profile_train_captured$flag.txt" 2>&1
         grep -E "tokens: step|captured:" "$out/profile_train_captured$flag.txt"
