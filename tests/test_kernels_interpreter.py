@@ -347,7 +347,26 @@ def _experts(E=4, H=96, I=64, seed=0):
                               "words-split2-ahead2-permuted-input"])
 @pytest.mark.parametrize("N", [1, 40])
 def test_mxfp4_moe_forward_and_gradients(cfg, N):
-    """Output, and the gradients of the input, the routing weights and expert LoRA pairs."""
+    """Output, and the gradients of the input, the routing weights and expert LoRA pairs (the LoRA
+    B products in the epilogues: TRAINING_LORA_EPILOGUE, the default)."""
+    _check_forward_and_gradients(cfg, N, 4)
+
+
+@pytest.mark.parametrize("epilogue,by_token,r", [(False, True, 4), (False, False, 4), (True, False, 4),
+                                                 (True, False, 12), (True, True, 12)])
+def test_expert_lora_gradients_with_the_b_products_in_the_epilogue_and_as_deltas(epilogue, by_token, r,
+                                                                                 monkeypatch):
+    """TRAINING_LORA_EPILOGUE on and off, gate_up's rank-r intermediate by token and by sorted slot,
+    ranks below and not a multiple of 8: the same outputs and gradients as the twin; and a no-grad
+    forward (the trainer's old log-probs) gives the training forward's bits."""
+    monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
+    if not by_token:
+        monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+    cfg = moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)
+    _check_forward_and_gradients(cfg, 40, r)
+
+
+def _check_forward_and_gradients(cfg, N, r):
     ex = _experts()
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, 96, generator=g)
@@ -357,7 +376,7 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
         scaling = 2.0
 
         def __init__(self, src=None):
-            shapes = {"gate_up_A": (4, 96, 4), "gate_up_B": (4, 4, 128), "down_A": (4, 64, 4), "down_B": (4, 4, 96)}
+            shapes = {"gate_up_A": (4, 96, r), "gate_up_B": (4, r, 128), "down_A": (4, 64, r), "down_B": (4, r, 96)}
             for name, shape in shapes.items():
                 value = getattr(src, name).detach().clone() if src else torch.randn(*shape, generator=g) * 0.1
                 setattr(self, name, value.requires_grad_(True))
@@ -369,6 +388,8 @@ def test_mxfp4_moe_forward_and_gradients(cfg, N):
     out = moe_triton.routed_experts_triton(x1, w1, ids, ex, lora1, config=cfg)
     ref = routed_experts_twin(x2, w2, ids, ex, lora2)
     assert rel(out, ref) < 1e-5
+    with torch.no_grad():
+        assert torch.equal(moe_triton.routed_experts_triton(x, w, ids, ex, lora1, config=cfg), out)
     dout = torch.randn(N, 96, generator=g)
     out.backward(dout)
     ref.backward(dout)

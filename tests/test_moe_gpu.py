@@ -250,8 +250,30 @@ def test_all_tokens_on_one_expert(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N", [5, 260])
-def test_lora_gradients_match_twin(fmt, N):
+@pytest.mark.parametrize("epilogue", [True, False], ids=["b_in_epilogue", "deltas"])
+def test_lora_gradients_match_twin(fmt, N, epilogue, monkeypatch):
+    """Expert LoRA gradients with the B products in the epilogues (TRAINING_LORA_EPILOGUE) and as
+    precomputed deltas."""
+    monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
     check(fmt, N, 8, 4, H=256, I=192, lora_rank=16, seed=N)
+
+
+@pytest.mark.parametrize("r", [16, 4])
+def test_grouped_weight_grad_by_grouped_mm_equals_the_loop(r):
+    """`moe.grouped_weight_grad` through torch._grouped_mm (contraction-grouped, a rank of 4 padded)
+    against the loop over experts, with experts that have no rows (their gradient is zero)."""
+    from ossrl.kernels.moe import group_by_expert, grouped_weight_grad
+
+    gen = torch.Generator(device=DEV).manual_seed(r)
+    ids = torch.randint(0, 6, (300, 2), generator=gen, device=DEV)  # experts 6 and 7 get no rows
+    groups = group_by_expert(ids, 8)
+    u = torch.randn(600, r, generator=gen, device=DEV).bfloat16()
+    g = torch.randn(600, 192, generator=gen, device=DEV).bfloat16()
+    got = grouped_weight_grad(u, g, groups)
+    bounds = groups.offsets.tolist()
+    want = torch.stack([u[lo:hi].float().t() @ g[lo:hi].float() for lo, hi in zip(bounds[:-1], bounds[1:])])
+    assert got.shape == (8, r, 192) and got[6:].eq(0).all()
+    assert rel_err(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("rank", [4, 12])

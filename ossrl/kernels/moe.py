@@ -250,6 +250,27 @@ def grouped_product(x: torch.Tensor, W: torch.Tensor, groups: ExpertGroups, *, l
     return _grouped_rows(x, groups, lambda e, rows: rows @ W[e], W.shape[-1])
 
 
+def grouped_weight_grad(u: torch.Tensor, g: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """The weight gradient of a grouped product: u [S, r] and g [S, out] sorted rows -> [E, r, out]
+    with expert e's u_e^T @ g_e (zeros for an expert without rows). torch._grouped_mm's
+    contraction-grouped form where it serves (a rank that is not a multiple of 8 padded with zero
+    columns), else the loop over experts (one host sync)."""
+    E, r, out = groups.offsets.numel() - 1, u.shape[1], g.shape[1]
+    if _grouped_mm_ok(u, g) and out % 8 == 0:
+        pad = -r % 8
+        up = F.pad(u, (0, pad)) if pad else u.contiguous()
+        dW = torch._grouped_mm(up.t(), g.contiguous(), offs=groups.ends_int32)[:, :r]
+        # (an expert without rows gets no product; Hopper writes zeros there, other parts may not)
+        return torch.where(groups.counts[:, None, None] > 0, dW, 0)
+    dW = u.new_zeros(E, r, out)
+    bounds = groups.offsets.tolist()
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            dW[e] = u[lo:hi].t() @ g[lo:hi]
+    return dW
+
+
 PER_SLOT_MAX_BYTES = 64 << 20  # the gathered [S, in, out] weights of `_per_slot`
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from ossrl.kernels.fused import SMALL_GROUP_MAX_SLOTS, SlotGrouping, group_small
 from ossrl.kernels.moe import (
     TOKEN_LORA_MAX_COLUMNS, ExpertGroups, ExpertWeights, all_experts_A, group_by_expert, grouped_lora_delta,
-    grouped_product, lora_input, scaled, token_lora_delta,
+    grouped_product, grouped_weight_grad, lora_input, scaled, token_lora_delta,
 )
 from ossrl.kernels.moe_gemv import gemv_ok, routed_experts_gemv
 from ossrl.kernels.moe_tiles import TileConfig, default_config  # noqa: F401 (default_config: swapped by benchmarks)
@@ -727,13 +727,18 @@ class _GateUp(torch.autograd.Function):
         ex = plan.experts
         H, I = _dims(ex)
         dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dxs = torch.empty(plan.num_tokens * plan.groups.k, H, device=z.device, dtype=z.dtype)
-            _launch(plan, dz, ex.gate_up, ex.gate_up_scales, H, 2 * I, dxs, b_rows_are_n=False, scatter=True,
-                    b_dense=ex.gate_up_dense)
-            dx = dxs.view(plan.num_tokens, plan.groups.k, H).sum(1)
+        dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
         return dx, (dz if ctx.needs_input_grad[1] else None), None
+
+
+def _gate_up_input_grad(plan: _Plan, dz: torch.Tensor) -> torch.Tensor:
+    """dx [N, H] = sum over each token's k slots of dz_slot @ W1_e^T (scatter fused, then the k-sum)."""
+    ex = plan.experts
+    H, I = _dims(ex)
+    dxs = torch.empty(plan.num_tokens * plan.groups.k, H, device=dz.device, dtype=dz.dtype)
+    _launch(plan, dz, ex.gate_up, ex.gate_up_scales, H, 2 * I, dxs, b_rows_are_n=False, scatter=True,
+            b_dense=ex.gate_up_dense)
+    return dxs.view(plan.num_tokens, plan.groups.k, H).sum(1)
 
 
 class _Down(torch.autograd.Function):
@@ -747,28 +752,107 @@ class _Down(torch.autograd.Function):
     def backward(ctx, dout):
         a, route_w, lora_y = ctx.saved_tensors
         plan = ctx.plan
-        g, ex = plan.groups, plan.experts
-        H, I = _dims(ex)
+        g = plan.groups
         dout = dout.contiguous()
-        # da = w * (dout[token] @ W2_e^T); the same tile also gives the matmul part of d w_slot =
-        # <y_slot, dout_token> = <a_slot, dout_token @ W2_e^T> + <b2_e, dout_token> (+ <lora_y, dout>).
         need_dw = ctx.needs_input_grad[1]
-        dw_sorted = torch.zeros(g.order.numel(), device=a.device, dtype=torch.float32) if need_dw else None
-        da = torch.empty(g.order.numel(), I, device=a.device, dtype=a.dtype)
-        _launch(plan, dout, ex.down, ex.down_scales, I, H, da, b_rows_are_n=False, a_rows=g.token,
-                route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted, b_dense=ex.down_dense)
-        w_sorted = route_w.reshape(-1)[g.order].float()
-        dw = dlora_y = None
-        if need_dw:
-            dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
+        da, dw_sorted = _down_base_backward(plan, dout, a, route_w, need_dw)
+        dlora_y = None
         if lora_y is not None and (need_dw or ctx.needs_input_grad[2]):
             # <lora_y, dout> and w * dout per sorted slot, reading dout by token (no [S, H] gather)
+            w_sorted = route_w.reshape(-1)[g.order].float()
             dlora_y = down_lora_backward(dout, g.token, lora_y, w_sorted.contiguous(), dw_sorted,
                                          ctx.needs_input_grad[2])
-        if need_dw:
-            dw = torch.empty_like(dw_sorted).index_copy_(0, g.order, dw_sorted)
-            dw = dw.view_as(route_w).to(route_w.dtype)
-        return da, dw, dlora_y, None
+        return da, _unsorted(dw_sorted, g, route_w), dlora_y, None
+
+
+def _down_base_backward(plan: _Plan, dout: torch.Tensor, a: torch.Tensor, route_w: torch.Tensor, need_dw: bool):
+    """The down projection's backward through its base: da [S, I] = w * (dout[token] @ W2_e^T), and
+    (need_dw) the base's part of d w_slot = <a_slot, dout_token @ W2_e^T> + <b2_e, dout_token> per
+    sorted slot in fp32 (the same tile computes both), or None; a LoRA term adds its own part."""
+    g, ex = plan.groups, plan.experts
+    H, I = _dims(ex)
+    dw_sorted = torch.zeros(g.order.numel(), device=a.device, dtype=torch.float32) if need_dw else None
+    da = torch.empty(g.order.numel(), I, device=a.device, dtype=a.dtype)
+    _launch(plan, dout, ex.down, ex.down_scales, I, H, da, b_rows_are_n=False, a_rows=g.token,
+            route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted, b_dense=ex.down_dense)
+    if need_dw:
+        dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
+    return da, dw_sorted
+
+
+def _unsorted(dw_sorted: torch.Tensor | None, groups: ExpertGroups, route_w: torch.Tensor) -> torch.Tensor | None:
+    """Per-slot values in sorted order -> route_w's layout and dtype (None stays None)."""
+    if dw_sorted is None:
+        return None
+    return torch.empty_like(dw_sorted).index_copy_(0, groups.order, dw_sorted).view_as(route_w).to(route_w.dtype)
+
+
+class _GateUpLoRA(torch.autograd.Function):
+    """gate_up with the LoRA term u @ B_e added in the epilogue (`TRAINING_LORA_EPILOGUE`): u is the
+    scaled rank-r intermediate by token (expert e's r columns from e * r) or by sorted slot. The
+    backward gives dx through the base and, from dz, du = dz_slot @ B_e^T and dB_e = u_e^T dz_e."""
+
+    @staticmethod
+    def forward(ctx, x, u, B, plan, by_token: bool, r: int):
+        needs_z = any(ctx.needs_input_grad[:3])
+        S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
+        z = torch.empty(S, I2, device=x.device, dtype=x.dtype) if needs_z else None
+        a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
+        ctx.plan, ctx.by_token, ctx.r = plan, by_token, r
+        ctx.save_for_backward(z, u, B)
+        return a
+
+    @staticmethod
+    def backward(ctx, da):
+        z, u, B = ctx.saved_tensors
+        plan = ctx.plan
+        ex, g = plan.experts, plan.groups
+        dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
+        dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
+        u_slots = u.view(u.shape[0], -1, ctx.r)[g.token, g.expert] if ctx.by_token else u
+        du = dB = None
+        if ctx.needs_input_grad[1]:
+            du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
+            if ctx.by_token:  # (a token's k experts differ: one entry each, no sum)
+                du = u.new_zeros(u.shape[0], u.shape[1] // ctx.r, ctx.r).index_put_((g.token, g.expert), du)
+                du = du.view_as(u)
+        if ctx.needs_input_grad[2]:
+            dB = grouped_weight_grad(u_slots, dz, g)
+        return dx, du, dB, None, None, None
+
+
+class _DownLoRA(torch.autograd.Function):
+    """The down projection with the LoRA term u @ B_e (u per sorted slot, scaled) in the epilogue,
+    before the routing weight. Backward: with G the slots' dout rows and t = G @ B_e^T [S, r],
+    du = w * t, dB_e = (w u)_e^T G_e and d w_slot gains <u, t>."""
+
+    @staticmethod
+    def forward(ctx, a, route_w, u, B, plan):
+        ctx.plan = plan
+        ctx.save_for_backward(a, route_w, u, B)
+        return down_forward(plan, a, route_w, lora=_LoRATerm(u, B, False, 0))
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, route_w, u, B = ctx.saved_tensors
+        plan = ctx.plan
+        g = plan.groups
+        dout = dout.contiguous()
+        need_dw, need_du, need_dB = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        da, dw_sorted = _down_base_backward(plan, dout, a, route_w, need_dw)
+        du = dB = None
+        if need_dw or need_du or need_dB:
+            w_sorted = route_w.reshape(-1)[g.order].float()[:, None]
+            G = dout[g.token]  # [S, H]
+            if need_dw or need_du:
+                t = grouped_product(G, B.transpose(1, 2), g).float()  # [S, r]
+                if need_dw:
+                    dw_sorted += (u.float() * t).sum(-1)
+                if need_du:
+                    du = (t * w_sorted).to(u.dtype)
+            if need_dB:
+                dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, g)
+        return da, _unsorted(dw_sorted, g, route_w), du, dB, None
 
 
 def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
@@ -796,6 +880,8 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     groups = plan.groups
     if lora is not None and lora_epilogue and not torch.is_grad_enabled():  # rollouts: LoRA B in the epilogues
         return _routed_experts_lora_epilogue(x, route_w, plan, lora)
+    if lora is not None and TRAINING_LORA_EPILOGUE:
+        return _routed_experts_lora_trained(x, route_w, plan, lora)
     lora_z = lora_y = None
     if lora is not None:
         lora_z = token_lora_delta(lora_input(lora, x), lora.gate_up_A, lora.gate_up_B, groups, lora.scaling,
@@ -805,6 +891,33 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     if lora is not None:
         lora_y = grouped_lora_delta(lora_input(lora, a), lora.down_A, lora.down_B, groups, lora.scaling).contiguous()
     return _Down.apply(a, route_w.contiguous(), lora_y, plan)
+
+
+# Training forwards, and the trainer's no-grad passes (old and reference log-probs: the same
+# bits as its training pass), add the expert LoRA B products in the matmuls' epilogues as rollouts
+# do, through autograd functions whose backward computes the LoRA gradients itself
+# (`_routed_experts_lora_trained`): no [slots, 2I] and [slots, H] deltas written and read back per
+# layer (at 4K tokens 189 + 94 MB), and two grouped products fewer per forward. Off: the deltas
+# are computed by grouped products and added in the epilogue as an extra input.
+TRAINING_LORA_EPILOGUE = True
+
+
+def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
+    """`routed_experts_triton` with LoRA under TRAINING_LORA_EPILOGUE (with or without autograd).
+    gate_up's rank-r intermediate is x @ [all experts' A] by token where E * r is small (as
+    `token_lora_delta`), else per sorted slot; down's per sorted slot. Scaled before the epilogue."""
+    groups = plan.groups
+    E, H, r = lora.gate_up_A.shape
+    xl = lora_input(lora, x)
+    by_token = E * r <= TOKEN_LORA_MAX_COLUMNS
+    if by_token:
+        A_flat = getattr(lora, "gate_up_A_flat", None)
+        u = xl @ (all_experts_A(lora.gate_up_A) if A_flat is None else A_flat)
+    else:
+        u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
+    a = _GateUpLoRA.apply(x, scaled(u, lora.scaling).contiguous(), lora.gate_up_B.contiguous(), plan, by_token, r)
+    u = scaled(grouped_product(lora_input(lora, a), lora.down_A, groups), lora.scaling)
+    return _DownLoRA.apply(a, route_w.contiguous(), u.contiguous(), lora.down_B.contiguous(), plan)
 
 
 # The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]) on the dense path of
