@@ -119,6 +119,8 @@ SWITCHES = (
      "library's default (\"training\") compiles static only under autograd (training passes)"),
     ("varlen-attention", "ossrl.kernels.attention", "VARLEN_ATTENTION",
      "self-attention over packed documents (shared prefixes too) through FlashAttention-2's varlen kernels"),
+    ("training-lora-epilogue", "ossrl.kernels.moe_triton", "TRAINING_LORA_EPILOGUE",
+     "training forwards: the expert LoRA B products in the MoE matmuls' epilogues (no [slots, out] deltas)"),
     ("cudnn-full-layers", "ossrl.kernels.varlen_attention", "CUDNN_FULL_LAYERS",
      "with varlen attention: the full layers of plain packed documents through cuDNN's varlen attention"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
