@@ -121,8 +121,6 @@ SWITCHES = (
      "self-attention over packed documents (shared prefixes too) through FlashAttention-2's varlen kernels"),
     ("training-lora-epilogue", "ossrl.kernels.moe_triton", "TRAINING_LORA_EPILOGUE",
      "training forwards: the expert LoRA B products in the MoE matmuls' epilogues (no [slots, out] deltas)"),
-    ("cudnn-full-layers", "ossrl.kernels.varlen_attention", "CUDNN_FULL_LAYERS",
-     "with varlen attention: the full layers of plain packed documents through cuDNN's varlen attention"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

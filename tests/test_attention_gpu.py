@@ -332,29 +332,6 @@ def test_varlen_sink_attention_forward_and_gradients_match_fp32_twin(window, sha
     _varlen_against_reference(layout, segments.to(DEV), window)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["segments", "graph_buffers"])
-def test_cudnn_full_layers_match_fp32_twin(monkeypatch, padded):
-    """`CUDNN_FULL_LAYERS`: cuDNN's varlen attention with the sinks folded in the same way, on the
-    full layers of packed documents, plain and in a CUDA graph's fixed buffers (empty segments
-    after the last, rounded longest runs), against the fp32 reference; cuDNN must be the kernel
-    that ran."""
-    from ossrl.kernels import varlen_attention as va
-
-    layout = _packed_layout(False)
-    segments = va.document_segments(*layout)
-    if padded:
-        buffers = va.SegmentBuffers(segments.capacity(layout[0].shape[1]), DEV)
-        buffers.fill(segments)
-        segments = buffers.segments
-    else:
-        segments = segments.to(DEV)
-    monkeypatch.setattr(va, "CUDNN_FULL_LAYERS", True)
-    served, real = [], va._cudnn_serves
-    monkeypatch.setattr(va, "_cudnn_serves", lambda *a: served.append(real(*a)) or served[-1])
-    _varlen_against_reference(layout, segments, None)
-    assert served == [True]
-
-
 def _varlen_against_reference(layout, segments, window):
     """`varlen_sink_attention` on random bf16 inputs of the host layout (positions, documents,
     branches [1, N]) in device `segments`: output and q/k/v/sink gradients within BF16_TOL of the

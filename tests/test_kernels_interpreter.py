@@ -16,7 +16,7 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests run where there is no CUDA (the gpu tests cover CUDA)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from ossrl.kernels import fused, moe_triton, mxfp4_triton  # noqa: E402
+from ossrl.kernels import fused, moe, moe_triton, mxfp4_triton  # noqa: E402
 from ossrl.kernels import sampling as sampling_kernels  # noqa: E402
 from ossrl.kernels.decode_attention import _decode_triton, append_kv_reference, decode_attention_reference  # noqa: E402
 from ossrl.kernels.moe import ExpertWeights, group_by_expert, route, routed_experts_twin  # noqa: E402
@@ -360,17 +360,35 @@ def test_expert_lora_gradients_with_the_b_products_in_the_epilogue_and_as_deltas
     ranks below and not a multiple of 8: the same outputs and gradients as the twin; and a no-grad
     forward (the trainer's old log-probs) gives the training forward's bits."""
     monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
-    if not by_token:
+    if not by_token:  # (the deltas' path reads moe's constant, the epilogue's moe_triton's)
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+        monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)
     cfg = moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)
     _check_forward_and_gradients(cfg, 40, r)
 
 
-def _check_forward_and_gradients(cfg, N, r):
+@pytest.mark.parametrize("case", ["no_tokens", "an_expert_named_twice"])
+def test_expert_lora_in_the_epilogue_with_no_tokens_and_repeated_experts(case):
+    """The training epilogue path (gate_up's intermediate by token) with a batch of no tokens, and
+    with ids naming one expert twice for a token (top-k never does; `routed_experts` takes any):
+    the twin's outputs and gradients (the by-token du sums both slots)."""
+    cfg = moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)
+    if case == "no_tokens":
+        _check_forward_and_gradients(cfg, 0, 4)
+    else:
+        ids = torch.tensor([[1, 1], [0, 2], [3, 3], [2, 1], [0, 3]])
+        _check_forward_and_gradients(cfg, 5, 4, ids=ids)
+
+
+def _check_forward_and_gradients(cfg, N, r, ids=None):
+    def close(a, b):  # (no tokens: empty outputs)
+        return rel(a, b) < 1e-5 if b.numel() else a.shape == b.shape
+
     ex = _experts()
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, 96, generator=g)
-    w, ids = route(torch.randn(N, 4, generator=g), 2)
+    w, routed = route(torch.randn(N, 4, generator=g), 2)
+    ids = routed if ids is None else ids
 
     class LoRA:
         scaling = 2.0
@@ -387,16 +405,19 @@ def _check_forward_and_gradients(cfg, N, r):
     w1, w2 = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
     out = moe_triton.routed_experts_triton(x1, w1, ids, ex, lora1, config=cfg)
     ref = routed_experts_twin(x2, w2, ids, ex, lora2)
-    assert rel(out, ref) < 1e-5
+    assert close(out, ref)
     with torch.no_grad():
         assert torch.equal(moe_triton.routed_experts_triton(x, w, ids, ex, lora1, config=cfg), out)
     dout = torch.randn(N, 96, generator=g)
     out.backward(dout)
+    names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+    if N == 0:  # (the twin's empty output has no graph): no gradient anywhere
+        assert all(t.grad is None or not t.grad.any() for t in [x1, w1] + [getattr(lora1, n) for n in names])
+        return
     ref.backward(dout)
-    assert rel(x1.grad, x2.grad) < 1e-5
-    assert rel(w1.grad, w2.grad) < 1e-5
-    for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
-        assert rel(getattr(lora1, name).grad, getattr(lora2, name).grad) < 1e-5, name
+    assert close(x1.grad, x2.grad) and close(w1.grad, w2.grad)
+    for name in names:
+        assert close(getattr(lora1, name).grad, getattr(lora2, name).grad), name
 
 
 def _spy_matmul_launches(monkeypatch, *flags: str) -> list:

@@ -250,11 +250,18 @@ def test_all_tokens_on_one_expert(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N", [5, 260])
-@pytest.mark.parametrize("epilogue", [True, False], ids=["b_in_epilogue", "deltas"])
-def test_lora_gradients_match_twin(fmt, N, epilogue, monkeypatch):
+@pytest.mark.parametrize("epilogue,by_token", [(True, True), (True, False), (False, True)],
+                         ids=["b_in_epilogue", "b_in_epilogue-by_slot", "deltas"])
+def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, monkeypatch):
     """Expert LoRA gradients with the B products in the epilogues (TRAINING_LORA_EPILOGUE) and as
-    precomputed deltas."""
+    precomputed deltas; gate_up's rank-r intermediate by token, or per sorted slot (grouped_mm: the
+    path of models with many experts times rank, 120b's)."""
+    from ossrl.kernels import moe
+
     monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
+    if not by_token:
+        monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+        monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)
     check(fmt, N, 8, 4, H=256, I=192, lora_rank=16, seed=N)
 
 

@@ -1,6 +1,7 @@
 """The training step on CUDA in the fp16 compute mode (GPUs without bf16), against fp32 on the same
 weights, with the loss scaling the trainers use (run: pytest -m gpu tests/test_train_gpu.py)."""
 
+import copy
 import functools
 
 import pytest
@@ -523,6 +524,37 @@ def _count_varlen_calls(monkeypatch) -> list:
     return calls
 
 
+def _fp32_twin_results(model, batches):
+    """Log-probs and LoRA gradients (the loss of `_varlen_loss`) of an fp32 copy of `model` (FlexAttention
+    and the experts' twin in fp32) on each batch: the truth the bf16 paths are measured against."""
+    twin = copy.deepcopy(model).float()
+    out = []
+    for b in batches:
+        lp, _ = sequence_logprobs(twin, b)
+        _varlen_loss(lp).backward()
+        out.append((lp.detach(), [p.grad.clone() for p in lora_parameters(twin)]))
+        twin.zero_grad(set_to_none=True)
+    return out
+
+
+def _varlen_loss(lp):
+    return (lp * torch.linspace(-1, 1, lp.numel(), device=lp.device)).sum()
+
+
+def _assert_as_close_to_fp32(got, flex, fp32):
+    """(log-probs, gradients) of the varlen path against FlexAttention's and the fp32 twin's: log-probs
+    within 1e-2 of FlexAttention's; each gradient no further from the fp32 twin than FlexAttention's
+    is (times 1.5, plus 1e-2) and within 0.1 of it. (A direct 3% bound between the two bf16 paths
+    failed at 4.0-4.7% on an H100 in session 24: the loss's signed weights cancel, and bf16
+    roundings of either path reach a few percent of these small gradients.)"""
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    assert rel(got[0], flex[0]) < 1e-2
+    for i, (a, f, t) in enumerate(zip(got[1], flex[1], fp32[1])):
+        assert rel(a, t) <= 1.5 * rel(f, t) + 1e-2 and rel(a, f) < 0.1, (i, rel(a, t), rel(f, t), rel(a, f))
+
+
 def test_varlen_attention_gives_the_flex_log_probs_and_gradients(monkeypatch):
     """VARLEN_ATTENTION on packed documents (no shared prefixes; a sliding and a full layer; two
     rows; lengths not multiples of any tile): the log-probs and every LoRA gradient equal the
@@ -542,14 +574,12 @@ def test_varlen_attention_gives_the_flex_log_probs_and_gradients(monkeypatch):
     for on in (False, True):
         monkeypatch.setattr(attention, "VARLEN_ATTENTION", on)
         lp, _ = sequence_logprobs(model, batch)
-        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        _varlen_loss(lp).backward()
         results.append((lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]))
         model.zero_grad(set_to_none=True)
     assert len(calls) == 2  # one call a layer, with the flag on only
-    (lp0, g0), (lp1, g1) = results
-    assert ((lp1 - lp0).norm() / lp0.norm()).item() < 1e-2
-    for a, r in zip(g1, g0):
-        assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 3e-2
+    (fp32,) = _fp32_twin_results(model, [batch])
+    _assert_as_close_to_fp32(results[1], results[0], fp32)
 
 
 def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatch):
@@ -576,7 +606,7 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
 
     def step(fn, b):
         lp, _ = fn(b)
-        (lp * torch.linspace(-1, 1, lp.numel(), device="cuda")).sum().backward()
+        _varlen_loss(lp).backward()
         return lp.detach().float(), [p.grad.float().clone() for p in lora_parameters(model)]
 
     calls = _count_varlen_calls(monkeypatch)
@@ -593,7 +623,5 @@ def test_captured_steps_with_varlen_attention_replay_the_flex_results(monkeypatc
     assert (captured.eager_calls, captured.replayed_calls) == (2, 2)  # the first and the last: new shapes
     (bucket,) = captured._buckets.values()
     assert bucket.segments is not None and bucket.segments.segments.key_index is not None
-    for (lp, grads), (ref_lp, ref_grads) in zip(results, reference):
-        assert ((lp - ref_lp).norm() / ref_lp.norm()).item() < 1e-2
-        for a, r in zip(grads, ref_grads):
-            assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 3e-2
+    for got, flex, fp32 in zip(results, reference, _fp32_twin_results(model, batches)):
+        _assert_as_close_to_fp32(got, flex, fp32)

@@ -156,7 +156,7 @@ def test_captured_buckets_keep_the_varlen_segments(monkeypatch):
         lp.sum().backward()
     (bucket,) = captured._buckets.values()
     # (the padding document, 935 tokens, is a segment of its own)
-    assert captured.bucket_count == 1 and bucket.key[-1] == ((8, 1024, 1024, 2048), False)
+    assert captured.bucket_count == 1 and bucket.key[-1] == (8, 1024, 1024, 2048)
     assert seen[0] is None and seen[-1] is bucket.segments.segments  # eager first call: from the host copies
     cu = bucket.segments.segments.cu_q
     assert cu.tolist() == [0, 19, 50, 63, 89, 1024, 1024, 1024, 1024]  # prefix, 3 branches, padding, empty

@@ -254,12 +254,13 @@ def grouped_weight_grad(u: torch.Tensor, g: torch.Tensor, groups: ExpertGroups) 
     """The weight gradient of a grouped product: u [S, r] and g [S, out] sorted rows -> [E, r, out]
     with expert e's u_e^T @ g_e (zeros for an expert without rows). torch._grouped_mm's
     contraction-grouped form where it serves (a rank that is not a multiple of 8 padded with zero
-    columns), else the loop over experts (one host sync)."""
+    columns, an output width that is not one padded too), else the loop over experts (one host sync)."""
     E, r, out = groups.offsets.numel() - 1, u.shape[1], g.shape[1]
-    if _grouped_mm_ok(u, g) and out % 8 == 0:
-        pad = -r % 8
-        up = F.pad(u, (0, pad)) if pad else u.contiguous()
-        dW = torch._grouped_mm(up.t(), g.contiguous(), offs=groups.ends_int32)[:, :r]
+    if _grouped_mm_ok(u, g):
+        r_pad, out_pad = -r % 8, -out % 8
+        up = F.pad(u, (0, r_pad)) if r_pad else u.contiguous()
+        gp = F.pad(g, (0, out_pad)) if out_pad else g.contiguous()
+        dW = torch._grouped_mm(up.t(), gp, offs=groups.ends_int32)[:, :r, :out]
         # (an expert without rows gets no product; Hopper writes zeros there, other parts may not)
         return torch.where(groups.counts[:, None, None] > 0, dW, 0)
     dW = u.new_zeros(E, r, out)

@@ -20,10 +20,11 @@ permutes K inside 32-blocks so that they decode straight into the wgmma's regist
 a transient bf16 copy (`dequantize_experts`) that the dense path reads. The k-sum per token is a deterministic reduction
 of the [N, k, H] slot buffer (no atomics).
 
-The base weights and biases get no gradients (frozen); LoRA enters as the additive `lora_z` /
-`lora_y` terms, whose gradients (dz and w*dout) the autograd functions return. Without autograd
-(rollouts) the epilogues compute the LoRA term themselves from the rank-r intermediate and B_e
-(`_routed_experts_lora_epilogue`): no [slots, out] delta, two launches fewer per layer.
+The base weights and biases get no gradients (frozen). LoRA's B products run in the epilogues
+from the rank-r intermediate u and B_e, with no [slots, out] delta written and read back: in
+training (`TRAINING_LORA_EPILOGUE`; `_GateUpLoRA` / `_DownLoRA` return du and dB from dz and
+w*dout) and in rollouts (`_routed_experts_lora_epilogue`, without autograd). With the switch off,
+training adds precomputed `lora_z` / `lora_y` deltas as an extra epilogue input instead.
 """
 
 from __future__ import annotations
@@ -268,10 +269,10 @@ def _epilogue(acc, e64, pos, m_mask, offs_n, n_mask, pid_n, N, bias_ptr, stride_
               BM: tl.constexpr, BN: tl.constexpr, LORA_R: tl.constexpr, LORA_RP: tl.constexpr):
     """Bias, LoRA term, z store, SwiGLU, routing weight and scatter of one fp32 [BM, BN] tile.
 
-    The LoRA term is either a precomputed [rows, N] delta (HAS_EXTRA, training: autograd owns it)
-    or, with LORA_R > 0 (forwards without autograd: rollouts), computed here from the rank-r
-    intermediate u (row lu_rows, columns from e * lu_col_e) and expert e's B [r, N]: no [rows, N]
-    delta is written or read, and no launch computes it."""
+    The LoRA term is either a precomputed [rows, N] delta (HAS_EXTRA: training with
+    TRAINING_LORA_EPILOGUE off) or, with LORA_R > 0 (training and rollouts), computed here from the
+    rank-r intermediate u (row lu_rows, columns from e * lu_col_e) and expert e's B [r, N]: no
+    [rows, N] delta is written or read, and no launch computes it."""
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e64 * stride_bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -793,8 +794,10 @@ class _GateUpLoRA(torch.autograd.Function):
     backward gives dx through the base and, from dz, du = dz_slot @ B_e^T and dB_e = u_e^T dz_e."""
 
     @staticmethod
-    def forward(ctx, x, u, B, plan, by_token: bool, r: int):
-        needs_z = any(ctx.needs_input_grad[:3])
+    def forward(ctx, x, u, B, plan, by_token: bool, r: int, grad: bool):
+        # (`grad`: the caller's grad mode; inside forward it is off, and needs_input_grad holds even
+        # under no_grad for inputs that require grad: a no-grad pass must not write and keep z)
+        needs_z = grad and any(ctx.needs_input_grad[:3])
         S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
         z = torch.empty(S, I2, device=x.device, dtype=x.dtype) if needs_z else None
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
@@ -809,16 +812,15 @@ class _GateUpLoRA(torch.autograd.Function):
         ex, g = plan.experts, plan.groups
         dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
         dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
-        u_slots = u.view(u.shape[0], -1, ctx.r)[g.token, g.expert] if ctx.by_token else u
+        by_expert = u.view(u.shape[0], u.shape[1] // ctx.r, ctx.r) if ctx.by_token else None  # [N, E, r]
         du = dB = None
         if ctx.needs_input_grad[1]:
             du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
-            if ctx.by_token:  # (a token's k experts differ: one entry each, no sum)
-                du = u.new_zeros(u.shape[0], u.shape[1] // ctx.r, ctx.r).index_put_((g.token, g.expert), du)
-                du = du.view_as(u)
+            if ctx.by_token:  # (summed: ids may name an expert twice for a token; top-k never does)
+                du = torch.zeros_like(by_expert).index_put_((g.token, g.expert), du, accumulate=True).view_as(u)
         if ctx.needs_input_grad[2]:
-            dB = grouped_weight_grad(u_slots, dz, g)
-        return dx, du, dB, None, None, None
+            dB = grouped_weight_grad(by_expert[g.token, g.expert] if ctx.by_token else u, dz, g)
+        return dx, du, dB, None, None, None, None
 
 
 class _DownLoRA(torch.autograd.Function):
@@ -861,9 +863,10 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
     """The fused path of `ossrl.kernels.moe.routed_experts` (same arguments). No host syncs.
 
     `lora_epilogue` (rollouts: the model sets it inside `inference_kernels`) lets a forward without
-    autograd compute the LoRA B products in the matmuls' epilogues; it rounds differently from the
-    autograd path, so the trainer's own no-grad passes (old log-probs) leave it off and compute
-    exactly what its training pass computes. `grouping`: the slots of `ids` already grouped
+    autograd take the rollouts' LoRA path (A products by the kernel at decode sizes, rollout copies
+    with the scaling folded in); it rounds differently from the training path, so the trainer's own
+    no-grad passes (old log-probs) leave it off and compute exactly what its training pass
+    computes. `grouping`: the slots of `ids` already grouped
     (`ossrl.kernels.fused.router_topk_grouped`), used in place of `group_small`."""
     if config is None and gemv_ok(x, experts, lora):  # a token or two: matrix-vector products (moe_gemv)
         return routed_experts_gemv(x, route_w, ids, experts)
@@ -915,7 +918,8 @@ def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
         u = xl @ (all_experts_A(lora.gate_up_A) if A_flat is None else A_flat)
     else:
         u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
-    a = _GateUpLoRA.apply(x, scaled(u, lora.scaling).contiguous(), lora.gate_up_B.contiguous(), plan, by_token, r)
+    a = _GateUpLoRA.apply(x, scaled(u, lora.scaling).contiguous(), lora.gate_up_B.contiguous(), plan, by_token, r,
+                          torch.is_grad_enabled())
     u = scaled(grouped_product(lora_input(lora, a), lora.down_A, groups), lora.scaling)
     return _DownLoRA.apply(a, route_w.contiguous(), u.contiguous(), lora.down_B.contiguous(), plan)
 

@@ -69,51 +69,23 @@ def _window_sizes(window: int | None) -> tuple[int, int]:
     return (-1, 0) if window is None else (window - 1, 0)
 
 
-# cuDNN's attention (torch's `_cudnn_attention_forward` / `_backward`, varlen form) for the full
-# layers of plain packed documents (no window, no shared prefix: every segment's queries are its
-# keys). Off until measured against FlashAttention-2 on the device (benchmarks/cudnn_probe.py).
-CUDNN_FULL_LAYERS = False
-
-
-def _cudnn_serves(window: int | None, cu_q: torch.Tensor, cu_k: torch.Tensor) -> bool:
-    return (CUDNN_FULL_LAYERS and window is None and cu_k is cu_q and torch.backends.cudnn.is_available()
-            and hasattr(torch.ops.aten, "_cudnn_attention_forward"))
-
-
-def _heads_by_tokens(stats: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """A kernel's logsumexp as [heads, tokens] (FlashAttention's varlen layout; cuDNN's is
-    [tokens, heads, 1]): a view where the layout allows, else an error naming the shape."""
-    N, H = q.shape[0], q.shape[1]
-    if stats.shape == (H, N):
-        return stats
-    if stats.numel() == N * H and stats.shape[0] == N:
-        return stats.reshape(N, H).t()
-    raise RuntimeError(f"varlen_sink_attention: the kernel returned the varlen logsumexp as {tuple(stats.shape)}, "
-                       f"not [heads, tokens] {(H, N)} or [tokens, heads, 1]")
-
-
 class _VarlenSinkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, cu_q, cu_k, max_q: int, max_k: int, window: int | None, scale: float):
         from ossrl.kernels import sink_triton
 
-        cudnn = _cudnn_serves(window, cu_q, cu_k)
-        if cudnn:
-            res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_q, cu_k, max_q, max_k, True, 0.0, True,
-                                                          False, scale=scale)
-            out, stats, rng, unused = res[0], res[1], res[6], res[7]  # rng, unused: cuDNN's philox seed, offset
-        else:
-            left, right = _window_sizes(window)
-            res = torch.ops.aten._flash_attention_forward(
-                q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
-                window_size_left=left, window_size_right=right)
-            out, stats, rng, unused = res[0], res[1], res[2], res[3]  # out [N, H, D]; lse [H, N] fp32
-        lse = _heads_by_tokens(stats, q)
+        left, right = _window_sizes(window)
+        res = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
+            window_size_left=left, window_size_right=right)
+        out, lse, rng, unused = res[0], res[1], res[2], res[3]  # out [N, H, D]; lse [H, N] fp32
+        if lse.shape != (q.shape[1], q.shape[0]):  # (older FlashAttention builds: [S, H, max_q])
+            raise RuntimeError(f"varlen_sink_attention: this torch's FlashAttention returns the varlen "
+                               f"logsumexp as {tuple(lse.shape)}, not [heads, tokens] {(q.shape[1], q.shape[0])}")
         w = torch.sigmoid(lse - sinks.float()[:, None]).contiguous()
         y = sink_triton.scale(out.unsqueeze(0).transpose(1, 2), w[None]).transpose(1, 2)[0]  # [N, H, D]
-        ctx.save_for_backward(q, k, v, y, stats, w, cu_q, cu_k, rng, unused)
+        ctx.save_for_backward(q, k, v, y, lse, w, cu_q, cu_k, rng, unused)
         ctx.max_q, ctx.max_k, ctx.window, ctx.scale, ctx.sinks_dtype = max_q, max_k, window, scale, sinks.dtype
-        ctx.cudnn = cudnn
         return y
 
     @staticmethod
@@ -121,20 +93,16 @@ class _VarlenSinkAttention(torch.autograd.Function):
     def backward(ctx, grad):
         from ossrl.kernels import sink_triton
 
-        q, k, v, y, stats, w, cu_q, cu_k, rng, unused = ctx.saved_tensors
+        q, k, v, y, lse, w, cu_q, cu_k, rng, unused = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
         # d out = g * w, and s = sum_D g * y (= w * sum_D g * out)
         dout, s = sink_triton.scale_backward(grad.unsqueeze(0).transpose(1, 2), y.unsqueeze(0).transpose(1, 2), w[None])
         dout = dout.transpose(1, 2)[0]
-        if ctx.cudnn:
-            dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-                dout, q, k, v, y, stats, rng, unused, None, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, scale=ctx.scale)
-        else:
-            left, right = _window_sizes(ctx.window)
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                dout, q, k, v, y, stats, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, rng, unused,
-                scale=ctx.scale, window_size_left=left, window_size_right=right)
+        left, right = _window_sizes(ctx.window)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, y, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, rng, unused,
+            scale=ctx.scale, window_size_left=left, window_size_right=right)
         grad_sinks = -(s[0] * (1 - w)).sum(-1).to(ctx.sinks_dtype)  # d lse = s (1 - w); d sink = -sum d lse
         return dq, dk, dv, grad_sinks, None, None, None, None, None, None
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ossrl.kernels import attention, varlen_attention
+from ossrl.kernels import attention
 from ossrl.kernels.varlen_attention import SegmentBuffers, document_segments, varlen_serves
 from ossrl.model.expert_copies import dense_copy_addresses, mxfp4_experts
 from ossrl.model.gptoss import weight_storage
@@ -212,8 +212,7 @@ class CapturedLogprobs:
         segments = self._segments(batch)
         key = (R, T, target_capacity(n, R * T), batch.branch_ids is not None, float(temperature), int(chunk),
                with_entropy, with_entropy and entropy_grad, self.model.training,
-               None if segments is None else (segments.capacity(T), varlen_attention.CUDNN_FULL_LAYERS))
-        # (what the forward reads, and which kernels the graphs would hold)
+               None if segments is None else segments.capacity(T))  # (what the forward reads)
         bucket = self._buckets.get(key)
         if bucket is not None and bucket.copies != dense_copy_addresses(self._experts):
             # The graphs read the kept expert copies by address, and they were remade since (frozen
@@ -280,8 +279,7 @@ class CapturedLogprobs:
         bucket.index[n:].zero_()
 
     def _new_bucket(self, key: tuple, batch: PackedBatch, index: torch.Tensor, segments) -> _Bucket | None:
-        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _, segment_key = key
-        segment_capacity = None if segment_key is None else segment_key[0]
+        R, T, capacity, branches, temperature, chunk, with_entropy, entropy_grad, _, segment_capacity = key
         device = self.model.lm_head.weight.device
 
         def buffer(dtype=torch.long):
