@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call that checks before it measures (device minutes are few; see docs/notes.md):
-#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [profcaptured] [densesweep] [cudnnprobe] [generate]   # default: tests grpo
+#   bash benchmarks/gpu_check.sh [tests] [grpo] [grpoab] [train] [train120b] [sweep] [wordsweep] [readroof] [tiled] [fixup] [prefill] [fp32dump] [pdl] [gemv] [defer] [rotary] [trainsweep] [decode] [logsoftmax] [regress] [flexprobe] [flextune] [combine] [launches] [trainab] [steptimes] [hostprof] [graphprobe] [dense] [grpocapture] [attnprobe] [varlenab] [profcaptured] [densesweep] [launchtimes] [cudnnprobe] [generate]   # default: tests grpo
 # tests: every test marked gpu; grpo: benchmarks/grpo_step.py (2 steps); grpoab: 3 steps without and
 # with the paths (fused log-softmax, sink kernels, shared prefixes) whose tests passed in FIRST_K; train: benchmarks/train.py
 # at 1K/4K/8K (auto and fully checkpointed) against transformers + PEFT at 4K/8K; train120b: a
@@ -34,7 +34,8 @@
 # with, VARLEN_ATTENTION (40 GB of kept expert copies), eager and then replayed from CUDA graphs; profcaptured:
 # profile_train.py --captured at 4K, FlexAttention then varlen; densesweep: moe.py --dense-train-sweep (bf16
 # experts' tiles at 4K / 8K tokens); cudnnprobe: benchmarks/cudnn_probe.py (cuDNN's varlen attention
-# against FlashAttention-2's, for the full layers); generate: benchmarks/generate.py. Logs and JSON go
+# against FlashAttention-2's, for the full layers); launchtimes: moe.py --launch-times (each training launch of the
+# bf16 experts alone per tile, 4K / 8K); generate: benchmarks/generate.py. Logs and JSON go
 # to $OUT (the device tool's folder) or /tmp/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -322,6 +323,10 @@ if [[ $what == *" dense "* ]]; then  # session 16: kept bf16 expert copies: the 
         --dense-experts-gb ${DENSE_GB:-40} --dense-ab --out "$out/train_dense_ab.json" 2>&1 | tee "$out/train_dense_ab.log" \
         | grep -oE '"tokens": [0-9]+|"seconds": [0-9.]+|"peak_gib": [0-9.]+|"checkpointed_layers": [0-9]+|"dense_experts_gib": [0-9.]+' \
         | paste -sd' '
+fi
+if [[ $what == *" launchtimes "* ]]; then  # session 24: each training launch of the bf16 experts, per tile
+    timeout ${LAUNCH_TIMEOUT:-300} python benchmarks/moe.py --launch-times --dense-train-tokens ${LAUNCH_TOKENS:-4096,8192} \
+        --out "$out/moe_launch_times.json" 2>&1 | tee "$out/moe_launch_times.log" | grep -E "launch_times|Error" | cut -c1-400
 fi
 if [[ $what == *" cudnnprobe "* ]]; then
     timeout ${PROBE_TIMEOUT:-150} python benchmarks/cudnn_probe.py --out "$out/cudnn_probe.json" 2>&1 \

@@ -173,6 +173,8 @@ def main():
                         help="only the bf16 experts' tiles at --dense-train-tokens (what training runs on the "
                              "kept bf16 copies): forward kernels and forward + backward")
     parser.add_argument("--dense-train-tokens", default="4096,8192")
+    parser.add_argument("--launch-times", action="store_true",
+                        help="only each training launch of the bf16 experts timed alone per tile, at --dense-train-tokens")
     parser.add_argument("--tiled", action="store_true",
                         help="only the decode sizes' word tiles with the blocks as published and tile-contiguous")
     parser.add_argument("--tiled-tokens", default="1,8,64", help="--tiled: the token counts (comma-separated)")
@@ -208,7 +210,11 @@ def main():
         pass
     print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled or args.gemv or args.dense_train_sweep:
+    if (args.decode_sweep or args.train_sweep or args.read_roofline or args.tiled or args.gemv or args.dense_train_sweep
+            or args.launch_times):
+        if args.launch_times:  # (it puts its rows into result as they come)
+            launch_times(dense, router, gen, mm_flops, [int(t) for t in args.dense_train_tokens.split(",")],
+                         args.out, result)
         if args.dense_train_sweep:  # (it puts its rows into result as they come)
             dense_train_sweep(dense, router, gen, mm_flops, [int(t) for t in args.dense_train_tokens.split(",")],
                               args.out, result)
@@ -582,6 +588,50 @@ def dense_train_sweep(dense, router, gen, mm_flops, tokens, out, result):
             rows.append(r)
             print("dense_train_sweep", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()},
                   flush=True)
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+    return rows
+
+
+def launch_times(dense, router, gen, mm_flops, tokens, out, result):
+    """Each of a training step's four expert matmul launches on the bf16 experts, timed alone per
+    tile (session 24: at 4K tokens the forward's two ran at 70% of the measured matmul rate and the
+    backward's at about 51%): gate_up forward (gather, bias, SwiGLU, z stored), down forward (bias,
+    weight, scatter), down backward (gathered dout @ W2^T with the routing weights' gradient in the
+    epilogue) and gate_up backward (dz @ W1^T, scattered). JSON rewritten after every row."""
+    from ossrl.kernels.moe_triton import _down_base_backward, _gate_up_input_grad, _Plan, down_forward, \
+        gate_up_forward
+
+    T = moe_triton.TileConfig
+    configs = [T(128, 256, 64, 8, 3), T(128, 256, 64, 8, 4), T(128, 128, 64, 8, 4), T(256, 128, 64, 8, 3),
+               T(128, 256, 32, 8, 4), T(64, 256, 64, 4, 4), T(128, 128, 128, 8, 3), T(256, 128, 32, 8, 4)]
+    rows = []
+    result["launch_times"] = rows
+    for N in tokens:
+        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        w, ids = route(x @ router, K_TOP)
+        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        S = N * K_TOP
+        groups = group_by_expert(ids, E)
+        dz = torch.randn(S, 2 * I, generator=gen, device="cuda").bfloat16()
+        flops = {"gate_up_fwd": 2 * S * H * 2 * I, "down_fwd": 2 * S * I * H, "down_bwd": 2 * S * H * I,
+                 "gate_up_bwd": 2 * S * 2 * I * H}
+        for cfg in configs:
+            plan = _Plan(groups, dense, N, cfg)
+            z = torch.empty(S, 2 * I, device="cuda", dtype=torch.bfloat16)
+            a = gate_up_forward(plan, x, z=z)
+            launches = {"gate_up_fwd": lambda: gate_up_forward(plan, x, z=z),
+                        "down_fwd": lambda: down_forward(plan, a, w),
+                        "down_bwd": lambda: _down_base_backward(plan, dout, a, w, True),
+                        "gate_up_bwd": lambda: _gate_up_input_grad(plan, dz)}
+            r = dict(tokens=N, config=[cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages])
+            for name, fn in launches.items():
+                ms = attempt(lambda: bench(fn))
+                r[name + "_ms"] = ms
+                if isinstance(ms, float):
+                    r[name + "_matmul_fraction"] = round(flops[name] / (ms * 1e-3) / mm_flops, 4)
+            rows.append(r)
+            print("launch_times", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
             with open(out, "w") as f:
                 json.dump(result, f, indent=1)
     return rows
