@@ -233,9 +233,7 @@ def main():
         return
 
     for N in map(int, args.tokens.split(",")):
-        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
-        w, ids = route(x @ router, K_TOP)
-        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        x, w, ids, dout = layer_inputs(gen, router, N)
         hit = int(torch.unique(ids).numel())
         S = N * K_TOP
         flops = 2 * S * H * 2 * I + 2 * S * I * H
@@ -514,6 +512,13 @@ def gemv_compare(mx, router, gen, copy_bw, tokens=(1, 2)):
     return rows
 
 
+def layer_inputs(gen, router, N: int):
+    """N random tokens for the layer: x [N, H], their routing (weights, ids [N, k]) and an output gradient."""
+    x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+    w, ids = route(x @ router, K_TOP)
+    return x, w, ids, torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+
+
 def time_tile(r: dict, ex, cfg, x, w, ids, dout, ref, seconds_at_peak: float) -> dict:
     """Row r with the tile `cfg`'s difference from `ref`, its forward kernels' and forward +
     backward times, and the forward's fraction of the matmul rate (`seconds_at_peak`: the forward's
@@ -546,9 +551,7 @@ def train_sweep(mx, router, gen, mm_flops):
                                           (128, 128, 128, 8))]
     rows = []
     for N in (256, 512, 1024, 2048, 4096, 32768):
-        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
-        w, ids = route(x @ router, K_TOP)
-        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        x, w, ids, dout = layer_inputs(gen, router, N)
         flops = 2 * N * K_TOP * (2 * I * H + H * I)
         with torch.no_grad():
             ref = moe_triton.routed_experts_triton(x, w, ids, mx, config=configs[4]).float()  # the bf16 copy
@@ -574,9 +577,7 @@ def dense_train_sweep(dense, router, gen, mm_flops, tokens, out, result):
     rows = []
     result["dense_train_sweep"] = rows
     for N in tokens:
-        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
-        w, ids = route(x @ router, K_TOP)
-        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        x, w, ids, dout = layer_inputs(gen, router, N)
         flops = 2 * N * K_TOP * (2 * I * H + H * I)
         with torch.no_grad():
             ref = moe_triton.routed_experts_triton(x, w, ids, dense, config=configs[0]).float()
@@ -608,9 +609,7 @@ def launch_times(dense, router, gen, mm_flops, tokens, out, result):
     rows = []
     result["launch_times"] = rows
     for N in tokens:
-        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
-        w, ids = route(x @ router, K_TOP)
-        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        x, w, ids, dout = layer_inputs(gen, router, N)
         S = N * K_TOP
         groups = group_by_expert(ids, E)
         dz = torch.randn(S, 2 * I, generator=gen, device="cuda").bfloat16()
@@ -640,9 +639,7 @@ def launch_times(dense, router, gen, mm_flops, tokens, out, result):
 def sweep(mx, dense, router, gen):
     rows = []
     for N in (1, 64, 256, 4096, 32768):
-        x = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
-        w, ids = route(x @ router, K_TOP)
-        dout = torch.randn(N, H, generator=gen, device="cuda").bfloat16()
+        x, w, ids, dout = layer_inputs(gen, router, N)
         for fmt, ex in (("mxfp4", mx), ("bf16", dense)):
             for c in [c + (d,) for c in SWEEP for d in ((True, False) if fmt == "mxfp4" else (True,))]:
                 if (N <= 64 and c[0] > 32) or (N >= 4096 and c[0] < 64) or (N == 256 and c[0] == 128):
