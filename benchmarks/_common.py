@@ -121,6 +121,8 @@ SWITCHES = (
      "self-attention over packed documents (shared prefixes too) through FlashAttention-2's varlen kernels"),
     ("training-lora-epilogue", "ossrl.kernels.moe_triton", "TRAINING_LORA_EPILOGUE",
      "training forwards: the expert LoRA B products in the MoE matmuls' epilogues (no [slots, out] deltas)"),
+    ("fused-swiglu-backward", "ossrl.kernels.moe_triton", "FUSED_SWIGLU_BACKWARD",
+     "training: the SwiGLU's backward and the down LoRA A path's input gradient in one kernel"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

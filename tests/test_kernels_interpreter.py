@@ -367,11 +367,30 @@ def test_expert_lora_gradients_with_the_b_products_in_the_epilogue_and_as_deltas
     _check_forward_and_gradients(cfg, 40, r)
 
 
+@pytest.mark.parametrize("by_token,r", [(True, 4), (False, 12)])
+def test_the_fused_swiglu_backward_gives_the_twins_gradients(by_token, r, monkeypatch):
+    """FUSED_SWIGLU_BACKWARD: the SwiGLU's backward and the down LoRA A path's input gradient in one
+    kernel (`swiglu_lora_backward`), gate_up's intermediate by token and by slot, ranks 4 and 12:
+    the twin's outputs and every gradient; that kernel ran, the plain SwiGLU backward did not."""
+    monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", True)
+    if not by_token:
+        monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
+    calls = {"plain": 0, "fused": 0}
+    for name, key in (("swiglu_backward", "plain"), ("swiglu_lora_backward", "fused")):
+        real = getattr(moe_triton, name)
+        monkeypatch.setattr(moe_triton, name, lambda *a, _r=real, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
+                            or _r(*a, **k))
+    _check_forward_and_gradients(moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True), 40, r)
+    assert calls == {"plain": 0, "fused": 1}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused_swiglu_backward"])
 @pytest.mark.parametrize("case", ["no_tokens", "an_expert_named_twice"])
-def test_expert_lora_in_the_epilogue_with_no_tokens_and_repeated_experts(case):
+def test_expert_lora_in_the_epilogue_with_no_tokens_and_repeated_experts(case, fused, monkeypatch):
     """The training epilogue path (gate_up's intermediate by token) with a batch of no tokens, and
     with ids naming one expert twice for a token (top-k never does; `routed_experts` takes any):
-    the twin's outputs and gradients (the by-token du sums both slots)."""
+    the twin's outputs and gradients (the by-token du sums both slots); also with FUSED_SWIGLU_BACKWARD."""
+    monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", fused)
     cfg = moe_triton.TileConfig(16, 32, 32, 4, 1, dequant=True)
     if case == "no_tokens":
         _check_forward_and_gradients(cfg, 0, 4)
@@ -686,6 +705,11 @@ elif kernel == "decode_finish":  # decode attention in one split, finishing the 
     ptr.update(SlotIds="*i32", Lengths="*i32", PrefixSlot="*i32", PrefixLen="*i32", Acc="*bf16", Max="*bf16",
                Sum="*bf16", Sinks="*fp32", qk_scale="fp32")
     const = dict(G=8, G_PAD=16, D=64, BLOCK_N=32, NUM_SPLITS=1, SHARED_PREFIX=True, FINISH=True)
+elif kernel == "swiglu_lora":  # FUSED_SWIGLU_BACKWARD's kernel
+    fn = moe_triton._swiglu_lora_backward_kernel
+    ptr = {n: "*bf16" for n in ("z_ptr", "da_ptr", "t_ptr", "a_ptr", "dz_ptr")}
+    ptr.update(expert_ptr="*i64")
+    const = dict(R=16, RP=16, BLOCK=256)
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv
@@ -738,12 +762,13 @@ def test_kernels_compile_for_gpus_before_hopper(kernel):
     assert ok, err
 
 
-@pytest.mark.parametrize("kernel", ["rotary", "rotary_append", "router_grouped", "combine_parts", "decode_finish"])
+@pytest.mark.parametrize("kernel", ["rotary", "rotary_append", "router_grouped", "combine_parts", "decode_finish",
+                                    "swiglu_lora"])
 def test_the_rotary_kernel_compiles_with_and_without_the_kv_append(kernel):
     """The rotary kernel (an early return for the v heads where it appends) compiles for sm_80 and
     sm_90, with the KV append and without (as `rotary_qk` calls it); so do the router's top-k
-    kernel grouping the slots (ROUTER_GROUPS), COMBINE_PARTS's k-sum and the one-split decode
-    attention."""
+    kernel grouping the slots (ROUTER_GROUPS), COMBINE_PARTS's k-sum, the one-split decode
+    attention and FUSED_SWIGLU_BACKWARD's kernel."""
     import subprocess
     import sys
 

@@ -250,15 +250,18 @@ def test_all_tokens_on_one_expert(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N", [5, 260])
-@pytest.mark.parametrize("epilogue,by_token", [(True, True), (True, False), (False, True)],
-                         ids=["b_in_epilogue", "b_in_epilogue-by_slot", "deltas"])
-def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, monkeypatch):
+@pytest.mark.parametrize("epilogue,by_token,fused", [(True, True, False), (True, False, False), (False, True, False),
+                                                    (True, True, True), (True, False, True)],
+                         ids=["b_in_epilogue", "b_in_epilogue-by_slot", "deltas", "fused_swiglu_backward",
+                              "fused_swiglu_backward-by_slot"])
+def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, fused, monkeypatch):
     """Expert LoRA gradients with the B products in the epilogues (TRAINING_LORA_EPILOGUE) and as
     precomputed deltas; gate_up's rank-r intermediate by token, or per sorted slot (grouped_mm: the
-    path of models with many experts times rank, 120b's)."""
+    path of models with many experts times rank, 120b's); with FUSED_SWIGLU_BACKWARD."""
     from ossrl.kernels import moe
 
     monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
+    monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", fused)
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
         monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)

@@ -25,6 +25,8 @@ from the rank-r intermediate u and B_e, with no [slots, out] delta written and r
 training (`TRAINING_LORA_EPILOGUE`; `_GateUpLoRA` / `_DownLoRA` return du and dB from dz and
 w*dout) and in rollouts (`_routed_experts_lora_epilogue`, without autograd). With the switch off,
 training adds precomputed `lora_z` / `lora_y` deltas as an extra epilogue input instead.
+`FUSED_SWIGLU_BACKWARD` (off until measured) folds the down LoRA A path's input gradient into the
+SwiGLU's backward kernel (`_DownLoRAToZ`).
 """
 
 from __future__ import annotations
@@ -677,6 +679,46 @@ def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: f
 
 
 @triton.jit
+def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr, I, limit, alpha,
+                                 R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """Sorted slot `row`: da += t[row] @ A[e]^T (the down LoRA A path's term; A [E, I, R]), then the
+    clamped SwiGLU's backward against z's (gate, up) pairs -> dz, all in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    rr = tl.arange(0, RP)
+    e = tl.load(expert_ptr + row).to(tl.int64)
+    t = tl.load(t_ptr + row * R + rr, mask=rr < R, other=0.0).to(tl.float32)
+    a_blk = tl.load(a_ptr + e * I * R + cols[:, None] * R + rr[None, :], mask=mask[:, None] & (rr[None, :] < R),
+                    other=0.0).to(tl.float32)
+    da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32) + tl.sum(a_blk * t[None, :], axis=1)
+    pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
+    z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
+    gate, up = tl.split(z)
+    gc = tl.minimum(gate, limit)
+    uc = tl.minimum(tl.maximum(up, -limit), limit)
+    sig = tl.sigmoid(gc * alpha)
+    dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+    dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
+    tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+def swiglu_lora_backward(z: torch.Tensor, da: torch.Tensor, t: torch.Tensor, A: torch.Tensor, expert: torch.Tensor,
+                         *, limit: float, alpha: float) -> torch.Tensor:
+    """dz [S, 2I] of the clamped SwiGLU for the gradient da + t_s @ A_{expert s}^T per sorted slot s
+    (z [S, 2I], da [S, I], t [S, r], A [E, I, r]): the down LoRA A path's input gradient added
+    where the SwiGLU's backward reads da, with no [S, I] product written and no add launched."""
+    S, I = da.shape
+    r = t.shape[1]
+    dz = torch.empty_like(z)
+    if S:
+        _swiglu_lora_backward_kernel[(S, triton.cdiv(I, 256))](
+            z, da.contiguous(), t.contiguous(), A.contiguous(), expert, dz, I, float(limit), float(alpha),
+            R=r, RP=max(2, triton.next_power_of_2(r)), BLOCK=256)
+    return dz
+
+
+@triton.jit
 def _down_lora_backward_kernel(dout_ptr, token_ptr, y_ptr, w_ptr, dw_ptr, dy_ptr, H: tl.constexpr,
                                NEED_DW: tl.constexpr, NEED_DY: tl.constexpr, BLOCK: tl.constexpr):
     """Per sorted slot s of token t: dw[s] += <lora_y[s], dout[t]> and dlora_y[s] = w[s] * dout[t]."""
@@ -808,19 +850,81 @@ class _GateUpLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da):
         z, u, B = ctx.saved_tensors
-        plan = ctx.plan
-        ex, g = plan.experts, plan.groups
+        ex = ctx.plan.experts
         dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
-        dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
-        by_expert = u.view(u.shape[0], u.shape[1] // ctx.r, ctx.r) if ctx.by_token else None  # [N, E, r]
-        du = dB = None
-        if ctx.needs_input_grad[1]:
-            du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
-            if ctx.by_token:  # (summed: ids may name an expert twice for a token; top-k never does)
-                du = torch.zeros_like(by_expert).index_put_((g.token, g.expert), du, accumulate=True).view_as(u)
-        if ctx.needs_input_grad[2]:
-            dB = grouped_weight_grad(by_expert[g.token, g.expert] if ctx.by_token else u, dz, g)
-        return dx, du, dB, None, None, None, None
+        return (*_gate_up_lora_grads(ctx, dz, u, B), None, None, None, None)
+
+
+def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor):
+    """(dx, du, dB) of gate_up with its LoRA term in the epilogue, from dz (as ctx.needs_input_grad
+    asks for x, u and B): dx through the base, du = dz_slot @ B_e^T (by token or by slot, as u is),
+    dB_e = u_e^T dz_e."""
+    plan = ctx.plan
+    g = plan.groups
+    dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
+    by_expert = u.view(u.shape[0], u.shape[1] // ctx.r, ctx.r) if ctx.by_token else None  # [N, E, r]
+    du = dB = None
+    if ctx.needs_input_grad[1]:
+        du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
+        if ctx.by_token:  # (summed: ids may name an expert twice for a token; top-k never does)
+            du = torch.zeros_like(by_expert).index_put_((g.token, g.expert), du, accumulate=True).view_as(u)
+    if ctx.needs_input_grad[2]:
+        dB = grouped_weight_grad(by_expert[g.token, g.expert] if ctx.by_token else u, dz, g)
+    return dx, du, dB
+
+
+class _GateUpLoRAToZ(torch.autograd.Function):
+    """`_GateUpLoRA` for FUSED_SWIGLU_BACKWARD: returns (a, z), z the differentiable output (the
+    pre-activation [S, 2I], which `_DownLoRAToZ` takes and differentiates through the SwiGLU), a
+    beside it without a gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, x, u, B, plan, by_token: bool, r: int):
+        S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
+        z = torch.empty(S, I2, device=x.device, dtype=x.dtype)
+        a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
+        ctx.mark_non_differentiable(a)
+        ctx.plan, ctx.by_token, ctx.r = plan, by_token, r
+        ctx.save_for_backward(u, B)
+        return a, z
+
+    @staticmethod
+    def backward(ctx, grad_a, dz):
+        u, B = ctx.saved_tensors
+        return (*_gate_up_lora_grads(ctx, dz, u, B), None, None, None)
+
+
+class _DownLoRAToZ(torch.autograd.Function):
+    """The down projection with its LoRA pair (u = s * a @ A_e, then u @ B_e in the epilogue), whose
+    backward returns dz, the gradient of gate_up's pre-activation: the base's da from the kernel,
+    then `swiglu_lora_backward` adds the A path's term s * du @ A_e^T where the SwiGLU's backward
+    reads da. With G the slots' dout rows and t = G @ B_e^T: du = w * t, dB_e = (w u)_e^T G_e,
+    dA_e = s * a_e^T du_e, d w_slot gains <u, t>. No LoRA dropout (a reaches A as it is)."""
+
+    @staticmethod
+    def forward(ctx, z, a, route_w, A, B, plan, scaling: float):
+        u = scaled(grouped_product(a, A, plan.groups), scaling).contiguous()  # (as `_routed_experts_lora_trained`)
+        ctx.plan, ctx.scaling = plan, scaling
+        ctx.save_for_backward(z, a, route_w, u, A, B)
+        return down_forward(plan, a, route_w, lora=_LoRATerm(u, B, False, 0))
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, a, route_w, u, A, B = ctx.saved_tensors
+        plan, s = ctx.plan, ctx.scaling
+        g, ex = plan.groups, plan.experts
+        dout = dout.contiguous()
+        da, dw_sorted = _down_base_backward(plan, dout, a, route_w, ctx.needs_input_grad[2])
+        G = dout[g.token]  # [S, H]
+        t = grouped_product(G, B.transpose(1, 2), g).float()  # [S, r]
+        w_sorted = route_w.reshape(-1)[g.order].float()[:, None]
+        if dw_sorted is not None:
+            dw_sorted += (u.float() * t).sum(-1)
+        du_s = (t * (w_sorted * s)).to(a.dtype)  # s * du
+        dA = grouped_weight_grad(a, du_s, g) if ctx.needs_input_grad[3] else None
+        dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, g) if ctx.needs_input_grad[4] else None
+        dz = swiglu_lora_backward(z, da, du_s, A, g.expert, limit=ex.limit, alpha=ex.alpha)
+        return dz, None, _unsorted(dw_sorted, g, route_w), dA, dB, None, None
 
 
 class _DownLoRA(torch.autograd.Function):
@@ -903,6 +1007,11 @@ def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Ten
 # layer (at 4K tokens 189 + 94 MB), and two grouped products fewer per forward. Off: the deltas
 # are computed by grouped products and added in the epilogue as an extra input.
 TRAINING_LORA_EPILOGUE = True
+# With it, training forwards (autograd on, no LoRA dropout) may take the SwiGLU's backward and the
+# down LoRA A path's input gradient in one light kernel (`_DownLoRAToZ`, `swiglu_lora_backward`):
+# no [S, I] product for that gradient and no add into da. Off until measured on the device
+# (written in session 24 after its device time was spent; estimated at 2-3 ms a 4K step).
+FUSED_SWIGLU_BACKWARD = False
 
 
 def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
@@ -918,10 +1027,21 @@ def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
         u = xl @ (all_experts_A(lora.gate_up_A) if A_flat is None else A_flat)
     else:
         u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
-    a = _GateUpLoRA.apply(x, scaled(u, lora.scaling).contiguous(), lora.gate_up_B.contiguous(), plan, by_token, r,
-                          torch.is_grad_enabled())
+    u = scaled(u, lora.scaling).contiguous()
+    if FUSED_SWIGLU_BACKWARD and torch.is_grad_enabled() and not _dropout_active(lora):
+        # (no-grad passes take the path below: the same forward sums, without z written)
+        a, z = _GateUpLoRAToZ.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r)
+        return _DownLoRAToZ.apply(z, a, route_w.contiguous(), lora.down_A.contiguous(), lora.down_B.contiguous(),
+                                  plan, float(lora.scaling))
+    a = _GateUpLoRA.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r, torch.is_grad_enabled())
     u = scaled(grouped_product(lora_input(lora, a), lora.down_A, groups), lora.scaling)
     return _DownLoRA.apply(a, route_w.contiguous(), u.contiguous(), lora.down_B.contiguous(), plan)
+
+
+def _dropout_active(lora) -> bool:
+    """Whether the adapter's dropout changes its input (a Dropout module in training mode, p > 0)."""
+    dropout = getattr(lora, "dropout", None)
+    return isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0
 
 
 # The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]) on the dense path of
