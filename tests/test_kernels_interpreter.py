@@ -384,6 +384,35 @@ def test_the_fused_swiglu_backward_gives_the_twins_gradients(by_token, r, monkey
     assert calls == {"plain": 0, "fused": 1}
 
 
+@pytest.mark.parametrize("S,I,r", [(37, 300, 3), (16, 64, 16)])
+def test_swiglu_lora_backward_kernel_equals_the_plain_sum_then_swiglu_backward(S, I, r):
+    """`swiglu_lora_backward` against da + t_s @ A_e^T then `clamped_swiglu_backward` (several column
+    blocks, rows not a multiple of the kernel's 16, a rank not a power of two, gates past the limit)."""
+    from ossrl.kernels.moe import clamped_swiglu_backward
+
+    g = torch.Generator().manual_seed(S)
+    z = torch.randn(S, 2 * I, generator=g) * 6
+    da, t = torch.randn(S, I, generator=g), torch.randn(S, r, generator=g)
+    A = torch.randn(3, I, r, generator=g)
+    expert = torch.randint(0, 3, (S,), generator=g).sort().values
+    got = moe_triton.swiglu_lora_backward(z, da, t, A, expert, limit=7.0, alpha=1.702)
+    want = clamped_swiglu_backward(z, da + torch.einsum("sr,sir->si", t, A[expert]), limit=7.0, alpha=1.702)
+    assert rel(got, want) < 1e-6
+
+
+def test_lora_dropout_keeps_the_unfused_swiglu_backward():
+    """FUSED_SWIGLU_BACKWARD needs the down A path's input as it is: an adapter's active dropout
+    (training mode, p > 0) takes the unfused path; eval mode, p = 0 (Identity) and none fuse."""
+    from ossrl.model.lora import AdapterSwitch, ExpertLoRA, LoRAConfig
+
+    lora = ExpertLoRA(4, 96, 64, LoRAConfig(r=4, dropout=0.2), AdapterSwitch())
+    assert moe_triton._dropout_active(lora)
+    lora.eval()
+    assert not moe_triton._dropout_active(lora)
+    assert not moe_triton._dropout_active(ExpertLoRA(4, 96, 64, LoRAConfig(r=4), AdapterSwitch()))
+    assert moe_triton._dropout_active(type("L", (), {"dropout": torch.nn.AlphaDropout(0.1)})())
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["", "fused_swiglu_backward"])
 @pytest.mark.parametrize("case", ["no_tokens", "an_expert_named_twice"])
 def test_expert_lora_in_the_epilogue_with_no_tokens_and_repeated_experts(case, fused, monkeypatch):
@@ -709,7 +738,7 @@ elif kernel == "swiglu_lora":  # FUSED_SWIGLU_BACKWARD's kernel
     fn = moe_triton._swiglu_lora_backward_kernel
     ptr = {n: "*bf16" for n in ("z_ptr", "da_ptr", "t_ptr", "a_ptr", "dz_ptr")}
     ptr.update(expert_ptr="*i64")
-    const = dict(R=16, RP=16, BLOCK=256)
+    const = dict(R=16, RP=16, BLOCK=256, ROWS=16)
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv

@@ -265,7 +265,10 @@ def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, fused, monkeypatc
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
         monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)
+    calls, real = [], moe_triton.swiglu_lora_backward
+    monkeypatch.setattr(moe_triton, "swiglu_lora_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     check(fmt, N, 8, 4, H=256, I=192, lora_rank=16, seed=N)
+    assert bool(calls) == fused  # (the fused kernel is what ran)
 
 
 @pytest.mark.parametrize("r", [16, 4])

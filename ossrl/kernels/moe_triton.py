@@ -679,28 +679,30 @@ def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: f
 
 
 @triton.jit
-def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr, I, limit, alpha,
-                                 R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
-    """Sorted slot `row`: da += t[row] @ A[e]^T (the down LoRA A path's term; A [E, I, R]), then the
-    clamped SwiGLU's backward against z's (gate, up) pairs -> dz, all in fp32."""
-    row = tl.program_id(0).to(tl.int64)
+def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr, S, I, limit, alpha,
+                                 R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS consecutive sorted slots, each: da += t[row] @ A[e]^T (the down LoRA A path's term;
+    A [E, I, R]), then the clamped SwiGLU's backward against z's (gate, up) pairs -> dz, in fp32.
+    The rows are sorted by expert, so after the first row A's slice mostly comes from L1."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
     rr = tl.arange(0, RP)
-    e = tl.load(expert_ptr + row).to(tl.int64)
-    t = tl.load(t_ptr + row * R + rr, mask=rr < R, other=0.0).to(tl.float32)
-    a_blk = tl.load(a_ptr + e * I * R + cols[:, None] * R + rr[None, :], mask=mask[:, None] & (rr[None, :] < R),
-                    other=0.0).to(tl.float32)
-    da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32) + tl.sum(a_blk * t[None, :], axis=1)
-    pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
-    z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
-    gate, up = tl.split(z)
-    gc = tl.minimum(gate, limit)
-    uc = tl.minimum(tl.maximum(up, -limit), limit)
-    sig = tl.sigmoid(gc * alpha)
-    dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
-    dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
-    tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+    for i in range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + i
+        mask = (cols < I) & (row < S)
+        e = tl.load(expert_ptr + row, mask=row < S, other=0).to(tl.int64)
+        t = tl.load(t_ptr + row * R + rr, mask=(rr < R) & (row < S), other=0.0).to(tl.float32)
+        a_blk = tl.load(a_ptr + e * I * R + cols[:, None] * R + rr[None, :], mask=mask[:, None] & (rr[None, :] < R),
+                        other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32) + tl.sum(a_blk * t[None, :], 1)
+        pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
+        z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
+        gate, up = tl.split(z)
+        gc = tl.minimum(gate, limit)
+        uc = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(gc * alpha)
+        dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
+        dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
+        tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 def swiglu_lora_backward(z: torch.Tensor, da: torch.Tensor, t: torch.Tensor, A: torch.Tensor, expert: torch.Tensor,
@@ -712,9 +714,12 @@ def swiglu_lora_backward(z: torch.Tensor, da: torch.Tensor, t: torch.Tensor, A: 
     r = t.shape[1]
     dz = torch.empty_like(z)
     if S:
-        _swiglu_lora_backward_kernel[(S, triton.cdiv(I, 256))](
-            z, da.contiguous(), t.contiguous(), A.contiguous(), expert, dz, I, float(limit), float(alpha),
-            R=r, RP=max(2, triton.next_power_of_2(r)), BLOCK=256)
+        RP = max(2, triton.next_power_of_2(r))
+        BLOCK = max(32, min(256, 4096 // RP))  # (A's [BLOCK, RP] slice in registers: no spills to r = 128)
+        ROWS = 16
+        _swiglu_lora_backward_kernel[(triton.cdiv(S, ROWS), triton.cdiv(I, BLOCK))](
+            z, da.contiguous(), t.contiguous(), A.contiguous(), expert, dz, S, I, float(limit), float(alpha),
+            R=r, RP=RP, BLOCK=BLOCK, ROWS=ROWS)
     return dz
 
 
@@ -884,12 +889,15 @@ class _GateUpLoRAToZ(torch.autograd.Function):
         z = torch.empty(S, I2, device=x.device, dtype=x.dtype)
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
         ctx.mark_non_differentiable(a)
+        ctx.set_materialize_grads(False)  # (else autograd writes an [S, I] zero gradient for a)
         ctx.plan, ctx.by_token, ctx.r = plan, by_token, r
         ctx.save_for_backward(u, B)
         return a, z
 
     @staticmethod
     def backward(ctx, grad_a, dz):
+        if dz is None:
+            return (None,) * 6
         u, B = ctx.saved_tensors
         return (*_gate_up_lora_grads(ctx, dz, u, B), None, None, None)
 
@@ -1039,9 +1047,14 @@ def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
 
 
 def _dropout_active(lora) -> bool:
-    """Whether the adapter's dropout changes its input (a Dropout module in training mode, p > 0)."""
+    """Whether the adapter's dropout may change its input: anything but none, an Identity, or a
+    dropout module that is in eval mode or has p = 0."""
     dropout = getattr(lora, "dropout", None)
-    return isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0
+    if dropout is None or isinstance(dropout, torch.nn.Identity):
+        return False
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return not (isinstance(dropout, _DropoutNd) and (not dropout.training or dropout.p == 0))
 
 
 # The rollouts' expert LoRA A products (sorted slot rows @ A_e -> [slots, r]) on the dense path of
