@@ -653,20 +653,26 @@ def _combine_parts(parts: torch.Tensor, groups: ExpertGroups, bias: torch.Tensor
 
 
 @triton.jit
-def _swiglu_backward_kernel(z_ptr, da_ptr, dz_ptr, I, limit, alpha, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
+def _swiglu_pairs_backward(z_row, dz_row, da, cols, mask, limit, alpha):
+    """dz's (gate, up) pairs at `cols` of one row from z's and the fp32 gradient da of the clamped SwiGLU."""
     pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
-    z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_row + pair, mask=mask[:, None], other=0.0).to(tl.float32)
     gate, up = tl.split(z)
-    da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32)
     gc = tl.minimum(gate, limit)
     uc = tl.minimum(tl.maximum(up, -limit), limit)
     sig = tl.sigmoid(gc * alpha)
     dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
     dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
-    tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(dz_row + pair, tl.join(dgate, dup).to(dz_row.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def _swiglu_backward_kernel(z_ptr, da_ptr, dz_ptr, I, limit, alpha, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32)
+    _swiglu_pairs_backward(z_ptr + row * 2 * I, dz_ptr + row * 2 * I, da, cols, mask, limit, alpha)
 
 
 def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: float) -> torch.Tensor:
@@ -694,15 +700,7 @@ def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr
         a_blk = tl.load(a_ptr + e * I * R + cols[:, None] * R + rr[None, :], mask=mask[:, None] & (rr[None, :] < R),
                         other=0.0).to(tl.float32)
         da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32) + tl.sum(a_blk * t[None, :], 1)
-        pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
-        z = tl.load(z_ptr + row * 2 * I + pair, mask=mask[:, None], other=0.0).to(tl.float32)
-        gate, up = tl.split(z)
-        gc = tl.minimum(gate, limit)
-        uc = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = tl.sigmoid(gc * alpha)
-        dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
-        dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
-        tl.store(dz_ptr + row * 2 * I + pair, tl.join(dgate, dup).to(dz_ptr.dtype.element_ty), mask=mask[:, None])
+        _swiglu_pairs_backward(z_ptr + row * 2 * I, dz_ptr + row * 2 * I, da, cols, mask, limit, alpha)
 
 
 def swiglu_lora_backward(z: torch.Tensor, da: torch.Tensor, t: torch.Tensor, A: torch.Tensor, expert: torch.Tensor,
