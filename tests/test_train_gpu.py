@@ -528,6 +528,7 @@ def _fp32_twin_results(model, batches):
     """Log-probs and LoRA gradients (the loss of `_varlen_loss`) of an fp32 copy of `model` (FlexAttention
     and the experts' twin in fp32) on each batch: the truth the bf16 paths are measured against."""
     twin = copy.deepcopy(model).float()
+    twin.zero_grad(set_to_none=True)  # (the copy would start from the model's own .grad, e.g. a capture's buffers)
     out = []
     for b in batches:
         lp, _ = sequence_logprobs(twin, b)
