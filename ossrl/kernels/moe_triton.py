@@ -921,14 +921,9 @@ class _DownLoRAToZ(torch.autograd.Function):
         g, ex = plan.groups, plan.experts
         dout = dout.contiguous()
         da, dw_sorted = _down_base_backward(plan, dout, a, route_w, ctx.needs_input_grad[2])
-        G = dout[g.token]  # [S, H]
-        t = grouped_product(G, B.transpose(1, 2), g).float()  # [S, r]
-        w_sorted = route_w.reshape(-1)[g.order].float()[:, None]
-        if dw_sorted is not None:
-            dw_sorted += (u.float() * t).sum(-1)
+        t, w_sorted, dB = _down_lora_b_grads(dout, u, B, route_w, g, dw_sorted, True, ctx.needs_input_grad[4])
         du_s = (t * (w_sorted * s)).to(a.dtype)  # s * du
         dA = grouped_weight_grad(a, du_s, g) if ctx.needs_input_grad[3] else None
-        dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, g) if ctx.needs_input_grad[4] else None
         dz = swiglu_lora_backward(z, da, du_s, A, g.expert, limit=ex.limit, alpha=ex.alpha)
         return dz, None, _unsorted(dw_sorted, g, route_w), dA, dB, None, None
 
@@ -954,17 +949,23 @@ class _DownLoRA(torch.autograd.Function):
         da, dw_sorted = _down_base_backward(plan, dout, a, route_w, need_dw)
         du = dB = None
         if need_dw or need_du or need_dB:
-            w_sorted = route_w.reshape(-1)[g.order].float()[:, None]
-            G = dout[g.token]  # [S, H]
-            if need_dw or need_du:
-                t = grouped_product(G, B.transpose(1, 2), g).float()  # [S, r]
-                if need_dw:
-                    dw_sorted += (u.float() * t).sum(-1)
-                if need_du:
-                    du = (t * w_sorted).to(u.dtype)
-            if need_dB:
-                dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, g)
+            t, w_sorted, dB = _down_lora_b_grads(dout, u, B, route_w, g, dw_sorted, need_dw or need_du, need_dB)
+            if need_du:
+                du = (t * w_sorted).to(u.dtype)
         return da, _unsorted(dw_sorted, g, route_w), du, dB, None
+
+
+def _down_lora_b_grads(dout, u, B, route_w, groups: ExpertGroups, dw_sorted, need_t: bool, need_dB: bool):
+    """The B side of the down projection's LoRA term u @ B_e in its backward, with G the slots'
+    dout rows: (t = G @ B_e^T [S, r] in fp32 or None, the sorted routing weights [S, 1] in fp32,
+    dB_e = (w u)_e^T G_e or None); adds <u, t> to d w_slot where `dw_sorted` is given."""
+    w_sorted = route_w.reshape(-1)[groups.order].float()[:, None]
+    G = dout[groups.token]  # [S, H]
+    t = grouped_product(G, B.transpose(1, 2), groups).float() if need_t else None  # [S, r]
+    if dw_sorted is not None:
+        dw_sorted += (u.float() * t).sum(-1)
+    dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, groups) if need_dB else None
+    return t, w_sorted, dB
 
 
 def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
