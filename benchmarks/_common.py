@@ -123,6 +123,11 @@ SWITCHES = (
      "training forwards: the expert LoRA B products in the MoE matmuls' epilogues (no [slots, out] deltas)"),
     ("fused-swiglu-backward", "ossrl.kernels.moe_triton", "FUSED_SWIGLU_BACKWARD",
      "training: the SwiGLU's backward and the down LoRA A path's input gradient in one kernel"),
+    ("fused-residual-backward", "ossrl.model.gptoss", "FUSED_RESIDUAL_BACKWARD",
+     "training: each residual add and the norm after it one autograd Function (the residual's gradient "
+     "added in the norm's backward kernel)"),
+    ("fused-lora-backward", "ossrl.model.lora", "FUSED_LORA_BACKWARD",
+     "training: a LoRA linear's input gradient as one matmul plus one addmm into it (no add launch)"),
     ("rotary-append", "ossrl.model.gptoss", "ROTARY_APPEND",
      "rollout decode steps: rotary and the KV-cache append in one launch"),
     ("router-groups", "ossrl.kernels.fused", "ROUTER_GROUPS",

@@ -279,7 +279,8 @@ def main():
                          '\'{"bwd_BLOCK_M1": 64}\' (benchmarks/flex_tune.py times candidates)')
     add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "flex-static",
                       "varlen-attention",
-                      "training-lora-epilogue", "fused-swiglu-backward"))
+                      "training-lora-epilogue", "fused-swiglu-backward", "fused-residual-backward",
+                      "fused-lora-backward"))
     ap.add_argument("--interleave", default=None, metavar="A,no-B;C",
                     help="A/B in one process: configurations (switches by name, e.g. eager-logprob-grad "
                          "on, no-eager-logprob-grad off, comma-separated; configurations separated by ';', "

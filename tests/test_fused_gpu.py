@@ -84,6 +84,26 @@ def test_training_rms_norm_and_rotary_gradients_match_autograd(dtype, rows, H):
         assert ((got.float() - ref.float()).abs() <= 3 * ulp * (dq.float().abs().max() + 1)).all()
 
 
+@pytest.mark.parametrize("with_a", [False, True])
+def test_training_add_rms_norm_gradient_matches_the_add_then_the_norm(with_a):
+    """`add_rms_norm_autograd` on CUDA in bf16 (the training path's residual add and norm, 20b's
+    width): s and y bit for bit as the add then `rms_norm_autograd`, and x's gradient (ds added in
+    the norm's backward kernel, in fp32) within one bf16 rounding of theirs (rounded twice)."""
+    g = torch.Generator(device=DEV).manual_seed(11)
+    x = (torch.randn(300, 2880, generator=g, device=DEV) * 3).to(torch.bfloat16).requires_grad_(True)
+    a = torch.randn(300, 2880, generator=g, device=DEV).to(torch.bfloat16).requires_grad_(True) if with_a else None
+    w = torch.randn(2880, generator=g, device=DEV).to(torch.bfloat16)
+    ds, dy = (torch.randn(300, 2880, generator=g, device=DEV).to(torch.bfloat16) for _ in range(2))
+    s, y = fused.add_rms_norm_autograd(x, a, w, 1e-5)
+    s_ref = x + a if with_a else x
+    y_ref = fused.rms_norm_autograd(s_ref, w, 1e-5)
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    got = torch.autograd.grad((s, y), x, (ds, dy))[0].float()
+    want = torch.autograd.grad((s_ref, y_ref), x, (ds, dy), retain_graph=True)[0].float()
+    norm_part = torch.autograd.grad(y_ref, x, dy)[0].float()  # rounded once more in theirs
+    assert ((got - want).abs() <= 2 ** -7 * (want.abs() + norm_part.abs()) + 1e-6).all()
+
+
 def test_model_modules_pick_the_fused_path_only_in_the_engine_and_without_grad():
     x = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
     norm = RMSNorm(64, 1e-5, device=DEV, dtype=torch.bfloat16)

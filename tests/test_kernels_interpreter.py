@@ -62,6 +62,30 @@ def test_rms_norm_backward(trained_weight):
         torch.testing.assert_close(weight.grad, norm.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_a", [False, True])
+@pytest.mark.parametrize("used", ["both", "norm", "residual"])
+def test_add_rms_norm_autograd_adds_the_residual_gradient_in_the_norm_backward(with_a, used):
+    """`add_rms_norm_autograd` (s = x + a, or x; y = RMSNorm(s)): s and y as the add then the norm
+    give them, and x's and a's gradients autograd's through the two, where the residual's gradient
+    (ds) reaches the norm's backward kernel, where only y is used (no ds) and where only s is."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 5, 200, generator=g) * 3).requires_grad_(True)
+    a = torch.randn(2, 5, 200, generator=g).requires_grad_(True) if with_a else None
+    weight = torch.randn(200, generator=g)
+    ds, dy = torch.randn(2, 5, 200, generator=g), torch.randn(2, 5, 200, generator=g)
+    s, y = fused.add_rms_norm_autograd(x, a, weight, 1e-5)
+    leaves = [x] + ([a] if with_a else [])
+    s_ref = x + a if with_a else x
+    y_ref = fused.rms_norm_autograd(s_ref, weight, 1e-5)
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    outs, refs, grads = {"both": ((s, y), (s_ref, y_ref), (ds, dy)), "norm": ((y,), (y_ref,), (dy,)),
+                         "residual": ((s,), (s_ref,), (ds,))}[used]
+    got = torch.autograd.grad(outs, leaves, grads)
+    want = torch.autograd.grad(refs, leaves, grads)
+    for gt, w in zip(got, want):
+        torch.testing.assert_close(gt, w, rtol=1e-5, atol=1e-6)
+
+
 def test_rotary_backward_is_the_rotation_by_minus_the_angle():
     qkv = torch.randn(2, 3, 7 * 64)
     q = qkv[..., : 4 * 64].view(2, 3, 4, 64).requires_grad_(True)
@@ -901,8 +925,8 @@ from triton.compiler import ASTSource
 from ossrl.kernels import fused, moe_triton
 
 if sys.argv[1] == "rms_norm_backward":
-    fn, const = fused._rms_norm_backward_kernel, dict(BLOCK=4096)
-    types = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DX": "*bf16", "eps": "fp32"}
+    fn, const = fused._rms_norm_backward_kernel, dict(BLOCK=4096, HAS_DS=True)  # with the residual's gradient
+    types = {"X": "*bf16", "W": "*bf16", "DY": "*bf16", "DS": "*bf16", "DX": "*bf16", "eps": "fp32"}
 elif sys.argv[1] in ("moe_matmul_split_k", "moe_matmul_split_k_partials", "moe_matmul_lora"):  # decode sizes
     fn = moe_triton._moe_matmul
     types = {n: "*bf16" for n in ("a_ptr", "bias_ptr", "extra_ptr", "route_w_ptr", "z_ptr", "lu_ptr", "lb_ptr")}

@@ -203,6 +203,56 @@ def test_fused_training_qkv_gives_the_gradients_of_the_projections_one_by_one(dr
     assert lora_module.training_qkv(q, torch.randn(2, 3, model.config.hidden_size)) is None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_gives_autograd_of_the_plain_formula(bias):
+    """`lora_linear` (FUSED_LORA_BACKWARD): its output is the unfused path's bit for bit, and every
+    gradient (x, the LoRA pair, a trained base weight and bias) is autograd's through the plain
+    formula x W^T + b + s (x A^T) B^T, in fp64."""
+    from ossrl.model.lora import lora_linear
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, a, b = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in
+                  ((2, 7, 12), (9, 12), (3, 12), (9, 3)))
+    bi = torch.randn(9, generator=gen, dtype=torch.float64) if bias else None
+    leaves = [t.requires_grad_(True) for t in (x, w, a, b, bi) if t is not None]
+    y = lora_linear(x, w, bi, a, b, 0.5)
+    plain = torch.nn.functional.linear(x, w, bi) + (torch.nn.functional.linear(x, a) * 0.5) @ b.t()
+    torch.testing.assert_close(y, plain, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(y, leaves, dy)
+    want = torch.autograd.grad(plain, leaves, dy)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the trainer's no-grad passes: the same function, the same bits
+        assert torch.equal(lora_linear(x, w, bi, a, b, 0.5), y.detach())
+    frozen = lora_linear(x.detach().requires_grad_(True), w.detach(), None, a, b.detach(), 0.5)
+    frozen.sum().backward()  # only x and A need gradients: the others' products are skipped
+    assert b.grad is None and w.grad is None
+
+
+def test_fused_lora_backward_gives_the_unfused_gradients(monkeypatch):
+    """The model with FUSED_LORA_BACKWARD on and off (o_proj one by one, q/k/v fused after
+    configure_memory's layout): the same log-probs and LoRA gradients."""
+    from ossrl.model import lora as lora_module
+
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(lora_module, "FUSED_LORA_BACKWARD", fused)
+        model, _ = lora_model(seed=4)
+        configure_memory(model, gradient_checkpointing=False)
+        V = model.config.vocab_size
+        gen = torch.Generator().manual_seed(4)
+        seqs = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (10, 13)]
+        batch = pack_sequences(seqs, [[False] * 3 + [True] * (len(q) - 3) for q in seqs], max_tokens=24)
+        lp, _ = sequence_logprobs(model, batch, chunk=5)
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    assert any("o_proj.lora_A" in n for n in results[0][1])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_packing_places_every_sequence_once_and_restarts_positions():
     seqs = [[1] * 5, [2] * 7, [3] * 3, [4] * 8]
     batch = pack_sequences(seqs, [[True] * len(s) for s in seqs], max_tokens=10)

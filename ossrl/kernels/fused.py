@@ -67,8 +67,11 @@ def _add_rms_norm_kernel(X, A, W, S, Y, H, stride_x, stride_a, eps, BLOCK: tl.co
 
 
 @triton.jit
-def _rms_norm_backward_kernel(X, W, DY, DX, H, stride_x, stride_dy, stride_dx, eps, BLOCK: tl.constexpr):
-    """dx = r * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * r (r recomputed from x)."""
+def _rms_norm_backward_kernel(X, W, DY, DS, DX, H, stride_x, stride_dy, stride_ds, stride_dx, eps,
+                              BLOCK: tl.constexpr, HAS_DS: tl.constexpr):
+    """dx = r * (g - xhat * mean(g * xhat)) (+ ds), g = dy * w, xhat = x * r (r recomputed from x).
+    ds: the gradient that reaches x by the residual stream, added here instead of in a launch of
+    its own (`add_rms_norm_autograd`)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -78,6 +81,8 @@ def _rms_norm_backward_kernel(X, W, DY, DX, H, stride_x, stride_dy, stride_dx, e
     g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32) * w
     xhat = x * r
     dx = r * (g - xhat * (tl.sum(g * xhat, 0) / H))
+    if HAS_DS:
+        dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -116,6 +121,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
+def _rms_norm_grads(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float, need_dx: bool,
+                    need_dw: bool, ds: torch.Tensor | None = None):
+    """(dx, dw) of y = RMSNorm(x) * weight for dy, with ds (the residual stream's gradient to x, or
+    None) added to dx in the same kernel; None for what is not needed."""
+    x2, dy2 = _rows(x), _rows(dy)
+    H = x2.shape[-1]
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+        ds2 = dx if ds is None else _rows(ds)
+        if x2.shape[0]:
+            _rms_norm_backward_kernel[(x2.shape[0],)](x2, weight, dy2, ds2, dx, H, x2.stride(0), dy2.stride(0),
+                                                      ds2.stride(0), dx.stride(0), float(eps), HAS_DS=ds is not None,
+                                                      **_row_launch(H))
+        dx = dx.view(x.shape)
+    if need_dw:  # a trained norm weight (full fine-tuning): PyTorch, off the LoRA path
+        xf = x2.float()
+        xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
+    return dx, dw
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -126,25 +153,46 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        x2, dy2 = _rows(x), _rows(dy)
-        H = x2.shape[-1]
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
-            if x2.shape[0]:
-                _rms_norm_backward_kernel[(x2.shape[0],)](x2, weight, dy2, dx, H, x2.stride(0), dy2.stride(0),
-                                                          dx.stride(0), float(ctx.eps), **_row_launch(H))
-            dx = dx.view(x.shape)
-        if ctx.needs_input_grad[1]:  # a trained norm weight (full fine-tuning): PyTorch, off the LoRA path
-            xf = x2.float()
-            xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
-            dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
-        return dx, dw, None
+        return *_rms_norm_grads(x, weight, dy, ctx.eps, *ctx.needs_input_grad[:2]), None
 
 
 def rms_norm_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm` with a backward (one kernel each way): the training path on CUDA."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """(s, RMSNorm(s) * weight) for s = x + a (or s = x where a is None): `add_rms_norm`'s forward,
+    and a backward that gives x (and a) ds + the norm's input gradient from one kernel."""
+
+    @staticmethod
+    def forward(ctx, x, a, weight, eps):
+        ctx.set_materialize_grads(False)
+        if a is None:
+            s, y = x, rms_norm(x, weight, eps)  # s returned as is: autograd makes it a view of x
+        else:
+            s, y = add_rms_norm(x, a, weight, eps)
+        ctx.save_for_backward(s, weight)
+        ctx.eps, ctx.has_a = eps, a is not None
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if dy is None:
+            dx, dw = ds, None
+        else:
+            dx, dw = _rms_norm_grads(s, weight, dy, ctx.eps, need_dx, ctx.needs_input_grad[2], ds)
+        return dx, dx if ctx.has_a else None, dw, None
+
+
+def add_rms_norm_autograd(x: torch.Tensor, a: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """`add_rms_norm` with a backward, a = None meaning no add: the training path's residual add and
+    norm. s feeds the residual stream and the norm; autograd would add their two gradients to s in a
+    launch of its own ([tokens, H] read twice and written), which the norm's backward kernel does
+    here as it writes its own. Forward bits as `x + a` then `rms_norm_autograd`."""
+    return _AddRMSNorm.apply(x, a, weight, eps)
 
 
 # ---------------------------------------------------------------------------------------- rotary

@@ -513,6 +513,12 @@ class DecoderLayer(nn.Module):
         return (x, out) if defer else x + out
 
 
+# Training forwards on CUDA: each residual add and the norm after it in one autograd Function whose
+# backward adds the residual stream's gradient in the norm's backward kernel (`_add_and_norm`);
+# False: the add and `rms_norm_autograd` apart, autograd adding the two gradients (benchmarks'
+# --fused-residual-backward switch).
+FUSED_RESIDUAL_BACKWARD = True
+
 # Rollout forwards add each layer's MLP output in the next layer's input norm (`DecoderLayer.forward`'s
 # `defer`); False: in its own launch, as training forwards do (benchmarks' --defer-residual-add switch).
 DEFER_RESIDUAL_ADD = True
@@ -520,11 +526,17 @@ DEFER_RESIDUAL_ADD = True
 
 def _add_and_norm(x, a, norm: RMSNorm):
     """(x + a, norm(x + a)); a may be None (x, norm(x)). One launch where the fused kernels serve
-    (`add_rms_norm`: x + a's rounding, rms_norm's math)."""
+    (`add_rms_norm`: x + a's rounding, rms_norm's math); in training on CUDA one launch each way
+    (`add_rms_norm_autograd`: the residual stream's gradient to x + a is added in the norm's
+    backward kernel)."""
+    one_dtype = x.dtype == norm.weight.dtype and (a is None or a.dtype == x.dtype)
+    if a is not None and one_dtype and (fused := fused_kernels(x, a, norm.weight)) is not None:
+        return fused.add_rms_norm(x, a, norm.weight, norm.eps)
+    if one_dtype and FUSED_RESIDUAL_BACKWARD and not inference_kernels_on() and \
+            (kernels := training_kernels(x)) is not None:
+        return kernels.add_rms_norm_autograd(x, a, norm.weight, norm.eps)
     if a is None:
         return x, norm(x)
-    if (fused := fused_kernels(x, a, norm.weight)) is not None and x.dtype == a.dtype == norm.weight.dtype:
-        return fused.add_rms_norm(x, a, norm.weight, norm.eps)
     x = x + a
     return x, norm(x)
 

@@ -150,6 +150,9 @@ class LoRALinear(nn.Module):
             a, b = self.rollout_copy  # scaling already in a
             u = F.linear(self.dropout(x), a)
         else:
+            if FUSED_LORA_BACKWARD and not _dropping(self):
+                return lora_linear(x, self.weight, self.bias, self.lora_A.weight.to(x.dtype),
+                                   self.lora_B.weight.to(x.dtype), self.scaling)
             # The scaling on the rank-r intermediate and the add in the matmul's epilogue: no pass
             # over the [tokens, out] output beyond the two matmuls.
             u = F.linear(self.dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
@@ -199,15 +202,66 @@ def training_qkv(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, .
     base = attention.fused_qkv()  # the frozen weights and biases side by side, or None
     if base is None:
         return None
-    y = F.linear(x, *base)
-    u = F.linear(x, torch.cat([p.lora_A.weight for p in projections]).to(x.dtype))
-    u = u * projections[0].scaling
+    a = torch.cat([p.lora_A.weight for p in projections]).to(x.dtype)  # [sum of ranks, in]
     b = torch.block_diag(*[p.lora_B.weight for p in projections]).to(x.dtype)  # [sum of outs, sum of ranks]
-    y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
+    if FUSED_LORA_BACKWARD:
+        y = lora_linear(x, *base, a, b, projections[0].scaling)
+    else:
+        y = F.linear(x, *base)
+        u = F.linear(x, a) * projections[0].scaling
+        y = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t()).view(y.shape)
     *qk, v = y.split([p.weight.shape[0] for p in projections], dim=-1)
     # v copied out: attention keeps its input for the backward, and a view would keep all of y
     # ([T, q + k + v] instead of [T, v]); q and k are rotated into new tensors on CUDA
     return (*qk, v.contiguous())
+
+
+# Training forwards of LoRA linears without dropout (one projection, or q, k and v fused) through
+# `lora_linear`: the same forward, and a backward that gives x's gradient as dy W plus an addmm of
+# the rank-r term into it, instead of two products and an add launch ([tokens, in] written twice
+# and read twice more). False: autograd through F.linear and addmm (benchmarks'
+# --fused-lora-backward switch).
+FUSED_LORA_BACKWARD = True
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, weight, bias)
+        u = F.linear(x2, a) * scaling  # the rounding of the unfused path: the product, then the scaling
+        y.addmm_(u, b.t())
+        ctx.save_for_backward(x2, weight, a, b, u)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, a, b, u = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = dbias = da = db = None
+        du = (dy2 @ b) * ctx.scaling if need_x or need_a else None
+        if need_x:
+            dx = torch.mm(dy2, weight)
+            dx.addmm_(du, a)  # the rank-r term added by the matmul's epilogue
+            dx = dx.view(*dy.shape[:-1], x2.shape[-1])
+        if need_w:  # a trained base weight (not the LoRA path's)
+            dw = dy2.t() @ x2
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        if need_a:
+            da = du.t() @ x2
+        if need_b:
+            db = dy2.t() @ u
+        return dx, dw, dbias, da, db, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """x W^T + bias + scaling * (x A^T) B^T with A [r, in] and B [out, r] in x's dtype (the
+    FUSED_LORA_BACKWARD path, see above)."""
+    return _LoRALinear.apply(x, weight, bias, a, b, scaling)
 
 
 def _dropping(module: nn.Module) -> bool:
