@@ -839,41 +839,60 @@ class _GateUpLoRA(torch.autograd.Function):
     backward gives dx through the base and, from dz, du = dz_slot @ B_e^T and dB_e = u_e^T dz_e."""
 
     @staticmethod
-    def forward(ctx, x, u, B, plan, by_token: bool, r: int, grad: bool):
+    def forward(ctx, x, u, B, plan, by_token: bool, r: int, grad: bool, A=None, scaling: float = 1.0):
         # (`grad`: the caller's grad mode; inside forward it is off, and needs_input_grad holds even
         # under no_grad for inputs that require grad: a no-grad pass must not write and keep z)
-        needs_z = grad and any(ctx.needs_input_grad[:3])
+        needs_z = grad and (any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[7])
         S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
         z = torch.empty(S, I2, device=x.device, dtype=x.dtype) if needs_z else None
+        u = _token_u(x, A, scaling) if A is not None else u
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
-        ctx.plan, ctx.by_token, ctx.r = plan, by_token, r
-        ctx.save_for_backward(z, u, B)
+        ctx.plan, ctx.by_token, ctx.r, ctx.scaling, ctx.a_index = plan, by_token, r, scaling, 7
+        ctx.save_for_backward(z, u, B, x if A is not None else None, A)
         return a
 
     @staticmethod
     def backward(ctx, da):
-        z, u, B = ctx.saved_tensors
+        z, u, B, x, A = ctx.saved_tensors
         ex = ctx.plan.experts
         dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
-        return (*_gate_up_lora_grads(ctx, dz, u, B), None, None, None, None)
+        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A)
+        return dx, du, dB, None, None, None, None, dA, None
 
 
-def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor):
-    """(dx, du, dB) of gate_up with its LoRA term in the epilogue, from dz (as ctx.needs_input_grad
-    asks for x, u and B): dx through the base, du = dz_slot @ B_e^T (by token or by slot, as u is),
-    dB_e = u_e^T dz_e."""
+def _token_u(x: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
+    """gate_up's rank-r intermediate by token, s * x @ [all experts' A] ([N, E * r]), computed
+    inside the LoRA gate_up functions (A given): their backward then adds its input gradient to
+    the base's by an addmm instead of autograd's add (the rounding of the product, then the scaling,
+    as `_routed_experts_lora_trained` rounds it)."""
+    return scaled(x @ A, scaling).contiguous()
+
+
+def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor, x=None, A=None):
+    """(dx, du, dB, dA) of gate_up with its LoRA term in the epilogue, from dz (as ctx.needs_input_grad
+    asks for x, u, B and, at ctx.a_index, A): dx through the base, du = dz_slot @ B_e^T (by token or
+    by slot, as u is), dB_e = u_e^T dz_e. Where the function took A (by token, u = s * x @ A
+    computed inside), du goes on to dA = s * x^T du and into dx by one addmm."""
     plan = ctx.plan
     g = plan.groups
-    dx = _gate_up_input_grad(plan, dz) if ctx.needs_input_grad[0] else None
+    need_x, need_u, need_B = ctx.needs_input_grad[:3]
+    need_A = A is not None and ctx.needs_input_grad[ctx.a_index]
+    dx = _gate_up_input_grad(plan, dz) if need_x else None
     by_expert = u.view(u.shape[0], u.shape[1] // ctx.r, ctx.r) if ctx.by_token else None  # [N, E, r]
-    du = dB = None
-    if ctx.needs_input_grad[1]:
+    du = dB = dA = None
+    if need_u or need_A or (A is not None and need_x):
         du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
         if ctx.by_token:  # (summed: ids may name an expert twice for a token; top-k never does)
             du = torch.zeros_like(by_expert).index_put_((g.token, g.expert), du, accumulate=True).view_as(u)
-    if ctx.needs_input_grad[2]:
+    if need_B:
         dB = grouped_weight_grad(by_expert[g.token, g.expert] if ctx.by_token else u, dz, g)
-    return dx, du, dB
+    if A is not None:
+        du_s = scaled(du, ctx.scaling)
+        if need_x:
+            dx.addmm_(du_s, A.t())  # [N, H] += [N, E * r] @ [E * r, H]
+        dA = x.t() @ du_s if need_A else None
+        du = None
+    return dx, du, dB, dA
 
 
 class _GateUpLoRAToZ(torch.autograd.Function):
@@ -882,22 +901,24 @@ class _GateUpLoRAToZ(torch.autograd.Function):
     beside it without a gradient of its own."""
 
     @staticmethod
-    def forward(ctx, x, u, B, plan, by_token: bool, r: int):
+    def forward(ctx, x, u, B, plan, by_token: bool, r: int, A=None, scaling: float = 1.0):
         S, I2 = plan.groups.order.numel(), plan.experts.gate_up_bias.shape[1]
         z = torch.empty(S, I2, device=x.device, dtype=x.dtype)
+        u = _token_u(x, A, scaling) if A is not None else u
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
         ctx.mark_non_differentiable(a)
         ctx.set_materialize_grads(False)  # (else autograd writes an [S, I] zero gradient for a)
-        ctx.plan, ctx.by_token, ctx.r = plan, by_token, r
-        ctx.save_for_backward(u, B)
+        ctx.plan, ctx.by_token, ctx.r, ctx.scaling, ctx.a_index = plan, by_token, r, scaling, 6
+        ctx.save_for_backward(u, B, x if A is not None else None, A)
         return a, z
 
     @staticmethod
     def backward(ctx, grad_a, dz):
         if dz is None:
-            return (None,) * 6
-        u, B = ctx.saved_tensors
-        return (*_gate_up_lora_grads(ctx, dz, u, B), None, None, None)
+            return (None,) * 8
+        u, B, x, A = ctx.saved_tensors
+        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A)
+        return dx, du, dB, None, None, None, dA, None
 
 
 class _DownLoRAToZ(torch.autograd.Function):
@@ -1029,18 +1050,25 @@ def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
     E, H, r = lora.gate_up_A.shape
     xl = lora_input(lora, x)
     by_token = E * r <= TOKEN_LORA_MAX_COLUMNS
+    dropout = _dropout_active(lora)
+    u = A_in = None
     if by_token:
         A_flat = getattr(lora, "gate_up_A_flat", None)
-        u = xl @ (all_experts_A(lora.gate_up_A) if A_flat is None else A_flat)
+        A_flat = all_experts_A(lora.gate_up_A) if A_flat is None else A_flat
+        if dropout:  # (the A path reads the dropped-out x: autograd's product and add)
+            u = scaled(xl @ A_flat, lora.scaling).contiguous()
+        else:  # u inside the gate_up function, whose backward adds its dx by an addmm (`_token_u`)
+            A_in = A_flat
     else:
-        u = grouped_product(xl[groups.token], lora.gate_up_A, groups)
-    u = scaled(u, lora.scaling).contiguous()
-    if FUSED_SWIGLU_BACKWARD and torch.is_grad_enabled() and not _dropout_active(lora):
+        u = scaled(grouped_product(xl[groups.token], lora.gate_up_A, groups), lora.scaling).contiguous()
+    scaling = float(lora.scaling)
+    if FUSED_SWIGLU_BACKWARD and torch.is_grad_enabled() and not dropout:
         # (no-grad passes take the path below: the same forward sums, without z written)
-        a, z = _GateUpLoRAToZ.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r)
+        a, z = _GateUpLoRAToZ.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r, A_in, scaling)
         return _DownLoRAToZ.apply(z, a, route_w.contiguous(), lora.down_A.contiguous(), lora.down_B.contiguous(),
-                                  plan, float(lora.scaling))
-    a = _GateUpLoRA.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r, torch.is_grad_enabled())
+                                  plan, scaling)
+    a = _GateUpLoRA.apply(x, u, lora.gate_up_B.contiguous(), plan, by_token, r, torch.is_grad_enabled(), A_in,
+                          scaling)
     u = scaled(grouped_product(lora_input(lora, a), lora.down_A, groups), lora.scaling)
     return _DownLoRA.apply(a, route_w.contiguous(), u.contiguous(), lora.down_B.contiguous(), plan)
 
