@@ -123,6 +123,9 @@ SWITCHES = (
      "training forwards: the expert LoRA B products in the MoE matmuls' epilogues (no [slots, out] deltas)"),
     ("fused-swiglu-backward", "ossrl.kernels.moe_triton", "FUSED_SWIGLU_BACKWARD",
      "training: the SwiGLU's backward and the down LoRA A path's input gradient in one kernel"),
+    ("dw-in-swiglu-backward", "ossrl.kernels.moe_triton", "DW_IN_SWIGLU_BACKWARD",
+     "with fused-swiglu-backward: the down backward's matmul without its epilogue; the routing weight and its "
+     "gradient in the SwiGLU kernel"),
     ("fused-residual-backward", "ossrl.model.gptoss", "FUSED_RESIDUAL_BACKWARD",
      "training: each residual add and the norm after it one autograd Function (the residual's gradient "
      "added in the norm's backward kernel)"),

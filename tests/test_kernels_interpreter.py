@@ -391,12 +391,16 @@ def test_expert_lora_gradients_with_the_b_products_in_the_epilogue_and_as_deltas
     _check_forward_and_gradients(cfg, 40, r)
 
 
+@pytest.mark.parametrize("late_w", [False, True], ids=["", "dw_in_swiglu_backward"])
 @pytest.mark.parametrize("by_token,r", [(True, 4), (False, 12)])
-def test_the_fused_swiglu_backward_gives_the_twins_gradients(by_token, r, monkeypatch):
+def test_the_fused_swiglu_backward_gives_the_twins_gradients(by_token, r, late_w, monkeypatch):
     """FUSED_SWIGLU_BACKWARD: the SwiGLU's backward and the down LoRA A path's input gradient in one
-    kernel (`swiglu_lora_backward`), gate_up's intermediate by token and by slot, ranks 4 and 12:
-    the twin's outputs and every gradient; that kernel ran, the plain SwiGLU backward did not."""
+    kernel (`swiglu_lora_backward`), gate_up's intermediate by token and by slot, ranks 4 and 12,
+    the routing weight and its gradient in the down matmul's epilogue or in that kernel
+    (DW_IN_SWIGLU_BACKWARD): the twin's outputs and every gradient; that kernel ran, the plain
+    SwiGLU backward did not."""
     monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", True)
+    monkeypatch.setattr(moe_triton, "DW_IN_SWIGLU_BACKWARD", late_w)
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
     calls = {"plain": 0, "fused": 0}
@@ -420,8 +424,23 @@ def test_swiglu_lora_backward_kernel_equals_the_plain_sum_then_swiglu_backward(S
     A = torch.randn(3, I, r, generator=g)
     expert = torch.randint(0, 3, (S,), generator=g).sort().values
     got = moe_triton.swiglu_lora_backward(z, da, t, A, expert, limit=7.0, alpha=1.702)
-    want = clamped_swiglu_backward(z, da + torch.einsum("sr,sir->si", t, A[expert]), limit=7.0, alpha=1.702)
+    lora_term = torch.einsum("sr,sir->si", t, A[expert])
+    want = clamped_swiglu_backward(z, da + lora_term, limit=7.0, alpha=1.702)
     assert rel(got, want) < 1e-6
+    # with the routing weights (DW_IN_SWIGLU_BACKWARD): da is the unweighted g, w * g is used, and
+    # dw gains <swiglu(z), g> per slot on top of what it held
+    from ossrl.kernels.moe import clamped_swiglu
+
+    w = torch.rand(S, generator=g)
+    dw = torch.randn(S, generator=g)
+    dw_before = dw.clone()
+    got = moe_triton.swiglu_lora_backward(z, da, t, A, expert, limit=7.0, alpha=1.702, w=w, dw=dw)
+    want = clamped_swiglu_backward(z, w[:, None] * da + lora_term, limit=7.0, alpha=1.702)
+    assert rel(got, want) < 1e-6
+    want_dw = dw_before + (clamped_swiglu(z, limit=7.0, alpha=1.702) * da).sum(-1)
+    assert rel(dw, want_dw) < 1e-5
+    with pytest.raises(ValueError, match="needs the routing weights"):
+        moe_triton.swiglu_lora_backward(z, da, t, A, expert, limit=7.0, alpha=1.702, dw=dw)
 
 
 def test_lora_dropout_keeps_the_unfused_swiglu_backward():
@@ -761,8 +780,8 @@ elif kernel == "decode_finish":  # decode attention in one split, finishing the 
 elif kernel == "swiglu_lora":  # FUSED_SWIGLU_BACKWARD's kernel
     fn = moe_triton._swiglu_lora_backward_kernel
     ptr = {n: "*bf16" for n in ("z_ptr", "da_ptr", "t_ptr", "a_ptr", "dz_ptr")}
-    ptr.update(expert_ptr="*i64")
-    const = dict(R=16, RP=16, BLOCK=256, ROWS=16)
+    ptr.update(expert_ptr="*i64", w_ptr="*fp32", dw_ptr="*fp32")
+    const = dict(R=16, RP=16, BLOCK=256, ROWS=16, WEIGHTED=True, NEED_DW=True)  # with DW_IN_SWIGLU_BACKWARD
 elif kernel.startswith("gemv"):
     from ossrl.kernels import moe_gemv
     fn = moe_gemv._gate_up_gemv if kernel == "gemv_gate_up" else moe_gemv._down_gemv

@@ -250,18 +250,23 @@ def test_all_tokens_on_one_expert(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N", [5, 260])
-@pytest.mark.parametrize("epilogue,by_token,fused", [(True, True, False), (True, False, False), (False, True, False),
-                                                    (True, True, True), (True, False, True)],
+@pytest.mark.parametrize("epilogue,by_token,fused,late_w",
+                         [(True, True, False, False), (True, False, False, False), (False, True, False, False),
+                          (True, True, True, False), (True, False, True, False), (True, True, True, True),
+                          (True, False, True, True)],
                          ids=["b_in_epilogue", "b_in_epilogue-by_slot", "deltas", "fused_swiglu_backward",
-                              "fused_swiglu_backward-by_slot"])
-def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, fused, monkeypatch):
+                              "fused_swiglu_backward-by_slot", "dw_in_swiglu_backward",
+                              "dw_in_swiglu_backward-by_slot"])
+def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, fused, late_w, monkeypatch):
     """Expert LoRA gradients with the B products in the epilogues (TRAINING_LORA_EPILOGUE) and as
     precomputed deltas; gate_up's rank-r intermediate by token, or per sorted slot (grouped_mm: the
-    path of models with many experts times rank, 120b's); with FUSED_SWIGLU_BACKWARD."""
+    path of models with many experts times rank, 120b's); with FUSED_SWIGLU_BACKWARD, the routing
+    weight's gradient in the down matmul's epilogue or in its kernel (DW_IN_SWIGLU_BACKWARD)."""
     from ossrl.kernels import moe
 
     monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
     monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", fused)
+    monkeypatch.setattr(moe_triton, "DW_IN_SWIGLU_BACKWARD", late_w)
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
         monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)

@@ -654,7 +654,8 @@ def _combine_parts(parts: torch.Tensor, groups: ExpertGroups, bias: torch.Tensor
 
 @triton.jit
 def _swiglu_pairs_backward(z_row, dz_row, da, cols, mask, limit, alpha):
-    """dz's (gate, up) pairs at `cols` of one row from z's and the fp32 gradient da of the clamped SwiGLU."""
+    """dz's (gate, up) pairs at `cols` of one row from z's and the fp32 gradient da of the clamped
+    SwiGLU; returns the activation a = swiglu(z) there in fp32 (callers that need it: `dw`)."""
     pair = 2 * cols[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK, 2] (gate, up)
     z = tl.load(z_row + pair, mask=mask[:, None], other=0.0).to(tl.float32)
     gate, up = tl.split(z)
@@ -664,6 +665,7 @@ def _swiglu_pairs_backward(z_row, dz_row, da, cols, mask, limit, alpha):
     dgate = tl.where(gate <= limit, da * (uc + 1.0) * (sig + alpha * gc * sig * (1.0 - sig)), 0.0)
     dup = tl.where((up >= -limit) & (up <= limit), da * gc * sig, 0.0)
     tl.store(dz_row + pair, tl.join(dgate, dup).to(dz_row.dtype.element_ty), mask=mask[:, None])
+    return gc * sig * (uc + 1.0)
 
 
 @triton.jit
@@ -685,11 +687,15 @@ def swiglu_backward(z: torch.Tensor, da: torch.Tensor, *, limit: float, alpha: f
 
 
 @triton.jit
-def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr, S, I, limit, alpha,
-                                 R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS consecutive sorted slots, each: da += t[row] @ A[e]^T (the down LoRA A path's term;
-    A [E, I, R]), then the clamped SwiGLU's backward against z's (gate, up) pairs -> dz, in fp32.
-    The rows are sorted by expert, so after the first row A's slice mostly comes from L1."""
+def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr, w_ptr, dw_ptr, S, I, limit, alpha,
+                                 R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                                 WEIGHTED: tl.constexpr, NEED_DW: tl.constexpr):
+    """ROWS consecutive sorted slots, each: da (times the slot's routing weight w where WEIGHTED:
+    da is then the down projection's unweighted input gradient g) += t[row] @ A[e]^T (the down LoRA
+    A path's term; A [E, I, R]), then the clamped SwiGLU's backward against z's (gate, up) pairs ->
+    dz, in fp32; NEED_DW adds <swiglu(z), g> (a rounded as z is) to dw[row] (atomics: the row's
+    column blocks are other programs). The rows are sorted by expert, so after the first row A's
+    slice mostly comes from L1."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rr = tl.arange(0, RP)
     for i in range(ROWS):
@@ -699,25 +705,40 @@ def _swiglu_lora_backward_kernel(z_ptr, da_ptr, t_ptr, a_ptr, expert_ptr, dz_ptr
         t = tl.load(t_ptr + row * R + rr, mask=(rr < R) & (row < S), other=0.0).to(tl.float32)
         a_blk = tl.load(a_ptr + e * I * R + cols[:, None] * R + rr[None, :], mask=mask[:, None] & (rr[None, :] < R),
                         other=0.0).to(tl.float32)
-        da = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32) + tl.sum(a_blk * t[None, :], 1)
-        _swiglu_pairs_backward(z_ptr + row * 2 * I, dz_ptr + row * 2 * I, da, cols, mask, limit, alpha)
+        g = tl.load(da_ptr + row * I + cols, mask=mask, other=0.0).to(tl.float32)
+        da = g
+        if WEIGHTED:
+            da = g * tl.load(w_ptr + row, mask=row < S, other=0.0)
+        da += tl.sum(a_blk * t[None, :], 1)
+        act = _swiglu_pairs_backward(z_ptr + row * 2 * I, dz_ptr + row * 2 * I, da, cols, mask, limit, alpha)
+        if NEED_DW:
+            act = act.to(dz_ptr.dtype.element_ty).to(tl.float32)
+            tl.atomic_add(dw_ptr + row, tl.sum(tl.where(mask, act * g, 0.0), 0), mask=row < S, sem="relaxed")
 
 
 def swiglu_lora_backward(z: torch.Tensor, da: torch.Tensor, t: torch.Tensor, A: torch.Tensor, expert: torch.Tensor,
-                         *, limit: float, alpha: float) -> torch.Tensor:
+                         *, limit: float, alpha: float, w: torch.Tensor | None = None,
+                         dw: torch.Tensor | None = None) -> torch.Tensor:
     """dz [S, 2I] of the clamped SwiGLU for the gradient da + t_s @ A_{expert s}^T per sorted slot s
     (z [S, 2I], da [S, I], t [S, r], A [E, I, r]): the down LoRA A path's input gradient added
-    where the SwiGLU's backward reads da, with no [S, I] product written and no add launched."""
+    where the SwiGLU's backward reads da, with no [S, I] product written and no add launched.
+    With `w` (the sorted slots' routing weights, fp32 [S]) da is the down projection's unweighted
+    input gradient g and w * g is used; `dw` (fp32 [S], needs `w`) then gains <swiglu(z), g> per
+    slot, the routing weight's gradient through the base (DW_IN_SWIGLU_BACKWARD)."""
     S, I = da.shape
     r = t.shape[1]
     dz = torch.empty_like(z)
+    if dw is not None and w is None:
+        raise ValueError("swiglu_lora_backward: dw needs the routing weights w")
     if S:
         RP = max(2, triton.next_power_of_2(r))
         BLOCK = max(32, min(256, 4096 // RP))  # (A's [BLOCK, RP] slice in registers: no spills to r = 128)
         ROWS = 16
+        w_arg = w.reshape(-1).contiguous() if w is not None else dz
         _swiglu_lora_backward_kernel[(triton.cdiv(S, ROWS), triton.cdiv(I, BLOCK))](
-            z, da.contiguous(), t.contiguous(), A.contiguous(), expert, dz, S, I, float(limit), float(alpha),
-            R=r, RP=RP, BLOCK=BLOCK, ROWS=ROWS)
+            z, da.contiguous(), t.contiguous(), A.contiguous(), expert, dz, w_arg, dw if dw is not None else w_arg,
+            S, I, float(limit), float(alpha), R=r, RP=RP, BLOCK=BLOCK, ROWS=ROWS, WEIGHTED=w is not None,
+            NEED_DW=dw is not None)
     return dz
 
 
@@ -811,16 +832,21 @@ class _Down(torch.autograd.Function):
         return da, _unsorted(dw_sorted, g, route_w), dlora_y, None
 
 
-def _down_base_backward(plan: _Plan, dout: torch.Tensor, a: torch.Tensor, route_w: torch.Tensor, need_dw: bool):
+def _down_base_backward(plan: _Plan, dout: torch.Tensor, a: torch.Tensor, route_w: torch.Tensor, need_dw: bool,
+                        weighted: bool = True):
     """The down projection's backward through its base: da [S, I] = w * (dout[token] @ W2_e^T), and
     (need_dw) the base's part of d w_slot = <a_slot, dout_token @ W2_e^T> + <b2_e, dout_token> per
-    sorted slot in fp32 (the same tile computes both), or None; a LoRA term adds its own part."""
+    sorted slot in fp32 (the same tile computes both), or None; a LoRA term adds its own part.
+    Not `weighted`: da is the plain product g = dout[token] @ W2_e^T and d w_slot holds only the
+    bias's part (the caller adds <a, g>: `swiglu_lora_backward`'s dw), the matmul with no epilogue."""
     g, ex = plan.groups, plan.experts
     H, I = _dims(ex)
     dw_sorted = torch.zeros(g.order.numel(), device=a.device, dtype=torch.float32) if need_dw else None
     da = torch.empty(g.order.numel(), I, device=a.device, dtype=a.dtype)
+    tile_dw = need_dw and weighted
     _launch(plan, dout, ex.down, ex.down_scales, I, H, da, b_rows_are_n=False, a_rows=g.token,
-            route_w=route_w.reshape(-1), extra=a if need_dw else None, dw=dw_sorted, b_dense=ex.down_dense)
+            route_w=route_w.reshape(-1) if weighted else None, extra=a if tile_dw else None,
+            dw=dw_sorted if tile_dw else None, b_dense=ex.down_dense)
     if need_dw:
         dw_sorted += (dout.float() @ ex.down_bias.float().T)[g.token, g.expert]
     return da, dw_sorted
@@ -941,11 +967,16 @@ class _DownLoRAToZ(torch.autograd.Function):
         plan, s = ctx.plan, ctx.scaling
         g, ex = plan.groups, plan.experts
         dout = dout.contiguous()
-        da, dw_sorted = _down_base_backward(plan, dout, a, route_w, ctx.needs_input_grad[2])
+        need_dw = ctx.needs_input_grad[2]
+        # DW_IN_SWIGLU_BACKWARD: the matmul writes the unweighted g; the SwiGLU kernel weights it and
+        # adds <swiglu(z), g> to d w (from z, which it reads anyway) instead of the tile's epilogue
+        late_w = DW_IN_SWIGLU_BACKWARD
+        da, dw_sorted = _down_base_backward(plan, dout, a, route_w, need_dw, weighted=not late_w)
         t, w_sorted, dB = _down_lora_b_grads(dout, u, B, route_w, g, dw_sorted, True, ctx.needs_input_grad[4])
         du_s = (t * (w_sorted * s)).to(a.dtype)  # s * du
         dA = grouped_weight_grad(a, du_s, g) if ctx.needs_input_grad[3] else None
-        dz = swiglu_lora_backward(z, da, du_s, A, g.expert, limit=ex.limit, alpha=ex.alpha)
+        dz = swiglu_lora_backward(z, da, du_s, A, g.expert, limit=ex.limit, alpha=ex.alpha,
+                                  w=w_sorted if late_w else None, dw=dw_sorted if late_w else None)
         return dz, None, _unsorted(dw_sorted, g, route_w), dA, dB, None, None
 
 
@@ -1040,6 +1071,12 @@ TRAINING_LORA_EPILOGUE = True
 # no [S, I] product for that gradient and no add into da. Off until measured on the device
 # (written in session 24 after its device time was spent; estimated at 2-3 ms a 4K step).
 FUSED_SWIGLU_BACKWARD = False
+# With it: the down projection's backward matmul writes the unweighted g = dout[token] @ W2_e^T with
+# no epilogue, and `swiglu_lora_backward` multiplies by the routing weight and adds the weight's
+# gradient <swiglu(z), g> (a recomputed from z, which it reads anyway) per slot: no [S, I] read of a
+# and no row dot in the matmul's epilogue (session 25, H100, `moe.py --launch-times`: that launch ran
+# at 54% of the matmul rate at 4K tokens, 0.69 ms, against 70-76% for the other three).
+DW_IN_SWIGLU_BACKWARD = True
 
 
 def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
