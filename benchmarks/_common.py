@@ -126,6 +126,8 @@ SWITCHES = (
     ("dw-in-swiglu-backward", "ossrl.kernels.moe_triton", "DW_IN_SWIGLU_BACKWARD",
      "with fused-swiglu-backward: the down backward's matmul without its epilogue; the routing weight and its "
      "gradient in the SwiGLU kernel"),
+    ("down-lora-by-token", "ossrl.kernels.moe_triton", "DOWN_LORA_BY_TOKEN",
+     "training: the down LoRA B side's t and dB from dout by token against all experts' B (no gathered [S, H])"),
     ("fused-residual-backward", "ossrl.model.gptoss", "FUSED_RESIDUAL_BACKWARD",
      "training: each residual add and the norm after it one autograd Function (the residual's gradient "
      "added in the norm's backward kernel)"),

@@ -43,7 +43,7 @@ ap.add_argument("--captured", action="store_true",
                 help="profile a step replayed from CUDA graphs (CapturedLogprobs; kernels only: no module ranges)")
 add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "varlen-attention",
                   "training-lora-epilogue", "fused-swiglu-backward", "fused-residual-backward",
-                  "fused-lora-backward", "dw-in-swiglu-backward"))
+                  "fused-lora-backward", "dw-in-swiglu-backward", "down-lora-by-token"))
 args = ap.parse_args()
 print(apply_switches(args))
 config = GptOssConfig.gpt_oss_20b()

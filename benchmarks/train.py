@@ -280,7 +280,8 @@ def main():
     add_switches(ap, ("fused-log-softmax", "eager-logprob-grad", "fused-training-qkv", "sink-kernels", "flex-static",
                       "varlen-attention",
                       "training-lora-epilogue", "fused-swiglu-backward", "fused-residual-backward",
-                      "fused-lora-backward", "dw-in-swiglu-backward"))
+                      "fused-lora-backward", "dw-in-swiglu-backward",
+                      "down-lora-by-token"))
     ap.add_argument("--interleave", default=None, metavar="A,no-B;C",
                     help="A/B in one process: configurations (switches by name, e.g. eager-logprob-grad "
                          "on, no-eager-logprob-grad off, comma-separated; configurations separated by ';', "

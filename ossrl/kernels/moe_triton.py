@@ -908,8 +908,8 @@ def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor,
     du = dB = dA = None
     if need_u or need_A or (A is not None and need_x):
         du = grouped_product(dz, B.transpose(1, 2), g)  # [S, r]
-        if ctx.by_token:  # (summed: ids may name an expert twice for a token; top-k never does)
-            du = torch.zeros_like(by_expert).index_put_((g.token, g.expert), du, accumulate=True).view_as(u)
+        if ctx.by_token:
+            du = _slots_by_token(du, g, u.shape[0], u.shape[1] // ctx.r)
     if need_B:
         dB = grouped_weight_grad(by_expert[g.token, g.expert] if ctx.by_token else u, dz, g)
     if A is not None:
@@ -1012,12 +1012,38 @@ def _down_lora_b_grads(dout, u, B, route_w, groups: ExpertGroups, dw_sorted, nee
     dout rows: (t = G @ B_e^T [S, r] in fp32 or None, the sorted routing weights [S, 1] in fp32,
     dB_e = (w u)_e^T G_e or None); adds <u, t> to d w_slot where `dw_sorted` is given."""
     w_sorted = route_w.reshape(-1)[groups.order].float()[:, None]
+    E, r, H = B.shape
+    if DOWN_LORA_BY_TOKEN and E * r <= TOKEN_LORA_MAX_COLUMNS:
+        # by token: dout [N, H] times all experts' B at once (each slot then picks its expert's r
+        # columns), and dB from the slots' w u placed by token: two dense products that read dout
+        # once each, instead of gathering G [S, H] and two grouped products reading it
+        N = dout.shape[0]
+        t = None
+        if need_t:
+            t = (dout @ B.permute(2, 0, 1).reshape(H, E * r)).view(N, E, r)[groups.token, groups.expert].float()
+        if dw_sorted is not None:
+            dw_sorted += (u.float() * t).sum(-1)
+        dB = None
+        if need_dB:
+            wu = _slots_by_token((u.float() * w_sorted).to(u.dtype), groups, N, E)  # [N, E * r]
+            dB = (wu.t() @ dout).view(E, r, H)
+        return t, w_sorted, dB
     G = dout[groups.token]  # [S, H]
     t = grouped_product(G, B.transpose(1, 2), groups).float() if need_t else None  # [S, r]
     if dw_sorted is not None:
         dw_sorted += (u.float() * t).sum(-1)
     dB = grouped_weight_grad((u.float() * w_sorted).to(u.dtype), G, groups) if need_dB else None
     return t, w_sorted, dB
+
+
+def _slots_by_token(values: torch.Tensor, groups: ExpertGroups, num_tokens: int, num_experts: int) -> torch.Tensor:
+    """Sorted slots' rows [S, r] placed at (token, expert) of an [N, E * r] matrix, zeros elsewhere
+    (ids naming an expert twice for a token sum there; top-k never does). By index_add (no sort,
+    unlike index_put with accumulate)."""
+    r = values.shape[1]
+    out = values.new_zeros(num_tokens * num_experts, r)
+    out.index_add_(0, groups.token * num_experts + groups.expert, values)
+    return out.view(num_tokens, num_experts * r)
 
 
 def routed_experts_triton(x: torch.Tensor, route_w: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
@@ -1077,6 +1103,10 @@ FUSED_SWIGLU_BACKWARD = False
 # and no row dot in the matmul's epilogue (session 25, H100, `moe.py --launch-times`: that launch ran
 # at 54% of the matmul rate at 4K tokens, 0.69 ms, against 70-76% for the other three).
 DW_IN_SWIGLU_BACKWARD = True
+# Training backwards of the down projection's LoRA B side where E * r <= TOKEN_LORA_MAX_COLUMNS (20b
+# at r = 16: 512): t and dB from dout by token against all experts' B at once (`_down_lora_b_grads`)
+# instead of the gathered [S, H] slot rows and two grouped products over them.
+DOWN_LORA_BY_TOKEN = True
 
 
 def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
