@@ -401,6 +401,7 @@ def test_the_fused_swiglu_backward_gives_the_twins_gradients(by_token, r, late_w
     SwiGLU backward did not."""
     monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", True)
     monkeypatch.setattr(moe_triton, "DW_IN_SWIGLU_BACKWARD", late_w)
+    monkeypatch.setattr(moe_triton, "DOWN_LORA_BY_TOKEN", late_w)  # (its by-token B side, off by default)
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
     calls = {"plain": 0, "fused": 0}

@@ -267,6 +267,7 @@ def test_lora_gradients_match_twin(fmt, N, epilogue, by_token, fused, late_w, mo
     monkeypatch.setattr(moe_triton, "TRAINING_LORA_EPILOGUE", epilogue)
     monkeypatch.setattr(moe_triton, "FUSED_SWIGLU_BACKWARD", fused)
     monkeypatch.setattr(moe_triton, "DW_IN_SWIGLU_BACKWARD", late_w)
+    monkeypatch.setattr(moe_triton, "DOWN_LORA_BY_TOKEN", late_w)
     if not by_token:
         monkeypatch.setattr(moe_triton, "TOKEN_LORA_MAX_COLUMNS", 0)
         monkeypatch.setattr(moe, "TOKEN_LORA_MAX_COLUMNS", 0)

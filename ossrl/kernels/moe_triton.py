@@ -1105,8 +1105,9 @@ FUSED_SWIGLU_BACKWARD = False
 DW_IN_SWIGLU_BACKWARD = True
 # Training backwards of the down projection's LoRA B side where E * r <= TOKEN_LORA_MAX_COLUMNS (20b
 # at r = 16: 512): t and dB from dout by token against all experts' B at once (`_down_lora_b_grads`)
-# instead of the gathered [S, H] slot rows and two grouped products over them.
-DOWN_LORA_BY_TOKEN = True
+# instead of the gathered [S, H] slot rows and two grouped products over them. Off until run and
+# timed on a GPU (written in session 25 after its last device call; interpreter-tested only).
+DOWN_LORA_BY_TOKEN = False
 
 
 def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
