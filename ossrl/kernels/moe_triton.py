@@ -873,7 +873,7 @@ class _GateUpLoRA(torch.autograd.Function):
         z = torch.empty(S, I2, device=x.device, dtype=x.dtype) if needs_z else None
         u = _token_u(x, A, scaling) if A is not None else u
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
-        ctx.plan, ctx.by_token, ctx.r, ctx.scaling, ctx.a_index = plan, by_token, r, scaling, 7
+        ctx.plan, ctx.by_token, ctx.r, ctx.scaling = plan, by_token, r, scaling
         ctx.save_for_backward(z, u, B, x if A is not None else None, A)
         return a
 
@@ -882,7 +882,7 @@ class _GateUpLoRA(torch.autograd.Function):
         z, u, B, x, A = ctx.saved_tensors
         ex = ctx.plan.experts
         dz = swiglu_backward(z, da.contiguous(), limit=ex.limit, alpha=ex.alpha)  # [S, 2I]
-        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A)
+        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A, A is not None and ctx.needs_input_grad[7])
         return dx, du, dB, None, None, None, None, dA, None
 
 
@@ -894,15 +894,15 @@ def _token_u(x: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
     return scaled(x @ A, scaling).contiguous()
 
 
-def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor, x=None, A=None):
+def _gate_up_lora_grads(ctx, dz: torch.Tensor, u: torch.Tensor, B: torch.Tensor, x=None, A=None,
+                        need_A: bool = False):
     """(dx, du, dB, dA) of gate_up with its LoRA term in the epilogue, from dz (as ctx.needs_input_grad
-    asks for x, u, B and, at ctx.a_index, A): dx through the base, du = dz_slot @ B_e^T (by token or
+    asks for x, u and B, and `need_A` for A): dx through the base, du = dz_slot @ B_e^T (by token or
     by slot, as u is), dB_e = u_e^T dz_e. Where the function took A (by token, u = s * x @ A
     computed inside), du goes on to dA = s * x^T du and into dx by one addmm."""
     plan = ctx.plan
     g = plan.groups
     need_x, need_u, need_B = ctx.needs_input_grad[:3]
-    need_A = A is not None and ctx.needs_input_grad[ctx.a_index]
     dx = _gate_up_input_grad(plan, dz) if need_x else None
     by_expert = u.view(u.shape[0], u.shape[1] // ctx.r, ctx.r) if ctx.by_token else None  # [N, E, r]
     du = dB = dA = None
@@ -934,7 +934,7 @@ class _GateUpLoRAToZ(torch.autograd.Function):
         a = gate_up_forward(plan, x, z=z, lora=_LoRATerm(u, B, by_token, r if by_token else 0))
         ctx.mark_non_differentiable(a)
         ctx.set_materialize_grads(False)  # (else autograd writes an [S, I] zero gradient for a)
-        ctx.plan, ctx.by_token, ctx.r, ctx.scaling, ctx.a_index = plan, by_token, r, scaling, 6
+        ctx.plan, ctx.by_token, ctx.r, ctx.scaling = plan, by_token, r, scaling
         ctx.save_for_backward(u, B, x if A is not None else None, A)
         return a, z
 
@@ -943,7 +943,7 @@ class _GateUpLoRAToZ(torch.autograd.Function):
         if dz is None:
             return (None,) * 8
         u, B, x, A = ctx.saved_tensors
-        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A)
+        dx, du, dB, dA = _gate_up_lora_grads(ctx, dz, u, B, x, A, A is not None and ctx.needs_input_grad[6])
         return dx, du, dB, None, None, None, dA, None
 
 
@@ -1124,7 +1124,7 @@ def _routed_experts_lora_trained(x, route_w, plan: _Plan, lora) -> torch.Tensor:
         A_flat = getattr(lora, "gate_up_A_flat", None)
         A_flat = all_experts_A(lora.gate_up_A) if A_flat is None else A_flat
         if dropout:  # (the A path reads the dropped-out x: autograd's product and add)
-            u = scaled(xl @ A_flat, lora.scaling).contiguous()
+            u = _token_u(xl, A_flat, lora.scaling)
         else:  # u inside the gate_up function, whose backward adds its dx by an addmm (`_token_u`)
             A_in = A_flat
     else:
